@@ -1,0 +1,322 @@
+//! Journal records: what happened to a run, one event per record.
+//!
+//! Records are postcard inside a versioned envelope. Postcard is not self-describing, so the
+//! format rules are strict: the envelope's variants and [`Event`]'s variants are only ever
+//! appended, a record struct never changes once released (a new one becomes `V2`), and JSON
+//! payloads travel as strings. `tests/golden.rs` pins the bytes of the current format.
+
+use serde::{Deserialize, Serialize};
+
+/// Largest encoded record accepted by [`decode`]; larger bytes are corrupt by definition.
+pub const MAX_RECORD_BYTES: usize = 4 * 1024 * 1024;
+
+/// An error as recorded: a machine-readable kind and a message for people.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorInfo {
+    /// Dotted kind, e.g. `exec.nonzero_exit`, `timeout`, `http.server_error`.
+    pub kind: String,
+    /// What happened.
+    pub message: String,
+}
+
+impl ErrorInfo {
+    /// Builds an error.
+    pub fn new(kind: impl Into<String>, message: impl Into<String>) -> Self {
+        ErrorInfo {
+            kind: kind.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.kind, self.message)
+    }
+}
+
+/// Something that happened to a run. Variants are only appended, never reordered or changed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Event {
+    /// A run was created, pinned to one definition version.
+    RunStarted {
+        /// Workflow name.
+        workflow: String,
+        /// Workflow version.
+        version: u32,
+        /// Run input as JSON text.
+        input: String,
+    },
+    /// An attempt of a step is about to run; written before any side effect.
+    AttemptStarted {
+        /// Step id.
+        step: String,
+        /// Which visit of the step (loops revisit steps), from 1.
+        visit: u32,
+        /// Attempt number within the visit, from 1.
+        attempt: u32,
+        /// Idempotency key handed to the action; the same for every attempt of the visit.
+        key: String,
+    },
+    /// An attempt failed; `retry_at_ms` says when the next one runs, `None` means no retry.
+    AttemptFailed {
+        /// Step id.
+        step: String,
+        /// Visit.
+        visit: u32,
+        /// Attempt number.
+        attempt: u32,
+        /// What went wrong.
+        error: ErrorInfo,
+        /// Wall-clock time of the next attempt (ms since the Unix epoch).
+        retry_at_ms: Option<u64>,
+    },
+    /// A step finished with an output.
+    StepCompleted {
+        /// Step id.
+        step: String,
+        /// Visit.
+        visit: u32,
+        /// Output as JSON text.
+        output: String,
+    },
+    /// A step failed for good (retries exhausted or a non-retryable error).
+    StepFailed {
+        /// Step id.
+        step: String,
+        /// Visit.
+        visit: u32,
+        /// The final error.
+        error: ErrorInfo,
+    },
+    /// A DAG step was skipped because its condition was false or a dependency was skipped.
+    StepSkipped {
+        /// Step id.
+        step: String,
+        /// Why.
+        reason: String,
+    },
+    /// A durable timer was set.
+    TimerSet {
+        /// Step id.
+        step: String,
+        /// Visit.
+        visit: u32,
+        /// Wall-clock deadline (ms since the Unix epoch).
+        fire_at_ms: u64,
+        /// Requested length, kept so a clock jump cannot stretch the wait beyond it.
+        duration_ms: u64,
+    },
+    /// A durable timer fired.
+    TimerFired {
+        /// Step id.
+        step: String,
+        /// Visit.
+        visit: u32,
+        /// The deadline it was set for.
+        fire_at_ms: u64,
+    },
+    /// The run completed.
+    RunCompleted {
+        /// Output as JSON text.
+        output: String,
+    },
+    /// The run failed.
+    RunFailed {
+        /// Why, naming the step.
+        error: ErrorInfo,
+    },
+    /// The run was cancelled.
+    RunCancelled {
+        /// Who or what asked.
+        reason: String,
+    },
+}
+
+impl Event {
+    /// The step this event belongs to, if any.
+    pub fn step(&self) -> Option<&str> {
+        match self {
+            Event::AttemptStarted { step, .. }
+            | Event::AttemptFailed { step, .. }
+            | Event::StepCompleted { step, .. }
+            | Event::StepFailed { step, .. }
+            | Event::StepSkipped { step, .. }
+            | Event::TimerSet { step, .. }
+            | Event::TimerFired { step, .. } => Some(step),
+            _ => None,
+        }
+    }
+
+    /// True for the events that end a run.
+    pub fn is_terminal(&self) -> bool {
+        matches!(
+            self,
+            Event::RunCompleted { .. } | Event::RunFailed { .. } | Event::RunCancelled { .. }
+        )
+    }
+
+    /// A short snake_case name, for tables and logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Event::RunStarted { .. } => "run_started",
+            Event::AttemptStarted { .. } => "attempt_started",
+            Event::AttemptFailed { .. } => "attempt_failed",
+            Event::StepCompleted { .. } => "step_completed",
+            Event::StepFailed { .. } => "step_failed",
+            Event::StepSkipped { .. } => "step_skipped",
+            Event::TimerSet { .. } => "timer_set",
+            Event::TimerFired { .. } => "timer_fired",
+            Event::RunCompleted { .. } => "run_completed",
+            Event::RunFailed { .. } => "run_failed",
+            Event::RunCancelled { .. } => "run_cancelled",
+        }
+    }
+}
+
+/// Version 1 of a journal record: one event of one run, with its wall-clock time.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RecordV1 {
+    /// The run.
+    pub run_id: String,
+    /// Wall-clock time the event was recorded (ms since the Unix epoch).
+    pub at_ms: u64,
+    /// What happened.
+    pub event: Event,
+}
+
+/// The current record version.
+pub type Record = RecordV1;
+
+/// The versioned envelope; the postcard variant index is the format version.
+#[derive(Serialize, Deserialize)]
+enum Envelope {
+    V1(RecordV1),
+}
+
+#[derive(Serialize)]
+enum EnvelopeRef<'a> {
+    V1(&'a RecordV1),
+}
+
+/// Why bytes are not a record.
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    /// The bytes do not decode.
+    #[error("corrupt journal record ({len} bytes): {source}")]
+    Corrupt {
+        /// Length of the bytes.
+        len: usize,
+        /// Postcard's reason.
+        source: postcard::Error,
+    },
+    /// Larger than [`MAX_RECORD_BYTES`].
+    #[error("journal record of {0} bytes exceeds the {MAX_RECORD_BYTES}-byte limit")]
+    TooLarge(usize),
+}
+
+/// Encodes a record in the current format.
+pub fn encode(record: &Record) -> Vec<u8> {
+    // Serialising owned strings and integers into a Vec cannot fail.
+    postcard::to_allocvec(&EnvelopeRef::V1(record)).unwrap_or_default()
+}
+
+/// Decodes a record of any known version.
+pub fn decode(bytes: &[u8]) -> Result<Record, CodecError> {
+    if bytes.len() > MAX_RECORD_BYTES {
+        return Err(CodecError::TooLarge(bytes.len()));
+    }
+    match postcard::from_bytes::<Envelope>(bytes) {
+        Ok(Envelope::V1(r)) => Ok(r),
+        Err(source) => Err(CodecError::Corrupt {
+            len: bytes.len(),
+            source,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn arb_error() -> impl Strategy<Value = ErrorInfo> {
+        (".{0,12}", ".{0,40}").prop_map(|(k, m)| ErrorInfo::new(k, m))
+    }
+
+    fn arb_event() -> impl Strategy<Value = Event> {
+        let s = ".{0,16}";
+        prop_oneof![
+            (s, any::<u32>(), s).prop_map(|(w, v, i)| Event::RunStarted {
+                workflow: w,
+                version: v,
+                input: i
+            }),
+            (s, any::<u32>(), any::<u32>(), s).prop_map(|(st, v, a, k)| Event::AttemptStarted {
+                step: st,
+                visit: v,
+                attempt: a,
+                key: k
+            }),
+            (s, any::<u32>(), any::<u32>(), arb_error(), any::<Option<u64>>()).prop_map(|(st, v, a, e, r)| {
+                Event::AttemptFailed {
+                    step: st,
+                    visit: v,
+                    attempt: a,
+                    error: e,
+                    retry_at_ms: r,
+                }
+            }),
+            (s, any::<u32>(), s).prop_map(|(st, v, o)| Event::StepCompleted {
+                step: st,
+                visit: v,
+                output: o
+            }),
+            (s, any::<u32>(), arb_error()).prop_map(|(st, v, e)| Event::StepFailed {
+                step: st,
+                visit: v,
+                error: e
+            }),
+            (s, s).prop_map(|(st, r)| Event::StepSkipped { step: st, reason: r }),
+            (s, any::<u32>(), any::<u64>(), any::<u64>()).prop_map(|(st, v, f, d)| Event::TimerSet {
+                step: st,
+                visit: v,
+                fire_at_ms: f,
+                duration_ms: d
+            }),
+            (s, any::<u32>(), any::<u64>()).prop_map(|(st, v, f)| Event::TimerFired {
+                step: st,
+                visit: v,
+                fire_at_ms: f
+            }),
+            s.prop_map(|o| Event::RunCompleted { output: o }),
+            arb_error().prop_map(|e| Event::RunFailed { error: e }),
+            s.prop_map(|r| Event::RunCancelled { reason: r }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn roundtrip(run_id in ".{0,24}", at_ms in any::<u64>(), event in arb_event()) {
+            let r = Record { run_id, at_ms, event };
+            prop_assert_eq!(decode(&encode(&r)).unwrap(), r);
+        }
+
+        #[test]
+        fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = decode(&bytes);
+        }
+    }
+
+    #[test]
+    fn unknown_version_is_rejected() {
+        let r = Record {
+            run_id: "r".into(),
+            at_ms: 1,
+            event: Event::RunCancelled { reason: "x".into() },
+        };
+        let mut bytes = encode(&r);
+        bytes[0] = 7;
+        assert!(matches!(decode(&bytes), Err(CodecError::Corrupt { .. })));
+    }
+}

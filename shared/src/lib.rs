@@ -1,0 +1,10 @@
+//! The model the agent and the cloud agree on: workflow definitions and their validation,
+//! the expression language used by conditions and templates, and the journal's event records
+//! with their versioned binary codec.
+
+pub mod definition;
+pub mod expr;
+pub mod journal;
+
+pub use definition::{ActionCatalog, Definition, DefinitionError, Problem};
+pub use journal::{ErrorInfo, Event, Record};
