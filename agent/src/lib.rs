@@ -1,1 +1,15 @@
-//! placeholder
+//! The Outpost edge agent: a durable workflow engine on a redb journal.
+//!
+//! `engine` decides (pure), `journal` remembers (redb, group commit), `runtime` acts (runs
+//! activities, timers, resumes after a crash), `actions` are what steps can do, `api` and
+//! `client` are the local HTTP-over-Unix-socket API, and `cli` is the `outpost` command.
+
+pub mod actions;
+pub mod api;
+pub mod bench;
+pub mod cli;
+pub mod client;
+pub mod clock;
+pub mod engine;
+pub mod journal;
+pub mod runtime;

@@ -1,0 +1,148 @@
+//! What a step can do. Each action is a value implementing [`Action`]; the [`Registry`] holds
+//! them by name and tells the validator which arguments each takes. `set`, `fail` and `sleep`
+//! are decided by the engine itself (no I/O), so they appear here only as signatures.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use outpost_shared::definition::{ActionCatalog, Signature};
+use outpost_shared::ErrorInfo;
+use serde_json::{Map, Value};
+
+pub mod exec;
+pub mod http;
+
+/// Everything an action invocation gets.
+#[derive(Debug, Clone)]
+pub struct Call {
+    /// Run id.
+    pub run_id: String,
+    /// Step id.
+    pub step: String,
+    /// Attempt number, from 1.
+    pub attempt: u32,
+    /// Idempotency key: the same for every attempt and every re-run after a crash.
+    pub key: String,
+    /// Rendered arguments.
+    pub args: Value,
+}
+
+/// An action's failure.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ActionError {
+    /// Kind and message, as journaled.
+    pub info: ErrorInfo,
+    /// False when retrying cannot help (bad arguments, a 4xx answer).
+    pub retryable: bool,
+}
+
+impl ActionError {
+    /// A failure that a retry may fix.
+    pub fn retryable(kind: &str, message: impl Into<String>) -> Self {
+        ActionError { info: ErrorInfo::new(kind, message), retryable: true }
+    }
+    /// A failure that a retry cannot fix.
+    pub fn permanent(kind: &str, message: impl Into<String>) -> Self {
+        ActionError { info: ErrorInfo::new(kind, message), retryable: false }
+    }
+}
+
+/// The future an action returns.
+pub type ActionFuture = Pin<Box<dyn Future<Output = Result<Value, ActionError>> + Send>>;
+
+/// Something a step can do.
+pub trait Action: Send + Sync + 'static {
+    /// Argument names.
+    fn signature(&self) -> Signature;
+    /// Extra checks of literal (non-template) arguments at validation time.
+    fn check(&self, _args: &Map<String, Value>) -> Vec<String> {
+        Vec::new()
+    }
+    /// Runs one attempt. Cancel-safe: dropping the future must stop the work.
+    fn execute(&self, call: Call) -> ActionFuture;
+}
+
+/// Engine-level actions: no I/O, resolved in `engine::decide`.
+const ENGINE_ACTIONS: &[(&str, Signature)] = &[
+    ("set", Signature { required: &[], optional: &[] }),
+    ("fail", Signature { required: &[], optional: &["error", "message"] }),
+    ("sleep", Signature { required: &["duration"], optional: &[] }),
+];
+
+/// Actions by name.
+#[derive(Clone, Default)]
+pub struct Registry {
+    actions: BTreeMap<String, Arc<dyn Action>>,
+}
+
+impl Registry {
+    /// The built-in actions: `exec`, `http`, plus the engine's `set`, `fail`, `sleep`.
+    pub fn builtin() -> Self {
+        let mut r = Registry::default();
+        r.register("exec", exec::Exec);
+        r.register("http", http::Http::new());
+        r
+    }
+
+    /// Adds (or replaces) an action.
+    pub fn register(&mut self, name: &str, action: impl Action) {
+        self.actions.insert(name.to_string(), Arc::new(action));
+    }
+
+    /// An action by name.
+    pub fn get(&self, name: &str) -> Option<Arc<dyn Action>> {
+        self.actions.get(name).cloned()
+    }
+}
+
+impl ActionCatalog for Registry {
+    fn names(&self) -> Vec<String> {
+        ENGINE_ACTIONS.iter().map(|(n, _)| n.to_string()).chain(self.actions.keys().cloned()).collect()
+    }
+
+    fn check(&self, action: &str, args: &Map<String, Value>) -> Option<Vec<String>> {
+        if let Some((_, sig)) = ENGINE_ACTIONS.iter().find(|(n, _)| *n == action) {
+            // `set` takes any arguments: they are its output.
+            if action == "set" {
+                return Some(Vec::new());
+            }
+            let mut p = sig.check_names(args);
+            if action == "sleep" {
+                if let Some(Value::String(d)) = args.get("duration") {
+                    if !outpost_shared::expr::is_template(d) {
+                        if let Err(e) = outpost_shared::definition::parse_duration(d) {
+                            p.push(format!("duration: {e}"));
+                        }
+                    }
+                }
+            }
+            return Some(p);
+        }
+        let a = self.actions.get(action)?;
+        let mut p = a.signature().check_names(args);
+        p.extend(a.check(args));
+        Some(p)
+    }
+}
+
+/// A literal string argument, or an error naming it.
+pub(crate) fn str_arg<'a>(args: &'a Value, name: &str) -> Result<&'a str, ActionError> {
+    args.get(name)
+        .and_then(Value::as_str)
+        .ok_or_else(|| ActionError::permanent("invalid_argument", format!("argument '{name}' must be a string")))
+}
+
+/// Caps text kept in an output, on a character boundary.
+pub(crate) fn truncate(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut cut = max;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+        s.push_str("…[truncated]");
+    }
+    s
+}

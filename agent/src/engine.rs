@@ -1,0 +1,801 @@
+//! The engine's decisions: a pure function from a definition and a run's history to the next
+//! commands. No I/O, no clock, no randomness here: the runtime supplies the time and random
+//! numbers as arguments and journals what was decided, so replaying a history reproduces every
+//! decision exactly.
+
+use std::collections::BTreeMap;
+
+use outpost_shared::definition::{Definition, End, Kind, StepPlan};
+use outpost_shared::expr;
+use outpost_shared::{ErrorInfo, Event};
+use serde_json::{Map, Value, json};
+
+/// Where a run stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    /// Still going.
+    Running,
+    /// Finished successfully.
+    Completed,
+    /// Finished with an error.
+    Failed,
+    /// Stopped by a cancel request.
+    Cancelled,
+}
+
+impl RunStatus {
+    /// True once the run can no longer change.
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, RunStatus::Running)
+    }
+    /// Lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Running => "running",
+            RunStatus::Completed => "completed",
+            RunStatus::Failed => "failed",
+            RunStatus::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// Where one step stands within its current visit.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Phase {
+    /// Not started in this run (or not yet revisited).
+    Idle,
+    /// An attempt was started and has no result yet.
+    Running {
+        /// The attempt in flight.
+        attempt: u32,
+    },
+    /// The last attempt failed; the next one is due at `retry_at_ms`.
+    Backoff {
+        /// The attempt that failed.
+        attempt: u32,
+        /// When the next attempt is due.
+        retry_at_ms: u64,
+    },
+    /// A durable timer is pending.
+    Timer {
+        /// Wall-clock deadline.
+        fire_at_ms: u64,
+        /// Requested length.
+        duration_ms: u64,
+    },
+    /// Finished with an output.
+    Completed,
+    /// Failed for good.
+    Failed,
+    /// Skipped (DAG).
+    Skipped,
+}
+
+/// One step's folded history.
+#[derive(Debug, Clone)]
+pub struct StepState {
+    /// Visits started so far (loops revisit steps).
+    pub visits: u32,
+    /// State of the current visit.
+    pub phase: Phase,
+    /// Latest output.
+    pub output: Option<Value>,
+    /// Latest error.
+    pub error: Option<ErrorInfo>,
+}
+
+/// A run's history folded into the state the decisions need.
+#[derive(Debug, Clone)]
+pub struct RunState {
+    /// Run id.
+    pub run_id: String,
+    /// Run input.
+    pub input: Value,
+    /// Overall status.
+    pub status: RunStatus,
+    /// Per step, same order as the definition.
+    pub steps: Vec<StepState>,
+    /// State machine: the step of the current visit.
+    pub cursor: Option<usize>,
+    /// Output once completed.
+    pub output: Option<Value>,
+    /// Error once failed.
+    pub error: Option<ErrorInfo>,
+}
+
+/// What the runtime must do next.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    /// Run (or re-run after a crash) one attempt of an activity.
+    RunActivity {
+        /// Step index.
+        step: usize,
+        /// Visit.
+        visit: u32,
+        /// Attempt.
+        attempt: u32,
+        /// Rendered arguments.
+        args: Value,
+        /// Idempotency key: the same for every attempt of this visit.
+        key: String,
+        /// Not before this wall-clock time (a retry's backoff).
+        not_before_ms: Option<u64>,
+    },
+    /// Set a durable timer of this length.
+    StartTimer {
+        /// Step index.
+        step: usize,
+        /// Visit.
+        visit: u32,
+        /// Length.
+        duration_ms: u64,
+    },
+    /// Wait for a timer already set.
+    AwaitTimer {
+        /// Step index.
+        step: usize,
+        /// Visit.
+        visit: u32,
+        /// Deadline.
+        fire_at_ms: u64,
+        /// Requested length.
+        duration_ms: u64,
+    },
+    /// Journal this event: a decision with no side effect (a `set` result, a skip, the run's end).
+    Record(Event),
+}
+
+/// Errors that a history inconsistent with its definition produces (a corrupt or foreign journal).
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    /// The history names a step the definition does not have.
+    #[error("history of run {run} names step '{step}', which definition {workflow} v{version} does not have")]
+    UnknownStep {
+        /// Run.
+        run: String,
+        /// Step.
+        step: String,
+        /// Workflow.
+        workflow: String,
+        /// Version.
+        version: u32,
+    },
+    /// The first event is not `RunStarted`.
+    #[error("history of run {0} does not begin with run_started")]
+    NoStart(String),
+}
+
+/// The idempotency key of one visit of one step: stable across attempts and restarts.
+pub fn idempotency_key(run_id: &str, step: &str, visit: u32) -> String {
+    format!("{run_id}/{step}/{visit}")
+}
+
+impl RunState {
+    /// A fresh state for a run that has just started.
+    pub fn new(def: &Definition, run_id: &str, input: Value) -> Self {
+        RunState {
+            run_id: run_id.to_string(),
+            input,
+            status: RunStatus::Running,
+            steps: vec![StepState { visits: 0, phase: Phase::Idle, output: None, error: None }; def.doc.steps.len()],
+            cursor: None,
+            output: None,
+            error: None,
+        }
+    }
+
+    /// Folds a whole history (which must begin with `RunStarted`).
+    pub fn replay<'a>(
+        def: &Definition,
+        run_id: &str,
+        events: impl IntoIterator<Item = &'a Event>,
+    ) -> Result<Self, ReplayError> {
+        let mut it = events.into_iter();
+        let input = match it.next() {
+            Some(Event::RunStarted { input, .. }) => serde_json::from_str(input).unwrap_or(Value::Null),
+            _ => return Err(ReplayError::NoStart(run_id.to_string())),
+        };
+        let mut st = RunState::new(def, run_id, input);
+        for e in it {
+            st.apply(def, e)?;
+        }
+        Ok(st)
+    }
+
+    /// Applies one event.
+    pub fn apply(&mut self, def: &Definition, e: &Event) -> Result<(), ReplayError> {
+        let idx = match e.step() {
+            Some(id) => Some(def.index.get(id).copied().ok_or_else(|| ReplayError::UnknownStep {
+                run: self.run_id.clone(),
+                step: id.to_string(),
+                workflow: def.name().to_string(),
+                version: def.version(),
+            })?),
+            None => None,
+        };
+        let enter = |st: &mut RunState, i: usize, visit: u32| {
+            let s = &mut st.steps[i];
+            if visit > s.visits {
+                s.visits = visit;
+                s.output = None;
+                s.error = None;
+            }
+            st.cursor = Some(i);
+        };
+        match e {
+            Event::RunStarted { .. } => {}
+            Event::AttemptStarted { visit, attempt, .. } => {
+                let i = idx.unwrap_or_default();
+                enter(self, i, *visit);
+                self.steps[i].phase = Phase::Running { attempt: *attempt };
+            }
+            Event::AttemptFailed { visit, attempt, error, retry_at_ms, .. } => {
+                let i = idx.unwrap_or_default();
+                enter(self, i, *visit);
+                let s = &mut self.steps[i];
+                s.error = Some(error.clone());
+                if let Some(at) = retry_at_ms {
+                    s.phase = Phase::Backoff { attempt: *attempt, retry_at_ms: *at };
+                }
+            }
+            Event::StepCompleted { visit, output, .. } => {
+                let i = idx.unwrap_or_default();
+                enter(self, i, *visit);
+                let s = &mut self.steps[i];
+                s.phase = Phase::Completed;
+                s.output = Some(serde_json::from_str(output).unwrap_or(Value::Null));
+            }
+            Event::StepFailed { visit, error, .. } => {
+                let i = idx.unwrap_or_default();
+                enter(self, i, *visit);
+                let s = &mut self.steps[i];
+                s.phase = Phase::Failed;
+                s.error = Some(error.clone());
+            }
+            Event::StepSkipped { .. } => {
+                self.steps[idx.unwrap_or_default()].phase = Phase::Skipped;
+            }
+            Event::TimerSet { visit, fire_at_ms, duration_ms, .. } => {
+                let i = idx.unwrap_or_default();
+                enter(self, i, *visit);
+                self.steps[i].phase = Phase::Timer { fire_at_ms: *fire_at_ms, duration_ms: *duration_ms };
+            }
+            Event::TimerFired { .. } => {
+                // The step completes in the same batch; nothing to track in between.
+            }
+            Event::RunCompleted { output } => {
+                self.status = RunStatus::Completed;
+                self.output = Some(serde_json::from_str(output).unwrap_or(Value::Null));
+            }
+            Event::RunFailed { error } => {
+                self.status = RunStatus::Failed;
+                self.error = Some(error.clone());
+            }
+            Event::RunCancelled { reason } => {
+                self.status = RunStatus::Cancelled;
+                self.error = Some(ErrorInfo::new("cancelled", reason.clone()));
+            }
+        }
+        Ok(())
+    }
+
+    /// The variables conditions and templates see.
+    pub fn context(&self, def: &Definition) -> Value {
+        let mut steps = Map::new();
+        for (i, s) in self.steps.iter().enumerate() {
+            let mut m = Map::new();
+            m.insert("status".into(), Value::from(phase_name(&s.phase)));
+            if let Some(o) = &s.output {
+                m.insert("output".into(), o.clone());
+            }
+            if let Some(e) = &s.error {
+                m.insert("error".into(), json!({"kind": e.kind, "message": e.message}));
+            }
+            m.insert("visits".into(), Value::from(s.visits));
+            steps.insert(def.doc.steps[i].id.clone(), Value::Object(m));
+        }
+        json!({
+            "input": self.input,
+            "steps": steps,
+            "run": {"id": self.run_id, "workflow": def.name(), "version": def.version()},
+        })
+    }
+}
+
+/// Lower-case name of a phase, as shown to users and templates.
+pub fn phase_name(p: &Phase) -> &'static str {
+    match p {
+        Phase::Idle => "pending",
+        Phase::Running { .. } => "running",
+        Phase::Backoff { .. } => "retrying",
+        Phase::Timer { .. } => "sleeping",
+        Phase::Completed => "completed",
+        Phase::Failed => "failed",
+        Phase::Skipped => "skipped",
+    }
+}
+
+/// Lazily built expression context: most decisions never evaluate anything.
+struct Ctx<'a> {
+    def: &'a Definition,
+    st: &'a RunState,
+    value: Option<Value>,
+}
+
+impl Ctx<'_> {
+    fn get(&mut self) -> &Value {
+        self.value.get_or_insert_with(|| self.st.context(self.def))
+    }
+}
+
+/// Decides what to do next. Pure: the same definition and state always give the same commands.
+pub fn decide(def: &Definition, st: &RunState) -> Vec<Command> {
+    if st.status.is_terminal() {
+        return Vec::new();
+    }
+    let mut ctx = Ctx { def, st, value: None };
+    match def.doc.kind {
+        Kind::Dag => decide_dag(def, st, &mut ctx),
+        Kind::StateMachine => decide_state_machine(def, st, &mut ctx),
+    }
+}
+
+fn fail_run(kind: &str, message: String) -> Vec<Command> {
+    vec![Command::Record(Event::RunFailed { error: ErrorInfo::new(kind, message) })]
+}
+
+fn decide_dag(def: &Definition, st: &RunState, ctx: &mut Ctx) -> Vec<Command> {
+    if let Some(i) = st.steps.iter().position(|s| s.phase == Phase::Failed) {
+        return fail_run("step_failed", step_failure_message(def, st, i));
+    }
+    let mut out = Vec::new();
+    let mut all_done = true;
+    for (i, s) in st.steps.iter().enumerate() {
+        let step = &def.doc.steps[i];
+        match &s.phase {
+            Phase::Completed | Phase::Skipped => continue,
+            Phase::Idle => {
+                all_done = false;
+                let deps = &def.plans[i].deps;
+                if let Some(&d) = deps.iter().find(|&&d| st.steps[d].phase == Phase::Skipped) {
+                    out.push(Command::Record(Event::StepSkipped {
+                        step: step.id.clone(),
+                        reason: format!("dependency '{}' was skipped", def.doc.steps[d].id),
+                    }));
+                    continue;
+                }
+                if !deps.iter().all(|&d| st.steps[d].phase == Phase::Completed) {
+                    continue;
+                }
+                if let Some(cond) = &step.when {
+                    match expr::eval_condition(cond, ctx.get()) {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            out.push(Command::Record(Event::StepSkipped {
+                                step: step.id.clone(),
+                                reason: format!("when `{cond}` was false"),
+                            }));
+                            continue;
+                        }
+                        Err(e) => {
+                            out.push(expression_failure(step.id.clone(), 1, "when", &e));
+                            continue;
+                        }
+                    }
+                }
+                out.push(start_visit(def, st, i, 1, ctx));
+            }
+            _ => {
+                all_done = false;
+                out.extend(continue_visit(def, st, i, ctx));
+            }
+        }
+    }
+    if all_done {
+        return complete_run(def, st, ctx, None);
+    }
+    out
+}
+
+fn decide_state_machine(def: &Definition, st: &RunState, ctx: &mut Ctx) -> Vec<Command> {
+    let Some(cur) = st.cursor else {
+        return vec![start_visit(def, st, def.start, 1, ctx)];
+    };
+    let step = &def.doc.steps[cur];
+    match st.steps[cur].phase {
+        Phase::Failed => fail_run("step_failed", step_failure_message(def, st, cur)),
+        Phase::Completed => {
+            let next = if let Some(end) = step.end {
+                return match end {
+                    End::Succeed => complete_run(def, st, ctx, Some(cur)),
+                    End::Fail => fail_run("workflow.fail", format!("step '{}' ends the run as failed", step.id)),
+                };
+            } else if let Some(n) = &step.next {
+                n
+            } else {
+                let mut chosen = None;
+                for (k, ch) in step.choices.iter().enumerate() {
+                    match expr::eval_condition(&ch.when, ctx.get()) {
+                        Ok(true) => {
+                            chosen = Some(&ch.next);
+                            break;
+                        }
+                        Ok(false) => {}
+                        Err(e) => {
+                            return fail_run(
+                                "expression",
+                                format!("step '{}' choices[{k}].when `{}`: {e}", step.id, ch.when),
+                            );
+                        }
+                    }
+                }
+                match chosen.or(step.default.as_ref()) {
+                    Some(n) => n,
+                    None => {
+                        return fail_run(
+                            "no_choice",
+                            format!("step '{}': no choice matched and there is no default", step.id),
+                        );
+                    }
+                }
+            };
+            let Some(&target) = def.index.get(next.as_str()) else {
+                return fail_run("definition", format!("step '{}' names unknown step '{next}'", step.id));
+            };
+            let visit = st.steps[target].visits + 1;
+            let limit = def.plans[target].max_visits;
+            if visit > limit {
+                return fail_run(
+                    "iteration_limit",
+                    format!("step '{next}' would run for the {visit}th time; its max_visits is {limit}"),
+                );
+            }
+            vec![start_visit(def, st, target, visit, ctx)]
+        }
+        Phase::Idle | Phase::Skipped => vec![start_visit(def, st, cur, st.steps[cur].visits.max(1), ctx)],
+        _ => continue_visit(def, st, cur, ctx),
+    }
+}
+
+fn step_failure_message(def: &Definition, st: &RunState, i: usize) -> String {
+    let e = st.steps[i].error.as_ref();
+    format!(
+        "step '{}' failed: {}",
+        def.doc.steps[i].id,
+        e.map(|e| e.to_string()).unwrap_or_else(|| "unknown error".into())
+    )
+}
+
+fn expression_failure(step: String, visit: u32, field: &str, e: &expr::ExprError) -> Command {
+    Command::Record(Event::StepFailed { step, visit, error: ErrorInfo::new("expression", format!("{field}: {e}")) })
+}
+
+/// The first move of a visit: pure actions resolve here, others become commands.
+fn start_visit(def: &Definition, st: &RunState, i: usize, visit: u32, ctx: &mut Ctx) -> Command {
+    let step = &def.doc.steps[i];
+    let args = match expr::render(&Value::Object(step.args.clone()), ctx.get()) {
+        Ok(a) => a,
+        Err(e) => return expression_failure(step.id.clone(), visit, "args", &e),
+    };
+    match step.action.as_str() {
+        "set" => Command::Record(Event::StepCompleted {
+            step: step.id.clone(),
+            visit,
+            output: args.to_string(),
+        }),
+        "fail" => {
+            let kind = args.get("error").and_then(Value::as_str).unwrap_or("workflow.fail").to_string();
+            let message = args
+                .get("message")
+                .map(|m| m.as_str().map(str::to_string).unwrap_or_else(|| m.to_string()))
+                .unwrap_or_else(|| format!("step '{}' failed the run", step.id));
+            Command::Record(Event::StepFailed { step: step.id.clone(), visit, error: ErrorInfo::new(kind, message) })
+        }
+        "sleep" => match sleep_duration(&args) {
+            Ok(ms) => Command::StartTimer { step: i, visit, duration_ms: ms },
+            Err(msg) => Command::Record(Event::StepFailed {
+                step: step.id.clone(),
+                visit,
+                error: ErrorInfo::new("invalid_argument", msg),
+            }),
+        },
+        _ => Command::RunActivity {
+            step: i,
+            visit,
+            attempt: 1,
+            args,
+            key: idempotency_key(&st.run_id, &step.id, visit),
+            not_before_ms: None,
+        },
+    }
+}
+
+/// Length of a `sleep` step from its rendered `duration` argument.
+pub fn sleep_duration(args: &Value) -> Result<u64, String> {
+    let d = args.get("duration").ok_or("sleep needs a duration")?;
+    let dur = match d {
+        Value::Number(n) => std::time::Duration::from_secs_f64(n.as_f64().unwrap_or(-1.0).max(0.0)),
+        Value::String(s) => outpost_shared::definition::parse_duration(s)?,
+        other => return Err(format!("duration {other} is not a duration")),
+    };
+    u64::try_from(dur.as_millis()).map_err(|_| "duration is too long".to_string())
+}
+
+/// Carry on with a visit already under way (possibly interrupted by a crash).
+fn continue_visit(def: &Definition, st: &RunState, i: usize, ctx: &mut Ctx) -> Vec<Command> {
+    let step = &def.doc.steps[i];
+    let s = &st.steps[i];
+    let visit = s.visits.max(1);
+    let rerun = |attempt, not_before_ms, ctx: &mut Ctx| match expr::render(&Value::Object(step.args.clone()), ctx.get())
+    {
+        Ok(args) => Command::RunActivity {
+            step: i,
+            visit,
+            attempt,
+            args,
+            key: idempotency_key(&st.run_id, &step.id, visit),
+            not_before_ms,
+        },
+        Err(e) => expression_failure(step.id.clone(), visit, "args", &e),
+    };
+    match s.phase {
+        Phase::Running { attempt } => vec![rerun(attempt, None, ctx)],
+        Phase::Backoff { attempt, retry_at_ms } => vec![rerun(attempt + 1, Some(retry_at_ms), ctx)],
+        Phase::Timer { fire_at_ms, duration_ms } => {
+            vec![Command::AwaitTimer { step: i, visit, fire_at_ms, duration_ms }]
+        }
+        _ => Vec::new(),
+    }
+}
+
+fn complete_run(def: &Definition, st: &RunState, ctx: &mut Ctx, last: Option<usize>) -> Vec<Command> {
+    let output = if let Some(tmpl) = &def.doc.output {
+        match expr::render(tmpl, ctx.get()) {
+            Ok(v) => v,
+            Err(e) => return fail_run("expression", format!("output: {e}")),
+        }
+    } else if let Some(i) = last {
+        st.steps[i].output.clone().unwrap_or(Value::Null)
+    } else {
+        // DAG: the outputs of the sinks (steps nothing depends on); one sink gives its output.
+        let sinks: BTreeMap<&str, &Value> = def
+            .plans
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.dependents.is_empty())
+            .filter_map(|(i, _)| st.steps[i].output.as_ref().map(|o| (def.doc.steps[i].id.as_str(), o)))
+            .collect();
+        match sinks.len() {
+            0 => Value::Null,
+            1 => sinks.into_values().next().cloned().unwrap_or(Value::Null),
+            _ => serde_json::to_value(sinks).unwrap_or(Value::Null),
+        }
+    };
+    vec![Command::Record(Event::RunCompleted { output: output.to_string() })]
+}
+
+/// Events recording a failed attempt: a retry at a backed-off time, or the step's failure.
+/// `unit` is a random number in [0,1) for jitter, supplied by the caller so this stays pure.
+pub fn attempt_failed(
+    plan: &StepPlan,
+    step: &str,
+    visit: u32,
+    attempt: u32,
+    error: ErrorInfo,
+    retryable: bool,
+    now_ms: u64,
+    unit: f64,
+) -> Vec<Event> {
+    let retry = retryable && !plan.retry.is_non_retryable(&error.kind) && attempt < plan.retry.max_attempts;
+    if retry {
+        let delay = plan.retry.delay(attempt + 1, unit);
+        let at = now_ms.saturating_add(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX));
+        vec![Event::AttemptFailed { step: step.into(), visit, attempt, error, retry_at_ms: Some(at) }]
+    } else {
+        let final_error = if attempt > 1 {
+            ErrorInfo::new(error.kind.clone(), format!("{} (after {attempt} attempts)", error.message))
+        } else {
+            error.clone()
+        };
+        vec![
+            Event::AttemptFailed { step: step.into(), visit, attempt, error, retry_at_ms: None },
+            Event::StepFailed { step: step.into(), visit, error: final_error },
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use outpost_shared::definition::{ActionCatalog, parse};
+
+    struct Cat;
+    impl ActionCatalog for Cat {
+        fn names(&self) -> Vec<String> {
+            vec![]
+        }
+        fn check(&self, _: &str, _: &Map<String, Value>) -> Option<Vec<String>> {
+            Some(vec![])
+        }
+    }
+
+    fn def(src: &str) -> Definition {
+        parse(src, &Cat).unwrap()
+    }
+
+    /// Drives a run to the end, completing activities with `outcome(step, attempt)`.
+    fn simulate(
+        d: &Definition,
+        input: Value,
+        mut outcome: impl FnMut(&str, u32) -> Result<Value, ErrorInfo>,
+    ) -> (RunState, Vec<Event>) {
+        let mut st = RunState::new(d, "r1", input);
+        let mut history = Vec::new();
+        let mut now = 1_000;
+        for _ in 0..10_000 {
+            let cmds = decide(d, &st);
+            if cmds.is_empty() {
+                break;
+            }
+            let mut events = Vec::new();
+            for c in cmds {
+                match c {
+                    Command::Record(e) => events.push(e),
+                    Command::RunActivity { step, visit, attempt, key, not_before_ms, .. } => {
+                        let id = d.doc.steps[step].id.clone();
+                        assert_eq!(key, idempotency_key("r1", &id, visit));
+                        now = now.max(not_before_ms.unwrap_or(0));
+                        events.push(Event::AttemptStarted { step: id.clone(), visit, attempt, key });
+                        match outcome(&id, attempt) {
+                            Ok(v) => events.push(Event::StepCompleted { step: id, visit, output: v.to_string() }),
+                            Err(e) => events.extend(attempt_failed(&d.plans[step], &id, visit, attempt, e, true, now, 0.5)),
+                        }
+                    }
+                    Command::StartTimer { step, visit, duration_ms } => {
+                        let id = d.doc.steps[step].id.clone();
+                        events.push(Event::TimerSet { step: id, visit, fire_at_ms: now + duration_ms, duration_ms });
+                    }
+                    Command::AwaitTimer { step, visit, fire_at_ms, .. } => {
+                        let id = d.doc.steps[step].id.clone();
+                        now = fire_at_ms;
+                        events.push(Event::TimerFired { step: id.clone(), visit, fire_at_ms });
+                        events.push(Event::StepCompleted { step: id, visit, output: "null".into() });
+                    }
+                }
+            }
+            for e in &events {
+                st.apply(d, e).unwrap();
+            }
+            history.extend(events);
+        }
+        (st, history)
+    }
+
+    fn order(history: &[Event]) -> Vec<String> {
+        history
+            .iter()
+            .filter_map(|e| match e {
+                Event::StepCompleted { step, .. } => Some(step.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn dag_fans_out_and_in() {
+        let d = def("name: w\nversion: 1\nsteps:\n  - {id: a, action: x}\n  - {id: b, action: x, depends_on: [a]}\n  - {id: c, action: x, depends_on: [a]}\n  - {id: d, action: x, depends_on: [b, c], args: {sum: '{{ steps.b.output + steps.c.output }}'}}\n");
+        let mut st = RunState::new(&d, "r1", Value::Null);
+        let first = decide(&d, &st);
+        assert_eq!(first.len(), 1, "only a is ready: {first:?}");
+        st.apply(&d, &Event::StepCompleted { step: "a".into(), visit: 1, output: "1".into() }).unwrap();
+        let second = decide(&d, &st);
+        let ready: Vec<usize> = second.iter().filter_map(|c| match c { Command::RunActivity { step, .. } => Some(*step), _ => None }).collect();
+        assert_eq!(ready, vec![1, 2], "b and c fan out together");
+        st.apply(&d, &Event::StepCompleted { step: "b".into(), visit: 1, output: "2".into() }).unwrap();
+        assert!(decide(&d, &st).iter().all(|c| !matches!(c, Command::RunActivity { step: 3, .. })), "d waits for c");
+        st.apply(&d, &Event::StepCompleted { step: "c".into(), visit: 1, output: "3".into() }).unwrap();
+        match &decide(&d, &st)[..] {
+            [Command::RunActivity { step: 3, args, .. }] => assert_eq!(args["sum"], json!(5)),
+            other => panic!("expected d with rendered args, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn when_false_skips_step_and_dependents() {
+        let d = def("name: w\nversion: 1\nsteps:\n  - {id: read, action: set, args: {t: '{{ input.t }}'}}\n  - {id: alarm, action: x, depends_on: [read], when: 'steps.read.output.t > 80'}\n  - {id: page, action: x, depends_on: [alarm]}\n  - {id: log, action: set, depends_on: [read], args: {ok: true}}\n");
+        let (st, h) = simulate(&d, json!({"t": 20}), |_, _| Ok(json!(null)));
+        assert_eq!(st.status, RunStatus::Completed);
+        let skipped: Vec<_> = h.iter().filter_map(|e| match e { Event::StepSkipped { step, .. } => Some(step.as_str()), _ => None }).collect();
+        assert_eq!(skipped, vec!["alarm", "page"]);
+        let (_, h) = simulate(&d, json!({"t": 90}), |_, _| Ok(json!(null)));
+        assert_eq!(order(&h), vec!["read", "alarm", "log", "page"]);
+    }
+
+    #[test]
+    fn state_machine_choice_and_loop_with_guard() {
+        let src = "name: w\nversion: 1\nkind: state_machine\nstart: read\nsteps:\n  - id: read\n    action: x\n    choices:\n      - when: steps.read.output >= 3\n        next: done\n    default: wait\n  - id: wait\n    action: set\n    next: read\n  - id: done\n    action: set\n    args: {reads: '{{ steps.read.visits }}'}\n    end: succeed\n";
+        let d = def(src);
+        let mut n = 0;
+        let (st, h) = simulate(&d, Value::Null, |_, _| {
+            n += 1;
+            Ok(json!(n))
+        });
+        assert_eq!(st.status, RunStatus::Completed);
+        assert_eq!(order(&h), vec!["read", "wait", "read", "wait", "read", "done"]);
+        assert_eq!(st.output, Some(json!({"reads": 3})));
+
+        let guarded = def(&src.replace("    next: read\n", "    next: read\n    max_visits: 1\n").replace("  - id: read\n    action: x\n", "  - id: read\n    action: x\n    max_visits: 2\n"));
+        let (st, _) = simulate(&guarded, Value::Null, |_, _| Ok(json!(0)));
+        assert_eq!(st.status, RunStatus::Failed);
+        assert_eq!(st.error.unwrap().kind, "iteration_limit");
+    }
+
+    #[test]
+    fn retries_back_off_then_succeed_and_non_retryable_fails_at_once() {
+        let d = def("name: w\nversion: 1\nsteps:\n  - id: a\n    action: x\n    retry: {max_attempts: 4, initial_interval: 1s, backoff: 2, jitter: 0, non_retryable: [bad]}\n");
+        let (st, h) = simulate(&d, Value::Null, |_, attempt| {
+            if attempt < 3 { Err(ErrorInfo::new("flaky", "try again")) } else { Ok(json!("ok")) }
+        });
+        assert_eq!(st.status, RunStatus::Completed);
+        let retries: Vec<u64> = h.iter().filter_map(|e| match e { Event::AttemptFailed { retry_at_ms, .. } => *retry_at_ms, _ => None }).collect();
+        assert_eq!(retries, vec![1_000 + 1_000, 2_000 + 2_000], "1s then 2s backoff, recorded in history");
+
+        let (st, h) = simulate(&d, Value::Null, |_, _| Err(ErrorInfo::new("bad", "no")));
+        assert_eq!(st.status, RunStatus::Failed);
+        assert_eq!(h.iter().filter(|e| matches!(e, Event::AttemptStarted { .. })).count(), 1);
+
+        let (st, h) = simulate(&d, Value::Null, |_, _| Err(ErrorInfo::new("flaky", "no")));
+        assert_eq!(st.status, RunStatus::Failed);
+        assert_eq!(h.iter().filter(|e| matches!(e, Event::AttemptStarted { .. })).count(), 4);
+        assert!(st.error.unwrap().message.contains("after 4 attempts"));
+    }
+
+    #[test]
+    fn crash_mid_attempt_reruns_same_attempt_with_same_key() {
+        let d = def("name: w\nversion: 1\nsteps:\n  - {id: a, action: x}\n");
+        let history = vec![
+            Event::RunStarted { workflow: "w".into(), version: 1, input: "null".into() },
+            Event::AttemptStarted { step: "a".into(), visit: 1, attempt: 1, key: "r1/a/1".into() },
+        ];
+        let st = RunState::replay(&d, "r1", &history).unwrap();
+        match &decide(&d, &st)[..] {
+            [Command::RunActivity { attempt: 1, key, .. }] => assert_eq!(key, "r1/a/1"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn completed_step_is_never_decided_again() {
+        let d = def("name: w\nversion: 1\nsteps:\n  - {id: a, action: x}\n  - {id: b, action: x, depends_on: [a]}\n");
+        let history = vec![
+            Event::RunStarted { workflow: "w".into(), version: 1, input: "null".into() },
+            Event::AttemptStarted { step: "a".into(), visit: 1, attempt: 1, key: "r1/a/1".into() },
+            Event::StepCompleted { step: "a".into(), visit: 1, output: "1".into() },
+        ];
+        let st = RunState::replay(&d, "r1", &history).unwrap();
+        let cmds = decide(&d, &st);
+        assert!(cmds.iter().all(|c| !matches!(c, Command::RunActivity { step: 0, .. })), "{cmds:?}");
+    }
+
+    #[test]
+    fn sleep_becomes_a_timer_and_resumes_as_await() {
+        let d = def("name: w\nversion: 1\nsteps:\n  - {id: nap, action: sleep, args: {duration: 2s}}\n");
+        let st = RunState::new(&d, "r1", Value::Null);
+        assert_eq!(decide(&d, &st), vec![Command::StartTimer { step: 0, visit: 1, duration_ms: 2000 }]);
+        let mut st = st;
+        st.apply(&d, &Event::TimerSet { step: "nap".into(), visit: 1, fire_at_ms: 5000, duration_ms: 2000 }).unwrap();
+        assert_eq!(decide(&d, &st), vec![Command::AwaitTimer { step: 0, visit: 1, fire_at_ms: 5000, duration_ms: 2000 }]);
+    }
+
+    #[test]
+    fn fail_action_and_bad_expression_fail_the_run() {
+        let d = def("name: w\nversion: 1\nsteps:\n  - {id: a, action: fail, args: {error: line.stop, message: 'too hot'}}\n");
+        let (st, _) = simulate(&d, Value::Null, |_, _| Ok(json!(null)));
+        assert_eq!(st.status, RunStatus::Failed);
+        assert!(st.error.unwrap().message.contains("too hot"));
+        let d = def("name: w\nversion: 1\nsteps:\n  - {id: a, action: set, args: {v: '{{ input.missing.deep }}'}}\n");
+        let (st, _) = simulate(&d, json!({}), |_, _| Ok(json!(null)));
+        assert_eq!(st.status, RunStatus::Failed);
+    }
+}

@@ -1,0 +1,691 @@
+//! The journal: every run's append-only history in one redb file.
+//!
+//! One writer thread owns all writes. Appends from every run queue on a channel; the writer
+//! takes everything queued, writes it in one transaction, commits once (one fsync), and only
+//! then answers every waiter (group commit). Reads run concurrently on redb snapshots from any
+//! thread. Each event gets a device-wide, gap-free sequence number: the `events` table keyed by
+//! it is also the outbox that sync will ship from.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use outpost_shared::journal::{self as codec, CodecError, Event, Record};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::clock::Clock;
+use crate::engine::RunStatus;
+
+/// seq → encoded [`Record`]. The journal proper and the sync outbox.
+const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+/// (run id, seq) → (): a run's history in order.
+const RUN_EVENTS: TableDefinition<(&str, u64), ()> = TableDefinition::new("run_events");
+/// run id → encoded [`RunRecord`]: one summary row per run.
+const RUNS: TableDefinition<&str, &[u8]> = TableDefinition::new("runs");
+/// run id → (): runs that are not finished, resumed at start-up.
+const ACTIVE: TableDefinition<&str, ()> = TableDefinition::new("active_runs");
+/// (name, version) → encoded [`DefinitionRecord`].
+const DEFINITIONS: TableDefinition<(&str, u32), &[u8]> = TableDefinition::new("definitions");
+/// (deadline ms, run id, step) → (): pending durable timers by deadline.
+const TIMERS: TableDefinition<(u64, &str, &str), ()> = TableDefinition::new("timers");
+/// Counters: `next_seq`, `format`.
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+/// Version of the table layout above; bumped on any incompatible change.
+pub const FORMAT: u64 = 1;
+/// Most operations folded into one transaction.
+const MAX_BATCH: usize = 4096;
+
+/// Journal settings.
+#[derive(Debug, Clone)]
+pub struct JournalConfig {
+    /// Page cache in bytes (redb's default of 1 GiB is far too much for a gateway).
+    pub cache_bytes: usize,
+}
+
+impl Default for JournalConfig {
+    fn default() -> Self {
+        JournalConfig { cache_bytes: 4 * 1024 * 1024 }
+    }
+}
+
+/// A journal failure.
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    /// redb reported an error (I/O, full disk, corruption).
+    #[error("journal storage error: {0}")]
+    Storage(#[from] redb::Error),
+    /// A record did not decode.
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    /// The database file is held by another process.
+    #[error("journal {0} is already open in another process (is another `outpost run` using this data directory?)")]
+    Locked(String),
+    /// The file was written by an incompatible version.
+    #[error("journal format {found} is not supported (this build reads format {FORMAT})")]
+    Format {
+        /// Format found.
+        found: u64,
+    },
+    /// The writer thread has stopped.
+    #[error("journal writer has stopped")]
+    Closed,
+    /// Appending to a run that does not exist.
+    #[error("run '{0}' does not exist")]
+    NoSuchRun(String),
+    /// Appending to a run that has finished.
+    #[error("run '{0}' has already finished")]
+    RunFinished(String),
+    /// The definition version exists with different content.
+    #[error("{name} version {version} already exists with different content; bump the version to change it")]
+    DefinitionConflict {
+        /// Name.
+        name: String,
+        /// Version.
+        version: u32,
+    },
+}
+
+macro_rules! storage_from {
+    ($($t:ty),*) => {$(
+        impl From<$t> for JournalError {
+            fn from(e: $t) -> Self { JournalError::Storage(e.into()) }
+        }
+    )*};
+}
+storage_from!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError,
+    redb::SetDurabilityError
+);
+
+/// Summary row of one run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunRecord {
+    /// Workflow name.
+    pub workflow: String,
+    /// Workflow version.
+    pub version: u32,
+    /// Status.
+    pub status: RunStatus,
+    /// Created (ms since epoch).
+    pub created_ms: u64,
+    /// Last event (ms since epoch).
+    pub updated_ms: u64,
+    /// Number of events.
+    pub events: u32,
+}
+
+#[derive(Serialize, Deserialize)]
+enum RunRecordEnvelope {
+    V1(RunRecord),
+}
+
+/// A stored definition version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DefinitionRecord {
+    /// Canonical JSON of the document.
+    pub json: String,
+    /// When it was applied (ms since epoch).
+    pub applied_ms: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+enum DefinitionEnvelope {
+    V1(DefinitionRecord),
+}
+
+fn encode_run(r: &RunRecord) -> Vec<u8> {
+    postcard::to_allocvec(&RunRecordEnvelope::V1(r.clone())).unwrap_or_default()
+}
+
+fn decode_run(b: &[u8]) -> Result<RunRecord, JournalError> {
+    match postcard::from_bytes::<RunRecordEnvelope>(b) {
+        Ok(RunRecordEnvelope::V1(r)) => Ok(r),
+        Err(source) => Err(CodecError::Corrupt { len: b.len(), source }.into()),
+    }
+}
+
+fn decode_definition(b: &[u8]) -> Result<DefinitionRecord, JournalError> {
+    match postcard::from_bytes::<DefinitionEnvelope>(b) {
+        Ok(DefinitionEnvelope::V1(r)) => Ok(r),
+        Err(source) => Err(CodecError::Corrupt { len: b.len(), source }.into()),
+    }
+}
+
+/// What starting a run did.
+#[derive(Debug, Clone)]
+pub enum Started {
+    /// A new run was journaled.
+    Created,
+    /// A run with that id already existed; nothing was written.
+    Existing(RunRecord),
+}
+
+/// What applying a definition did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// Stored as a new version.
+    Created,
+    /// The same version with the same content was already stored.
+    Unchanged,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, JournalError>>;
+
+enum Op {
+    Start { run_id: String, event: Event, reply: Reply<Started> },
+    Append { run_id: String, events: Vec<Event>, reply: Reply<u64> },
+    PutDefinition { name: String, version: u32, json: String, reply: Reply<Applied> },
+}
+
+/// Writer statistics, for `outpost status` and the benchmark.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Transactions committed.
+    pub commits: AtomicU64,
+    /// Events appended.
+    pub events: AtomicU64,
+    /// Operations (appends, starts, definitions) folded into commits.
+    pub ops: AtomicU64,
+}
+
+/// Handle to the journal; cheap to clone.
+#[derive(Clone)]
+pub struct Journal {
+    db: Arc<Database>,
+    tx: mpsc::Sender<Op>,
+    stats: Arc<Stats>,
+}
+
+impl Journal {
+    /// Opens (or creates) the journal at `path` and starts its writer thread.
+    pub fn open(path: &Path, config: &JournalConfig, clock: Arc<dyn Clock>) -> Result<Journal, JournalError> {
+        let db = Database::builder().set_cache_size(config.cache_bytes).create(path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => JournalError::Locked(path.display().to_string()),
+            other => other.into(),
+        })?;
+        let next_seq = {
+            let txn = db.begin_write()?;
+            let next = {
+                let mut meta = txn.open_table(META)?;
+                let format = meta.get("format")?.map(|v| v.value());
+                match format {
+                    Some(f) if f != FORMAT => return Err(JournalError::Format { found: f }),
+                    Some(_) => {}
+                    None => {
+                        meta.insert("format", FORMAT)?;
+                    }
+                }
+                // Create every table so readers never see "table does not exist".
+                txn.open_table(EVENTS)?;
+                txn.open_table(RUN_EVENTS)?;
+                txn.open_table(RUNS)?;
+                txn.open_table(ACTIVE)?;
+                txn.open_table(DEFINITIONS)?;
+                txn.open_table(TIMERS)?;
+                meta.get("next_seq")?.map(|v| v.value()).unwrap_or(1)
+            };
+            txn.commit()?;
+            next
+        };
+        let db = Arc::new(db);
+        let stats = Arc::new(Stats::default());
+        let (tx, rx) = mpsc::channel(MAX_BATCH);
+        let writer = Writer { db: db.clone(), next_seq, clock, stats: stats.clone() };
+        std::thread::Builder::new()
+            .name("journal-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| JournalError::Storage(redb::StorageError::Io(e).into()))?;
+        Ok(Journal { db, tx, stats })
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Op) -> Result<T, JournalError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(make(reply)).await.map_err(|_| JournalError::Closed)?;
+        rx.await.map_err(|_| JournalError::Closed)?
+    }
+
+    /// Journals a new run's `RunStarted`, unless a run with that id exists. Durable on return.
+    pub async fn start_run(&self, run_id: &str, event: Event) -> Result<Started, JournalError> {
+        self.call(|reply| Op::Start { run_id: run_id.to_string(), event, reply }).await
+    }
+
+    /// Appends events to a running run. Durable on return; gives the last sequence number.
+    pub async fn append(&self, run_id: &str, events: Vec<Event>) -> Result<u64, JournalError> {
+        self.call(|reply| Op::Append { run_id: run_id.to_string(), events, reply }).await
+    }
+
+    /// Stores a definition version (canonical JSON).
+    pub async fn put_definition(&self, name: &str, version: u32, json: String) -> Result<Applied, JournalError> {
+        self.call(|reply| Op::PutDefinition { name: name.to_string(), version, json, reply }).await
+    }
+
+    /// Writer counters.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// The summary row of a run.
+    pub fn run(&self, run_id: &str) -> Result<Option<RunRecord>, JournalError> {
+        let txn = self.db.begin_read()?;
+        let runs = txn.open_table(RUNS)?;
+        runs.get(run_id)?.map(|v| decode_run(v.value())).transpose()
+    }
+
+    /// Runs, newest first by creation, optionally only those with `status`.
+    pub fn runs(&self, status: Option<RunStatus>, limit: usize) -> Result<Vec<(String, RunRecord)>, JournalError> {
+        let txn = self.db.begin_read()?;
+        let runs = txn.open_table(RUNS)?;
+        let mut out = Vec::new();
+        for row in runs.iter()? {
+            let (k, v) = row?;
+            let r = decode_run(v.value())?;
+            if status.is_none_or(|s| s == r.status) {
+                out.push((k.value().to_string(), r));
+            }
+        }
+        out.sort_by(|a, b| b.1.created_ms.cmp(&a.1.created_ms).then_with(|| a.0.cmp(&b.0)));
+        out.truncate(limit);
+        Ok(out)
+    }
+
+    /// Ids of runs that have not finished.
+    pub fn active_runs(&self) -> Result<Vec<String>, JournalError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(ACTIVE)?;
+        let mut out = Vec::new();
+        for row in t.iter()? {
+            out.push(row?.0.value().to_string());
+        }
+        Ok(out)
+    }
+
+    /// A run's whole history with sequence numbers, in order.
+    pub fn history(&self, run_id: &str) -> Result<Vec<(u64, Record)>, JournalError> {
+        let txn = self.db.begin_read()?;
+        let idx = txn.open_table(RUN_EVENTS)?;
+        let events = txn.open_table(EVENTS)?;
+        let mut out = Vec::new();
+        for row in idx.range((run_id, 0u64)..=(run_id, u64::MAX))? {
+            let seq = row?.0.value().1;
+            if let Some(bytes) = events.get(seq)? {
+                out.push((seq, codec::decode(bytes.value())?));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Events with sequence numbers from `from` on, at most `limit` (the outbox view).
+    pub fn events_since(&self, from: u64, limit: usize) -> Result<Vec<(u64, Record)>, JournalError> {
+        let txn = self.db.begin_read()?;
+        let events = txn.open_table(EVENTS)?;
+        let mut out = Vec::new();
+        for row in events.range(from..)?.take(limit) {
+            let (k, v) = row?;
+            out.push((k.value(), codec::decode(v.value())?));
+        }
+        Ok(out)
+    }
+
+    /// One definition version's record, or the latest version when `version` is `None`.
+    pub fn definition(&self, name: &str, version: Option<u32>) -> Result<Option<(u32, DefinitionRecord)>, JournalError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(DEFINITIONS)?;
+        let row = match version {
+            Some(v) => t.get((name, v))?.map(|b| (v, b)),
+            None => t.range((name, 0u32)..=(name, u32::MAX))?.next_back().transpose()?.map(|(k, b)| (k.value().1, b)),
+        };
+        row.map(|(v, b)| Ok((v, decode_definition(b.value())?))).transpose()
+    }
+
+    /// Every stored definition: (name, version, record).
+    pub fn definitions(&self) -> Result<Vec<(String, u32, DefinitionRecord)>, JournalError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(DEFINITIONS)?;
+        let mut out = Vec::new();
+        for row in t.iter()? {
+            let (k, v) = row?;
+            let (name, version) = k.value();
+            out.push((name.to_string(), version, decode_definition(v.value())?));
+        }
+        Ok(out)
+    }
+
+    /// Pending timers, earliest first: (deadline ms, run id, step).
+    pub fn timers(&self) -> Result<Vec<(u64, String, String)>, JournalError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(TIMERS)?;
+        let mut out = Vec::new();
+        for row in t.iter()? {
+            let (k, _) = row?;
+            let (at, run, step) = k.value();
+            out.push((at, run.to_string(), step.to_string()));
+        }
+        Ok(out)
+    }
+
+    /// The next sequence number to be assigned (one past the newest event).
+    pub fn next_seq(&self) -> Result<u64, JournalError> {
+        let txn = self.db.begin_read()?;
+        let meta = txn.open_table(META)?;
+        Ok(meta.get("next_seq")?.map(|v| v.value()).unwrap_or(1))
+    }
+}
+
+struct Writer {
+    db: Arc<Database>,
+    next_seq: u64,
+    clock: Arc<dyn Clock>,
+    stats: Arc<Stats>,
+}
+
+/// An operation's outcome inside a transaction, answered only after the commit.
+enum Outcome {
+    Start(Reply<Started>, Result<Started, JournalError>),
+    Append(Reply<u64>, Result<u64, JournalError>),
+    Definition(Reply<Applied>, Result<Applied, JournalError>),
+}
+
+impl Outcome {
+    fn is_ok(&self) -> bool {
+        match self {
+            Outcome::Start(_, r) => r.is_ok(),
+            Outcome::Append(_, r) => r.is_ok(),
+            Outcome::Definition(_, r) => r.is_ok(),
+        }
+    }
+    fn fail(self, e: impl Fn() -> JournalError) {
+        let _ = match self {
+            Outcome::Start(tx, _) => tx.send(Err(e())).map_err(|_| ()),
+            Outcome::Append(tx, _) => tx.send(Err(e())).map_err(|_| ()),
+            Outcome::Definition(tx, _) => tx.send(Err(e())).map_err(|_| ()),
+        };
+    }
+    fn send(self) {
+        let _ = match self {
+            Outcome::Start(tx, r) => tx.send(r).map_err(|_| ()),
+            Outcome::Append(tx, r) => tx.send(r).map_err(|_| ()),
+            Outcome::Definition(tx, r) => tx.send(r).map_err(|_| ()),
+        };
+    }
+}
+
+impl Writer {
+    fn run(mut self, mut rx: mpsc::Receiver<Op>) {
+        let mut batch = Vec::with_capacity(256);
+        while let Some(first) = rx.blocking_recv() {
+            batch.push(first);
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(op) => batch.push(op),
+                    Err(_) => break,
+                }
+            }
+            self.commit_batch(&mut batch);
+        }
+    }
+
+    fn commit_batch(&mut self, batch: &mut Vec<Op>) {
+        let n = batch.len() as u64;
+        let start_seq = self.next_seq;
+        let mut outcomes = Vec::with_capacity(batch.len());
+        let result = (|| -> Result<u64, JournalError> {
+            let mut txn = self.db.begin_write()?;
+            txn.set_durability(Durability::Immediate)?;
+            let mut events_written = 0u64;
+            {
+                let mut t = Tables {
+                    events: txn.open_table(EVENTS)?,
+                    run_events: txn.open_table(RUN_EVENTS)?,
+                    runs: txn.open_table(RUNS)?,
+                    active: txn.open_table(ACTIVE)?,
+                    definitions: txn.open_table(DEFINITIONS)?,
+                    timers: txn.open_table(TIMERS)?,
+                };
+                let now = self.clock.now_ms();
+                for op in batch.drain(..) {
+                    let before = self.next_seq;
+                    let outcome = match op {
+                        Op::Start { run_id, event, reply } => {
+                            Outcome::Start(reply, self.start(&mut t, &run_id, event, now))
+                        }
+                        Op::Append { run_id, events, reply } => {
+                            Outcome::Append(reply, self.append(&mut t, &run_id, events, now))
+                        }
+                        Op::PutDefinition { name, version, json, reply } => {
+                            Outcome::Definition(reply, put_definition(&mut t, &name, version, json, now))
+                        }
+                    };
+                    // A storage error mid-operation poisons the transaction: abort it whole.
+                    if let Some(e) = storage_error(&outcome) {
+                        outcomes.push(outcome);
+                        return Err(e);
+                    }
+                    events_written += self.next_seq - before;
+                    outcomes.push(outcome);
+                }
+                let mut meta = txn.open_table(META)?;
+                meta.insert("next_seq", self.next_seq)?;
+            }
+            txn.commit()?;
+            Ok(events_written)
+        })();
+        match result {
+            Ok(events) => {
+                self.stats.commits.fetch_add(1, Ordering::Relaxed);
+                self.stats.ops.fetch_add(n, Ordering::Relaxed);
+                self.stats.events.fetch_add(events, Ordering::Relaxed);
+                for o in outcomes {
+                    o.send();
+                }
+            }
+            Err(e) => {
+                // Nothing of this batch is durable: roll the sequence back and fail every waiter.
+                tracing::error!(error = %e, ops = n, "journal commit failed; nothing in this batch was written");
+                self.next_seq = start_seq;
+                let msg = e.to_string();
+                for o in outcomes {
+                    o.fail(|| JournalError::Storage(redb::StorageError::Io(std::io::Error::other(msg.clone())).into()));
+                }
+                for op in batch.drain(..) {
+                    let err = || JournalError::Storage(redb::StorageError::Io(std::io::Error::other(msg.clone())).into());
+                    match op {
+                        Op::Start { reply, .. } => drop(reply.send(Err(err()))),
+                        Op::Append { reply, .. } => drop(reply.send(Err(err()))),
+                        Op::PutDefinition { reply, .. } => drop(reply.send(Err(err()))),
+                    }
+                }
+            }
+        }
+    }
+
+    fn write_event(&mut self, t: &mut Tables, run_id: &str, at_ms: u64, event: Event) -> Result<u64, JournalError> {
+        let seq = self.next_seq;
+        match &event {
+            Event::TimerSet { step, fire_at_ms, .. } => {
+                t.timers.insert((*fire_at_ms, run_id, step.as_str()), ())?;
+            }
+            Event::TimerFired { step, fire_at_ms, .. } => {
+                t.timers.remove((*fire_at_ms, run_id, step.as_str()))?;
+            }
+            _ => {}
+        }
+        let bytes = codec::encode(&Record { run_id: run_id.to_string(), at_ms, event });
+        t.events.insert(seq, bytes.as_slice())?;
+        t.run_events.insert((run_id, seq), ())?;
+        self.next_seq += 1;
+        Ok(seq)
+    }
+
+    fn start(&mut self, t: &mut Tables, run_id: &str, event: Event, now: u64) -> Result<Started, JournalError> {
+        if let Some(existing) = t.runs.get(run_id)? {
+            return Ok(Started::Existing(decode_run(existing.value())?));
+        }
+        let Event::RunStarted { workflow, version, .. } = &event else {
+            return Err(JournalError::NoSuchRun(run_id.to_string()));
+        };
+        let rec = RunRecord {
+            workflow: workflow.clone(),
+            version: *version,
+            status: RunStatus::Running,
+            created_ms: now,
+            updated_ms: now,
+            events: 1,
+        };
+        t.runs.insert(run_id, encode_run(&rec).as_slice())?;
+        t.active.insert(run_id, ())?;
+        self.write_event(t, run_id, now, event)?;
+        Ok(Started::Created)
+    }
+
+    fn append(&mut self, t: &mut Tables, run_id: &str, events: Vec<Event>, now: u64) -> Result<u64, JournalError> {
+        let mut rec = match t.runs.get(run_id)? {
+            Some(v) => decode_run(v.value())?,
+            None => return Err(JournalError::NoSuchRun(run_id.to_string())),
+        };
+        if rec.status.is_terminal() {
+            return Err(JournalError::RunFinished(run_id.to_string()));
+        }
+        let mut last = 0;
+        for e in events {
+            let terminal = match &e {
+                Event::RunCompleted { .. } => Some(RunStatus::Completed),
+                Event::RunFailed { .. } => Some(RunStatus::Failed),
+                Event::RunCancelled { .. } => Some(RunStatus::Cancelled),
+                _ => None,
+            };
+            last = self.write_event(t, run_id, now, e)?;
+            rec.events += 1;
+            if let Some(s) = terminal {
+                rec.status = s;
+                t.active.remove(run_id)?;
+                break;
+            }
+        }
+        rec.updated_ms = now;
+        t.runs.insert(run_id, encode_run(&rec).as_slice())?;
+        Ok(last)
+    }
+}
+
+struct Tables<'txn> {
+    events: redb::Table<'txn, u64, &'static [u8]>,
+    run_events: redb::Table<'txn, (&'static str, u64), ()>,
+    runs: redb::Table<'txn, &'static str, &'static [u8]>,
+    active: redb::Table<'txn, &'static str, ()>,
+    definitions: redb::Table<'txn, (&'static str, u32), &'static [u8]>,
+    timers: redb::Table<'txn, (u64, &'static str, &'static str), ()>,
+}
+
+fn put_definition(t: &mut Tables, name: &str, version: u32, json: String, now: u64) -> Result<Applied, JournalError> {
+    if let Some(existing) = t.definitions.get((name, version))? {
+        let existing = decode_definition(existing.value())?;
+        return if existing.json == json {
+            Ok(Applied::Unchanged)
+        } else {
+            Err(JournalError::DefinitionConflict { name: name.to_string(), version })
+        };
+    }
+    let bytes = postcard::to_allocvec(&DefinitionEnvelope::V1(DefinitionRecord { json, applied_ms: now }))
+        .unwrap_or_default();
+    t.definitions.insert((name, version), bytes.as_slice())?;
+    Ok(Applied::Created)
+}
+
+fn storage_error(o: &Outcome) -> Option<JournalError> {
+    let msg = |e: &JournalError| match e {
+        JournalError::Storage(s) => Some(JournalError::Storage(redb::StorageError::Io(std::io::Error::other(s.to_string())).into())),
+        _ => None,
+    };
+    if o.is_ok() {
+        return None;
+    }
+    match o {
+        Outcome::Start(_, Err(e)) => msg(e),
+        Outcome::Append(_, Err(e)) => msg(e),
+        Outcome::Definition(_, Err(e)) => msg(e),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::SystemClock;
+
+    fn started(w: &str) -> Event {
+        Event::RunStarted { workflow: w.into(), version: 1, input: "{}".into() }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn group_commit_assigns_gap_free_sequences_and_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(&dir.path().join("j.redb"), &JournalConfig::default(), Arc::new(SystemClock)).unwrap();
+        let mut tasks = Vec::new();
+        for i in 0..50 {
+            let j = j.clone();
+            tasks.push(tokio::spawn(async move {
+                let id = format!("r{i}");
+                j.start_run(&id, started("w")).await.unwrap();
+                for k in 0..4 {
+                    j.append(&id, vec![Event::StepCompleted { step: format!("s{k}"), visit: 1, output: "1".into() }])
+                        .await
+                        .unwrap();
+                }
+                j.append(&id, vec![Event::RunCompleted { output: "null".into() }]).await.unwrap();
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let all = j.events_since(1, 10_000).unwrap();
+        assert_eq!(all.len(), 50 * 6);
+        assert!(all.iter().enumerate().all(|(i, (seq, _))| *seq == i as u64 + 1), "gap-free from 1");
+        let commits = j.stats().commits.load(Ordering::Relaxed);
+        assert!(commits < 300, "{commits} commits for 300 ops: appends were not grouped");
+        assert!(j.active_runs().unwrap().is_empty());
+        let h = j.history("r7").unwrap();
+        assert_eq!(h.len(), 6);
+        assert!(matches!(h[0].1.event, Event::RunStarted { .. }));
+        assert!(h.windows(2).all(|w| w[0].0 < w[1].0));
+    }
+
+    #[tokio::test]
+    async fn duplicate_start_and_finished_runs_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j.redb");
+        {
+            let j = Journal::open(&path, &JournalConfig::default(), Arc::new(SystemClock)).unwrap();
+            assert!(matches!(j.start_run("a", started("w")).await.unwrap(), Started::Created));
+            assert!(matches!(j.start_run("a", started("other")).await.unwrap(), Started::Existing(r) if r.workflow == "w"));
+            j.append("a", vec![Event::RunCancelled { reason: "t".into() }]).await.unwrap();
+            assert!(matches!(j.append("a", vec![Event::RunCancelled { reason: "t".into() }]).await, Err(JournalError::RunFinished(_))));
+            assert!(matches!(j.append("nope", vec![]).await, Err(JournalError::NoSuchRun(_))));
+            assert_eq!(j.put_definition("w", 1, "{}".into()).await.unwrap(), Applied::Created);
+            assert_eq!(j.put_definition("w", 1, "{}".into()).await.unwrap(), Applied::Unchanged);
+            assert!(matches!(j.put_definition("w", 1, "{\"x\":1}".into()).await, Err(JournalError::DefinitionConflict { .. })));
+            j.put_definition("w", 3, "{}".into()).await.unwrap();
+            assert_eq!(j.definition("w", None).unwrap().unwrap().0, 3);
+        }
+        // The writer thread holds the last Arc until its channel closes; wait for the file lock.
+        let mut reopened = None;
+        for _ in 0..100 {
+            match Journal::open(&path, &JournalConfig::default(), Arc::new(SystemClock)) {
+                Ok(j) => {
+                    reopened = Some(j);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+            }
+        }
+        let j = reopened.expect("journal reopens");
+        assert_eq!(j.next_seq().unwrap(), 3);
+        assert_eq!(j.run("a").unwrap().unwrap().status, RunStatus::Cancelled);
+    }
+}
