@@ -1,1 +1,440 @@
-//! todo
+//! The local API: JSON over HTTP on a Unix socket (only local users with access to the socket
+//! file can drive the agent). The CLI, the benchmark and scripts all use it.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use outpost_shared::definition::{Definition, DefinitionError};
+use outpost_shared::journal::Record;
+use outpost_shared::{ErrorInfo, Event};
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+
+use crate::engine::{self, Phase, RunState, RunStatus};
+use crate::journal::{Applied, JournalError, RunRecord};
+use crate::runtime::{Runtime, RuntimeError, StartRequest};
+
+/// Largest request body, in bytes (definitions are capped at 1 MiB, inputs at 256 KiB).
+pub const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
+/// Longest a single `wait` request blocks.
+pub const MAX_WAIT: Duration = Duration::from_secs(3600);
+
+/// Builds the router.
+pub fn router(rt: Runtime) -> Router {
+    Router::new()
+        .route("/v1/health", get(health))
+        .route("/v1/status", get(status))
+        .route("/v1/definitions", post(apply).get(list_definitions))
+        .route("/v1/definitions/{name}", get(get_definition))
+        .route("/v1/runs", post(start).get(list_runs))
+        .route("/v1/runs/{id}", get(show_run))
+        .route("/v1/runs/{id}/wait", get(wait_run))
+        .route("/v1/runs/{id}/cancel", post(cancel_run))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(Arc::new(rt))
+}
+
+type AppState = State<Arc<Runtime>>;
+
+/// An API error: HTTP status, a stable code, a message, and for invalid definitions each problem.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    problems: Vec<String>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError { status, code, message: message.into(), problems: Vec::new() }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": {"code": self.code, "message": self.message, "problems": self.problems}});
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<RuntimeError> for ApiError {
+    fn from(e: RuntimeError) -> Self {
+        let msg = e.to_string();
+        match e {
+            RuntimeError::Definition(DefinitionError::Invalid { name, problems }) => ApiError {
+                status: StatusCode::BAD_REQUEST,
+                code: "invalid_definition",
+                message: format!("invalid workflow '{name}': {} problem(s)", problems.len()),
+                problems: problems.iter().map(|p| p.to_string()).collect(),
+            },
+            RuntimeError::Definition(_) => ApiError::new(StatusCode::BAD_REQUEST, "invalid_definition", msg),
+            RuntimeError::Invalid(_) => ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", msg),
+            RuntimeError::NoSuchWorkflow { .. } | RuntimeError::NoSuchRun(_) => {
+                ApiError::new(StatusCode::NOT_FOUND, "not_found", msg)
+            }
+            RuntimeError::Finished { .. } => ApiError::new(StatusCode::CONFLICT, "finished", msg),
+            RuntimeError::Journal(JournalError::DefinitionConflict { .. }) => {
+                ApiError::new(StatusCode::CONFLICT, "conflict", msg)
+            }
+            RuntimeError::Journal(_) | RuntimeError::DataDir { .. } => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "storage", msg)
+            }
+        }
+    }
+}
+
+impl From<JournalError> for ApiError {
+    fn from(e: JournalError) -> Self {
+        RuntimeError::from(e).into()
+    }
+}
+
+type ApiResult = Result<Json<Value>, ApiError>;
+
+/// Runs blocking journal reads off the async workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+}
+
+/// RFC 3339 text of a wall-clock time in ms.
+pub fn rfc3339(ms: u64) -> String {
+    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+async fn health() -> Json<Value> {
+    Json(json!({"ok": true, "version": env!("CARGO_PKG_VERSION")}))
+}
+
+async fn status(State(rt): AppState) -> ApiResult {
+    let rt2 = rt.clone();
+    let (next_seq, timers) = blocking(move || Ok((rt2.journal().next_seq()?, rt2.journal().timers()?))).await?;
+    let s = rt.journal().stats();
+    let ord = std::sync::atomic::Ordering::Relaxed;
+    Ok(Json(json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "pid": std::process::id(),
+        "active_runs": rt.active_count(),
+        "activities": {"running": rt.activities_running(), "limit": rt.max_activities()},
+        "journal": {
+            "next_seq": next_seq,
+            "commits": s.commits.load(ord),
+            "events": s.events.load(ord),
+            "ops": s.ops.load(ord),
+        },
+        "timers": {"pending": timers.len(), "next_at": timers.first().map(|t| rfc3339(t.0))},
+    })))
+}
+
+async fn apply(State(rt): AppState, body: String) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let (def, applied) = rt.apply(&body).await?;
+    let created = applied == Applied::Created;
+    let code = if created { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((
+        code,
+        Json(json!({"name": def.name(), "version": def.version(), "created": created, "steps": def.doc.steps.len()})),
+    ))
+}
+
+async fn list_definitions(State(rt): AppState) -> ApiResult {
+    let rt2 = rt.clone();
+    let defs = blocking(move || Ok(rt2.journal().definitions()?)).await?;
+    let list: Vec<Value> = defs
+        .into_iter()
+        .map(|(name, version, rec)| {
+            let steps = serde_json::from_str::<Value>(&rec.json)
+                .ok()
+                .and_then(|d| d.get("steps").and_then(Value::as_array).map(Vec::len))
+                .unwrap_or(0);
+            json!({"name": name, "version": version, "applied_at": rfc3339(rec.applied_ms), "steps": steps})
+        })
+        .collect();
+    Ok(Json(Value::Array(list)))
+}
+
+#[derive(Deserialize)]
+struct VersionQuery {
+    version: Option<u32>,
+}
+
+async fn get_definition(State(rt): AppState, Path(name): Path<String>, Query(q): Query<VersionQuery>) -> ApiResult {
+    let def = rt.definition(&name, q.version)?;
+    Ok(Json(json!({"name": def.name(), "version": def.version(), "document": def.doc})))
+}
+
+#[derive(Deserialize)]
+struct StartQuery {
+    /// Seconds to wait for the run to finish before answering.
+    wait: Option<f64>,
+}
+
+async fn start(State(rt): AppState, Query(q): Query<StartQuery>, body: String) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let req: StartRequest = serde_json::from_str(&body)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", format!("request body: {e}")))?;
+    let resp = rt.start(req).await?;
+    let mut out = serde_json::to_value(&resp).unwrap_or_default();
+    if let Some(secs) = q.wait {
+        let rec = rt.wait(&resp.run_id, Some(wait_limit(secs))).await?;
+        merge_summary(&mut out, &resp.run_id, &rec, &rt)?;
+    }
+    Ok((if resp.created { StatusCode::CREATED } else { StatusCode::OK }, Json(out)))
+}
+
+fn wait_limit(secs: f64) -> Duration {
+    if secs.is_finite() && secs > 0.0 { Duration::from_secs_f64(secs).min(MAX_WAIT) } else { MAX_WAIT }
+}
+
+/// Adds status/output/error of a run to `out`.
+fn merge_summary(out: &mut Value, run_id: &str, rec: &RunRecord, rt: &Runtime) -> Result<(), ApiError> {
+    let summary = run_summary(run_id, rec);
+    if let (Value::Object(o), Value::Object(s)) = (&mut *out, summary) {
+        o.extend(s);
+    }
+    if rec.status.is_terminal() {
+        let (output, error) = outcome(rt, run_id)?;
+        out["output"] = output;
+        out["error"] = error;
+    }
+    Ok(())
+}
+
+/// The output and error of a finished run, from its last event.
+fn outcome(rt: &Runtime, run_id: &str) -> Result<(Value, Value), ApiError> {
+    let history = rt.journal().history(run_id)?;
+    Ok(match history.last().map(|(_, r)| &r.event) {
+        Some(Event::RunCompleted { output }) => (serde_json::from_str(output).unwrap_or(Value::Null), Value::Null),
+        Some(Event::RunFailed { error }) => (Value::Null, error_json(error)),
+        Some(Event::RunCancelled { reason }) => (Value::Null, json!({"kind": "cancelled", "message": reason})),
+        _ => (Value::Null, Value::Null),
+    })
+}
+
+fn error_json(e: &ErrorInfo) -> Value {
+    json!({"kind": e.kind, "message": e.message})
+}
+
+fn run_summary(run_id: &str, r: &RunRecord) -> Value {
+    json!({
+        "run_id": run_id,
+        "workflow": r.workflow,
+        "version": r.version,
+        "status": r.status.as_str(),
+        "created_at": rfc3339(r.created_ms),
+        "updated_at": rfc3339(r.updated_ms),
+        "duration_ms": r.updated_ms.saturating_sub(r.created_ms),
+        "events": r.events,
+    })
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    status: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn list_runs(State(rt): AppState, Query(q): Query<ListQuery>) -> ApiResult {
+    let status = match q.status.as_deref() {
+        None | Some("") | Some("all") => None,
+        Some("running") => Some(RunStatus::Running),
+        Some("completed") => Some(RunStatus::Completed),
+        Some("failed") => Some(RunStatus::Failed),
+        Some("cancelled") => Some(RunStatus::Cancelled),
+        Some(other) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                format!("status '{other}' is not one of running, completed, failed, cancelled, all"),
+            ));
+        }
+    };
+    let limit = q.limit.unwrap_or(100).clamp(1, 100_000);
+    let rt2 = rt.clone();
+    let rows = blocking(move || {
+        let rows = rt2.journal().runs(status, limit)?;
+        // Running runs also say what they are waiting for.
+        Ok(rows
+            .into_iter()
+            .map(|(id, rec)| {
+                let mut v = run_summary(&id, &rec);
+                if rec.status == RunStatus::Running {
+                    if let Ok(detail) = run_detail(&rt2, &id, &rec) {
+                        v["waiting"] = detail["waiting"].clone();
+                    }
+                }
+                v
+            })
+            .collect::<Vec<_>>())
+    })
+    .await?;
+    Ok(Json(Value::Array(rows)))
+}
+
+async fn show_run(State(rt): AppState, Path(id): Path<String>) -> ApiResult {
+    let rt2 = rt.clone();
+    blocking(move || {
+        let rec = rt2.journal().run(&id)?.ok_or_else(|| ApiError::from(RuntimeError::NoSuchRun(id.clone())))?;
+        Ok(Json(run_detail(&rt2, &id, &rec)?))
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+struct WaitQuery {
+    timeout: Option<f64>,
+}
+
+async fn wait_run(State(rt): AppState, Path(id): Path<String>, Query(q): Query<WaitQuery>) -> ApiResult {
+    let rec = rt.wait(&id, Some(wait_limit(q.timeout.unwrap_or(0.0)))).await?;
+    let mut out = json!({});
+    merge_summary(&mut out, &id, &rec, &rt)?;
+    Ok(Json(out))
+}
+
+#[derive(Deserialize, Default)]
+struct CancelBody {
+    reason: Option<String>,
+}
+
+async fn cancel_run(State(rt): AppState, Path(id): Path<String>, body: String) -> ApiResult {
+    let b: CancelBody = if body.trim().is_empty() {
+        CancelBody::default()
+    } else {
+        serde_json::from_str(&body)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", format!("request body: {e}")))?
+    };
+    let rec = rt.cancel(&id, b.reason.as_deref().unwrap_or("cancelled by operator")).await?;
+    let mut out = json!({});
+    merge_summary(&mut out, &id, &rec, &rt)?;
+    Ok(Json(out))
+}
+
+/// Everything about one run: summary, per-step table, why it waits, and its full history.
+pub fn run_detail(rt: &Runtime, id: &str, rec: &RunRecord) -> Result<Value, ApiError> {
+    let history = rt.journal().history(id)?;
+    let def = rt.definition(&rec.workflow, Some(rec.version))?;
+    let state = RunState::replay(&def, id, history.iter().map(|(_, r)| &r.event))
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+    let mut out = run_summary(id, rec);
+    out["input"] = state.input.clone();
+    out["output"] = state.output.clone().unwrap_or(Value::Null);
+    out["error"] = state.error.as_ref().map(error_json).unwrap_or(Value::Null);
+    out["steps"] = Value::Array(step_rows(&def, &state, &history));
+    out["waiting"] = waiting(&def, &state).map(Value::from).unwrap_or(Value::Null);
+    out["history"] = Value::Array(history.iter().map(|(seq, r)| history_row(*seq, r)).collect());
+    Ok(out)
+}
+
+/// Why a running run is not progressing, in words.
+fn waiting(def: &Definition, st: &RunState) -> Option<String> {
+    if st.status.is_terminal() {
+        return None;
+    }
+    let mut reasons = Vec::new();
+    for (i, s) in st.steps.iter().enumerate() {
+        let id = &def.doc.steps[i].id;
+        match &s.phase {
+            Phase::Running { attempt } => reasons.push(format!("{id}: attempt {attempt} running")),
+            Phase::Backoff { attempt, retry_at_ms } => reasons.push(format!(
+                "{id}: backing off until {} after {attempt} failed attempt(s){}",
+                rfc3339(*retry_at_ms),
+                s.error.as_ref().map(|e| format!(" (last error: {e})")).unwrap_or_default()
+            )),
+            Phase::Timer { fire_at_ms, .. } => reasons.push(format!("{id}: sleeping until {}", rfc3339(*fire_at_ms))),
+            _ => {}
+        }
+    }
+    if reasons.is_empty() { None } else { Some(reasons.join("; ")) }
+}
+
+fn step_rows(def: &Definition, st: &RunState, history: &[(u64, Record)]) -> Vec<Value> {
+    #[derive(Default)]
+    struct Row {
+        attempts: u32,
+        started: Option<u64>,
+        finished: Option<u64>,
+        key: Option<String>,
+        next_retry: Option<u64>,
+    }
+    let mut rows: Vec<Row> = (0..def.doc.steps.len()).map(|_| Row::default()).collect();
+    for (_, r) in history {
+        let Some(i) = r.event.step().and_then(|s| def.index.get(s).copied()) else { continue };
+        let row = &mut rows[i];
+        match &r.event {
+            Event::AttemptStarted { key, .. } => {
+                row.attempts += 1;
+                row.started.get_or_insert(r.at_ms);
+                row.key = Some(key.clone());
+                row.finished = None;
+                row.next_retry = None;
+            }
+            Event::TimerSet { .. } => {
+                row.started.get_or_insert(r.at_ms);
+            }
+            Event::AttemptFailed { retry_at_ms, .. } => row.next_retry = *retry_at_ms,
+            Event::StepCompleted { .. } | Event::StepFailed { .. } | Event::StepSkipped { .. } => {
+                row.started.get_or_insert(r.at_ms);
+                row.finished = Some(r.at_ms);
+                row.next_retry = None;
+            }
+            _ => {}
+        }
+    }
+    def.doc
+        .steps
+        .iter()
+        .zip(rows)
+        .zip(&st.steps)
+        .map(|((step, row), s)| {
+            let mut v = Map::new();
+            v.insert("id".into(), step.id.clone().into());
+            v.insert("action".into(), step.action.clone().into());
+            v.insert("status".into(), engine::phase_name(&s.phase).into());
+            v.insert("visits".into(), s.visits.into());
+            v.insert("attempts".into(), row.attempts.into());
+            v.insert("started_at".into(), row.started.map(rfc3339).into());
+            v.insert("finished_at".into(), row.finished.map(rfc3339).into());
+            let end = row.finished.unwrap_or_else(|| if row.started.is_some() { now_ms() } else { 0 });
+            v.insert("duration_ms".into(), row.started.map(|s| end.saturating_sub(s)).into());
+            v.insert("next_retry_at".into(), row.next_retry.map(rfc3339).into());
+            v.insert("idempotency_key".into(), row.key.into());
+            v.insert("output".into(), s.output.clone().unwrap_or(Value::Null));
+            v.insert("error".into(), s.error.as_ref().map(error_json).unwrap_or(Value::Null));
+            Value::Object(v)
+        })
+        .collect()
+}
+
+fn history_row(seq: u64, r: &Record) -> Value {
+    // Event serialises as {"Variant": {fields}}; flatten to {"type": ..., fields}.
+    let mut fields = match serde_json::to_value(&r.event) {
+        Ok(Value::Object(m)) => m.into_iter().next().map(|(_, v)| v).unwrap_or(Value::Null),
+        _ => Value::Null,
+    };
+    if !fields.is_object() {
+        fields = json!({});
+    }
+    for k in ["input", "output"] {
+        if let Some(Value::String(s)) = fields.get(k) {
+            if let Ok(v) = serde_json::from_str::<Value>(s) {
+                fields[k] = v;
+            }
+        }
+    }
+    fields["seq"] = seq.into();
+    fields["at"] = rfc3339(r.at_ms).into();
+    fields["type"] = r.event.name().into();
+    fields
+}

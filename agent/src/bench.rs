@@ -1,1 +1,183 @@
-//! todo
+//! `outpost bench`: workload W1 against a fresh agent process, through the same local API the
+//! CLI uses, so the figures include that path. Prints throughput, latency, commit batching and
+//! the daemon's memory.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Args;
+use hyper::Method;
+use serde_json::{Value, json};
+
+use crate::client::{Client, Connection};
+
+/// Options of `outpost bench`.
+#[derive(Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Runs to start.
+    #[arg(long, default_value_t = 2000)]
+    runs: usize,
+    /// Runs in flight at a time.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Sequential `set` steps per run.
+    #[arg(long, default_value_t = 3)]
+    steps: usize,
+    /// Directory for the benchmark agent's data [default: a fresh temporary directory].
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Keep the data directory afterwards.
+    #[arg(long)]
+    keep: bool,
+}
+
+fn rss_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find(|l| l.starts_with(field))?.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn w1_definition(steps: usize) -> String {
+    let mut doc = String::from("name: bench-w1\nversion: 1\nsteps:\n");
+    for i in 1..=steps {
+        doc.push_str(&format!("  - id: s{i}\n    action: set\n"));
+        if i == 1 {
+            doc.push_str("    args: {n: '{{ input.i }}'}\n");
+        } else {
+            doc.push_str(&format!("    depends_on: [s{}]\n    args: {{n: '{{{{ steps.s{}.output.n + 1 }}}}'}}\n", i - 1, i - 1));
+        }
+    }
+    doc
+}
+
+async fn wait_for_socket(socket: &Path, child: &mut tokio::process::Child) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(mut c) = Connection::open(socket).await {
+            if c.request(Method::GET, "/v1/health", None).await.is_ok() {
+                return Ok(());
+            }
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!("the benchmark agent exited early with {status}");
+        }
+        if Instant::now() > deadline {
+            bail!("the benchmark agent did not come up within 20s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+/// Runs the benchmark and prints its figures.
+pub async fn run(args: BenchArgs) -> anyhow::Result<u8> {
+    let tmp;
+    let dir = match &args.dir {
+        Some(d) => d.clone(),
+        None => {
+            tmp = std::env::temp_dir().join(format!("outpost-bench-{}-{}", std::process::id(), fastrand::u32(..)));
+            tmp.clone()
+        }
+    };
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let socket = dir.join("outpost.sock");
+    let exe = std::env::current_exe().context("locating the outpost binary")?;
+    let log = std::fs::File::create(dir.join("agent.log"))?;
+    let mut child = tokio::process::Command::new(exe)
+        .args(["run", "--data-dir"])
+        .arg(&dir)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting the benchmark agent")?;
+    let pid = child.id().context("agent pid")?;
+    let result = measure(&args, &socket, pid, &mut child).await;
+    let _ = child.kill().await;
+    if !args.keep && args.dir.is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    result.map(|_| 0)
+}
+
+async fn measure(args: &BenchArgs, socket: &Path, pid: u32, child: &mut tokio::process::Child) -> anyhow::Result<()> {
+    wait_for_socket(socket, child).await?;
+    let client = Client::new(socket);
+    let (st, v) = client.request(Method::POST, "/v1/definitions", Some(w1_definition(args.steps))).await?;
+    if !st.is_success() {
+        bail!("applying the W1 definition failed: {v}");
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let idle_rss = rss_kib(pid, "VmRSS:").unwrap_or(0);
+    let (_, before) = client.request(Method::GET, "/v1/status", None).await?;
+
+    println!(
+        "W1: {} runs x {} sequential set steps, {} in flight, durable commits, through the local API",
+        args.runs, args.steps, args.concurrency
+    );
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..args.concurrency.max(1) {
+        let next = next.clone();
+        let socket = socket.to_path_buf();
+        let runs = args.runs;
+        workers.push(tokio::spawn(async move {
+            let mut conn = Connection::open(&socket).await?;
+            let mut latencies = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= runs {
+                    break;
+                }
+                let body = json!({"workflow": "bench-w1", "input": {"i": i}}).to_string();
+                let t0 = Instant::now();
+                let (st, v) = conn.request(Method::POST, "/v1/runs?wait=60", Some(body)).await?;
+                latencies.push(t0.elapsed());
+                if !st.is_success() || v["status"] != "completed" {
+                    bail!("run {i} did not complete: {st} {v}");
+                }
+            }
+            anyhow::Ok(latencies)
+        }));
+    }
+    let mut latencies = Vec::with_capacity(args.runs);
+    for w in workers {
+        latencies.extend(w.await??);
+    }
+    let elapsed = started.elapsed();
+    let (_, after) = client.request(Method::GET, "/v1/status", None).await?;
+    let peak_rss = rss_kib(pid, "VmHWM:").unwrap_or(0);
+    let rss_after = rss_kib(pid, "VmRSS:").unwrap_or(0);
+
+    latencies.sort();
+    let delta = |k: &str| after["journal"][k].as_u64().unwrap_or(0) - before["journal"][k].as_u64().unwrap_or(0);
+    let (commits, ops, events) = (delta("commits"), delta("ops"), delta("events"));
+    let secs = elapsed.as_secs_f64();
+    let steps = (args.runs * args.steps) as f64;
+    let fig = |name: &str, value: String| println!("  {name:<26}{value}");
+    fig("elapsed", format!("{secs:.2} s"));
+    fig("runs/s", format!("{:.0}", args.runs as f64 / secs));
+    fig("durable steps/s", format!("{:.0}", steps / secs));
+    fig("run latency p50", format!("{:.2} ms", percentile(&latencies, 0.50).as_secs_f64() * 1000.0));
+    fig("run latency p99", format!("{:.2} ms", percentile(&latencies, 0.99).as_secs_f64() * 1000.0));
+    fig("commits/s", format!("{:.0}", commits as f64 / secs));
+    fig("appends per commit", format!("{:.1}", ops as f64 / commits.max(1) as f64));
+    fig("events per commit", format!("{:.1}", events as f64 / commits.max(1) as f64));
+    fig("idle RSS (daemon)", format!("{:.1} MB", idle_rss as f64 / 1024.0));
+    fig("peak RSS (daemon)", format!("{:.1} MB", peak_rss as f64 / 1024.0));
+    fig("RSS after run (daemon)", format!("{:.1} MB", rss_after as f64 / 1024.0));
+    let _: Value = after;
+    Ok(())
+}

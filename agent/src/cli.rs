@@ -1,1 +1,730 @@
-//! todo
+//! The `outpost` command line: the daemon (`outpost run`) and the commands that talk to it.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use hyper::{Method, StatusCode};
+use serde_json::{Value, json};
+use tracing::{error, info, warn};
+
+use crate::actions::Registry;
+use crate::client::{Client, ClientError};
+use crate::journal::JournalConfig;
+use crate::runtime::{Runtime, RuntimeConfig, StartRequest};
+
+/// Exit codes scripts can rely on.
+pub mod exit {
+    /// Success.
+    pub const OK: u8 = 0;
+    /// An unexpected error (storage, I/O).
+    pub const FAILURE: u8 = 1;
+    /// Bad command-line usage (clap).
+    pub const USAGE: u8 = 2;
+    /// Invalid input: a definition, JSON input, a run id.
+    pub const INVALID: u8 = 3;
+    /// No such workflow or run.
+    pub const NOT_FOUND: u8 = 4;
+    /// The agent is not reachable.
+    pub const UNREACHABLE: u8 = 5;
+    /// The run ended failed or cancelled (with --wait / wait).
+    pub const RUN_UNSUCCESSFUL: u8 = 6;
+    /// Conflict: a definition version with other content, or the run already finished.
+    pub const CONFLICT: u8 = 7;
+    /// Waited and the run is still running.
+    pub const STILL_RUNNING: u8 = 8;
+}
+
+const EXIT_CODES_HELP: &str = "Exit codes: 0 ok, 1 error, 2 usage, 3 invalid input, 4 not found, \
+5 agent unreachable, 6 run failed or cancelled, 7 conflict, 8 still running after --timeout.";
+
+#[derive(Parser)]
+#[command(
+    name = "outpost",
+    version,
+    about = "Durable workflows for edge gateways",
+    long_about = "Outpost runs workflows (DAGs and state machines written in YAML or JSON) and journals \
+every step to a local redb database, so a run resumes exactly where it stopped after a crash or reboot.\n\n\
+Start the agent with `outpost run`; the other commands talk to it over a Unix socket in its data directory.",
+    after_help = EXIT_CODES_HELP
+)]
+struct Cli {
+    /// Data directory of the agent: the journal and the API socket live here.
+    #[arg(long, global = true, env = "OUTPOST_DATA_DIR", default_value = "outpost-data")]
+    data_dir: PathBuf,
+    /// Path of the API socket [default: DATA_DIR/outpost.sock].
+    #[arg(long, global = true, env = "OUTPOST_SOCKET")]
+    socket: Option<PathBuf>,
+    /// Print JSON instead of tables (for scripts).
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the agent (the daemon that owns the journal and runs workflows).
+    Run(RunArgs),
+    /// Check workflow definition files without an agent; prints every problem with its place.
+    Validate {
+        /// YAML or JSON files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Store workflow definitions in the agent (a new version of a name, or the same content again).
+    Apply {
+        /// YAML or JSON files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Start a run of a workflow.
+    Start(StartArgs),
+    /// List runs, newest first.
+    List {
+        /// Only runs with this status: running, completed, failed, cancelled.
+        #[arg(long)]
+        status: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// Show one run: status, each step with attempts, errors, outputs and timings.
+    Show {
+        /// Run id.
+        run: String,
+        /// Also print the run's full event history.
+        #[arg(long)]
+        history: bool,
+    },
+    /// Wait for a run to finish.
+    Wait {
+        /// Run id.
+        run: String,
+        /// Give up after this many seconds (exit code 8).
+        #[arg(long, default_value_t = 3600.0)]
+        timeout: f64,
+    },
+    /// Cancel a running run: stops its activities and records the cancellation.
+    Cancel {
+        /// Run id.
+        run: String,
+        /// Why (recorded in the history).
+        #[arg(long, default_value = "cancelled by operator")]
+        reason: String,
+    },
+    /// Show the agent's state: active runs, activity slots, journal counters, timers.
+    Status,
+    /// List stored workflow definitions.
+    Definitions,
+    /// Benchmark W1: many short runs through the local API against a fresh agent process.
+    Bench(crate::bench::BenchArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Activities that may run at once, agent-wide.
+    #[arg(long, default_value_t = 32, env = "OUTPOST_MAX_ACTIVITIES")]
+    max_activities: usize,
+    /// Journal page cache in MiB.
+    #[arg(long, default_value_t = 4, env = "OUTPOST_CACHE_MB")]
+    cache_mb: usize,
+    /// Tokio worker threads.
+    #[arg(long, default_value_t = 2, env = "OUTPOST_WORKER_THREADS")]
+    worker_threads: usize,
+    /// Apply these definition files at start-up (fails on an invalid one).
+    #[arg(long = "apply", value_name = "FILE")]
+    apply: Vec<PathBuf>,
+    /// Start a run of this workflow once the agent is up, and print its result.
+    #[arg(long = "start", value_name = "WORKFLOW")]
+    start: Option<String>,
+    /// Input (JSON) for --start.
+    #[arg(long, requires = "start")]
+    input: Option<String>,
+    /// Exit when the --start run finishes (exit code 0 if it completed, 6 otherwise).
+    #[arg(long, requires = "start")]
+    once: bool,
+}
+
+#[derive(Args)]
+struct StartArgs {
+    /// Workflow name.
+    workflow: String,
+    /// Input as JSON text.
+    #[arg(long, conflicts_with = "input_file")]
+    input: Option<String>,
+    /// Input read from a JSON file.
+    #[arg(long, value_name = "FILE")]
+    input_file: Option<PathBuf>,
+    /// Run id (an existing id returns that run instead of starting another).
+    #[arg(long)]
+    id: Option<String>,
+    /// Definition version [default: latest].
+    #[arg(long)]
+    version: Option<u32>,
+    /// Wait for the run to finish and print its result.
+    #[arg(long)]
+    wait: bool,
+    /// With --wait: give up after this many seconds (exit code 8).
+    #[arg(long, default_value_t = 3600.0)]
+    timeout: f64,
+}
+
+/// A failed command: what to print and which exit code to use.
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+impl Failure {
+    fn new(code: u8, message: impl Into<String>) -> Self {
+        Failure { code, message: message.into() }
+    }
+}
+
+impl From<ClientError> for Failure {
+    fn from(e: ClientError) -> Self {
+        let code = if matches!(e, ClientError::Connect { .. }) { exit::UNREACHABLE } else { exit::FAILURE };
+        Failure::new(code, e.to_string())
+    }
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        Failure::new(exit::FAILURE, format!("{e:#}"))
+    }
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let socket = cli.socket.clone().unwrap_or_else(|| cli.data_dir.join("outpost.sock"));
+    let result = match cli.command {
+        Cmd::Run(args) => run_daemon(&cli.data_dir, &socket, args),
+        Cmd::Validate { files } => validate(&files, cli.json),
+        Cmd::Bench(args) => block_on(async { crate::bench::run(args).await.map_err(Failure::from) }),
+        other => block_on(remote(Client::new(socket), other, cli.json)),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(f) => {
+            eprintln!("error: {}", f.message);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+fn block_on<T>(fut: impl std::future::Future<Output = Result<T, Failure>>) -> Result<T, Failure> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::new(exit::FAILURE, format!("cannot start the async runtime: {e}")))?
+        .block_on(fut)
+}
+
+fn init_tracing() {
+    use tracing_subscriber::filter::Targets;
+    use tracing_subscriber::prelude::*;
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(s) if !s.trim().is_empty() => s.parse::<Targets>().unwrap_or_else(|e| {
+            eprintln!("warning: RUST_LOG='{s}' is not a valid filter ({e}); using info");
+            Targets::new().with_default(tracing::Level::INFO)
+        }),
+        _ => Targets::new().with_default(tracing::Level::INFO),
+    };
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal());
+    let _ = tracing_subscriber::registry().with(filter).with(fmt).try_init();
+}
+
+fn read_document(path: &Path) -> Result<String, Failure> {
+    let meta = std::fs::metadata(path).map_err(|e| Failure::new(exit::INVALID, format!("{}: {e}", path.display())))?;
+    let limit = outpost_shared::definition::MAX_DOCUMENT_BYTES as u64;
+    if meta.len() > limit {
+        return Err(Failure::new(
+            exit::INVALID,
+            format!("{}: {} bytes; a definition may be at most {limit} bytes", path.display(), meta.len()),
+        ));
+    }
+    std::fs::read_to_string(path).map_err(|e| Failure::new(exit::INVALID, format!("{}: {e}", path.display())))
+}
+
+fn validate(files: &[PathBuf], as_json: bool) -> Result<u8, Failure> {
+    let registry = Registry::builtin();
+    let mut code = exit::OK;
+    let mut results = Vec::new();
+    for f in files {
+        let outcome = read_document(f).and_then(|text| {
+            outpost_shared::definition::parse(&text, &registry)
+                .map_err(|e| Failure::new(exit::INVALID, format!("{}: {e}", f.display())))
+        });
+        match outcome {
+            Ok(def) => {
+                if !as_json {
+                    println!(
+                        "ok: {} defines {} v{} ({} steps, {})",
+                        f.display(),
+                        def.name(),
+                        def.version(),
+                        def.doc.steps.len(),
+                        match def.doc.kind {
+                            outpost_shared::definition::Kind::Dag => "dag",
+                            outpost_shared::definition::Kind::StateMachine => "state machine",
+                        }
+                    );
+                }
+                results.push(json!({"file": f, "ok": true, "name": def.name(), "version": def.version()}));
+            }
+            Err(e) => {
+                code = code.max(e.code);
+                if !as_json {
+                    eprintln!("error: {}", e.message);
+                }
+                results.push(json!({"file": f, "ok": false, "error": e.message}));
+            }
+        }
+    }
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&results).unwrap_or_default());
+    }
+    Ok(code)
+}
+
+/// Turns an error answer of the API into a failure with the matching exit code.
+fn api_failure(status: StatusCode, body: &Value) -> Failure {
+    let code = match status.as_u16() {
+        400 | 413 | 422 => exit::INVALID,
+        404 => exit::NOT_FOUND,
+        409 => exit::CONFLICT,
+        _ => exit::FAILURE,
+    };
+    let err = &body["error"];
+    let mut msg = err["message"].as_str().map(str::to_string).unwrap_or_else(|| format!("{status}: {body}"));
+    if let Some(problems) = err["problems"].as_array() {
+        for p in problems {
+            msg.push_str(&format!("\n  - {}", p.as_str().unwrap_or_default()));
+        }
+    }
+    Failure::new(code, msg)
+}
+
+async fn call(client: &Client, method: Method, path: &str, body: Option<String>) -> Result<Value, Failure> {
+    let (status, v) = client.request(method, path, body).await?;
+    if status.is_success() { Ok(v) } else { Err(api_failure(status, &v)) }
+}
+
+fn parse_input(text: &str, what: &str) -> Result<Value, Failure> {
+    serde_json::from_str(text).map_err(|e| Failure::new(exit::INVALID, format!("{what} is not valid JSON: {e}")))
+}
+
+fn print_json(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+/// Exit code for a finished (or not) run.
+fn run_exit(status: &str) -> u8 {
+    match status {
+        "completed" => exit::OK,
+        "running" => exit::STILL_RUNNING,
+        _ => exit::RUN_UNSUCCESSFUL,
+    }
+}
+
+fn print_result(v: &Value) {
+    println!("run {} {}", s(&v["run_id"]), s(&v["status"]));
+    if !v["output"].is_null() {
+        println!("output: {}", v["output"]);
+    }
+    if !v["error"].is_null() {
+        println!("error: {}: {}", s(&v["error"]["kind"]), s(&v["error"]["message"]));
+    }
+}
+
+async fn remote(client: Client, cmd: Cmd, as_json: bool) -> Result<u8, Failure> {
+    match cmd {
+        Cmd::Apply { files } => {
+            let mut out = Vec::new();
+            for f in &files {
+                let text = read_document(f)?;
+                let v = call(&client, Method::POST, "/v1/definitions", Some(text))
+                    .await
+                    .map_err(|e| Failure::new(e.code, format!("{}: {}", f.display(), e.message)))?;
+                if !as_json {
+                    let what = if v["created"].as_bool() == Some(true) { "applied" } else { "unchanged" };
+                    println!("{what}: {} v{} ({} steps) from {}", s(&v["name"]), v["version"], v["steps"], f.display());
+                }
+                out.push(v);
+            }
+            if as_json {
+                print_json(&Value::Array(out));
+            }
+            Ok(exit::OK)
+        }
+        Cmd::Start(a) => {
+            let input = match (&a.input, &a.input_file) {
+                (Some(t), _) => Some(parse_input(t, "--input")?),
+                (None, Some(f)) => {
+                    let text = std::fs::read_to_string(f)
+                        .map_err(|e| Failure::new(exit::INVALID, format!("{}: {e}", f.display())))?;
+                    Some(parse_input(&text, &f.display().to_string())?)
+                }
+                (None, None) => None,
+            };
+            let body = json!({"workflow": a.workflow, "version": a.version, "input": input, "id": a.id});
+            let path = if a.wait { format!("/v1/runs?wait={}", a.timeout) } else { "/v1/runs".into() };
+            let v = call(&client, Method::POST, &path, Some(body.to_string())).await?;
+            if as_json {
+                print_json(&v);
+            } else if a.wait {
+                print_result(&v);
+            } else {
+                let note = if v["created"].as_bool() == Some(false) { " (already existed)" } else { "" };
+                println!("{}{note}", s(&v["run_id"]));
+            }
+            Ok(if a.wait { run_exit(v["status"].as_str().unwrap_or("")) } else { exit::OK })
+        }
+        Cmd::List { status, limit } => {
+            let mut path = format!("/v1/runs?limit={limit}");
+            if let Some(st) = status {
+                path.push_str(&format!("&status={st}"));
+            }
+            let v = call(&client, Method::GET, &path, None).await?;
+            if as_json {
+                print_json(&v);
+            } else {
+                let rows: Vec<Vec<String>> = v
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .map(|r| {
+                                vec![
+                                    s(&r["run_id"]),
+                                    format!("{}@{}", s(&r["workflow"]), r["version"]),
+                                    s(&r["status"]),
+                                    s(&r["created_at"]),
+                                    ms(&r["duration_ms"]),
+                                    s(&r["waiting"]),
+                                ]
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                table(&["RUN", "WORKFLOW", "STATUS", "STARTED", "DURATION", "WAITING ON"], &rows);
+            }
+            Ok(exit::OK)
+        }
+        Cmd::Show { run, history } => {
+            let v = call(&client, Method::GET, &format!("/v1/runs/{run}"), None).await?;
+            if as_json {
+                print_json(&v);
+                return Ok(exit::OK);
+            }
+            println!("run:       {}", s(&v["run_id"]));
+            println!("workflow:  {} v{}", s(&v["workflow"]), v["version"]);
+            println!("status:    {}", s(&v["status"]));
+            println!("started:   {}", s(&v["created_at"]));
+            println!("updated:   {} ({} events)", s(&v["updated_at"]), v["events"]);
+            println!("input:     {}", v["input"]);
+            if !v["waiting"].is_null() {
+                println!("waiting:   {}", s(&v["waiting"]));
+            }
+            if !v["output"].is_null() {
+                println!("output:    {}", v["output"]);
+            }
+            if !v["error"].is_null() {
+                println!("error:     {}: {}", s(&v["error"]["kind"]), s(&v["error"]["message"]));
+            }
+            println!();
+            let rows: Vec<Vec<String>> = v["steps"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|st| {
+                            let detail = if !st["error"].is_null() {
+                                format!("{}: {}", s(&st["error"]["kind"]), s(&st["error"]["message"]))
+                            } else if !st["output"].is_null() {
+                                st["output"].to_string()
+                            } else {
+                                String::new()
+                            };
+                            let detail = match st["next_retry_at"].as_str() {
+                                Some(t) => format!("retry at {t}; {detail}"),
+                                None => detail,
+                            };
+                            vec![
+                                s(&st["id"]),
+                                s(&st["action"]),
+                                s(&st["status"]),
+                                st["attempts"].to_string(),
+                                ms(&st["duration_ms"]),
+                                detail,
+                            ]
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            table(&["STEP", "ACTION", "STATUS", "ATTEMPTS", "DURATION", "OUTPUT / ERROR"], &rows);
+            if history {
+                println!();
+                let rows: Vec<Vec<String>> = v["history"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .map(|e| {
+                                let mut rest = e.clone();
+                                if let Some(o) = rest.as_object_mut() {
+                                    for k in ["seq", "at", "type", "step"] {
+                                        o.remove(k);
+                                    }
+                                }
+                                vec![e["seq"].to_string(), s(&e["at"]), s(&e["type"]), s(&e["step"]), rest.to_string()]
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                table(&["SEQ", "AT", "EVENT", "STEP", "DETAIL"], &rows);
+            }
+            Ok(exit::OK)
+        }
+        Cmd::Wait { run, timeout } => {
+            let v = call(&client, Method::GET, &format!("/v1/runs/{run}/wait?timeout={timeout}"), None).await?;
+            if as_json {
+                print_json(&v);
+            } else {
+                print_result(&v);
+            }
+            Ok(run_exit(v["status"].as_str().unwrap_or("")))
+        }
+        Cmd::Cancel { run, reason } => {
+            let body = json!({"reason": reason}).to_string();
+            let v = call(&client, Method::POST, &format!("/v1/runs/{run}/cancel"), Some(body)).await?;
+            if as_json {
+                print_json(&v);
+            } else {
+                println!("run {} {}", s(&v["run_id"]), s(&v["status"]));
+            }
+            Ok(exit::OK)
+        }
+        Cmd::Status => {
+            let v = call(&client, Method::GET, "/v1/status", None).await?;
+            if as_json {
+                print_json(&v);
+            } else {
+                println!("agent:       outpost {} (pid {})", s(&v["version"]), v["pid"]);
+                println!("active runs: {}", v["active_runs"]);
+                println!("activities:  {} running, limit {}", v["activities"]["running"], v["activities"]["limit"]);
+                let j = &v["journal"];
+                println!(
+                    "journal:     next seq {}, {} commits, {} events, {} appends since start",
+                    j["next_seq"], j["commits"], j["events"], j["ops"]
+                );
+                println!(
+                    "timers:      {} pending{}",
+                    v["timers"]["pending"],
+                    v["timers"]["next_at"].as_str().map(|t| format!(", next at {t}")).unwrap_or_default()
+                );
+            }
+            Ok(exit::OK)
+        }
+        Cmd::Definitions => {
+            let v = call(&client, Method::GET, "/v1/definitions", None).await?;
+            if as_json {
+                print_json(&v);
+            } else {
+                let rows: Vec<Vec<String>> = v
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .map(|d| vec![s(&d["name"]), d["version"].to_string(), d["steps"].to_string(), s(&d["applied_at"])])
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                table(&["NAME", "VERSION", "STEPS", "APPLIED"], &rows);
+            }
+            Ok(exit::OK)
+        }
+        Cmd::Run(_) | Cmd::Validate { .. } | Cmd::Bench(_) => Ok(exit::OK),
+    }
+}
+
+/// A JSON string's text, or its JSON form; null is empty.
+fn s(v: &Value) -> String {
+    match v {
+        Value::Null => String::new(),
+        Value::String(t) => t.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn ms(v: &Value) -> String {
+    match v.as_u64() {
+        Some(n) if n < 10_000 => format!("{n}ms"),
+        Some(n) => humantime::format_duration(Duration::from_secs(n / 1000)).to_string(),
+        None => String::new(),
+    }
+}
+
+/// Prints an aligned table; long cells are cut so rows stay on one line.
+fn table(headers: &[&str], rows: &[Vec<String>]) {
+    const MAX_CELL: usize = 80;
+    let cut = |c: &str| -> String {
+        let one_line = c.replace('\n', " ");
+        if one_line.chars().count() > MAX_CELL {
+            one_line.chars().take(MAX_CELL - 1).collect::<String>() + "…"
+        } else {
+            one_line
+        }
+    };
+    let rows: Vec<Vec<String>> = rows.iter().map(|r| r.iter().map(|c| cut(c)).collect()).collect();
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut out = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                out.push_str(c);
+            } else {
+                out.push_str(&format!("{c:<w$}  ", w = widths[i]));
+            }
+        }
+        println!("{}", out.trim_end());
+    };
+    line(headers.to_vec());
+    for r in &rows {
+        line(r.iter().map(String::as_str).collect());
+    }
+    if rows.is_empty() {
+        println!("(none)");
+    }
+}
+
+fn run_daemon(data_dir: &Path, socket: &Path, args: RunArgs) -> Result<u8, Failure> {
+    init_tracing();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.worker_threads.max(1))
+        .max_blocking_threads(8)
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::new(exit::FAILURE, format!("cannot start the async runtime: {e}")))?;
+    rt.block_on(daemon(data_dir, socket, args))
+}
+
+async fn daemon(data_dir: &Path, socket: &Path, args: RunArgs) -> Result<u8, Failure> {
+    let config = RuntimeConfig {
+        max_activities: args.max_activities,
+        journal: JournalConfig { cache_bytes: args.cache_mb.max(1) * 1024 * 1024 },
+    };
+    let runtime = Runtime::open(data_dir, config).map_err(|e| Failure::new(exit::FAILURE, e.to_string()))?;
+    for f in &args.apply {
+        let text = read_document(f)?;
+        let (def, applied) = runtime
+            .apply(&text)
+            .await
+            .map_err(|e| Failure::new(exit::INVALID, format!("{}: {e}", f.display())))?;
+        info!(file = %f.display(), workflow = def.name(), version = def.version(), ?applied, "definition applied");
+    }
+    let start_input = match &args.input {
+        Some(t) => Some(parse_input(t, "--input")?),
+        None => None,
+    };
+    let resumed = runtime.resume_all().map_err(|e| Failure::new(exit::FAILURE, e.to_string()))?;
+    let listener = bind_socket(socket)?;
+    info!(socket = %socket.display(), data_dir = %data_dir.display(), resumed, "outpost agent ready");
+
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(None::<u8>);
+    if let Some(workflow) = args.start.clone() {
+        let runtime = runtime.clone();
+        let once = args.once;
+        let stop_tx = stop_tx.clone();
+        tokio::spawn(async move {
+            let code = match runtime.start(StartRequest { workflow, input: start_input, ..Default::default() }).await {
+                Ok(r) => {
+                    info!(run_id = %r.run_id, "started run; follow it with `outpost show {}`", r.run_id);
+                    match runtime.wait(&r.run_id, None).await {
+                        Ok(rec) => {
+                            let detail = crate::api::run_detail(&runtime, &r.run_id, &rec).ok();
+                            let out = json!({
+                                "run_id": r.run_id,
+                                "status": rec.status.as_str(),
+                                "output": detail.as_ref().map(|d| d["output"].clone()),
+                                "error": detail.as_ref().map(|d| d["error"].clone()),
+                            });
+                            println!("{out}");
+                            run_exit(rec.status.as_str())
+                        }
+                        Err(e) => {
+                            error!(error = %e, "waiting for the run");
+                            exit::FAILURE
+                        }
+                    }
+                }
+                Err(e) => {
+                    error!(error = %e, "cannot start the run");
+                    exit::INVALID
+                }
+            };
+            if once {
+                let _ = stop_tx.send(Some(code));
+            }
+        });
+    }
+
+    let shutdown = async move {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "cannot listen for SIGTERM");
+                return;
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => info!("interrupted; stopping (unfinished runs resume on next start)"),
+            _ = term.recv() => info!("terminated; stopping (unfinished runs resume on next start)"),
+            _ = stop_rx.wait_for(|c| c.is_some()) => {}
+        }
+    };
+    axum::serve(listener, crate::api::router(runtime))
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(|e| Failure::new(exit::FAILURE, format!("API server: {e}")))?;
+    let _ = std::fs::remove_file(socket);
+    let code = *stop_tx.borrow();
+    Ok(code.unwrap_or(exit::OK))
+}
+
+/// Binds the API socket, replacing a stale socket file but never a live agent's.
+fn bind_socket(socket: &Path) -> Result<tokio::net::UnixListener, Failure> {
+    if socket.exists() {
+        if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+            return Err(Failure::new(
+                exit::CONFLICT,
+                format!("another agent is already listening on {}", socket.display()),
+            ));
+        }
+        std::fs::remove_file(socket)
+            .with_context(|| format!("removing stale socket {}", socket.display()))
+            .map_err(Failure::from)?;
+    }
+    if let Some(parent) = socket.parent() {
+        if !parent.as_os_str().is_empty() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("creating {}", parent.display()))
+                .map_err(Failure::from)?;
+        }
+    }
+    let listener = tokio::net::UnixListener::bind(socket)
+        .with_context(|| format!("binding {}", socket.display()))
+        .map_err(Failure::from)?;
+    use std::os::unix::fs::PermissionsExt;
+    // Owner and group only: the socket drives actuators.
+    let _ = std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o660));
+    Ok(listener)
+}
+
