@@ -52,7 +52,12 @@ pub struct ApiError {
 
 impl ApiError {
     fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError { status, code, message: message.into(), problems: Vec::new() }
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            problems: Vec::new(),
+        }
     }
 }
 
@@ -98,9 +103,7 @@ impl From<JournalError> for ApiError {
 type ApiResult = Result<Json<Value>, ApiError>;
 
 /// Runs blocking journal reads off the async workers.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
-) -> Result<T, ApiError> {
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, ApiError> + Send + 'static) -> Result<T, ApiError> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
@@ -112,7 +115,10 @@ pub fn rfc3339(ms: u64) -> String {
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 async fn health() -> Json<Value> {
@@ -172,7 +178,9 @@ struct VersionQuery {
 
 async fn get_definition(State(rt): AppState, Path(name): Path<String>, Query(q): Query<VersionQuery>) -> ApiResult {
     let def = rt.definition(&name, q.version)?;
-    Ok(Json(json!({"name": def.name(), "version": def.version(), "document": def.doc})))
+    Ok(Json(
+        json!({"name": def.name(), "version": def.version(), "document": def.doc}),
+    ))
 }
 
 #[derive(Deserialize)]
@@ -181,7 +189,11 @@ struct StartQuery {
     wait: Option<f64>,
 }
 
-async fn start(State(rt): AppState, Query(q): Query<StartQuery>, body: String) -> Result<(StatusCode, Json<Value>), ApiError> {
+async fn start(
+    State(rt): AppState,
+    Query(q): Query<StartQuery>,
+    body: String,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
     let req: StartRequest = serde_json::from_str(&body)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", format!("request body: {e}")))?;
     let resp = rt.start(req).await?;
@@ -190,11 +202,22 @@ async fn start(State(rt): AppState, Query(q): Query<StartQuery>, body: String) -
         let rec = rt.wait(&resp.run_id, Some(wait_limit(secs))).await?;
         merge_summary(&mut out, &resp.run_id, &rec, &rt)?;
     }
-    Ok((if resp.created { StatusCode::CREATED } else { StatusCode::OK }, Json(out)))
+    Ok((
+        if resp.created {
+            StatusCode::CREATED
+        } else {
+            StatusCode::OK
+        },
+        Json(out),
+    ))
 }
 
 fn wait_limit(secs: f64) -> Duration {
-    if secs.is_finite() && secs > 0.0 { Duration::from_secs_f64(secs).min(MAX_WAIT) } else { MAX_WAIT }
+    if secs.is_finite() && secs > 0.0 {
+        Duration::from_secs_f64(secs).min(MAX_WAIT)
+    } else {
+        MAX_WAIT
+    }
 }
 
 /// Adds status/output/error of a run to `out`.
@@ -285,7 +308,10 @@ async fn list_runs(State(rt): AppState, Query(q): Query<ListQuery>) -> ApiResult
 async fn show_run(State(rt): AppState, Path(id): Path<String>) -> ApiResult {
     let rt2 = rt.clone();
     blocking(move || {
-        let rec = rt2.journal().run(&id)?.ok_or_else(|| ApiError::from(RuntimeError::NoSuchRun(id.clone())))?;
+        let rec = rt2
+            .journal()
+            .run(&id)?
+            .ok_or_else(|| ApiError::from(RuntimeError::NoSuchRun(id.clone())))?;
         Ok(Json(run_detail(&rt2, &id, &rec)?))
     })
     .await
@@ -315,7 +341,9 @@ async fn cancel_run(State(rt): AppState, Path(id): Path<String>, body: String) -
         serde_json::from_str(&body)
             .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", format!("request body: {e}")))?
     };
-    let rec = rt.cancel(&id, b.reason.as_deref().unwrap_or("cancelled by operator")).await?;
+    let rec = rt
+        .cancel(&id, b.reason.as_deref().unwrap_or("cancelled by operator"))
+        .await?;
     let mut out = json!({});
     merge_summary(&mut out, &id, &rec, &rt)?;
     Ok(Json(out))
@@ -350,13 +378,20 @@ fn waiting(def: &Definition, st: &RunState) -> Option<String> {
             Phase::Backoff { attempt, retry_at_ms } => reasons.push(format!(
                 "{id}: backing off until {} after {attempt} failed attempt(s){}",
                 rfc3339(*retry_at_ms),
-                s.error.as_ref().map(|e| format!(" (last error: {e})")).unwrap_or_default()
+                s.error
+                    .as_ref()
+                    .map(|e| format!(" (last error: {e})"))
+                    .unwrap_or_default()
             )),
             Phase::Timer { fire_at_ms, .. } => reasons.push(format!("{id}: sleeping until {}", rfc3339(*fire_at_ms))),
             _ => {}
         }
     }
-    if reasons.is_empty() { None } else { Some(reasons.join("; ")) }
+    if reasons.is_empty() {
+        None
+    } else {
+        Some(reasons.join("; "))
+    }
 }
 
 fn step_rows(def: &Definition, st: &RunState, history: &[(u64, Record)]) -> Vec<Value> {
@@ -370,7 +405,9 @@ fn step_rows(def: &Definition, st: &RunState, history: &[(u64, Record)]) -> Vec<
     }
     let mut rows: Vec<Row> = (0..def.doc.steps.len()).map(|_| Row::default()).collect();
     for (_, r) in history {
-        let Some(i) = r.event.step().and_then(|s| def.index.get(s).copied()) else { continue };
+        let Some(i) = r.event.step().and_then(|s| def.index.get(s).copied()) else {
+            continue;
+        };
         let row = &mut rows[i];
         match &r.event {
             Event::AttemptStarted { key, .. } => {
@@ -406,7 +443,9 @@ fn step_rows(def: &Definition, st: &RunState, history: &[(u64, Record)]) -> Vec<
             v.insert("attempts".into(), row.attempts.into());
             v.insert("started_at".into(), row.started.map(rfc3339).into());
             v.insert("finished_at".into(), row.finished.map(rfc3339).into());
-            let end = row.finished.unwrap_or_else(|| if row.started.is_some() { now_ms() } else { 0 });
+            let end = row
+                .finished
+                .unwrap_or_else(|| if row.started.is_some() { now_ms() } else { 0 });
             v.insert("duration_ms".into(), row.started.map(|s| end.saturating_sub(s)).into());
             v.insert("next_retry_at".into(), row.next_retry.map(rfc3339).into());
             v.insert("idempotency_key".into(), row.key.into());

@@ -37,7 +37,13 @@ pub struct BenchArgs {
 
 fn rss_kib(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status.lines().find(|l| l.starts_with(field))?.split_whitespace().nth(1)?.parse().ok()
+    status
+        .lines()
+        .find(|l| l.starts_with(field))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 fn w1_definition(steps: usize) -> String {
@@ -47,7 +53,11 @@ fn w1_definition(steps: usize) -> String {
         if i == 1 {
             doc.push_str("    args: {n: '{{ input.i }}'}\n");
         } else {
-            doc.push_str(&format!("    depends_on: [s{}]\n    args: {{n: '{{{{ steps.s{}.output.n + 1 }}}}'}}\n", i - 1, i - 1));
+            doc.push_str(&format!(
+                "    depends_on: [s{}]\n    args: {{n: '{{{{ steps.s{}.output.n + 1 }}}}'}}\n",
+                i - 1,
+                i - 1
+            ));
         }
     }
     doc
@@ -114,7 +124,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<u8> {
 async fn measure(args: &BenchArgs, socket: &Path, pid: u32, child: &mut tokio::process::Child) -> anyhow::Result<()> {
     wait_for_socket(socket, child).await?;
     let client = Client::new(socket);
-    let (st, v) = client.request(Method::POST, "/v1/definitions", Some(w1_definition(args.steps))).await?;
+    let (st, v) = client
+        .request(Method::POST, "/v1/definitions", Some(w1_definition(args.steps)))
+        .await?;
     if !st.is_success() {
         bail!("applying the W1 definition failed: {v}");
     }
@@ -170,11 +182,23 @@ async fn measure(args: &BenchArgs, socket: &Path, pid: u32, child: &mut tokio::p
     fig("elapsed", format!("{secs:.2} s"));
     fig("runs/s", format!("{:.0}", args.runs as f64 / secs));
     fig("durable steps/s", format!("{:.0}", steps / secs));
-    fig("run latency p50", format!("{:.2} ms", percentile(&latencies, 0.50).as_secs_f64() * 1000.0));
-    fig("run latency p99", format!("{:.2} ms", percentile(&latencies, 0.99).as_secs_f64() * 1000.0));
+    fig(
+        "run latency p50",
+        format!("{:.2} ms", percentile(&latencies, 0.50).as_secs_f64() * 1000.0),
+    );
+    fig(
+        "run latency p99",
+        format!("{:.2} ms", percentile(&latencies, 0.99).as_secs_f64() * 1000.0),
+    );
     fig("commits/s", format!("{:.0}", commits as f64 / secs));
-    fig("appends per commit", format!("{:.1}", ops as f64 / commits.max(1) as f64));
-    fig("events per commit", format!("{:.1}", events as f64 / commits.max(1) as f64));
+    fig(
+        "appends per commit",
+        format!("{:.1}", ops as f64 / commits.max(1) as f64),
+    );
+    fig(
+        "events per commit",
+        format!("{:.1}", events as f64 / commits.max(1) as f64),
+    );
     fig("idle RSS (daemon)", format!("{:.1} MB", idle_rss as f64 / 1024.0));
     fig("peak RSS (daemon)", format!("{:.1} MB", peak_rss as f64 / 1024.0));
     fig("RSS after run (daemon)", format!("{:.1} MB", rss_after as f64 / 1024.0));

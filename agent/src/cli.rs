@@ -182,13 +182,20 @@ struct Failure {
 
 impl Failure {
     fn new(code: u8, message: impl Into<String>) -> Self {
-        Failure { code, message: message.into() }
+        Failure {
+            code,
+            message: message.into(),
+        }
     }
 }
 
 impl From<ClientError> for Failure {
     fn from(e: ClientError) -> Self {
-        let code = if matches!(e, ClientError::Connect { .. }) { exit::UNREACHABLE } else { exit::FAILURE };
+        let code = if matches!(e, ClientError::Connect { .. }) {
+            exit::UNREACHABLE
+        } else {
+            exit::FAILURE
+        };
         Failure::new(code, e.to_string())
     }
 }
@@ -236,7 +243,9 @@ fn init_tracing() {
         }),
         _ => Targets::new().with_default(tracing::Level::INFO),
     };
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal());
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     let _ = tracing_subscriber::registry().with(filter).with(fmt).try_init();
 }
 
@@ -246,7 +255,11 @@ fn read_document(path: &Path) -> Result<String, Failure> {
     if meta.len() > limit {
         return Err(Failure::new(
             exit::INVALID,
-            format!("{}: {} bytes; a definition may be at most {limit} bytes", path.display(), meta.len()),
+            format!(
+                "{}: {} bytes; a definition may be at most {limit} bytes",
+                path.display(),
+                meta.len()
+            ),
         ));
     }
     std::fs::read_to_string(path).map_err(|e| Failure::new(exit::INVALID, format!("{}: {e}", path.display())))
@@ -302,7 +315,10 @@ fn api_failure(status: StatusCode, body: &Value) -> Failure {
         _ => exit::FAILURE,
     };
     let err = &body["error"];
-    let mut msg = err["message"].as_str().map(str::to_string).unwrap_or_else(|| format!("{status}: {body}"));
+    let mut msg = err["message"]
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("{status}: {body}"));
     if let Some(problems) = err["problems"].as_array() {
         for p in problems {
             msg.push_str(&format!("\n  - {}", p.as_str().unwrap_or_default()));
@@ -313,7 +329,11 @@ fn api_failure(status: StatusCode, body: &Value) -> Failure {
 
 async fn call(client: &Client, method: Method, path: &str, body: Option<String>) -> Result<Value, Failure> {
     let (status, v) = client.request(method, path, body).await?;
-    if status.is_success() { Ok(v) } else { Err(api_failure(status, &v)) }
+    if status.is_success() {
+        Ok(v)
+    } else {
+        Err(api_failure(status, &v))
+    }
 }
 
 fn parse_input(text: &str, what: &str) -> Result<Value, Failure> {
@@ -353,8 +373,18 @@ async fn remote(client: Client, cmd: Cmd, as_json: bool) -> Result<u8, Failure> 
                     .await
                     .map_err(|e| Failure::new(e.code, format!("{}: {}", f.display(), e.message)))?;
                 if !as_json {
-                    let what = if v["created"].as_bool() == Some(true) { "applied" } else { "unchanged" };
-                    println!("{what}: {} v{} ({} steps) from {}", s(&v["name"]), v["version"], v["steps"], f.display());
+                    let what = if v["created"].as_bool() == Some(true) {
+                        "applied"
+                    } else {
+                        "unchanged"
+                    };
+                    println!(
+                        "{what}: {} v{} ({} steps) from {}",
+                        s(&v["name"]),
+                        v["version"],
+                        v["steps"],
+                        f.display()
+                    );
                 }
                 out.push(v);
             }
@@ -374,17 +404,29 @@ async fn remote(client: Client, cmd: Cmd, as_json: bool) -> Result<u8, Failure> 
                 (None, None) => None,
             };
             let body = json!({"workflow": a.workflow, "version": a.version, "input": input, "id": a.id});
-            let path = if a.wait { format!("/v1/runs?wait={}", a.timeout) } else { "/v1/runs".into() };
+            let path = if a.wait {
+                format!("/v1/runs?wait={}", a.timeout)
+            } else {
+                "/v1/runs".into()
+            };
             let v = call(&client, Method::POST, &path, Some(body.to_string())).await?;
             if as_json {
                 print_json(&v);
             } else if a.wait {
                 print_result(&v);
             } else {
-                let note = if v["created"].as_bool() == Some(false) { " (already existed)" } else { "" };
+                let note = if v["created"].as_bool() == Some(false) {
+                    " (already existed)"
+                } else {
+                    ""
+                };
                 println!("{}{note}", s(&v["run_id"]));
             }
-            Ok(if a.wait { run_exit(v["status"].as_str().unwrap_or("")) } else { exit::OK })
+            Ok(if a.wait {
+                run_exit(v["status"].as_str().unwrap_or(""))
+            } else {
+                exit::OK
+            })
         }
         Cmd::List { status, limit } => {
             let mut path = format!("/v1/runs?limit={limit}");
@@ -412,7 +454,10 @@ async fn remote(client: Client, cmd: Cmd, as_json: bool) -> Result<u8, Failure> 
                             .collect()
                     })
                     .unwrap_or_default();
-                table(&["RUN", "WORKFLOW", "STATUS", "STARTED", "DURATION", "WAITING ON"], &rows);
+                table(
+                    &["RUN", "WORKFLOW", "STATUS", "STARTED", "DURATION", "WAITING ON"],
+                    &rows,
+                );
             }
             Ok(exit::OK)
         }
@@ -466,7 +511,10 @@ async fn remote(client: Client, cmd: Cmd, as_json: bool) -> Result<u8, Failure> 
                         .collect()
                 })
                 .unwrap_or_default();
-            table(&["STEP", "ACTION", "STATUS", "ATTEMPTS", "DURATION", "OUTPUT / ERROR"], &rows);
+            table(
+                &["STEP", "ACTION", "STATUS", "ATTEMPTS", "DURATION", "OUTPUT / ERROR"],
+                &rows,
+            );
             if history {
                 println!();
                 let rows: Vec<Vec<String>> = v["history"]
@@ -480,7 +528,13 @@ async fn remote(client: Client, cmd: Cmd, as_json: bool) -> Result<u8, Failure> 
                                         o.remove(k);
                                     }
                                 }
-                                vec![e["seq"].to_string(), s(&e["at"]), s(&e["type"]), s(&e["step"]), rest.to_string()]
+                                vec![
+                                    e["seq"].to_string(),
+                                    s(&e["at"]),
+                                    s(&e["type"]),
+                                    s(&e["step"]),
+                                    rest.to_string(),
+                                ]
                             })
                             .collect()
                     })
@@ -490,7 +544,13 @@ async fn remote(client: Client, cmd: Cmd, as_json: bool) -> Result<u8, Failure> 
             Ok(exit::OK)
         }
         Cmd::Wait { run, timeout } => {
-            let v = call(&client, Method::GET, &format!("/v1/runs/{run}/wait?timeout={timeout}"), None).await?;
+            let v = call(
+                &client,
+                Method::GET,
+                &format!("/v1/runs/{run}/wait?timeout={timeout}"),
+                None,
+            )
+            .await?;
             if as_json {
                 print_json(&v);
             } else {
@@ -515,7 +575,10 @@ async fn remote(client: Client, cmd: Cmd, as_json: bool) -> Result<u8, Failure> 
             } else {
                 println!("agent:       outpost {} (pid {})", s(&v["version"]), v["pid"]);
                 println!("active runs: {}", v["active_runs"]);
-                println!("activities:  {} running, limit {}", v["activities"]["running"], v["activities"]["limit"]);
+                println!(
+                    "activities:  {} running, limit {}",
+                    v["activities"]["running"], v["activities"]["limit"]
+                );
                 let j = &v["journal"];
                 println!(
                     "journal:     next seq {}, {} commits, {} events, {} appends since start",
@@ -524,7 +587,10 @@ async fn remote(client: Client, cmd: Cmd, as_json: bool) -> Result<u8, Failure> 
                 println!(
                     "timers:      {} pending{}",
                     v["timers"]["pending"],
-                    v["timers"]["next_at"].as_str().map(|t| format!(", next at {t}")).unwrap_or_default()
+                    v["timers"]["next_at"]
+                        .as_str()
+                        .map(|t| format!(", next at {t}"))
+                        .unwrap_or_default()
                 );
             }
             Ok(exit::OK)
@@ -538,7 +604,14 @@ async fn remote(client: Client, cmd: Cmd, as_json: bool) -> Result<u8, Failure> 
                     .as_array()
                     .map(|a| {
                         a.iter()
-                            .map(|d| vec![s(&d["name"]), d["version"].to_string(), d["steps"].to_string(), s(&d["applied_at"])])
+                            .map(|d| {
+                                vec![
+                                    s(&d["name"]),
+                                    d["version"].to_string(),
+                                    d["steps"].to_string(),
+                                    s(&d["applied_at"]),
+                                ]
+                            })
                             .collect()
                     })
                     .unwrap_or_default();
@@ -619,7 +692,9 @@ fn run_daemon(data_dir: &Path, socket: &Path, args: RunArgs) -> Result<u8, Failu
 async fn daemon(data_dir: &Path, socket: &Path, args: RunArgs) -> Result<u8, Failure> {
     let config = RuntimeConfig {
         max_activities: args.max_activities,
-        journal: JournalConfig { cache_bytes: args.cache_mb.max(1) * 1024 * 1024 },
+        journal: JournalConfig {
+            cache_bytes: args.cache_mb.max(1) * 1024 * 1024,
+        },
     };
     let runtime = Runtime::open(data_dir, config).map_err(|e| Failure::new(exit::FAILURE, e.to_string()))?;
     for f in &args.apply {
@@ -634,7 +709,9 @@ async fn daemon(data_dir: &Path, socket: &Path, args: RunArgs) -> Result<u8, Fai
         Some(t) => Some(parse_input(t, "--input")?),
         None => None,
     };
-    let resumed = runtime.resume_all().map_err(|e| Failure::new(exit::FAILURE, e.to_string()))?;
+    let resumed = runtime
+        .resume_all()
+        .map_err(|e| Failure::new(exit::FAILURE, e.to_string()))?;
     let listener = bind_socket(socket)?;
     info!(socket = %socket.display(), data_dir = %data_dir.display(), resumed, "outpost agent ready");
 
@@ -644,7 +721,14 @@ async fn daemon(data_dir: &Path, socket: &Path, args: RunArgs) -> Result<u8, Fai
         let once = args.once;
         let stop_tx = stop_tx.clone();
         tokio::spawn(async move {
-            let code = match runtime.start(StartRequest { workflow, input: start_input, ..Default::default() }).await {
+            let code = match runtime
+                .start(StartRequest {
+                    workflow,
+                    input: start_input,
+                    ..Default::default()
+                })
+                .await
+            {
                 Ok(r) => {
                     info!(run_id = %r.run_id, "started run; follow it with `outpost show {}`", r.run_id);
                     match runtime.wait(&r.run_id, None).await {
@@ -727,4 +811,3 @@ fn bind_socket(socket: &Path) -> Result<tokio::net::UnixListener, Failure> {
     let _ = std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o660));
     Ok(listener)
 }
-

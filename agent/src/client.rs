@@ -47,7 +47,10 @@ impl Connection {
     pub async fn open(socket: &Path) -> Result<Connection, ClientError> {
         let stream = UnixStream::connect(socket)
             .await
-            .map_err(|source| ClientError::Connect { socket: socket.to_path_buf(), source })?;
+            .map_err(|source| ClientError::Connect {
+                socket: socket.to_path_buf(),
+                source,
+            })?;
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(async move {
             // The connection ends when the sender is dropped; errors surface on requests.
@@ -78,7 +81,10 @@ impl Connection {
         }
         match serde_json::from_slice(&bytes) {
             Ok(v) => Ok((status, v)),
-            Err(_) => Err(ClientError::NotJson { status, body: String::from_utf8_lossy(&bytes).into_owned() }),
+            Err(_) => Err(ClientError::NotJson {
+                status,
+                body: String::from_utf8_lossy(&bytes).into_owned(),
+            }),
         }
     }
 }

@@ -178,7 +178,15 @@ impl RunState {
             run_id: run_id.to_string(),
             input,
             status: RunStatus::Running,
-            steps: vec![StepState { visits: 0, phase: Phase::Idle, output: None, error: None }; def.doc.steps.len()],
+            steps: vec![
+                StepState {
+                    visits: 0,
+                    phase: Phase::Idle,
+                    output: None,
+                    error: None
+                };
+                def.doc.steps.len()
+            ],
             cursor: None,
             output: None,
             error: None,
@@ -230,13 +238,22 @@ impl RunState {
                 enter(self, i, *visit);
                 self.steps[i].phase = Phase::Running { attempt: *attempt };
             }
-            Event::AttemptFailed { visit, attempt, error, retry_at_ms, .. } => {
+            Event::AttemptFailed {
+                visit,
+                attempt,
+                error,
+                retry_at_ms,
+                ..
+            } => {
                 let i = idx.unwrap_or_default();
                 enter(self, i, *visit);
                 let s = &mut self.steps[i];
                 s.error = Some(error.clone());
                 if let Some(at) = retry_at_ms {
-                    s.phase = Phase::Backoff { attempt: *attempt, retry_at_ms: *at };
+                    s.phase = Phase::Backoff {
+                        attempt: *attempt,
+                        retry_at_ms: *at,
+                    };
                 }
             }
             Event::StepCompleted { visit, output, .. } => {
@@ -256,10 +273,18 @@ impl RunState {
             Event::StepSkipped { .. } => {
                 self.steps[idx.unwrap_or_default()].phase = Phase::Skipped;
             }
-            Event::TimerSet { visit, fire_at_ms, duration_ms, .. } => {
+            Event::TimerSet {
+                visit,
+                fire_at_ms,
+                duration_ms,
+                ..
+            } => {
                 let i = idx.unwrap_or_default();
                 enter(self, i, *visit);
-                self.steps[i].phase = Phase::Timer { fire_at_ms: *fire_at_ms, duration_ms: *duration_ms };
+                self.steps[i].phase = Phase::Timer {
+                    fire_at_ms: *fire_at_ms,
+                    duration_ms: *duration_ms,
+                };
             }
             Event::TimerFired { .. } => {
                 // The step completes in the same batch; nothing to track in between.
@@ -342,7 +367,9 @@ pub fn decide(def: &Definition, st: &RunState) -> Vec<Command> {
 }
 
 fn fail_run(kind: &str, message: String) -> Vec<Command> {
-    vec![Command::Record(Event::RunFailed { error: ErrorInfo::new(kind, message) })]
+    vec![Command::Record(Event::RunFailed {
+        error: ErrorInfo::new(kind, message),
+    })]
 }
 
 fn decide_dag(def: &Definition, st: &RunState, ctx: &mut Ctx) -> Vec<Command> {
@@ -468,7 +495,11 @@ fn step_failure_message(def: &Definition, st: &RunState, i: usize) -> String {
 }
 
 fn expression_failure(step: String, visit: u32, field: &str, e: &expr::ExprError) -> Command {
-    Command::Record(Event::StepFailed { step, visit, error: ErrorInfo::new("expression", format!("{field}: {e}")) })
+    Command::Record(Event::StepFailed {
+        step,
+        visit,
+        error: ErrorInfo::new("expression", format!("{field}: {e}")),
+    })
 }
 
 /// The first move of a visit: pure actions resolve here, others become commands.
@@ -485,15 +516,27 @@ fn start_visit(def: &Definition, st: &RunState, i: usize, visit: u32, ctx: &mut 
             output: args.to_string(),
         }),
         "fail" => {
-            let kind = args.get("error").and_then(Value::as_str).unwrap_or("workflow.fail").to_string();
+            let kind = args
+                .get("error")
+                .and_then(Value::as_str)
+                .unwrap_or("workflow.fail")
+                .to_string();
             let message = args
                 .get("message")
                 .map(|m| m.as_str().map(str::to_string).unwrap_or_else(|| m.to_string()))
                 .unwrap_or_else(|| format!("step '{}' failed the run", step.id));
-            Command::Record(Event::StepFailed { step: step.id.clone(), visit, error: ErrorInfo::new(kind, message) })
+            Command::Record(Event::StepFailed {
+                step: step.id.clone(),
+                visit,
+                error: ErrorInfo::new(kind, message),
+            })
         }
         "sleep" => match sleep_duration(&args) {
-            Ok(ms) => Command::StartTimer { step: i, visit, duration_ms: ms },
+            Ok(ms) => Command::StartTimer {
+                step: i,
+                visit,
+                duration_ms: ms,
+            },
             Err(msg) => Command::Record(Event::StepFailed {
                 step: step.id.clone(),
                 visit,
@@ -542,8 +585,16 @@ fn continue_visit(def: &Definition, st: &RunState, i: usize, ctx: &mut Ctx) -> V
     match s.phase {
         Phase::Running { attempt } => vec![rerun(attempt, None, ctx)],
         Phase::Backoff { attempt, retry_at_ms } => vec![rerun(attempt + 1, Some(retry_at_ms), ctx)],
-        Phase::Timer { fire_at_ms, duration_ms } => {
-            vec![Command::AwaitTimer { step: i, visit, fire_at_ms, duration_ms }]
+        Phase::Timer {
+            fire_at_ms,
+            duration_ms,
+        } => {
+            vec![Command::AwaitTimer {
+                step: i,
+                visit,
+                fire_at_ms,
+                duration_ms,
+            }]
         }
         _ => Vec::new(),
     }
@@ -572,7 +623,9 @@ fn complete_run(def: &Definition, st: &RunState, ctx: &mut Ctx, last: Option<usi
             _ => serde_json::to_value(sinks).unwrap_or(Value::Null),
         }
     };
-    vec![Command::Record(Event::RunCompleted { output: output.to_string() })]
+    vec![Command::Record(Event::RunCompleted {
+        output: output.to_string(),
+    })]
 }
 
 /// Events recording a failed attempt: a retry at a backed-off time, or the step's failure.
@@ -591,16 +644,35 @@ pub fn attempt_failed(
     if retry {
         let delay = plan.retry.delay(attempt + 1, unit);
         let at = now_ms.saturating_add(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX));
-        vec![Event::AttemptFailed { step: step.into(), visit, attempt, error, retry_at_ms: Some(at) }]
+        vec![Event::AttemptFailed {
+            step: step.into(),
+            visit,
+            attempt,
+            error,
+            retry_at_ms: Some(at),
+        }]
     } else {
         let final_error = if attempt > 1 {
-            ErrorInfo::new(error.kind.clone(), format!("{} (after {attempt} attempts)", error.message))
+            ErrorInfo::new(
+                error.kind.clone(),
+                format!("{} (after {attempt} attempts)", error.message),
+            )
         } else {
             error.clone()
         };
         vec![
-            Event::AttemptFailed { step: step.into(), visit, attempt, error, retry_at_ms: None },
-            Event::StepFailed { step: step.into(), visit, error: final_error },
+            Event::AttemptFailed {
+                step: step.into(),
+                visit,
+                attempt,
+                error,
+                retry_at_ms: None,
+            },
+            Event::StepFailed {
+                step: step.into(),
+                visit,
+                error: final_error,
+            },
         ]
     }
 }
@@ -642,25 +714,65 @@ mod tests {
             for c in cmds {
                 match c {
                     Command::Record(e) => events.push(e),
-                    Command::RunActivity { step, visit, attempt, key, not_before_ms, .. } => {
+                    Command::RunActivity {
+                        step,
+                        visit,
+                        attempt,
+                        key,
+                        not_before_ms,
+                        ..
+                    } => {
                         let id = d.doc.steps[step].id.clone();
                         assert_eq!(key, idempotency_key("r1", &id, visit));
                         now = now.max(not_before_ms.unwrap_or(0));
-                        events.push(Event::AttemptStarted { step: id.clone(), visit, attempt, key });
+                        events.push(Event::AttemptStarted {
+                            step: id.clone(),
+                            visit,
+                            attempt,
+                            key,
+                        });
                         match outcome(&id, attempt) {
-                            Ok(v) => events.push(Event::StepCompleted { step: id, visit, output: v.to_string() }),
-                            Err(e) => events.extend(attempt_failed(&d.plans[step], &id, visit, attempt, e, true, now, 0.5)),
+                            Ok(v) => events.push(Event::StepCompleted {
+                                step: id,
+                                visit,
+                                output: v.to_string(),
+                            }),
+                            Err(e) => {
+                                events.extend(attempt_failed(&d.plans[step], &id, visit, attempt, e, true, now, 0.5))
+                            }
                         }
                     }
-                    Command::StartTimer { step, visit, duration_ms } => {
+                    Command::StartTimer {
+                        step,
+                        visit,
+                        duration_ms,
+                    } => {
                         let id = d.doc.steps[step].id.clone();
-                        events.push(Event::TimerSet { step: id, visit, fire_at_ms: now + duration_ms, duration_ms });
+                        events.push(Event::TimerSet {
+                            step: id,
+                            visit,
+                            fire_at_ms: now + duration_ms,
+                            duration_ms,
+                        });
                     }
-                    Command::AwaitTimer { step, visit, fire_at_ms, .. } => {
+                    Command::AwaitTimer {
+                        step,
+                        visit,
+                        fire_at_ms,
+                        ..
+                    } => {
                         let id = d.doc.steps[step].id.clone();
                         now = fire_at_ms;
-                        events.push(Event::TimerFired { step: id.clone(), visit, fire_at_ms });
-                        events.push(Event::StepCompleted { step: id, visit, output: "null".into() });
+                        events.push(Event::TimerFired {
+                            step: id.clone(),
+                            visit,
+                            fire_at_ms,
+                        });
+                        events.push(Event::StepCompleted {
+                            step: id,
+                            visit,
+                            output: "null".into(),
+                        });
                     }
                 }
             }
@@ -684,17 +796,54 @@ mod tests {
 
     #[test]
     fn dag_fans_out_and_in() {
-        let d = def("name: w\nversion: 1\nsteps:\n  - {id: a, action: x}\n  - {id: b, action: x, depends_on: [a]}\n  - {id: c, action: x, depends_on: [a]}\n  - {id: d, action: x, depends_on: [b, c], args: {sum: '{{ steps.b.output + steps.c.output }}'}}\n");
+        let d = def(
+            "name: w\nversion: 1\nsteps:\n  - {id: a, action: x}\n  - {id: b, action: x, depends_on: [a]}\n  - {id: c, action: x, depends_on: [a]}\n  - {id: d, action: x, depends_on: [b, c], args: {sum: '{{ steps.b.output + steps.c.output }}'}}\n",
+        );
         let mut st = RunState::new(&d, "r1", Value::Null);
         let first = decide(&d, &st);
         assert_eq!(first.len(), 1, "only a is ready: {first:?}");
-        st.apply(&d, &Event::StepCompleted { step: "a".into(), visit: 1, output: "1".into() }).unwrap();
+        st.apply(
+            &d,
+            &Event::StepCompleted {
+                step: "a".into(),
+                visit: 1,
+                output: "1".into(),
+            },
+        )
+        .unwrap();
         let second = decide(&d, &st);
-        let ready: Vec<usize> = second.iter().filter_map(|c| match c { Command::RunActivity { step, .. } => Some(*step), _ => None }).collect();
+        let ready: Vec<usize> = second
+            .iter()
+            .filter_map(|c| match c {
+                Command::RunActivity { step, .. } => Some(*step),
+                _ => None,
+            })
+            .collect();
         assert_eq!(ready, vec![1, 2], "b and c fan out together");
-        st.apply(&d, &Event::StepCompleted { step: "b".into(), visit: 1, output: "2".into() }).unwrap();
-        assert!(decide(&d, &st).iter().all(|c| !matches!(c, Command::RunActivity { step: 3, .. })), "d waits for c");
-        st.apply(&d, &Event::StepCompleted { step: "c".into(), visit: 1, output: "3".into() }).unwrap();
+        st.apply(
+            &d,
+            &Event::StepCompleted {
+                step: "b".into(),
+                visit: 1,
+                output: "2".into(),
+            },
+        )
+        .unwrap();
+        assert!(
+            decide(&d, &st)
+                .iter()
+                .all(|c| !matches!(c, Command::RunActivity { step: 3, .. })),
+            "d waits for c"
+        );
+        st.apply(
+            &d,
+            &Event::StepCompleted {
+                step: "c".into(),
+                visit: 1,
+                output: "3".into(),
+            },
+        )
+        .unwrap();
         match &decide(&d, &st)[..] {
             [Command::RunActivity { step: 3, args, .. }] => assert_eq!(args["sum"], json!(5)),
             other => panic!("expected d with rendered args, got {other:?}"),
@@ -703,10 +852,18 @@ mod tests {
 
     #[test]
     fn when_false_skips_step_and_dependents() {
-        let d = def("name: w\nversion: 1\nsteps:\n  - {id: read, action: set, args: {t: '{{ input.t }}'}}\n  - {id: alarm, action: x, depends_on: [read], when: 'steps.read.output.t > 80'}\n  - {id: page, action: x, depends_on: [alarm]}\n  - {id: log, action: set, depends_on: [read], args: {ok: true}}\n");
+        let d = def(
+            "name: w\nversion: 1\nsteps:\n  - {id: read, action: set, args: {t: '{{ input.t }}'}}\n  - {id: alarm, action: x, depends_on: [read], when: 'steps.read.output.t > 80'}\n  - {id: page, action: x, depends_on: [alarm]}\n  - {id: log, action: set, depends_on: [read], args: {ok: true}}\n",
+        );
         let (st, h) = simulate(&d, json!({"t": 20}), |_, _| Ok(json!(null)));
         assert_eq!(st.status, RunStatus::Completed);
-        let skipped: Vec<_> = h.iter().filter_map(|e| match e { Event::StepSkipped { step, .. } => Some(step.as_str()), _ => None }).collect();
+        let skipped: Vec<_> = h
+            .iter()
+            .filter_map(|e| match e {
+                Event::StepSkipped { step, .. } => Some(step.as_str()),
+                _ => None,
+            })
+            .collect();
         assert_eq!(skipped, vec!["alarm", "page"]);
         let (_, h) = simulate(&d, json!({"t": 90}), |_, _| Ok(json!(null)));
         assert_eq!(order(&h), vec!["read", "alarm", "log", "page"]);
@@ -725,7 +882,12 @@ mod tests {
         assert_eq!(order(&h), vec!["read", "wait", "read", "wait", "read", "done"]);
         assert_eq!(st.output, Some(json!({"reads": 3})));
 
-        let guarded = def(&src.replace("    next: read\n", "    next: read\n    max_visits: 1\n").replace("  - id: read\n    action: x\n", "  - id: read\n    action: x\n    max_visits: 2\n"));
+        let guarded = def(&src
+            .replace("    next: read\n", "    next: read\n    max_visits: 1\n")
+            .replace(
+                "  - id: read\n    action: x\n",
+                "  - id: read\n    action: x\n    max_visits: 2\n",
+            ));
         let (st, _) = simulate(&guarded, Value::Null, |_, _| Ok(json!(0)));
         assert_eq!(st.status, RunStatus::Failed);
         assert_eq!(st.error.unwrap().kind, "iteration_limit");
@@ -733,21 +895,43 @@ mod tests {
 
     #[test]
     fn retries_back_off_then_succeed_and_non_retryable_fails_at_once() {
-        let d = def("name: w\nversion: 1\nsteps:\n  - id: a\n    action: x\n    retry: {max_attempts: 4, initial_interval: 1s, backoff: 2, jitter: 0, non_retryable: [bad]}\n");
+        let d = def(
+            "name: w\nversion: 1\nsteps:\n  - id: a\n    action: x\n    retry: {max_attempts: 4, initial_interval: 1s, backoff: 2, jitter: 0, non_retryable: [bad]}\n",
+        );
         let (st, h) = simulate(&d, Value::Null, |_, attempt| {
-            if attempt < 3 { Err(ErrorInfo::new("flaky", "try again")) } else { Ok(json!("ok")) }
+            if attempt < 3 {
+                Err(ErrorInfo::new("flaky", "try again"))
+            } else {
+                Ok(json!("ok"))
+            }
         });
         assert_eq!(st.status, RunStatus::Completed);
-        let retries: Vec<u64> = h.iter().filter_map(|e| match e { Event::AttemptFailed { retry_at_ms, .. } => *retry_at_ms, _ => None }).collect();
-        assert_eq!(retries, vec![1_000 + 1_000, 2_000 + 2_000], "1s then 2s backoff, recorded in history");
+        let retries: Vec<u64> = h
+            .iter()
+            .filter_map(|e| match e {
+                Event::AttemptFailed { retry_at_ms, .. } => *retry_at_ms,
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            retries,
+            vec![1_000 + 1_000, 2_000 + 2_000],
+            "1s then 2s backoff, recorded in history"
+        );
 
         let (st, h) = simulate(&d, Value::Null, |_, _| Err(ErrorInfo::new("bad", "no")));
         assert_eq!(st.status, RunStatus::Failed);
-        assert_eq!(h.iter().filter(|e| matches!(e, Event::AttemptStarted { .. })).count(), 1);
+        assert_eq!(
+            h.iter().filter(|e| matches!(e, Event::AttemptStarted { .. })).count(),
+            1
+        );
 
         let (st, h) = simulate(&d, Value::Null, |_, _| Err(ErrorInfo::new("flaky", "no")));
         assert_eq!(st.status, RunStatus::Failed);
-        assert_eq!(h.iter().filter(|e| matches!(e, Event::AttemptStarted { .. })).count(), 4);
+        assert_eq!(
+            h.iter().filter(|e| matches!(e, Event::AttemptStarted { .. })).count(),
+            4
+        );
         assert!(st.error.unwrap().message.contains("after 4 attempts"));
     }
 
@@ -755,8 +939,17 @@ mod tests {
     fn crash_mid_attempt_reruns_same_attempt_with_same_key() {
         let d = def("name: w\nversion: 1\nsteps:\n  - {id: a, action: x}\n");
         let history = vec![
-            Event::RunStarted { workflow: "w".into(), version: 1, input: "null".into() },
-            Event::AttemptStarted { step: "a".into(), visit: 1, attempt: 1, key: "r1/a/1".into() },
+            Event::RunStarted {
+                workflow: "w".into(),
+                version: 1,
+                input: "null".into(),
+            },
+            Event::AttemptStarted {
+                step: "a".into(),
+                visit: 1,
+                attempt: 1,
+                key: "r1/a/1".into(),
+            },
         ];
         let st = RunState::replay(&d, "r1", &history).unwrap();
         match &decide(&d, &st)[..] {
@@ -769,28 +962,70 @@ mod tests {
     fn completed_step_is_never_decided_again() {
         let d = def("name: w\nversion: 1\nsteps:\n  - {id: a, action: x}\n  - {id: b, action: x, depends_on: [a]}\n");
         let history = vec![
-            Event::RunStarted { workflow: "w".into(), version: 1, input: "null".into() },
-            Event::AttemptStarted { step: "a".into(), visit: 1, attempt: 1, key: "r1/a/1".into() },
-            Event::StepCompleted { step: "a".into(), visit: 1, output: "1".into() },
+            Event::RunStarted {
+                workflow: "w".into(),
+                version: 1,
+                input: "null".into(),
+            },
+            Event::AttemptStarted {
+                step: "a".into(),
+                visit: 1,
+                attempt: 1,
+                key: "r1/a/1".into(),
+            },
+            Event::StepCompleted {
+                step: "a".into(),
+                visit: 1,
+                output: "1".into(),
+            },
         ];
         let st = RunState::replay(&d, "r1", &history).unwrap();
         let cmds = decide(&d, &st);
-        assert!(cmds.iter().all(|c| !matches!(c, Command::RunActivity { step: 0, .. })), "{cmds:?}");
+        assert!(
+            cmds.iter().all(|c| !matches!(c, Command::RunActivity { step: 0, .. })),
+            "{cmds:?}"
+        );
     }
 
     #[test]
     fn sleep_becomes_a_timer_and_resumes_as_await() {
         let d = def("name: w\nversion: 1\nsteps:\n  - {id: nap, action: sleep, args: {duration: 2s}}\n");
         let st = RunState::new(&d, "r1", Value::Null);
-        assert_eq!(decide(&d, &st), vec![Command::StartTimer { step: 0, visit: 1, duration_ms: 2000 }]);
+        assert_eq!(
+            decide(&d, &st),
+            vec![Command::StartTimer {
+                step: 0,
+                visit: 1,
+                duration_ms: 2000
+            }]
+        );
         let mut st = st;
-        st.apply(&d, &Event::TimerSet { step: "nap".into(), visit: 1, fire_at_ms: 5000, duration_ms: 2000 }).unwrap();
-        assert_eq!(decide(&d, &st), vec![Command::AwaitTimer { step: 0, visit: 1, fire_at_ms: 5000, duration_ms: 2000 }]);
+        st.apply(
+            &d,
+            &Event::TimerSet {
+                step: "nap".into(),
+                visit: 1,
+                fire_at_ms: 5000,
+                duration_ms: 2000,
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            decide(&d, &st),
+            vec![Command::AwaitTimer {
+                step: 0,
+                visit: 1,
+                fire_at_ms: 5000,
+                duration_ms: 2000
+            }]
+        );
     }
 
     #[test]
     fn fail_action_and_bad_expression_fail_the_run() {
-        let d = def("name: w\nversion: 1\nsteps:\n  - {id: a, action: fail, args: {error: line.stop, message: 'too hot'}}\n");
+        let d = def(
+            "name: w\nversion: 1\nsteps:\n  - {id: a, action: fail, args: {error: line.stop, message: 'too hot'}}\n",
+        );
         let (st, _) = simulate(&d, Value::Null, |_, _| Ok(json!(null)));
         assert_eq!(st.status, RunStatus::Failed);
         assert!(st.error.unwrap().message.contains("too hot"));

@@ -47,7 +47,9 @@ pub struct JournalConfig {
 
 impl Default for JournalConfig {
     fn default() -> Self {
-        JournalConfig { cache_bytes: 4 * 1024 * 1024 }
+        JournalConfig {
+            cache_bytes: 4 * 1024 * 1024,
+        }
     }
 }
 
@@ -179,9 +181,22 @@ pub enum Applied {
 type Reply<T> = oneshot::Sender<Result<T, JournalError>>;
 
 enum Op {
-    Start { run_id: String, event: Event, reply: Reply<Started> },
-    Append { run_id: String, events: Vec<Event>, reply: Reply<u64> },
-    PutDefinition { name: String, version: u32, json: String, reply: Reply<Applied> },
+    Start {
+        run_id: String,
+        event: Event,
+        reply: Reply<Started>,
+    },
+    Append {
+        run_id: String,
+        events: Vec<Event>,
+        reply: Reply<u64>,
+    },
+    PutDefinition {
+        name: String,
+        version: u32,
+        json: String,
+        reply: Reply<Applied>,
+    },
 }
 
 /// Writer statistics, for `outpost status` and the benchmark.
@@ -206,10 +221,13 @@ pub struct Journal {
 impl Journal {
     /// Opens (or creates) the journal at `path` and starts its writer thread.
     pub fn open(path: &Path, config: &JournalConfig, clock: Arc<dyn Clock>) -> Result<Journal, JournalError> {
-        let db = Database::builder().set_cache_size(config.cache_bytes).create(path).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => JournalError::Locked(path.display().to_string()),
-            other => other.into(),
-        })?;
+        let db = Database::builder()
+            .set_cache_size(config.cache_bytes)
+            .create(path)
+            .map_err(|e| match e {
+                redb::DatabaseError::DatabaseAlreadyOpen => JournalError::Locked(path.display().to_string()),
+                other => other.into(),
+            })?;
         let next_seq = {
             let txn = db.begin_write()?;
             let next = {
@@ -237,7 +255,12 @@ impl Journal {
         let db = Arc::new(db);
         let stats = Arc::new(Stats::default());
         let (tx, rx) = mpsc::channel(MAX_BATCH);
-        let writer = Writer { db: db.clone(), next_seq, clock, stats: stats.clone() };
+        let writer = Writer {
+            db: db.clone(),
+            next_seq,
+            clock,
+            stats: stats.clone(),
+        };
         std::thread::Builder::new()
             .name("journal-writer".into())
             .spawn(move || writer.run(rx))
@@ -253,17 +276,33 @@ impl Journal {
 
     /// Journals a new run's `RunStarted`, unless a run with that id exists. Durable on return.
     pub async fn start_run(&self, run_id: &str, event: Event) -> Result<Started, JournalError> {
-        self.call(|reply| Op::Start { run_id: run_id.to_string(), event, reply }).await
+        self.call(|reply| Op::Start {
+            run_id: run_id.to_string(),
+            event,
+            reply,
+        })
+        .await
     }
 
     /// Appends events to a running run. Durable on return; gives the last sequence number.
     pub async fn append(&self, run_id: &str, events: Vec<Event>) -> Result<u64, JournalError> {
-        self.call(|reply| Op::Append { run_id: run_id.to_string(), events, reply }).await
+        self.call(|reply| Op::Append {
+            run_id: run_id.to_string(),
+            events,
+            reply,
+        })
+        .await
     }
 
     /// Stores a definition version (canonical JSON).
     pub async fn put_definition(&self, name: &str, version: u32, json: String) -> Result<Applied, JournalError> {
-        self.call(|reply| Op::PutDefinition { name: name.to_string(), version, json, reply }).await
+        self.call(|reply| Op::PutDefinition {
+            name: name.to_string(),
+            version,
+            json,
+            reply,
+        })
+        .await
     }
 
     /// Writer counters.
@@ -334,12 +373,20 @@ impl Journal {
     }
 
     /// One definition version's record, or the latest version when `version` is `None`.
-    pub fn definition(&self, name: &str, version: Option<u32>) -> Result<Option<(u32, DefinitionRecord)>, JournalError> {
+    pub fn definition(
+        &self,
+        name: &str,
+        version: Option<u32>,
+    ) -> Result<Option<(u32, DefinitionRecord)>, JournalError> {
         let txn = self.db.begin_read()?;
         let t = txn.open_table(DEFINITIONS)?;
         let row = match version {
             Some(v) => t.get((name, v))?.map(|b| (v, b)),
-            None => t.range((name, 0u32)..=(name, u32::MAX))?.next_back().transpose()?.map(|(k, b)| (k.value().1, b)),
+            None => t
+                .range((name, 0u32)..=(name, u32::MAX))?
+                .next_back()
+                .transpose()?
+                .map(|(k, b)| (k.value().1, b)),
         };
         row.map(|(v, b)| Ok((v, decode_definition(b.value())?))).transpose()
     }
@@ -458,9 +505,12 @@ impl Writer {
                         Op::Append { run_id, events, reply } => {
                             Outcome::Append(reply, self.append(&mut t, &run_id, events, now))
                         }
-                        Op::PutDefinition { name, version, json, reply } => {
-                            Outcome::Definition(reply, put_definition(&mut t, &name, version, json, now))
-                        }
+                        Op::PutDefinition {
+                            name,
+                            version,
+                            json,
+                            reply,
+                        } => Outcome::Definition(reply, put_definition(&mut t, &name, version, json, now)),
                     };
                     // A storage error mid-operation poisons the transaction: abort it whole.
                     if let Some(e) = storage_error(&outcome) {
@@ -494,7 +544,8 @@ impl Writer {
                     o.fail(|| JournalError::Storage(redb::StorageError::Io(std::io::Error::other(msg.clone())).into()));
                 }
                 for op in batch.drain(..) {
-                    let err = || JournalError::Storage(redb::StorageError::Io(std::io::Error::other(msg.clone())).into());
+                    let err =
+                        || JournalError::Storage(redb::StorageError::Io(std::io::Error::other(msg.clone())).into());
                     match op {
                         Op::Start { reply, .. } => drop(reply.send(Err(err()))),
                         Op::Append { reply, .. } => drop(reply.send(Err(err()))),
@@ -516,7 +567,11 @@ impl Writer {
             }
             _ => {}
         }
-        let bytes = codec::encode(&Record { run_id: run_id.to_string(), at_ms, event });
+        let bytes = codec::encode(&Record {
+            run_id: run_id.to_string(),
+            at_ms,
+            event,
+        });
         t.events.insert(seq, bytes.as_slice())?;
         t.run_events.insert((run_id, seq), ())?;
         self.next_seq += 1;
@@ -589,18 +644,23 @@ fn put_definition(t: &mut Tables, name: &str, version: u32, json: String, now: u
         return if existing.json == json {
             Ok(Applied::Unchanged)
         } else {
-            Err(JournalError::DefinitionConflict { name: name.to_string(), version })
+            Err(JournalError::DefinitionConflict {
+                name: name.to_string(),
+                version,
+            })
         };
     }
-    let bytes = postcard::to_allocvec(&DefinitionEnvelope::V1(DefinitionRecord { json, applied_ms: now }))
-        .unwrap_or_default();
+    let bytes =
+        postcard::to_allocvec(&DefinitionEnvelope::V1(DefinitionRecord { json, applied_ms: now })).unwrap_or_default();
     t.definitions.insert((name, version), bytes.as_slice())?;
     Ok(Applied::Created)
 }
 
 fn storage_error(o: &Outcome) -> Option<JournalError> {
     let msg = |e: &JournalError| match e {
-        JournalError::Storage(s) => Some(JournalError::Storage(redb::StorageError::Io(std::io::Error::other(s.to_string())).into())),
+        JournalError::Storage(s) => Some(JournalError::Storage(
+            redb::StorageError::Io(std::io::Error::other(s.to_string())).into(),
+        )),
         _ => None,
     };
     if o.is_ok() {
@@ -620,13 +680,22 @@ mod tests {
     use crate::clock::SystemClock;
 
     fn started(w: &str) -> Event {
-        Event::RunStarted { workflow: w.into(), version: 1, input: "{}".into() }
+        Event::RunStarted {
+            workflow: w.into(),
+            version: 1,
+            input: "{}".into(),
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn group_commit_assigns_gap_free_sequences_and_batches() {
         let dir = tempfile::tempdir().unwrap();
-        let j = Journal::open(&dir.path().join("j.redb"), &JournalConfig::default(), Arc::new(SystemClock)).unwrap();
+        let j = Journal::open(
+            &dir.path().join("j.redb"),
+            &JournalConfig::default(),
+            Arc::new(SystemClock),
+        )
+        .unwrap();
         let mut tasks = Vec::new();
         for i in 0..50 {
             let j = j.clone();
@@ -634,11 +703,20 @@ mod tests {
                 let id = format!("r{i}");
                 j.start_run(&id, started("w")).await.unwrap();
                 for k in 0..4 {
-                    j.append(&id, vec![Event::StepCompleted { step: format!("s{k}"), visit: 1, output: "1".into() }])
-                        .await
-                        .unwrap();
+                    j.append(
+                        &id,
+                        vec![Event::StepCompleted {
+                            step: format!("s{k}"),
+                            visit: 1,
+                            output: "1".into(),
+                        }],
+                    )
+                    .await
+                    .unwrap();
                 }
-                j.append(&id, vec![Event::RunCompleted { output: "null".into() }]).await.unwrap();
+                j.append(&id, vec![Event::RunCompleted { output: "null".into() }])
+                    .await
+                    .unwrap();
             }));
         }
         for t in tasks {
@@ -646,7 +724,10 @@ mod tests {
         }
         let all = j.events_since(1, 10_000).unwrap();
         assert_eq!(all.len(), 50 * 6);
-        assert!(all.iter().enumerate().all(|(i, (seq, _))| *seq == i as u64 + 1), "gap-free from 1");
+        assert!(
+            all.iter().enumerate().all(|(i, (seq, _))| *seq == i as u64 + 1),
+            "gap-free from 1"
+        );
         let commits = j.stats().commits.load(Ordering::Relaxed);
         assert!(commits < 300, "{commits} commits for 300 ops: appends were not grouped");
         assert!(j.active_runs().unwrap().is_empty());
@@ -662,14 +743,30 @@ mod tests {
         let path = dir.path().join("j.redb");
         {
             let j = Journal::open(&path, &JournalConfig::default(), Arc::new(SystemClock)).unwrap();
-            assert!(matches!(j.start_run("a", started("w")).await.unwrap(), Started::Created));
-            assert!(matches!(j.start_run("a", started("other")).await.unwrap(), Started::Existing(r) if r.workflow == "w"));
-            j.append("a", vec![Event::RunCancelled { reason: "t".into() }]).await.unwrap();
-            assert!(matches!(j.append("a", vec![Event::RunCancelled { reason: "t".into() }]).await, Err(JournalError::RunFinished(_))));
-            assert!(matches!(j.append("nope", vec![]).await, Err(JournalError::NoSuchRun(_))));
+            assert!(matches!(
+                j.start_run("a", started("w")).await.unwrap(),
+                Started::Created
+            ));
+            assert!(
+                matches!(j.start_run("a", started("other")).await.unwrap(), Started::Existing(r) if r.workflow == "w")
+            );
+            j.append("a", vec![Event::RunCancelled { reason: "t".into() }])
+                .await
+                .unwrap();
+            assert!(matches!(
+                j.append("a", vec![Event::RunCancelled { reason: "t".into() }]).await,
+                Err(JournalError::RunFinished(_))
+            ));
+            assert!(matches!(
+                j.append("nope", vec![]).await,
+                Err(JournalError::NoSuchRun(_))
+            ));
             assert_eq!(j.put_definition("w", 1, "{}".into()).await.unwrap(), Applied::Created);
             assert_eq!(j.put_definition("w", 1, "{}".into()).await.unwrap(), Applied::Unchanged);
-            assert!(matches!(j.put_definition("w", 1, "{\"x\":1}".into()).await, Err(JournalError::DefinitionConflict { .. })));
+            assert!(matches!(
+                j.put_definition("w", 1, "{\"x\":1}".into()).await,
+                Err(JournalError::DefinitionConflict { .. })
+            ));
             j.put_definition("w", 3, "{}".into()).await.unwrap();
             assert_eq!(j.definition("w", None).unwrap().unwrap().0, 3);
         }

@@ -42,7 +42,10 @@ pub struct RuntimeConfig {
 
 impl Default for RuntimeConfig {
     fn default() -> Self {
-        RuntimeConfig { max_activities: 32, journal: JournalConfig::default() }
+        RuntimeConfig {
+            max_activities: 32,
+            journal: JournalConfig::default(),
+        }
     }
 }
 
@@ -155,8 +158,10 @@ impl Runtime {
         registry: Registry,
         clock: Arc<dyn Clock>,
     ) -> Result<Runtime, RuntimeError> {
-        std::fs::create_dir_all(data_dir)
-            .map_err(|source| RuntimeError::DataDir { path: data_dir.to_path_buf(), source })?;
+        std::fs::create_dir_all(data_dir).map_err(|source| RuntimeError::DataDir {
+            path: data_dir.to_path_buf(),
+            source,
+        })?;
         let journal = Journal::open(&data_dir.join("journal.redb"), &config.journal, clock.clone())?;
         Ok(Runtime {
             inner: Arc::new(Inner {
@@ -208,7 +213,11 @@ impl Runtime {
                     let rt = self.clone();
                     let err = ErrorInfo::new("resume", e.to_string());
                     tokio::spawn(async move {
-                        let _ = rt.inner.journal.append(&id, vec![Event::RunFailed { error: err }]).await;
+                        let _ = rt
+                            .inner
+                            .journal
+                            .append(&id, vec![Event::RunFailed { error: err }])
+                            .await;
                     });
                 }
             }
@@ -222,7 +231,9 @@ impl Runtime {
             return Err(RuntimeError::NoSuchRun(run_id.to_string()));
         };
         let Event::RunStarted { workflow, version, .. } = &first.event else {
-            return Err(RuntimeError::Invalid(format!("history of run {run_id} does not begin with run_started")));
+            return Err(RuntimeError::Invalid(format!(
+                "history of run {run_id} does not begin with run_started"
+            )));
         };
         let def = self.definition(workflow, Some(*version))?;
         let st = RunState::replay(&def, run_id, history.iter().map(|(_, r)| &r.event))
@@ -240,7 +251,11 @@ impl Runtime {
     /// Validates and stores a definition version.
     pub async fn apply(&self, text: &str) -> Result<(Arc<Definition>, Applied), RuntimeError> {
         let def = Arc::new(self.validate(text)?);
-        let applied = self.inner.journal.put_definition(def.name(), def.version(), def.to_json()).await?;
+        let applied = self
+            .inner
+            .journal
+            .put_definition(def.name(), def.version(), def.to_json())
+            .await?;
         lock(&self.inner.definitions).insert((def.name().to_string(), def.version()), def.clone());
         Ok((def, applied))
     }
@@ -253,7 +268,10 @@ impl Runtime {
             }
         }
         let Some((v, rec)) = self.inner.journal.definition(name, version)? else {
-            return Err(RuntimeError::NoSuchWorkflow { name: name.to_string(), version });
+            return Err(RuntimeError::NoSuchWorkflow {
+                name: name.to_string(),
+                version,
+            });
         };
         if let Some(d) = lock(&self.inner.definitions).get(&(name.to_string(), v)) {
             return Ok(d.clone());
@@ -273,6 +291,7 @@ impl Runtime {
                 input_text.len()
             )));
         }
+        let req_had_id = req.id.is_some();
         let run_id = match req.id {
             Some(id) => {
                 check_run_id(&id)?;
@@ -280,15 +299,29 @@ impl Runtime {
             }
             None => self.new_run_id(),
         };
-        if let Some(rec) = self.inner.journal.run(&run_id)? {
-            return Ok(StartResponse { run_id, created: false, workflow: rec.workflow, version: rec.version });
+        if req_had_id {
+            if let Some(rec) = self.inner.journal.run(&run_id)? {
+                return Ok(StartResponse {
+                    run_id,
+                    created: false,
+                    workflow: rec.workflow,
+                    version: rec.version,
+                });
+            }
         }
         let def = self.definition(&req.workflow, req.version)?;
-        let event = Event::RunStarted { workflow: def.name().to_string(), version: def.version(), input: input_text };
+        let event = Event::RunStarted {
+            workflow: def.name().to_string(),
+            version: def.version(),
+            input: input_text,
+        };
         match self.inner.journal.start_run(&run_id, event).await? {
-            Started::Existing(rec) => {
-                Ok(StartResponse { run_id, created: false, workflow: rec.workflow, version: rec.version })
-            }
+            Started::Existing(rec) => Ok(StartResponse {
+                run_id,
+                created: false,
+                workflow: rec.workflow,
+                version: rec.version,
+            }),
             Started::Created => {
                 info!(run_id = %run_id, workflow = def.name(), version = def.version(), "run started");
                 let st = RunState::new(&def, &run_id, input);
@@ -322,22 +355,31 @@ impl Runtime {
                 }
             }
         }
-        self.inner.journal.run(run_id)?.ok_or_else(|| RuntimeError::NoSuchRun(run_id.to_string()))
+        self.inner
+            .journal
+            .run(run_id)?
+            .ok_or_else(|| RuntimeError::NoSuchRun(run_id.to_string()))
     }
 
     /// Cancels a run: stops its activities and journals `RunCancelled`. Returns its final row.
     pub async fn cancel(&self, run_id: &str, reason: &str) -> Result<RunRecord, RuntimeError> {
-        let handle = lock(&self.inner.runs).get(run_id).map(|h| (h.cancel.clone(), h.done.clone()));
+        let handle = lock(&self.inner.runs)
+            .get(run_id)
+            .map(|h| (h.cancel.clone(), h.done.clone()));
         match handle {
             Some((cancel, mut done)) => {
                 let _ = cancel.send(reason.to_string()).await;
                 let _ = done.wait_for(|d| *d).await;
-                self.inner.journal.run(run_id)?.ok_or_else(|| RuntimeError::NoSuchRun(run_id.to_string()))
+                self.inner
+                    .journal
+                    .run(run_id)?
+                    .ok_or_else(|| RuntimeError::NoSuchRun(run_id.to_string()))
             }
             None => match self.inner.journal.run(run_id)? {
-                Some(rec) if rec.status.is_terminal() => {
-                    Err(RuntimeError::Finished { run: run_id.to_string(), status: rec.status.as_str() })
-                }
+                Some(rec) if rec.status.is_terminal() => Err(RuntimeError::Finished {
+                    run: run_id.to_string(),
+                    status: rec.status.as_str(),
+                }),
                 Some(rec) => Ok(rec),
                 None => Err(RuntimeError::NoSuchRun(run_id.to_string())),
             },
@@ -348,12 +390,24 @@ impl Runtime {
         let (cancel_tx, cancel_rx) = mpsc::channel(1);
         let (done_tx, done_rx) = watch::channel(false);
         let run_id = st.run_id.clone();
-        lock(&self.inner.runs).insert(run_id.clone(), RunHandle { cancel: cancel_tx, done: done_rx });
+        lock(&self.inner.runs).insert(
+            run_id.clone(),
+            RunHandle {
+                cancel: cancel_tx,
+                done: done_rx,
+            },
+        );
         let inner = self.inner.clone();
         let span = info_span!("run", run_id = %run_id, workflow = def.name());
         tokio::spawn(
             async move {
-                Driver { inner: inner.clone(), def, st }.run(cancel_rx).await;
+                Driver {
+                    inner: inner.clone(),
+                    def,
+                    st,
+                }
+                .run(cancel_rx)
+                .await;
                 lock(&inner.runs).remove(&run_id);
                 let _ = done_tx.send(true);
             }
@@ -365,7 +419,9 @@ impl Runtime {
 fn check_run_id(id: &str) -> Result<(), RuntimeError> {
     let ok = !id.is_empty()
         && id.len() <= MAX_RUN_ID_LEN
-        && id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'));
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'));
     if ok {
         Ok(())
     } else {
@@ -399,12 +455,26 @@ impl Driver {
             for cmd in engine::decide(&self.def, &self.st) {
                 match cmd {
                     Command::Record(e) => records.push(e),
-                    Command::StartTimer { step, visit, duration_ms } => {
+                    Command::StartTimer {
+                        step,
+                        visit,
+                        duration_ms,
+                    } => {
                         let fire_at_ms = self.inner.clock.now_ms().saturating_add(duration_ms);
                         let id = self.def.doc.steps[step].id.clone();
-                        records.push(Event::TimerSet { step: id, visit, fire_at_ms, duration_ms });
+                        records.push(Event::TimerSet {
+                            step: id,
+                            visit,
+                            fire_at_ms,
+                            duration_ms,
+                        });
                     }
-                    Command::AwaitTimer { step, visit, fire_at_ms, duration_ms } => {
+                    Command::AwaitTimer {
+                        step,
+                        visit,
+                        fire_at_ms,
+                        duration_ms,
+                    } => {
                         let slot = (step, visit, 0);
                         if !slots.values().any(|s| *s == slot) {
                             let clock = self.inner.clock.clone();
@@ -416,8 +486,16 @@ impl Driver {
                                     TaskResult {
                                         journaled: Vec::new(),
                                         to_journal: vec![
-                                            Event::TimerFired { step: id.clone(), visit, fire_at_ms },
-                                            Event::StepCompleted { step: id, visit, output: "null".into() },
+                                            Event::TimerFired {
+                                                step: id.clone(),
+                                                visit,
+                                                fire_at_ms,
+                                            },
+                                            Event::StepCompleted {
+                                                step: id,
+                                                visit,
+                                                output: "null".into(),
+                                            },
                                         ],
                                     }
                                 }
@@ -426,7 +504,14 @@ impl Driver {
                             slots.insert(h.id(), slot);
                         }
                     }
-                    Command::RunActivity { step, visit, attempt, args, key, not_before_ms } => {
+                    Command::RunActivity {
+                        step,
+                        visit,
+                        attempt,
+                        args,
+                        key,
+                        not_before_ms,
+                    } => {
                         let slot = (step, visit, attempt);
                         if !slots.values().any(|s| *s == slot) {
                             let fut = activity(
@@ -446,11 +531,7 @@ impl Driver {
                 }
             }
             if !records.is_empty() {
-                if records.iter().any(Event::is_terminal) {
-                    // The run ends now: whatever is still running must stop first.
-                    tasks.abort_all();
-                }
-                self.journal(records).await;
+                self.journal(records, &mut tasks).await;
                 if self.st.status.is_terminal() {
                     break;
                 }
@@ -459,7 +540,7 @@ impl Driver {
             if tasks.is_empty() {
                 // Nothing to run and nothing running: the definition cannot make progress.
                 let err = ErrorInfo::new("engine.stuck", "no step can run and none is running");
-                self.journal(vec![Event::RunFailed { error: err }]).await;
+                self.journal(vec![Event::RunFailed { error: err }], &mut tasks).await;
                 break;
             }
             tokio::select! {
@@ -468,7 +549,10 @@ impl Driver {
                         slots.remove(&id);
                         self.absorb(res.journaled);
                         if !res.to_journal.is_empty() {
-                            self.journal(res.to_journal).await;
+                            self.journal(res.to_journal, &mut tasks).await;
+                        }
+                        if self.st.status.is_terminal() {
+                            break;
                         }
                     }
                     Some(Err(e)) => {
@@ -479,7 +563,10 @@ impl Driver {
                                 let id = self.def.doc.steps[step].id.clone();
                                 let events = engine::attempt_failed(&self.def.plans[step], &id, visit, attempt,
                                     ErrorInfo::new("internal", "the action panicked"), false, self.inner.clock.now_ms(), 0.0);
-                                self.journal(events).await;
+                                self.journal(events, &mut tasks).await;
+                                if self.st.status.is_terminal() {
+                                    break;
+                                }
                             }
                         }
                     }
@@ -489,7 +576,7 @@ impl Driver {
                     tasks.abort_all();
                     let reason = reason.unwrap_or_else(|| "shutdown".into());
                     info!(%reason, "run cancelled");
-                    self.journal(vec![Event::RunCancelled { reason }]).await;
+                    self.journal(vec![Event::RunCancelled { reason }], &mut tasks).await;
                     break;
                 }
             }
@@ -511,9 +598,24 @@ impl Driver {
         }
     }
 
-    /// Journals events (retrying while storage fails: nothing is lost, the run just waits), then
-    /// folds them into the state.
-    async fn journal(&mut self, events: Vec<Event>) {
+    /// Journals events (retrying while storage fails: nothing is lost, the run just waits) and
+    /// folds them into the state. When these events make the run's end certain, the end is
+    /// journaled in the same commit: it is a pure consequence, so no effect depends on it early.
+    async fn journal(&mut self, mut events: Vec<Event>, tasks: &mut JoinSet<TaskResult>) {
+        self.absorb(events.clone());
+        if !self.st.status.is_terminal() {
+            let next = engine::decide(&self.def, &self.st);
+            if let [Command::Record(end)] = next.as_slice() {
+                if end.is_terminal() {
+                    self.absorb(vec![end.clone()]);
+                    events.push(end.clone());
+                }
+            }
+        }
+        if self.st.status.is_terminal() {
+            // The run ends with this commit: whatever is still running must stop first.
+            tasks.abort_all();
+        }
         let mut delay = Duration::from_millis(100);
         loop {
             match self.inner.journal.append(&self.st.run_id, events.clone()).await {
@@ -530,7 +632,6 @@ impl Driver {
                 }
             }
         }
-        self.absorb(events);
     }
 }
 
@@ -552,14 +653,22 @@ async fn activity(
         tokio::time::sleep(Duration::from_millis(remaining_ms(inner.clock.now_ms(), at, cap))).await;
     }
     let _permit = inner.activities.clone().acquire_owned().await;
-    let started = Event::AttemptStarted { step: step_def.id.clone(), visit, attempt, key: key.clone() };
+    let started = Event::AttemptStarted {
+        step: step_def.id.clone(),
+        visit,
+        attempt,
+        key: key.clone(),
+    };
     // Write-ahead: no side effect before the attempt is durable.
     let mut delay = Duration::from_millis(100);
     loop {
         match inner.journal.append(&run_id, vec![started.clone()]).await {
             Ok(_) => break,
             Err(JournalError::RunFinished(_) | JournalError::NoSuchRun(_)) => {
-                return TaskResult { journaled: Vec::new(), to_journal: Vec::new() };
+                return TaskResult {
+                    journaled: Vec::new(),
+                    to_journal: Vec::new(),
+                };
             }
             Err(e) => {
                 error!(error = %e, "cannot journal attempt start; retrying");
@@ -575,7 +684,13 @@ async fn activity(
             format!("action '{}' is not available in this agent", step_def.action),
         )),
         Some(action) => {
-            let fut = action.execute(Call { run_id: run_id.clone(), step: step_def.id.clone(), attempt, key, args });
+            let fut = action.execute(Call {
+                run_id: run_id.clone(),
+                step: step_def.id.clone(),
+                attempt,
+                key,
+                args,
+            });
             match plan.timeout {
                 Some(t) => tokio::time::timeout(t, fut).await.unwrap_or_else(|_| {
                     Err(crate::actions::ActionError::retryable(
@@ -595,16 +710,41 @@ async fn activity(
                     "output_too_large",
                     format!("output is {} bytes; the limit is {MAX_OUTPUT_BYTES}", text.len()),
                 );
-                engine::attempt_failed(plan, &step_def.id, visit, attempt, err, false, inner.clock.now_ms(), 0.0)
+                engine::attempt_failed(
+                    plan,
+                    &step_def.id,
+                    visit,
+                    attempt,
+                    err,
+                    false,
+                    inner.clock.now_ms(),
+                    0.0,
+                )
             } else {
                 info!("attempt succeeded");
-                vec![Event::StepCompleted { step: step_def.id.clone(), visit, output: text }]
+                vec![Event::StepCompleted {
+                    step: step_def.id.clone(),
+                    visit,
+                    output: text,
+                }]
             }
         }
         Err(e) => {
             warn!(error = %e.info, "attempt failed");
-            engine::attempt_failed(plan, &step_def.id, visit, attempt, e.info, e.retryable, inner.clock.now_ms(), fastrand::f64())
+            engine::attempt_failed(
+                plan,
+                &step_def.id,
+                visit,
+                attempt,
+                e.info,
+                e.retryable,
+                inner.clock.now_ms(),
+                fastrand::f64(),
+            )
         }
     };
-    TaskResult { journaled: vec![started], to_journal }
+    TaskResult {
+        journaled: vec![started],
+        to_journal,
+    }
 }

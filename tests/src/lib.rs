@@ -1,1 +1,204 @@
+//! Harness for end-to-end tests: start the real `outpost` binary, talk to it through its CLI,
+//! kill it with SIGKILL, restart it.
 
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Path of the `outpost` binary: `$OUTPOST_BIN`, or the one cargo built next to this test.
+pub fn outpost_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("OUTPOST_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/e2e-<hash> → target/<profile>/outpost
+    let bin = exe.parent().and_then(Path::parent).expect("target dir").join("outpost");
+    assert!(
+        bin.exists(),
+        "{} is missing: run the tests with `cargo test --workspace` (which builds it) or set OUTPOST_BIN",
+        bin.display()
+    );
+    bin
+}
+
+/// A running `outpost run` process with its own data directory.
+pub struct Agent {
+    /// Data directory.
+    pub dir: PathBuf,
+    child: Option<Child>,
+    extra: Vec<String>,
+}
+
+impl Agent {
+    /// Starts an agent on `dir` and waits until its API answers.
+    pub fn start(dir: &Path, extra: &[&str]) -> Agent {
+        let mut a = Agent {
+            dir: dir.to_path_buf(),
+            child: None,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        a.restart();
+        a
+    }
+
+    /// Starts the process again (after a kill).
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "agent already running");
+        std::fs::create_dir_all(&self.dir).expect("data dir");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("agent.log"))
+            .expect("agent log");
+        let child = Command::new(outpost_bin())
+            .arg("run")
+            .arg("--data-dir")
+            .arg(&self.dir)
+            .args(&self.extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn outpost run");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if self.cli(&["status"]).status.success() {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("agent exited during start-up with {status}; log:\n{}", self.log());
+            }
+            assert!(Instant::now() < deadline, "agent did not come up; log:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The agent's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+
+    /// Process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("agent running").id()
+    }
+
+    /// SIGKILL, and reap the process.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().expect("SIGKILL");
+            c.wait().expect("reap");
+        }
+    }
+
+    /// Runs an `outpost` CLI command against this agent.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        cli(&self.dir, args)
+    }
+
+    /// Runs a CLI command with `--json`, asserts success, returns the parsed output.
+    pub fn json(&self, args: &[&str]) -> Value {
+        let mut all = args.to_vec();
+        all.push("--json");
+        let out = self.cli(&all);
+        assert!(
+            out.status.success(),
+            "outpost {args:?} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("JSON output")
+    }
+
+    /// CPU time (user + system) the process has used, in clock ticks.
+    pub fn cpu_ticks(&self) -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).expect("proc stat");
+        // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+        let rest = &stat[stat.rfind(')').expect("stat format") + 2..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        f[11].parse::<u64>().unwrap_or(0) + f[12].parse::<u64>().unwrap_or(0)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Runs an `outpost` CLI command with `OUTPOST_DATA_DIR=dir`.
+pub fn cli(dir: &Path, args: &[&str]) -> Output {
+    Command::new(outpost_bin())
+        .args(args)
+        .env("OUTPOST_DATA_DIR", dir)
+        .env_remove("OUTPOST_SOCKET")
+        .output()
+        .expect("run outpost")
+}
+
+/// Writes a file into `dir` and returns its path as a string.
+pub fn write(dir: &Path, name: &str, text: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, text).expect("write file");
+    p.to_string_lossy().into_owned()
+}
+
+/// Polls `f` until it returns `Some`, or panics after `timeout`.
+pub fn eventually<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The events of a run's history of one type for one step.
+pub fn events<'a>(run: &'a Value, kind: &str, step: &str) -> Vec<&'a Value> {
+    run["history"]
+        .as_array()
+        .map(|h| h.iter().filter(|e| e["type"] == kind && e["step"] == step).collect())
+        .unwrap_or_default()
+}
+
+/// Milliseconds since the epoch of an RFC 3339 timestamp as printed by the agent.
+pub fn ts_ms(v: &Value) -> u64 {
+    let s = v.as_str().expect("timestamp string");
+    humantime_parse(s)
+}
+
+fn humantime_parse(s: &str) -> u64 {
+    // 2026-11-25T12:54:25.354Z
+    let (date, time) = s.trim_end_matches('Z').split_once('T').expect("RFC 3339");
+    let d: Vec<i64> = date.split('-').map(|x| x.parse().expect("date")).collect();
+    let (hms, frac) = time.split_once('.').unwrap_or((time, "0"));
+    let t: Vec<i64> = hms.split(':').map(|x| x.parse().expect("time")).collect();
+    let ms: i64 = format!("{frac:0<3}")[..3].parse().expect("millis");
+    // Days from civil date (Howard Hinnant's algorithm).
+    let (y, m) = if d[1] <= 2 {
+        (d[0] - 1, d[1] + 9)
+    } else {
+        (d[0], d[1] - 3)
+    };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * m + 2) / 5 + d[2] - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    ((days * 86_400 + t[0] * 3600 + t[1] * 60 + t[2]) * 1000 + ms) as u64
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn parses_timestamps() {
+        assert_eq!(super::humantime_parse("1970-01-01T00:00:01.500Z"), 1500);
+        assert_eq!(super::humantime_parse("2023-11-14T22:13:20.000Z"), 1_700_000_000_000);
+    }
+}

@@ -18,7 +18,10 @@ pub struct Exec;
 
 impl Action for Exec {
     fn signature(&self) -> Signature {
-        Signature { required: &["command"], optional: &["args", "env", "cwd", "stdin"] }
+        Signature {
+            required: &["command"],
+            optional: &["args", "env", "cwd", "stdin"],
+        }
     }
 
     fn check(&self, args: &Map<String, Value>) -> Vec<String> {
@@ -60,7 +63,11 @@ impl Action for Exec {
                 .env("OUTPOST_RUN_ID", &call.run_id)
                 .env("OUTPOST_STEP", &call.step)
                 .env("OUTPOST_ATTEMPT", call.attempt.to_string())
-                .stdin(if call.args.get("stdin").is_some() { Stdio::piped() } else { Stdio::null() })
+                .stdin(if call.args.get("stdin").is_some() {
+                    Stdio::piped()
+                } else {
+                    Stdio::null()
+                })
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 // A timed-out or cancelled step must not leave its process running.
@@ -88,10 +95,22 @@ impl Action for Exec {
                     Some(c) => format!("exit code {c}"),
                     None => "killed by a signal".to_string(),
                 };
-                let tail: String = stderr.trim().chars().rev().take(300).collect::<Vec<_>>().into_iter().rev().collect();
+                let tail: String = stderr
+                    .trim()
+                    .chars()
+                    .rev()
+                    .take(300)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect();
                 return Err(ActionError::retryable(
                     "exec.nonzero_exit",
-                    if tail.is_empty() { format!("'{command}' failed with {how}") } else { format!("'{command}' failed with {how}: {tail}") },
+                    if tail.is_empty() {
+                        format!("'{command}' failed with {how}")
+                    } else {
+                        format!("'{command}' failed with {how}: {tail}")
+                    },
                 ));
             }
             let mut output = json!({"exit_code": code, "stdout": stdout, "stderr": stderr});
@@ -110,13 +129,21 @@ mod tests {
     use super::*;
 
     fn call(args: Value) -> Call {
-        Call { run_id: "r".into(), step: "s".into(), attempt: 1, key: "r/s/1".into(), args }
+        Call {
+            run_id: "r".into(),
+            step: "s".into(),
+            attempt: 1,
+            key: "r/s/1".into(),
+            args,
+        }
     }
 
     #[tokio::test]
     async fn captures_output_key_and_json() {
         let out = Exec
-            .execute(call(json!({"command": "sh", "args": ["-c", "echo \"{\\\"k\\\": \\\"$OUTPOST_IDEMPOTENCY_KEY\\\"}\""]})))
+            .execute(call(
+                json!({"command": "sh", "args": ["-c", "echo \"{\\\"k\\\": \\\"$OUTPOST_IDEMPOTENCY_KEY\\\"}\""]}),
+            ))
             .await
             .unwrap();
         assert_eq!(out["exit_code"], json!(0));
@@ -125,10 +152,19 @@ mod tests {
 
     #[tokio::test]
     async fn nonzero_exit_and_missing_command_are_classified() {
-        let e = Exec.execute(call(json!({"command": "sh", "args": ["-c", "echo boom >&2; exit 3"]}))).await.unwrap_err();
+        let e = Exec
+            .execute(call(json!({"command": "sh", "args": ["-c", "echo boom >&2; exit 3"]})))
+            .await
+            .unwrap_err();
         assert_eq!(e.info.kind, "exec.nonzero_exit");
-        assert!(e.retryable && e.info.message.contains("exit code 3") && e.info.message.contains("boom"), "{e:?}");
-        let e = Exec.execute(call(json!({"command": "/no/such/binary"}))).await.unwrap_err();
+        assert!(
+            e.retryable && e.info.message.contains("exit code 3") && e.info.message.contains("boom"),
+            "{e:?}"
+        );
+        let e = Exec
+            .execute(call(json!({"command": "/no/such/binary"})))
+            .await
+            .unwrap_err();
         assert_eq!(e.info.kind, "exec.spawn_failed");
         assert!(!e.retryable);
     }

@@ -35,7 +35,9 @@ impl Http {
                 Client::builder(TokioExecutor::new()).build(conn)
             })
             .map_err(|e| format!("no usable CA certificates in the system store: {e}"));
-        Http { client: Arc::new(built) }
+        Http {
+            client: Arc::new(built),
+        }
     }
 }
 
@@ -49,7 +51,10 @@ const METHODS: &[&str] = &["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPT
 
 impl Action for Http {
     fn signature(&self) -> Signature {
-        Signature { required: &["url"], optional: &["method", "headers", "body"] }
+        Signature {
+            required: &["url"],
+            optional: &["method", "headers", "body"],
+        }
     }
 
     fn check(&self, args: &Map<String, Value>) -> Vec<String> {
@@ -75,14 +80,26 @@ impl Action for Http {
     fn execute(&self, call: Call) -> ActionFuture {
         let client = self.client.clone();
         Box::pin(async move {
-            let client = client.as_ref().as_ref().map_err(|e| ActionError::permanent("http.tls", e.clone()))?;
+            let client = client
+                .as_ref()
+                .as_ref()
+                .map_err(|e| ActionError::permanent("http.tls", e.clone()))?;
             let url = str_arg(&call.args, "url")?;
-            let uri: hyper::Uri =
-                url.parse().map_err(|e| ActionError::permanent("invalid_argument", format!("url '{url}': {e}")))?;
-            let method = call.args.get("method").and_then(Value::as_str).unwrap_or("GET").to_ascii_uppercase();
+            let uri: hyper::Uri = url
+                .parse()
+                .map_err(|e| ActionError::permanent("invalid_argument", format!("url '{url}': {e}")))?;
+            let method = call
+                .args
+                .get("method")
+                .and_then(Value::as_str)
+                .unwrap_or("GET")
+                .to_ascii_uppercase();
             let method = hyper::Method::from_bytes(method.as_bytes())
                 .map_err(|_| ActionError::permanent("invalid_argument", format!("method '{method}'")))?;
-            let mut req = hyper::Request::builder().method(method).uri(uri).header("Idempotency-Key", &call.key);
+            let mut req = hyper::Request::builder()
+                .method(method)
+                .uri(uri)
+                .header("Idempotency-Key", &call.key);
             let body = match call.args.get("body") {
                 None | Some(Value::Null) => Bytes::new(),
                 Some(Value::String(s)) => Bytes::from(s.clone()),
@@ -93,7 +110,10 @@ impl Action for Http {
             };
             if let Some(Value::Object(h)) = call.args.get("headers") {
                 for (k, v) in h {
-                    req = req.header(k.as_str(), v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string()));
+                    req = req.header(
+                        k.as_str(),
+                        v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string()),
+                    );
                 }
             }
             let req = req
@@ -107,7 +127,12 @@ impl Action for Http {
             let headers: Map<String, Value> = resp
                 .headers()
                 .iter()
-                .map(|(k, v)| (k.to_string(), Value::from(String::from_utf8_lossy(v.as_bytes()).into_owned())))
+                .map(|(k, v)| {
+                    (
+                        k.to_string(),
+                        Value::from(String::from_utf8_lossy(v.as_bytes()).into_owned()),
+                    )
+                })
                 .collect();
             let bytes = Limited::new(resp.into_body(), MAX_BODY)
                 .collect()

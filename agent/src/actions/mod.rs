@@ -7,8 +7,8 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use outpost_shared::definition::{ActionCatalog, Signature};
 use outpost_shared::ErrorInfo;
+use outpost_shared::definition::{ActionCatalog, Signature};
 use serde_json::{Map, Value};
 
 pub mod exec;
@@ -41,11 +41,17 @@ pub struct ActionError {
 impl ActionError {
     /// A failure that a retry may fix.
     pub fn retryable(kind: &str, message: impl Into<String>) -> Self {
-        ActionError { info: ErrorInfo::new(kind, message), retryable: true }
+        ActionError {
+            info: ErrorInfo::new(kind, message),
+            retryable: true,
+        }
     }
     /// A failure that a retry cannot fix.
     pub fn permanent(kind: &str, message: impl Into<String>) -> Self {
-        ActionError { info: ErrorInfo::new(kind, message), retryable: false }
+        ActionError {
+            info: ErrorInfo::new(kind, message),
+            retryable: false,
+        }
     }
 }
 
@@ -66,9 +72,27 @@ pub trait Action: Send + Sync + 'static {
 
 /// Engine-level actions: no I/O, resolved in `engine::decide`.
 const ENGINE_ACTIONS: &[(&str, Signature)] = &[
-    ("set", Signature { required: &[], optional: &[] }),
-    ("fail", Signature { required: &[], optional: &["error", "message"] }),
-    ("sleep", Signature { required: &["duration"], optional: &[] }),
+    (
+        "set",
+        Signature {
+            required: &[],
+            optional: &[],
+        },
+    ),
+    (
+        "fail",
+        Signature {
+            required: &[],
+            optional: &["error", "message"],
+        },
+    ),
+    (
+        "sleep",
+        Signature {
+            required: &["duration"],
+            optional: &[],
+        },
+    ),
 ];
 
 /// Actions by name.
@@ -99,7 +123,11 @@ impl Registry {
 
 impl ActionCatalog for Registry {
     fn names(&self) -> Vec<String> {
-        ENGINE_ACTIONS.iter().map(|(n, _)| n.to_string()).chain(self.actions.keys().cloned()).collect()
+        ENGINE_ACTIONS
+            .iter()
+            .map(|(n, _)| n.to_string())
+            .chain(self.actions.keys().cloned())
+            .collect()
     }
 
     fn check(&self, action: &str, args: &Map<String, Value>) -> Option<Vec<String>> {

@@ -1,1 +1,6 @@
+//! End-to-end tests: the real `outpost` binary, real redb files, real processes, SIGKILL.
 
+mod bad_input;
+mod crash;
+mod durable_sleep;
+mod patterns;

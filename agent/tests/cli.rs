@@ -1,0 +1,57 @@
+//! The `outpost` binary's offline commands. (Also makes `cargo test` build the binary that the
+//! end-to-end tests in `tests/` start.)
+
+use std::process::Command;
+
+fn outpost(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .args(args)
+        .output()
+        .expect("run outpost")
+}
+
+#[test]
+fn help_lists_every_command_and_exit_codes() {
+    let out = outpost(&["--help"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for cmd in [
+        "run", "validate", "apply", "start", "list", "show", "wait", "cancel", "status", "bench",
+    ] {
+        assert!(text.contains(cmd), "--help does not mention {cmd}:\n{text}");
+    }
+    assert!(text.contains("Exit codes"), "{text}");
+}
+
+#[test]
+fn validate_examples_and_reject_bad_documents() {
+    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples");
+    let mut files: Vec<String> = std::fs::read_dir(examples)
+        .expect("examples dir")
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().to_string_lossy().into_owned())
+        .filter(|p| p.ends_with(".yaml") || p.ends_with(".json"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty());
+    let mut args = vec!["validate"];
+    args.extend(files.iter().map(String::as_str));
+    let out = outpost(&args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(&bad, "name: bad\nversion: 1\nsteps:\n  - id: a\n    action: teleport\n").unwrap();
+    let out = outpost(&["validate", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(3));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("steps[0] (a).action: unknown action 'teleport'"), "{err}");
+}
+
+#[test]
+fn talking_to_no_agent_exits_5() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = outpost(&["list", "--data-dir", dir.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(5));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach the agent"));
+}

@@ -1,0 +1,72 @@
+//! Bad input gets a clear message and a non-zero exit, and changes nothing in the journal.
+
+use outpost_tests::{Agent, write};
+
+#[test]
+fn bad_definitions_and_inputs_are_rejected_without_touching_the_journal() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = write(
+        dir.path(),
+        "good.yaml",
+        "name: good\nversion: 1\nsteps:\n  - {id: a, action: set, args: {x: '{{ input.x }}'}}\n",
+    );
+    let agent = Agent::start(&dir.path().join("data"), &[]);
+    agent.json(&["apply", &good]);
+    let before = agent.json(&["status"])["journal"]["next_seq"].clone();
+    let defs_before = agent.json(&["definitions"]);
+
+    let cases: Vec<(&str, String, &str)> = vec![
+        ("malformed.yaml", "name: x\nversion: 1\nsteps:\n  - id: a\n   action: set\n".into(), "YAML error"),
+        ("unknown.yaml", "name: x\nversion: 1\nsteps:\n  - {id: a, action: teleport}\n".into(), "steps[0] (a).action: unknown action 'teleport'"),
+        ("cycle.yaml", "name: x\nversion: 1\nsteps:\n  - {id: a, action: set, depends_on: [b]}\n  - {id: b, action: set, depends_on: [a]}\n".into(), "dependency cycle"),
+        ("missing.yaml", "name: x\nversion: 1\nsteps:\n  - {id: a, action: set, depends_on: [ghost]}\n".into(), "steps[0] (a).depends_on: unknown step 'ghost'"),
+        ("args.yaml", "name: x\nversion: 1\nsteps:\n  - {id: a, action: exec, args: {cmd: ls}}\n".into(), "missing required argument 'command'"),
+        ("duration.yaml", "name: x\nversion: 1\nsteps:\n  - {id: a, action: set, timeout: soonish}\n".into(), "steps[0] (a).timeout: 'soonish' is not a duration"),
+        ("huge.yaml", format!("name: x\nversion: 1\n# {}\nsteps: []\n", "p".repeat(1024 * 1024)), "a definition may be at most 1048576 bytes"),
+        ("conflict.yaml", "name: good\nversion: 1\nsteps:\n  - {id: b, action: set}\n".into(), "good version 1 already exists with different content"),
+    ];
+    for (name, text, expect) in &cases {
+        let f = write(dir.path(), name, text);
+        let out = agent.cli(&["apply", &f]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{name} was accepted");
+        assert!(err.contains(expect), "{name}: expected {expect:?} in:\n{err}");
+        assert!(err.contains(name), "{name}: the message does not name the file:\n{err}");
+    }
+
+    // Too big for a command-line argument, so it travels as a file.
+    let big = write(
+        dir.path(),
+        "big.json",
+        &format!(r#"{{"x": "{}"}}"#, "y".repeat(300 * 1024)),
+    );
+    let starts: Vec<(Vec<&str>, i32, &str)> = vec![
+        (
+            vec!["start", "good", "--input", "{not json"],
+            3,
+            "--input is not valid JSON",
+        ),
+        (
+            vec!["start", "good", "--input-file", &big],
+            3,
+            "the limit is 262144 bytes",
+        ),
+        (vec!["start", "nope"], 4, "workflow 'nope' is not defined"),
+        (vec!["start", "good", "--id", "bad id!"], 3, "run id 'bad id!'"),
+        (vec!["start", "good", "--version", "9"], 4, "version 9"),
+    ];
+    for (args, code, expect) in &starts {
+        let out = agent.cli(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(*code), "{args:?}: {err}");
+        assert!(err.contains(expect), "{args:?}: expected {expect:?} in {err}");
+    }
+
+    assert_eq!(
+        agent.json(&["status"])["journal"]["next_seq"],
+        before,
+        "a rejected request wrote to the journal"
+    );
+    assert_eq!(agent.json(&["definitions"]), defs_before);
+    assert!(agent.json(&["list"]).as_array().unwrap().is_empty());
+}
