@@ -199,8 +199,8 @@ async fn start(
     let resp = rt.start(req).await?;
     let mut out = serde_json::to_value(&resp).unwrap_or_default();
     if let Some(secs) = q.wait {
-        let rec = rt.wait(&resp.run_id, Some(wait_limit(secs))).await?;
-        merge_summary(&mut out, &resp.run_id, &rec, &rt)?;
+        let (rec, end) = rt.wait(&resp.run_id, Some(wait_limit(secs))).await?;
+        merge_summary(&mut out, &resp.run_id, &rec, end.as_ref(), &rt)?;
     }
     Ok((
         if resp.created {
@@ -220,14 +220,23 @@ fn wait_limit(secs: f64) -> Duration {
     }
 }
 
-/// Adds status/output/error of a run to `out`.
-fn merge_summary(out: &mut Value, run_id: &str, rec: &RunRecord, rt: &Runtime) -> Result<(), ApiError> {
+/// Adds status/output/error of a run to `out`; `end` is its final event when already known.
+fn merge_summary(
+    out: &mut Value,
+    run_id: &str,
+    rec: &RunRecord,
+    end: Option<&Event>,
+    rt: &Runtime,
+) -> Result<(), ApiError> {
     let summary = run_summary(run_id, rec);
     if let (Value::Object(o), Value::Object(s)) = (&mut *out, summary) {
         o.extend(s);
     }
     if rec.status.is_terminal() {
-        let (output, error) = outcome(rt, run_id)?;
+        let (output, error) = match end {
+            Some(e) => outcome_of(Some(e)),
+            None => outcome(rt, run_id)?,
+        };
         out["output"] = output;
         out["error"] = error;
     }
@@ -237,12 +246,16 @@ fn merge_summary(out: &mut Value, run_id: &str, rec: &RunRecord, rt: &Runtime) -
 /// The output and error of a finished run, from its last event.
 fn outcome(rt: &Runtime, run_id: &str) -> Result<(Value, Value), ApiError> {
     let history = rt.journal().history(run_id)?;
-    Ok(match history.last().map(|(_, r)| &r.event) {
+    Ok(outcome_of(history.last().map(|(_, r)| &r.event)))
+}
+
+fn outcome_of(end: Option<&Event>) -> (Value, Value) {
+    match end {
         Some(Event::RunCompleted { output }) => (serde_json::from_str(output).unwrap_or(Value::Null), Value::Null),
         Some(Event::RunFailed { error }) => (Value::Null, error_json(error)),
         Some(Event::RunCancelled { reason }) => (Value::Null, json!({"kind": "cancelled", "message": reason})),
         _ => (Value::Null, Value::Null),
-    })
+    }
 }
 
 fn error_json(e: &ErrorInfo) -> Value {
@@ -256,9 +269,8 @@ fn run_summary(run_id: &str, r: &RunRecord) -> Value {
         "version": r.version,
         "status": r.status.as_str(),
         "created_at": rfc3339(r.created_ms),
-        "updated_at": rfc3339(r.updated_ms),
-        "duration_ms": r.updated_ms.saturating_sub(r.created_ms),
-        "events": r.events,
+        "finished_at": r.finished_ms.map(rfc3339),
+        "duration_ms": r.finished_ms.unwrap_or_else(now_ms).saturating_sub(r.created_ms),
     })
 }
 
@@ -323,9 +335,9 @@ struct WaitQuery {
 }
 
 async fn wait_run(State(rt): AppState, Path(id): Path<String>, Query(q): Query<WaitQuery>) -> ApiResult {
-    let rec = rt.wait(&id, Some(wait_limit(q.timeout.unwrap_or(0.0)))).await?;
+    let (rec, end) = rt.wait(&id, Some(wait_limit(q.timeout.unwrap_or(0.0)))).await?;
     let mut out = json!({});
-    merge_summary(&mut out, &id, &rec, &rt)?;
+    merge_summary(&mut out, &id, &rec, end.as_ref(), &rt)?;
     Ok(Json(out))
 }
 
@@ -345,7 +357,7 @@ async fn cancel_run(State(rt): AppState, Path(id): Path<String>, body: String) -
         .cancel(&id, b.reason.as_deref().unwrap_or("cancelled by operator"))
         .await?;
     let mut out = json!({});
-    merge_summary(&mut out, &id, &rec, &rt)?;
+    merge_summary(&mut out, &id, &rec, None, &rt)?;
     Ok(Json(out))
 }
 
@@ -356,6 +368,7 @@ pub fn run_detail(rt: &Runtime, id: &str, rec: &RunRecord) -> Result<Value, ApiE
     let state = RunState::replay(&def, id, history.iter().map(|(_, r)| &r.event))
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
     let mut out = run_summary(id, rec);
+    out["events"] = history.len().into();
     out["input"] = state.input.clone();
     out["output"] = state.output.clone().unwrap_or(Value::Null);
     out["error"] = state.error.as_ref().map(error_json).unwrap_or(Value::Null);

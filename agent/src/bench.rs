@@ -46,6 +46,18 @@ fn rss_kib(pid: u32, field: &str) -> Option<u64> {
         .ok()
 }
 
+/// CPU time (user + system) a process has used, in seconds.
+fn cpu_secs(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    let Some(end) = stat.rfind(')') else { return 0.0 };
+    let f: Vec<&str> = stat[end + 1..].split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of /proc/PID/stat; the kernel's USER_HZ is 100.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 fn w1_definition(steps: usize) -> String {
     let mut doc = String::from("name: bench-w1\nversion: 1\nsteps:\n");
     for i in 1..=steps {
@@ -139,6 +151,7 @@ async fn measure(args: &BenchArgs, socket: &Path, pid: u32, child: &mut tokio::p
         args.runs, args.steps, args.concurrency
     );
     let next = Arc::new(AtomicUsize::new(0));
+    let cpu_before = cpu_secs(pid);
     let started = Instant::now();
     let mut workers = Vec::new();
     for _ in 0..args.concurrency.max(1) {
@@ -170,6 +183,7 @@ async fn measure(args: &BenchArgs, socket: &Path, pid: u32, child: &mut tokio::p
     }
     let elapsed = started.elapsed();
     let (_, after) = client.request(Method::GET, "/v1/status", None).await?;
+    let cpu = cpu_secs(pid) - cpu_before;
     let peak_rss = rss_kib(pid, "VmHWM:").unwrap_or(0);
     let rss_after = rss_kib(pid, "VmRSS:").unwrap_or(0);
 
@@ -198,6 +212,14 @@ async fn measure(args: &BenchArgs, socket: &Path, pid: u32, child: &mut tokio::p
     fig(
         "events per commit",
         format!("{:.1}", events as f64 / commits.max(1) as f64),
+    );
+    fig(
+        "daemon CPU",
+        format!(
+            "{:.0}% of one core, {:.0} us per step",
+            100.0 * cpu / secs,
+            1e6 * cpu / steps
+        ),
     );
     fig("idle RSS (daemon)", format!("{:.1} MB", idle_rss as f64 / 1024.0));
     fig("peak RSS (daemon)", format!("{:.1} MB", peak_rss as f64 / 1024.0));

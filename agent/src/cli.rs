@@ -471,7 +471,10 @@ async fn remote(client: Client, cmd: Cmd, as_json: bool) -> Result<u8, Failure> 
             println!("workflow:  {} v{}", s(&v["workflow"]), v["version"]);
             println!("status:    {}", s(&v["status"]));
             println!("started:   {}", s(&v["created_at"]));
-            println!("updated:   {} ({} events)", s(&v["updated_at"]), v["events"]);
+            if !v["finished_at"].is_null() {
+                println!("finished:  {}", s(&v["finished_at"]));
+            }
+            println!("duration:  {} ({} events)", ms(&v["duration_ms"]), v["events"]);
             println!("input:     {}", v["input"]);
             if !v["waiting"].is_null() {
                 println!("waiting:   {}", s(&v["waiting"]));
@@ -732,7 +735,7 @@ async fn daemon(data_dir: &Path, socket: &Path, args: RunArgs) -> Result<u8, Fai
                 Ok(r) => {
                     info!(run_id = %r.run_id, "started run; follow it with `outpost show {}`", r.run_id);
                     match runtime.wait(&r.run_id, None).await {
-                        Ok(rec) => {
+                        Ok((rec, _)) => {
                             let detail = crate::api::run_detail(&runtime, &r.run_id, &rec).ok();
                             let out = json!({
                                 "run_id": r.run_id,

@@ -6,6 +6,7 @@
 //! thread. Each event gets a device-wide, gap-free sequence number: the `events` table keyed by
 //! it is also the outbox that sync will ship from.
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -117,10 +118,9 @@ pub struct RunRecord {
     pub status: RunStatus,
     /// Created (ms since epoch).
     pub created_ms: u64,
-    /// Last event (ms since epoch).
-    pub updated_ms: u64,
-    /// Number of events.
-    pub events: u32,
+    /// Finished (ms since epoch); the row is written only at start and at the end, so appends
+    /// in between touch just the event tables.
+    pub finished_ms: Option<u64>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -228,7 +228,7 @@ impl Journal {
                 redb::DatabaseError::DatabaseAlreadyOpen => JournalError::Locked(path.display().to_string()),
                 other => other.into(),
             })?;
-        let next_seq = {
+        let (next_seq, active) = {
             let txn = db.begin_write()?;
             let next = {
                 let mut meta = txn.open_table(META)?;
@@ -249,8 +249,12 @@ impl Journal {
                 txn.open_table(TIMERS)?;
                 meta.get("next_seq")?.map(|v| v.value()).unwrap_or(1)
             };
+            let mut active = HashSet::new();
+            for row in txn.open_table(ACTIVE)?.iter()? {
+                active.insert(row?.0.value().to_string());
+            }
             txn.commit()?;
-            next
+            (next, active)
         };
         let db = Arc::new(db);
         let stats = Arc::new(Stats::default());
@@ -260,6 +264,9 @@ impl Journal {
             next_seq,
             clock,
             stats: stats.clone(),
+            active,
+            started: HashSet::new(),
+            finished: HashSet::new(),
         };
         std::thread::Builder::new()
             .name("journal-writer".into())
@@ -430,6 +437,11 @@ struct Writer {
     next_seq: u64,
     clock: Arc<dyn Clock>,
     stats: Arc<Stats>,
+    /// Unfinished runs, mirrored from `active_runs` so appends need no lookup.
+    active: HashSet<String>,
+    /// Changes to `active` made by the batch being written, applied only once it commits.
+    started: HashSet<String>,
+    finished: HashSet<String>,
 }
 
 /// An operation's outcome inside a transaction, answered only after the commit.
@@ -526,8 +538,14 @@ impl Writer {
             txn.commit()?;
             Ok(events_written)
         })();
+        let started = std::mem::take(&mut self.started);
+        let finished = std::mem::take(&mut self.finished);
         match result {
             Ok(events) => {
+                self.active.extend(started);
+                for id in &finished {
+                    self.active.remove(id);
+                }
                 self.stats.commits.fetch_add(1, Ordering::Relaxed);
                 self.stats.ops.fetch_add(n, Ordering::Relaxed);
                 self.stats.events.fetch_add(events, Ordering::Relaxed);
@@ -578,6 +596,10 @@ impl Writer {
         Ok(seq)
     }
 
+    fn is_active(&self, run_id: &str) -> bool {
+        (self.active.contains(run_id) || self.started.contains(run_id)) && !self.finished.contains(run_id)
+    }
+
     fn start(&mut self, t: &mut Tables, run_id: &str, event: Event, now: u64) -> Result<Started, JournalError> {
         if let Some(existing) = t.runs.get(run_id)? {
             return Ok(Started::Existing(decode_run(existing.value())?));
@@ -590,22 +612,21 @@ impl Writer {
             version: *version,
             status: RunStatus::Running,
             created_ms: now,
-            updated_ms: now,
-            events: 1,
+            finished_ms: None,
         };
         t.runs.insert(run_id, encode_run(&rec).as_slice())?;
         t.active.insert(run_id, ())?;
+        self.started.insert(run_id.to_string());
         self.write_event(t, run_id, now, event)?;
         Ok(Started::Created)
     }
 
     fn append(&mut self, t: &mut Tables, run_id: &str, events: Vec<Event>, now: u64) -> Result<u64, JournalError> {
-        let mut rec = match t.runs.get(run_id)? {
-            Some(v) => decode_run(v.value())?,
-            None => return Err(JournalError::NoSuchRun(run_id.to_string())),
-        };
-        if rec.status.is_terminal() {
-            return Err(JournalError::RunFinished(run_id.to_string()));
+        if !self.is_active(run_id) {
+            return Err(match t.runs.get(run_id)? {
+                Some(_) => JournalError::RunFinished(run_id.to_string()),
+                None => JournalError::NoSuchRun(run_id.to_string()),
+            });
         }
         let mut last = 0;
         for e in events {
@@ -616,15 +637,19 @@ impl Writer {
                 _ => None,
             };
             last = self.write_event(t, run_id, now, e)?;
-            rec.events += 1;
-            if let Some(s) = terminal {
-                rec.status = s;
+            if let Some(status) = terminal {
+                let mut rec = match t.runs.get(run_id)? {
+                    Some(v) => decode_run(v.value())?,
+                    None => return Err(JournalError::NoSuchRun(run_id.to_string())),
+                };
+                rec.status = status;
+                rec.finished_ms = Some(now);
+                t.runs.insert(run_id, encode_run(&rec).as_slice())?;
                 t.active.remove(run_id)?;
+                self.finished.insert(run_id.to_string());
                 break;
             }
         }
-        rec.updated_ms = now;
-        t.runs.insert(run_id, encode_run(&rec).as_slice())?;
         Ok(last)
     }
 }

@@ -121,7 +121,8 @@ pub struct StartResponse {
 
 struct RunHandle {
     cancel: mpsc::Sender<String>,
-    done: watch::Receiver<bool>,
+    /// Becomes the run's final event when its driver stops.
+    done: watch::Receiver<Option<Event>>,
 }
 
 struct Inner {
@@ -131,6 +132,8 @@ struct Inner {
     activities: Arc<Semaphore>,
     config: RuntimeConfig,
     definitions: Mutex<HashMap<(String, u32), Arc<Definition>>>,
+    /// Latest version per name, for names looked up since start (this process owns the journal).
+    latest: Mutex<HashMap<String, u32>>,
     runs: Mutex<HashMap<String, RunHandle>>,
 }
 
@@ -171,6 +174,7 @@ impl Runtime {
                 activities: Arc::new(Semaphore::new(config.max_activities.max(1))),
                 config,
                 definitions: Mutex::new(HashMap::new()),
+                latest: Mutex::new(HashMap::new()),
                 runs: Mutex::new(HashMap::new()),
             }),
         })
@@ -257,11 +261,15 @@ impl Runtime {
             .put_definition(def.name(), def.version(), def.to_json())
             .await?;
         lock(&self.inner.definitions).insert((def.name().to_string(), def.version()), def.clone());
+        if let Some(v) = lock(&self.inner.latest).get_mut(def.name()) {
+            *v = (*v).max(def.version());
+        }
         Ok((def, applied))
     }
 
     /// A stored definition (latest version when `version` is `None`).
     pub fn definition(&self, name: &str, version: Option<u32>) -> Result<Arc<Definition>, RuntimeError> {
+        let version = version.or_else(|| lock(&self.inner.latest).get(name).copied());
         if let Some(v) = version {
             if let Some(d) = lock(&self.inner.definitions).get(&(name.to_string(), v)) {
                 return Ok(d.clone());
@@ -278,6 +286,9 @@ impl Runtime {
         }
         let def = Arc::new(definition::parse(&rec.json, &self.inner.registry)?);
         lock(&self.inner.definitions).insert((name.to_string(), v), def.clone());
+        if version.is_none() {
+            lock(&self.inner.latest).insert(name.to_string(), v);
+        }
         Ok(def)
     }
 
@@ -341,24 +352,31 @@ impl Runtime {
         format!("{:011x}{:05x}", self.inner.clock.now_ms(), fastrand::u32(..1 << 20))
     }
 
-    /// Waits until the run finishes or `timeout` passes; returns its summary row either way.
-    pub async fn wait(&self, run_id: &str, timeout: Option<Duration>) -> Result<RunRecord, RuntimeError> {
+    /// Waits until the run finishes or `timeout` passes; returns its summary row either way,
+    /// and its final event when this call saw it end.
+    pub async fn wait(
+        &self,
+        run_id: &str,
+        timeout: Option<Duration>,
+    ) -> Result<(RunRecord, Option<Event>), RuntimeError> {
         let done = lock(&self.inner.runs).get(run_id).map(|h| h.done.clone());
+        let mut end = None;
         if let Some(mut done) = done {
-            let wait = done.wait_for(|d| *d);
-            match timeout {
-                Some(t) => {
-                    let _ = tokio::time::timeout(t, wait).await;
-                }
-                None => {
-                    let _ = wait.await;
-                }
-            }
+            let wait = async {
+                let _ = done.wait_for(Option::is_some).await;
+                done.borrow().clone()
+            };
+            end = match timeout {
+                Some(t) => tokio::time::timeout(t, wait).await.ok().flatten(),
+                None => wait.await,
+            };
         }
-        self.inner
+        let rec = self
+            .inner
             .journal
             .run(run_id)?
-            .ok_or_else(|| RuntimeError::NoSuchRun(run_id.to_string()))
+            .ok_or_else(|| RuntimeError::NoSuchRun(run_id.to_string()))?;
+        Ok((rec, end))
     }
 
     /// Cancels a run: stops its activities and journals `RunCancelled`. Returns its final row.
@@ -369,7 +387,7 @@ impl Runtime {
         match handle {
             Some((cancel, mut done)) => {
                 let _ = cancel.send(reason.to_string()).await;
-                let _ = done.wait_for(|d| *d).await;
+                let _ = done.wait_for(Option::is_some).await;
                 self.inner
                     .journal
                     .run(run_id)?
@@ -388,7 +406,7 @@ impl Runtime {
 
     fn spawn_driver(&self, def: Arc<Definition>, st: RunState) {
         let (cancel_tx, cancel_rx) = mpsc::channel(1);
-        let (done_tx, done_rx) = watch::channel(false);
+        let (done_tx, done_rx) = watch::channel(None);
         let run_id = st.run_id.clone();
         lock(&self.inner.runs).insert(
             run_id.clone(),
@@ -401,7 +419,7 @@ impl Runtime {
         let span = info_span!("run", run_id = %run_id, workflow = def.name());
         tokio::spawn(
             async move {
-                Driver {
+                let end = Driver {
                     inner: inner.clone(),
                     def,
                     st,
@@ -409,7 +427,7 @@ impl Runtime {
                 .run(cancel_rx)
                 .await;
                 lock(&inner.runs).remove(&run_id);
-                let _ = done_tx.send(true);
+                let _ = done_tx.send(Some(end));
             }
             .instrument(span),
         );
@@ -447,7 +465,8 @@ struct Driver {
 }
 
 impl Driver {
-    async fn run(mut self, mut cancel_rx: mpsc::Receiver<String>) {
+    /// Drives the run to its end; returns the final event.
+    async fn run(mut self, mut cancel_rx: mpsc::Receiver<String>) -> Event {
         let mut tasks: JoinSet<TaskResult> = JoinSet::new();
         let mut slots: HashMap<tokio::task::Id, Slot> = HashMap::new();
         loop {
@@ -587,6 +606,22 @@ impl Driver {
                 warn!(error = %self.st.error.as_ref().map(|e| e.to_string()).unwrap_or_default(), "run failed")
             }
             _ => {}
+        }
+        match self.st.status {
+            RunStatus::Completed => Event::RunCompleted {
+                output: self
+                    .st
+                    .output
+                    .as_ref()
+                    .map(Value::to_string)
+                    .unwrap_or_else(|| "null".into()),
+            },
+            RunStatus::Cancelled | RunStatus::Running => Event::RunCancelled {
+                reason: self.st.error.as_ref().map(|e| e.message.clone()).unwrap_or_default(),
+            },
+            RunStatus::Failed => Event::RunFailed {
+                error: self.st.error.clone().unwrap_or_else(|| ErrorInfo::new("unknown", "")),
+            },
         }
     }
 
