@@ -304,10 +304,10 @@ async fn list_runs(State(rt): AppState, Query(q): Query<ListQuery>) -> ApiResult
             .into_iter()
             .map(|(id, rec)| {
                 let mut v = run_summary(&id, &rec);
-                if rec.status == RunStatus::Running {
-                    if let Ok(detail) = run_detail(&rt2, &id, &rec) {
-                        v["waiting"] = detail["waiting"].clone();
-                    }
+                if rec.status == RunStatus::Running
+                    && let Ok(detail) = run_detail(&rt2, &id, &rec)
+                {
+                    v["waiting"] = detail["waiting"].clone();
                 }
                 v
             })
@@ -479,10 +479,10 @@ fn history_row(seq: u64, r: &Record) -> Value {
         fields = json!({});
     }
     for k in ["input", "output"] {
-        if let Some(Value::String(s)) = fields.get(k) {
-            if let Ok(v) = serde_json::from_str::<Value>(s) {
-                fields[k] = v;
-            }
+        if let Some(Value::String(s)) = fields.get(k)
+            && let Ok(v) = serde_json::from_str::<Value>(s)
+        {
+            fields[k] = v;
         }
     }
     fields["seq"] = seq.into();

@@ -78,10 +78,10 @@ fn w1_definition(steps: usize) -> String {
 async fn wait_for_socket(socket: &Path, child: &mut tokio::process::Child) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        if let Ok(mut c) = Connection::open(socket).await {
-            if c.request(Method::GET, "/v1/health", None).await.is_ok() {
-                return Ok(());
-            }
+        if let Ok(mut c) = Connection::open(socket).await
+            && c.request(Method::GET, "/v1/health", None).await.is_ok()
+        {
+            return Ok(());
         }
         if let Some(status) = child.try_wait()? {
             bail!("the benchmark agent exited early with {status}");

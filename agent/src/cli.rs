@@ -799,12 +799,12 @@ fn bind_socket(socket: &Path) -> Result<tokio::net::UnixListener, Failure> {
             .with_context(|| format!("removing stale socket {}", socket.display()))
             .map_err(Failure::from)?;
     }
-    if let Some(parent) = socket.parent() {
-        if !parent.as_os_str().is_empty() {
-            std::fs::create_dir_all(parent)
-                .with_context(|| format!("creating {}", parent.display()))
-                .map_err(Failure::from)?;
-        }
+    if let Some(parent) = socket.parent()
+        && !parent.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))
+            .map_err(Failure::from)?;
     }
     let listener = tokio::net::UnixListener::bind(socket)
         .with_context(|| format!("binding {}", socket.display()))

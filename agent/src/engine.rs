@@ -628,18 +628,31 @@ fn complete_run(def: &Definition, st: &RunState, ctx: &mut Ctx, last: Option<usi
     })]
 }
 
+/// One failed attempt, as the runtime saw it.
+#[derive(Debug, Clone)]
+pub struct FailedAttempt<'a> {
+    /// Step id.
+    pub step: &'a str,
+    /// Visit.
+    pub visit: u32,
+    /// Attempt number.
+    pub attempt: u32,
+    /// What went wrong.
+    pub error: ErrorInfo,
+    /// False when the action says retrying cannot help.
+    pub retryable: bool,
+}
+
 /// Events recording a failed attempt: a retry at a backed-off time, or the step's failure.
 /// `unit` is a random number in [0,1) for jitter, supplied by the caller so this stays pure.
-pub fn attempt_failed(
-    plan: &StepPlan,
-    step: &str,
-    visit: u32,
-    attempt: u32,
-    error: ErrorInfo,
-    retryable: bool,
-    now_ms: u64,
-    unit: f64,
-) -> Vec<Event> {
+pub fn attempt_failed(plan: &StepPlan, failed: FailedAttempt, now_ms: u64, unit: f64) -> Vec<Event> {
+    let FailedAttempt {
+        step,
+        visit,
+        attempt,
+        error,
+        retryable,
+    } = failed;
     let retry = retryable && !plan.retry.is_non_retryable(&error.kind) && attempt < plan.retry.max_attempts;
     if retry {
         let delay = plan.retry.delay(attempt + 1, unit);
@@ -738,7 +751,14 @@ mod tests {
                                 output: v.to_string(),
                             }),
                             Err(e) => {
-                                events.extend(attempt_failed(&d.plans[step], &id, visit, attempt, e, true, now, 0.5))
+                                let f = FailedAttempt {
+                                    step: &id,
+                                    visit,
+                                    attempt,
+                                    error: e,
+                                    retryable: true,
+                                };
+                                events.extend(attempt_failed(&d.plans[step], f, now, 0.5))
                             }
                         }
                     }

@@ -4,6 +4,8 @@
 //! activities, timers, resumes after a crash), `actions` are what steps can do, `api` and
 //! `client` are the local HTTP-over-Unix-socket API, and `cli` is the `outpost` command.
 
+#![warn(missing_docs)]
+
 pub mod actions;
 pub mod api;
 pub mod bench;

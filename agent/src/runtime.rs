@@ -21,7 +21,7 @@ use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::actions::{Call, Registry};
 use crate::clock::{Clock, SystemClock, remaining_ms};
-use crate::engine::{self, Command, RunState, RunStatus};
+use crate::engine::{self, Command, FailedAttempt, RunState, RunStatus};
 use crate::journal::{Applied, Journal, JournalConfig, JournalError, RunRecord, Started};
 
 /// Largest run input accepted, in bytes of JSON.
@@ -270,10 +270,10 @@ impl Runtime {
     /// A stored definition (latest version when `version` is `None`).
     pub fn definition(&self, name: &str, version: Option<u32>) -> Result<Arc<Definition>, RuntimeError> {
         let version = version.or_else(|| lock(&self.inner.latest).get(name).copied());
-        if let Some(v) = version {
-            if let Some(d) = lock(&self.inner.definitions).get(&(name.to_string(), v)) {
-                return Ok(d.clone());
-            }
+        if let Some(v) = version
+            && let Some(d) = lock(&self.inner.definitions).get(&(name.to_string(), v))
+        {
+            return Ok(d.clone());
         }
         let Some((v, rec)) = self.inner.journal.definition(name, version)? else {
             return Err(RuntimeError::NoSuchWorkflow {
@@ -310,15 +310,13 @@ impl Runtime {
             }
             None => self.new_run_id(),
         };
-        if req_had_id {
-            if let Some(rec) = self.inner.journal.run(&run_id)? {
-                return Ok(StartResponse {
-                    run_id,
-                    created: false,
-                    workflow: rec.workflow,
-                    version: rec.version,
-                });
-            }
+        if req_had_id && let Some(rec) = self.inner.journal.run(&run_id)? {
+            return Ok(StartResponse {
+                run_id,
+                created: false,
+                workflow: rec.workflow,
+                version: rec.version,
+            });
         }
         let def = self.definition(&req.workflow, req.version)?;
         let event = Event::RunStarted {
@@ -580,8 +578,19 @@ impl Driver {
                             error!(?slot, "activity task panicked");
                             if let Some((step, visit, attempt)) = slot {
                                 let id = self.def.doc.steps[step].id.clone();
-                                let events = engine::attempt_failed(&self.def.plans[step], &id, visit, attempt,
-                                    ErrorInfo::new("internal", "the action panicked"), false, self.inner.clock.now_ms(), 0.0);
+                                let failed = FailedAttempt {
+                                    step: &id,
+                                    visit,
+                                    attempt,
+                                    error: ErrorInfo::new("internal", "the action panicked"),
+                                    retryable: false,
+                                };
+                                let events = engine::attempt_failed(
+                                    &self.def.plans[step],
+                                    failed,
+                                    self.inner.clock.now_ms(),
+                                    0.0,
+                                );
                                 self.journal(events, &mut tasks).await;
                                 if self.st.status.is_terminal() {
                                     break;
@@ -640,11 +649,11 @@ impl Driver {
         self.absorb(events.clone());
         if !self.st.status.is_terminal() {
             let next = engine::decide(&self.def, &self.st);
-            if let [Command::Record(end)] = next.as_slice() {
-                if end.is_terminal() {
-                    self.absorb(vec![end.clone()]);
-                    events.push(end.clone());
-                }
+            if let [Command::Record(end)] = next.as_slice()
+                && end.is_terminal()
+            {
+                self.absorb(vec![end.clone()]);
+                events.push(end.clone());
             }
         }
         if self.st.status.is_terminal() {
@@ -745,16 +754,14 @@ async fn activity(
                     "output_too_large",
                     format!("output is {} bytes; the limit is {MAX_OUTPUT_BYTES}", text.len()),
                 );
-                engine::attempt_failed(
-                    plan,
-                    &step_def.id,
+                let failed = FailedAttempt {
+                    step: &step_def.id,
                     visit,
                     attempt,
-                    err,
-                    false,
-                    inner.clock.now_ms(),
-                    0.0,
-                )
+                    error: err,
+                    retryable: false,
+                };
+                engine::attempt_failed(plan, failed, inner.clock.now_ms(), 0.0)
             } else {
                 info!("attempt succeeded");
                 vec![Event::StepCompleted {
@@ -766,16 +773,14 @@ async fn activity(
         }
         Err(e) => {
             warn!(error = %e.info, "attempt failed");
-            engine::attempt_failed(
-                plan,
-                &step_def.id,
+            let failed = FailedAttempt {
+                step: &step_def.id,
                 visit,
                 attempt,
-                e.info,
-                e.retryable,
-                inner.clock.now_ms(),
-                fastrand::f64(),
-            )
+                error: e.info,
+                retryable: e.retryable,
+            };
+            engine::attempt_failed(plan, failed, inner.clock.now_ms(), fastrand::f64())
         }
     };
     TaskResult {

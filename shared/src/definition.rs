@@ -526,12 +526,11 @@ impl Checker {
                     at,
                     format!("unknown variable '{root}' (use one of: {})", expr::ROOTS.join(", ")),
                 );
-            } else if root == "steps" {
-                if let Some(step) = parts.next() {
-                    if !ids.contains_key(step) {
-                        self.push(at, format!("refers to unknown step '{step}'"));
-                    }
-                }
+            } else if root == "steps"
+                && let Some(step) = parts.next()
+                && !ids.contains_key(step)
+            {
+                self.push(at, format!("refers to unknown step '{step}'"));
             }
         }
     }
@@ -660,11 +659,11 @@ fn check_dag(doc: &Document, plans: &[StepPlan], index: &HashMap<String, usize>,
             }
         }
     }
-    if seen < plans.len() {
-        if let Some(cycle) = find_cycle(plans) {
-            let names: Vec<&str> = cycle.iter().map(|&i| doc.steps[i].id.as_str()).collect();
-            c.push("steps", format!("dependency cycle: {}", names.join(" -> ")));
-        }
+    if seen < plans.len()
+        && let Some(cycle) = find_cycle(plans)
+    {
+        let names: Vec<&str> = cycle.iter().map(|&i| doc.steps[i].id.as_str()).collect();
+        c.push("steps", format!("dependency cycle: {}", names.join(" -> ")));
     }
 }
 

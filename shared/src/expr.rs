@@ -33,10 +33,10 @@ pub struct ExprError(pub String);
 fn mj_err(e: minijinja::Error) -> ExprError {
     // MiniJinja's Display includes the detail line ("undefined value", "unknown filter") we want.
     let mut msg = e.to_string();
-    if let Some(detail) = e.detail() {
-        if !msg.contains(detail) {
-            msg = format!("{msg}: {detail}");
-        }
+    if let Some(detail) = e.detail()
+        && !msg.contains(detail)
+    {
+        msg = format!("{msg}: {detail}");
     }
     ExprError(msg)
 }

@@ -2,6 +2,8 @@
 //! the expression language used by conditions and templates, and the journal's event records
 //! with their versioned binary codec.
 
+#![warn(missing_docs)]
+
 pub mod definition;
 pub mod expr;
 pub mod journal;

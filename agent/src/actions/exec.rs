@@ -26,15 +26,16 @@ impl Action for Exec {
 
     fn check(&self, args: &Map<String, Value>) -> Vec<String> {
         let mut p = Vec::new();
-        if let Some(a) = args.get("args") {
-            if !a.is_array() && !a.as_str().is_some_and(outpost_shared::expr::is_template) {
-                p.push("'args' must be a list".to_string());
-            }
+        if let Some(a) = args.get("args")
+            && !a.is_array()
+            && !a.as_str().is_some_and(outpost_shared::expr::is_template)
+        {
+            p.push("'args' must be a list".to_string());
         }
-        if let Some(e) = args.get("env") {
-            if !e.is_object() {
-                p.push("'env' must be a map of names to values".to_string());
-            }
+        if let Some(e) = args.get("env")
+            && !e.is_object()
+        {
+            p.push("'env' must be a map of names to values".to_string());
         }
         p
     }
@@ -75,13 +76,13 @@ impl Action for Exec {
             let mut child = cmd
                 .spawn()
                 .map_err(|e| ActionError::permanent("exec.spawn_failed", format!("cannot start '{command}': {e}")))?;
-            if let Some(input) = call.args.get("stdin") {
-                if let Some(mut stdin) = child.stdin.take() {
-                    use tokio::io::AsyncWriteExt;
-                    let text = input.as_str().map(str::to_string).unwrap_or_else(|| input.to_string());
-                    // A child that exits without reading stdin is not an error of ours.
-                    let _ = stdin.write_all(text.as_bytes()).await;
-                }
+            if let Some(input) = call.args.get("stdin")
+                && let Some(mut stdin) = child.stdin.take()
+            {
+                use tokio::io::AsyncWriteExt;
+                let text = input.as_str().map(str::to_string).unwrap_or_else(|| input.to_string());
+                // A child that exits without reading stdin is not an error of ours.
+                let _ = stdin.write_all(text.as_bytes()).await;
             }
             let out = child
                 .wait_with_output()
@@ -114,10 +115,10 @@ impl Action for Exec {
                 ));
             }
             let mut output = json!({"exit_code": code, "stdout": stdout, "stderr": stderr});
-            if let Ok(parsed) = serde_json::from_str::<Value>(stdout.trim()) {
-                if parsed.is_object() || parsed.is_array() || parsed.is_number() {
-                    output["json"] = parsed;
-                }
+            if let Ok(parsed) = serde_json::from_str::<Value>(stdout.trim())
+                && (parsed.is_object() || parsed.is_array() || parsed.is_number())
+            {
+                output["json"] = parsed;
             }
             Ok(output)
         })

@@ -59,20 +59,22 @@ impl Action for Http {
 
     fn check(&self, args: &Map<String, Value>) -> Vec<String> {
         let mut p = Vec::new();
-        if let Some(Value::String(m)) = args.get("method") {
-            if !outpost_shared::expr::is_template(m) && !METHODS.contains(&m.to_ascii_uppercase().as_str()) {
-                p.push(format!("method '{m}' is not one of {}", METHODS.join(", ")));
-            }
+        if let Some(Value::String(m)) = args.get("method")
+            && !outpost_shared::expr::is_template(m)
+            && !METHODS.contains(&m.to_ascii_uppercase().as_str())
+        {
+            p.push(format!("method '{m}' is not one of {}", METHODS.join(", ")));
         }
-        if let Some(Value::String(u)) = args.get("url") {
-            if !outpost_shared::expr::is_template(u) && !(u.starts_with("http://") || u.starts_with("https://")) {
-                p.push(format!("url '{u}' must start with http:// or https://"));
-            }
+        if let Some(Value::String(u)) = args.get("url")
+            && !outpost_shared::expr::is_template(u)
+            && !(u.starts_with("http://") || u.starts_with("https://"))
+        {
+            p.push(format!("url '{u}' must start with http:// or https://"));
         }
-        if let Some(h) = args.get("headers") {
-            if !h.is_object() {
-                p.push("'headers' must be a map".into());
-            }
+        if let Some(h) = args.get("headers")
+            && !h.is_object()
+        {
+            p.push("'headers' must be a map".into());
         }
         p
     }

@@ -137,14 +137,12 @@ impl ActionCatalog for Registry {
                 return Some(Vec::new());
             }
             let mut p = sig.check_names(args);
-            if action == "sleep" {
-                if let Some(Value::String(d)) = args.get("duration") {
-                    if !outpost_shared::expr::is_template(d) {
-                        if let Err(e) = outpost_shared::definition::parse_duration(d) {
-                            p.push(format!("duration: {e}"));
-                        }
-                    }
-                }
+            if action == "sleep"
+                && let Some(Value::String(d)) = args.get("duration")
+                && !outpost_shared::expr::is_template(d)
+                && let Err(e) = outpost_shared::definition::parse_duration(d)
+            {
+                p.push(format!("duration: {e}"));
             }
             return Some(p);
         }

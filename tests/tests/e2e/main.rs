@@ -3,4 +3,5 @@
 mod bad_input;
 mod crash;
 mod durable_sleep;
+mod examples;
 mod patterns;
