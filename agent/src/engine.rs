@@ -1053,4 +1053,113 @@ mod tests {
         let (st, _) = simulate(&d, json!({}), |_, _| Ok(json!(null)));
         assert_eq!(st.status, RunStatus::Failed);
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// A random DAG: step i depends on a subset of the steps before it.
+        fn arb_dag() -> impl Strategy<Value = (String, usize)> {
+            (1usize..7).prop_flat_map(|n| {
+                let deps = proptest::collection::vec(proptest::collection::vec(any::<bool>(), n), n);
+                let attempts = proptest::collection::vec(1u32..4, n);
+                (Just(n), deps, attempts).prop_map(|(n, deps, attempts)| {
+                    let mut doc = String::from("name: p\nversion: 1\nsteps:\n");
+                    for i in 0..n {
+                        let d: Vec<String> = (0..i).filter(|&j| deps[i][j]).map(|j| format!("s{j}")).collect();
+                        doc.push_str(&format!(
+                            "  - id: s{i}\n    action: x\n    depends_on: [{}]\n    retry: {{max_attempts: {}, initial_interval: 1s, jitter: 0}}\n",
+                            d.join(", "),
+                            attempts[i]
+                        ));
+                    }
+                    (doc, n)
+                })
+            })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(300))]
+
+            /// Whatever fails and wherever the process crashes, a completed step never runs
+            /// again, steps run only after their dependencies, every attempt of a step uses the
+            /// same key, and replaying the history reproduces the state.
+            #[test]
+            fn crashes_and_failures_keep_the_invariants(
+                (doc, n) in arb_dag(),
+                failures in proptest::collection::vec(any::<bool>(), 64),
+                crashes in proptest::collection::vec(any::<bool>(), 64),
+            ) {
+                let d = def(&doc);
+                let mut st = RunState::new(&d, "r1", Value::Null);
+                let mut history = vec![Event::RunStarted { workflow: "p".into(), version: 1, input: "null".into() }];
+                let (mut fi, mut ci, mut now) = (0usize, 0usize, 1_000u64);
+                for _ in 0..500 {
+                    let cmds = decide(&d, &st);
+                    if cmds.is_empty() {
+                        break;
+                    }
+                    let mut batch = Vec::new();
+                    for c in cmds {
+                        match c {
+                            Command::Record(e) => batch.push(e),
+                            Command::RunActivity { step, visit, attempt, key, not_before_ms, .. } => {
+                                let id = d.doc.steps[step].id.clone();
+                                now = now.max(not_before_ms.unwrap_or(0));
+                                batch.push(Event::AttemptStarted { step: id.clone(), visit, attempt, key });
+                                ci += 1;
+                                if crashes[ci % crashes.len()] && ci % 3 == 0 {
+                                    // Crash after the start was journaled, before any result.
+                                    break;
+                                }
+                                fi += 1;
+                                if failures[fi % failures.len()] {
+                                    let f = FailedAttempt { step: &id, visit, attempt, error: ErrorInfo::new("e", "x"), retryable: true };
+                                    batch.extend(attempt_failed(&d.plans[step], f, now, 0.0));
+                                } else {
+                                    batch.push(Event::StepCompleted { step: id, visit, output: "1".into() });
+                                }
+                            }
+                            other => prop_assert!(false, "unexpected command {:?}", other),
+                        }
+                    }
+                    for e in &batch {
+                        st.apply(&d, e).unwrap();
+                    }
+                    history.extend(batch);
+                    // Every so often the process restarts: state comes only from the journal.
+                    if ci % 4 == 0 {
+                        st = RunState::replay(&d, "r1", &history).unwrap();
+                    }
+                }
+                prop_assert!(st.status.is_terminal(), "run did not finish: {:?}", st.status);
+
+                let pos = |kind: &str, step: &str| -> Vec<usize> {
+                    history.iter().enumerate().filter(|(_, e)| e.name() == kind && e.step() == Some(step)).map(|(i, _)| i).collect()
+                };
+                for i in 0..n {
+                    let id = format!("s{i}");
+                    let done = pos("step_completed", &id);
+                    prop_assert!(done.len() <= 1, "{} completed {} times", id, done.len());
+                    if let Some(&at) = done.first() {
+                        prop_assert!(pos("attempt_started", &id).iter().all(|&s| s < at), "{} started after completing", id);
+                        for &dep in &d.plans[i].deps {
+                            let dep_done = pos("step_completed", &format!("s{dep}"));
+                            prop_assert!(dep_done.first().is_some_and(|&x| x < at), "{} finished before its dependency s{}", id, dep);
+                        }
+                    }
+                    for e in &history {
+                        if let Event::AttemptStarted { step, key, .. } = e {
+                            prop_assert_eq!(key, &idempotency_key("r1", step, 1));
+                        }
+                    }
+                }
+                let replayed = RunState::replay(&d, "r1", &history).unwrap();
+                prop_assert_eq!(replayed.status, st.status);
+                prop_assert_eq!(replayed.output, st.output);
+                let all_done = (0..n).all(|i| !pos("step_completed", &format!("s{i}")).is_empty());
+                prop_assert_eq!(st.status == RunStatus::Completed, all_done);
+            }
+        }
+    }
 }
