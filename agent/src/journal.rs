@@ -595,10 +595,10 @@ impl Writer {
         let n = batch.len() as u64;
         let start_seq = self.next_seq;
         let mut outcomes = Vec::with_capacity(batch.len());
-        if self.db.is_none() {
-            if let Err(e) = self.reopen() {
-                tracing::error!(error = %e, "journal is still unavailable");
-            }
+        if self.db.is_none()
+            && let Err(e) = self.reopen()
+        {
+            tracing::error!(error = %e, "journal is still unavailable");
         }
         let result = (|| -> Result<u64, JournalError> {
             let db = self.db.clone().ok_or(JournalError::Reopening)?;
@@ -664,10 +664,10 @@ impl Writer {
                 // Nothing of this batch is durable: roll the sequence back and fail every waiter.
                 tracing::error!(error = %e, ops = n, "journal commit failed; nothing in this batch was written");
                 self.next_seq = start_seq;
-                if matches!(e, JournalError::Storage(_)) {
-                    if let Err(e) = self.reopen() {
-                        tracing::error!(error = %e, "cannot reopen the journal yet; will retry with the next write");
-                    }
+                if matches!(e, JournalError::Storage(_))
+                    && let Err(e) = self.reopen()
+                {
+                    tracing::error!(error = %e, "cannot reopen the journal yet; will retry with the next write");
                 }
                 let msg = e.to_string();
                 for o in outcomes {
