@@ -874,6 +874,29 @@ mod tests {
         assert!(h.windows(2).all(|w| w[0].0 < w[1].0));
     }
 
+    #[test]
+    fn row_formats_are_pinned() {
+        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+        let run = RunRecord {
+            workflow: "oven".into(),
+            version: 3,
+            status: RunStatus::Failed,
+            created_ms: 1_700_000_000_000,
+            finished_ms: Some(1_700_000_000_500),
+        };
+        let def = DefinitionRecord {
+            json: "{}".into(),
+            applied_ms: 1_700_000_000_000,
+        };
+        let run_bytes = encode_run(&run);
+        let def_bytes = postcard::to_allocvec(&DefinitionEnvelope::V1(def.clone())).unwrap();
+        // Changing these bytes needs a new envelope version, not a new constant.
+        assert_eq!(hex(&run_bytes), "00046f76656e030280d095ffbc3101f4d395ffbc31");
+        assert_eq!(hex(&def_bytes), "00027b7d80d095ffbc31");
+        assert_eq!(decode_run(&run_bytes).unwrap(), run);
+        assert_eq!(decode_definition(&def_bytes).unwrap(), def);
+    }
+
     /// A file backend whose writes and syncs fail while `full` is set, like a full disk.
     #[derive(Debug)]
     struct FullDisk {

@@ -169,3 +169,102 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     }
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::Router;
+    use axum::http::{HeaderMap, StatusCode};
+    use axum::routing::{get, post};
+
+    async fn serve() -> String {
+        let app = Router::new()
+            .route(
+                "/echo",
+                post(|h: HeaderMap, body: String| async move {
+                    let key = h
+                        .get("idempotency-key")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_string();
+                    axum::Json(json!({"key": key, "body": body}))
+                }),
+            )
+            .route(
+                "/missing",
+                get(|| async { (StatusCode::NOT_FOUND, "no such setpoint") }),
+            )
+            .route("/busy", get(|| async { (StatusCode::SERVICE_UNAVAILABLE, "busy") }))
+            .route(
+                "/throttled",
+                get(|| async { (StatusCode::TOO_MANY_REQUESTS, "slow down") }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        format!("http://{addr}")
+    }
+
+    fn call(args: Value) -> Call {
+        Call {
+            run_id: "r".into(),
+            step: "s".into(),
+            attempt: 1,
+            key: "r/s/1".into(),
+            args,
+        }
+    }
+
+    #[tokio::test]
+    async fn sends_idempotency_key_and_parses_json() {
+        let base = serve().await;
+        let out = Http::new()
+            .execute(call(
+                json!({"url": format!("{base}/echo"), "method": "post", "body": {"valve": 3}}),
+            ))
+            .await
+            .unwrap();
+        assert_eq!(out["status"], json!(200));
+        assert_eq!(out["json"]["key"], json!("r/s/1"));
+        assert_eq!(out["json"]["body"], json!("{\"valve\":3}"));
+    }
+
+    #[tokio::test]
+    async fn classifies_failures() {
+        let base = serve().await;
+        let http = Http::new();
+        let e = http
+            .execute(call(json!({"url": format!("{base}/missing")})))
+            .await
+            .unwrap_err();
+        assert_eq!((e.info.kind.as_str(), e.retryable), ("http.client_error", false));
+        assert!(
+            e.info.message.contains("404") && e.info.message.contains("no such setpoint"),
+            "{e:?}"
+        );
+        let e = http
+            .execute(call(json!({"url": format!("{base}/busy")})))
+            .await
+            .unwrap_err();
+        assert_eq!((e.info.kind.as_str(), e.retryable), ("http.server_error", true));
+        let e = http
+            .execute(call(json!({"url": format!("{base}/throttled")})))
+            .await
+            .unwrap_err();
+        assert_eq!((e.info.kind.as_str(), e.retryable), ("http.client_error", true));
+        // Nothing listens on port 9 of loopback.
+        let e = http
+            .execute(call(json!({"url": "http://127.0.0.1:9/"})))
+            .await
+            .unwrap_err();
+        assert_eq!((e.info.kind.as_str(), e.retryable), ("http.connect", true));
+    }
+
+    #[test]
+    fn rejects_bad_literal_arguments_at_validation() {
+        let args: Map<String, Value> =
+            serde_json::from_value(json!({"url": "ftp://x", "method": "FETCH", "headers": 3})).unwrap();
+        let p = Http::new().check(&args);
+        assert_eq!(p.len(), 3, "{p:?}");
+    }
+}

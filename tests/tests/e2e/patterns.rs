@@ -116,3 +116,37 @@ fn dag_choice_loop_retries_and_timeouts() {
     assert_eq!(poll["output"], serde_json::json!({"level": 3, "reads": 3}));
     assert_eq!(events(&poll, "step_completed", "pause").len(), 2);
 }
+
+#[test]
+fn cancel_stops_the_running_command_and_records_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let pidfile = dir.path().join("pid");
+    let f = write(
+        dir.path(),
+        "long.yaml",
+        &format!(
+            "name: long\nversion: 1\nsteps:\n  - id: work\n    action: exec\n    args: {{command: sh, args: ['-c', 'echo $$ > {}; exec sleep 60']}}\n",
+            pidfile.display()
+        ),
+    );
+    let agent = Agent::start(&dir.path().join("data"), &[]);
+    agent.json(&["apply", &f]);
+    agent.json(&["start", "long", "--id", "long-1"]);
+    let pid: u32 = outpost_tests::eventually(std::time::Duration::from_secs(10), "the command to start", || {
+        std::fs::read_to_string(&pidfile)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+    });
+    let out = agent.cli(&["cancel", "long-1", "--reason", "line stopped"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let run = agent.json(&["show", "long-1"]);
+    assert_eq!(run["status"], "cancelled");
+    assert_eq!(run["error"]["message"], "line stopped");
+    outpost_tests::eventually(std::time::Duration::from_secs(5), "the command to be killed", || {
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // Gone, or a zombie waiting to be reaped.
+        (state.is_empty() || state.contains(") Z")).then_some(())
+    });
+    let again = agent.cli(&["cancel", "long-1"]);
+    assert_eq!(again.status.code(), Some(7), "cancelling a finished run is a conflict");
+}
