@@ -437,23 +437,16 @@ async fn remote(client: Client, cmd: Cmd, as_json: bool) -> Result<u8, Failure> 
             if as_json {
                 print_json(&v);
             } else {
-                let rows: Vec<Vec<String>> = v
-                    .as_array()
-                    .map(|a| {
-                        a.iter()
-                            .map(|r| {
-                                vec![
-                                    s(&r["run_id"]),
-                                    format!("{}@{}", s(&r["workflow"]), r["version"]),
-                                    s(&r["status"]),
-                                    s(&r["created_at"]),
-                                    ms(&r["duration_ms"]),
-                                    s(&r["waiting"]),
-                                ]
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default();
+                let rows = rows_of(&v, |r| {
+                    vec![
+                        s(&r["run_id"]),
+                        format!("{}@{}", s(&r["workflow"]), r["version"]),
+                        s(&r["status"]),
+                        s(&r["created_at"]),
+                        ms(&r["duration_ms"]),
+                        s(&r["waiting"]),
+                    ]
+                });
                 table(
                     &["RUN", "WORKFLOW", "STATUS", "STARTED", "DURATION", "WAITING ON"],
                     &rows,
@@ -486,62 +479,48 @@ async fn remote(client: Client, cmd: Cmd, as_json: bool) -> Result<u8, Failure> 
                 println!("error:     {}: {}", s(&v["error"]["kind"]), s(&v["error"]["message"]));
             }
             println!();
-            let rows: Vec<Vec<String>> = v["steps"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .map(|st| {
-                            let detail = if !st["error"].is_null() {
-                                format!("{}: {}", s(&st["error"]["kind"]), s(&st["error"]["message"]))
-                            } else if !st["output"].is_null() {
-                                st["output"].to_string()
-                            } else {
-                                String::new()
-                            };
-                            let detail = match st["next_retry_at"].as_str() {
-                                Some(t) => format!("retry at {t}; {detail}"),
-                                None => detail,
-                            };
-                            vec![
-                                s(&st["id"]),
-                                s(&st["action"]),
-                                s(&st["status"]),
-                                st["attempts"].to_string(),
-                                ms(&st["duration_ms"]),
-                                detail,
-                            ]
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
+            let rows = rows_of(&v["steps"], |st| {
+                let detail = if !st["error"].is_null() {
+                    format!("{}: {}", s(&st["error"]["kind"]), s(&st["error"]["message"]))
+                } else if !st["output"].is_null() {
+                    st["output"].to_string()
+                } else {
+                    String::new()
+                };
+                let detail = match st["next_retry_at"].as_str() {
+                    Some(t) => format!("retry at {t}; {detail}"),
+                    None => detail,
+                };
+                vec![
+                    s(&st["id"]),
+                    s(&st["action"]),
+                    s(&st["status"]),
+                    st["attempts"].to_string(),
+                    ms(&st["duration_ms"]),
+                    detail,
+                ]
+            });
             table(
                 &["STEP", "ACTION", "STATUS", "ATTEMPTS", "DURATION", "OUTPUT / ERROR"],
                 &rows,
             );
             if history {
                 println!();
-                let rows: Vec<Vec<String>> = v["history"]
-                    .as_array()
-                    .map(|a| {
-                        a.iter()
-                            .map(|e| {
-                                let mut rest = e.clone();
-                                if let Some(o) = rest.as_object_mut() {
-                                    for k in ["seq", "at", "type", "step"] {
-                                        o.remove(k);
-                                    }
-                                }
-                                vec![
-                                    e["seq"].to_string(),
-                                    s(&e["at"]),
-                                    s(&e["type"]),
-                                    s(&e["step"]),
-                                    rest.to_string(),
-                                ]
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default();
+                let rows = rows_of(&v["history"], |e| {
+                    let mut rest = e.clone();
+                    if let Some(o) = rest.as_object_mut() {
+                        for k in ["seq", "at", "type", "step"] {
+                            o.remove(k);
+                        }
+                    }
+                    vec![
+                        e["seq"].to_string(),
+                        s(&e["at"]),
+                        s(&e["type"]),
+                        s(&e["step"]),
+                        rest.to_string(),
+                    ]
+                });
                 table(&["SEQ", "AT", "EVENT", "STEP", "DETAIL"], &rows);
             }
             Ok(exit::OK)
@@ -603,27 +582,25 @@ async fn remote(client: Client, cmd: Cmd, as_json: bool) -> Result<u8, Failure> 
             if as_json {
                 print_json(&v);
             } else {
-                let rows: Vec<Vec<String>> = v
-                    .as_array()
-                    .map(|a| {
-                        a.iter()
-                            .map(|d| {
-                                vec![
-                                    s(&d["name"]),
-                                    d["version"].to_string(),
-                                    d["steps"].to_string(),
-                                    s(&d["applied_at"]),
-                                ]
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default();
+                let rows = rows_of(&v, |d| {
+                    vec![
+                        s(&d["name"]),
+                        d["version"].to_string(),
+                        d["steps"].to_string(),
+                        s(&d["applied_at"]),
+                    ]
+                });
                 table(&["NAME", "VERSION", "STEPS", "APPLIED"], &rows);
             }
             Ok(exit::OK)
         }
         Cmd::Run(_) | Cmd::Validate { .. } | Cmd::Bench(_) => Ok(exit::OK),
     }
+}
+
+/// One table row per element of a JSON array.
+fn rows_of(v: &Value, row: impl Fn(&Value) -> Vec<String>) -> Vec<Vec<String>> {
+    v.as_array().map(|a| a.iter().map(row).collect()).unwrap_or_default()
 }
 
 /// A JSON string's text, or its JSON form; null is empty.

@@ -955,10 +955,9 @@ mod tests {
         assert!(st.error.unwrap().message.contains("after 4 attempts"));
     }
 
-    #[test]
-    fn crash_mid_attempt_reruns_same_attempt_with_same_key() {
-        let d = def("name: w\nversion: 1\nsteps:\n  - {id: a, action: x}\n");
-        let history = vec![
+    /// A run of workflow `w` whose step `a` has started its first attempt.
+    fn started_a() -> Vec<Event> {
+        vec![
             Event::RunStarted {
                 workflow: "w".into(),
                 version: 1,
@@ -970,7 +969,13 @@ mod tests {
                 attempt: 1,
                 key: "r1/a/1".into(),
             },
-        ];
+        ]
+    }
+
+    #[test]
+    fn crash_mid_attempt_reruns_same_attempt_with_same_key() {
+        let d = def("name: w\nversion: 1\nsteps:\n  - {id: a, action: x}\n");
+        let history = started_a();
         let st = RunState::replay(&d, "r1", &history).unwrap();
         match &decide(&d, &st)[..] {
             [Command::RunActivity { attempt: 1, key, .. }] => assert_eq!(key, "r1/a/1"),
@@ -981,24 +986,12 @@ mod tests {
     #[test]
     fn completed_step_is_never_decided_again() {
         let d = def("name: w\nversion: 1\nsteps:\n  - {id: a, action: x}\n  - {id: b, action: x, depends_on: [a]}\n");
-        let history = vec![
-            Event::RunStarted {
-                workflow: "w".into(),
-                version: 1,
-                input: "null".into(),
-            },
-            Event::AttemptStarted {
-                step: "a".into(),
-                visit: 1,
-                attempt: 1,
-                key: "r1/a/1".into(),
-            },
-            Event::StepCompleted {
-                step: "a".into(),
-                visit: 1,
-                output: "1".into(),
-            },
-        ];
+        let mut history = started_a();
+        history.push(Event::StepCompleted {
+            step: "a".into(),
+            visit: 1,
+            output: "1".into(),
+        });
         let st = RunState::replay(&d, "r1", &history).unwrap();
         let cmds = decide(&d, &st);
         assert!(

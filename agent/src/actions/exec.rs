@@ -129,15 +129,7 @@ impl Action for Exec {
 mod tests {
     use super::*;
 
-    fn call(args: Value) -> Call {
-        Call {
-            run_id: "r".into(),
-            step: "s".into(),
-            attempt: 1,
-            key: "r/s/1".into(),
-            args,
-        }
-    }
+    use crate::actions::test_call as call;
 
     #[tokio::test]
     async fn captures_output_key_and_json() {

@@ -205,15 +205,7 @@ mod tests {
         format!("http://{addr}")
     }
 
-    fn call(args: Value) -> Call {
-        Call {
-            run_id: "r".into(),
-            step: "s".into(),
-            attempt: 1,
-            key: "r/s/1".into(),
-            args,
-        }
-    }
+    use crate::actions::test_call as call;
 
     #[tokio::test]
     async fn sends_idempotency_key_and_parses_json() {

@@ -172,3 +172,15 @@ pub(crate) fn truncate(mut s: String, max: usize) -> String {
     }
     s
 }
+
+/// A call with fixed run, step and key, for action tests.
+#[cfg(test)]
+pub(crate) fn test_call(args: Value) -> Call {
+    Call {
+        run_id: "r".into(),
+        step: "s".into(),
+        attempt: 1,
+        key: "r/s/1".into(),
+        args,
+    }
+}
