@@ -23,6 +23,21 @@ pub fn outpost_bin() -> PathBuf {
     bin
 }
 
+/// A command that runs the `outpost` binary: the binary itself, or `$OUTPOST_RUNNER` with the
+/// binary as its argument (e.g. `qemu-aarch64 -L /usr/aarch64-linux-gnu` to test an ARM build).
+pub fn outpost_command() -> Command {
+    let bin = outpost_bin();
+    match std::env::var("OUTPOST_RUNNER") {
+        Ok(runner) if !runner.trim().is_empty() => {
+            let mut parts = runner.split_whitespace();
+            let mut cmd = Command::new(parts.next().unwrap_or_default());
+            cmd.args(parts).arg(bin);
+            cmd
+        }
+        _ => Command::new(bin),
+    }
+}
+
 /// A running `outpost run` process with its own data directory.
 pub struct Agent {
     /// Data directory.
@@ -52,7 +67,7 @@ impl Agent {
             .append(true)
             .open(self.dir.join("agent.log"))
             .expect("agent log");
-        let child = Command::new(outpost_bin())
+        let child = outpost_command()
             .arg("run")
             .arg("--data-dir")
             .arg(&self.dir)
@@ -132,7 +147,7 @@ impl Drop for Agent {
 
 /// Runs an `outpost` CLI command with `OUTPOST_DATA_DIR=dir`.
 pub fn cli(dir: &Path, args: &[&str]) -> Output {
-    Command::new(outpost_bin())
+    outpost_command()
         .args(args)
         .env("OUTPOST_DATA_DIR", dir)
         .env_remove("OUTPOST_SOCKET")

@@ -1,14 +1,12 @@
 //! The README's quickstart command and the examples run as documented.
 
-use std::process::Command;
-
-use outpost_tests::outpost_bin;
+use outpost_tests::outpost_command;
 use serde_json::Value;
 
 fn run_once(workflow: &str, file: &str, input: &str) -> (Option<i32>, Value) {
     let dir = tempfile::tempdir().unwrap();
     let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/");
-    let out = Command::new(outpost_bin())
+    let out = outpost_command()
         .args(["run", "--data-dir"])
         .arg(dir.path())
         .arg("--apply")
