@@ -1,6 +1,10 @@
-//! `outpost bench`: workload W1 against a fresh agent process, through the same local API the
-//! CLI uses, so the figures include that path. Prints throughput, latency, commit batching and
-//! the daemon's memory.
+//! `outpost bench`: workloads against a fresh agent process, through the same local API the CLI
+//! uses, so the figures include that path.
+//!
+//! - W1 (default): many short runs; prints throughput, latency, commit batching, the daemon's
+//!   CPU and memory.
+//! - `--footprint`: the gateway budget: binary size, idle RSS, RSS with many active runs, CPU
+//!   while idle with timers pending, and start-up time with a large journal.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -11,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Args;
 use hyper::Method;
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::client::{Client, Connection};
 
@@ -33,6 +37,18 @@ pub struct BenchArgs {
     /// Keep the data directory afterwards.
     #[arg(long)]
     keep: bool,
+    /// Measure the footprint instead of W1.
+    #[arg(long)]
+    footprint: bool,
+    /// Footprint: runs kept active (each waiting on a durable timer).
+    #[arg(long, default_value_t = 1000)]
+    active_runs: usize,
+    /// Footprint: seconds of idle CPU measurement.
+    #[arg(long, default_value_t = 60)]
+    idle_secs: u64,
+    /// Footprint: journal size, in events, for the start-up measurement.
+    #[arg(long, default_value_t = 100_000)]
+    journal_events: u64,
 }
 
 fn rss_kib(pid: u32, field: &str) -> Option<u64> {
@@ -112,20 +128,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<u8> {
         }
     };
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let socket = dir.join("outpost.sock");
-    let exe = std::env::current_exe().context("locating the outpost binary")?;
-    let log = std::fs::File::create(dir.join("agent.log"))?;
-    let mut child = tokio::process::Command::new(exe)
-        .args(["run", "--data-dir"])
-        .arg(&dir)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()
-        .context("starting the benchmark agent")?;
-    let pid = child.id().context("agent pid")?;
-    let result = measure(&args, &socket, pid, &mut child).await;
+    let mut child = spawn_agent(&dir)?;
+    let result = if args.footprint {
+        footprint(&args, &dir, &mut child).await
+    } else {
+        measure(&args, &dir.join("outpost.sock"), &mut child).await
+    };
     let _ = child.kill().await;
     if !args.keep && args.dir.is_none() {
         let _ = std::fs::remove_dir_all(&dir);
@@ -133,15 +141,167 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<u8> {
     result.map(|_| 0)
 }
 
-async fn measure(args: &BenchArgs, socket: &Path, pid: u32, child: &mut tokio::process::Child) -> anyhow::Result<()> {
-    wait_for_socket(socket, child).await?;
-    let client = Client::new(socket);
-    let (st, v) = client
-        .request(Method::POST, "/v1/definitions", Some(w1_definition(args.steps)))
-        .await?;
+/// Starts `outpost run` on `dir` as a child process (this same binary).
+fn spawn_agent(dir: &Path) -> anyhow::Result<tokio::process::Child> {
+    let exe = std::env::current_exe().context("locating the outpost binary")?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("agent.log"))?;
+    tokio::process::Command::new(exe)
+        .args(["run", "--data-dir"])
+        .arg(dir)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting the benchmark agent")
+}
+
+async fn apply(client: &Client, doc: String) -> anyhow::Result<()> {
+    let (st, v) = client.request(Method::POST, "/v1/definitions", Some(doc)).await?;
     if !st.is_success() {
-        bail!("applying the W1 definition failed: {v}");
+        bail!("applying a benchmark definition failed: {v}");
     }
+    Ok(())
+}
+
+/// Starts `runs` runs of `workflow` with `concurrency` clients; with `wait`, each request waits
+/// for its run to complete. Returns each request's latency.
+async fn drive(
+    socket: &Path,
+    workflow: &'static str,
+    runs: usize,
+    concurrency: usize,
+    wait: bool,
+) -> anyhow::Result<Vec<Duration>> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    for _ in 0..concurrency.max(1) {
+        let next = next.clone();
+        let socket = socket.to_path_buf();
+        workers.push(tokio::spawn(async move {
+            let mut conn = Connection::open(&socket).await?;
+            let mut latencies = Vec::new();
+            let path = if wait { "/v1/runs?wait=60" } else { "/v1/runs" };
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= runs {
+                    break;
+                }
+                let body = json!({"workflow": workflow, "input": {"i": i}}).to_string();
+                let t0 = Instant::now();
+                let (st, v) = conn.request(Method::POST, path, Some(body)).await?;
+                latencies.push(t0.elapsed());
+                if !st.is_success() || (wait && v["status"] != "completed") {
+                    bail!("run {i} of {workflow} failed: {st} {v}");
+                }
+            }
+            anyhow::Ok(latencies)
+        }));
+    }
+    let mut latencies = Vec::with_capacity(runs);
+    for w in workers {
+        latencies.extend(w.await??);
+    }
+    Ok(latencies)
+}
+
+fn fig(name: &str, value: String) {
+    println!("  {name:<34}{value}");
+}
+
+fn mb(kib: u64) -> String {
+    format!("{:.1} MB", kib as f64 / 1024.0)
+}
+
+async fn footprint(args: &BenchArgs, dir: &Path, child: &mut tokio::process::Child) -> anyhow::Result<()> {
+    let socket = dir.join("outpost.sock");
+    wait_for_socket(&socket, child).await?;
+    let client = Client::new(&socket);
+    let pid = child.id().context("agent pid")?;
+    let exe = std::env::current_exe()?;
+    println!("Footprint of {} ({})", exe.display(), std::env::consts::ARCH);
+    fig(
+        "binary size",
+        format!("{:.2} MB", std::fs::metadata(&exe)?.len() as f64 / 1e6),
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    fig("idle RSS after start", mb(rss_kib(pid, "VmRSS:").unwrap_or(0)));
+
+    apply(
+        &client,
+        "name: footprint-wait\nversion: 1\nsteps:\n  - {id: wait, action: sleep, args: {duration: 24h}}\n".into(),
+    )
+    .await?;
+    drive(&socket, "footprint-wait", args.active_runs, args.concurrency, false).await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, st) = client.request(Method::GET, "/v1/status", None).await?;
+        if st["timers"]["pending"].as_u64().unwrap_or(0) >= args.active_runs as u64 {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the {} runs did not all reach their timer: {st}", args.active_runs);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    fig(
+        &format!("RSS with {} active runs", args.active_runs),
+        format!(
+            "{} (peak {})",
+            mb(rss_kib(pid, "VmRSS:").unwrap_or(0)),
+            mb(rss_kib(pid, "VmHWM:").unwrap_or(0))
+        ),
+    );
+
+    let cpu0 = cpu_secs(pid);
+    tokio::time::sleep(Duration::from_secs(args.idle_secs)).await;
+    let cpu = cpu_secs(pid) - cpu0;
+    fig(
+        &format!("CPU over {} s idle ({} timers)", args.idle_secs, args.active_runs),
+        format!("{:.3} s = {:.3} %", cpu, 100.0 * cpu / args.idle_secs as f64),
+    );
+
+    apply(&client, w1_definition(3)).await?;
+    let (_, st) = client.request(Method::GET, "/v1/status", None).await?;
+    let have = st["journal"]["next_seq"].as_u64().unwrap_or(1) - 1;
+    // W1 runs journal 5 events each.
+    let runs = args.journal_events.saturating_sub(have).div_ceil(5) as usize;
+    print!("  (filling the journal with {runs} runs ...");
+    let t0 = Instant::now();
+    drive(&socket, "bench-w1", runs, args.concurrency, true).await?;
+    println!(" {:.1} s)", t0.elapsed().as_secs_f64());
+    let (_, st) = client.request(Method::GET, "/v1/status", None).await?;
+    let events = st["journal"]["next_seq"].as_u64().unwrap_or(1) - 1;
+
+    child.kill().await?;
+    let t0 = Instant::now();
+    *child = spawn_agent(dir)?;
+    wait_for_socket(&socket, child).await?;
+    let startup = t0.elapsed();
+    let size = std::fs::metadata(dir.join("journal.redb"))?.len();
+    fig(
+        &format!("start-up with {events} events"),
+        format!(
+            "{:.0} ms to a ready API, {} runs resumed (journal file {:.1} MB)",
+            startup.as_secs_f64() * 1000.0,
+            args.active_runs,
+            size as f64 / 1e6
+        ),
+    );
+    let pid = child.id().context("agent pid")?;
+    fig("RSS after that start-up", mb(rss_kib(pid, "VmRSS:").unwrap_or(0)));
+    Ok(())
+}
+
+async fn measure(args: &BenchArgs, socket: &Path, child: &mut tokio::process::Child) -> anyhow::Result<()> {
+    wait_for_socket(socket, child).await?;
+    let pid = child.id().context("agent pid")?;
+    let client = Client::new(socket);
+    apply(&client, w1_definition(args.steps)).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let idle_rss = rss_kib(pid, "VmRSS:").unwrap_or(0);
     let (_, before) = client.request(Method::GET, "/v1/status", None).await?;
@@ -150,37 +310,9 @@ async fn measure(args: &BenchArgs, socket: &Path, pid: u32, child: &mut tokio::p
         "W1: {} runs x {} sequential set steps, {} in flight, durable commits, through the local API",
         args.runs, args.steps, args.concurrency
     );
-    let next = Arc::new(AtomicUsize::new(0));
     let cpu_before = cpu_secs(pid);
     let started = Instant::now();
-    let mut workers = Vec::new();
-    for _ in 0..args.concurrency.max(1) {
-        let next = next.clone();
-        let socket = socket.to_path_buf();
-        let runs = args.runs;
-        workers.push(tokio::spawn(async move {
-            let mut conn = Connection::open(&socket).await?;
-            let mut latencies = Vec::new();
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= runs {
-                    break;
-                }
-                let body = json!({"workflow": "bench-w1", "input": {"i": i}}).to_string();
-                let t0 = Instant::now();
-                let (st, v) = conn.request(Method::POST, "/v1/runs?wait=60", Some(body)).await?;
-                latencies.push(t0.elapsed());
-                if !st.is_success() || v["status"] != "completed" {
-                    bail!("run {i} did not complete: {st} {v}");
-                }
-            }
-            anyhow::Ok(latencies)
-        }));
-    }
-    let mut latencies = Vec::with_capacity(args.runs);
-    for w in workers {
-        latencies.extend(w.await??);
-    }
+    let mut latencies = drive(socket, "bench-w1", args.runs, args.concurrency, true).await?;
     let elapsed = started.elapsed();
     let (_, after) = client.request(Method::GET, "/v1/status", None).await?;
     let cpu = cpu_secs(pid) - cpu_before;
@@ -192,7 +324,6 @@ async fn measure(args: &BenchArgs, socket: &Path, pid: u32, child: &mut tokio::p
     let (commits, ops, events) = (delta("commits"), delta("ops"), delta("events"));
     let secs = elapsed.as_secs_f64();
     let steps = (args.runs * args.steps) as f64;
-    let fig = |name: &str, value: String| println!("  {name:<26}{value}");
     fig("elapsed", format!("{secs:.2} s"));
     fig("runs/s", format!("{:.0}", args.runs as f64 / secs));
     fig("durable steps/s", format!("{:.0}", steps / secs));
@@ -224,6 +355,5 @@ async fn measure(args: &BenchArgs, socket: &Path, pid: u32, child: &mut tokio::p
     fig("idle RSS (daemon)", format!("{:.1} MB", idle_rss as f64 / 1024.0));
     fig("peak RSS (daemon)", format!("{:.1} MB", peak_rss as f64 / 1024.0));
     fig("RSS after run (daemon)", format!("{:.1} MB", rss_after as f64 / 1024.0));
-    let _: Value = after;
     Ok(())
 }

@@ -43,7 +43,11 @@ impl Action for Exec {
     fn execute(&self, call: Call) -> ActionFuture {
         Box::pin(async move {
             let command = str_arg(&call.args, "command")?.to_string();
-            let mut cmd = tokio::process::Command::new(&command);
+            let path_override = call.args.get("env").and_then(|e| e.get("PATH")).and_then(Value::as_str);
+            let program = resolve(&command, path_override).map_err(|why| {
+                ActionError::permanent("exec.spawn_failed", format!("cannot start '{command}': {why}"))
+            })?;
+            let mut cmd = tokio::process::Command::new(&program);
             if let Some(list) = call.args.get("args") {
                 let list = list
                     .as_array()
@@ -123,6 +127,35 @@ impl Action for Exec {
             Ok(output)
         })
     }
+}
+
+/// Finds the program to run: a path as given, or a name searched in `PATH`. Done before spawning
+/// so a missing command is the same clear error everywhere (emulators report it differently).
+fn resolve(command: &str, path_override: Option<&str>) -> Result<std::path::PathBuf, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let runnable = |p: &std::path::Path| {
+        p.metadata()
+            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if command.is_empty() {
+        return Err("the command is empty".into());
+    }
+    if command.contains('/') {
+        let p = std::path::PathBuf::from(command);
+        return if runnable(&p) {
+            Ok(p)
+        } else {
+            Err("no such executable file".into())
+        };
+    }
+    let path = path_override
+        .map(str::to_string)
+        .or_else(|| std::env::var("PATH").ok())
+        .unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(command))
+        .find(|p| runnable(p))
+        .ok_or_else(|| format!("not found in PATH ({path})"))
 }
 
 #[cfg(test)]

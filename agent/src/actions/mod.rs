@@ -12,6 +12,7 @@ use outpost_shared::definition::{ActionCatalog, Signature};
 use serde_json::{Map, Value};
 
 pub mod exec;
+#[cfg(feature = "http-action")]
 pub mod http;
 
 /// Everything an action invocation gets.
@@ -102,10 +103,12 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// The built-in actions: `exec`, `http`, plus the engine's `set`, `fail`, `sleep`.
+    /// The built-in actions: `exec`, `http` (feature `http-action`), and the engine's `set`,
+    /// `fail`, `sleep`.
     pub fn builtin() -> Self {
         let mut r = Registry::default();
         r.register("exec", exec::Exec);
+        #[cfg(feature = "http-action")]
         r.register("http", http::Http::new());
         r
     }
