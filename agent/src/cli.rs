@@ -3,6 +3,7 @@
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use std::time::Duration;
 
@@ -75,6 +76,9 @@ enum Cmd {
         /// YAML or JSON files.
         #[arg(required = true)]
         files: Vec<PathBuf>,
+        /// Also check device names against this equipment file.
+        #[arg(long, env = "OUTPOST_EQUIPMENT")]
+        equipment: Option<PathBuf>,
     },
     /// Store workflow definitions in the agent (a new version of a name, or the same content again).
     Apply {
@@ -123,6 +127,27 @@ enum Cmd {
     Definitions,
     /// Benchmark W1: many short runs through the local API against a fresh agent process.
     Bench(crate::bench::BenchArgs),
+    /// Run a Modbus TCP simulator (an in-memory PLC) for recipes and tests; logs writes as JSON.
+    ModbusSim(ModbusSimArgs),
+}
+
+#[derive(Args)]
+struct ModbusSimArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:5020")]
+    listen: String,
+    /// Answer the first N requests with exception 0x06 (server device busy).
+    #[arg(long, default_value_t = 0)]
+    busy_first: u32,
+    /// Delay every answer by this many milliseconds.
+    #[arg(long, default_value_t = 0)]
+    delay_ms: u64,
+    /// Addresses at or above this are illegal (exception 0x02) [default: none].
+    #[arg(long, default_value_t = 0)]
+    limit: u16,
+    /// Clamp writes to a holding register: ADDRESS=MAX (a PLC enforcing a limit).
+    #[arg(long, value_name = "ADDRESS=MAX")]
+    clamp: Vec<String>,
 }
 
 #[derive(Args)]
@@ -148,6 +173,9 @@ struct RunArgs {
     /// Exit when the --start run finishes (exit code 0 if it completed, 6 otherwise).
     #[arg(long, requires = "start")]
     once: bool,
+    /// Equipment file: devices for the gpio/sensor/adc/modbus actions.
+    #[arg(long, env = "OUTPOST_EQUIPMENT")]
+    equipment: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -212,7 +240,8 @@ pub fn main() -> ExitCode {
     let socket = cli.socket.clone().unwrap_or_else(|| cli.data_dir.join("outpost.sock"));
     let result = match cli.command {
         Cmd::Run(args) => run_daemon(&cli.data_dir, &socket, args),
-        Cmd::Validate { files } => validate(&files, cli.json),
+        Cmd::Validate { files, equipment } => validate(&files, equipment.as_deref(), cli.json),
+        Cmd::ModbusSim(args) => run_modbus_sim(args),
         Cmd::Bench(args) => block_on(async { crate::bench::run(args).await.map_err(Failure::from) }),
         other => block_on(remote(Client::new(socket), other, cli.json)),
     };
@@ -265,8 +294,18 @@ fn read_document(path: &Path) -> Result<String, Failure> {
     std::fs::read_to_string(path).map_err(|e| Failure::new(exit::INVALID, format!("{}: {e}", path.display())))
 }
 
-fn validate(files: &[PathBuf], as_json: bool) -> Result<u8, Failure> {
-    let registry = Registry::builtin();
+/// Loads an equipment file.
+fn load_equipment(path: &Path) -> Result<Arc<crate::equipment::Equipment>, Failure> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| Failure::new(exit::INVALID, format!("{}: {e}", path.display())))?;
+    crate::equipment::Equipment::from_yaml(&text)
+        .map(Arc::new)
+        .map_err(|e| Failure::new(exit::INVALID, format!("{}: {e}", path.display())))
+}
+
+fn validate(files: &[PathBuf], equipment: Option<&Path>, as_json: bool) -> Result<u8, Failure> {
+    let equipment = equipment.map(load_equipment).transpose()?;
+    let registry = Registry::builtin().with_equipment(equipment);
     let mut code = exit::OK;
     let mut results = Vec::new();
     for f in files {
@@ -594,7 +633,7 @@ async fn remote(client: Client, cmd: Cmd, as_json: bool) -> Result<u8, Failure> 
             }
             Ok(exit::OK)
         }
-        Cmd::Run(_) | Cmd::Validate { .. } | Cmd::Bench(_) => Ok(exit::OK),
+        Cmd::Run(_) | Cmd::Validate { .. } | Cmd::Bench(_) | Cmd::ModbusSim(_) => Ok(exit::OK),
     }
 }
 
@@ -676,7 +715,13 @@ async fn daemon(data_dir: &Path, socket: &Path, args: RunArgs) -> Result<u8, Fai
             cache_bytes: args.cache_mb.max(1) * 1024 * 1024,
         },
     };
-    let runtime = Runtime::open(data_dir, config).map_err(|e| Failure::new(exit::FAILURE, e.to_string()))?;
+    let equipment = args.equipment.as_deref().map(load_equipment).transpose()?;
+    if let Some(eq) = &equipment {
+        info!(devices = ?eq.names(), "equipment ready");
+    }
+    let registry = Registry::builtin().with_equipment(equipment);
+    let runtime = Runtime::open_with(data_dir, config, registry, Arc::new(crate::clock::SystemClock))
+        .map_err(|e| Failure::new(exit::FAILURE, e.to_string()))?;
     for f in &args.apply {
         let text = read_document(f)?;
         let (def, applied) = runtime
@@ -761,6 +806,44 @@ async fn daemon(data_dir: &Path, socket: &Path, args: RunArgs) -> Result<u8, Fai
     let _ = std::fs::remove_file(socket);
     let code = *stop_tx.borrow();
     Ok(code.unwrap_or(exit::OK))
+}
+
+fn run_modbus_sim(args: ModbusSimArgs) -> Result<u8, Failure> {
+    init_tracing();
+    let mut clamps = std::collections::HashMap::new();
+    for c in &args.clamp {
+        let parsed = c
+            .split_once('=')
+            .and_then(|(a, m)| Some((a.trim().parse::<u16>().ok()?, m.trim().parse::<u16>().ok()?)));
+        let (a, m) = parsed.ok_or_else(|| Failure::new(exit::INVALID, format!("--clamp '{c}' is not ADDRESS=MAX")))?;
+        clamps.insert(a, m);
+    }
+    let faults = crate::equipment::modbus::SimFaults {
+        busy_first: args.busy_first,
+        delay: Duration::from_millis(args.delay_ms),
+        limit: args.limit,
+        clamps,
+    };
+    block_on(async move {
+        let listener = tokio::net::TcpListener::bind(&args.listen)
+            .await
+            .map_err(|e| Failure::new(exit::FAILURE, format!("binding {}: {e}", args.listen)))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| Failure::new(exit::FAILURE, e.to_string()))?;
+        println!("{}", json!({"listening": addr.to_string()}));
+        let log = Arc::new(|v: Value| {
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{v}");
+            let _ = out.flush();
+        });
+        crate::equipment::modbus::Simulator::new(faults, log)
+            .serve(listener)
+            .await
+            .map_err(|e| Failure::new(exit::FAILURE, format!("modbus simulator: {e}")))?;
+        Ok(exit::OK)
+    })
 }
 
 /// Binds the API socket, replacing a stale socket file but never a live agent's.

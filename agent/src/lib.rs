@@ -13,5 +13,6 @@ pub mod cli;
 pub mod client;
 pub mod clock;
 pub mod engine;
+pub mod equipment;
 pub mod journal;
 pub mod runtime;

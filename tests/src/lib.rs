@@ -145,6 +145,53 @@ impl Drop for Agent {
     }
 }
 
+/// A running `outpost modbus-sim` (an in-memory PLC) on a free loopback port, with its write log.
+pub struct ModbusSim {
+    child: Child,
+    /// `127.0.0.1:PORT`.
+    pub addr: String,
+    log: std::sync::Arc<std::sync::Mutex<Vec<Value>>>,
+}
+
+impl ModbusSim {
+    /// Starts the simulator with extra flags (`--busy-first`, `--delay-ms`, `--limit`, `--clamp`).
+    pub fn start(flags: &[&str]) -> ModbusSim {
+        use std::io::BufRead;
+        let mut child = outpost_command()
+            .args(["modbus-sim", "--listen", "127.0.0.1:0"])
+            .args(flags)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn modbus-sim");
+        let mut lines = std::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let first: Value = serde_json::from_str(&lines.next().expect("listening line").expect("read")).expect("JSON");
+        let addr = first["listening"].as_str().expect("listening address").to_string();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                    sink.lock().unwrap().push(v);
+                }
+            }
+        });
+        ModbusSim { child, addr, log }
+    }
+
+    /// Every write so far, in order.
+    pub fn writes(&self) -> Vec<Value> {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+impl Drop for ModbusSim {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Runs an `outpost` CLI command with `OUTPOST_DATA_DIR=dir`.
 pub fn cli(dir: &Path, args: &[&str]) -> Output {
     outpost_command()

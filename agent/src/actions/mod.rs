@@ -11,6 +11,7 @@ use outpost_shared::ErrorInfo;
 use outpost_shared::definition::{ActionCatalog, Signature};
 use serde_json::{Map, Value};
 
+pub mod equipment;
 pub mod exec;
 #[cfg(feature = "http-action")]
 pub mod http;
@@ -110,7 +111,16 @@ impl Registry {
         r.register("exec", exec::Exec);
         #[cfg(feature = "http-action")]
         r.register("http", http::Http::new());
-        r
+        r.with_equipment(None)
+    }
+
+    /// Adds the equipment actions (`gpio.*`, `sensor.read`, `adc.read`, `modbus.*`), bound to
+    /// `equipment`; without it they validate but fail at run time with a clear error.
+    pub fn with_equipment(mut self, equipment: Option<std::sync::Arc<crate::equipment::Equipment>>) -> Self {
+        for (name, op) in equipment::Op::ALL {
+            self.register(name, equipment::EquipmentAction::new(op, equipment.clone()));
+        }
+        self
     }
 
     /// Adds (or replaces) an action.

@@ -3,5 +3,6 @@
 mod bad_input;
 mod crash;
 mod durable_sleep;
+mod equipment;
 mod examples;
 mod patterns;
