@@ -13,7 +13,7 @@ const RECIPE: &str = r#"{"recipe": {"setpoint_temp": 72.5, "mixer_speed": 1200, 
 
 /// The example PLC equipment file pointed at a simulator.
 fn plc_equipment(dir: &std::path::Path, sim: &ModbusSim) -> String {
-    let text = std::fs::read_to_string(format!("{EXAMPLES}equipment-plc.yaml")).unwrap();
+    let text = std::fs::read_to_string(format!("{EXAMPLES}equipment/plc.yaml")).unwrap();
     write(dir, "plc.yaml", &text.replace("127.0.0.1:5020", &sim.addr))
 }
 
@@ -62,7 +62,7 @@ fn oven_workflow_vents_the_simulated_oven() {
     let dir = tempfile::tempdir().unwrap();
     let (code, v) = run_once(
         dir.path(),
-        &format!("{EXAMPLES}equipment-sim.yaml"),
+        &format!("{EXAMPLES}equipment/sim.yaml"),
         "oven-plant",
         r#"{"wait": "3s"}"#,
     );
@@ -214,7 +214,7 @@ fn bad_equipment_files_name_the_device_and_field() {
         .args([
             "validate",
             "--equipment",
-            &format!("{EXAMPLES}equipment-sim.yaml"),
+            &format!("{EXAMPLES}equipment/sim.yaml"),
             &wrong,
         ])
         .output()
