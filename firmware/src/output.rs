@@ -38,6 +38,32 @@ impl<O: StatefulOutputPin> LatchedOutput<O> {
     }
 }
 
+/// A pin that is both output and input (a Linux GPIO line can be read while driven), read back
+/// through its input side: the level actually on the line, not a remembered value.
+pub struct ReadBackPin<P>(pub P);
+
+impl<P: embedded_hal::digital::ErrorType> embedded_hal::digital::ErrorType for ReadBackPin<P> {
+    type Error = P::Error;
+}
+
+impl<P: OutputPin> OutputPin for ReadBackPin<P> {
+    fn set_low(&mut self) -> Result<(), P::Error> {
+        self.0.set_low()
+    }
+    fn set_high(&mut self) -> Result<(), P::Error> {
+        self.0.set_high()
+    }
+}
+
+impl<P: OutputPin + InputPin> StatefulOutputPin for ReadBackPin<P> {
+    fn is_set_high(&mut self) -> Result<bool, P::Error> {
+        self.0.is_high()
+    }
+    fn is_set_low(&mut self) -> Result<bool, P::Error> {
+        self.0.is_low()
+    }
+}
+
 /// An output verified through a separate feedback input (an auxiliary contact or a position
 /// switch): catches welded contacts, broken coils and stuck valves.
 pub struct FeedbackOutput<O, F> {

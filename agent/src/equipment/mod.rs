@@ -3,6 +3,8 @@
 //! firmware drivers. Every hardware call runs off the async workers, one transaction at a time
 //! per bus, under a timeout.
 
+#[cfg(feature = "linux-hal")]
+mod linux;
 pub mod modbus;
 
 use std::collections::{BTreeMap, HashMap};
@@ -14,7 +16,7 @@ use outpost_firmware::input::DigitalInput;
 use outpost_firmware::mcp3008::{self, Mcp3008};
 use outpost_firmware::output::{FeedbackOutput, LatchedOutput};
 use outpost_firmware::sht3x::{self, Sht3x};
-use outpost_firmware::sim::{Oven, Plant, SimI2c, SimInput, SimOutput, SimSpi};
+use outpost_firmware::sim::{Oven, Plant, SimOutput};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -143,11 +145,50 @@ impl<O: embedded_hal::digital::OutputPin + Send, F: embedded_hal::digital::Input
     }
 }
 
+/// A switch input, whatever its pin.
+trait BinaryInput: Send {
+    fn is_active(&mut self) -> Result<bool, EquipmentError>;
+}
+
+impl<I: embedded_hal::digital::InputPin + Send> BinaryInput for DigitalInput<I> {
+    fn is_active(&mut self) -> Result<bool, EquipmentError> {
+        Ok(DigitalInput::is_active(self)?)
+    }
+}
+
+/// A temperature/humidity sensor, whatever its bus.
+trait Thermometer: Send {
+    fn measure(&mut self) -> Result<sht3x::Measurement, EquipmentError>;
+}
+
+impl<I: embedded_hal::i2c::I2c + Send> Thermometer for Sht3x<I>
+where
+    I::Error: std::fmt::Debug,
+{
+    fn measure(&mut self) -> Result<sht3x::Measurement, EquipmentError> {
+        Ok(Sht3x::measure(self, &mut ThreadDelay)?)
+    }
+}
+
+/// An ADC, whatever its bus.
+trait AdcReader: Send {
+    fn read(&mut self, channel: u8) -> Result<u16, EquipmentError>;
+}
+
+impl<S: embedded_hal::spi::SpiDevice + Send> AdcReader for Mcp3008<S>
+where
+    S::Error: std::fmt::Debug,
+{
+    fn read(&mut self, channel: u8) -> Result<u16, EquipmentError> {
+        Ok(Mcp3008::read(self, channel)?)
+    }
+}
+
 enum Driver {
     Output(Box<dyn BinaryOutput>),
-    Input(DigitalInput<SimInput>),
-    Sht3x(Sht3x<SimI2c>),
-    Mcp3008(Mcp3008<SimSpi>, f32),
+    Input(Box<dyn BinaryInput>),
+    Sht3x(Box<dyn Thermometer>),
+    Mcp3008(Box<dyn AdcReader>, f32),
 }
 
 /// A device on a bus: the driver, and the lock its bus shares with the other devices on it.
@@ -177,6 +218,28 @@ pub struct PlantSpec {
     pub ambient: Option<f64>,
 }
 
+/// A pin: a sim pin name, or a Linux GPIO line.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum PinRef {
+    /// A pin of the simulated plant.
+    Name(String),
+    /// A line of a GPIO character device.
+    Line {
+        /// Chip device, e.g. `/dev/gpiochip0`.
+        chip: String,
+        /// Line offset on the chip.
+        line: u32,
+    },
+}
+
+fn sim_pin(p: &Option<PinRef>) -> Option<&str> {
+    match p {
+        Some(PinRef::Name(n)) => Some(n),
+        _ => None,
+    }
+}
+
 /// A device as written in the equipment file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -186,12 +249,21 @@ pub struct DeviceSpec {
     /// `sim` for the simulated plant (hardware kinds); Modbus devices name their unit instead.
     #[serde(default)]
     pub backend: Option<String>,
-    /// Sim pin: `heater`, `vent` (outputs), `door`, `vent_feedback` (inputs).
+    /// Sim: `heater`, `vent` (outputs), `door`, `vent_feedback` (inputs). Linux: `{chip, line}`.
     #[serde(default)]
-    pub pin: Option<String>,
+    pub pin: Option<PinRef>,
     /// Output: a feedback input that confirms the output's state.
     #[serde(default)]
-    pub feedback: Option<String>,
+    pub feedback: Option<PinRef>,
+    /// Linux sht3x: the I2C bus device, e.g. `/dev/i2c-1`.
+    #[serde(default)]
+    pub bus: Option<String>,
+    /// Linux sht3x: I2C address (default 0x44).
+    #[serde(default)]
+    pub address: Option<u8>,
+    /// Linux mcp3008: the SPI device, e.g. `/dev/spidev0.0`.
+    #[serde(default)]
+    pub spi: Option<String>,
     /// Output: feedback reads low when on. Input: the switch pulls low when active.
     #[serde(default)]
     pub active_low: bool,
@@ -264,6 +336,8 @@ impl Equipment {
         let sim_gpio = Arc::new(tokio::sync::Mutex::new(()));
         let mut devices = HashMap::new();
         let mut timeouts = HashMap::new();
+        #[cfg(feature = "linux-hal")]
+        let mut buses: HashMap<String, Arc<tokio::sync::Mutex<()>>> = HashMap::new();
         for (name, d) in &spec.devices {
             let at = format!("devices.{name}");
             let timeout = match &d.timeout {
@@ -305,31 +379,44 @@ impl Equipment {
                     )))
                 }
                 kind @ ("output" | "input" | "sht3x" | "mcp3008") => {
-                    let (Some("sim"), Some(plant)) = (d.backend.as_deref(), plant.as_ref()) else {
-                        problems.push(format!(
-                            "{at}.backend: '{}' is not available; this build supports backend: sim for {kind} devices",
-                            d.backend.as_deref().unwrap_or("(none)")
-                        ));
-                        continue;
-                    };
-                    match sim_driver(plant, kind, d) {
-                        Ok(driver) => {
+                    let opened = match (d.backend.as_deref(), plant.as_ref()) {
+                        (Some("sim"), Some(plant)) => sim_driver(plant, kind, d).map(|drv| {
                             let bus = match kind {
                                 "sht3x" => sim_i2c.clone(),
                                 "mcp3008" => sim_spi.clone(),
                                 _ => sim_gpio.clone(),
                             };
-                            Device::Hal(HalDevice {
-                                kind: match kind {
-                                    "output" => "output",
-                                    "input" => "input",
-                                    "sht3x" => "sht3x",
-                                    _ => "mcp3008",
-                                },
-                                driver: Arc::new(Mutex::new(driver)),
-                                bus,
-                            })
-                        }
+                            (drv, bus)
+                        }),
+                        #[cfg(feature = "linux-hal")]
+                        (Some("linux"), _) => linux::driver(kind, d).map(|(drv, key)| {
+                            let bus = buses
+                                .entry(key)
+                                .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(())))
+                                .clone();
+                            (drv, bus)
+                        }),
+                        (other, _) => Err(format!(
+                            "backend: '{}' is not available for {kind} devices (sim{})",
+                            other.unwrap_or("(none)"),
+                            if cfg!(feature = "linux-hal") {
+                                ", linux"
+                            } else {
+                                "; linux needs the linux-hal feature"
+                            }
+                        )),
+                    };
+                    match opened {
+                        Ok((driver, bus)) => Device::Hal(HalDevice {
+                            kind: match kind {
+                                "output" => "output",
+                                "input" => "input",
+                                "sht3x" => "sht3x",
+                                _ => "mcp3008",
+                            },
+                            driver: Arc::new(Mutex::new(driver)),
+                            bus,
+                        }),
                         Err(e) => {
                             problems.push(format!("{at}.{e}"));
                             continue;
@@ -454,7 +541,7 @@ impl Equipment {
         let n = name.to_string();
         self.on_bus(name, "sht3x", move |d| match d {
             Driver::Sht3x(s) => {
-                let m = s.measure(&mut ThreadDelay)?;
+                let m = s.measure()?;
                 let round = |x: f32| (f64::from(x) * 100.0).round() / 100.0;
                 Ok(json!({"device": n, "celsius": round(m.celsius), "humidity": round(m.humidity)}))
             }
@@ -501,7 +588,7 @@ fn sim_driver(plant: &Arc<Plant>, kind: &str, d: &DeviceSpec) -> Result<Driver, 
     };
     Ok(match kind {
         "output" => {
-            let pin = d.pin.as_deref().ok_or("pin: an output needs a pin")?;
+            let pin = sim_pin(&d.pin).ok_or("pin: a sim output's pin is a name (heater, vent)")?;
             let out: SimOutput = output(pin)?;
             match &d.feedback {
                 Some(f) => {
@@ -510,21 +597,20 @@ fn sim_driver(plant: &Arc<Plant>, kind: &str, d: &DeviceSpec) -> Result<Driver, 
                         None => Duration::ZERO,
                     };
                     let ms = u32::try_from(settle.as_millis()).map_err(|_| "settle: too long".to_string())?;
-                    Driver::Output(Box::new(FeedbackOutput::new(
-                        out,
-                        input(f).map_err(|e| e.replace("pin:", "feedback:"))?,
-                        d.active_low,
-                        ms,
-                    )))
+                    let f = sim_pin(&Some(f.clone()))
+                        .ok_or("feedback: a sim feedback is a pin name")?
+                        .to_string();
+                    let fb = input(&f).map_err(|e| e.replace("pin:", "feedback:"))?;
+                    Driver::Output(Box::new(FeedbackOutput::new(out, fb, d.active_low, ms)))
                 }
                 None => Driver::Output(Box::new(LatchedOutput::new(out))),
             }
         }
-        "input" => Driver::Input(DigitalInput::new(
-            input(d.pin.as_deref().ok_or("pin: an input needs a pin")?)?,
-            d.active_low,
-        )),
-        "sht3x" => Driver::Sht3x(Sht3x::new(plant.i2c(), sht3x::ADDRESS_LOW)),
-        _ => Driver::Mcp3008(Mcp3008::new(plant.spi()), d.vref.unwrap_or(3.3)),
+        "input" => {
+            let pin = input(sim_pin(&d.pin).ok_or("pin: a sim input's pin is a name (door, vent_feedback)")?)?;
+            Driver::Input(Box::new(DigitalInput::new(pin, d.active_low)))
+        }
+        "sht3x" => Driver::Sht3x(Box::new(Sht3x::new(plant.i2c(), sht3x::ADDRESS_LOW))),
+        _ => Driver::Mcp3008(Box::new(Mcp3008::new(plant.spi())), d.vref.unwrap_or(3.3)),
     })
 }

@@ -188,7 +188,7 @@ fn bad_equipment_files_name_the_device_and_field() {
     let bad = write(
         dir.path(),
         "bad.yaml",
-        "devices:\n  a: {kind: laser, backend: sim}\n  b: {kind: output, backend: linux, pin: x}\n  c: {kind: modbus, tcp: nohost, points: {}}\n  d: {kind: modbus, tcp: 'h:1', points: {p: {table: coil, address: 0, type: f32}}}\n  e: {kind: output, backend: sim, pin: flux}\n",
+        "devices:\n  a: {kind: laser, backend: sim}\n  b: {kind: output, backend: linux, pin: {chip: /dev/gpiochip99, line: 3}}\n  f: {kind: sht3x, backend: can}\n  g: {kind: sht3x, backend: linux, bus: /dev/i2c-99}\n  c: {kind: modbus, tcp: nohost, points: {}}\n  d: {kind: modbus, tcp: 'h:1', points: {p: {table: coil, address: 0, type: f32}}}\n  e: {kind: output, backend: sim, pin: flux}\n",
     );
     let out = outpost_command()
         .args(["validate", "--equipment", &bad, &format!("{EXAMPLES}hello.yaml")])
@@ -198,7 +198,9 @@ fn bad_equipment_files_name_the_device_and_field() {
     let err = String::from_utf8_lossy(&out.stderr);
     for expect in [
         "devices.a.kind: unknown kind 'laser'",
-        "devices.b.backend: 'linux'",
+        "devices.b.pin: cannot open /dev/gpiochip99",
+        "devices.f.backend: 'can' is not available",
+        "devices.g.bus: cannot open /dev/i2c-99",
         "devices.c.tcp: 'nohost' is not host:port",
         "devices.d.points.p",
         "devices.e.pin: sim output 'flux'",
