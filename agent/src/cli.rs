@@ -133,9 +133,15 @@ enum Cmd {
 
 #[derive(Args)]
 struct ModbusSimArgs {
-    /// Address to listen on.
+    /// Address to listen on (Modbus TCP).
     #[arg(long, default_value = "127.0.0.1:5020")]
     listen: String,
+    /// Serve Modbus RTU on this serial device instead of TCP.
+    #[arg(long, value_name = "DEVICE")]
+    rtu: Option<String>,
+    /// Baud rate with --rtu.
+    #[arg(long, default_value_t = 9600)]
+    baud: u32,
     /// Answer the first N requests with exception 0x06 (server device busy).
     #[arg(long, default_value_t = 0)]
     busy_first: u32,
@@ -824,6 +830,22 @@ fn run_modbus_sim(args: ModbusSimArgs) -> Result<u8, Failure> {
         limit: args.limit,
         clamps,
     };
+    let log: Arc<dyn Fn(Value) + Send + Sync> = Arc::new(|v: Value| {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{v}");
+        let _ = out.flush();
+    });
+    if let Some(port) = args.rtu.clone() {
+        return block_on(async move {
+            let sim = crate::equipment::modbus::Simulator::new(faults, log.clone());
+            log(json!({"listening": port}));
+            sim.serve_rtu(&port, args.baud)
+                .await
+                .map_err(|e| Failure::new(exit::FAILURE, format!("modbus simulator on {port}: {e}")))?;
+            Ok(exit::OK)
+        });
+    }
     block_on(async move {
         let listener = tokio::net::TcpListener::bind(&args.listen)
             .await
@@ -831,13 +853,7 @@ fn run_modbus_sim(args: ModbusSimArgs) -> Result<u8, Failure> {
         let addr = listener
             .local_addr()
             .map_err(|e| Failure::new(exit::FAILURE, e.to_string()))?;
-        println!("{}", json!({"listening": addr.to_string()}));
-        let log = Arc::new(|v: Value| {
-            use std::io::Write;
-            let mut out = std::io::stdout().lock();
-            let _ = writeln!(out, "{v}");
-            let _ = out.flush();
-        });
+        log(json!({"listening": addr.to_string()}));
         crate::equipment::modbus::Simulator::new(faults, log)
             .serve(listener)
             .await

@@ -273,9 +273,12 @@ pub struct DeviceSpec {
     /// MCP3008: reference voltage (default 3.3).
     #[serde(default)]
     pub vref: Option<f32>,
-    /// Modbus: `host:port`.
+    /// Modbus TCP: `host:port`.
     #[serde(default)]
     pub tcp: Option<String>,
+    /// Modbus RTU: the serial line.
+    #[serde(default)]
+    pub rtu: Option<modbus::RtuSpec>,
     /// Modbus: unit id (default 1).
     #[serde(default)]
     pub unit: Option<u8>,
@@ -336,6 +339,7 @@ impl Equipment {
         let sim_gpio = Arc::new(tokio::sync::Mutex::new(()));
         let mut devices = HashMap::new();
         let mut timeouts = HashMap::new();
+        let mut links: HashMap<String, modbus::Connection> = HashMap::new();
         #[cfg(feature = "linux-hal")]
         let mut buses: HashMap<String, Arc<tokio::sync::Mutex<()>>> = HashMap::new();
         for (name, d) in &spec.devices {
@@ -353,12 +357,18 @@ impl Equipment {
             timeouts.insert(name.clone(), timeout);
             let device = match d.kind.as_str() {
                 "modbus" => {
-                    let Some(tcp) = &d.tcp else {
-                        problems.push(format!("{at}.tcp: a modbus device needs tcp: host:port"));
-                        continue;
+                    let link = match (&d.tcp, &d.rtu) {
+                        (Some(tcp), None) => modbus::Link::Tcp(tcp.clone()),
+                        (None, Some(rtu)) => modbus::Link::Rtu(rtu.clone()),
+                        _ => {
+                            problems.push(format!(
+                                "{at}: a modbus device needs exactly one of tcp: host:port or rtu: {{port: ...}}"
+                            ));
+                            continue;
+                        }
                     };
-                    if !tcp.contains(':') {
-                        problems.push(format!("{at}.tcp: '{tcp}' is not host:port"));
+                    if let Err(e) = link.check() {
+                        problems.push(format!("{at}.{e}"));
                         continue;
                     }
                     let mut points = BTreeMap::new();
@@ -370,9 +380,11 @@ impl Equipment {
                             Err(e) => problems.push(format!("{at}.points.{pname}: {e}")),
                         }
                     }
+                    let conn = links.entry(link.key()).or_default().clone();
                     Device::Modbus(Arc::new(modbus::ModbusDevice::new(
                         name,
-                        tcp.clone(),
+                        link,
+                        conn,
                         d.unit.unwrap_or(1),
                         timeout,
                         points,

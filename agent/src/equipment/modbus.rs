@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use tokio_modbus::client::{Context, Reader, Writer};
+use tokio_modbus::slave::SlaveContext;
 use tokio_modbus::{ExceptionCode, Request, Response, Slave};
 
 use super::EquipmentError;
@@ -215,23 +216,151 @@ impl Point {
 /// A Modbus TCP unit with its register map. Transactions are serialised per unit.
 pub struct ModbusDevice {
     name: String,
-    addr: String,
+    link: Link,
     unit: u8,
     timeout: Duration,
     points: BTreeMap<String, Point>,
-    conn: tokio::sync::Mutex<Option<Context>>,
+    conn: Connection,
 }
 
+/// Serial-line settings of a Modbus RTU link.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RtuSpec {
+    /// Serial device, e.g. `/dev/ttyUSB0`.
+    pub port: String,
+    /// Baud rate (default 9600).
+    #[serde(default)]
+    pub baud: Option<u32>,
+    /// `none` (default), `even` or `odd`.
+    #[serde(default)]
+    pub parity: Option<String>,
+    /// 1 (default) or 2.
+    #[serde(default)]
+    pub stop_bits: Option<u8>,
+    /// 7 or 8 (default).
+    #[serde(default)]
+    pub data_bits: Option<u8>,
+}
+
+/// Where a Modbus unit is reached.
+#[derive(Debug, Clone)]
+pub enum Link {
+    /// Modbus TCP, `host:port`.
+    Tcp(String),
+    /// Modbus RTU on a serial line.
+    Rtu(RtuSpec),
+}
+
+impl Link {
+    /// Units behind the same link share one connection (a serial line carries one transaction at a time).
+    pub fn key(&self) -> String {
+        match self {
+            Link::Tcp(a) => format!("tcp:{a}"),
+            Link::Rtu(r) => format!("rtu:{}", r.port),
+        }
+    }
+
+    fn describe(&self) -> &str {
+        match self {
+            Link::Tcp(a) => a,
+            Link::Rtu(r) => &r.port,
+        }
+    }
+
+    /// Checks the settings without opening anything.
+    pub fn check(&self) -> Result<(), String> {
+        match self {
+            Link::Tcp(a) if !a.contains(':') => Err(format!("tcp: '{a}' is not host:port")),
+            Link::Tcp(_) => Ok(()),
+            Link::Rtu(r) => {
+                serial_settings(r)?;
+                Ok(())
+            }
+        }
+    }
+
+    async fn open(&self, unit: u8) -> Result<Context, String> {
+        match self {
+            Link::Tcp(a) => {
+                let addr: SocketAddr = tokio::net::lookup_host(a)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .next()
+                    .ok_or("no address")?;
+                tokio_modbus::client::tcp::connect_slave(addr, Slave(unit))
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            Link::Rtu(r) => {
+                let (baud, parity, stop, data) = serial_settings(r)?;
+                use tokio_serial::SerialPortBuilderExt;
+                let port = tokio_serial::new(&r.port, baud)
+                    .parity(parity)
+                    .stop_bits(stop)
+                    .data_bits(data)
+                    .open_native_async()
+                    .map_err(|e| e.to_string())?;
+                Ok(tokio_modbus::client::rtu::attach_slave(port, Slave(unit)))
+            }
+        }
+    }
+}
+
+fn serial_settings(
+    r: &RtuSpec,
+) -> Result<
+    (
+        u32,
+        tokio_serial::Parity,
+        tokio_serial::StopBits,
+        tokio_serial::DataBits,
+    ),
+    String,
+> {
+    let parity = match r.parity.as_deref().unwrap_or("none") {
+        "none" => tokio_serial::Parity::None,
+        "even" => tokio_serial::Parity::Even,
+        "odd" => tokio_serial::Parity::Odd,
+        other => return Err(format!("rtu.parity: '{other}' is not none, even or odd")),
+    };
+    let stop = match r.stop_bits.unwrap_or(1) {
+        1 => tokio_serial::StopBits::One,
+        2 => tokio_serial::StopBits::Two,
+        other => return Err(format!("rtu.stop_bits: {other} is not 1 or 2")),
+    };
+    let data = match r.data_bits.unwrap_or(8) {
+        7 => tokio_serial::DataBits::Seven,
+        8 => tokio_serial::DataBits::Eight,
+        other => return Err(format!("rtu.data_bits: {other} is not 7 or 8")),
+    };
+    let baud = r.baud.unwrap_or(9600);
+    if baud == 0 {
+        return Err("rtu.baud: must be greater than zero".into());
+    }
+    Ok((baud, parity, stop, data))
+}
+
+/// A connection shared by the units behind one link.
+pub type Connection = Arc<tokio::sync::Mutex<Option<Context>>>;
+
 impl ModbusDevice {
-    /// A device; `addr` is `host:port`.
-    pub fn new(name: &str, addr: String, unit: u8, timeout: Duration, points: BTreeMap<String, Point>) -> Self {
+    /// A unit behind `link`, using the link's shared connection.
+    pub fn new(
+        name: &str,
+        link: Link,
+        conn: Connection,
+        unit: u8,
+        timeout: Duration,
+        points: BTreeMap<String, Point>,
+    ) -> Self {
         ModbusDevice {
             name: name.to_string(),
-            addr,
+            link,
             unit,
             timeout,
             points,
-            conn: tokio::sync::Mutex::new(None),
+            conn,
         }
     }
 
@@ -352,25 +481,24 @@ impl ModbusDevice {
     ) -> Result<T, EquipmentError> {
         let work = async {
             if conn.is_none() {
-                let addr: SocketAddr = tokio::net::lookup_host(&self.addr)
+                let ctx = self
+                    .link
+                    .open(self.unit)
                     .await
-                    .map_err(|e| EquipmentError::Connect(format!("{}: {e}", self.addr)))?
-                    .next()
-                    .ok_or_else(|| EquipmentError::Connect(format!("{}: no address", self.addr)))?;
-                let ctx = tokio_modbus::client::tcp::connect_slave(addr, Slave(self.unit))
-                    .await
-                    .map_err(|e| EquipmentError::Connect(format!("{}: {e}", self.addr)))?;
+                    .map_err(|e| EquipmentError::Connect(format!("{}: {e}", self.link.describe())))?;
                 *conn = Some(ctx);
             }
             let Some(ctx) = conn.as_mut() else {
-                return Err(EquipmentError::Connect(self.addr.clone()));
+                return Err(EquipmentError::Connect(self.link.describe().to_string()));
             };
+            // The connection may be shared with other units on the same link.
+            tokio_modbus::client::Context::set_slave(ctx, Slave(self.unit));
             match op(ctx).await {
                 Ok(Ok(v)) => Ok(v),
                 Ok(Err(code)) => Err(EquipmentError::Exception(code)),
                 Err(e) => {
                     *conn = None;
-                    Err(EquipmentError::Bus(format!("{}: {e}", self.addr)))
+                    Err(EquipmentError::Bus(format!("{}: {e}", self.link.describe())))
                 }
             }
         };
@@ -454,6 +582,13 @@ impl Simulator {
             faults,
             log,
         }
+    }
+
+    /// Serves Modbus RTU on a serial device until the task is dropped.
+    pub async fn serve_rtu(self, port: &str, baud: u32) -> std::io::Result<()> {
+        tokio_modbus::server::rtu::Server::new_from_path(port, baud)?
+            .serve_forever(self)
+            .await
     }
 
     /// Serves Modbus TCP on `listener` until the task is dropped.

@@ -229,3 +229,35 @@ fn bad_equipment_files_name_the_device_and_field() {
     );
     assert!(err.contains("unknown device 'nothere'"), "{err}");
 }
+
+#[test]
+fn recipe_over_modbus_rtu_on_a_serial_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let (plc, gw) = (dir.path().join("plc"), dir.path().join("gw"));
+    // A linked pseudo-terminal pair stands in for the RS-485 line (socat is installed by .ci/run).
+    let mut socat = std::process::Command::new("socat")
+        .arg(format!("pty,raw,echo=0,link={}", plc.display()))
+        .arg(format!("pty,raw,echo=0,link={}", gw.display()))
+        .spawn()
+        .expect("socat is needed for the RTU test: apt-get install socat");
+    eventually(Duration::from_secs(5), "the serial pair", || {
+        (plc.exists() && gw.exists()).then_some(())
+    });
+    let sim = ModbusSim::start(&["--rtu", plc.to_str().unwrap(), "--baud", "19200", "--busy-first", "1"]);
+    let text = std::fs::read_to_string(format!("{EXAMPLES}equipment/plc.yaml")).unwrap();
+    let eq = write(
+        dir.path(),
+        "rtu.yaml",
+        &text.replace(
+            "tcp: 127.0.0.1:5020",
+            &format!("rtu: {{port: {}, baud: 19200}}", gw.display()),
+        ),
+    );
+    let (code, v) = run_once(dir.path(), &eq, "recipe", RECIPE);
+    let _ = socat.kill();
+    let _ = socat.wait();
+    assert_eq!(code, Some(0), "{v}");
+    let (count, last) = writes_by_address(&sim);
+    assert!(count.values().all(|&n| n == 1), "{:?}", sim.writes());
+    assert_eq!(last, recipe_raw());
+}
