@@ -421,6 +421,7 @@ impl Runtime {
                     inner: inner.clone(),
                     def,
                     st,
+                    next: None,
                 }
                 .run(cancel_rx)
                 .await;
@@ -460,6 +461,8 @@ struct Driver {
     inner: Arc<Inner>,
     def: Arc<Definition>,
     st: RunState,
+    /// Decisions already made for the current state (by the look-ahead in `journal`).
+    next: Option<Vec<Command>>,
 }
 
 impl Driver {
@@ -469,7 +472,8 @@ impl Driver {
         let mut slots: HashMap<tokio::task::Id, Slot> = HashMap::new();
         loop {
             let mut records = Vec::new();
-            for cmd in engine::decide(&self.def, &self.st) {
+            let decided = self.next.take().unwrap_or_else(|| engine::decide(&self.def, &self.st));
+            for cmd in decided {
                 match cmd {
                     Command::Record(e) => records.push(e),
                     Command::StartTimer {
@@ -635,6 +639,7 @@ impl Driver {
     }
 
     fn absorb(&mut self, events: Vec<Event>) {
+        self.next = None;
         for e in &events {
             if let Err(err) = self.st.apply(&self.def, e) {
                 error!(error = %err, "journaled event does not fit the definition");
@@ -654,6 +659,9 @@ impl Driver {
             {
                 self.absorb(vec![end.clone()]);
                 events.push(end.clone());
+            } else {
+                // The state will not change before the driver decides again: keep the decision.
+                self.next = Some(next);
             }
         }
         if self.st.status.is_terminal() {
@@ -667,6 +675,7 @@ impl Driver {
                 Err(JournalError::RunFinished(_)) => {
                     // Finished elsewhere (cannot happen with one driver per run); stop deciding.
                     self.st.status = RunStatus::Cancelled;
+                    self.next = None;
                     return;
                 }
                 Err(e) => {
