@@ -64,6 +64,16 @@ impl EquipmentAction {
     }
 }
 
+/// A `{point: value}` argument.
+fn point_map<'a>(args: &'a Value, name: &str) -> Result<&'a Map<String, Value>, ActionError> {
+    args.get(name).and_then(Value::as_object).ok_or_else(|| {
+        ActionError::permanent(
+            "invalid_argument",
+            format!("'{name}' must be a map of point names to values"),
+        )
+    })
+}
+
 fn to_action_error(e: EquipmentError) -> ActionError {
     ActionError {
         retryable: e.retryable(),
@@ -161,41 +171,27 @@ impl Action for EquipmentAction {
                         Some(Value::String(s)) => vec![s.clone()],
                         _ => return Err(invalid("'points' must be a list of point names")),
                     };
-                    match eq.modbus(&device) {
-                        Ok(m) => m
-                            .read(&names)
-                            .await
-                            .map(|values| serde_json::json!({"device": device, "values": values})),
-                        Err(e) => Err(e),
-                    }
+                    let m = eq.modbus(&device).map_err(to_action_error)?;
+                    m.read(&names)
+                        .await
+                        .map(|values| serde_json::json!({"device": device, "values": values}))
                 }
                 Op::ModbusWrite => {
-                    let values = call
-                        .args
-                        .get("values")
-                        .and_then(Value::as_object)
-                        .ok_or_else(|| invalid("'values' must be a map of point names to values"))?;
+                    let values = point_map(&call.args, "values")?;
                     let verify = call.args.get("verify").and_then(Value::as_bool).unwrap_or(true);
-                    match eq.modbus(&device) {
-                        Ok(m) => m.write(values, verify).await,
-                        Err(e) => Err(e),
-                    }
+                    eq.modbus(&device).map_err(to_action_error)?.write(values, verify).await
                 }
                 Op::ModbusVerify => {
-                    let expect = call
-                        .args
-                        .get("expect")
-                        .and_then(Value::as_object)
-                        .ok_or_else(|| invalid("'expect' must be a map of point names to values"))?;
+                    let expect = point_map(&call.args, "expect")?;
                     let report = match call.args.get("on_mismatch").and_then(Value::as_str) {
                         None | Some("fail") => false,
                         Some("report") => true,
                         Some(other) => return Err(invalid(&format!("on_mismatch '{other}' is not fail or report"))),
                     };
-                    match eq.modbus(&device) {
-                        Ok(m) => m.verify(expect, report).await,
-                        Err(e) => Err(e),
-                    }
+                    eq.modbus(&device)
+                        .map_err(to_action_error)?
+                        .verify(expect, report)
+                        .await
                 }
             };
             result.map_err(to_action_error)
