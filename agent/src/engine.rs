@@ -222,31 +222,26 @@ impl RunState {
             })?),
             None => None,
         };
-        let enter = |st: &mut RunState, i: usize, visit: u32| {
-            let s = &mut st.steps[i];
+        // Every step event first makes its visit the current one (a new visit starts clean).
+        let i = idx.unwrap_or_default();
+        if let (Some(i), Some(visit)) = (idx, e.visit()) {
+            let s = &mut self.steps[i];
             if visit > s.visits {
                 s.visits = visit;
                 s.output = None;
                 s.error = None;
             }
-            st.cursor = Some(i);
-        };
+            self.cursor = Some(i);
+        }
         match e {
             Event::RunStarted { .. } => {}
-            Event::AttemptStarted { visit, attempt, .. } => {
-                let i = idx.unwrap_or_default();
-                enter(self, i, *visit);
-                self.steps[i].phase = Phase::Running { attempt: *attempt };
-            }
+            Event::AttemptStarted { attempt, .. } => self.steps[i].phase = Phase::Running { attempt: *attempt },
             Event::AttemptFailed {
-                visit,
                 attempt,
                 error,
                 retry_at_ms,
                 ..
             } => {
-                let i = idx.unwrap_or_default();
-                enter(self, i, *visit);
                 let s = &mut self.steps[i];
                 s.error = Some(error.clone());
                 if let Some(at) = retry_at_ms {
@@ -256,31 +251,22 @@ impl RunState {
                     };
                 }
             }
-            Event::StepCompleted { visit, output, .. } => {
-                let i = idx.unwrap_or_default();
-                enter(self, i, *visit);
+            Event::StepCompleted { output, .. } => {
                 let s = &mut self.steps[i];
                 s.phase = Phase::Completed;
                 s.output = Some(serde_json::from_str(output).unwrap_or(Value::Null));
             }
-            Event::StepFailed { visit, error, .. } => {
-                let i = idx.unwrap_or_default();
-                enter(self, i, *visit);
+            Event::StepFailed { error, .. } => {
                 let s = &mut self.steps[i];
                 s.phase = Phase::Failed;
                 s.error = Some(error.clone());
             }
-            Event::StepSkipped { .. } => {
-                self.steps[idx.unwrap_or_default()].phase = Phase::Skipped;
-            }
+            Event::StepSkipped { .. } => self.steps[i].phase = Phase::Skipped,
             Event::TimerSet {
-                visit,
                 fire_at_ms,
                 duration_ms,
                 ..
             } => {
-                let i = idx.unwrap_or_default();
-                enter(self, i, *visit);
                 self.steps[i].phase = Phase::Timer {
                     fire_at_ms: *fire_at_ms,
                     duration_ms: *duration_ms,

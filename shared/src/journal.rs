@@ -148,6 +148,19 @@ impl Event {
         }
     }
 
+    /// The visit of the step this event belongs to, if it carries one.
+    pub fn visit(&self) -> Option<u32> {
+        match self {
+            Event::AttemptStarted { visit, .. }
+            | Event::AttemptFailed { visit, .. }
+            | Event::StepCompleted { visit, .. }
+            | Event::StepFailed { visit, .. }
+            | Event::TimerSet { visit, .. }
+            | Event::TimerFired { visit, .. } => Some(*visit),
+            _ => None,
+        }
+    }
+
     /// True for the events that end a run.
     pub fn is_terminal(&self) -> bool {
         matches!(
