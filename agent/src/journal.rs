@@ -518,11 +518,10 @@ enum Outcome {
 }
 
 impl Outcome {
-    fn is_ok(&self) -> bool {
+    fn error(&self) -> Option<&JournalError> {
         match self {
-            Outcome::Start(_, r) => r.is_ok(),
-            Outcome::Append(_, r) => r.is_ok(),
-            Outcome::Definition(_, r) => r.is_ok(),
+            Outcome::Start(_, Err(e)) | Outcome::Append(_, Err(e)) | Outcome::Definition(_, Err(e)) => Some(e),
+            _ => None,
         }
     }
     fn fail(self, e: impl Fn() -> JournalError) {
@@ -632,7 +631,8 @@ impl Writer {
                         } => Outcome::Definition(reply, put_definition(&mut t, &name, version, json, now)),
                     };
                     // A storage error mid-operation poisons the transaction: abort it whole.
-                    if let Some(e) = storage_error(&outcome) {
+                    if let Some(JournalError::Storage(e)) = outcome.error() {
+                        let e = storage_failure(&e.to_string());
                         outcomes.push(outcome);
                         return Err(e);
                     }
@@ -670,12 +670,11 @@ impl Writer {
                     tracing::error!(error = %e, "cannot reopen the journal yet; will retry with the next write");
                 }
                 let msg = e.to_string();
+                let err = || storage_failure(&msg);
                 for o in outcomes {
-                    o.fail(|| JournalError::Storage(redb::StorageError::Io(std::io::Error::other(msg.clone())).into()));
+                    o.fail(err);
                 }
                 for op in batch.drain(..) {
-                    let err =
-                        || JournalError::Storage(redb::StorageError::Io(std::io::Error::other(msg.clone())).into());
                     match op {
                         Op::Start { reply, .. } => drop(reply.send(Err(err()))),
                         Op::Append { reply, .. } => drop(reply.send(Err(err()))),
@@ -793,22 +792,9 @@ fn put_definition(t: &mut Tables, name: &str, version: u32, json: String, now: u
     Ok(Applied::Created)
 }
 
-fn storage_error(o: &Outcome) -> Option<JournalError> {
-    let msg = |e: &JournalError| match e {
-        JournalError::Storage(s) => Some(JournalError::Storage(
-            redb::StorageError::Io(std::io::Error::other(s.to_string())).into(),
-        )),
-        _ => None,
-    };
-    if o.is_ok() {
-        return None;
-    }
-    match o {
-        Outcome::Start(_, Err(e)) => msg(e),
-        Outcome::Append(_, Err(e)) => msg(e),
-        Outcome::Definition(_, Err(e)) => msg(e),
-        _ => None,
-    }
+/// A storage error for a waiter of a failed batch; redb's errors are not `Clone`, so the text travels.
+fn storage_failure(msg: &str) -> JournalError {
+    JournalError::Storage(redb::StorageError::Io(std::io::Error::other(msg.to_string())).into())
 }
 
 #[cfg(test)]
