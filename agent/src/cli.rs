@@ -385,6 +385,11 @@ fn parse_input(text: &str, what: &str) -> Result<Value, Failure> {
     serde_json::from_str(text).map_err(|e| Failure::new(exit::INVALID, format!("{what} is not valid JSON: {e}")))
 }
 
+/// Prints `v` as JSON with `--json`, otherwise in the command's own form.
+fn show(v: &Value, as_json: bool, human: impl FnOnce(&Value)) {
+    if as_json { print_json(v) } else { human(v) }
+}
+
 fn print_json(v: &Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
@@ -479,10 +484,8 @@ async fn remote(client: Client, cmd: Cmd, as_json: bool) -> Result<u8, Failure> 
                 path.push_str(&format!("&status={st}"));
             }
             let v = call(&client, Method::GET, &path, None).await?;
-            if as_json {
-                print_json(&v);
-            } else {
-                let rows = rows_of(&v, |r| {
+            show(&v, as_json, |v| {
+                let rows = rows_of(v, |r| {
                     vec![
                         s(&r["run_id"]),
                         format!("{}@{}", s(&r["workflow"]), r["version"]),
@@ -496,7 +499,7 @@ async fn remote(client: Client, cmd: Cmd, as_json: bool) -> Result<u8, Failure> 
                     &["RUN", "WORKFLOW", "STATUS", "STARTED", "DURATION", "WAITING ON"],
                     &rows,
                 );
-            }
+            });
             Ok(exit::OK)
         }
         Cmd::Show { run, history } => {
@@ -578,28 +581,22 @@ async fn remote(client: Client, cmd: Cmd, as_json: bool) -> Result<u8, Failure> 
                 None,
             )
             .await?;
-            if as_json {
-                print_json(&v);
-            } else {
-                print_result(&v);
-            }
+            show(&v, as_json, |v| {
+                print_result(v);
+            });
             Ok(run_exit(v["status"].as_str().unwrap_or("")))
         }
         Cmd::Cancel { run, reason } => {
             let body = json!({"reason": reason}).to_string();
             let v = call(&client, Method::POST, &format!("/v1/runs/{run}/cancel"), Some(body)).await?;
-            if as_json {
-                print_json(&v);
-            } else {
+            show(&v, as_json, |v| {
                 println!("run {} {}", s(&v["run_id"]), s(&v["status"]));
-            }
+            });
             Ok(exit::OK)
         }
         Cmd::Status => {
             let v = call(&client, Method::GET, "/v1/status", None).await?;
-            if as_json {
-                print_json(&v);
-            } else {
+            show(&v, as_json, |v| {
                 println!("agent:       outpost {} (pid {})", s(&v["version"]), v["pid"]);
                 println!("active runs: {}", v["active_runs"]);
                 println!(
@@ -619,15 +616,13 @@ async fn remote(client: Client, cmd: Cmd, as_json: bool) -> Result<u8, Failure> 
                         .map(|t| format!(", next at {t}"))
                         .unwrap_or_default()
                 );
-            }
+            });
             Ok(exit::OK)
         }
         Cmd::Definitions => {
             let v = call(&client, Method::GET, "/v1/definitions", None).await?;
-            if as_json {
-                print_json(&v);
-            } else {
-                let rows = rows_of(&v, |d| {
+            show(&v, as_json, |v| {
+                let rows = rows_of(v, |d| {
                     vec![
                         s(&d["name"]),
                         d["version"].to_string(),
@@ -636,7 +631,7 @@ async fn remote(client: Client, cmd: Cmd, as_json: bool) -> Result<u8, Failure> 
                     ]
                 });
                 table(&["NAME", "VERSION", "STEPS", "APPLIED"], &rows);
-            }
+            });
             Ok(exit::OK)
         }
         Cmd::Run(_) | Cmd::Validate { .. } | Cmd::Bench(_) | Cmd::ModbusSim(_) => Ok(exit::OK),
