@@ -17,7 +17,7 @@ use serde_json::{Map, Value, json};
 
 use crate::engine::{self, Phase, RunState, RunStatus};
 use crate::journal::{Applied, JournalError, RunRecord};
-use crate::runtime::{Runtime, RuntimeError, StartRequest};
+use crate::runtime::{Decision, Runtime, RuntimeError, StartRequest};
 
 /// Largest request body, in bytes (definitions are capped at 1 MiB, inputs at 256 KiB).
 pub const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
@@ -35,6 +35,10 @@ pub fn router(rt: Runtime) -> Router {
         .route("/v1/runs/{id}", get(show_run))
         .route("/v1/runs/{id}/wait", get(wait_run))
         .route("/v1/runs/{id}/cancel", post(cancel_run))
+        .route("/v1/runs/{id}/terminate", post(terminate_run))
+        .route("/v1/runs/{id}/retry", post(retry_run))
+        .route("/v1/runs/{id}/signal", post(signal_run))
+        .route("/v1/runs/{id}/approve", post(approve_run))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(Arc::new(rt))
 }
@@ -254,6 +258,13 @@ fn outcome_of(end: Option<&Event>) -> (Value, Value) {
         Some(Event::RunCompleted { output }) => (serde_json::from_str(output).unwrap_or(Value::Null), Value::Null),
         Some(Event::RunFailed { error }) => (Value::Null, error_json(error)),
         Some(Event::RunCancelled { reason }) => (Value::Null, json!({"kind": "cancelled", "message": reason})),
+        Some(Event::RunTerminated { reason }) => (Value::Null, json!({"kind": "terminated", "message": reason})),
+        Some(Event::RunCompensated { error }) => (Value::Null, error_json(error)),
+        Some(Event::RunCompensationFailed { step, error }) => (
+            Value::Null,
+            json!({"kind": error.kind, "message": format!("compensation of step '{step}' failed: {}", error.message), "step": step}),
+        ),
+        Some(Event::RunContinued { next_run, .. }) => (json!({"continued_as": next_run}), Value::Null),
         _ => (Value::Null, Value::Null),
     }
 }
@@ -283,17 +294,17 @@ struct ListQuery {
 async fn list_runs(State(rt): AppState, Query(q): Query<ListQuery>) -> ApiResult {
     let status = match q.status.as_deref() {
         None | Some("") | Some("all") => None,
-        Some("running") => Some(RunStatus::Running),
-        Some("completed") => Some(RunStatus::Completed),
-        Some("failed") => Some(RunStatus::Failed),
-        Some("cancelled") => Some(RunStatus::Cancelled),
-        Some(other) => {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_request",
-                format!("status '{other}' is not one of running, completed, failed, cancelled, all"),
-            ));
-        }
+        Some(name) => match RunStatus::ALL.iter().find(|s| s.as_str() == name) {
+            Some(s) => Some(*s),
+            None => {
+                let names: Vec<&str> = RunStatus::ALL.iter().map(|s| s.as_str()).collect();
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    format!("status '{name}' is not one of {}, all", names.join(", ")),
+                ));
+            }
+        },
     };
     let limit = q.limit.unwrap_or(100).clamp(1, 100_000);
     let rt2 = rt.clone();
@@ -342,23 +353,72 @@ async fn wait_run(State(rt): AppState, Path(id): Path<String>, Query(q): Query<W
 }
 
 #[derive(Deserialize, Default)]
-struct CancelBody {
+struct ReasonBody {
     reason: Option<String>,
+    by: Option<String>,
+}
+
+/// A JSON body, or the type's default for an empty one.
+fn body_or_default<T: Default + serde::de::DeserializeOwned>(body: &str) -> Result<T, ApiError> {
+    if body.trim().is_empty() {
+        return Ok(T::default());
+    }
+    serde_json::from_str(body)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", format!("request body: {e}")))
+}
+
+async fn summary_of(rt: &Runtime, id: &str, rec: RunRecord) -> ApiResult {
+    let mut out = json!({});
+    merge_summary(&mut out, id, &rec, None, rt)?;
+    Ok(Json(out))
 }
 
 async fn cancel_run(State(rt): AppState, Path(id): Path<String>, body: String) -> ApiResult {
-    let b: CancelBody = if body.trim().is_empty() {
-        CancelBody::default()
-    } else {
-        serde_json::from_str(&body)
-            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", format!("request body: {e}")))?
-    };
+    let b: ReasonBody = body_or_default(&body)?;
     let rec = rt
         .cancel(&id, b.reason.as_deref().unwrap_or("cancelled by operator"))
         .await?;
-    let mut out = json!({});
-    merge_summary(&mut out, &id, &rec, None, &rt)?;
-    Ok(Json(out))
+    summary_of(&rt, &id, rec).await
+}
+
+async fn terminate_run(State(rt): AppState, Path(id): Path<String>, body: String) -> ApiResult {
+    let b: ReasonBody = body_or_default(&body)?;
+    let rec = rt
+        .terminate(&id, b.reason.as_deref().unwrap_or("terminated by operator"))
+        .await?;
+    summary_of(&rt, &id, rec).await
+}
+
+async fn retry_run(State(rt): AppState, Path(id): Path<String>, body: String) -> ApiResult {
+    let b: ReasonBody = body_or_default(&body)?;
+    let rec = rt.retry(&id, b.by.as_deref().unwrap_or("operator")).await?;
+    summary_of(&rt, &id, rec).await
+}
+
+#[derive(Deserialize, Default)]
+struct SignalBody {
+    name: String,
+    #[serde(default)]
+    payload: Value,
+    #[serde(default)]
+    id: Option<String>,
+}
+
+async fn signal_run(State(rt): AppState, Path(id): Path<String>, body: String) -> ApiResult {
+    let b: SignalBody = body_or_default(&body)?;
+    let accepted = rt.signal(&id, &b.name, b.id, b.payload).await?;
+    Ok(Json(
+        json!({"run_id": id, "signal": b.name, "accepted": accepted, "duplicate": !accepted}),
+    ))
+}
+
+async fn approve_run(State(rt): AppState, Path(id): Path<String>, body: String) -> ApiResult {
+    let d: Decision = body_or_default(&body)?;
+    let (step, approved) = (d.step.clone(), d.approved);
+    let accepted = rt.approve(&id, d).await?;
+    Ok(Json(
+        json!({"run_id": id, "step": step, "approved": approved, "accepted": accepted, "duplicate": !accepted}),
+    ))
 }
 
 /// Everything about one run: summary, per-step table, why it waits, and its full history.
@@ -384,10 +444,24 @@ fn waiting(def: &Definition, st: &RunState) -> Option<String> {
         return None;
     }
     let mut reasons = Vec::new();
+    if st.status == RunStatus::Compensating
+        && let Some(c) = st.compensations.iter().rev().find(|c| c.phase != Phase::Completed)
+    {
+        let id = &def.doc.steps[c.step].id;
+        reasons.push(format!("compensating {id}: {}", engine::phase_name(&c.phase)));
+    }
     for (i, s) in st.steps.iter().enumerate() {
         let id = &def.doc.steps[i].id;
         match &s.phase {
             Phase::Running { attempt } => reasons.push(format!("{id}: attempt {attempt} running")),
+            Phase::Backoff { .. } if s.deferred.is_some() => {
+                if let Some((target, until)) = &s.deferred {
+                    reasons.push(format!(
+                        "{id}: held until {} by the open circuit breaker of '{target}'",
+                        rfc3339(*until)
+                    ));
+                }
+            }
             Phase::Backoff { attempt, retry_at_ms } => reasons.push(format!(
                 "{id}: backing off until {} after {attempt} failed attempt(s){}",
                 rfc3339(*retry_at_ms),
@@ -397,6 +471,16 @@ fn waiting(def: &Definition, st: &RunState) -> Option<String> {
                     .unwrap_or_default()
             )),
             Phase::Timer { fire_at_ms, .. } => reasons.push(format!("{id}: sleeping until {}", rfc3339(*fire_at_ms))),
+            Phase::Waiting { signal, fire_at_ms, .. } => {
+                let what = match signal.strip_prefix("approval:") {
+                    Some(_) => "waiting for approval".to_string(),
+                    None => format!("waiting for signal '{signal}'"),
+                };
+                let until = fire_at_ms
+                    .map(|t| format!(" (times out at {})", rfc3339(t)))
+                    .unwrap_or_default();
+                reasons.push(format!("{id}: {what}{until}"));
+            }
             _ => {}
         }
     }
@@ -447,8 +531,23 @@ fn step_rows(def: &Definition, st: &RunState, history: &[(u64, Record)]) -> Vec<
         .iter()
         .zip(rows)
         .zip(&st.steps)
-        .map(|((step, row), s)| {
+        .enumerate()
+        .map(|(i, ((step, row), s))| {
             let mut v = Map::new();
+            if let Some(c) = st.compensations.iter().rev().find(|c| c.step == i)
+                && (c.phase != Phase::Idle || st.status == RunStatus::Compensating)
+            {
+                let name = match c.phase {
+                    Phase::Completed => "compensated",
+                    Phase::Failed => "compensation failed",
+                    Phase::Idle => "compensation pending",
+                    _ => "compensating",
+                };
+                v.insert("compensation".into(), name.into());
+                if let Some(e) = &c.error {
+                    v.insert("compensation_error".into(), error_json(e));
+                }
+            }
             v.insert("id".into(), step.id.clone().into());
             v.insert("action".into(), step.action.clone().into());
             v.insert("status".into(), engine::phase_name(&s.phase).into());
@@ -478,7 +577,7 @@ fn history_row(seq: u64, r: &Record) -> Value {
     if !fields.is_object() {
         fields = json!({});
     }
-    for k in ["input", "output"] {
+    for k in ["input", "output", "payload"] {
         if let Some(Value::String(s)) = fields.get(k)
             && let Ok(v) = serde_json::from_str::<Value>(s)
         {

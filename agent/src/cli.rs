@@ -90,7 +90,8 @@ enum Cmd {
     Start(StartArgs),
     /// List runs, newest first.
     List {
-        /// Only runs with this status: running, completed, failed, cancelled.
+        /// Only runs with this status: running, completed, failed, cancelled, compensated,
+        /// compensation_failed, terminated, continued.
         #[arg(long)]
         status: Option<String>,
         /// At most this many.
@@ -120,6 +121,54 @@ enum Cmd {
         /// Why (recorded in the history).
         #[arg(long, default_value = "cancelled by operator")]
         reason: String,
+    },
+    /// Stop a run without compensation (also one that is compensating).
+    Terminate {
+        /// Run id.
+        run: String,
+        /// Why (recorded in the history).
+        #[arg(long, default_value = "terminated by operator")]
+        reason: String,
+    },
+    /// Resume a failed run from its failed step (a fresh visit with a fresh retry budget).
+    Retry {
+        /// Run id.
+        run: String,
+        /// Who asked (recorded in the history) [default: $USER].
+        #[arg(long)]
+        by: Option<String>,
+    },
+    /// Send a signal to a run; a step waiting for it (now or later) receives the payload.
+    Signal {
+        /// Run id.
+        run: String,
+        /// Signal name, as in the step's `signal` argument.
+        name: String,
+        /// Payload as JSON.
+        #[arg(long, default_value = "null")]
+        payload: String,
+        /// Signal id; a repeated id is ignored (safe to resend) [default: generated].
+        #[arg(long)]
+        id: Option<String>,
+    },
+    /// Approve (or reject with --reject) an approval step that is waiting.
+    Approve {
+        /// Run id.
+        run: String,
+        /// The approval step's id.
+        step: String,
+        /// Reject instead of approve.
+        #[arg(long)]
+        reject: bool,
+        /// Comment recorded in the history.
+        #[arg(long, default_value = "")]
+        comment: String,
+        /// Who decides (recorded; checked against the step's approvers) [default: $USER].
+        #[arg(long)]
+        by: Option<String>,
+        /// Decision id; a repeated id is ignored [default: generated].
+        #[arg(long)]
+        id: Option<String>,
     },
     /// Show the agent's state: active runs, activity slots, journal counters, timers.
     Status,
@@ -386,6 +435,13 @@ fn parse_input(text: &str, what: &str) -> Result<Value, Failure> {
 }
 
 /// Prints `v` as JSON with `--json`, otherwise in the command's own form.
+/// The local user's name, recorded as who approved or retried.
+fn current_user() -> String {
+    std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| "operator".into())
+}
+
 fn show(v: &Value, as_json: bool, human: impl FnOnce(&Value)) {
     if as_json { print_json(v) } else { human(v) }
 }
@@ -539,10 +595,14 @@ async fn remote(client: Client, cmd: Cmd, as_json: bool) -> Result<u8, Failure> 
                     Some(t) => format!("retry at {t}; {detail}"),
                     None => detail,
                 };
+                let status = match st["compensation"].as_str() {
+                    Some(c) => format!("{}, {c}", s(&st["status"])),
+                    None => s(&st["status"]),
+                };
                 vec![
                     s(&st["id"]),
                     s(&st["action"]),
-                    s(&st["status"]),
+                    status,
                     st["attempts"].to_string(),
                     ms(&st["duration_ms"]),
                     detail,
@@ -591,6 +651,57 @@ async fn remote(client: Client, cmd: Cmd, as_json: bool) -> Result<u8, Failure> 
             let v = call(&client, Method::POST, &format!("/v1/runs/{run}/cancel"), Some(body)).await?;
             show(&v, as_json, |v| {
                 println!("run {} {}", s(&v["run_id"]), s(&v["status"]));
+            });
+            Ok(exit::OK)
+        }
+        Cmd::Terminate { run, reason } => {
+            let body = json!({"reason": reason}).to_string();
+            let v = call(&client, Method::POST, &format!("/v1/runs/{run}/terminate"), Some(body)).await?;
+            show(&v, as_json, |v| println!("run {} {}", s(&v["run_id"]), s(&v["status"])));
+            Ok(exit::OK)
+        }
+        Cmd::Retry { run, by } => {
+            let body = json!({"by": by.unwrap_or_else(current_user)}).to_string();
+            let v = call(&client, Method::POST, &format!("/v1/runs/{run}/retry"), Some(body)).await?;
+            show(&v, as_json, |v| {
+                println!("run {} {} (retried)", s(&v["run_id"]), s(&v["status"]))
+            });
+            Ok(exit::OK)
+        }
+        Cmd::Signal { run, name, payload, id } => {
+            let payload: Value = serde_json::from_str(&payload)
+                .map_err(|e| Failure::new(exit::INVALID, format!("--payload is not JSON: {e}")))?;
+            let body = json!({"name": name, "payload": payload, "id": id}).to_string();
+            let v = call(&client, Method::POST, &format!("/v1/runs/{run}/signal"), Some(body)).await?;
+            show(&v, as_json, |v| {
+                let what = if v["accepted"] == true {
+                    "delivered"
+                } else {
+                    "already received (ignored)"
+                };
+                println!("signal '{}' to run {}: {what}", s(&v["signal"]), s(&v["run_id"]));
+            });
+            Ok(exit::OK)
+        }
+        Cmd::Approve {
+            run,
+            step,
+            reject,
+            comment,
+            by,
+            id,
+        } => {
+            let body = json!({"step": step, "approved": !reject, "by": by.unwrap_or_else(current_user), "comment": comment, "id": id})
+                .to_string();
+            let v = call(&client, Method::POST, &format!("/v1/runs/{run}/approve"), Some(body)).await?;
+            show(&v, as_json, |v| {
+                let what = if v["approved"] == true { "approved" } else { "rejected" };
+                let dup = if v["duplicate"] == true {
+                    " (repeat ignored)"
+                } else {
+                    ""
+                };
+                println!("step '{}' of run {}: {what}{dup}", s(&v["step"]), s(&v["run_id"]));
             });
             Ok(exit::OK)
         }

@@ -22,12 +22,34 @@ pub enum RunStatus {
     Failed,
     /// Stopped by a cancel request.
     Cancelled,
+    /// Failed, and every compensation succeeded.
+    Compensated,
+    /// Failed, and a compensation failed too.
+    CompensationFailed,
+    /// Stopped by an operator without compensation.
+    Terminated,
+    /// Ended by continuing as a new run.
+    Continued,
+    /// Failed and running its compensations.
+    Compensating,
 }
 
 impl RunStatus {
+    /// Every status, for parsing.
+    pub const ALL: [RunStatus; 9] = [
+        RunStatus::Running,
+        RunStatus::Completed,
+        RunStatus::Failed,
+        RunStatus::Cancelled,
+        RunStatus::Compensated,
+        RunStatus::CompensationFailed,
+        RunStatus::Terminated,
+        RunStatus::Continued,
+        RunStatus::Compensating,
+    ];
     /// True once the run can no longer change.
     pub fn is_terminal(self) -> bool {
-        !matches!(self, RunStatus::Running)
+        !matches!(self, RunStatus::Running | RunStatus::Compensating)
     }
     /// Lower-case name.
     pub fn as_str(self) -> &'static str {
@@ -36,7 +58,25 @@ impl RunStatus {
             RunStatus::Completed => "completed",
             RunStatus::Failed => "failed",
             RunStatus::Cancelled => "cancelled",
+            RunStatus::Compensated => "compensated",
+            RunStatus::CompensationFailed => "compensation_failed",
+            RunStatus::Terminated => "terminated",
+            RunStatus::Continued => "continued",
+            RunStatus::Compensating => "compensating",
         }
+    }
+    /// The status a terminal event gives a run.
+    pub fn of_terminal(e: &Event) -> Option<RunStatus> {
+        Some(match e {
+            Event::RunCompleted { .. } => RunStatus::Completed,
+            Event::RunFailed { .. } => RunStatus::Failed,
+            Event::RunCancelled { .. } => RunStatus::Cancelled,
+            Event::RunCompensated { .. } => RunStatus::Compensated,
+            Event::RunCompensationFailed { .. } => RunStatus::CompensationFailed,
+            Event::RunTerminated { .. } => RunStatus::Terminated,
+            Event::RunContinued { .. } => RunStatus::Continued,
+            _ => return None,
+        })
     }
 }
 
@@ -57,6 +97,17 @@ pub enum Phase {
         /// When the next attempt is due.
         retry_at_ms: u64,
     },
+    /// Waiting for a signal or an approval.
+    Waiting {
+        /// The signal awaited.
+        signal: String,
+        /// Deadline, if the wait has a timeout.
+        fire_at_ms: Option<u64>,
+        /// Timeout length.
+        duration_ms: u64,
+    },
+    /// The wait's timeout fired before the signal came.
+    TimedOut,
     /// A durable timer is pending.
     Timer {
         /// Wall-clock deadline.
@@ -83,6 +134,34 @@ pub struct StepState {
     pub output: Option<Value>,
     /// Latest error.
     pub error: Option<ErrorInfo>,
+    /// The circuit breaker holding the next attempt back, and until when.
+    pub deferred: Option<(String, u64)>,
+}
+
+/// One completed visit that has a compensation, and where that compensation stands.
+#[derive(Debug, Clone)]
+pub struct Compensation {
+    /// Step index.
+    pub step: usize,
+    /// The visit it compensates.
+    pub visit: u32,
+    /// Idle, Running, Backoff, Completed or Failed.
+    pub phase: Phase,
+    /// The compensation's latest error.
+    pub error: Option<ErrorInfo>,
+}
+
+/// A signal kept in a run's state until a step consumes it.
+#[derive(Debug, Clone)]
+pub struct Signal {
+    /// Name.
+    pub name: String,
+    /// Sender's id.
+    pub id: String,
+    /// Payload.
+    pub payload: Value,
+    /// True once a step consumed it.
+    pub consumed: bool,
 }
 
 /// A run's history folded into the state the decisions need.
@@ -100,8 +179,12 @@ pub struct RunState {
     pub cursor: Option<usize>,
     /// Output once completed.
     pub output: Option<Value>,
-    /// Error once failed.
+    /// Error once failed (while compensating: the failure being compensated).
     pub error: Option<ErrorInfo>,
+    /// Completed visits with a compensation, in completion order.
+    pub compensations: Vec<Compensation>,
+    /// Signals received, in arrival order.
+    pub signals: Vec<Signal>,
 }
 
 /// What the runtime must do next.
@@ -121,6 +204,8 @@ pub enum Command {
         key: String,
         /// Not before this wall-clock time (a retry's backoff).
         not_before_ms: Option<u64>,
+        /// True when this runs the step's compensation rather than the step.
+        compensation: bool,
     },
     /// Set a durable timer of this length.
     StartTimer {
@@ -141,6 +226,19 @@ pub enum Command {
         fire_at_ms: u64,
         /// Requested length.
         duration_ms: u64,
+        /// True for a `sleep` (firing completes the step), false for a wait's timeout.
+        completes: bool,
+    },
+    /// Start waiting for a signal; journal `WaitStarted` with a deadline `duration_ms` from now.
+    StartWait {
+        /// Step index.
+        step: usize,
+        /// Visit.
+        visit: u32,
+        /// Signal name.
+        signal: String,
+        /// Timeout, if any.
+        duration_ms: Option<u64>,
     },
     /// Journal this event: a decision with no side effect (a `set` result, a skip, the run's end).
     Record(Event),
@@ -183,14 +281,33 @@ impl RunState {
                     visits: 0,
                     phase: Phase::Idle,
                     output: None,
-                    error: None
+                    error: None,
+                    deferred: None,
                 };
                 def.doc.steps.len()
             ],
             cursor: None,
             output: None,
             error: None,
+            compensations: Vec::new(),
+            signals: Vec::new(),
         }
+    }
+
+    /// True while a step waits for a signal or approval with nothing else to do.
+    pub fn is_waiting(&self) -> bool {
+        self.steps.iter().any(|s| matches!(s.phase, Phase::Waiting { .. }))
+    }
+
+    /// The first signal named `name` that no step has consumed yet.
+    pub fn pending_signal(&self, name: &str) -> Option<&Signal> {
+        self.signals.iter().find(|s| !s.consumed && s.name == name)
+    }
+
+    fn compensation_mut(&mut self, step: usize, visit: u32) -> Option<&mut Compensation> {
+        self.compensations
+            .iter_mut()
+            .find(|c| c.step == step && c.visit == visit)
     }
 
     /// Folds a whole history (which must begin with `RunStarted`).
@@ -235,7 +352,10 @@ impl RunState {
         }
         match e {
             Event::RunStarted { .. } => {}
-            Event::AttemptStarted { attempt, .. } => self.steps[i].phase = Phase::Running { attempt: *attempt },
+            Event::AttemptStarted { attempt, .. } => {
+                self.steps[i].phase = Phase::Running { attempt: *attempt };
+                self.steps[i].deferred = None;
+            }
             Event::AttemptFailed {
                 attempt,
                 error,
@@ -251,10 +371,26 @@ impl RunState {
                     };
                 }
             }
-            Event::StepCompleted { output, .. } => {
+            Event::StepCompleted { output, visit, .. } => {
                 let s = &mut self.steps[i];
                 s.phase = Phase::Completed;
-                s.output = Some(serde_json::from_str(output).unwrap_or(Value::Null));
+                let output: Value = serde_json::from_str(output).unwrap_or(Value::Null);
+                // A wait_signal step's output names the signal it consumed.
+                if def.doc.steps[i].action == "wait_signal"
+                    && let Some(id) = output.get("signal_id").and_then(Value::as_str)
+                    && let Some(sig) = self.signals.iter_mut().find(|s| s.id == id)
+                {
+                    sig.consumed = true;
+                }
+                s.output = Some(output);
+                if def.plans[i].compensate.is_some() {
+                    self.compensations.push(Compensation {
+                        step: i,
+                        visit: *visit,
+                        phase: Phase::Idle,
+                        error: None,
+                    });
+                }
             }
             Event::StepFailed { error, .. } => {
                 let s = &mut self.steps[i];
@@ -273,7 +409,10 @@ impl RunState {
                 };
             }
             Event::TimerFired { .. } => {
-                // The step completes in the same batch; nothing to track in between.
+                // A sleep completes in the same batch; a wait's timeout is decided next.
+                if matches!(self.steps[i].phase, Phase::Waiting { .. }) {
+                    self.steps[i].phase = Phase::TimedOut;
+                }
             }
             Event::RunCompleted { output } => {
                 self.status = RunStatus::Completed;
@@ -286,6 +425,105 @@ impl RunState {
             Event::RunCancelled { reason } => {
                 self.status = RunStatus::Cancelled;
                 self.error = Some(ErrorInfo::new("cancelled", reason.clone()));
+            }
+            Event::CompensationStarted { error } => {
+                self.status = RunStatus::Compensating;
+                self.error = Some(error.clone());
+            }
+            Event::CompensationAttemptStarted { visit, attempt, .. } => {
+                if let Some(c) = self.compensation_mut(i, *visit) {
+                    c.phase = Phase::Running { attempt: *attempt };
+                }
+            }
+            Event::CompensationAttemptFailed {
+                visit,
+                attempt,
+                error,
+                retry_at_ms,
+                ..
+            } => {
+                if let Some(c) = self.compensation_mut(i, *visit) {
+                    c.error = Some(error.clone());
+                    if let Some(at) = retry_at_ms {
+                        c.phase = Phase::Backoff {
+                            attempt: *attempt,
+                            retry_at_ms: *at,
+                        };
+                    }
+                }
+            }
+            Event::StepCompensated { visit, .. } => {
+                if let Some(c) = self.compensation_mut(i, *visit) {
+                    c.phase = Phase::Completed;
+                }
+            }
+            Event::CompensationFailed { visit, error, .. } => {
+                if let Some(c) = self.compensation_mut(i, *visit) {
+                    c.phase = Phase::Failed;
+                    c.error = Some(error.clone());
+                }
+            }
+            Event::RunCompensated { .. } => self.status = RunStatus::Compensated,
+            Event::RunCompensationFailed { step, error } => {
+                self.status = RunStatus::CompensationFailed;
+                self.error = Some(ErrorInfo::new(
+                    error.kind.clone(),
+                    format!("compensation of step '{step}' failed: {}", error.message),
+                ));
+            }
+            Event::SignalReceived { name, id, payload } => {
+                if !self.signals.iter().any(|s| s.id == *id) {
+                    self.signals.push(Signal {
+                        name: name.clone(),
+                        id: id.clone(),
+                        payload: serde_json::from_str(payload).unwrap_or(Value::Null),
+                        consumed: false,
+                    });
+                }
+            }
+            Event::WaitStarted {
+                signal,
+                fire_at_ms,
+                duration_ms,
+                ..
+            } => {
+                self.steps[i].phase = Phase::Waiting {
+                    signal: signal.clone(),
+                    fire_at_ms: *fire_at_ms,
+                    duration_ms: *duration_ms,
+                };
+            }
+            Event::RunRetried { .. } => {
+                self.status = RunStatus::Running;
+                self.error = None;
+                self.output = None;
+                for s in &mut self.steps {
+                    if s.phase == Phase::Failed {
+                        // The next visit starts afresh with its own key and attempt budget.
+                        s.phase = Phase::Idle;
+                    }
+                }
+            }
+            Event::RunTerminated { reason } => {
+                self.status = RunStatus::Terminated;
+                self.error = Some(ErrorInfo::new("terminated", reason.clone()));
+            }
+            Event::RunContinued { next_run, .. } => {
+                self.status = RunStatus::Continued;
+                self.output = Some(json!({ "continued_as": next_run }));
+            }
+            Event::AttemptDeferred {
+                attempt,
+                target,
+                until_ms,
+                ..
+            } => {
+                let s = &mut self.steps[i];
+                s.phase = Phase::Backoff {
+                    attempt: attempt.saturating_sub(1),
+                    retry_at_ms: *until_ms,
+                };
+                s.deferred = Some((target.clone(), *until_ms));
             }
         }
         Ok(())
@@ -321,6 +559,8 @@ pub fn phase_name(p: &Phase) -> &'static str {
         Phase::Running { .. } => "running",
         Phase::Backoff { .. } => "retrying",
         Phase::Timer { .. } => "sleeping",
+        Phase::Waiting { .. } => "waiting",
+        Phase::TimedOut => "timed_out",
         Phase::Completed => "completed",
         Phase::Failed => "failed",
         Phase::Skipped => "skipped",
@@ -346,9 +586,75 @@ pub fn decide(def: &Definition, st: &RunState) -> Vec<Command> {
         return Vec::new();
     }
     let mut ctx = Ctx { def, st, value: None };
-    match def.doc.kind {
+    if st.status == RunStatus::Compensating {
+        return decide_compensation(def, st, &mut ctx);
+    }
+    let mut out = match def.doc.kind {
         Kind::Dag => decide_dag(def, st, &mut ctx),
         Kind::StateMachine => decide_state_machine(def, st, &mut ctx),
+    };
+    // A failing run with completed compensable steps becomes a saga instead of ending.
+    if let [Command::Record(Event::RunFailed { error })] = out.as_slice()
+        && !st.compensations.is_empty()
+    {
+        out = vec![Command::Record(Event::CompensationStarted { error: error.clone() })];
+    }
+    out
+}
+
+/// Compensations run one at a time, newest completion first; the first that fails for good
+/// ends the run, because older ones may depend on the newer being undone.
+fn decide_compensation(def: &Definition, st: &RunState, ctx: &mut Ctx) -> Vec<Command> {
+    let Some(c) = st.compensations.iter().rev().find(|c| c.phase != Phase::Completed) else {
+        let error = st.error.clone().unwrap_or_else(|| ErrorInfo::new("unknown", ""));
+        return vec![Command::Record(Event::RunCompensated { error })];
+    };
+    let step = &def.doc.steps[c.step];
+    let Some(comp) = &step.compensate else {
+        return Vec::new();
+    };
+    let (attempt, not_before_ms) = match c.phase {
+        Phase::Failed => {
+            let error = c.error.clone().unwrap_or_else(|| ErrorInfo::new("unknown", ""));
+            return vec![Command::Record(Event::RunCompensationFailed {
+                step: step.id.clone(),
+                error,
+            })];
+        }
+        Phase::Running { attempt } => (attempt, None),
+        Phase::Backoff { attempt, retry_at_ms } => (attempt + 1, Some(retry_at_ms)),
+        _ => (1, None),
+    };
+    let args = match expr::render(&Value::Object(comp.args.clone()), ctx.get()) {
+        Ok(a) => a,
+        Err(e) => {
+            return vec![Command::Record(Event::CompensationFailed {
+                step: step.id.clone(),
+                visit: c.visit,
+                error: ErrorInfo::new("expression", format!("compensate.args: {e}")),
+            })];
+        }
+    };
+    match comp.action.as_str() {
+        "set" => vec![Command::Record(Event::StepCompensated {
+            step: step.id.clone(),
+            visit: c.visit,
+            output: args.to_string(),
+        })],
+        "fail" => vec![Command::Record(Event::CompensationFailed {
+            step: step.id.clone(),
+            visit: c.visit,
+            error: fail_error(&args, &step.id),
+        })],
+        _ => vec![Command::RunActivity {
+            step: c.step,
+            visit: c.visit,
+            attempt,
+            args,
+            key: format!("{}/compensate", idempotency_key(&st.run_id, &step.id, c.visit)),
+            not_before_ms,
+            compensation: true,
+        }],
     }
 }
 
@@ -397,7 +703,7 @@ fn decide_dag(def: &Definition, st: &RunState, ctx: &mut Ctx) -> Vec<Command> {
                         }
                     }
                 }
-                out.push(start_visit(def, st, i, 1, ctx));
+                out.push(start_visit(def, st, i, s.visits + 1, ctx));
             }
             _ => {
                 all_done = false;
@@ -466,7 +772,8 @@ fn decide_state_machine(def: &Definition, st: &RunState, ctx: &mut Ctx) -> Vec<C
             }
             vec![start_visit(def, st, target, visit, ctx)]
         }
-        Phase::Idle | Phase::Skipped => vec![start_visit(def, st, cur, st.steps[cur].visits.max(1), ctx)],
+        // Idle with a cursor: an operator retried the run; the failed step gets a fresh visit.
+        Phase::Idle | Phase::Skipped => vec![start_visit(def, st, cur, st.steps[cur].visits + 1, ctx)],
         _ => continue_visit(def, st, cur, ctx),
     }
 }
@@ -501,21 +808,29 @@ fn start_visit(def: &Definition, st: &RunState, i: usize, visit: u32, ctx: &mut 
             visit,
             output: args.to_string(),
         }),
-        "fail" => {
-            let kind = args
-                .get("error")
-                .and_then(Value::as_str)
-                .unwrap_or("workflow.fail")
-                .to_string();
-            let message = args
-                .get("message")
-                .map(|m| m.as_str().map(str::to_string).unwrap_or_else(|| m.to_string()))
-                .unwrap_or_else(|| format!("step '{}' failed the run", step.id));
-            Command::Record(Event::StepFailed {
-                step: step.id.clone(),
-                visit,
-                error: ErrorInfo::new(kind, message),
-            })
+        "fail" => Command::Record(Event::StepFailed {
+            step: step.id.clone(),
+            visit,
+            error: fail_error(&args, &step.id),
+        }),
+        "wait_signal" | "approval" => {
+            let signal = wait_signal_name(step, &args);
+            match wait_timeout(&args) {
+                Ok(duration_ms) => match deliver(def, st, i, visit, &signal, &args) {
+                    Some(cmd) => cmd,
+                    None => Command::StartWait {
+                        step: i,
+                        visit,
+                        signal,
+                        duration_ms,
+                    },
+                },
+                Err(msg) => Command::Record(Event::StepFailed {
+                    step: step.id.clone(),
+                    visit,
+                    error: ErrorInfo::new("invalid_argument", msg),
+                }),
+            }
         }
         "sleep" => match sleep_duration(&args) {
             Ok(ms) => Command::StartTimer {
@@ -536,8 +851,112 @@ fn start_visit(def: &Definition, st: &RunState, i: usize, visit: u32, ctx: &mut 
             args,
             key: idempotency_key(&st.run_id, &step.id, visit),
             not_before_ms: None,
+            compensation: false,
         },
     }
+}
+
+/// The error a `fail` action records.
+fn fail_error(args: &Value, step: &str) -> ErrorInfo {
+    let kind = args.get("error").and_then(Value::as_str).unwrap_or("workflow.fail");
+    let message = args
+        .get("message")
+        .map(|m| m.as_str().map(str::to_string).unwrap_or_else(|| m.to_string()))
+        .unwrap_or_else(|| format!("step '{step}' failed the run"));
+    ErrorInfo::new(kind, message)
+}
+
+/// The signal a waiting step consumes: its `signal` argument, or `approval:STEP` for approvals.
+pub fn wait_signal_name(step: &outpost_shared::definition::Step, args: &Value) -> String {
+    if step.action == "approval" {
+        approval_signal(&step.id)
+    } else {
+        args.get("signal")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string()
+    }
+}
+
+/// The signal name that carries decisions for approval step `step`.
+pub fn approval_signal(step: &str) -> String {
+    format!("approval:{step}")
+}
+
+fn wait_timeout(args: &Value) -> Result<Option<u64>, String> {
+    match args.get("timeout") {
+        None | Some(Value::Null) => Ok(None),
+        Some(_) => {
+            let mut a = Map::new();
+            a.insert("duration".into(), args["timeout"].clone());
+            sleep_duration(&Value::Object(a)).map(Some)
+        }
+    }
+}
+
+/// The step's outcome if a signal it can consume is already here. Approvals consume only a
+/// decision made for the current visit, so a rejection does not also reject a later retry.
+fn deliver(def: &Definition, st: &RunState, i: usize, visit: u32, signal: &str, args: &Value) -> Option<Command> {
+    let step = &def.doc.steps[i];
+    let id = step.id.clone();
+    if step.action == "approval" {
+        let sig = st
+            .signals
+            .iter()
+            .find(|s| s.name == signal && s.payload.get("visit").and_then(Value::as_u64) == Some(u64::from(visit)))?;
+        let approved = sig.payload.get("approved").and_then(Value::as_bool).unwrap_or(false);
+        let by = sig.payload.get("by").and_then(Value::as_str).unwrap_or("unknown");
+        let comment = sig.payload.get("comment").and_then(Value::as_str).unwrap_or("");
+        if !approved && args.get("on_reject").and_then(Value::as_str) != Some("continue") {
+            let why = if comment.is_empty() {
+                String::new()
+            } else {
+                format!(": {comment}")
+            };
+            return Some(Command::Record(Event::StepFailed {
+                step: id,
+                visit,
+                error: ErrorInfo::new("approval.rejected", format!("rejected by {by}{why}")),
+            }));
+        }
+        let output = json!({"approved": approved, "by": by, "comment": comment, "signal_id": sig.id});
+        return Some(Command::Record(Event::StepCompleted {
+            step: id,
+            visit,
+            output: output.to_string(),
+        }));
+    }
+    let sig = st.pending_signal(signal)?;
+    let output = json!({"signal": sig.name, "signal_id": sig.id, "payload": sig.payload});
+    Some(Command::Record(Event::StepCompleted {
+        step: id,
+        visit,
+        output: output.to_string(),
+    }))
+}
+
+/// What a wait whose timeout fired records: a completion marked `timed_out`, or a failure.
+fn wait_timed_out(def: &Definition, i: usize, visit: u32, ctx: &mut Ctx) -> Command {
+    let step = &def.doc.steps[i];
+    let args = expr::render(&Value::Object(step.args.clone()), ctx.get()).unwrap_or(Value::Null);
+    let signal = wait_signal_name(step, &args);
+    if args.get("on_timeout").and_then(Value::as_str) == Some("continue") {
+        return Command::Record(Event::StepCompleted {
+            step: step.id.clone(),
+            visit,
+            output: json!({"timed_out": true, "signal": signal}).to_string(),
+        });
+    }
+    let kind = if step.action == "approval" {
+        "approval.timeout"
+    } else {
+        "signal.timeout"
+    };
+    Command::Record(Event::StepFailed {
+        step: step.id.clone(),
+        visit,
+        error: ErrorInfo::new(kind, format!("no '{signal}' arrived before the timeout")),
+    })
 }
 
 /// Length of a `sleep` step from its rendered `duration` argument.
@@ -565,6 +984,7 @@ fn continue_visit(def: &Definition, st: &RunState, i: usize, ctx: &mut Ctx) -> V
             args,
             key: idempotency_key(&st.run_id, &step.id, visit),
             not_before_ms,
+            compensation: false,
         },
         Err(e) => expression_failure(step.id.clone(), visit, "args", &e),
     };
@@ -580,8 +1000,30 @@ fn continue_visit(def: &Definition, st: &RunState, i: usize, ctx: &mut Ctx) -> V
                 visit,
                 fire_at_ms,
                 duration_ms,
+                completes: true,
             }]
         }
+        Phase::Waiting {
+            ref signal,
+            fire_at_ms,
+            duration_ms,
+        } => {
+            let args = expr::render(&Value::Object(step.args.clone()), ctx.get()).unwrap_or(Value::Null);
+            if let Some(cmd) = deliver(def, st, i, visit, signal, &args) {
+                return vec![cmd];
+            }
+            match fire_at_ms {
+                Some(fire_at_ms) => vec![Command::AwaitTimer {
+                    step: i,
+                    visit,
+                    fire_at_ms,
+                    duration_ms,
+                    completes: false,
+                }],
+                None => Vec::new(),
+            }
+        }
+        Phase::TimedOut => vec![wait_timed_out(def, i, visit, ctx)],
         _ => Vec::new(),
     }
 }
@@ -627,10 +1069,13 @@ pub struct FailedAttempt<'a> {
     pub error: ErrorInfo,
     /// False when the action says retrying cannot help.
     pub retryable: bool,
+    /// True for an attempt of the step's compensation.
+    pub compensation: bool,
 }
 
-/// Events recording a failed attempt: a retry at a backed-off time, or the step's failure.
-/// `unit` is a random number in [0,1) for jitter, supplied by the caller so this stays pure.
+/// Events recording a failed attempt: a retry at a backed-off time, or the step's (or its
+/// compensation's) failure. `unit` is a random number in [0,1) for jitter, supplied by the
+/// caller so this stays pure.
 pub fn attempt_failed(plan: &StepPlan, failed: FailedAttempt, now_ms: u64, unit: f64) -> Vec<Event> {
     let FailedAttempt {
         step,
@@ -638,42 +1083,53 @@ pub fn attempt_failed(plan: &StepPlan, failed: FailedAttempt, now_ms: u64, unit:
         attempt,
         error,
         retryable,
+        compensation,
     } = failed;
-    let retry = retryable && !plan.retry.is_non_retryable(&error.kind) && attempt < plan.retry.max_attempts;
-    if retry {
-        let delay = plan.retry.delay(attempt + 1, unit);
-        let at = now_ms.saturating_add(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX));
-        vec![Event::AttemptFailed {
-            step: step.into(),
-            visit,
-            attempt,
-            error,
-            retry_at_ms: Some(at),
-        }]
-    } else {
-        let final_error = if attempt > 1 {
+    let policy = match (&plan.compensate, compensation) {
+        (Some(c), true) => &c.retry,
+        _ => &plan.retry,
+    };
+    let retry = retryable && !policy.is_non_retryable(&error.kind) && attempt < policy.max_attempts;
+    let retry_at_ms = retry.then(|| {
+        let delay = policy.delay(attempt + 1, unit);
+        now_ms.saturating_add(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX))
+    });
+    let final_error = (!retry).then(|| {
+        if attempt > 1 {
             ErrorInfo::new(
                 error.kind.clone(),
                 format!("{} (after {attempt} attempts)", error.message),
             )
         } else {
             error.clone()
-        };
-        vec![
-            Event::AttemptFailed {
-                step: step.into(),
-                visit,
-                attempt,
-                error,
-                retry_at_ms: None,
-            },
-            Event::StepFailed {
-                step: step.into(),
-                visit,
-                error: final_error,
-            },
-        ]
+        }
+    });
+    let step = step.to_string();
+    let mut out = Vec::with_capacity(2);
+    if compensation {
+        out.push(Event::CompensationAttemptFailed {
+            step: step.clone(),
+            visit,
+            attempt,
+            error,
+            retry_at_ms,
+        });
+        if let Some(error) = final_error {
+            out.push(Event::CompensationFailed { step, visit, error });
+        }
+    } else {
+        out.push(Event::AttemptFailed {
+            step: step.clone(),
+            visit,
+            attempt,
+            error,
+            retry_at_ms,
+        });
+        if let Some(error) = final_error {
+            out.push(Event::StepFailed { step, visit, error });
+        }
     }
+    out
 }
 
 #[cfg(test)]
@@ -719,6 +1175,43 @@ mod tests {
                         attempt,
                         key,
                         not_before_ms,
+                        compensation: true,
+                        ..
+                    } => {
+                        let id = d.doc.steps[step].id.clone();
+                        assert_eq!(key, format!("{}/compensate", idempotency_key("r1", &id, visit)));
+                        now = now.max(not_before_ms.unwrap_or(0));
+                        events.push(Event::CompensationAttemptStarted {
+                            step: id.clone(),
+                            visit,
+                            attempt,
+                            key,
+                        });
+                        match outcome(&format!("{id}.compensate"), attempt) {
+                            Ok(v) => events.push(Event::StepCompensated {
+                                step: id,
+                                visit,
+                                output: v.to_string(),
+                            }),
+                            Err(e) => {
+                                let f = FailedAttempt {
+                                    step: &id,
+                                    visit,
+                                    attempt,
+                                    error: e,
+                                    retryable: true,
+                                    compensation: true,
+                                };
+                                events.extend(attempt_failed(&d.plans[step], f, now, 0.5))
+                            }
+                        }
+                    }
+                    Command::RunActivity {
+                        step,
+                        visit,
+                        attempt,
+                        key,
+                        not_before_ms,
                         ..
                     } => {
                         let id = d.doc.steps[step].id.clone();
@@ -743,6 +1236,7 @@ mod tests {
                                     attempt,
                                     error: e,
                                     retryable: true,
+                                    compensation: false,
                                 };
                                 events.extend(attempt_failed(&d.plans[step], f, now, 0.5))
                             }
@@ -765,6 +1259,7 @@ mod tests {
                         step,
                         visit,
                         fire_at_ms,
+                        completes,
                         ..
                     } => {
                         let id = d.doc.steps[step].id.clone();
@@ -774,12 +1269,26 @@ mod tests {
                             visit,
                             fire_at_ms,
                         });
-                        events.push(Event::StepCompleted {
-                            step: id,
-                            visit,
-                            output: "null".into(),
-                        });
+                        if completes {
+                            events.push(Event::StepCompleted {
+                                step: id,
+                                visit,
+                                output: "null".into(),
+                            });
+                        }
                     }
+                    Command::StartWait {
+                        step,
+                        visit,
+                        signal,
+                        duration_ms,
+                    } => events.push(Event::WaitStarted {
+                        step: d.doc.steps[step].id.clone(),
+                        visit,
+                        signal,
+                        fire_at_ms: duration_ms.map(|ms| now + ms),
+                        duration_ms: duration_ms.unwrap_or(0),
+                    }),
                 }
             }
             for e in &events {
@@ -788,6 +1297,206 @@ mod tests {
             history.extend(events);
         }
         (st, history)
+    }
+
+    const SAGA: &str = r#"
+name: trip
+version: 1
+kind: state_machine
+steps:
+  - id: flight
+    action: book
+    compensate: {action: cancel, args: {what: "flight {{ steps.flight.output }}"}}
+    next: hotel
+  - id: hotel
+    action: book
+    compensate: {action: cancel, retry: {max_attempts: 2, initial_interval: 1s}}
+    next: card
+  - id: card
+    action: charge
+    end: succeed
+"#;
+
+    fn names(history: &[Event]) -> Vec<String> {
+        history
+            .iter()
+            .map(|e| format!("{}{}", e.name(), e.step().map(|s| format!(":{s}")).unwrap_or_default()))
+            .collect()
+    }
+
+    #[test]
+    fn a_failed_saga_compensates_completed_steps_newest_first() {
+        let d = def(SAGA);
+        let (st, h) = simulate(&d, json!({}), |step, _| match step {
+            "card" => Err(ErrorInfo::new("card.declined", "no funds")),
+            _ => Ok(json!(7)),
+        });
+        assert_eq!(st.status, RunStatus::Compensated);
+        let n = names(&h);
+        let comp: Vec<&String> = n.iter().filter(|n| n.contains("compens")).collect();
+        assert_eq!(
+            comp,
+            [
+                "compensation_started",
+                "compensation_attempt_started:hotel",
+                "step_compensated:hotel",
+                "compensation_attempt_started:flight",
+                "step_compensated:flight",
+                "run_compensated"
+            ]
+        );
+        assert!(matches!(h.last(), Some(Event::RunCompensated { error }) if error.message.contains("card.declined")));
+    }
+
+    #[test]
+    fn a_failing_compensation_is_retried_then_ends_the_run() {
+        let d = def(SAGA);
+        let (st, h) = simulate(&d, json!({}), |step, _| match step {
+            "card" => Err(ErrorInfo::new("card.declined", "no funds")),
+            "hotel.compensate" => Err(ErrorInfo::new("http.server_error", "503")),
+            _ => Ok(json!(1)),
+        });
+        assert_eq!(st.status, RunStatus::CompensationFailed);
+        let n = names(&h);
+        assert_eq!(
+            n.iter().filter(|n| *n == "compensation_attempt_started:hotel").count(),
+            2
+        );
+        // The flight is not compensated once the hotel's compensation failed.
+        assert!(!n.iter().any(|n| n == "compensation_attempt_started:flight"));
+        assert!(matches!(h.last(), Some(Event::RunCompensationFailed { step, .. }) if step == "hotel"));
+        assert!(
+            st.error
+                .unwrap()
+                .message
+                .contains("compensation of step 'hotel' failed")
+        );
+    }
+
+    #[test]
+    fn a_run_without_compensations_just_fails() {
+        let d = def(SAGA);
+        let (st, _) = simulate(&d, json!({}), |_, _| Err(ErrorInfo::new("x", "y")));
+        assert_eq!(st.status, RunStatus::Failed);
+    }
+
+    const GATE: &str = r#"
+name: gate
+version: 1
+kind: state_machine
+steps:
+  - id: wait
+    action: wait_signal
+    args: {signal: go, timeout: 10s, on_timeout: continue}
+    next: ok
+  - id: ok
+    action: approval
+    args: {approvers: [alice]}
+    end: succeed
+"#;
+
+    #[test]
+    fn signals_sent_early_are_kept_and_repeats_ignored() {
+        let d = def(GATE);
+        let mut st = RunState::new(&d, "r1", json!({}));
+        for e in [
+            Event::SignalReceived {
+                name: "go".into(),
+                id: "s1".into(),
+                payload: "{\"lot\":7}".into(),
+            },
+            Event::SignalReceived {
+                name: "go".into(),
+                id: "s1".into(),
+                payload: "{\"lot\":8}".into(),
+            },
+        ] {
+            st.apply(&d, &e).unwrap();
+        }
+        assert_eq!(st.signals.len(), 1);
+        let cmds = decide(&d, &st);
+        let [Command::Record(Event::StepCompleted { output, .. })] = cmds.as_slice() else {
+            panic!("expected the early signal to complete the step: {cmds:?}");
+        };
+        let out: Value = serde_json::from_str(output).unwrap();
+        assert_eq!(out["payload"]["lot"], 7);
+        st.apply(&d, &cmds[0].clone().into_event()).unwrap();
+        assert!(st.pending_signal("go").is_none(), "the signal was consumed");
+        // The approval step waits with no deadline.
+        assert!(matches!(
+            decide(&d, &st).as_slice(),
+            [Command::StartWait { duration_ms: None, .. }]
+        ));
+    }
+
+    #[test]
+    fn approvals_reject_fail_the_step_and_bind_to_their_visit() {
+        let d = def(GATE);
+        let mut st = RunState::new(&d, "r1", json!({}));
+        let events = [
+            Event::WaitStarted {
+                step: "wait".into(),
+                visit: 1,
+                signal: "go".into(),
+                fire_at_ms: Some(10),
+                duration_ms: 10,
+            },
+            Event::TimerFired {
+                step: "wait".into(),
+                visit: 1,
+                fire_at_ms: 10,
+            },
+        ];
+        for e in &events {
+            st.apply(&d, e).unwrap();
+        }
+        let cmds = decide(&d, &st);
+        assert!(
+            matches!(&cmds[..], [Command::Record(Event::StepCompleted { output, .. })] if output.contains("timed_out"))
+        );
+        st.apply(&d, &cmds[0].clone().into_event()).unwrap();
+        let wait = Event::WaitStarted {
+            step: "ok".into(),
+            visit: 1,
+            signal: "approval:ok".into(),
+            fire_at_ms: None,
+            duration_ms: 0,
+        };
+        st.apply(&d, &wait).unwrap();
+        let reject = json!({"approved": false, "by": "alice", "comment": "bad lot", "visit": 1}).to_string();
+        st.apply(
+            &d,
+            &Event::SignalReceived {
+                name: "approval:ok".into(),
+                id: "a1".into(),
+                payload: reject,
+            },
+        )
+        .unwrap();
+        let cmds = decide(&d, &st);
+        assert!(matches!(&cmds[..], [Command::Record(Event::StepFailed { error, .. })]
+            if error.kind == "approval.rejected" && error.message == "rejected by alice: bad lot"));
+        for e in [
+            cmds[0].clone().into_event(),
+            Event::RunFailed {
+                error: ErrorInfo::new("x", "y"),
+            },
+            Event::RunRetried { by: "bob".into() },
+        ] {
+            st.apply(&d, &e).unwrap();
+        }
+        // Retried: a fresh visit, which the old rejection does not decide.
+        let cmds = decide(&d, &st);
+        assert!(matches!(&cmds[..], [Command::StartWait { visit: 2, .. }]), "{cmds:?}");
+    }
+
+    impl Command {
+        fn into_event(self) -> Event {
+            match self {
+                Command::Record(e) => e,
+                other => panic!("not a record: {other:?}"),
+            }
+        }
     }
 
     fn order(history: &[Event]) -> Vec<String> {
@@ -1015,7 +1724,8 @@ mod tests {
                 step: 0,
                 visit: 1,
                 fire_at_ms: 5000,
-                duration_ms: 2000
+                duration_ms: 2000,
+                completes: true,
             }]
         );
     }
@@ -1093,7 +1803,7 @@ mod tests {
                                 }
                                 fi += 1;
                                 if failures[fi % failures.len()] {
-                                    let f = FailedAttempt { step: &id, visit, attempt, error: ErrorInfo::new("e", "x"), retryable: true };
+                                    let f = FailedAttempt { step: &id, visit, attempt, error: ErrorInfo::new("e", "x"), retryable: true, compensation: false };
                                     batch.extend(attempt_failed(&d.plans[step], f, now, 0.0));
                                 } else {
                                     batch.push(Event::StepCompleted { step: id, visit, output: "1".into() });

@@ -733,20 +733,29 @@ impl Writer {
     }
 
     fn append(&mut self, t: &mut Tables, run_id: &str, events: Vec<Event>, now: u64) -> Result<u64, JournalError> {
-        if !self.is_active(run_id) {
-            return Err(match t.runs.get(run_id)? {
-                Some(_) => JournalError::RunFinished(run_id.to_string()),
-                None => JournalError::NoSuchRun(run_id.to_string()),
-            });
+        let retry = matches!(events.first(), Some(Event::RunRetried { .. }));
+        if retry || !self.is_active(run_id) {
+            let rec = match t.runs.get(run_id)? {
+                Some(v) => decode_run(v.value())?,
+                None => return Err(JournalError::NoSuchRun(run_id.to_string())),
+            };
+            // Only a failed run that has ended may be reopened, and only by `RunRetried`.
+            if !(retry && rec.status == RunStatus::Failed && !self.is_active(run_id)) {
+                return Err(JournalError::RunFinished(run_id.to_string()));
+            }
+            let rec = RunRecord {
+                status: RunStatus::Running,
+                finished_ms: None,
+                ..rec
+            };
+            t.runs.insert(run_id, encode_run(&rec).as_slice())?;
+            t.active.insert(run_id, ())?;
+            self.finished.remove(run_id);
+            self.started.insert(run_id.to_string());
         }
         let mut last = 0;
         for e in events {
-            let terminal = match &e {
-                Event::RunCompleted { .. } => Some(RunStatus::Completed),
-                Event::RunFailed { .. } => Some(RunStatus::Failed),
-                Event::RunCancelled { .. } => Some(RunStatus::Cancelled),
-                _ => None,
-            };
+            let terminal = RunStatus::of_terminal(&e);
             last = self.write_event(t, run_id, now, e)?;
             if let Some(status) = terminal {
                 let mut rec = match t.runs.get(run_id)? {

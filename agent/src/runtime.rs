@@ -15,7 +15,7 @@ use std::time::Duration;
 use outpost_shared::definition::{self, Definition, DefinitionError};
 use outpost_shared::{ErrorInfo, Event};
 use serde_json::Value;
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tracing::{Instrument, error, info, info_span, warn};
 
@@ -106,6 +106,23 @@ pub struct StartRequest {
     pub id: Option<String>,
 }
 
+/// An operator's decision on an approval step.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+pub struct Decision {
+    /// The approval step.
+    pub step: String,
+    /// True to approve, false to reject.
+    pub approved: bool,
+    /// Who decided.
+    pub by: String,
+    /// Free text kept in history.
+    #[serde(default)]
+    pub comment: String,
+    /// Request id; a repeat is ignored. Generated when absent.
+    #[serde(default)]
+    pub id: Option<String>,
+}
+
 /// The answer to a start request.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct StartResponse {
@@ -120,7 +137,7 @@ pub struct StartResponse {
 }
 
 struct RunHandle {
-    cancel: mpsc::Sender<String>,
+    control: mpsc::Sender<Control>,
     /// Becomes the run's final event when its driver stops.
     done: watch::Receiver<Option<Event>>,
 }
@@ -346,6 +363,23 @@ impl Runtime {
         }
     }
 
+    /// Starts a child run (for `workflow` and `map` steps); children were admitted with their
+    /// parent, so they are not held back by run limits.
+    pub(crate) async fn start_child(&self, req: StartRequest) -> Result<StartResponse, RuntimeError> {
+        self.start(req).await
+    }
+
+    /// The last event of a finished run.
+    pub fn final_event(&self, run_id: &str) -> Result<Event, RuntimeError> {
+        let history = self.inner.journal.history(run_id)?;
+        history
+            .into_iter()
+            .rev()
+            .map(|(_, r)| r.event)
+            .find(Event::is_terminal)
+            .ok_or_else(|| RuntimeError::Invalid(format!("run '{run_id}' has not finished")))
+    }
+
     fn new_run_id(&self) -> String {
         format!("{:011x}{:05x}", self.inner.clock.now_ms(), fastrand::u32(..1 << 20))
     }
@@ -377,39 +411,151 @@ impl Runtime {
         Ok((rec, end))
     }
 
-    /// Cancels a run: stops its activities and journals `RunCancelled`. Returns its final row.
+    /// Cancels a run: stops its activities and child runs and journals `RunCancelled`.
     pub async fn cancel(&self, run_id: &str, reason: &str) -> Result<RunRecord, RuntimeError> {
+        self.stop(run_id, reason, false).await
+    }
+
+    /// Terminates a run (also one that is compensating): no compensation runs.
+    pub async fn terminate(&self, run_id: &str, reason: &str) -> Result<RunRecord, RuntimeError> {
+        self.stop(run_id, reason, true).await
+    }
+
+    async fn stop(&self, run_id: &str, reason: &str, terminate: bool) -> Result<RunRecord, RuntimeError> {
         let handle = lock(&self.inner.runs)
             .get(run_id)
-            .map(|h| (h.cancel.clone(), h.done.clone()));
+            .map(|h| (h.control.clone(), h.done.clone()));
         match handle {
-            Some((cancel, mut done)) => {
-                let _ = cancel.send(reason.to_string()).await;
+            Some((control, mut done)) => {
+                let msg = Control::Stop {
+                    reason: reason.to_string(),
+                    terminate,
+                };
+                let _ = control.send(msg).await;
                 let _ = done.wait_for(Option::is_some).await;
                 self.inner
                     .journal
                     .run(run_id)?
                     .ok_or_else(|| RuntimeError::NoSuchRun(run_id.to_string()))
             }
-            None => match self.inner.journal.run(run_id)? {
-                Some(rec) if rec.status.is_terminal() => Err(RuntimeError::Finished {
-                    run: run_id.to_string(),
-                    status: rec.status.as_str(),
-                }),
-                Some(rec) => Ok(rec),
-                None => Err(RuntimeError::NoSuchRun(run_id.to_string())),
-            },
+            None => Err(self.not_active(run_id)?),
         }
     }
 
+    /// The error for a request that needs a live run: finished or unknown.
+    fn not_active(&self, run_id: &str) -> Result<RuntimeError, RuntimeError> {
+        Ok(match self.inner.journal.run(run_id)? {
+            Some(rec) if rec.status.is_terminal() => RuntimeError::Finished {
+                run: run_id.to_string(),
+                status: rec.status.as_str(),
+            },
+            Some(_) => RuntimeError::Invalid(format!("run '{run_id}' is not loaded yet; try again")),
+            None => RuntimeError::NoSuchRun(run_id.to_string()),
+        })
+    }
+
+    /// Sends a request to a live run's driver and waits for its answer.
+    async fn ask(
+        &self,
+        run_id: &str,
+        make: impl FnOnce(oneshot::Sender<Result<bool, RuntimeError>>) -> Control,
+    ) -> Result<bool, RuntimeError> {
+        let control = lock(&self.inner.runs).get(run_id).map(|h| h.control.clone());
+        let Some(control) = control else {
+            return Err(self.not_active(run_id)?);
+        };
+        let (tx, rx) = oneshot::channel();
+        if control.send(make(tx)).await.is_err() {
+            return Err(self.not_active(run_id)?);
+        }
+        match rx.await {
+            Ok(r) => r,
+            Err(_) => Err(self.not_active(run_id)?),
+        }
+    }
+
+    /// Delivers a signal to a run; it is kept durably until a step consumes it. Returns false
+    /// when a signal with the same id was already received.
+    pub async fn signal(
+        &self,
+        run_id: &str,
+        name: &str,
+        id: Option<String>,
+        payload: Value,
+    ) -> Result<bool, RuntimeError> {
+        if name.is_empty() || name.len() > 128 || name.starts_with("approval:") {
+            return Err(RuntimeError::Invalid(format!(
+                "signal name '{name}' must be 1-128 characters and not start with 'approval:'"
+            )));
+        }
+        let id = id.unwrap_or_else(|| self.new_run_id());
+        let name = name.to_string();
+        self.ask(run_id, |reply| Control::Signal {
+            name,
+            id,
+            payload,
+            reply,
+        })
+        .await
+    }
+
+    /// Approves or rejects an approval step that is waiting. Returns false for a repeated id.
+    pub async fn approve(&self, run_id: &str, decision: Decision) -> Result<bool, RuntimeError> {
+        let id = decision.id.unwrap_or_else(|| self.new_run_id());
+        self.ask(run_id, |reply| Control::Approve {
+            step: decision.step,
+            approved: decision.approved,
+            by: decision.by,
+            comment: decision.comment,
+            id,
+            reply,
+        })
+        .await
+    }
+
+    /// Resumes a failed run from its failed steps (each gets a fresh visit and attempt budget).
+    pub async fn retry(&self, run_id: &str, by: &str) -> Result<RunRecord, RuntimeError> {
+        let rec = self
+            .inner
+            .journal
+            .run(run_id)?
+            .ok_or_else(|| RuntimeError::NoSuchRun(run_id.to_string()))?;
+        if rec.status != RunStatus::Failed {
+            return Err(RuntimeError::Invalid(format!(
+                "run '{run_id}' is {}; only a failed run can be retried",
+                rec.status.as_str()
+            )));
+        }
+        self.inner
+            .journal
+            .append(run_id, vec![Event::RunRetried { by: by.to_string() }])
+            .await?;
+        info!(run_id, by, "run retried by operator");
+        self.resume(run_id)?;
+        self.inner
+            .journal
+            .run(run_id)?
+            .ok_or_else(|| RuntimeError::NoSuchRun(run_id.to_string()))
+    }
+
+    /// Live runs whose id is `base` or starts with `base:` (a step's child runs).
+    pub(crate) fn children_of(&self, base: &str) -> Vec<String> {
+        let prefix = format!("{base}:");
+        lock(&self.inner.runs)
+            .keys()
+            .filter(|id| *id == base || id.starts_with(&prefix))
+            .cloned()
+            .collect()
+    }
+
     fn spawn_driver(&self, def: Arc<Definition>, st: RunState) {
-        let (cancel_tx, cancel_rx) = mpsc::channel(1);
+        let (control_tx, control_rx) = mpsc::channel(16);
         let (done_tx, done_rx) = watch::channel(None);
         let run_id = st.run_id.clone();
         lock(&self.inner.runs).insert(
             run_id.clone(),
             RunHandle {
-                cancel: cancel_tx,
+                control: control_tx,
                 done: done_rx,
             },
         );
@@ -422,8 +568,9 @@ impl Runtime {
                     def,
                     st,
                     next: None,
+                    end: None,
                 }
-                .run(cancel_rx)
+                .run(control_rx)
                 .await;
                 lock(&inner.runs).remove(&run_id);
                 let _ = done_tx.send(Some(end));
@@ -448,13 +595,50 @@ fn check_run_id(id: &str) -> Result<(), RuntimeError> {
     }
 }
 
-/// Identifies an activity or timer task: (step, visit, attempt); timers use attempt 0.
-type Slot = (usize, u32, u32);
+/// Identifies an activity or timer task: (step, visit, attempt, compensation); timers use attempt 0.
+type Slot = (usize, u32, u32, bool);
 
 /// What a finished task hands back: events already journaled, then events to journal.
 struct TaskResult {
     journaled: Vec<Event>,
     to_journal: Vec<Event>,
+}
+
+/// A request to a run's driver from outside: operators, the API, parent runs.
+pub(crate) enum Control {
+    /// Stop the run: cancel (`terminate` false) or terminate.
+    Stop {
+        /// Why.
+        reason: String,
+        /// Record `RunTerminated` instead of `RunCancelled`.
+        terminate: bool,
+    },
+    /// Deliver a signal; the reply says whether it was new (false: a repeated id).
+    Signal {
+        /// The signal as it will be journaled.
+        name: String,
+        /// Sender's id.
+        id: String,
+        /// Payload.
+        payload: Value,
+        /// Whether it was new, once durable.
+        reply: oneshot::Sender<Result<bool, RuntimeError>>,
+    },
+    /// Decide an approval step that is waiting.
+    Approve {
+        /// The approval step.
+        step: String,
+        /// Decision.
+        approved: bool,
+        /// Who decided.
+        by: String,
+        /// Free text.
+        comment: String,
+        /// Request id (repeats are ignored).
+        id: String,
+        /// Whether it was new, once durable.
+        reply: oneshot::Sender<Result<bool, RuntimeError>>,
+    },
 }
 
 struct Driver {
@@ -463,124 +647,45 @@ struct Driver {
     st: RunState,
     /// Decisions already made for the current state (by the look-ahead in `journal`).
     next: Option<Vec<Command>>,
+    /// The run's final event, once journaled.
+    end: Option<Event>,
 }
 
 impl Driver {
     /// Drives the run to its end; returns the final event.
-    async fn run(mut self, mut cancel_rx: mpsc::Receiver<String>) -> Event {
+    async fn run(mut self, mut control: mpsc::Receiver<Control>) -> Event {
         let mut tasks: JoinSet<TaskResult> = JoinSet::new();
         let mut slots: HashMap<tokio::task::Id, Slot> = HashMap::new();
-        loop {
+        while !self.st.status.is_terminal() {
             let mut records = Vec::new();
             let decided = self.next.take().unwrap_or_else(|| engine::decide(&self.def, &self.st));
             for cmd in decided {
-                match cmd {
-                    Command::Record(e) => records.push(e),
-                    Command::StartTimer {
-                        step,
-                        visit,
-                        duration_ms,
-                    } => {
-                        let fire_at_ms = self.inner.clock.now_ms().saturating_add(duration_ms);
-                        let id = self.def.doc.steps[step].id.clone();
-                        records.push(Event::TimerSet {
-                            step: id,
-                            visit,
-                            fire_at_ms,
-                            duration_ms,
-                        });
-                    }
-                    Command::AwaitTimer {
-                        step,
-                        visit,
-                        fire_at_ms,
-                        duration_ms,
-                    } => {
-                        let slot = (step, visit, 0);
-                        if !slots.values().any(|s| *s == slot) {
-                            let clock = self.inner.clock.clone();
-                            let id = self.def.doc.steps[step].id.clone();
-                            let h = tasks.spawn(
-                                async move {
-                                    let wait = remaining_ms(clock.now_ms(), fire_at_ms, duration_ms);
-                                    tokio::time::sleep(Duration::from_millis(wait)).await;
-                                    TaskResult {
-                                        journaled: Vec::new(),
-                                        to_journal: vec![
-                                            Event::TimerFired {
-                                                step: id.clone(),
-                                                visit,
-                                                fire_at_ms,
-                                            },
-                                            Event::StepCompleted {
-                                                step: id,
-                                                visit,
-                                                output: "null".into(),
-                                            },
-                                        ],
-                                    }
-                                }
-                                .in_current_span(),
-                            );
-                            slots.insert(h.id(), slot);
-                        }
-                    }
-                    Command::RunActivity {
-                        step,
-                        visit,
-                        attempt,
-                        args,
-                        key,
-                        not_before_ms,
-                    } => {
-                        let slot = (step, visit, attempt);
-                        if !slots.values().any(|s| *s == slot) {
-                            let fut = activity(
-                                self.inner.clone(),
-                                self.def.clone(),
-                                self.st.run_id.clone(),
-                                slot,
-                                args,
-                                key,
-                                not_before_ms,
-                            );
-                            let span = info_span!("step", step = %self.def.doc.steps[step].id, attempt);
-                            let h = tasks.spawn(fut.instrument(span));
-                            slots.insert(h.id(), slot);
-                        }
-                    }
-                }
+                self.command(cmd, &mut records, &mut tasks, &mut slots);
             }
             if !records.is_empty() {
                 self.journal(records, &mut tasks).await;
-                if self.st.status.is_terminal() {
-                    break;
-                }
                 continue;
             }
-            if tasks.is_empty() {
-                // Nothing to run and nothing running: the definition cannot make progress.
+            if tasks.is_empty() && !self.st.is_waiting() {
+                // Nothing to run, nothing running, nothing awaited: the run cannot make progress.
                 let err = ErrorInfo::new("engine.stuck", "no step can run and none is running");
                 self.journal(vec![Event::RunFailed { error: err }], &mut tasks).await;
                 break;
             }
             tokio::select! {
-                joined = tasks.join_next_with_id() => match joined {
-                    Some(Ok((id, res))) => {
+                Some(joined) = tasks.join_next_with_id(), if !tasks.is_empty() => match joined {
+                    Ok((id, res)) => {
                         slots.remove(&id);
                         self.absorb(res.journaled);
                         if !res.to_journal.is_empty() {
                             self.journal(res.to_journal, &mut tasks).await;
                         }
-                        if self.st.status.is_terminal() {
-                            break;
-                        }
                     }
-                    Some(Err(e)) => {
+                    Err(e) => {
                         let slot = slots.remove(&e.id());
                         if e.is_panic() {
                             error!(?slot, "activity task panicked");
-                            if let Some((step, visit, attempt)) = slot {
+                            if let Some((step, visit, attempt, compensation)) = slot {
                                 let id = self.def.doc.steps[step].id.clone();
                                 let failed = FailedAttempt {
                                     step: &id,
@@ -588,6 +693,7 @@ impl Driver {
                                     attempt,
                                     error: ErrorInfo::new("internal", "the action panicked"),
                                     retryable: false,
+                                    compensation,
                                 };
                                 let events = engine::attempt_failed(
                                     &self.def.plans[step],
@@ -596,53 +702,260 @@ impl Driver {
                                     0.0,
                                 );
                                 self.journal(events, &mut tasks).await;
-                                if self.st.status.is_terminal() {
-                                    break;
-                                }
                             }
                         }
                     }
-                    None => {}
                 },
-                reason = cancel_rx.recv() => {
-                    tasks.abort_all();
-                    let reason = reason.unwrap_or_else(|| "shutdown".into());
-                    info!(%reason, "run cancelled");
-                    self.journal(vec![Event::RunCancelled { reason }], &mut tasks).await;
-                    break;
-                }
+                msg = control.recv() => self.control(msg, &mut tasks).await,
             }
         }
         match self.st.status {
             RunStatus::Completed => info!("run completed"),
-            RunStatus::Failed => {
-                warn!(error = %self.st.error.as_ref().map(|e| e.to_string()).unwrap_or_default(), "run failed")
+            status => {
+                let error = self.st.error.as_ref().map(|e| e.to_string()).unwrap_or_default();
+                warn!(status = status.as_str(), %error, "run ended");
             }
-            _ => {}
         }
-        match self.st.status {
-            RunStatus::Completed => Event::RunCompleted {
-                output: self
-                    .st
-                    .output
-                    .as_ref()
-                    .map(Value::to_string)
-                    .unwrap_or_else(|| "null".into()),
-            },
-            RunStatus::Cancelled | RunStatus::Running => Event::RunCancelled {
-                reason: self.st.error.as_ref().map(|e| e.message.clone()).unwrap_or_default(),
-            },
-            RunStatus::Failed => Event::RunFailed {
-                error: self.st.error.clone().unwrap_or_else(|| ErrorInfo::new("unknown", "")),
-            },
+        self.end.take().unwrap_or_else(|| Event::RunCancelled {
+            reason: "the driver stopped".into(),
+        })
+    }
+
+    /// Turns one decision into records to journal or a task to run.
+    fn command(
+        &self,
+        cmd: Command,
+        records: &mut Vec<Event>,
+        tasks: &mut JoinSet<TaskResult>,
+        slots: &mut HashMap<tokio::task::Id, Slot>,
+    ) {
+        match cmd {
+            Command::Record(e) => records.push(e),
+            Command::StartTimer {
+                step,
+                visit,
+                duration_ms,
+            } => records.push(Event::TimerSet {
+                step: self.def.doc.steps[step].id.clone(),
+                visit,
+                fire_at_ms: self.inner.clock.now_ms().saturating_add(duration_ms),
+                duration_ms,
+            }),
+            Command::StartWait {
+                step,
+                visit,
+                signal,
+                duration_ms,
+            } => records.push(Event::WaitStarted {
+                step: self.def.doc.steps[step].id.clone(),
+                visit,
+                signal,
+                fire_at_ms: duration_ms.map(|d| self.inner.clock.now_ms().saturating_add(d)),
+                duration_ms: duration_ms.unwrap_or(0),
+            }),
+            Command::AwaitTimer {
+                step,
+                visit,
+                fire_at_ms,
+                duration_ms,
+                completes,
+            } => {
+                let slot = (step, visit, 0, false);
+                if slots.values().any(|s| *s == slot) {
+                    return;
+                }
+                let clock = self.inner.clock.clone();
+                let id = self.def.doc.steps[step].id.clone();
+                let h = tasks.spawn(
+                    async move {
+                        let wait = remaining_ms(clock.now_ms(), fire_at_ms, duration_ms);
+                        tokio::time::sleep(Duration::from_millis(wait)).await;
+                        let mut to_journal = vec![Event::TimerFired {
+                            step: id.clone(),
+                            visit,
+                            fire_at_ms,
+                        }];
+                        if completes {
+                            to_journal.push(Event::StepCompleted {
+                                step: id,
+                                visit,
+                                output: "null".into(),
+                            });
+                        }
+                        TaskResult {
+                            journaled: Vec::new(),
+                            to_journal,
+                        }
+                    }
+                    .in_current_span(),
+                );
+                slots.insert(h.id(), slot);
+            }
+            Command::RunActivity {
+                step,
+                visit,
+                attempt,
+                args,
+                key,
+                not_before_ms,
+                compensation,
+            } => {
+                let slot = (step, visit, attempt, compensation);
+                if slots.values().any(|s| *s == slot) {
+                    return;
+                }
+                let fut = activity(
+                    self.inner.clone(),
+                    self.def.clone(),
+                    self.st.run_id.clone(),
+                    slot,
+                    args,
+                    key,
+                    not_before_ms,
+                );
+                let span = info_span!("step", step = %self.def.doc.steps[step].id, attempt, compensation);
+                let h = tasks.spawn(fut.instrument(span));
+                slots.insert(h.id(), slot);
+            }
+        }
+    }
+
+    /// Handles a request from outside the run.
+    async fn control(&mut self, msg: Option<Control>, tasks: &mut JoinSet<TaskResult>) {
+        match msg {
+            None => {}
+            Some(Control::Stop { reason, terminate }) => {
+                tasks.abort_all();
+                self.stop_children().await;
+                info!(%reason, terminate, "run stopped by request");
+                let end = if terminate {
+                    Event::RunTerminated { reason }
+                } else {
+                    Event::RunCancelled { reason }
+                };
+                self.journal(vec![end], tasks).await;
+            }
+            Some(Control::Signal {
+                name,
+                id,
+                payload,
+                reply,
+            }) => {
+                let res = self.signal(name, id, payload, tasks).await;
+                let _ = reply.send(res);
+            }
+            Some(Control::Approve {
+                step,
+                approved,
+                by,
+                comment,
+                id,
+                reply,
+            }) => {
+                let res = match self.check_approval(&step, &by) {
+                    Ok(visit) => {
+                        let payload = serde_json::json!({
+                            "approved": approved, "by": by, "comment": comment, "visit": visit,
+                        });
+                        self.signal(engine::approval_signal(&step), id, payload, tasks).await
+                    }
+                    Err(e) => Err(e),
+                };
+                let _ = reply.send(res);
+            }
+        }
+    }
+
+    /// Journals a signal unless its id was seen before; true when it was new.
+    async fn signal(
+        &mut self,
+        name: String,
+        id: String,
+        payload: Value,
+        tasks: &mut JoinSet<TaskResult>,
+    ) -> Result<bool, RuntimeError> {
+        if self.st.signals.iter().any(|s| s.id == id) {
+            info!(signal = %name, id = %id, "repeated signal ignored");
+            return Ok(false);
+        }
+        let payload = payload.to_string();
+        if payload.len() > MAX_INPUT_BYTES {
+            return Err(RuntimeError::Invalid(format!(
+                "signal payload is {} bytes; the limit is {MAX_INPUT_BYTES} bytes",
+                payload.len()
+            )));
+        }
+        info!(signal = %name, id = %id, "signal received");
+        self.journal(vec![Event::SignalReceived { name, id, payload }], tasks)
+            .await;
+        Ok(true)
+    }
+
+    /// The visit of approval step `step` that is waiting for a decision `by` may make.
+    fn check_approval(&self, step: &str, by: &str) -> Result<u32, RuntimeError> {
+        let Some((i, s)) = self.def.step(step) else {
+            return Err(RuntimeError::Invalid(format!(
+                "workflow {} has no step '{step}'",
+                self.def.name()
+            )));
+        };
+        if s.action != "approval" {
+            return Err(RuntimeError::Invalid(format!(
+                "step '{step}' is a {} step, not an approval",
+                s.action
+            )));
+        }
+        let state = &self.st.steps[i];
+        if !matches!(state.phase, engine::Phase::Waiting { .. }) {
+            return Err(RuntimeError::Invalid(format!(
+                "step '{step}' is not waiting for approval (it is {})",
+                engine::phase_name(&state.phase)
+            )));
+        }
+        if let Some(list) = s.args.get("approvers").and_then(Value::as_array)
+            && !list.iter().any(|a| a.as_str() == Some(by))
+        {
+            let names: Vec<String> = list
+                .iter()
+                .map(|a| a.as_str().unwrap_or_default().to_string())
+                .collect();
+            return Err(RuntimeError::Invalid(format!(
+                "'{by}' may not decide step '{step}' (approvers: {})",
+                names.join(", ")
+            )));
+        }
+        Ok(state.visits)
+    }
+
+    /// Cancels the child runs of steps in flight (a parent's cancel reaches its children).
+    async fn stop_children(&self) {
+        let rt = Runtime {
+            inner: self.inner.clone(),
+        };
+        for (i, s) in self.st.steps.iter().enumerate() {
+            let step = &self.def.doc.steps[i];
+            if !matches!(s.phase, engine::Phase::Running { .. } | engine::Phase::Backoff { .. })
+                || !matches!(step.action.as_str(), "workflow" | "map")
+            {
+                continue;
+            }
+            let base = crate::children::child_id(&self.st.run_id, &step.id, s.visits);
+            for id in rt.children_of(&base) {
+                if let Err(e) = rt.stop(&id, "parent run stopped", false).await {
+                    warn!(child = %id, error = %e, "cannot cancel child run");
+                }
+            }
         }
     }
 
     fn absorb(&mut self, events: Vec<Event>) {
         self.next = None;
-        for e in &events {
-            if let Err(err) = self.st.apply(&self.def, e) {
+        for e in events {
+            if let Err(err) = self.st.apply(&self.def, &e) {
                 error!(error = %err, "journaled event does not fit the definition");
+            }
+            if e.is_terminal() {
+                self.end = Some(e);
             }
         }
     }
@@ -651,6 +964,7 @@ impl Driver {
     /// folds them into the state. When these events make the run's end certain, the end is
     /// journaled in the same commit: it is a pure consequence, so no effect depends on it early.
     async fn journal(&mut self, mut events: Vec<Event>, tasks: &mut JoinSet<TaskResult>) {
+        let was_compensating = self.st.status == RunStatus::Compensating;
         self.absorb(events.clone());
         if !self.st.status.is_terminal() {
             let next = engine::decide(&self.def, &self.st);
@@ -664,9 +978,11 @@ impl Driver {
                 self.next = Some(next);
             }
         }
-        if self.st.status.is_terminal() {
-            // The run ends with this commit: whatever is still running must stop first.
+        let starts_compensating = !was_compensating && self.st.status == RunStatus::Compensating;
+        if self.st.status.is_terminal() || starts_compensating {
+            // The run ends (or turns to undoing) with this commit: what still runs must stop first.
             tasks.abort_all();
+            self.stop_children().await;
         }
         let mut delay = Duration::from_millis(100);
         loop {
@@ -688,7 +1004,24 @@ impl Driver {
     }
 }
 
-/// One attempt of an activity: back off, take a slot, journal the start, run, report.
+/// Journals events for a task, retrying while storage fails; false when the run has ended.
+async fn append_durably(inner: &Inner, run_id: &str, events: Vec<Event>) -> bool {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match inner.journal.append(run_id, events.clone()).await {
+            Ok(_) => return true,
+            Err(JournalError::RunFinished(_) | JournalError::NoSuchRun(_)) => return false,
+            Err(e) => {
+                error!(error = %e, "cannot journal attempt start; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+/// One attempt of an activity (or of a compensation): back off, take a slot, journal the
+/// start, run, report.
 async fn activity(
     inner: Arc<Inner>,
     def: Arc<Definition>,
@@ -698,62 +1031,79 @@ async fn activity(
     key: String,
     not_before_ms: Option<u64>,
 ) -> TaskResult {
-    let (step, visit, attempt) = slot;
+    let (step, visit, attempt, compensation) = slot;
     let plan = &def.plans[step];
     let step_def = &def.doc.steps[step];
+    let (action, policy, timeout) = match (compensation, &step_def.compensate, &plan.compensate) {
+        (true, Some(call), Some(cp)) => (call.action.as_str(), &cp.retry, cp.timeout),
+        _ => (step_def.action.as_str(), &plan.retry, plan.timeout),
+    };
     if let Some(at) = not_before_ms {
-        let cap = u64::try_from(plan.retry.max_interval.as_millis()).unwrap_or(u64::MAX);
+        let cap = u64::try_from(policy.max_interval.as_millis()).unwrap_or(u64::MAX);
         tokio::time::sleep(Duration::from_millis(remaining_ms(inner.clock.now_ms(), at, cap))).await;
     }
     let _permit = inner.activities.clone().acquire_owned().await;
-    let started = Event::AttemptStarted {
-        step: step_def.id.clone(),
-        visit,
-        attempt,
-        key: key.clone(),
+    let started = if compensation {
+        Event::CompensationAttemptStarted {
+            step: step_def.id.clone(),
+            visit,
+            attempt,
+            key: key.clone(),
+        }
+    } else {
+        Event::AttemptStarted {
+            step: step_def.id.clone(),
+            visit,
+            attempt,
+            key: key.clone(),
+        }
     };
     // Write-ahead: no side effect before the attempt is durable.
-    let mut delay = Duration::from_millis(100);
-    loop {
-        match inner.journal.append(&run_id, vec![started.clone()]).await {
-            Ok(_) => break,
-            Err(JournalError::RunFinished(_) | JournalError::NoSuchRun(_)) => {
-                return TaskResult {
-                    journaled: Vec::new(),
-                    to_journal: Vec::new(),
-                };
-            }
-            Err(e) => {
-                error!(error = %e, "cannot journal attempt start; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(30));
-            }
-        }
+    if !append_durably(&inner, &run_id, vec![started.clone()]).await {
+        return TaskResult {
+            journaled: Vec::new(),
+            to_journal: Vec::new(),
+        };
     }
     info!(key = %key, "attempt started");
-    let result = match inner.registry.get(&step_def.action) {
-        None => Err(crate::actions::ActionError::permanent(
-            "unknown_action",
-            format!("action '{}' is not available in this agent", step_def.action),
-        )),
-        Some(action) => {
-            let fut = action.execute(Call {
-                run_id: run_id.clone(),
-                step: step_def.id.clone(),
-                attempt,
-                key,
-                args,
-            });
-            match plan.timeout {
-                Some(t) => tokio::time::timeout(t, fut).await.unwrap_or_else(|_| {
-                    Err(crate::actions::ActionError::retryable(
-                        "timeout",
-                        format!("attempt took longer than {}", humantime::format_duration(t)),
-                    ))
-                }),
-                None => fut.await,
-            }
-        }
+    let call = Call {
+        run_id: run_id.clone(),
+        step: step_def.id.clone(),
+        attempt,
+        key,
+        args,
+    };
+    let rt = Runtime { inner: inner.clone() };
+    let fut: crate::actions::ActionFuture = match action {
+        "workflow" => Box::pin(crate::children::run_child(rt, call, visit)),
+        "map" => Box::pin(crate::children::run_map(rt, call, visit)),
+        _ => match inner.registry.get(action) {
+            None => Box::pin(std::future::ready(Err(crate::actions::ActionError::permanent(
+                "unknown_action",
+                format!("action '{action}' is not available in this agent"),
+            )))),
+            Some(a) => a.execute(call),
+        },
+    };
+    let result = match timeout {
+        Some(t) => tokio::time::timeout(t, fut).await.unwrap_or_else(|_| {
+            Err(crate::actions::ActionError::retryable(
+                "timeout",
+                format!("attempt took longer than {}", humantime::format_duration(t)),
+            ))
+        }),
+        None => fut.await,
+    };
+    let fail = |error: ErrorInfo, retryable: bool, unit: f64| {
+        let failed = FailedAttempt {
+            step: &step_def.id,
+            visit,
+            attempt,
+            error,
+            retryable,
+            compensation,
+        };
+        engine::attempt_failed(plan, failed, inner.clock.now_ms(), unit)
     };
     let to_journal = match result {
         Ok(output) => {
@@ -763,33 +1113,20 @@ async fn activity(
                     "output_too_large",
                     format!("output is {} bytes; the limit is {MAX_OUTPUT_BYTES}", text.len()),
                 );
-                let failed = FailedAttempt {
-                    step: &step_def.id,
-                    visit,
-                    attempt,
-                    error: err,
-                    retryable: false,
-                };
-                engine::attempt_failed(plan, failed, inner.clock.now_ms(), 0.0)
+                fail(err, false, 0.0)
             } else {
                 info!("attempt succeeded");
-                vec![Event::StepCompleted {
-                    step: step_def.id.clone(),
-                    visit,
-                    output: text,
+                let (step, output) = (step_def.id.clone(), text);
+                vec![if compensation {
+                    Event::StepCompensated { step, visit, output }
+                } else {
+                    Event::StepCompleted { step, visit, output }
                 }]
             }
         }
         Err(e) => {
             warn!(error = %e.info, "attempt failed");
-            let failed = FailedAttempt {
-                step: &step_def.id,
-                visit,
-                attempt,
-                error: e.info,
-                retryable: e.retryable,
-            };
-            engine::attempt_failed(plan, failed, inner.clock.now_ms(), fastrand::f64())
+            fail(e.info, e.retryable, fastrand::f64())
         }
     };
     TaskResult {

@@ -263,6 +263,17 @@ pub struct StepPlan {
     pub deps: Vec<usize>,
     /// Indices of the steps that depend on this one (DAG).
     pub dependents: Vec<usize>,
+    /// The compensation's retry policy and timeout, when the step has a `compensate`.
+    pub compensate: Option<CompensationPlan>,
+}
+
+/// Resolved settings of a step's compensation.
+#[derive(Debug, Clone)]
+pub struct CompensationPlan {
+    /// Retry policy of the compensation.
+    pub retry: RetryPolicy,
+    /// Per-attempt timeout.
+    pub timeout: Option<Duration>,
 }
 
 /// A validated definition.
@@ -536,6 +547,10 @@ impl Checker {
     }
 }
 
+/// Actions that wait or start runs; a compensation must be a plain effect.
+const COMPENSATION_ACTIONS_EXCLUDED: &[&str] =
+    &["sleep", "wait_signal", "approval", "workflow", "map", "continue_as_new"];
+
 /// Validates a parsed document into a [`Definition`].
 pub fn validate(doc: Document, catalog: &dyn ActionCatalog) -> Result<Definition, DefinitionError> {
     let mut c = Checker { problems: Vec::new() };
@@ -569,13 +584,24 @@ pub fn validate(doc: Document, catalog: &dyn ActionCatalog) -> Result<Definition
         c.templates(&format!("{at}.args"), &Value::Object(s.args.clone()), &index);
         let retry = c.retry(&format!("{at}.retry"), &s.retry);
         let timeout = c.duration(&format!("{at}.timeout"), &s.timeout);
-        if let Some(comp) = &s.compensate {
+        let compensate = s.compensate.as_ref().map(|comp| {
             let cat = format!("{at}.compensate");
             c.action(&cat, &comp.action, &comp.args, catalog);
+            if COMPENSATION_ACTIONS_EXCLUDED.contains(&comp.action.as_str()) {
+                c.push(
+                    format!("{cat}.action"),
+                    format!(
+                        "'{}' cannot compensate a step; use an action with an effect",
+                        comp.action
+                    ),
+                );
+            }
             c.templates(&format!("{cat}.args"), &Value::Object(comp.args.clone()), &index);
-            c.retry(&format!("{cat}.retry"), &comp.retry);
-            c.duration(&format!("{cat}.timeout"), &comp.timeout);
-        }
+            CompensationPlan {
+                retry: c.retry(&format!("{cat}.retry"), &comp.retry),
+                timeout: c.duration(&format!("{cat}.timeout"), &comp.timeout),
+            }
+        });
         if s.max_visits == Some(0) {
             c.push(format!("{at}.max_visits"), "must be at least 1");
         }
@@ -593,6 +619,7 @@ pub fn validate(doc: Document, catalog: &dyn ActionCatalog) -> Result<Definition
             max_visits: s.max_visits.unwrap_or(DEFAULT_MAX_VISITS),
             deps,
             dependents: Vec::new(),
+            compensate,
         });
     }
     for i in 0..plans.len() {

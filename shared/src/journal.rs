@@ -131,6 +131,117 @@ pub enum Event {
         /// Who or what asked.
         reason: String,
     },
+    /// The run failed and its completed steps' compensations begin, newest first (a saga).
+    CompensationStarted {
+        /// The failure that started it.
+        error: ErrorInfo,
+    },
+    /// An attempt of a step's compensation is about to run; written before any side effect.
+    CompensationAttemptStarted {
+        /// The step being compensated.
+        step: String,
+        /// The visit being compensated.
+        visit: u32,
+        /// Attempt number, from 1.
+        attempt: u32,
+        /// Idempotency key of the compensation.
+        key: String,
+    },
+    /// A compensation attempt failed; `retry_at_ms` is `None` when it will not be retried.
+    CompensationAttemptFailed {
+        /// Step.
+        step: String,
+        /// Visit.
+        visit: u32,
+        /// Attempt.
+        attempt: u32,
+        /// What went wrong.
+        error: ErrorInfo,
+        /// When the next attempt runs.
+        retry_at_ms: Option<u64>,
+    },
+    /// A step's compensation succeeded.
+    StepCompensated {
+        /// Step.
+        step: String,
+        /// Visit.
+        visit: u32,
+        /// Output as JSON text.
+        output: String,
+    },
+    /// A step's compensation failed for good.
+    CompensationFailed {
+        /// Step.
+        step: String,
+        /// Visit.
+        visit: u32,
+        /// The final error.
+        error: ErrorInfo,
+    },
+    /// The run ended after every compensation succeeded.
+    RunCompensated {
+        /// The failure that was compensated.
+        error: ErrorInfo,
+    },
+    /// The run ended because a compensation failed.
+    RunCompensationFailed {
+        /// The step whose compensation failed.
+        step: String,
+        /// Why it failed.
+        error: ErrorInfo,
+    },
+    /// A signal reached the run (kept until a step consumes it).
+    SignalReceived {
+        /// Signal name (`approval:STEP` for approvals).
+        name: String,
+        /// Sender's id; a repeated id is ignored.
+        id: String,
+        /// Payload as JSON text.
+        payload: String,
+    },
+    /// A step began waiting for a signal or an approval.
+    WaitStarted {
+        /// Step.
+        step: String,
+        /// Visit.
+        visit: u32,
+        /// The signal it waits for.
+        signal: String,
+        /// Deadline (ms since the Unix epoch), if it has a timeout.
+        fire_at_ms: Option<u64>,
+        /// Timeout length, kept so a clock jump cannot stretch the wait.
+        duration_ms: u64,
+    },
+    /// An operator resumed a failed run from its failed steps.
+    RunRetried {
+        /// Who asked.
+        by: String,
+    },
+    /// An operator stopped the run without compensation.
+    RunTerminated {
+        /// Why.
+        reason: String,
+    },
+    /// The run ended by continuing as a new run with fresh history (bounded history).
+    RunContinued {
+        /// The new run's id.
+        next_run: String,
+        /// The new run's input as JSON text.
+        input: String,
+    },
+    /// An attempt is held back because its target's circuit breaker is open.
+    AttemptDeferred {
+        /// Step.
+        step: String,
+        /// Visit.
+        visit: u32,
+        /// The attempt held back.
+        attempt: u32,
+        /// The target (host, device, bus).
+        target: String,
+        /// When the attempt may run.
+        until_ms: u64,
+    },
 }
 
 impl Event {
@@ -143,12 +254,19 @@ impl Event {
             | Event::StepFailed { step, .. }
             | Event::StepSkipped { step, .. }
             | Event::TimerSet { step, .. }
-            | Event::TimerFired { step, .. } => Some(step),
+            | Event::TimerFired { step, .. }
+            | Event::CompensationAttemptStarted { step, .. }
+            | Event::CompensationAttemptFailed { step, .. }
+            | Event::StepCompensated { step, .. }
+            | Event::CompensationFailed { step, .. }
+            | Event::RunCompensationFailed { step, .. }
+            | Event::WaitStarted { step, .. }
+            | Event::AttemptDeferred { step, .. } => Some(step),
             _ => None,
         }
     }
 
-    /// The visit of the step this event belongs to, if it carries one.
+    /// The visit of the step this event runs (compensations refer to a visit but do not run it).
     pub fn visit(&self) -> Option<u32> {
         match self {
             Event::AttemptStarted { visit, .. }
@@ -156,7 +274,9 @@ impl Event {
             | Event::StepCompleted { visit, .. }
             | Event::StepFailed { visit, .. }
             | Event::TimerSet { visit, .. }
-            | Event::TimerFired { visit, .. } => Some(*visit),
+            | Event::TimerFired { visit, .. }
+            | Event::WaitStarted { visit, .. }
+            | Event::AttemptDeferred { visit, .. } => Some(*visit),
             _ => None,
         }
     }
@@ -165,7 +285,13 @@ impl Event {
     pub fn is_terminal(&self) -> bool {
         matches!(
             self,
-            Event::RunCompleted { .. } | Event::RunFailed { .. } | Event::RunCancelled { .. }
+            Event::RunCompleted { .. }
+                | Event::RunFailed { .. }
+                | Event::RunCancelled { .. }
+                | Event::RunCompensated { .. }
+                | Event::RunCompensationFailed { .. }
+                | Event::RunTerminated { .. }
+                | Event::RunContinued { .. }
         )
     }
 
@@ -183,6 +309,19 @@ impl Event {
             Event::RunCompleted { .. } => "run_completed",
             Event::RunFailed { .. } => "run_failed",
             Event::RunCancelled { .. } => "run_cancelled",
+            Event::CompensationStarted { .. } => "compensation_started",
+            Event::CompensationAttemptStarted { .. } => "compensation_attempt_started",
+            Event::CompensationAttemptFailed { .. } => "compensation_attempt_failed",
+            Event::StepCompensated { .. } => "step_compensated",
+            Event::CompensationFailed { .. } => "compensation_failed",
+            Event::RunCompensated { .. } => "run_compensated",
+            Event::RunCompensationFailed { .. } => "run_compensation_failed",
+            Event::SignalReceived { .. } => "signal_received",
+            Event::WaitStarted { .. } => "wait_started",
+            Event::RunRetried { .. } => "run_retried",
+            Event::RunTerminated { .. } => "run_terminated",
+            Event::RunContinued { .. } => "run_continued",
+            Event::AttemptDeferred { .. } => "attempt_deferred",
         }
     }
 }
@@ -305,6 +444,58 @@ mod tests {
             s.prop_map(|o| Event::RunCompleted { output: o }),
             arb_error().prop_map(|e| Event::RunFailed { error: e }),
             s.prop_map(|r| Event::RunCancelled { reason: r }),
+            arb_error().prop_map(|e| Event::CompensationStarted { error: e }),
+            (s, any::<u32>(), any::<u32>(), s).prop_map(|(st, v, a, k)| Event::CompensationAttemptStarted {
+                step: st,
+                visit: v,
+                attempt: a,
+                key: k
+            }),
+            (s, any::<u32>(), any::<u32>(), arb_error(), any::<Option<u64>>()).prop_map(|(st, v, a, e, r)| {
+                Event::CompensationAttemptFailed {
+                    step: st,
+                    visit: v,
+                    attempt: a,
+                    error: e,
+                    retry_at_ms: r,
+                }
+            }),
+            (s, any::<u32>(), s).prop_map(|(st, v, o)| Event::StepCompensated {
+                step: st,
+                visit: v,
+                output: o
+            }),
+            (s, any::<u32>(), arb_error()).prop_map(|(st, v, e)| Event::CompensationFailed {
+                step: st,
+                visit: v,
+                error: e
+            }),
+            arb_error().prop_map(|e| Event::RunCompensated { error: e }),
+            (s, arb_error()).prop_map(|(st, e)| Event::RunCompensationFailed { step: st, error: e }),
+            (s, s, s).prop_map(|(n, i, p)| Event::SignalReceived {
+                name: n,
+                id: i,
+                payload: p
+            }),
+            (s, any::<u32>(), s, any::<Option<u64>>(), any::<u64>()).prop_map(|(st, v, n, f, d)| {
+                Event::WaitStarted {
+                    step: st,
+                    visit: v,
+                    signal: n,
+                    fire_at_ms: f,
+                    duration_ms: d,
+                }
+            }),
+            s.prop_map(|b| Event::RunRetried { by: b }),
+            s.prop_map(|r| Event::RunTerminated { reason: r }),
+            (s, s).prop_map(|(n, i)| Event::RunContinued { next_run: n, input: i }),
+            (s, any::<u32>(), any::<u32>(), s, any::<u64>()).prop_map(|(st, v, a, t, u)| Event::AttemptDeferred {
+                step: st,
+                visit: v,
+                attempt: a,
+                target: t,
+                until_ms: u
+            }),
         ]
     }
 

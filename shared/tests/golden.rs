@@ -90,6 +90,102 @@ fn sample() -> Vec<Record> {
                 reason: "operator".into(),
             },
         ),
+        ev(
+            1_700_000_000_011,
+            Event::CompensationStarted {
+                error: ErrorInfo::new("step_failed", "hotel"),
+            },
+        ),
+        ev(
+            1_700_000_000_012,
+            Event::CompensationAttemptStarted {
+                step: "flight".into(),
+                visit: 1,
+                attempt: 1,
+                key: "run-1/flight/1/compensate".into(),
+            },
+        ),
+        ev(
+            1_700_000_000_013,
+            Event::CompensationAttemptFailed {
+                step: "flight".into(),
+                visit: 1,
+                attempt: 1,
+                error: ErrorInfo::new("timeout", "after 5s"),
+                retry_at_ms: Some(1_700_000_001_013),
+            },
+        ),
+        ev(
+            1_700_000_000_014,
+            Event::StepCompensated {
+                step: "flight".into(),
+                visit: 1,
+                output: "null".into(),
+            },
+        ),
+        ev(
+            1_700_000_000_015,
+            Event::CompensationFailed {
+                step: "card".into(),
+                visit: 1,
+                error: ErrorInfo::new("http.server_error", "503"),
+            },
+        ),
+        ev(
+            1_700_000_000_016,
+            Event::RunCompensated {
+                error: ErrorInfo::new("step_failed", "hotel"),
+            },
+        ),
+        ev(
+            1_700_000_000_017,
+            Event::RunCompensationFailed {
+                step: "card".into(),
+                error: ErrorInfo::new("http.server_error", "503"),
+            },
+        ),
+        ev(
+            1_700_000_000_018,
+            Event::SignalReceived {
+                name: "go".into(),
+                id: "sig-1".into(),
+                payload: r#"{"lot":7}"#.into(),
+            },
+        ),
+        ev(
+            1_700_000_000_019,
+            Event::WaitStarted {
+                step: "gate".into(),
+                visit: 1,
+                signal: "approval:gate".into(),
+                fire_at_ms: Some(1_700_000_060_019),
+                duration_ms: 60_000,
+            },
+        ),
+        ev(1_700_000_000_020, Event::RunRetried { by: "alice".into() }),
+        ev(
+            1_700_000_000_021,
+            Event::RunTerminated {
+                reason: "operator".into(),
+            },
+        ),
+        ev(
+            1_700_000_000_022,
+            Event::RunContinued {
+                next_run: "run-1~2".into(),
+                input: "{}".into(),
+            },
+        ),
+        ev(
+            1_700_000_000_023,
+            Event::AttemptDeferred {
+                step: "read".into(),
+                visit: 1,
+                attempt: 2,
+                target: "plc-1".into(),
+                until_ms: 1_700_000_010_023,
+            },
+        ),
     ]
 }
 

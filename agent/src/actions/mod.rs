@@ -95,6 +95,41 @@ const ENGINE_ACTIONS: &[(&str, Signature)] = &[
             optional: &[],
         },
     ),
+    (
+        "wait_signal",
+        Signature {
+            required: &["signal"],
+            optional: &["timeout", "on_timeout"],
+        },
+    ),
+    (
+        "approval",
+        Signature {
+            required: &[],
+            optional: &["timeout", "on_timeout", "on_reject", "approvers"],
+        },
+    ),
+    (
+        "workflow",
+        Signature {
+            required: &["workflow"],
+            optional: &["version", "input"],
+        },
+    ),
+    (
+        "map",
+        Signature {
+            required: &["items", "workflow"],
+            optional: &["version", "input", "concurrency", "tolerate"],
+        },
+    ),
+    (
+        "continue_as_new",
+        Signature {
+            required: &[],
+            optional: &["input"],
+        },
+    ),
 ];
 
 /// Actions by name.
@@ -150,12 +185,23 @@ impl ActionCatalog for Registry {
                 return Some(Vec::new());
             }
             let mut p = sig.check_names(args);
-            if action == "sleep"
-                && let Some(Value::String(d)) = args.get("duration")
-                && !outpost_shared::expr::is_template(d)
-                && let Err(e) = outpost_shared::definition::parse_duration(d)
-            {
-                p.push(format!("duration: {e}"));
+            for field in ["duration", "timeout"] {
+                if let Some(Value::String(d)) = args.get(field)
+                    && !outpost_shared::expr::is_template(d)
+                    && let Err(e) = outpost_shared::definition::parse_duration(d)
+                {
+                    p.push(format!("{field}: {e}"));
+                }
+            }
+            for (field, allowed) in [
+                ("on_timeout", ["fail", "continue"]),
+                ("on_reject", ["fail", "continue"]),
+            ] {
+                if let Some(v) = args.get(field)
+                    && !v.as_str().is_some_and(|v| allowed.contains(&v))
+                {
+                    p.push(format!("{field}: {v} must be one of: {}", allowed.join(", ")));
+                }
             }
             return Some(p);
         }

@@ -46,3 +46,11 @@ fn hello_and_flaky_retry_complete() {
     assert_eq!(code, Some(0), "{v}");
     assert_eq!(v["output"], serde_json::json!({"setpoint": 42}));
 }
+
+#[test]
+fn trip_saga_undoes_the_flight_when_the_hotel_is_full() {
+    let (code, v) = run_once("trip-saga", "trip-saga.yaml", "{}");
+    assert_eq!(code, Some(6), "{v}");
+    assert_eq!(v["status"], "compensated", "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("no rooms left"), "{v}");
+}

@@ -6,3 +6,4 @@ mod durable_sleep;
 mod equipment;
 mod examples;
 mod patterns;
+mod saga;

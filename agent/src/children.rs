@@ -1,0 +1,212 @@
+//! Child workflows and parallel map: steps that start other runs and complete with their results.
+//!
+//! A child's run id is derived from the parent's step visit, so re-running the step after a crash
+//! finds the child already started instead of starting it again (`Runtime::start` is idempotent
+//! by id). Waiting is done by the parent's activity; the child is an ordinary run with its own
+//! history, resumed at start-up like any other.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use outpost_shared::{ErrorInfo, Event};
+use serde_json::{Value, json};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use crate::actions::{ActionError, Call, str_arg};
+use crate::runtime::{MAX_RUN_ID_LEN, Runtime, RuntimeError, StartRequest};
+
+/// Most items one map step fans out to.
+pub const MAX_MAP_ITEMS: usize = 10_000;
+/// Highest concurrency a map step may ask for.
+pub const MAX_MAP_CONCURRENCY: usize = 64;
+
+/// The deterministic id of the child run (or, for a map, the prefix of its children's ids)
+/// started by visit `visit` of step `step` of run `run_id`.
+pub fn child_id(run_id: &str, step: &str, visit: u32) -> String {
+    let id = format!("{run_id}:{step}:{visit}");
+    // Leave room for a map index; deep nesting falls back to a stable hash.
+    if id.len() <= MAX_RUN_ID_LEN - 8 {
+        id
+    } else {
+        format!("c{:016x}", fnv1a(id.as_bytes()))
+    }
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+fn version_arg(args: &Value) -> Result<Option<u32>, ActionError> {
+    match args.get("version") {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => {
+            v.as_u64().and_then(|v| u32::try_from(v).ok()).map(Some).ok_or_else(|| {
+                ActionError::permanent("invalid_argument", format!("version {v} is not a version number"))
+            })
+        }
+    }
+}
+
+/// Runs one child workflow to its end and returns its output.
+pub async fn run_child(rt: Runtime, call: Call, visit: u32) -> Result<Value, ActionError> {
+    let workflow = str_arg(&call.args, "workflow")?.to_string();
+    let version = version_arg(&call.args)?;
+    let input = call.args.get("input").cloned().unwrap_or_else(|| json!({}));
+    let id = child_id(&call.run_id, &call.step, visit);
+    await_child(&rt, id, workflow, version, input).await
+}
+
+/// Starts (or finds) child run `id` and waits for it to end.
+async fn await_child(
+    rt: &Runtime,
+    id: String,
+    workflow: String,
+    version: Option<u32>,
+    input: Value,
+) -> Result<Value, ActionError> {
+    let req = StartRequest {
+        workflow,
+        version,
+        input: Some(input),
+        id: Some(id.clone()),
+    };
+    rt.start_child(req).await.map_err(start_error)?;
+    loop {
+        let (rec, end) = rt.wait(&id, None).await.map_err(start_error)?;
+        if !rec.status.is_terminal() {
+            // Loaded but its driver is not running yet (start-up resumes runs one by one).
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        }
+        let end = match end {
+            Some(e) => e,
+            None => rt.final_event(&id).map_err(start_error)?,
+        };
+        return match end {
+            Event::RunCompleted { output } => Ok(serde_json::from_str(&output).unwrap_or(Value::Null)),
+            other => {
+                let why = match &other {
+                    Event::RunFailed { error } | Event::RunCompensated { error } => error.to_string(),
+                    Event::RunCompensationFailed { step, error } => format!("compensation of '{step}': {error}"),
+                    Event::RunCancelled { reason } | Event::RunTerminated { reason } => reason.clone(),
+                    _ => String::new(),
+                };
+                Err(ActionError::permanent(
+                    "child.failed",
+                    format!("child run {id} ended {}: {why}", rec.status.as_str()),
+                ))
+            }
+        };
+    }
+}
+
+fn start_error(e: RuntimeError) -> ActionError {
+    match e {
+        RuntimeError::Journal(e) => ActionError::retryable("child.journal", e.to_string()),
+        other => ActionError::permanent("child.start", other.to_string()),
+    }
+}
+
+/// Runs a child workflow per item with a concurrency cap; outputs come back in item order.
+pub async fn run_map(rt: Runtime, call: Call, visit: u32) -> Result<Value, ActionError> {
+    let args = &call.args;
+    let workflow = str_arg(args, "workflow")?.to_string();
+    let version = version_arg(args)?;
+    let Some(items) = args.get("items").and_then(Value::as_array).cloned() else {
+        return Err(ActionError::permanent(
+            "invalid_argument",
+            format!(
+                "items must be a list, got {}",
+                args.get("items").unwrap_or(&Value::Null)
+            ),
+        ));
+    };
+    if items.len() > MAX_MAP_ITEMS {
+        return Err(ActionError::permanent(
+            "invalid_argument",
+            format!("items has {} elements; the limit is {MAX_MAP_ITEMS}", items.len()),
+        ));
+    }
+    let count_arg = |name: &str, default: u64| match args.get(name) {
+        None | Some(Value::Null) => Ok(default),
+        Some(v) => v
+            .as_u64()
+            .ok_or_else(|| ActionError::permanent("invalid_argument", format!("{name} {v} is not a count"))),
+    };
+    let concurrency = count_arg("concurrency", 4)?.clamp(1, MAX_MAP_CONCURRENCY as u64) as usize;
+    let tolerate = count_arg("tolerate", 0)? as usize;
+    let extra = args
+        .get("input")
+        .and_then(Value::as_object)
+        .cloned()
+        .unwrap_or_default();
+    let base = child_id(&call.run_id, &call.step, visit);
+
+    let slots = Arc::new(Semaphore::new(concurrency));
+    let mut set: JoinSet<(usize, Result<Value, ActionError>)> = JoinSet::new();
+    let mut results = vec![Value::Null; items.len()];
+    let mut failures: Vec<(usize, ErrorInfo)> = Vec::new();
+    let total = items.len();
+    let absorb = |results: &mut Vec<Value>,
+                  failures: &mut Vec<(usize, ErrorInfo)>,
+                  (i, r): (usize, Result<Value, ActionError>)| match r {
+        Ok(v) => results[i] = v,
+        Err(e) => failures.push((i, e.info)),
+    };
+    for (i, item) in items.into_iter().enumerate() {
+        // Wait for a free slot, collecting finished children meanwhile.
+        let permit = loop {
+            tokio::select! {
+                p = slots.clone().acquire_owned() => break p,
+                Some(Ok(r)) = set.join_next(), if !set.is_empty() => absorb(&mut results, &mut failures, r),
+            }
+        };
+        while let Some(Ok(r)) = set.try_join_next() {
+            absorb(&mut results, &mut failures, r);
+        }
+        if failures.len() > tolerate {
+            break;
+        }
+        let mut input = extra.clone();
+        input.insert("item".into(), item);
+        input.insert("index".into(), json!(i));
+        let (rt, workflow, id) = (rt.clone(), workflow.clone(), format!("{base}:{i}"));
+        set.spawn(async move {
+            let r = await_child(&rt, id, workflow, version, Value::Object(input)).await;
+            drop(permit);
+            (i, r)
+        });
+    }
+    while failures.len() <= tolerate
+        && let Some(joined) = set.join_next().await
+    {
+        if let Ok(r) = joined {
+            absorb(&mut results, &mut failures, r);
+        }
+    }
+    if failures.len() > tolerate {
+        // Fail fast: stop what still runs.
+        set.abort_all();
+        for id in rt.children_of(&base) {
+            let _ = rt.cancel(&id, "map step failed").await;
+        }
+        failures.sort_by_key(|(i, _)| *i);
+        let (first, err) = &failures[0];
+        return Err(ActionError::permanent(
+            "map.failed",
+            format!(
+                "{} of {total} items failed (tolerate {tolerate}); item {first}: {err}",
+                failures.len()
+            ),
+        ));
+    }
+    failures.sort_by_key(|(i, _)| *i);
+    let failed: Vec<Value> = failures
+        .iter()
+        .map(|(i, e)| json!({"index": i, "error": {"kind": e.kind, "message": e.message}}))
+        .collect();
+    Ok(json!({ "results": results, "failed": failed }))
+}
