@@ -934,15 +934,16 @@ impl Driver {
         };
         for (i, s) in self.st.steps.iter().enumerate() {
             let step = &self.def.doc.steps[i];
-            if !matches!(s.phase, engine::Phase::Running { .. } | engine::Phase::Backoff { .. })
-                || !matches!(step.action.as_str(), "workflow" | "map")
-            {
+            if !matches!(step.action.as_str(), "workflow" | "map") {
                 continue;
             }
-            let base = crate::children::child_id(&self.st.run_id, &step.id, s.visits);
-            for id in rt.children_of(&base) {
-                if let Err(e) = rt.stop(&id, "parent run stopped", false).await {
-                    warn!(child = %id, error = %e, "cannot cancel child run");
+            // An attempt in flight may not be folded in yet: its visit is the current or the next.
+            for visit in [s.visits, s.visits + 1] {
+                let base = crate::children::child_id(&self.st.run_id, &step.id, visit);
+                for id in rt.children_of(&base) {
+                    if let Err(e) = rt.stop(&id, "parent run stopped", false).await {
+                        warn!(child = %id, error = %e, "cannot cancel child run");
+                    }
                 }
             }
         }

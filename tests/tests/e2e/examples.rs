@@ -9,8 +9,10 @@ fn run_once(workflow: &str, file: &str, input: &str) -> (Option<i32>, Value) {
     let out = outpost_command()
         .args(["run", "--data-dir"])
         .arg(dir.path())
-        .arg("--apply")
-        .arg(format!("{examples}{file}"))
+        .args(
+            file.split(',')
+                .flat_map(|f| ["--apply".to_string(), format!("{examples}{f}")]),
+        )
         .args(["--start", workflow, "--input", input, "--once"])
         .output()
         .expect("run outpost");
@@ -53,4 +55,36 @@ fn trip_saga_undoes_the_flight_when_the_hotel_is_full() {
     assert_eq!(code, Some(6), "{v}");
     assert_eq!(v["status"], "compensated", "{v}");
     assert!(v["error"]["message"].as_str().unwrap().contains("no rooms left"), "{v}");
+}
+
+#[test]
+fn line_batches_maps_over_child_workflows_in_order() {
+    let input =
+        r#"{"batches": [{"recipe": "rye", "kg": 40}, {"recipe": "spelt", "kg": 25}, {"recipe": "oat", "kg": 5}]}"#;
+    let (code, v) = run_once("line-batches", "batch.yaml,line-batches.yaml", input);
+    assert_eq!(code, Some(0), "{v}");
+    let made: Vec<&str> = v["output"]["made"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["recipe"].as_str().unwrap())
+        .collect();
+    assert_eq!(made, ["rye", "spelt", "oat"], "{v}");
+}
+
+#[test]
+fn every_example_validates() {
+    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/");
+    for entry in std::fs::read_dir(examples).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            let out = outpost_command().arg("validate").arg(&path).output().unwrap();
+            assert!(
+                out.status.success(),
+                "{}: {}",
+                path.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
 }

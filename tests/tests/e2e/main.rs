@@ -1,9 +1,11 @@
 //! End-to-end tests: the real `outpost` binary, real redb files, real processes, SIGKILL.
 
 mod bad_input;
+mod children;
 mod crash;
 mod durable_sleep;
 mod equipment;
 mod examples;
 mod patterns;
 mod saga;
+mod signals;
