@@ -88,6 +88,7 @@ impl From<RuntimeError> for ApiError {
                 ApiError::new(StatusCode::NOT_FOUND, "not_found", msg)
             }
             RuntimeError::Finished { .. } => ApiError::new(StatusCode::CONFLICT, "finished", msg),
+            RuntimeError::Busy(_) => ApiError::new(StatusCode::TOO_MANY_REQUESTS, "busy", msg),
             RuntimeError::Journal(JournalError::DefinitionConflict { .. }) => {
                 ApiError::new(StatusCode::CONFLICT, "conflict", msg)
             }
@@ -139,6 +140,7 @@ async fn status(State(rt): AppState) -> ApiResult {
         "pid": std::process::id(),
         "active_runs": rt.active_count(),
         "activities": {"running": rt.activities_running(), "limit": rt.max_activities()},
+        "limits": rt.limits().view(rt.active_count()),
         "journal": {
             "next_seq": next_seq,
             "commits": s.commits.load(ord),
@@ -433,7 +435,12 @@ pub fn run_detail(rt: &Runtime, id: &str, rec: &RunRecord) -> Result<Value, ApiE
     out["output"] = state.output.clone().unwrap_or(Value::Null);
     out["error"] = state.error.as_ref().map(error_json).unwrap_or(Value::Null);
     out["steps"] = Value::Array(step_rows(&def, &state, &history));
-    out["waiting"] = waiting(&def, &state).map(Value::from).unwrap_or(Value::Null);
+    let held = rt.limits().held(id);
+    out["waiting"] = match (held, waiting(&def, &state)) {
+        (Some(h), _) if h.starts_with("queued:") => h.into(),
+        (Some(h), Some(w)) => format!("{h}; {w}").into(),
+        (h, w) => h.or(w).map(Value::from).unwrap_or(Value::Null),
+    };
     out["history"] = Value::Array(history.iter().map(|(seq, r)| history_row(*seq, r)).collect());
     Ok(out)
 }

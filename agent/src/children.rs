@@ -33,6 +33,30 @@ pub fn child_id(run_id: &str, step: &str, visit: u32) -> String {
     }
 }
 
+/// The parent of a child run id (`PARENT:STEP:VISIT`, maybe `:INDEX`, or a hashed `c…` id whose
+/// parent is not recoverable: `Some("")`), when `exists` confirms the parent run.
+pub fn parent_of(id: &str, exists: impl Fn(&str) -> bool) -> Option<&str> {
+    let hashed = |s: &str| s.len() == 17 && s.starts_with('c') && s[1..].bytes().all(|b| b.is_ascii_hexdigit());
+    let base = match id.rsplit_once(':') {
+        Some((b, idx)) if hashed(b) && idx.bytes().all(|c| c.is_ascii_digit()) => return Some(""),
+        _ if hashed(id) => return Some(""),
+        _ => id,
+    };
+    // PARENT:STEP:VISIT, or PARENT:STEP:VISIT:INDEX for a map item.
+    for cut in [2, 3] {
+        let parts: Vec<&str> = base.rsplitn(cut + 1, ':').collect();
+        if parts.len() == cut + 1
+            && parts[..cut - 1]
+                .iter()
+                .all(|p| !p.is_empty() && p.bytes().all(|c| c.is_ascii_digit()))
+            && exists(parts[cut])
+        {
+            return Some(parts[cut]);
+        }
+    }
+    None
+}
+
 fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
         (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)

@@ -16,6 +16,7 @@ use tracing::{error, info, warn};
 use crate::actions::Registry;
 use crate::client::{Client, ClientError};
 use crate::journal::JournalConfig;
+use crate::limits::{LimitsConfig, WhenFull};
 use crate::runtime::{Runtime, RuntimeConfig, StartRequest};
 
 /// Exit codes scripts can rely on.
@@ -38,10 +39,13 @@ pub mod exit {
     pub const CONFLICT: u8 = 7;
     /// Waited and the run is still running.
     pub const STILL_RUNNING: u8 = 8;
+    /// The start was rejected: run limits and the admission queue are full.
+    pub const BUSY: u8 = 9;
 }
 
 const EXIT_CODES_HELP: &str = "Exit codes: 0 ok, 1 error, 2 usage, 3 invalid input, 4 not found, \
-5 agent unreachable, 6 run failed or cancelled, 7 conflict, 8 still running after --timeout.";
+5 agent unreachable, 6 run did not complete, 7 conflict, 8 still running after --timeout, \
+9 start rejected by run limits.";
 
 #[derive(Parser)]
 #[command(
@@ -210,6 +214,22 @@ struct RunArgs {
     /// Activities that may run at once, agent-wide.
     #[arg(long, default_value_t = 32, env = "OUTPOST_MAX_ACTIVITIES")]
     max_activities: usize,
+    /// Runs active at once, agent-wide (0: no limit); more wait in the admission queue.
+    #[arg(long, default_value_t = 0, env = "OUTPOST_MAX_RUNS")]
+    max_runs: usize,
+    /// Runs that may wait for a run slot before starts are rejected.
+    #[arg(long, default_value_t = 1000, env = "OUTPOST_QUEUE")]
+    queue: usize,
+    /// When no run slot is free: queue the start, or reject it at once.
+    #[arg(long, value_enum, default_value_t = WhenFull::Queue, env = "OUTPOST_WHEN_FULL")]
+    when_full: WhenFull,
+    /// Activities at once for one action kind, e.g. `--limit exec=4 --limit modbus.write=1`.
+    #[arg(long, value_name = "ACTION=N", value_parser = crate::limits::parse_pair)]
+    limit: Vec<(String, usize)>,
+    /// Activities at once for a named resource that steps declare with `resource: NAME`,
+    /// e.g. `--resource rs485=1` (an undeclared resource allows 1).
+    #[arg(long, value_name = "NAME=N", value_parser = crate::limits::parse_pair)]
+    resource: Vec<(String, usize)>,
     /// Journal page cache in MiB.
     #[arg(long, default_value_t = 4, env = "OUTPOST_CACHE_MB")]
     cache_mb: usize,
@@ -406,6 +426,7 @@ fn api_failure(status: StatusCode, body: &Value) -> Failure {
         400 | 413 | 422 => exit::INVALID,
         404 => exit::NOT_FOUND,
         409 => exit::CONFLICT,
+        429 => exit::BUSY,
         _ => exit::FAILURE,
     };
     let err = &body["error"];
@@ -709,11 +730,37 @@ async fn remote(client: Client, cmd: Cmd, as_json: bool) -> Result<u8, Failure> 
             let v = call(&client, Method::GET, "/v1/status", None).await?;
             show(&v, as_json, |v| {
                 println!("agent:       outpost {} (pid {})", s(&v["version"]), v["pid"]);
-                println!("active runs: {}", v["active_runs"]);
+                let runs = &v["limits"]["runs"];
+                println!(
+                    "runs:        {} active (limit {}), {} queued (queue {}, when full: {})",
+                    v["active_runs"],
+                    runs["limit"]
+                        .as_u64()
+                        .map(|n| n.to_string())
+                        .unwrap_or_else(|| "none".into()),
+                    runs["queued"],
+                    runs["queue_limit"],
+                    s(&runs["when_full"])
+                );
                 println!(
                     "activities:  {} running, limit {}",
                     v["activities"]["running"], v["activities"]["limit"]
                 );
+                for (what, key) in [
+                    ("workflow", "workflows"),
+                    ("action", "actions"),
+                    ("resource", "resources"),
+                ] {
+                    for l in v["limits"][key].as_array().into_iter().flatten() {
+                        println!(
+                            "  {what} {}: {} of {} in use, {} waiting",
+                            s(&l["name"]),
+                            l["in_use"],
+                            l["limit"],
+                            l["waiting"]
+                        );
+                    }
+                }
                 let j = &v["journal"];
                 println!(
                     "journal:     next seq {}, {} commits, {} events, {} appends since start",
@@ -825,6 +872,13 @@ async fn daemon(data_dir: &Path, socket: &Path, args: RunArgs) -> Result<u8, Fai
         max_activities: args.max_activities,
         journal: JournalConfig {
             cache_bytes: args.cache_mb.max(1) * 1024 * 1024,
+        },
+        limits: LimitsConfig {
+            max_runs: args.max_runs,
+            queue: args.queue,
+            when_full: args.when_full,
+            actions: args.limit.iter().cloned().collect(),
+            resources: args.resource.iter().cloned().collect(),
         },
     };
     let equipment = args.equipment.as_deref().map(load_equipment).transpose()?;

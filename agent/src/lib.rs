@@ -16,4 +16,5 @@ pub mod clock;
 pub mod engine;
 pub mod equipment;
 pub mod journal;
+pub mod limits;
 pub mod runtime;

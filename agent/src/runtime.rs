@@ -23,6 +23,7 @@ use crate::actions::{Call, Registry};
 use crate::clock::{Clock, SystemClock, remaining_ms};
 use crate::engine::{self, Command, FailedAttempt, RunState, RunStatus};
 use crate::journal::{Applied, Journal, JournalConfig, JournalError, RunRecord, Started};
+use crate::limits::{Limits, LimitsConfig};
 
 /// Largest run input accepted, in bytes of JSON.
 pub const MAX_INPUT_BYTES: usize = 256 * 1024;
@@ -38,6 +39,8 @@ pub struct RuntimeConfig {
     pub max_activities: usize,
     /// Journal settings.
     pub journal: JournalConfig,
+    /// Run and activity limits.
+    pub limits: LimitsConfig,
 }
 
 impl Default for RuntimeConfig {
@@ -45,6 +48,7 @@ impl Default for RuntimeConfig {
         RuntimeConfig {
             max_activities: 32,
             journal: JournalConfig::default(),
+            limits: LimitsConfig::default(),
         }
     }
 }
@@ -80,6 +84,9 @@ pub enum RuntimeError {
         /// Its final status.
         status: &'static str,
     },
+    /// A limit is full and the policy (or a full queue) rejects the start.
+    #[error(transparent)]
+    Busy(#[from] crate::limits::Rejected),
     /// The data directory cannot be used.
     #[error("data directory {path}: {source}")]
     DataDir {
@@ -147,6 +154,7 @@ struct Inner {
     registry: Registry,
     clock: Arc<dyn Clock>,
     activities: Arc<Semaphore>,
+    limits: Limits,
     config: RuntimeConfig,
     definitions: Mutex<HashMap<(String, u32), Arc<Definition>>>,
     /// Latest version per name, for names looked up since start (this process owns the journal).
@@ -189,6 +197,7 @@ impl Runtime {
                 registry,
                 clock,
                 activities: Arc::new(Semaphore::new(config.max_activities.max(1))),
+                limits: Limits::new(config.limits.clone()),
                 config,
                 definitions: Mutex::new(HashMap::new()),
                 latest: Mutex::new(HashMap::new()),
@@ -215,6 +224,11 @@ impl Runtime {
     /// Activities running right now.
     pub fn activities_running(&self) -> usize {
         self.inner.config.max_activities.max(1) - self.inner.activities.available_permits()
+    }
+
+    /// Run and activity limits with their live counts.
+    pub fn limits(&self) -> &Limits {
+        &self.inner.limits
     }
 
     /// Runs with a live driver.
@@ -260,7 +274,9 @@ impl Runtime {
         let st = RunState::replay(&def, run_id, history.iter().map(|(_, r)| &r.event))
             .map_err(|e| RuntimeError::Invalid(e.to_string()))?;
         info!(run_id, workflow = %workflow, version, events = history.len(), "resuming run");
-        self.spawn_driver(def, st);
+        let child =
+            crate::children::parent_of(run_id, |p| self.inner.journal.run(p).ok().flatten().is_some()).is_some();
+        self.spawn_driver(def, st, child);
         Ok(())
     }
 
@@ -309,8 +325,13 @@ impl Runtime {
         Ok(def)
     }
 
-    /// Starts a run, or returns the existing one with the same id.
+    /// Starts a run, or returns the existing one with the same id. When the run limits are
+    /// full the run queues (or is rejected, per `--when-full`).
     pub async fn start(&self, req: StartRequest) -> Result<StartResponse, RuntimeError> {
+        self.start_run(req, false).await
+    }
+
+    async fn start_run(&self, req: StartRequest, child: bool) -> Result<StartResponse, RuntimeError> {
         let input = req.input.unwrap_or_else(|| Value::Object(Default::default()));
         let input_text = input.to_string();
         if input_text.len() > MAX_INPUT_BYTES {
@@ -336,6 +357,9 @@ impl Runtime {
             });
         }
         let def = self.definition(&req.workflow, req.version)?;
+        if !child {
+            self.inner.limits.check_admission(def.name(), max_runs(&def))?;
+        }
         let event = Event::RunStarted {
             workflow: def.name().to_string(),
             version: def.version(),
@@ -357,7 +381,7 @@ impl Runtime {
                     workflow: def.name().to_string(),
                     version: def.version(),
                 };
-                self.spawn_driver(def, st);
+                self.spawn_driver(def, st, child);
                 Ok(resp)
             }
         }
@@ -366,7 +390,7 @@ impl Runtime {
     /// Starts a child run (for `workflow` and `map` steps); children were admitted with their
     /// parent, so they are not held back by run limits.
     pub(crate) async fn start_child(&self, req: StartRequest) -> Result<StartResponse, RuntimeError> {
-        self.start(req).await
+        self.start_run(req, true).await
     }
 
     /// The last event of a finished run.
@@ -548,7 +572,7 @@ impl Runtime {
             .collect()
     }
 
-    fn spawn_driver(&self, def: Arc<Definition>, st: RunState) {
+    fn spawn_driver(&self, def: Arc<Definition>, st: RunState, child: bool) {
         let (control_tx, control_rx) = mpsc::channel(16);
         let (done_tx, done_rx) = watch::channel(None);
         let run_id = st.run_id.clone();
@@ -570,14 +594,20 @@ impl Runtime {
                     next: None,
                     end: None,
                 }
-                .run(control_rx)
+                .run(control_rx, child)
                 .await;
+                inner.limits.forget(&run_id);
                 lock(&inner.runs).remove(&run_id);
                 let _ = done_tx.send(Some(end));
             }
             .instrument(span),
         );
     }
+}
+
+/// The workflow's own run limit.
+fn max_runs(def: &Definition) -> Option<u32> {
+    def.doc.limits.as_ref().and_then(|l| l.max_runs)
 }
 
 fn check_run_id(id: &str) -> Result<(), RuntimeError> {
@@ -652,9 +682,31 @@ struct Driver {
 }
 
 impl Driver {
-    /// Drives the run to its end; returns the final event.
-    async fn run(mut self, mut control: mpsc::Receiver<Control>) -> Event {
+    /// Drives the run to its end; returns the final event. A run that is not a child first
+    /// waits for its run slots (answering stop and signal requests meanwhile).
+    async fn run(mut self, mut control: mpsc::Receiver<Control>, child: bool) -> Event {
         let mut tasks: JoinSet<TaskResult> = JoinSet::new();
+        let inner = self.inner.clone();
+        let mut _slots = Vec::new();
+        if !child && !self.st.status.is_terminal() {
+            let (run_id, def) = (self.st.run_id.clone(), self.def.clone());
+            let admit = inner.limits.admit(&run_id, def.name(), max_runs(&def));
+            tokio::pin!(admit);
+            loop {
+                tokio::select! {
+                    permits = &mut admit => {
+                        _slots = permits;
+                        break;
+                    }
+                    msg = control.recv() => {
+                        self.control(msg, &mut tasks).await;
+                        if self.st.status.is_terminal() {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
         let mut slots: HashMap<tokio::task::Id, Slot> = HashMap::new();
         while !self.st.status.is_terminal() {
             let mut records = Vec::new();
@@ -1044,6 +1096,10 @@ async fn activity(
         tokio::time::sleep(Duration::from_millis(remaining_ms(inner.clock.now_ms(), at, cap))).await;
     }
     let _permit = inner.activities.clone().acquire_owned().await;
+    let _limits = inner
+        .limits
+        .activity(&run_id, &step_def.id, action, step_def.resource.as_deref())
+        .await;
     let started = if compensation {
         Event::CompensationAttemptStarted {
             step: step_def.id.clone(),

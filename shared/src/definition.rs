@@ -224,6 +224,83 @@ pub struct Step {
     /// Action that undoes this step when a later failure unwinds the run (saga).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compensate: Option<ActionCall>,
+    /// Named resource whose concurrency limit (agent configuration) this step's attempts share.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource: Option<String>,
+}
+
+/// Concurrency limits of one workflow.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Runs of this workflow (any version) that may be active at once; more wait in the queue.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_runs: Option<u32>,
+}
+
+/// What a schedule does with slots missed while the agent was down.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CatchUp {
+    /// Missed slots are dropped.
+    Skip,
+    /// One run for the latest missed slot.
+    #[default]
+    RunOnce,
+    /// A run for every missed slot, oldest first, at most `max_catch_up`.
+    RunAll,
+}
+
+/// What a schedule does when a slot comes while its previous run is still active.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Overlap {
+    /// The slot is dropped.
+    #[default]
+    Skip,
+    /// Runs overlap.
+    Allow,
+    /// One slot waits for the previous run to end; further ones are dropped.
+    QueueOne,
+}
+
+/// A schedule attached to a workflow: a cron expression or a fixed interval.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleSpec {
+    /// Name, unique within the workflow; part of the run ids (default `s0`, `s1`, …).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// Cron expression in UTC, 5 fields (or 6 with seconds first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cron: Option<String>,
+    /// Fixed interval, e.g. `5m`, counted from the Unix epoch so slots are stable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub every: Option<DurationText>,
+    /// Input of each run; `{{ slot }}` is not templated, the run gets `schedule` and `slot` fields.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input: Option<Value>,
+    /// Missed slots after downtime: `skip`, `run_once` (default) or `run_all`.
+    #[serde(default)]
+    pub catch_up: CatchUp,
+    /// Most missed slots `run_all` starts (default 10).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_catch_up: Option<u32>,
+    /// A slot while the previous run is active: `skip` (default), `allow` or `queue_one`.
+    #[serde(default)]
+    pub overlap: Overlap,
+}
+
+/// Something outside the agent that starts runs of a workflow.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TriggerSpec {
+    /// MQTT topic filter on the agent's configured local broker; the payload (JSON) is the input.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mqtt: Option<String>,
+    /// Directory watched for `*.json` files; each file's content is the input of one run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub directory: Option<String>,
 }
 
 /// A definition document as written.
@@ -248,6 +325,15 @@ pub struct Document {
     /// Template for the run's output (default: see the engine).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<Value>,
+    /// Concurrency limits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<Limits>,
+    /// Schedules that start runs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub schedules: Vec<ScheduleSpec>,
+    /// Triggers that start runs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub triggers: Vec<TriggerSpec>,
 }
 
 /// Per-step settings resolved at validation.
@@ -547,6 +633,60 @@ impl Checker {
     }
 }
 
+/// Parses a schedule's cron expression (5 fields, or 6 with seconds first), in UTC.
+pub fn parse_cron(expr: &str) -> Result<croner::Cron, String> {
+    croner::parser::CronParser::builder()
+        .seconds(croner::parser::Seconds::Optional)
+        .build()
+        .parse(expr)
+        .map_err(|e| format!("cron '{expr}': {e}"))
+}
+
+/// The id of schedule `i` of a workflow: its `id`, or `s{i}`.
+pub fn schedule_id(spec: &ScheduleSpec, i: usize) -> String {
+    spec.id.clone().unwrap_or_else(|| format!("s{i}"))
+}
+
+fn check_schedules(doc: &Document, c: &mut Checker) {
+    let mut ids = std::collections::HashSet::new();
+    for (i, s) in doc.schedules.iter().enumerate() {
+        let at = format!("schedules[{i}]");
+        let id = schedule_id(s, i);
+        if !valid_ident(&id) {
+            c.push(
+                format!("{at}.id"),
+                format!("'{id}' must start with a letter and use letters, digits, '_' or '-'"),
+            );
+        }
+        if !ids.insert(id.clone()) {
+            c.push(format!("{at}.id"), format!("duplicate schedule id '{id}'"));
+        }
+        match (&s.cron, &s.every) {
+            (Some(_), Some(_)) | (None, None) => c.push(&at, "give exactly one of cron or every"),
+            (Some(expr), None) => {
+                if let Err(e) = parse_cron(expr) {
+                    c.push(format!("{at}.cron"), e);
+                }
+            }
+            (None, Some(_)) => {
+                if let Some(d) = c.duration(&format!("{at}.every"), &s.every)
+                    && d < Duration::from_secs(1)
+                {
+                    c.push(format!("{at}.every"), "must be at least 1s");
+                }
+            }
+        }
+        if s.max_catch_up == Some(0) {
+            c.push(format!("{at}.max_catch_up"), "must be at least 1");
+        }
+        if let Some(input) = &s.input
+            && !input.is_object()
+        {
+            c.push(format!("{at}.input"), "must be an object");
+        }
+    }
+}
+
 /// Actions that wait or start runs; a compensation must be a plain effect.
 const COMPENSATION_ACTIONS_EXCLUDED: &[&str] =
     &["sleep", "wait_signal", "approval", "workflow", "map", "continue_as_new"];
@@ -629,6 +769,32 @@ pub fn validate(doc: Document, catalog: &dyn ActionCatalog) -> Result<Definition
     }
     if let Some(out) = &doc.output {
         c.templates("output", out, &index);
+    }
+
+    check_schedules(&doc, &mut c);
+    for (i, t) in doc.triggers.iter().enumerate() {
+        let at = format!("triggers[{i}]");
+        match (&t.mqtt, &t.directory) {
+            (Some(_), Some(_)) | (None, None) => c.push(&at, "give exactly one of mqtt or directory"),
+            (Some(topic), None) if topic.is_empty() || topic.len() > 256 => {
+                c.push(format!("{at}.mqtt"), "a topic filter is 1-256 characters")
+            }
+            (None, Some(dir)) if dir.is_empty() => c.push(format!("{at}.directory"), "must not be empty"),
+            _ => {}
+        }
+    }
+    if doc.limits.as_ref().and_then(|l| l.max_runs) == Some(0) {
+        c.push("limits.max_runs", "must be at least 1");
+    }
+    for (i, s) in doc.steps.iter().enumerate() {
+        if let Some(r) = &s.resource
+            && !valid_ident(r)
+        {
+            c.push(
+                format!("steps[{i}] ({}).resource", s.id),
+                format!("'{r}' is not a valid resource name"),
+            );
+        }
     }
 
     let mut start = 0;

@@ -77,6 +77,17 @@ impl Action for Exec {
                 .stderr(Stdio::piped())
                 // A timed-out or cancelled step must not leave its process running.
                 .kill_on_drop(true);
+            // Nor may a killed agent: the re-run after restart must not race a leftover process.
+            // SAFETY: prctl is async-signal-safe and touches only the child's own state.
+            #[cfg(target_os = "linux")]
+            unsafe {
+                cmd.pre_exec(|| {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
             let mut child = cmd
                 .spawn()
                 .map_err(|e| ActionError::permanent("exec.spawn_failed", format!("cannot start '{command}': {e}")))?;
