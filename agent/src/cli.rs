@@ -886,7 +886,12 @@ async fn daemon(data_dir: &Path, socket: &Path, args: RunArgs) -> Result<u8, Fai
         info!(devices = ?eq.names(), "equipment ready");
     }
     let registry = Registry::builtin().with_equipment(equipment);
-    let runtime = Runtime::open_with(data_dir, config, registry, Arc::new(crate::clock::SystemClock))
+    // Tests reset a running agent's wall clock through this file (see `FileOffsetClock`).
+    let clock: Arc<dyn crate::clock::Clock> = match std::env::var_os("OUTPOST_CLOCK_OFFSET_FILE") {
+        Some(path) => Arc::new(crate::clock::FileOffsetClock::watch(path.into())),
+        None => Arc::new(crate::clock::SystemClock),
+    };
+    let runtime = Runtime::open_with(data_dir, config, registry, clock)
         .map_err(|e| Failure::new(exit::FAILURE, e.to_string()))?;
     for f in &args.apply {
         let text = read_document(f)?;
@@ -903,6 +908,7 @@ async fn daemon(data_dir: &Path, socket: &Path, args: RunArgs) -> Result<u8, Fai
     let resumed = runtime
         .resume_all()
         .map_err(|e| Failure::new(exit::FAILURE, e.to_string()))?;
+    tokio::spawn(crate::schedule::run(runtime.clone(), runtime.definitions_changed()));
     let listener = bind_socket(socket)?;
     info!(socket = %socket.display(), data_dir = %data_dir.display(), resumed, "outpost agent ready");
 

@@ -22,6 +22,42 @@ impl Clock for SystemClock {
     }
 }
 
+/// The system clock shifted by an offset (ms, may be negative) read from a file every 100 ms.
+/// Tests use it (`OUTPOST_CLOCK_OFFSET_FILE`) to reset a running agent's clock to 1970 and
+/// back, as a gateway without a battery-backed clock sees when NTP finally answers.
+pub struct FileOffsetClock {
+    offset: std::sync::Arc<std::sync::atomic::AtomicI64>,
+}
+
+impl FileOffsetClock {
+    /// Starts watching `path` (a missing or unreadable file means offset 0).
+    pub fn watch(path: std::path::PathBuf) -> FileOffsetClock {
+        let offset = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0));
+        let read = |p: &std::path::Path| {
+            std::fs::read_to_string(p)
+                .ok()
+                .and_then(|t| t.trim().parse::<i64>().ok())
+                .unwrap_or(0)
+        };
+        offset.store(read(&path), std::sync::atomic::Ordering::Relaxed);
+        let shared = offset.clone();
+        std::thread::spawn(move || {
+            loop {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                shared.store(read(&path), std::sync::atomic::Ordering::Relaxed);
+            }
+        });
+        FileOffsetClock { offset }
+    }
+}
+
+impl Clock for FileOffsetClock {
+    fn now_ms(&self) -> u64 {
+        let off = self.offset.load(std::sync::atomic::Ordering::Relaxed);
+        SystemClock.now_ms().saturating_add_signed(off)
+    }
+}
+
 /// How long to wait for a wall-clock deadline. The wait never exceeds the `duration_ms` originally
 /// asked for, so a clock that jumps backwards (a gateway booting in 1970) cannot stretch a timer.
 pub fn remaining_ms(now_ms: u64, fire_at_ms: u64, duration_ms: u64) -> u64 {

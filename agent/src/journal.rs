@@ -33,6 +33,8 @@ const DEFINITIONS: TableDefinition<(&str, u32), &[u8]> = TableDefinition::new("d
 const TIMERS: TableDefinition<(u64, &str, &str), ()> = TableDefinition::new("timers");
 /// Counters: `next_seq`, `format`.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Named positions kept by agent services: schedule slots, trigger marks, sync acks.
+const CURSORS: TableDefinition<&str, u64> = TableDefinition::new("cursors");
 
 /// Version of the table layout above; bumped on any incompatible change.
 pub const FORMAT: u64 = 1;
@@ -200,6 +202,11 @@ enum Op {
         json: String,
         reply: Reply<Applied>,
     },
+    PutCursor {
+        key: String,
+        value: u64,
+        reply: Reply<()>,
+    },
 }
 
 /// Writer statistics, for `outpost status` and the benchmark.
@@ -332,6 +339,32 @@ impl Journal {
             reply,
         })
         .await
+    }
+
+    /// Durably sets a named cursor (a schedule's last slot, a sync position).
+    pub async fn put_cursor(&self, key: &str, value: u64) -> Result<(), JournalError> {
+        self.call(|reply| Op::PutCursor {
+            key: key.to_string(),
+            value,
+            reply,
+        })
+        .await
+    }
+
+    /// A named cursor, if set.
+    pub fn cursor(&self, key: &str) -> Result<Option<u64>, JournalError> {
+        let txn = self.db()?.begin_read()?;
+        Ok(txn.open_table(CURSORS)?.get(key)?.map(|v| v.value()))
+    }
+
+    /// Wall-clock time of the newest event: a floor for a clock that may have been reset.
+    pub fn last_event_ms(&self) -> Result<Option<u64>, JournalError> {
+        let txn = self.db()?.begin_read()?;
+        let t = txn.open_table(EVENTS)?;
+        match t.last()? {
+            Some((_, v)) => Ok(Some(codec::decode(v.value())?.at_ms)),
+            None => Ok(None),
+        }
     }
 
     /// Writer counters.
@@ -474,6 +507,7 @@ fn prepare(db: &Database) -> Result<(u64, HashSet<String>), JournalError> {
         txn.open_table(ACTIVE)?;
         txn.open_table(DEFINITIONS)?;
         txn.open_table(TIMERS)?;
+        txn.open_table(CURSORS)?;
         meta.get("next_seq")?.map(|v| v.value()).unwrap_or(1)
     };
     let mut active = HashSet::new();
@@ -515,12 +549,16 @@ enum Outcome {
     Start(Reply<Started>, Result<Started, JournalError>),
     Append(Reply<u64>, Result<u64, JournalError>),
     Definition(Reply<Applied>, Result<Applied, JournalError>),
+    Cursor(Reply<()>, Result<(), JournalError>),
 }
 
 impl Outcome {
     fn error(&self) -> Option<&JournalError> {
         match self {
-            Outcome::Start(_, Err(e)) | Outcome::Append(_, Err(e)) | Outcome::Definition(_, Err(e)) => Some(e),
+            Outcome::Start(_, Err(e))
+            | Outcome::Append(_, Err(e))
+            | Outcome::Definition(_, Err(e))
+            | Outcome::Cursor(_, Err(e)) => Some(e),
             _ => None,
         }
     }
@@ -529,6 +567,7 @@ impl Outcome {
             Outcome::Start(tx, _) => tx.send(Err(e())).map_err(|_| ()),
             Outcome::Append(tx, _) => tx.send(Err(e())).map_err(|_| ()),
             Outcome::Definition(tx, _) => tx.send(Err(e())).map_err(|_| ()),
+            Outcome::Cursor(tx, _) => tx.send(Err(e())).map_err(|_| ()),
         };
     }
     fn send(self) {
@@ -536,6 +575,7 @@ impl Outcome {
             Outcome::Start(tx, r) => tx.send(r).map_err(|_| ()),
             Outcome::Append(tx, r) => tx.send(r).map_err(|_| ()),
             Outcome::Definition(tx, r) => tx.send(r).map_err(|_| ()),
+            Outcome::Cursor(tx, r) => tx.send(r).map_err(|_| ()),
         };
     }
 }
@@ -612,6 +652,7 @@ impl Writer {
                     active: txn.open_table(ACTIVE)?,
                     definitions: txn.open_table(DEFINITIONS)?,
                     timers: txn.open_table(TIMERS)?,
+                    cursors: txn.open_table(CURSORS)?,
                 };
                 let now = self.clock.now_ms();
                 for op in batch.drain(..) {
@@ -629,6 +670,13 @@ impl Writer {
                             json,
                             reply,
                         } => Outcome::Definition(reply, put_definition(&mut t, &name, version, json, now)),
+                        Op::PutCursor { key, value, reply } => Outcome::Cursor(
+                            reply,
+                            t.cursors
+                                .insert(key.as_str(), value)
+                                .map(|_| ())
+                                .map_err(JournalError::from),
+                        ),
                     };
                     // A storage error mid-operation poisons the transaction: abort it whole.
                     if let Some(JournalError::Storage(e)) = outcome.error() {
@@ -679,6 +727,7 @@ impl Writer {
                         Op::Start { reply, .. } => drop(reply.send(Err(err()))),
                         Op::Append { reply, .. } => drop(reply.send(Err(err()))),
                         Op::PutDefinition { reply, .. } => drop(reply.send(Err(err()))),
+                        Op::PutCursor { reply, .. } => drop(reply.send(Err(err()))),
                     }
                 }
             }
@@ -781,6 +830,7 @@ struct Tables<'txn> {
     active: redb::Table<'txn, &'static str, ()>,
     definitions: redb::Table<'txn, (&'static str, u32), &'static [u8]>,
     timers: redb::Table<'txn, (u64, &'static str, &'static str), ()>,
+    cursors: redb::Table<'txn, &'static str, u64>,
 }
 
 fn put_definition(t: &mut Tables, name: &str, version: u32, json: String, now: u64) -> Result<Applied, JournalError> {

@@ -18,3 +18,4 @@ pub mod equipment;
 pub mod journal;
 pub mod limits;
 pub mod runtime;
+pub mod schedule;

@@ -160,6 +160,8 @@ struct Inner {
     /// Latest version per name, for names looked up since start (this process owns the journal).
     latest: Mutex<HashMap<String, u32>>,
     runs: Mutex<HashMap<String, RunHandle>>,
+    /// Notified when a definition is applied (schedules and triggers reload).
+    changed: watch::Sender<u64>,
 }
 
 /// The running agent: journal, definitions and run drivers. Cheap to clone.
@@ -202,6 +204,7 @@ impl Runtime {
                 definitions: Mutex::new(HashMap::new()),
                 latest: Mutex::new(HashMap::new()),
                 runs: Mutex::new(HashMap::new()),
+                changed: watch::channel(0).0,
             }),
         })
     }
@@ -296,6 +299,9 @@ impl Runtime {
         lock(&self.inner.definitions).insert((def.name().to_string(), def.version()), def.clone());
         if let Some(v) = lock(&self.inner.latest).get_mut(def.name()) {
             *v = (*v).max(def.version());
+        }
+        if applied == Applied::Created {
+            self.inner.changed.send_modify(|n| *n += 1);
         }
         Ok((def, applied))
     }
@@ -560,6 +566,21 @@ impl Runtime {
             .journal
             .run(run_id)?
             .ok_or_else(|| RuntimeError::NoSuchRun(run_id.to_string()))
+    }
+
+    /// Notified whenever a new definition version is stored.
+    pub fn definitions_changed(&self) -> watch::Receiver<u64> {
+        self.inner.changed.subscribe()
+    }
+
+    /// Now, by the runtime's clock.
+    pub fn clock_ms(&self) -> u64 {
+        self.inner.clock.now_ms()
+    }
+
+    /// True when a live run's id starts with `prefix`.
+    pub fn has_active_prefix(&self, prefix: &str) -> bool {
+        lock(&self.inner.runs).keys().any(|id| id.starts_with(prefix))
     }
 
     /// Live runs whose id is `base` or starts with `base:` (a step's child runs).

@@ -44,15 +44,22 @@ pub struct Agent {
     pub dir: PathBuf,
     child: Option<Child>,
     extra: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 impl Agent {
     /// Starts an agent on `dir` and waits until its API answers.
     pub fn start(dir: &Path, extra: &[&str]) -> Agent {
+        Self::start_with_env(dir, extra, &[])
+    }
+
+    /// Starts an agent with extra environment variables.
+    pub fn start_with_env(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Agent {
         let mut a = Agent {
             dir: dir.to_path_buf(),
             child: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         };
         a.restart();
         a
@@ -72,6 +79,7 @@ impl Agent {
             .arg("--data-dir")
             .arg(&self.dir)
             .args(&self.extra)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)

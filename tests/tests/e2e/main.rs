@@ -9,4 +9,5 @@ mod examples;
 mod limits;
 mod patterns;
 mod saga;
+mod schedules;
 mod signals;

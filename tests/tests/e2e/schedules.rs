@@ -1,0 +1,142 @@
+//! Schedules: deterministic slot ids, catch-up policies after downtime (SIGKILL), overlap
+//! policy, and a wall clock that jumps from 1970 to today.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use outpost_tests::{Agent, ts_ms, write};
+use serde_json::Value;
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+fn tick(name: &str, policy: &str, extra: &str) -> String {
+    format!(
+        "name: {name}\nversion: 1\nschedules:\n  - {{id: t, every: 1s, catch_up: {policy}, max_catch_up: 3, overlap: allow{extra}}}\nsteps:\n  - {{id: s, action: set, args: {{slot: \"{{{{ input.slot }}}}\"}}}}\n"
+    )
+}
+
+/// Slot times (ms) of the scheduled runs of `workflow`, parsed from their ids.
+fn slots(agent: &Agent, workflow: &str) -> BTreeSet<u64> {
+    let prefix = format!("sched:{workflow}:t:");
+    agent
+        .json(&["list", "--limit", "10000"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["run_id"].as_str()?.strip_prefix(&prefix)?.parse().ok())
+        .collect()
+}
+
+#[test]
+fn catch_up_after_sigkill_follows_each_policy_and_no_slot_runs_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = Agent::start(&dir.path().join("data"), &[]);
+    for (name, policy) in [("all", "run_all"), ("once", "run_once"), ("skip", "skip")] {
+        agent.json(&[
+            "apply",
+            &write(dir.path(), &format!("{name}.yaml"), &tick(name, policy, "")),
+        ]);
+    }
+    std::thread::sleep(Duration::from_millis(3500));
+    let before: Vec<BTreeSet<u64>> = ["all", "once", "skip"].iter().map(|w| slots(&agent, w)).collect();
+    for (w, b) in ["all", "once", "skip"].iter().zip(&before) {
+        assert!(b.len() >= 2, "{w} ran {} slots in 3.5 s before the kill", b.len());
+        assert!(b.iter().all(|s| s % 1000 == 0), "slots fall on whole seconds: {b:?}");
+        // A scheduled run's input names its slot.
+        let first = *b.iter().next().unwrap();
+        let run: Value = agent.json(&["show", &format!("sched:{w}:t:{first}")]);
+        assert_eq!(ts_ms(&run["output"]["slot"]), first);
+    }
+    agent.kill9();
+    let killed = now_ms();
+    std::thread::sleep(Duration::from_millis(5000));
+    let restart = now_ms();
+    agent.restart();
+    std::thread::sleep(Duration::from_millis(2500));
+    for (w, b) in ["all", "once", "skip"].iter().zip(&before) {
+        let after = slots(&agent, w);
+        assert!(after.is_superset(b), "{w}: runs from before the kill are kept");
+        let missed: Vec<u64> = after.iter().copied().filter(|s| *s > killed && *s < restart).collect();
+        let live = after.iter().filter(|s| **s >= restart).count();
+        match *w {
+            "all" => assert!((2..=3).contains(&missed.len()), "run_all caught up {missed:?}"),
+            "once" => assert!(missed.len() <= 1, "run_once caught up {missed:?}"),
+            _ => assert!(missed.is_empty(), "skip caught up {missed:?}"),
+        }
+        assert!(live >= 1, "{w}: the schedule keeps firing after restart");
+    }
+}
+
+#[test]
+fn overlap_skip_never_runs_two_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&dir.path().join("data"), &[]);
+    let def = "name: long\nversion: 1\nschedules:\n  - {id: t, every: 1s, overlap: skip}\nsteps:\n  - {id: s, action: sleep, args: {duration: 2500ms}}\n";
+    agent.json(&["apply", &write(dir.path(), "long.yaml", def)]);
+    std::thread::sleep(Duration::from_millis(7000));
+    let runs = agent.json(&["list", "--limit", "100"]);
+    let mut spans: Vec<(u64, u64)> = runs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let start = ts_ms(&r["created_at"]);
+            let end = r["finished_at"]
+                .as_str()
+                .map(|_| ts_ms(&r["finished_at"]))
+                .unwrap_or(u64::MAX);
+            (start, end)
+        })
+        .collect();
+    spans.sort();
+    assert!(spans.len() >= 2, "{runs}");
+    for w in spans.windows(2) {
+        assert!(w[1].0 >= w[0].1, "runs overlapped: {spans:?}");
+    }
+}
+
+#[test]
+fn a_clock_reset_to_1970_pauses_schedules_and_the_jump_back_fires_no_backlog() {
+    let dir = tempfile::tempdir().unwrap();
+    let offset = dir.path().join("clock-offset");
+    let to_1970 = -(now_ms() as i64) + 10_000;
+    std::fs::write(&offset, to_1970.to_string()).unwrap();
+    let agent = Agent::start_with_env(
+        &dir.path().join("data"),
+        &[],
+        &[("OUTPOST_CLOCK_OFFSET_FILE", offset.to_str().unwrap())],
+    );
+    agent.json(&["apply", &write(dir.path(), "all.yaml", &tick("all", "run_all", ""))]);
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(
+        slots(&agent, "all").is_empty(),
+        "nothing fires while the clock reads 1970"
+    );
+    assert!(
+        agent.log().contains("schedules wait until it is set"),
+        "{}",
+        agent.log()
+    );
+
+    // NTP answers: the clock jumps ~57 years forward. No back-fill of decades of slots.
+    std::fs::write(&offset, "0").unwrap();
+    std::thread::sleep(Duration::from_millis(3500));
+    let s = slots(&agent, "all");
+    assert!((1..=5).contains(&s.len()), "after the jump: {s:?}");
+    assert!(
+        s.iter().all(|t| *t > now_ms() - 10_000),
+        "only slots since the jump: {s:?}"
+    );
+
+    // Reset again: the schedule pauses; when the clock returns, the catch-up is bounded.
+    std::fs::write(&offset, to_1970.to_string()).unwrap();
+    std::thread::sleep(Duration::from_millis(4000));
+    let paused = slots(&agent, "all");
+    std::fs::write(&offset, "0").unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let resumed = slots(&agent, "all");
+    let caught_up = resumed.difference(&paused).count();
+    assert!((1..=5).contains(&caught_up), "{caught_up} slots after the second jump");
+}
