@@ -230,6 +230,12 @@ struct RunArgs {
     /// e.g. `--resource rs485=1` (an undeclared resource allows 1).
     #[arg(long, value_name = "NAME=N", value_parser = crate::limits::parse_pair)]
     resource: Vec<(String, usize)>,
+    /// Local MQTT broker for `mqtt` triggers, e.g. `mqtt://127.0.0.1:1883`.
+    #[arg(long, env = "OUTPOST_MQTT_BROKER", value_name = "URL")]
+    mqtt_broker: Option<String>,
+    /// MQTT client id for triggers; fixed so the broker keeps the session [default: outpost-HOSTNAME].
+    #[arg(long, env = "OUTPOST_MQTT_CLIENT_ID")]
+    mqtt_client_id: Option<String>,
     /// Journal page cache in MiB.
     #[arg(long, default_value_t = 4, env = "OUTPOST_CACHE_MB")]
     cache_mb: usize,
@@ -456,6 +462,13 @@ fn parse_input(text: &str, what: &str) -> Result<Value, Failure> {
 }
 
 /// Prints `v` as JSON with `--json`, otherwise in the command's own form.
+/// `outpost-HOSTNAME`: stable across restarts, distinct per gateway.
+fn default_client_id() -> String {
+    let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+    let host = host.trim();
+    format!("outpost-{}", if host.is_empty() { "agent" } else { host })
+}
+
 /// The local user's name, recorded as who approved or retried.
 fn current_user() -> String {
     std::env::var("USER")
@@ -909,6 +922,20 @@ async fn daemon(data_dir: &Path, socket: &Path, args: RunArgs) -> Result<u8, Fai
         .resume_all()
         .map_err(|e| Failure::new(exit::FAILURE, e.to_string()))?;
     tokio::spawn(crate::schedule::run(runtime.clone(), runtime.definitions_changed()));
+    tokio::spawn(crate::trigger::run_directories(
+        runtime.clone(),
+        runtime.definitions_changed(),
+    ));
+    if let Some(url) = &args.mqtt_broker {
+        let id = args.mqtt_client_id.clone().unwrap_or_else(default_client_id);
+        let config = crate::trigger::MqttTriggerConfig::parse(url, id)
+            .map_err(|e| Failure::new(exit::INVALID, format!("--mqtt-broker: {e}")))?;
+        tokio::spawn(crate::trigger::run_mqtt(
+            runtime.clone(),
+            runtime.definitions_changed(),
+            config,
+        ));
+    }
     let listener = bind_socket(socket)?;
     info!(socket = %socket.display(), data_dir = %data_dir.display(), resumed, "outpost agent ready");
 

@@ -19,3 +19,4 @@ pub mod journal;
 pub mod limits;
 pub mod runtime;
 pub mod schedule;
+pub mod trigger;

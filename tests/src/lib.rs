@@ -264,6 +264,80 @@ fn humantime_parse(s: &str) -> u64 {
     ((days * 86_400 + t[0] * 3600 + t[1] * 60 + t[2]) * 1000 + ms) as u64
 }
 
+/// A Mosquitto broker on a free loopback port, with persistence in its own directory, stopped on
+/// drop. Panics with how to install it when the binary is missing: no test skips silently.
+pub struct Mosquitto {
+    /// Port it listens on.
+    pub port: u16,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Mosquitto {
+    /// Starts a broker and waits until it accepts connections.
+    pub fn start() -> Mosquitto {
+        let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto", "/usr/local/sbin/mosquitto"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .expect("mosquitto is required for the MQTT tests: apt-get install mosquitto (.ci/run installs it)");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let conf = dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nlog_dest stderr\n",
+                dir.path().display()
+            ),
+        )
+        .expect("write mosquitto.conf");
+        let child = Command::new(bin)
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn mosquitto");
+        eventually(Duration::from_secs(10), "mosquitto to listen", || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        });
+        Mosquitto { port, child, _dir: dir }
+    }
+
+    /// `mqtt://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    /// Publishes one QoS 1 message and waits for the broker's acknowledgement.
+    pub fn publish(&self, topic: &str, payload: &str) {
+        let id = format!("test-pub-{}", fastrand::u32(..));
+        let opts = rumqttc::MqttOptions::new(id, "127.0.0.1", self.port);
+        let (client, mut conn) = rumqttc::Client::new(opts, 10);
+        client
+            .publish(topic, rumqttc::QoS::AtLeastOnce, false, payload.as_bytes().to_vec())
+            .expect("queue publish");
+        for ev in conn.iter() {
+            match ev {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => break,
+                Ok(_) => {}
+                Err(e) => panic!("publish to mosquitto failed: {e}"),
+            }
+        }
+        let _ = client.disconnect();
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -11,3 +11,4 @@ mod patterns;
 mod saga;
 mod schedules;
 mod signals;
+mod triggers;
