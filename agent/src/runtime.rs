@@ -568,6 +568,24 @@ impl Runtime {
             .ok_or_else(|| RuntimeError::NoSuchRun(run_id.to_string()))
     }
 
+    /// The latest version of every stored workflow (schedules and triggers come from these).
+    pub fn latest_definitions(&self) -> Vec<Arc<Definition>> {
+        let mut latest: HashMap<String, u32> = HashMap::new();
+        match self.inner.journal.definitions() {
+            Ok(defs) => {
+                for (name, version, _) in defs {
+                    let v = latest.entry(name).or_default();
+                    *v = (*v).max(version);
+                }
+            }
+            Err(e) => warn!(error = %e, "cannot read definitions"),
+        }
+        latest
+            .into_iter()
+            .filter_map(|(name, version)| self.definition(&name, Some(version)).ok())
+            .collect()
+    }
+
     /// Notified whenever a new definition version is stored.
     pub fn definitions_changed(&self) -> watch::Receiver<u64> {
         self.inner.changed.subscribe()

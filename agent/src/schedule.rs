@@ -195,25 +195,12 @@ impl Entry {
 
 /// The schedules of the latest version of every stored workflow.
 fn load(rt: &Runtime) -> Vec<Entry> {
-    let mut latest: HashMap<String, u32> = HashMap::new();
-    match rt.journal().definitions() {
-        Ok(defs) => {
-            for (name, version, _) in defs {
-                let v = latest.entry(name).or_default();
-                *v = (*v).max(version);
-            }
-        }
-        Err(e) => warn!(error = %e, "cannot read definitions for schedules"),
-    }
     let mut out = Vec::new();
-    for (name, version) in latest {
-        let Ok(def) = rt.definition(&name, Some(version)) else {
-            continue;
-        };
+    for def in rt.latest_definitions() {
         for (i, spec) in def.doc.schedules.iter().enumerate() {
             if let Some(every) = Every::of(spec) {
                 out.push(Entry {
-                    workflow: name.clone(),
+                    workflow: def.name().to_string(),
                     id: definition::schedule_id(spec, i),
                     spec: spec.clone(),
                     every,

@@ -7,7 +7,7 @@
 //! only after its run is durably started; an MQTT message is acknowledged only then (manual
 //! acks on a persistent session), so the broker redelivers whatever a crash interrupted.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -61,27 +61,20 @@ fn fnv1a(parts: &[&[u8]]) -> u64 {
     h
 }
 
-/// The triggers of the latest version of every stored workflow: (workflow, mqtt filters, dirs).
-fn load(rt: &Runtime) -> (BTreeMap<String, Vec<String>>, Vec<(String, PathBuf)>) {
-    let mut latest: HashMap<String, u32> = HashMap::new();
-    if let Ok(defs) = rt.journal().definitions() {
-        for (name, version, _) in defs {
-            let v = latest.entry(name).or_default();
-            *v = (*v).max(version);
-        }
-    }
-    let mut mqtt: BTreeMap<String, Vec<String>> = BTreeMap::new();
+/// MQTT topic filter → workflows it starts.
+type TopicFilters = BTreeMap<String, Vec<String>>;
+
+/// The triggers of the latest version of every stored workflow: MQTT filters and directories.
+fn load(rt: &Runtime) -> (TopicFilters, Vec<(String, PathBuf)>) {
+    let mut mqtt = TopicFilters::new();
     let mut dirs = Vec::new();
-    for (name, version) in latest {
-        let Ok(def) = rt.definition(&name, Some(version)) else {
-            continue;
-        };
+    for def in rt.latest_definitions() {
         for t in &def.doc.triggers {
             if let Some(f) = &t.mqtt {
-                mqtt.entry(f.clone()).or_default().push(name.clone());
+                mqtt.entry(f.clone()).or_default().push(def.name().to_string());
             }
             if let Some(d) = &t.directory {
-                dirs.push((name.clone(), PathBuf::from(d)));
+                dirs.push((def.name().to_string(), PathBuf::from(d)));
             }
         }
     }
@@ -324,7 +317,7 @@ pub async fn run_mqtt(rt: Runtime, mut changed: watch::Receiver<u64>, config: Mq
     handler.abort();
 }
 
-fn subscribe_all(client: &AsyncClient, filters: &std::sync::Mutex<BTreeMap<String, Vec<String>>>) {
+fn subscribe_all(client: &AsyncClient, filters: &std::sync::Mutex<TopicFilters>) {
     let list: Vec<String> = filters
         .lock()
         .unwrap_or_else(|e| e.into_inner())
