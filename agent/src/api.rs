@@ -143,11 +143,16 @@ async fn status(State(rt): AppState) -> ApiResult {
         "limits": rt.limits().view(rt.active_count()),
         "journal": {
             "next_seq": next_seq,
+            "file_bytes": rt.journal_file_bytes(),
             "commits": s.commits.load(ord),
             "events": s.events.load(ord),
             "ops": s.ops.load(ord),
         },
         "timers": {"pending": timers.len(), "next_at": timers.first().map(|t| rfc3339(t.0))},
+        "retention": rt.last_prune().map(|(at, p)| json!({
+            "last_at": rfc3339(at), "runs_deleted": p.runs, "events_deleted": p.events,
+            "bytes_in_use_before": p.bytes_before,
+        })),
     })))
 }
 

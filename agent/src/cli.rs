@@ -236,6 +236,15 @@ struct RunArgs {
     /// MQTT client id for triggers; fixed so the broker keeps the session [default: outpost-HOSTNAME].
     #[arg(long, env = "OUTPOST_MQTT_CLIENT_ID")]
     mqtt_client_id: Option<String>,
+    /// Finished runs are deleted this long after they end (journal retention).
+    #[arg(long, default_value = "7d", env = "OUTPOST_RETENTION")]
+    retention: humantime::Duration,
+    /// Sooner, oldest first, while the journal holds more than this many MiB.
+    #[arg(long, default_value_t = 64, env = "OUTPOST_RETENTION_MAX_MB")]
+    retention_max_mb: u64,
+    /// How often retention runs.
+    #[arg(long, default_value = "60s", env = "OUTPOST_PRUNE_INTERVAL")]
+    prune_interval: humantime::Duration,
     /// Journal page cache in MiB.
     #[arg(long, default_value_t = 4, env = "OUTPOST_CACHE_MB")]
     cache_mb: usize,
@@ -776,9 +785,21 @@ async fn remote(client: Client, cmd: Cmd, as_json: bool) -> Result<u8, Failure> 
                 }
                 let j = &v["journal"];
                 println!(
-                    "journal:     next seq {}, {} commits, {} events, {} appends since start",
-                    j["next_seq"], j["commits"], j["events"], j["ops"]
+                    "journal:     {:.1} MB file, next seq {}, {} commits, {} events, {} appends since start",
+                    j["file_bytes"].as_f64().unwrap_or(0.0) / 1e6,
+                    j["next_seq"],
+                    j["commits"],
+                    j["events"],
+                    j["ops"]
                 );
+                if let Some(r) = v["retention"].as_object() {
+                    println!(
+                        "retention:   last pass {}, deleted {} runs ({} events)",
+                        s(&r["last_at"]),
+                        r["runs_deleted"],
+                        r["events_deleted"]
+                    );
+                }
                 println!(
                     "timers:      {} pending{}",
                     v["timers"]["pending"],
@@ -922,6 +943,12 @@ async fn daemon(data_dir: &Path, socket: &Path, args: RunArgs) -> Result<u8, Fai
         .resume_all()
         .map_err(|e| Failure::new(exit::FAILURE, e.to_string()))?;
     tokio::spawn(crate::schedule::run(runtime.clone(), runtime.definitions_changed()));
+    let retention = crate::retention::RetentionConfig {
+        keep_for: args.retention.into(),
+        max_bytes: args.retention_max_mb.saturating_mul(1024 * 1024),
+        every: args.prune_interval.into(),
+    };
+    tokio::spawn(crate::retention::run(runtime.clone(), retention));
     tokio::spawn(crate::trigger::run_directories(
         runtime.clone(),
         runtime.definitions_changed(),

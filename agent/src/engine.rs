@@ -813,6 +813,13 @@ fn start_visit(def: &Definition, st: &RunState, i: usize, visit: u32, ctx: &mut 
             visit,
             error: fail_error(&args, &step.id),
         }),
+        "continue_as_new" => {
+            let input = args.get("input").cloned().unwrap_or_else(|| st.input.clone());
+            Command::Record(Event::RunContinued {
+                next_run: next_in_chain(&st.run_id),
+                input: input.to_string(),
+            })
+        }
         "wait_signal" | "approval" => {
             let signal = wait_signal_name(step, &args);
             match wait_timeout(&args) {
@@ -853,6 +860,16 @@ fn start_visit(def: &Definition, st: &RunState, i: usize, visit: u32, ctx: &mut 
             not_before_ms: None,
             compensation: false,
         },
+    }
+}
+
+/// The id of the run that continues `run_id` as new: `ID~2`, then `ID~3`, …
+pub fn next_in_chain(run_id: &str) -> String {
+    match run_id.rsplit_once('~') {
+        Some((base, n)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => {
+            format!("{base}~{}", n.parse::<u64>().unwrap_or(1) + 1)
+        }
+        _ => format!("{run_id}~2"),
     }
 }
 
@@ -1488,6 +1505,22 @@ steps:
         // Retried: a fresh visit, which the old rejection does not decide.
         let cmds = decide(&d, &st);
         assert!(matches!(&cmds[..], [Command::StartWait { visit: 2, .. }]), "{cmds:?}");
+    }
+
+    #[test]
+    fn continue_as_new_names_the_next_run_of_the_chain() {
+        assert_eq!(next_in_chain("poll"), "poll~2");
+        assert_eq!(next_in_chain("poll~2"), "poll~3");
+        assert_eq!(next_in_chain("a~b"), "a~b~2");
+        let d = def("name: l\nversion: 1\nsteps:\n  - {id: again, action: continue_as_new, args: {input: {n: 2}}}\n");
+        let st = RunState::new(&d, "poll~9", json!({"n": 1}));
+        assert_eq!(
+            decide(&d, &st),
+            vec![Command::Record(Event::RunContinued {
+                next_run: "poll~10".into(),
+                input: r#"{"n":2}"#.into()
+            })]
+        );
     }
 
     impl Command {

@@ -207,6 +207,34 @@ enum Op {
         value: u64,
         reply: Reply<()>,
     },
+    Prune {
+        policy: Retention,
+        reply: Reply<Pruned>,
+    },
+}
+
+/// Which finished runs may be deleted.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    /// Runs that finished before this wall-clock time go.
+    pub finished_before_ms: u64,
+    /// While the database holds more than this many bytes, the oldest finished runs go too.
+    pub max_bytes: u64,
+    /// Events at or after this sequence are kept (not yet acknowledged by the cloud).
+    pub keep_from_seq: u64,
+    /// At most this many runs per call, so one prune never holds the writer for long.
+    pub max_runs: usize,
+}
+
+/// What a prune did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Pruned {
+    /// Runs deleted.
+    pub runs: u64,
+    /// Events deleted.
+    pub events: u64,
+    /// Bytes in use (allocated pages) before the prune.
+    pub bytes_before: u64,
 }
 
 /// Writer statistics, for `outpost status` and the benchmark.
@@ -349,6 +377,11 @@ impl Journal {
             reply,
         })
         .await
+    }
+
+    /// Deletes finished runs (their rows and events) per `policy`.
+    pub async fn prune(&self, policy: Retention) -> Result<Pruned, JournalError> {
+        self.call(|reply| Op::Prune { policy, reply }).await
     }
 
     /// A named cursor, if set.
@@ -550,6 +583,7 @@ enum Outcome {
     Append(Reply<u64>, Result<u64, JournalError>),
     Definition(Reply<Applied>, Result<Applied, JournalError>),
     Cursor(Reply<()>, Result<(), JournalError>),
+    Prune(Reply<Pruned>, Result<Pruned, JournalError>),
 }
 
 impl Outcome {
@@ -558,7 +592,8 @@ impl Outcome {
             Outcome::Start(_, Err(e))
             | Outcome::Append(_, Err(e))
             | Outcome::Definition(_, Err(e))
-            | Outcome::Cursor(_, Err(e)) => Some(e),
+            | Outcome::Cursor(_, Err(e))
+            | Outcome::Prune(_, Err(e)) => Some(e),
             _ => None,
         }
     }
@@ -568,6 +603,7 @@ impl Outcome {
             Outcome::Append(tx, _) => tx.send(Err(e())).map_err(|_| ()),
             Outcome::Definition(tx, _) => tx.send(Err(e())).map_err(|_| ()),
             Outcome::Cursor(tx, _) => tx.send(Err(e())).map_err(|_| ()),
+            Outcome::Prune(tx, _) => tx.send(Err(e())).map_err(|_| ()),
         };
     }
     fn send(self) {
@@ -576,6 +612,7 @@ impl Outcome {
             Outcome::Append(tx, r) => tx.send(r).map_err(|_| ()),
             Outcome::Definition(tx, r) => tx.send(r).map_err(|_| ()),
             Outcome::Cursor(tx, r) => tx.send(r).map_err(|_| ()),
+            Outcome::Prune(tx, r) => tx.send(r).map_err(|_| ()),
         };
     }
 }
@@ -677,6 +714,11 @@ impl Writer {
                                 .map(|_| ())
                                 .map_err(JournalError::from),
                         ),
+                        Op::Prune { policy, reply } => {
+                            let stats = txn.stats()?;
+                            let in_use = stats.allocated_pages() * stats.page_size() as u64;
+                            Outcome::Prune(reply, self.prune(&mut t, policy, in_use))
+                        }
                     };
                     // A storage error mid-operation poisons the transaction: abort it whole.
                     if let Some(JournalError::Storage(e)) = outcome.error() {
@@ -728,6 +770,7 @@ impl Writer {
                         Op::Append { reply, .. } => drop(reply.send(Err(err()))),
                         Op::PutDefinition { reply, .. } => drop(reply.send(Err(err()))),
                         Op::PutCursor { reply, .. } => drop(reply.send(Err(err()))),
+                        Op::Prune { reply, .. } => drop(reply.send(Err(err()))),
                     }
                 }
             }
@@ -805,8 +848,26 @@ impl Writer {
         let mut last = 0;
         for e in events {
             let terminal = RunStatus::of_terminal(&e);
+            let next = match &e {
+                Event::RunContinued { next_run, input } => Some((next_run.clone(), input.clone())),
+                _ => None,
+            };
             last = self.write_event(t, run_id, now, e)?;
             if let Some(status) = terminal {
+                // A run that ends leaves no timer behind in the index.
+                let stale: Vec<(u64, String, String)> = t
+                    .timers
+                    .iter()?
+                    .filter_map(|r| r.ok())
+                    .map(|(k, _)| {
+                        let (at, r, s) = k.value();
+                        (at, r.to_string(), s.to_string())
+                    })
+                    .filter(|(_, r, _)| r == run_id)
+                    .collect();
+                for (at, r, s) in stale {
+                    t.timers.remove((at, r.as_str(), s.as_str()))?;
+                }
                 let mut rec = match t.runs.get(run_id)? {
                     Some(v) => decode_run(v.value())?,
                     None => return Err(JournalError::NoSuchRun(run_id.to_string())),
@@ -816,10 +877,67 @@ impl Writer {
                 t.runs.insert(run_id, encode_run(&rec).as_slice())?;
                 t.active.remove(run_id)?;
                 self.finished.insert(run_id.to_string());
+                // Continue-as-new: the next run exists in the same commit as this one's end.
+                if let Some((next_run, input)) = next {
+                    let started = Event::RunStarted {
+                        workflow: rec.workflow.clone(),
+                        version: rec.version,
+                        input,
+                    };
+                    self.start(t, &next_run, started, now)?;
+                }
                 break;
             }
         }
         Ok(last)
+    }
+}
+
+impl Writer {
+    /// Deletes finished runs: all that finished before the cut-off, then the oldest while the
+    /// database is over its size budget. Never an event the cloud has not acknowledged.
+    fn prune(&mut self, t: &mut Tables, policy: Retention, in_use: u64) -> Result<Pruned, JournalError> {
+        let mut done = Pruned {
+            bytes_before: in_use,
+            ..Pruned::default()
+        };
+        let mut finished: Vec<(u64, String)> = Vec::new();
+        for row in t.runs.iter()? {
+            let (k, v) = row?;
+            let rec = decode_run(v.value())?;
+            if let Some(at) = rec.finished_ms.filter(|_| rec.status.is_terminal()) {
+                finished.push((at, k.value().to_string()));
+            }
+        }
+        finished.sort();
+        let mut estimate = in_use;
+        for (at, id) in finished {
+            if done.runs as usize >= policy.max_runs {
+                break;
+            }
+            if at >= policy.finished_before_ms && estimate <= policy.max_bytes {
+                break;
+            }
+            let seqs: Vec<u64> = t
+                .run_events
+                .range((id.as_str(), 0u64)..=(id.as_str(), u64::MAX))?
+                .map(|r| r.map(|(k, _)| k.value().1))
+                .collect::<Result<_, _>>()?;
+            if seqs.iter().any(|s| *s >= policy.keep_from_seq) {
+                // Not yet acknowledged: newer runs are not either.
+                break;
+            }
+            for seq in &seqs {
+                if let Some(v) = t.events.remove(*seq)? {
+                    estimate = estimate.saturating_sub(v.value().len() as u64 + 48);
+                }
+                t.run_events.remove((id.as_str(), *seq))?;
+            }
+            t.runs.remove(id.as_str())?;
+            done.runs += 1;
+            done.events += seqs.len() as u64;
+        }
+        Ok(done)
     }
 }
 

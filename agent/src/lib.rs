@@ -17,6 +17,7 @@ pub mod engine;
 pub mod equipment;
 pub mod journal;
 pub mod limits;
+pub mod retention;
 pub mod runtime;
 pub mod schedule;
 pub mod trigger;

@@ -162,6 +162,10 @@ struct Inner {
     runs: Mutex<HashMap<String, RunHandle>>,
     /// Notified when a definition is applied (schedules and triggers reload).
     changed: watch::Sender<u64>,
+    /// The journal file, for its size in `status`.
+    journal_path: PathBuf,
+    /// The latest retention pass.
+    pruned: Mutex<Option<(u64, crate::journal::Pruned)>>,
 }
 
 /// The running agent: journal, definitions and run drivers. Cheap to clone.
@@ -192,7 +196,8 @@ impl Runtime {
             path: data_dir.to_path_buf(),
             source,
         })?;
-        let journal = Journal::open(&data_dir.join("journal.redb"), &config.journal, clock.clone())?;
+        let journal_path = data_dir.join("journal.redb");
+        let journal = Journal::open(&journal_path, &config.journal, clock.clone())?;
         Ok(Runtime {
             inner: Arc::new(Inner {
                 journal,
@@ -205,6 +210,8 @@ impl Runtime {
                 latest: Mutex::new(HashMap::new()),
                 runs: Mutex::new(HashMap::new()),
                 changed: watch::channel(0).0,
+                journal_path,
+                pruned: Mutex::new(None),
             }),
         })
     }
@@ -264,6 +271,9 @@ impl Runtime {
     }
 
     fn resume(&self, run_id: &str) -> Result<(), RuntimeError> {
+        if lock(&self.inner.runs).contains_key(run_id) {
+            return Ok(());
+        }
         let history = self.inner.journal.history(run_id)?;
         let Some((_, first)) = history.first() else {
             return Err(RuntimeError::NoSuchRun(run_id.to_string()));
@@ -591,6 +601,23 @@ impl Runtime {
         self.inner.changed.subscribe()
     }
 
+    /// Remembers a retention pass for `status`.
+    pub fn record_prune(&self, p: crate::journal::Pruned) {
+        *lock(&self.inner.pruned) = Some((self.clock_ms(), p));
+    }
+
+    /// The latest retention pass: when, and what it deleted.
+    pub fn last_prune(&self) -> Option<(u64, crate::journal::Pruned)> {
+        lock(&self.inner.pruned).clone()
+    }
+
+    /// Size of the journal file in bytes.
+    pub fn journal_file_bytes(&self) -> u64 {
+        std::fs::metadata(&self.inner.journal_path)
+            .map(|m| m.len())
+            .unwrap_or(0)
+    }
+
     /// Now, by the runtime's clock.
     pub fn clock_ms(&self) -> u64 {
         self.inner.clock.now_ms()
@@ -623,7 +650,8 @@ impl Runtime {
             },
         );
         let inner = self.inner.clone();
-        let span = info_span!("run", run_id = %run_id, workflow = def.name());
+        // A root span: a run started by another (continue-as-new, a child) is not nested in it.
+        let span = info_span!(parent: None, "run", run_id = %run_id, workflow = def.name());
         tokio::spawn(
             async move {
                 let end = Driver {
@@ -654,12 +682,12 @@ fn check_run_id(id: &str) -> Result<(), RuntimeError> {
         && id.len() <= MAX_RUN_ID_LEN
         && id
             .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'));
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':' | '~'));
     if ok {
         Ok(())
     } else {
         Err(RuntimeError::Invalid(format!(
-            "run id '{id}' must be 1-{MAX_RUN_ID_LEN} characters of letters, digits, '-', '_', '.', ':'"
+            "run id '{id}' must be 1-{MAX_RUN_ID_LEN} characters of letters, digits, '-', '_', '.', ':', '~'"
         )))
     }
 }
@@ -802,6 +830,7 @@ impl Driver {
         }
         match self.st.status {
             RunStatus::Completed => info!("run completed"),
+            RunStatus::Continued => info!("run continued as new"),
             status => {
                 let error = self.st.error.as_ref().map(|e| e.to_string()).unwrap_or_default();
                 warn!(status = status.as_str(), %error, "run ended");
@@ -1058,17 +1087,26 @@ impl Driver {
     async fn journal(&mut self, mut events: Vec<Event>, tasks: &mut JoinSet<TaskResult>) {
         let was_compensating = self.st.status == RunStatus::Compensating;
         self.absorb(events.clone());
-        if !self.st.status.is_terminal() {
+        // Decisions that are only records (a `set`, a skip, a choice, the run's end) follow
+        // purely from these events and have no effect, so they join this commit; a loop of pure
+        // steps then costs one fsync per batch instead of one per step.
+        while !self.st.status.is_terminal() {
             let next = engine::decide(&self.def, &self.st);
-            if let [Command::Record(end)] = next.as_slice()
-                && end.is_terminal()
-            {
-                self.absorb(vec![end.clone()]);
-                events.push(end.clone());
-            } else {
+            let pure = !next.is_empty() && next.iter().all(|c| matches!(c, Command::Record(_)));
+            if !pure || events.len() >= MAX_PURE_BATCH {
                 // The state will not change before the driver decides again: keep the decision.
                 self.next = Some(next);
+                break;
             }
+            let records: Vec<Event> = next
+                .into_iter()
+                .filter_map(|c| match c {
+                    Command::Record(e) => Some(e),
+                    _ => None,
+                })
+                .collect();
+            self.absorb(records.clone());
+            events.extend(records);
         }
         let starts_compensating = !was_compensating && self.st.status == RunStatus::Compensating;
         if self.st.status.is_terminal() || starts_compensating {
@@ -1093,8 +1131,22 @@ impl Driver {
                 }
             }
         }
+        if let Some(Event::RunContinued { next_run, .. }) = &self.end {
+            // The next run was created in the same commit; give it a driver.
+            let rt = Runtime {
+                inner: self.inner.clone(),
+            };
+            if let Err(e) = rt.resume(next_run) {
+                error!(next_run = %next_run, error = %e, "cannot start the continued run; it resumes at restart");
+            } else {
+                info!(next_run = %next_run, "continued as new");
+            }
+        }
     }
 }
+
+/// Most events one driver journals in a single commit when it chains pure decisions.
+const MAX_PURE_BATCH: usize = 512;
 
 /// Journals events for a task, retrying while storage fails; false when the run has ended.
 async fn append_durably(inner: &Inner, run_id: &str, events: Vec<Event>) -> bool {

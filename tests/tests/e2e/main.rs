@@ -6,6 +6,7 @@ mod crash;
 mod durable_sleep;
 mod equipment;
 mod examples;
+mod history;
 mod limits;
 mod patterns;
 mod saga;
