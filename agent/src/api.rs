@@ -141,6 +141,7 @@ async fn status(State(rt): AppState) -> ApiResult {
         "active_runs": rt.active_count(),
         "activities": {"running": rt.activities_running(), "limit": rt.max_activities()},
         "limits": rt.limits().view(rt.active_count()),
+        "breakers": rt.breakers_view(),
         "journal": {
             "next_seq": next_seq,
             "file_bytes": rt.journal_file_bytes(),

@@ -245,6 +245,13 @@ struct RunArgs {
     /// How often retention runs.
     #[arg(long, default_value = "60s", env = "OUTPOST_PRUNE_INTERVAL")]
     prune_interval: humantime::Duration,
+    /// Consecutive retryable failures against one target (host, device, resource) that open
+    /// its circuit breaker.
+    #[arg(long, default_value_t = 5, env = "OUTPOST_BREAKER_THRESHOLD")]
+    breaker_threshold: u32,
+    /// How long an open breaker holds attempts before one probes (doubles per failed probe, up to 5m).
+    #[arg(long, default_value = "5s", env = "OUTPOST_BREAKER_COOLDOWN")]
+    breaker_cooldown: humantime::Duration,
     /// Journal page cache in MiB.
     #[arg(long, default_value_t = 4, env = "OUTPOST_CACHE_MB")]
     cache_mb: usize,
@@ -792,6 +799,22 @@ async fn remote(client: Client, cmd: Cmd, as_json: bool) -> Result<u8, Failure> 
                     j["events"],
                     j["ops"]
                 );
+                for b in v["breakers"].as_array().into_iter().flatten() {
+                    println!(
+                        "breaker:     {} {}{} ({} consecutive failures{})",
+                        s(&b["target"]),
+                        s(&b["state"]),
+                        b["open_until"]
+                            .as_str()
+                            .map(|t| format!(" until {t}"))
+                            .unwrap_or_default(),
+                        b["consecutive_failures"],
+                        b["last_error"]
+                            .as_str()
+                            .map(|e| format!("; last: {e}"))
+                            .unwrap_or_default()
+                    );
+                }
                 if let Some(r) = v["retention"].as_object() {
                     println!(
                         "retention:   last pass {}, deleted {} runs ({} events)",
@@ -913,6 +936,11 @@ async fn daemon(data_dir: &Path, socket: &Path, args: RunArgs) -> Result<u8, Fai
             when_full: args.when_full,
             actions: args.limit.iter().cloned().collect(),
             resources: args.resource.iter().cloned().collect(),
+        },
+        breakers: crate::breaker::BreakerConfig {
+            threshold: args.breaker_threshold.max(1),
+            cooldown: args.breaker_cooldown.into(),
+            ..crate::breaker::BreakerConfig::default()
         },
     };
     let equipment = args.equipment.as_deref().map(load_equipment).transpose()?;

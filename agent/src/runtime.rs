@@ -41,6 +41,8 @@ pub struct RuntimeConfig {
     pub journal: JournalConfig,
     /// Run and activity limits.
     pub limits: LimitsConfig,
+    /// Circuit breakers per target.
+    pub breakers: crate::breaker::BreakerConfig,
 }
 
 impl Default for RuntimeConfig {
@@ -49,6 +51,7 @@ impl Default for RuntimeConfig {
             max_activities: 32,
             journal: JournalConfig::default(),
             limits: LimitsConfig::default(),
+            breakers: crate::breaker::BreakerConfig::default(),
         }
     }
 }
@@ -155,6 +158,7 @@ struct Inner {
     clock: Arc<dyn Clock>,
     activities: Arc<Semaphore>,
     limits: Limits,
+    breakers: crate::breaker::Breakers,
     config: RuntimeConfig,
     definitions: Mutex<HashMap<(String, u32), Arc<Definition>>>,
     /// Latest version per name, for names looked up since start (this process owns the journal).
@@ -205,6 +209,7 @@ impl Runtime {
                 clock,
                 activities: Arc::new(Semaphore::new(config.max_activities.max(1))),
                 limits: Limits::new(config.limits.clone()),
+                breakers: crate::breaker::Breakers::new(config.breakers),
                 config,
                 definitions: Mutex::new(HashMap::new()),
                 latest: Mutex::new(HashMap::new()),
@@ -239,6 +244,11 @@ impl Runtime {
     /// Run and activity limits with their live counts.
     pub fn limits(&self) -> &Limits {
         &self.inner.limits
+    }
+
+    /// Circuit breakers and their states, for `status`.
+    pub fn breakers_view(&self) -> Value {
+        self.inner.breakers.view(self.clock_ms())
     }
 
     /// Runs with a live driver.
@@ -1186,6 +1196,41 @@ async fn activity(
         let cap = u64::try_from(policy.max_interval.as_millis()).unwrap_or(u64::MAX);
         tokio::time::sleep(Duration::from_millis(remaining_ms(inner.clock.now_ms(), at, cap))).await;
     }
+    // An open breaker holds the attempt back before it takes any slot.
+    let target = crate::breaker::target_of(action, &args, step_def.resource.as_deref());
+    let mut journaled = Vec::new();
+    if let Some(t) = &target {
+        let mut held_until = None;
+        loop {
+            let until = match inner.breakers.gate(t, inner.clock.now_ms()) {
+                crate::breaker::Gate::Pass | crate::breaker::Gate::Probe => break,
+                crate::breaker::Gate::Wait(until) => until,
+            };
+            if !compensation && held_until != Some(until) {
+                let deferred = Event::AttemptDeferred {
+                    step: step_def.id.clone(),
+                    visit,
+                    attempt,
+                    target: t.clone(),
+                    until_ms: until,
+                };
+                if !append_durably(&inner, &run_id, vec![deferred.clone()]).await {
+                    return TaskResult {
+                        journaled,
+                        to_journal: Vec::new(),
+                    };
+                }
+                info!(target = %t, until = %crate::api::rfc3339(until), "attempt held by an open circuit breaker");
+                journaled.push(deferred);
+                held_until = Some(until);
+            }
+            let cap = u64::try_from(inner.config.breakers.max_cooldown.as_millis()).unwrap_or(u64::MAX);
+            tokio::time::sleep(Duration::from_millis(
+                remaining_ms(inner.clock.now_ms(), until, cap).max(10),
+            ))
+            .await;
+        }
+    }
     let _permit = inner.activities.clone().acquire_owned().await;
     let _limits = inner
         .limits
@@ -1209,10 +1254,11 @@ async fn activity(
     // Write-ahead: no side effect before the attempt is durable.
     if !append_durably(&inner, &run_id, vec![started.clone()]).await {
         return TaskResult {
-            journaled: Vec::new(),
+            journaled,
             to_journal: Vec::new(),
         };
     }
+    journaled.push(started);
     info!(key = %key, "attempt started");
     let call = Call {
         run_id: run_id.clone(),
@@ -1242,6 +1288,17 @@ async fn activity(
         }),
         None => fut.await,
     };
+    if let Some(t) = &target {
+        match &result {
+            Ok(_) => inner.breakers.success(t),
+            Err(e) if e.retryable => {
+                if let Some(until) = inner.breakers.failure(t, inner.clock.now_ms(), &e.info.to_string()) {
+                    warn!(target = %t, until = %crate::api::rfc3339(until), "circuit breaker opened");
+                }
+            }
+            Err(_) => {}
+        }
+    }
     let fail = |error: ErrorInfo, retryable: bool, unit: f64| {
         let failed = FailedAttempt {
             step: &step_def.id,
@@ -1277,8 +1334,5 @@ async fn activity(
             fail(e.info, e.retryable, fastrand::f64())
         }
     };
-    TaskResult {
-        journaled: vec![started],
-        to_journal,
-    }
+    TaskResult { journaled, to_journal }
 }

@@ -1,6 +1,7 @@
 //! End-to-end tests: the real `outpost` binary, real redb files, real processes, SIGKILL.
 
 mod bad_input;
+mod breaker;
 mod children;
 mod crash;
 mod durable_sleep;
