@@ -93,6 +93,8 @@ pub struct Plan {
     pub next_ms: Option<u64>,
     /// Set when the clock is not trusted and nothing fires.
     pub paused: Option<String>,
+    /// True when `fire` makes up for downtime rather than being the slot that is due now.
+    pub catch_up: bool,
 }
 
 /// Decides which slots are due. `cursor` is the last slot handled (`None`: never seen), `floor`
@@ -104,6 +106,7 @@ pub fn plan(every: &Every, catch_up: CatchUp, max_catch_up: u32, cursor: Option<
         cursor,
         next_ms: None,
         paused: None,
+        catch_up: false,
     };
     if now < MIN_PLAUSIBLE_MS || now + 1000 < floor {
         p.paused = Some(format!(
@@ -147,6 +150,7 @@ pub fn plan(every: &Every, catch_up: CatchUp, max_catch_up: u32, cursor: Option<
         p.cursor = Some(newest);
         // The newest due slot is on time only if it is the last one before now.
         let behind = due.len() as u64 - 1 + u64::from(more);
+        p.catch_up = behind > 0 || every.next_after(last).is_some_and(|n| n != newest);
         match catch_up {
             CatchUp::Skip => {
                 // Only a slot that is due now (not a missed one) runs.
@@ -247,7 +251,7 @@ pub async fn run(rt: Runtime, mut changed: watch::Receiver<u64>) {
                 match (e.spec.overlap, busy) {
                     (_, false) | (Overlap::Allow, true) => {
                         queued.remove(&qkey);
-                        start(&rt, e, slot).await;
+                        start(&rt, e, slot, p.catch_up && p.fire.contains(&slot)).await;
                     }
                     (Overlap::Skip, true) => {
                         info!(workflow = %e.workflow, schedule = %e.id, slot = %crate::api::rfc3339(slot), "previous run still active; slot skipped");
@@ -286,11 +290,12 @@ pub async fn run(rt: Runtime, mut changed: watch::Receiver<u64>) {
     }
 }
 
-async fn start(rt: &Runtime, e: &Entry, slot: u64) {
+async fn start(rt: &Runtime, e: &Entry, slot: u64, catch_up: bool) {
     let mut input = e.spec.input.clone().unwrap_or_else(|| json!({}));
     if let Value::Object(m) = &mut input {
         m.insert("schedule".into(), json!(e.id));
         m.insert("slot".into(), json!(crate::api::rfc3339(slot)));
+        m.insert("catch_up".into(), json!(catch_up));
     }
     let req = StartRequest {
         workflow: e.workflow.clone(),
@@ -329,6 +334,7 @@ mod tests {
         let c = T0 / MIN * MIN;
         let p = plan(&every_min(), CatchUp::Skip, 10, Some(c), c + MIN + 3, 0);
         assert_eq!(p.fire, vec![c + MIN]);
+        assert!(!p.catch_up);
         assert_eq!(p.cursor, Some(c + MIN));
         // Asked again at the same time: nothing new.
         let p = plan(&every_min(), CatchUp::Skip, 10, p.cursor, c + MIN + 4, 0);
@@ -343,6 +349,7 @@ mod tests {
         assert!(skip.fire.is_empty() && skip.dropped >= 1 && skip.cursor == Some(c + 60 * MIN));
         let once = plan(&every_min(), CatchUp::RunOnce, 10, Some(c), now, 0);
         assert_eq!(once.fire, vec![c + 60 * MIN]);
+        assert!(once.catch_up);
         let all = plan(&every_min(), CatchUp::RunAll, 5, Some(c), now, 0);
         assert_eq!(all.fire, (56..=60).map(|k| c + k * MIN).collect::<Vec<_>>());
         assert_eq!(all.dropped, 1);

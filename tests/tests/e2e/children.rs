@@ -6,9 +6,14 @@ use std::time::Duration;
 use outpost_tests::{Agent, eventually, write};
 use serde_json::{Value, json};
 
+/// Polls `show RUN` until `f` holds; a run that does not exist yet (a child about to start) is
+/// polled again.
 fn until(agent: &Agent, run: &str, what: &str, f: impl Fn(&Value) -> bool) -> Value {
     eventually(Duration::from_secs(30), what, || {
-        let r = agent.json(&["show", run]);
+        let out = agent.cli(&["show", run, "--json"]);
+        let r: Value = serde_json::from_slice(&out.stdout)
+            .ok()
+            .filter(|_| out.status.success())?;
         f(&r).then_some(r)
     })
 }

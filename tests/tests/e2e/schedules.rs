@@ -19,13 +19,21 @@ fn tick(name: &str, policy: &str, extra: &str) -> String {
 
 /// Slot times (ms) of the scheduled runs of `workflow`, parsed from their ids.
 fn slots(agent: &Agent, workflow: &str) -> BTreeSet<u64> {
+    started(agent, workflow).into_keys().collect()
+}
+
+/// Slot time → time the run was created, for the scheduled runs of `workflow`.
+fn started(agent: &Agent, workflow: &str) -> std::collections::BTreeMap<u64, u64> {
     let prefix = format!("sched:{workflow}:t:");
     agent
         .json(&["list", "--limit", "10000"])
         .as_array()
         .unwrap()
         .iter()
-        .filter_map(|r| r["run_id"].as_str()?.strip_prefix(&prefix)?.parse().ok())
+        .filter_map(|r| {
+            let slot = r["run_id"].as_str()?.strip_prefix(&prefix)?.parse().ok()?;
+            Some((slot, ts_ms(&r["created_at"])))
+        })
         .collect()
 }
 
@@ -52,19 +60,27 @@ fn catch_up_after_sigkill_follows_each_policy_and_no_slot_runs_twice() {
     agent.kill9();
     let killed = now_ms();
     std::thread::sleep(Duration::from_millis(5000));
-    let restart = now_ms();
     agent.restart();
     std::thread::sleep(Duration::from_millis(2500));
     for (w, b) in ["all", "once", "skip"].iter().zip(&before) {
-        let after = slots(&agent, w);
-        assert!(after.is_superset(b), "{w}: runs from before the kill are kept");
-        let missed: Vec<u64> = after.iter().copied().filter(|s| *s > killed && *s < restart).collect();
-        let live = after.iter().filter(|s| **s >= restart).count();
+        let after = started(&agent, w);
+        assert!(
+            b.iter().all(|s| after.contains_key(s)),
+            "{w}: runs from before the kill are kept"
+        );
+        // Each run's input says whether it made up for downtime.
+        let new: Vec<u64> = after.keys().copied().filter(|s| *s > killed).collect();
+        let caught_up: Vec<u64> = new
+            .iter()
+            .copied()
+            .filter(|s| agent.json(&["show", &format!("sched:{w}:t:{s}")])["input"]["catch_up"] == true)
+            .collect();
         match *w {
-            "all" => assert!((2..=3).contains(&missed.len()), "run_all caught up {missed:?}"),
-            "once" => assert!(missed.len() <= 1, "run_once caught up {missed:?}"),
-            _ => assert!(missed.is_empty(), "skip caught up {missed:?}"),
+            "all" => assert_eq!(caught_up.len(), 3, "run_all catches up its bound of 3: {caught_up:?}"),
+            "once" => assert_eq!(caught_up.len(), 1, "run_once catches up one slot: {caught_up:?}"),
+            _ => assert!(caught_up.is_empty(), "skip catches up nothing: {caught_up:?}"),
         }
+        let live = new.len() - caught_up.len();
         assert!(live >= 1, "{w}: the schedule keeps firing after restart");
     }
 }
