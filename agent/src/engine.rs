@@ -1192,55 +1192,39 @@ mod tests {
                         attempt,
                         key,
                         not_before_ms,
-                        compensation: true,
+                        compensation,
                         ..
                     } => {
                         let id = d.doc.steps[step].id.clone();
-                        assert_eq!(key, format!("{}/compensate", idempotency_key("r1", &id, visit)));
+                        let base = idempotency_key("r1", &id, visit);
+                        let (expected_key, name) = if compensation {
+                            (format!("{base}/compensate"), format!("{id}.compensate"))
+                        } else {
+                            (base, id.clone())
+                        };
+                        assert_eq!(key, expected_key);
                         now = now.max(not_before_ms.unwrap_or(0));
-                        events.push(Event::CompensationAttemptStarted {
-                            step: id.clone(),
-                            visit,
-                            attempt,
-                            key,
+                        events.push(if compensation {
+                            Event::CompensationAttemptStarted {
+                                step: id.clone(),
+                                visit,
+                                attempt,
+                                key,
+                            }
+                        } else {
+                            Event::AttemptStarted {
+                                step: id.clone(),
+                                visit,
+                                attempt,
+                                key,
+                            }
                         });
-                        match outcome(&format!("{id}.compensate"), attempt) {
-                            Ok(v) => events.push(Event::StepCompensated {
+                        match outcome(&name, attempt) {
+                            Ok(v) if compensation => events.push(Event::StepCompensated {
                                 step: id,
                                 visit,
                                 output: v.to_string(),
                             }),
-                            Err(e) => {
-                                let f = FailedAttempt {
-                                    step: &id,
-                                    visit,
-                                    attempt,
-                                    error: e,
-                                    retryable: true,
-                                    compensation: true,
-                                };
-                                events.extend(attempt_failed(&d.plans[step], f, now, 0.5))
-                            }
-                        }
-                    }
-                    Command::RunActivity {
-                        step,
-                        visit,
-                        attempt,
-                        key,
-                        not_before_ms,
-                        ..
-                    } => {
-                        let id = d.doc.steps[step].id.clone();
-                        assert_eq!(key, idempotency_key("r1", &id, visit));
-                        now = now.max(not_before_ms.unwrap_or(0));
-                        events.push(Event::AttemptStarted {
-                            step: id.clone(),
-                            visit,
-                            attempt,
-                            key,
-                        });
-                        match outcome(&id, attempt) {
                             Ok(v) => events.push(Event::StepCompleted {
                                 step: id,
                                 visit,
@@ -1253,7 +1237,7 @@ mod tests {
                                     attempt,
                                     error: e,
                                     retryable: true,
-                                    compensation: false,
+                                    compensation,
                                 };
                                 events.extend(attempt_failed(&d.plans[step], f, now, 0.5))
                             }

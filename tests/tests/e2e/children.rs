@@ -102,6 +102,12 @@ steps:
 output: "{{ input.item * 10 }}"
 "#;
 
+/// Applies the `item` workflow, logging to `log`.
+fn apply_item(agent: &Agent, dir: &std::path::Path, log: &std::path::Path) {
+    let text = ITEM.replace("LOG", &log.display().to_string());
+    agent.json(&["apply", &write(dir, "item.yaml", &text)]);
+}
+
 fn map_parent(tolerate: u32) -> String {
     format!(
         r#"
@@ -120,14 +126,7 @@ fn map_caps_concurrency_keeps_order_and_starts_each_item_once_across_sigkill() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("map.log");
     let mut agent = Agent::start(&dir.path().join("data"), &[]);
-    agent.json(&[
-        "apply",
-        &write(
-            dir.path(),
-            "item.yaml",
-            &ITEM.replace("LOG", &log.display().to_string()),
-        ),
-    ]);
+    apply_item(&agent, dir.path(), &log);
     agent.json(&["apply", &write(dir.path(), "fan.yaml", &map_parent(0))]);
     let items: Vec<u32> = (0..12).collect();
     let input = json!({"items": items, "bad": -1}).to_string();
@@ -169,14 +168,7 @@ fn map_tolerates_up_to_n_failures_and_fails_fast_beyond() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("map.log");
     let agent = Agent::start(&dir.path().join("data"), &[]);
-    agent.json(&[
-        "apply",
-        &write(
-            dir.path(),
-            "item.yaml",
-            &ITEM.replace("LOG", &log.display().to_string()),
-        ),
-    ]);
+    apply_item(&agent, dir.path(), &log);
     agent.json(&["apply", &write(dir.path(), "fan1.yaml", &map_parent(1))]);
     let input = json!({"items": [1, 2, 3, 4], "bad": 3}).to_string();
     let out = agent.cli(&["start", "fan", "--id", "tol", "--input", &input, "--wait"]);
