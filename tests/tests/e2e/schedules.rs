@@ -114,6 +114,35 @@ fn overlap_skip_never_runs_two_at_once() {
 }
 
 #[test]
+fn overlap_queue_one_starts_the_waiting_slot_when_the_previous_run_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&dir.path().join("data"), &[]);
+    let def = "name: q\nversion: 1\nschedules:\n  - {id: t, every: 1s, overlap: queue_one}\nsteps:\n  - {id: s, action: sleep, args: {duration: 2200ms}}\n";
+    agent.json(&["apply", &write(dir.path(), "q.yaml", def)]);
+    std::thread::sleep(Duration::from_millis(7500));
+    let runs = agent.json(&["list", "--limit", "100"]);
+    let mut spans: Vec<(u64, u64)> = runs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let end = r["finished_at"]
+                .as_str()
+                .map(|_| ts_ms(&r["finished_at"]))
+                .unwrap_or(u64::MAX);
+            (ts_ms(&r["created_at"]), end)
+        })
+        .collect();
+    spans.sort();
+    assert!(spans.len() >= 3, "{runs}");
+    for w in spans.windows(2) {
+        // Never two at once, and the queued slot starts as soon as the previous run ends.
+        assert!(w[1].0 >= w[0].1, "runs overlapped: {spans:?}");
+        assert!(w[1].0 - w[0].1 < 900, "the queued slot waited too long: {spans:?}");
+    }
+}
+
+#[test]
 fn a_clock_reset_to_1970_pauses_schedules_and_the_jump_back_fires_no_backlog() {
     let dir = tempfile::tempdir().unwrap();
     let offset = dir.path().join("clock-offset");

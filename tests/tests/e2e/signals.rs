@@ -234,3 +234,41 @@ steps:
     assert!(!types.iter().any(|t| t.starts_with("compensation")), "{t2}");
     assert!(!dir.path().join("compensated-t2").exists());
 }
+
+#[test]
+fn a_backing_off_run_says_until_when_and_why_and_keeps_waiting_across_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let def = r#"
+name: flaky
+version: 1
+steps:
+  - id: call
+    action: exec
+    args: {command: sh, args: ["-c", "echo 'PLC busy' >&2; exit 1"]}
+    retry: {max_attempts: 3, initial_interval: 30s, jitter: 0}
+"#;
+    let mut agent = Agent::start(&dir.path().join("data"), &[]);
+    agent.json(&["apply", &write(dir.path(), "flaky.yaml", def)]);
+    agent.json(&["start", "flaky", "--id", "f1"]);
+    let why = |agent: &Agent| {
+        until(agent, "f1", "the backoff", |r| {
+            r["waiting"].as_str().is_some_and(|w| w.contains("backing off"))
+        })["waiting"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let before = why(&agent);
+    assert!(
+        before.starts_with("call: backing off until ")
+            && before.contains("after 1 failed attempt(s)")
+            && before.contains("PLC busy"),
+        "{before}"
+    );
+    // The same reason, with the same deadline, after a SIGKILL: the backoff is journaled.
+    agent.kill9();
+    agent.restart();
+    assert_eq!(why(&agent), before);
+    let list = agent.json(&["list"]);
+    assert_eq!(list[0]["waiting"], before, "list says it too");
+}
