@@ -35,6 +35,8 @@ const TIMERS: TableDefinition<(u64, &str, &str), ()> = TableDefinition::new("tim
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// Named positions kept by agent services: schedule slots, trigger marks, sync acks.
 const CURSORS: TableDefinition<&str, u64> = TableDefinition::new("cursors");
+/// Small named records kept by agent services (applied cloud commands, desired state).
+const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
 
 /// Version of the table layout above; bumped on any incompatible change.
 pub const FORMAT: u64 = 1;
@@ -211,6 +213,11 @@ enum Op {
         policy: Retention,
         reply: Reply<Pruned>,
     },
+    PutKv {
+        key: String,
+        value: Vec<u8>,
+        reply: Reply<()>,
+    },
 }
 
 /// Which finished runs may be deleted.
@@ -260,6 +267,8 @@ pub struct Journal {
     db: Slot,
     tx: mpsc::Sender<Op>,
     stats: Arc<Stats>,
+    /// The next sequence after each commit: the outbox's "new events" signal.
+    committed: tokio::sync::watch::Receiver<u64>,
 }
 
 impl Journal {
@@ -305,7 +314,9 @@ impl Journal {
         let slot: Slot = Arc::new(RwLock::new(Some(db.clone())));
         let stats = Arc::new(Stats::default());
         let (tx, rx) = mpsc::channel(MAX_BATCH);
+        let (committed_tx, committed) = tokio::sync::watch::channel(next_seq);
         let writer = Writer {
+            committed: committed_tx,
             db: Some(db),
             slot: slot.clone(),
             opener,
@@ -320,7 +331,12 @@ impl Journal {
             .name("journal-writer".into())
             .spawn(move || writer.run(rx))
             .map_err(|e| JournalError::Storage(redb::StorageError::Io(e).into()))?;
-        Ok(Journal { db: slot, tx, stats })
+        Ok(Journal {
+            db: slot,
+            tx,
+            stats,
+            committed,
+        })
     }
 
     /// The current database, or an error while the writer is reopening it.
@@ -377,6 +393,39 @@ impl Journal {
             reply,
         })
         .await
+    }
+
+    /// Watches the next sequence number, updated after every commit.
+    pub fn commits(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.committed.clone()
+    }
+
+    /// Up to `limit` events from `from` on, as their stored record bytes (the sync outbox).
+    pub fn raw_events_since(&self, from: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, JournalError> {
+        let txn = self.db()?.begin_read()?;
+        let events = txn.open_table(EVENTS)?;
+        let mut out = Vec::new();
+        for row in events.range(from..)?.take(limit) {
+            let (k, v) = row?;
+            out.push((k.value(), v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Durably stores a small named record.
+    pub async fn put_kv(&self, key: &str, value: Vec<u8>) -> Result<(), JournalError> {
+        self.call(|reply| Op::PutKv {
+            key: key.to_string(),
+            value,
+            reply,
+        })
+        .await
+    }
+
+    /// A small named record, if stored.
+    pub fn kv(&self, key: &str) -> Result<Option<Vec<u8>>, JournalError> {
+        let txn = self.db()?.begin_read()?;
+        Ok(txn.open_table(KV)?.get(key)?.map(|v| v.value().to_vec()))
     }
 
     /// Deletes finished runs (their rows and events) per `policy`.
@@ -541,6 +590,7 @@ fn prepare(db: &Database) -> Result<(u64, HashSet<String>), JournalError> {
         txn.open_table(DEFINITIONS)?;
         txn.open_table(TIMERS)?;
         txn.open_table(CURSORS)?;
+        txn.open_table(KV)?;
         meta.get("next_seq")?.map(|v| v.value()).unwrap_or(1)
     };
     let mut active = HashSet::new();
@@ -563,6 +613,8 @@ fn load_state(db: &Database) -> Result<(u64, HashSet<String>), JournalError> {
 }
 
 struct Writer {
+    /// Told the next sequence after every successful commit.
+    committed: tokio::sync::watch::Sender<u64>,
     /// The writer's own handle; `None` while a reopen has not yet succeeded.
     db: Option<Arc<Database>>,
     slot: Slot,
@@ -584,6 +636,7 @@ enum Outcome {
     Definition(Reply<Applied>, Result<Applied, JournalError>),
     Cursor(Reply<()>, Result<(), JournalError>),
     Prune(Reply<Pruned>, Result<Pruned, JournalError>),
+    Kv(Reply<()>, Result<(), JournalError>),
 }
 
 impl Outcome {
@@ -593,7 +646,8 @@ impl Outcome {
             | Outcome::Append(_, Err(e))
             | Outcome::Definition(_, Err(e))
             | Outcome::Cursor(_, Err(e))
-            | Outcome::Prune(_, Err(e)) => Some(e),
+            | Outcome::Prune(_, Err(e))
+            | Outcome::Kv(_, Err(e)) => Some(e),
             _ => None,
         }
     }
@@ -604,6 +658,7 @@ impl Outcome {
             Outcome::Definition(tx, _) => tx.send(Err(e())).map_err(|_| ()),
             Outcome::Cursor(tx, _) => tx.send(Err(e())).map_err(|_| ()),
             Outcome::Prune(tx, _) => tx.send(Err(e())).map_err(|_| ()),
+            Outcome::Kv(tx, _) => tx.send(Err(e())).map_err(|_| ()),
         };
     }
     fn send(self) {
@@ -613,6 +668,7 @@ impl Outcome {
             Outcome::Definition(tx, r) => tx.send(r).map_err(|_| ()),
             Outcome::Cursor(tx, r) => tx.send(r).map_err(|_| ()),
             Outcome::Prune(tx, r) => tx.send(r).map_err(|_| ()),
+            Outcome::Kv(tx, r) => tx.send(r).map_err(|_| ()),
         };
     }
 }
@@ -690,6 +746,7 @@ impl Writer {
                     definitions: txn.open_table(DEFINITIONS)?,
                     timers: txn.open_table(TIMERS)?,
                     cursors: txn.open_table(CURSORS)?,
+                    kv: txn.open_table(KV)?,
                 };
                 let now = self.clock.now_ms();
                 for op in batch.drain(..) {
@@ -719,6 +776,12 @@ impl Writer {
                             let in_use = stats.allocated_pages() * stats.page_size() as u64;
                             Outcome::Prune(reply, self.prune(&mut t, policy, in_use))
                         }
+                        Op::PutKv { key, value, reply } => Outcome::Kv(
+                            reply,
+                            t.kv.insert(key.as_str(), value.as_slice())
+                                .map(|_| ())
+                                .map_err(JournalError::from),
+                        ),
                     };
                     // A storage error mid-operation poisons the transaction: abort it whole.
                     if let Some(JournalError::Storage(e)) = outcome.error() {
@@ -744,6 +807,7 @@ impl Writer {
                     self.active.remove(id);
                 }
                 self.stats.commits.fetch_add(1, Ordering::Relaxed);
+                self.committed.send_replace(self.next_seq);
                 self.stats.ops.fetch_add(n, Ordering::Relaxed);
                 self.stats.events.fetch_add(events, Ordering::Relaxed);
                 for o in outcomes {
@@ -771,6 +835,7 @@ impl Writer {
                         Op::PutDefinition { reply, .. } => drop(reply.send(Err(err()))),
                         Op::PutCursor { reply, .. } => drop(reply.send(Err(err()))),
                         Op::Prune { reply, .. } => drop(reply.send(Err(err()))),
+                        Op::PutKv { reply, .. } => drop(reply.send(Err(err()))),
                     }
                 }
             }
@@ -949,6 +1014,7 @@ struct Tables<'txn> {
     definitions: redb::Table<'txn, (&'static str, u32), &'static [u8]>,
     timers: redb::Table<'txn, (u64, &'static str, &'static str), ()>,
     cursors: redb::Table<'txn, &'static str, u64>,
+    kv: redb::Table<'txn, &'static str, &'static [u8]>,
 }
 
 fn put_definition(t: &mut Tables, name: &str, version: u32, json: String, now: u64) -> Result<Applied, JournalError> {

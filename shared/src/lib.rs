@@ -7,6 +7,7 @@
 pub mod definition;
 pub mod expr;
 pub mod journal;
+pub mod protocol;
 
 pub use definition::{ActionCatalog, Definition, DefinitionError, Problem};
 pub use journal::{ErrorInfo, Event, Record};

@@ -1,0 +1,471 @@
+//! The sync protocol between an agent and cloud-sync over MQTT (see `docs/protocol.md`).
+//!
+//! Every message is one version byte followed by a postcard-encoded [`Body`]. Postcard is not
+//! self-describing, so the same rules as the journal hold: `Body` variants and message structs
+//! are only appended (a change is a new version byte), JSON travels as strings, and events travel
+//! as the journal's own record bytes, so the cloud decodes them with [`crate::journal::decode`].
+
+use serde::{Deserialize, Serialize};
+
+/// The protocol version this build speaks.
+pub const VERSION: u8 = 1;
+/// Largest message accepted; larger payloads are rejected before decoding.
+pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+/// Default topic prefix.
+pub const DEFAULT_PREFIX: &str = "outpost";
+
+/// One journal event on the wire: its device-wide sequence and the record bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireEvent {
+    /// Device-wide sequence number.
+    pub seq: u64,
+    /// The journal record (`journal::encode`), compressed per batch.
+    pub record: Vec<u8>,
+}
+
+/// The agent announces itself (on every connect).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Birth {
+    /// Increases on every agent start; orders births and deaths.
+    pub epoch: u64,
+    /// The agent's newest journal sequence.
+    pub last_seq: u64,
+    /// Agent version.
+    pub agent_version: String,
+    /// Labels for deployments (`line=3`, `site=north`).
+    pub labels: Vec<(String, String)>,
+}
+
+/// The agent is gone (the MQTT Last Will, registered at connect).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Death {
+    /// The epoch of the connection that died.
+    pub epoch: u64,
+}
+
+/// A contiguous run of journal events, oldest first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventBatch {
+    /// Sender's epoch.
+    pub epoch: u64,
+    /// Sequence of the first event; the rest follow without gaps.
+    pub first_seq: u64,
+    /// Number of events.
+    pub count: u32,
+    /// The events' records, each length-prefixed, deflate-compressed as one block.
+    pub compressed: Vec<u8>,
+}
+
+/// Cloud → agent: every event before `next_seq` is stored durably; the agent may trim them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ack {
+    /// First sequence not yet stored.
+    pub next_seq: u64,
+}
+
+/// Cloud → agent: a gap was seen; send again from `from_seq`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resend {
+    /// First missing sequence.
+    pub from_seq: u64,
+}
+
+/// What a command asks the agent to do.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CommandKind {
+    /// Start a run.
+    Start {
+        /// Workflow.
+        workflow: String,
+        /// Version (latest when `None`).
+        version: Option<u32>,
+        /// Input as JSON text.
+        input: String,
+        /// Run id (the command id when `None`).
+        run_id: Option<String>,
+    },
+    /// Cancel a run.
+    Cancel {
+        /// Run.
+        run_id: String,
+        /// Why.
+        reason: String,
+    },
+    /// Signal a run.
+    Signal {
+        /// Run.
+        run_id: String,
+        /// Signal name.
+        name: String,
+        /// Payload as JSON text.
+        payload: String,
+    },
+    /// Decide an approval step.
+    Approve {
+        /// Run.
+        run_id: String,
+        /// Step.
+        step: String,
+        /// Approve or reject.
+        approved: bool,
+        /// Who.
+        by: String,
+        /// Comment.
+        comment: String,
+    },
+    /// Apply a definition (a deployment).
+    Deploy {
+        /// Deployment id.
+        deployment: String,
+        /// The definition document (YAML or JSON text).
+        document: String,
+    },
+}
+
+/// Cloud → agent: a command, applied at most once per id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Command {
+    /// Unique id; the agent remembers applied ids and ignores repeats.
+    pub id: String,
+    /// What to do.
+    pub kind: CommandKind,
+}
+
+/// How a command ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// Done.
+    Applied,
+    /// Refused (invalid, unknown run, …); `message` says why.
+    Rejected,
+    /// Already applied earlier (a redelivery); the first result stands.
+    Duplicate,
+}
+
+/// Agent → cloud: the result of a command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandResult {
+    /// The command.
+    pub id: String,
+    /// Outcome.
+    pub outcome: Outcome,
+    /// For people.
+    pub message: String,
+    /// Details as JSON text (e.g. the started run id).
+    pub detail: String,
+}
+
+/// Cloud → agent (retained): the desired state document.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Desired {
+    /// Increases with every change; older versions are ignored.
+    pub version: u64,
+    /// The document as JSON text.
+    pub document: String,
+}
+
+/// Agent → cloud (retained): the reported state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reported {
+    /// The desired version this report answers (0: none yet).
+    pub desired_version: u64,
+    /// The document as JSON text, as verified on the device.
+    pub document: String,
+    /// True when it equals the desired document exactly.
+    pub in_sync: bool,
+    /// Why not, or what is in progress.
+    pub message: String,
+}
+
+/// Every message of the protocol.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Body {
+    /// Agent up.
+    Birth(Birth),
+    /// Agent gone.
+    Death(Death),
+    /// Events up.
+    Events(EventBatch),
+    /// Stored up to.
+    Ack(Ack),
+    /// Gap: resend.
+    Resend(Resend),
+    /// A command down.
+    Command(Command),
+    /// A command's result up.
+    CommandResult(CommandResult),
+    /// Desired state down.
+    Desired(Desired),
+    /// Reported state up.
+    Reported(Reported),
+}
+
+/// Why bytes are not a message.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    /// Empty payload.
+    #[error("empty message")]
+    Empty,
+    /// Too large.
+    #[error("message of {0} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit")]
+    TooLarge(usize),
+    /// A version this build does not know.
+    #[error("unknown protocol version {0} (this build speaks {VERSION})")]
+    UnknownVersion(u8),
+    /// Does not decode.
+    #[error("malformed message ({len} bytes): {reason}")]
+    Malformed {
+        /// Length.
+        len: usize,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Encodes a message.
+pub fn encode(body: &Body) -> Vec<u8> {
+    let mut out = vec![VERSION];
+    // Serialising owned strings, vectors and integers cannot fail.
+    out.extend(postcard::to_allocvec(body).unwrap_or_default());
+    out
+}
+
+/// Decodes a message of a known version.
+pub fn decode(bytes: &[u8]) -> Result<Body, ProtocolError> {
+    if bytes.len() > MAX_MESSAGE_BYTES {
+        return Err(ProtocolError::TooLarge(bytes.len()));
+    }
+    let (&version, rest) = bytes.split_first().ok_or(ProtocolError::Empty)?;
+    if version != VERSION {
+        return Err(ProtocolError::UnknownVersion(version));
+    }
+    postcard::from_bytes(rest).map_err(|e| ProtocolError::Malformed {
+        len: bytes.len(),
+        reason: e.to_string(),
+    })
+}
+
+/// Packs journal records (oldest first) into a compressed batch body.
+pub fn pack(epoch: u64, first_seq: u64, records: &[Vec<u8>]) -> EventBatch {
+    let mut raw = Vec::with_capacity(records.iter().map(|r| r.len() + 3).sum());
+    for r in records {
+        let mut len = [0u8; 10];
+        let n = varint(r.len() as u64, &mut len);
+        raw.extend_from_slice(&len[..n]);
+        raw.extend_from_slice(r);
+    }
+    EventBatch {
+        epoch,
+        first_seq,
+        count: records.len() as u32,
+        compressed: miniz_oxide::deflate::compress_to_vec(&raw, 6),
+    }
+}
+
+/// Unpacks a batch into (seq, record bytes), checking the count and the size limit.
+pub fn unpack(batch: &EventBatch) -> Result<Vec<WireEvent>, ProtocolError> {
+    let malformed = |reason: &str| ProtocolError::Malformed {
+        len: batch.compressed.len(),
+        reason: reason.to_string(),
+    };
+    let raw = miniz_oxide::inflate::decompress_to_vec_with_limit(&batch.compressed, 16 * MAX_MESSAGE_BYTES)
+        .map_err(|e| malformed(&format!("events do not inflate: {e:?}")))?;
+    let mut out = Vec::with_capacity(batch.count as usize);
+    let mut rest = raw.as_slice();
+    while !rest.is_empty() {
+        let (len, n) = read_varint(rest).ok_or_else(|| malformed("bad record length"))?;
+        let len = usize::try_from(len).map_err(|_| malformed("record length overflows"))?;
+        rest = &rest[n..];
+        if len > rest.len() {
+            return Err(malformed("record runs past the end"));
+        }
+        out.push(WireEvent {
+            seq: batch.first_seq + out.len() as u64,
+            record: rest[..len].to_vec(),
+        });
+        rest = &rest[len..];
+    }
+    if out.len() != batch.count as usize {
+        return Err(malformed(&format!("{} records where the batch says {}", out.len(), batch.count)));
+    }
+    Ok(out)
+}
+
+fn varint(mut v: u64, out: &mut [u8; 10]) -> usize {
+    let mut i = 0;
+    loop {
+        let b = (v & 0x7f) as u8;
+        v >>= 7;
+        if v == 0 {
+            out[i] = b;
+            return i + 1;
+        }
+        out[i] = b | 0x80;
+        i += 1;
+    }
+}
+
+fn read_varint(bytes: &[u8]) -> Option<(u64, usize)> {
+    let mut v = 0u64;
+    for (i, b) in bytes.iter().enumerate().take(10) {
+        v |= u64::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            return Some((v, i + 1));
+        }
+    }
+    None
+}
+
+/// Topic names under a prefix, one subtree per device.
+#[derive(Debug, Clone)]
+pub struct Topics {
+    prefix: String,
+}
+
+/// The channels of a device's subtree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Channel {
+    /// Agent → cloud, retained: birth.
+    Birth,
+    /// Agent → cloud, retained: death (Last Will).
+    Death,
+    /// Agent → cloud: event batches.
+    Events,
+    /// Cloud → agent: acks and resend requests.
+    Ack,
+    /// Cloud → agent: commands.
+    Command,
+    /// Agent → cloud: command results.
+    CommandResult,
+    /// Cloud → agent, retained: desired state.
+    Desired,
+    /// Agent → cloud, retained: reported state.
+    Reported,
+}
+
+impl Channel {
+    /// Every channel.
+    pub const ALL: [Channel; 8] = [
+        Channel::Birth,
+        Channel::Death,
+        Channel::Events,
+        Channel::Ack,
+        Channel::Command,
+        Channel::CommandResult,
+        Channel::Desired,
+        Channel::Reported,
+    ];
+    /// The last topic level.
+    pub fn name(self) -> &'static str {
+        match self {
+            Channel::Birth => "birth",
+            Channel::Death => "death",
+            Channel::Events => "events",
+            Channel::Ack => "ack",
+            Channel::Command => "cmd",
+            Channel::CommandResult => "cmd-result",
+            Channel::Desired => "desired",
+            Channel::Reported => "reported",
+        }
+    }
+    /// True for channels the agent publishes.
+    pub fn is_up(self) -> bool {
+        !matches!(self, Channel::Ack | Channel::Command | Channel::Desired)
+    }
+}
+
+impl Topics {
+    /// Topics under `prefix` (e.g. `outpost` or `plant-7/outpost`).
+    pub fn new(prefix: &str) -> Topics {
+        Topics {
+            prefix: prefix.trim_end_matches('/').to_string(),
+        }
+    }
+    /// `PREFIX/v1/DEVICE/CHANNEL`.
+    pub fn topic(&self, device: &str, channel: Channel) -> String {
+        format!("{}/v{VERSION}/{device}/{}", self.prefix, channel.name())
+    }
+    /// `PREFIX/v1/+/CHANNEL`: one channel of every device.
+    pub fn all_devices(&self, channel: Channel) -> String {
+        format!("{}/v{VERSION}/+/{}", self.prefix, channel.name())
+    }
+    /// The device and channel of a topic under this prefix.
+    pub fn parse<'a>(&self, topic: &'a str) -> Option<(&'a str, Channel)> {
+        let rest = topic.strip_prefix(self.prefix.as_str())?.strip_prefix('/')?;
+        let rest = rest.strip_prefix(&format!("v{VERSION}/"))?;
+        let (device, name) = rest.split_once('/')?;
+        let ch = Channel::ALL.into_iter().find(|c| c.name() == name)?;
+        valid_device_id(device).then_some((device, ch))
+    }
+}
+
+/// Device ids: 1-64 of letters, digits, `-`, `_`, `.`; no MQTT wildcards or separators.
+pub fn valid_device_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn batches_round_trip_and_compress() {
+        let records: Vec<Vec<u8>> = (0..500)
+            .map(|i| format!("run-0001/step-{}/attempt {}", i % 3, i).into_bytes())
+            .collect();
+        let b = pack(3, 41, &records);
+        let raw: usize = records.iter().map(Vec::len).sum();
+        assert!(b.compressed.len() * 4 < raw, "{} of {raw}", b.compressed.len());
+        let msg = encode(&Body::Events(b.clone()));
+        let Body::Events(back) = decode(&msg).unwrap() else { panic!() };
+        let events = unpack(&back).unwrap();
+        assert_eq!(events.len(), 500);
+        assert_eq!(events[0].seq, 41);
+        assert_eq!(events[499].seq, 540);
+        assert_eq!(events[7].record, records[7]);
+    }
+
+    #[test]
+    fn bad_messages_are_named() {
+        assert!(matches!(decode(&[]), Err(ProtocolError::Empty)));
+        assert!(matches!(decode(&[9, 1, 2]), Err(ProtocolError::UnknownVersion(9))));
+        assert!(matches!(decode(&[1, 200, 200, 200]), Err(ProtocolError::Malformed { .. })));
+        let big = vec![1u8; MAX_MESSAGE_BYTES + 1];
+        assert!(matches!(decode(&big), Err(ProtocolError::TooLarge(_))));
+        let mut b = pack(1, 1, &[b"abc".to_vec()]);
+        b.count = 2;
+        assert!(unpack(&b).unwrap_err().to_string().contains("1 records where the batch says 2"));
+    }
+
+    #[test]
+    fn topics_parse_back() {
+        let t = Topics::new("plant/outpost/");
+        let topic = t.topic("gw-7", Channel::CommandResult);
+        assert_eq!(topic, "plant/outpost/v1/gw-7/cmd-result");
+        assert_eq!(t.parse(&topic), Some(("gw-7", Channel::CommandResult)));
+        assert_eq!(t.parse("plant/outpost/v2/gw-7/events"), None);
+        assert_eq!(t.parse("plant/outpost/v1/gw+7/events"), None);
+        assert_eq!(t.all_devices(Channel::Birth), "plant/outpost/v1/+/birth");
+    }
+
+    proptest! {
+        #[test]
+        fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            if let Ok(Body::Events(b)) = decode(&bytes) {
+                let _ = unpack(&b);
+            }
+        }
+
+        #[test]
+        fn any_records_round_trip(records in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..300), 0..40), first in 1u64..1_000_000) {
+            let b = pack(1, first, &records);
+            let back = unpack(&b).unwrap();
+            prop_assert_eq!(back.len(), records.len());
+            for (i, e) in back.iter().enumerate() {
+                prop_assert_eq!(&e.record, &records[i]);
+                prop_assert_eq!(e.seq, first + i as u64);
+            }
+        }
+    }
+}
