@@ -142,6 +142,7 @@ async fn status(State(rt): AppState) -> ApiResult {
         "activities": {"running": rt.activities_running(), "limit": rt.max_activities()},
         "limits": rt.limits().view(rt.active_count()),
         "breakers": rt.breakers_view(),
+        "sync": rt.sync().map(|s| s.view(next_seq)),
         "journal": {
             "next_seq": next_seq,
             "file_bytes": rt.journal_file_bytes(),

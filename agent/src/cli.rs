@@ -74,7 +74,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the agent (the daemon that owns the journal and runs workflows).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Check workflow definition files without an agent; prints every problem with its place.
     Validate {
         /// YAML or JSON files.
@@ -230,6 +230,25 @@ struct RunArgs {
     /// e.g. `--resource rs485=1` (an undeclared resource allows 1).
     #[arg(long, value_name = "NAME=N", value_parser = crate::limits::parse_pair)]
     resource: Vec<(String, usize)>,
+    /// Sync with cloud-sync through this MQTT broker, e.g. `mqtt://cloud.example:1883`
+    /// (the agent works the same without it, and while it is unreachable).
+    #[arg(long, env = "OUTPOST_CLOUD", value_name = "URL")]
+    cloud: Option<String>,
+    /// This gateway's id in the fleet [default: the host name].
+    #[arg(long, env = "OUTPOST_DEVICE_ID")]
+    device_id: Option<String>,
+    /// A label deployments can target, e.g. `--label line=3` (repeatable).
+    #[arg(long, value_name = "KEY=VALUE", value_parser = parse_label)]
+    label: Vec<(String, String)>,
+    /// Topic prefix shared with cloud-sync.
+    #[arg(long, default_value = outpost_shared::protocol::DEFAULT_PREFIX, env = "OUTPOST_SYNC_PREFIX")]
+    sync_prefix: String,
+    /// Events not yet acknowledged by the cloud beyond which new runs are refused (nothing is dropped).
+    #[arg(long, default_value_t = 2_000_000, env = "OUTPOST_OUTBOX_MAX_EVENTS")]
+    outbox_max_events: u64,
+    /// Backlog drain limit in events per second.
+    #[arg(long, default_value_t = 100_000, env = "OUTPOST_DRAIN_RATE")]
+    drain_rate: u64,
     /// Local MQTT broker for `mqtt` triggers, e.g. `mqtt://127.0.0.1:1883`.
     #[arg(long, env = "OUTPOST_MQTT_BROKER", value_name = "URL")]
     mqtt_broker: Option<String>,
@@ -336,7 +355,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let socket = cli.socket.clone().unwrap_or_else(|| cli.data_dir.join("outpost.sock"));
     let result = match cli.command {
-        Cmd::Run(args) => run_daemon(&cli.data_dir, &socket, args),
+        Cmd::Run(args) => run_daemon(&cli.data_dir, &socket, *args),
         Cmd::Validate { files, equipment } => validate(&files, equipment.as_deref(), cli.json),
         Cmd::ModbusSim(args) => run_modbus_sim(args),
         Cmd::Bench(args) => block_on(async { crate::bench::run(args).await.map_err(Failure::from) }),
@@ -478,11 +497,28 @@ fn parse_input(text: &str, what: &str) -> Result<Value, Failure> {
 }
 
 /// Prints `v` as JSON with `--json`, otherwise in the command's own form.
-/// `outpost-HOSTNAME`: stable across restarts, distinct per gateway.
-fn default_client_id() -> String {
+/// This machine's host name (`agent` when unknown).
+fn host_name() -> String {
     let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
     let host = host.trim();
-    format!("outpost-{}", if host.is_empty() { "agent" } else { host })
+    if host.is_empty() {
+        "agent".into()
+    } else {
+        host.to_string()
+    }
+}
+
+/// `outpost-HOSTNAME`: stable across restarts, distinct per gateway.
+fn default_client_id() -> String {
+    format!("outpost-{}", host_name())
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("'{s}' is not KEY=VALUE"))?;
+    if k.is_empty() {
+        return Err(format!("'{s}' has an empty key"));
+    }
+    Ok((k.to_string(), v.to_string()))
 }
 
 /// The local user's name, recorded as who approved or retried.
@@ -981,6 +1017,25 @@ async fn daemon(data_dir: &Path, socket: &Path, args: RunArgs) -> Result<u8, Fai
         runtime.clone(),
         runtime.definitions_changed(),
     ));
+    if let Some(url) = &args.cloud {
+        let device = args.device_id.clone().unwrap_or_else(host_name);
+        if !outpost_shared::protocol::valid_device_id(&device) {
+            return Err(Failure::new(
+                exit::INVALID,
+                format!("device id '{device}' must be 1-64 letters, digits, '-', '_' or '.' (--device-id)"),
+            ));
+        }
+        let broker = crate::trigger::MqttTriggerConfig::parse(url, device.clone())
+            .map_err(|e| Failure::new(exit::INVALID, format!("--cloud: {e}")))?;
+        let mut config = crate::sync::SyncConfig::new(broker.host, broker.port, device);
+        config.prefix = args.sync_prefix.clone();
+        config.labels = args.label.clone();
+        config.outbox_max_events = args.outbox_max_events;
+        config.drain_rate = args.drain_rate;
+        crate::sync::start(runtime.clone(), config)
+            .await
+            .map_err(|e| Failure::new(exit::FAILURE, format!("cannot start sync: {e}")))?;
+    }
     if let Some(url) = &args.mqtt_broker {
         let id = args.mqtt_client_id.clone().unwrap_or_else(default_client_id);
         let config = crate::trigger::MqttTriggerConfig::parse(url, id)

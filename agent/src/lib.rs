@@ -21,4 +21,5 @@ pub mod limits;
 pub mod retention;
 pub mod runtime;
 pub mod schedule;
+pub mod sync;
 pub mod trigger;

@@ -40,7 +40,11 @@ pub async fn prune_once(rt: &Runtime, config: RetentionConfig) -> Pruned {
                 .clock_ms()
                 .saturating_sub(u64::try_from(config.keep_for.as_millis()).unwrap_or(u64::MAX)),
             max_bytes: config.max_bytes,
-            keep_from_seq: u64::MAX,
+            // With cloud sync, only what the cloud acknowledged may go.
+            keep_from_seq: rt
+                .sync()
+                .map(|s| s.acked.load(std::sync::atomic::Ordering::Relaxed))
+                .unwrap_or(u64::MAX),
             max_runs: 500,
         };
         match rt.journal().prune(policy).await {

@@ -170,6 +170,8 @@ struct Inner {
     journal_path: PathBuf,
     /// The latest retention pass.
     pruned: Mutex<Option<(u64, crate::journal::Pruned)>>,
+    /// Cloud sync, when configured.
+    sync: std::sync::OnceLock<Arc<crate::sync::SyncState>>,
 }
 
 /// The running agent: journal, definitions and run drivers. Cheap to clone.
@@ -217,6 +219,7 @@ impl Runtime {
                 changed: watch::channel(0).0,
                 journal_path,
                 pruned: Mutex::new(None),
+                sync: std::sync::OnceLock::new(),
             }),
         })
     }
@@ -385,6 +388,7 @@ impl Runtime {
         let def = self.definition(&req.workflow, req.version)?;
         if !child {
             self.inner.limits.check_admission(def.name(), max_runs(&def))?;
+            self.check_outbox()?;
         }
         let event = Event::RunStarted {
             workflow: def.name().to_string(),
@@ -611,6 +615,16 @@ impl Runtime {
         self.inner.changed.subscribe()
     }
 
+    /// Connects cloud sync: its cursor bounds retention and its backlog gates new runs.
+    pub fn attach_sync(&self, state: Arc<crate::sync::SyncState>) {
+        let _ = self.inner.sync.set(state);
+    }
+
+    /// Cloud sync's state, when configured.
+    pub fn sync(&self) -> Option<&Arc<crate::sync::SyncState>> {
+        self.inner.sync.get()
+    }
+
     /// Remembers a retention pass for `status`.
     pub fn record_prune(&self, p: crate::journal::Pruned) {
         *lock(&self.inner.pruned) = Some((self.clock_ms(), p));
@@ -679,6 +693,25 @@ impl Runtime {
             }
             .instrument(span),
         );
+    }
+}
+
+impl Runtime {
+    /// Refuses new runs while the sync outbox is over its cap: nothing is dropped, and the
+    /// journal stops growing except for runs already going.
+    fn check_outbox(&self) -> Result<(), RuntimeError> {
+        let Some(sync) = self.inner.sync.get() else {
+            return Ok(());
+        };
+        let backlog = sync.backlog(self.inner.journal.next_seq()?);
+        let max = sync.max_events.load(std::sync::atomic::Ordering::Relaxed);
+        if backlog > max {
+            sync.refused_starts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Err(RuntimeError::Busy(crate::limits::Rejected(format!(
+                "start rejected: the sync outbox holds {backlog} events the cloud has not acknowledged (cap {max}, --outbox-max-events)"
+            ))));
+        }
+        Ok(())
     }
 }
 

@@ -286,7 +286,11 @@ pub fn unpack(batch: &EventBatch) -> Result<Vec<WireEvent>, ProtocolError> {
         rest = &rest[len..];
     }
     if out.len() != batch.count as usize {
-        return Err(malformed(&format!("{} records where the batch says {}", out.len(), batch.count)));
+        return Err(malformed(&format!(
+            "{} records where the batch says {}",
+            out.len(),
+            batch.count
+        )));
     }
     Ok(out)
 }
@@ -401,7 +405,11 @@ impl Topics {
 
 /// Device ids: 1-64 of letters, digits, `-`, `_`, `.`; no MQTT wildcards or separators.
 pub fn valid_device_id(id: &str) -> bool {
-    !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
 #[cfg(test)]
@@ -418,7 +426,9 @@ mod tests {
         let raw: usize = records.iter().map(Vec::len).sum();
         assert!(b.compressed.len() * 4 < raw, "{} of {raw}", b.compressed.len());
         let msg = encode(&Body::Events(b.clone()));
-        let Body::Events(back) = decode(&msg).unwrap() else { panic!() };
+        let Body::Events(back) = decode(&msg).unwrap() else {
+            panic!()
+        };
         let events = unpack(&back).unwrap();
         assert_eq!(events.len(), 500);
         assert_eq!(events[0].seq, 41);
@@ -430,12 +440,20 @@ mod tests {
     fn bad_messages_are_named() {
         assert!(matches!(decode(&[]), Err(ProtocolError::Empty)));
         assert!(matches!(decode(&[9, 1, 2]), Err(ProtocolError::UnknownVersion(9))));
-        assert!(matches!(decode(&[1, 200, 200, 200]), Err(ProtocolError::Malformed { .. })));
+        assert!(matches!(
+            decode(&[1, 200, 200, 200]),
+            Err(ProtocolError::Malformed { .. })
+        ));
         let big = vec![1u8; MAX_MESSAGE_BYTES + 1];
         assert!(matches!(decode(&big), Err(ProtocolError::TooLarge(_))));
         let mut b = pack(1, 1, &[b"abc".to_vec()]);
         b.count = 2;
-        assert!(unpack(&b).unwrap_err().to_string().contains("1 records where the batch says 2"));
+        assert!(
+            unpack(&b)
+                .unwrap_err()
+                .to_string()
+                .contains("1 records where the batch says 2")
+        );
     }
 
     #[test]

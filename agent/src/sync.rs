@@ -1,0 +1,454 @@
+//! Offline-first sync with cloud-sync over MQTT (protocol: `docs/protocol.md`).
+//!
+//! The journal is the outbox: events go up in order of their device-wide sequence, in batches,
+//! and the durable cursor `sync/acked` moves only when cloud-sync acknowledges that it stored
+//! them; retention never deletes an event past that cursor. rumqttc's own queue is not trusted
+//! for delivery (it drops unacked publishes on a fresh session): after every (re)connect the
+//! agent sends again from the acknowledged cursor, and the cloud deduplicates by sequence.
+//!
+//! Tasks: the MQTT event loop (only polls and routes; rumqttc must be polled continuously), the
+//! drain (reads the journal, publishes batches under a rate limit and an in-flight window), and
+//! the command handler (applies each command once, persists its result, reports it).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use outpost_shared::protocol::{
+    self, Ack, Birth, Body, Channel, Command, CommandKind, CommandResult, Death, Outcome, Resend, Topics,
+};
+use rumqttc::{AsyncClient, Event as MqttEvent, LastWill, MqttOptions, Packet, QoS};
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
+
+use crate::runtime::{Decision, Runtime, RuntimeError, StartRequest};
+
+/// Sync settings.
+#[derive(Debug, Clone)]
+pub struct SyncConfig {
+    /// Broker host.
+    pub host: String,
+    /// Broker port.
+    pub port: u16,
+    /// This device's id (also the MQTT client id, so the broker keeps its session).
+    pub device: String,
+    /// Topic prefix.
+    pub prefix: String,
+    /// Labels sent in the birth message (deployments target them).
+    pub labels: Vec<(String, String)>,
+    /// Most events sent but not yet acknowledged; past it, new runs are refused.
+    pub outbox_max_events: u64,
+    /// Drain rate limit, events per second.
+    pub drain_rate: u64,
+    /// Events per batch message.
+    pub batch: usize,
+    /// Events in flight (sent, not acknowledged) at most.
+    pub window: u64,
+}
+
+impl SyncConfig {
+    /// Defaults for a broker at `host:port`.
+    pub fn new(host: String, port: u16, device: String) -> SyncConfig {
+        SyncConfig {
+            host,
+            port,
+            device,
+            prefix: protocol::DEFAULT_PREFIX.to_string(),
+            labels: Vec::new(),
+            outbox_max_events: 2_000_000,
+            drain_rate: 100_000,
+            batch: 500,
+            window: 4_000,
+        }
+    }
+}
+
+/// Live sync counters, shared with the runtime (outbox gate, retention) and `status`.
+#[derive(Debug, Default)]
+pub struct SyncState {
+    /// First sequence the cloud has not acknowledged.
+    pub acked: AtomicU64,
+    /// Next sequence to send.
+    pub sent: AtomicU64,
+    /// Connected to the broker now.
+    pub connected: AtomicBool,
+    /// This start's epoch.
+    pub epoch: AtomicU64,
+    /// Outbox cap.
+    pub max_events: AtomicU64,
+    /// Starts refused because the outbox was full.
+    pub refused_starts: AtomicU64,
+    /// Batches published.
+    pub batches: AtomicU64,
+    /// Commands applied / ignored as repeats.
+    pub commands: AtomicU64,
+    /// Repeated commands ignored.
+    pub duplicate_commands: AtomicU64,
+    /// Messages from the cloud that did not decode.
+    pub bad_messages: AtomicU64,
+}
+
+impl SyncState {
+    /// Events written but not acknowledged, given the journal's next sequence.
+    pub fn backlog(&self, next_seq: u64) -> u64 {
+        next_seq.saturating_sub(self.acked.load(Ordering::Relaxed).max(1))
+    }
+
+    /// For `outpost status`.
+    pub fn view(&self, next_seq: u64) -> Value {
+        let o = Ordering::Relaxed;
+        json!({
+            "connected": self.connected.load(o),
+            "epoch": self.epoch.load(o),
+            "acked_seq": self.acked.load(o).saturating_sub(1),
+            "backlog_events": self.backlog(next_seq),
+            "outbox_max_events": self.max_events.load(o),
+            "refused_starts": self.refused_starts.load(o),
+            "batches_sent": self.batches.load(o),
+            "commands_applied": self.commands.load(o),
+            "duplicate_commands": self.duplicate_commands.load(o),
+            "bad_messages": self.bad_messages.load(o),
+        })
+    }
+}
+
+const ACKED: &str = "sync/acked";
+const EPOCH: &str = "sync/epoch";
+
+/// Starts sync; returns its shared state. The agent runs the same whether or not the broker is
+/// reachable: sync only reads the journal and moves its own cursor.
+pub async fn start(rt: Runtime, config: SyncConfig) -> Result<Arc<SyncState>, RuntimeError> {
+    let journal = rt.journal();
+    let epoch = journal.cursor(EPOCH)?.unwrap_or(0) + 1;
+    journal.put_cursor(EPOCH, epoch).await?;
+    let acked = journal.cursor(ACKED)?.unwrap_or(1).max(1);
+    let state = Arc::new(SyncState::default());
+    state.acked.store(acked, Ordering::Relaxed);
+    state.sent.store(acked, Ordering::Relaxed);
+    state.epoch.store(epoch, Ordering::Relaxed);
+    state.max_events.store(config.outbox_max_events, Ordering::Relaxed);
+    rt.attach_sync(state.clone());
+
+    let topics = Topics::new(&config.prefix);
+    let mut opts = MqttOptions::new(config.device.clone(), config.host.clone(), config.port);
+    opts.set_keep_alive(Duration::from_secs(15));
+    opts.set_clean_session(false);
+    opts.set_manual_acks(true);
+    opts.set_max_packet_size(protocol::MAX_MESSAGE_BYTES + 4096, protocol::MAX_MESSAGE_BYTES + 4096);
+    opts.set_last_will(LastWill::new(
+        topics.topic(&config.device, Channel::Death),
+        protocol::encode(&Body::Death(Death { epoch })),
+        QoS::AtLeastOnce,
+        true,
+    ));
+    let (client, eventloop) = AsyncClient::new(opts, 64);
+    let (session_tx, session_rx) = watch::channel(0u64);
+    let (cmd_tx, cmd_rx) = mpsc::channel(64);
+    info!(device = %config.device, broker = %format!("{}:{}", config.host, config.port), epoch, acked, "sync starting");
+    tokio::spawn(poll(
+        eventloop,
+        rt.clone(),
+        config.clone(),
+        state.clone(),
+        session_tx,
+        cmd_tx,
+        client.clone(),
+    ));
+    tokio::spawn(drain(
+        rt.clone(),
+        config.clone(),
+        state.clone(),
+        client.clone(),
+        session_rx,
+    ));
+    tokio::spawn(commands(rt, config, state.clone(), client, cmd_rx));
+    Ok(state)
+}
+
+/// Polls the MQTT event loop and routes what arrives; never publishes with `.await` here.
+async fn poll(
+    mut eventloop: rumqttc::EventLoop,
+    rt: Runtime,
+    config: SyncConfig,
+    state: Arc<SyncState>,
+    session: watch::Sender<u64>,
+    cmd_tx: mpsc::Sender<(Command, rumqttc::Publish)>,
+    client: AsyncClient,
+) {
+    let topics = Topics::new(&config.prefix);
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        match eventloop.poll().await {
+            Ok(MqttEvent::Incoming(Packet::ConnAck(ack))) => {
+                backoff = Duration::from_millis(250);
+                state.connected.store(true, Ordering::Relaxed);
+                info!(session_present = ack.session_present, "sync connected");
+                // Subscriptions and unacked publishes may be gone: resubscribe, resend from the ack.
+                for ch in [Channel::Ack, Channel::Command, Channel::Desired] {
+                    if let Err(e) = client.try_subscribe(topics.topic(&config.device, ch), QoS::AtLeastOnce) {
+                        warn!(error = %e, "cannot subscribe");
+                    }
+                }
+                let birth = Body::Birth(Birth {
+                    epoch: state.epoch.load(Ordering::Relaxed),
+                    last_seq: rt.journal().next_seq().unwrap_or(1).saturating_sub(1),
+                    agent_version: env!("CARGO_PKG_VERSION").to_string(),
+                    labels: config.labels.clone(),
+                });
+                let topic = topics.topic(&config.device, Channel::Birth);
+                if let Err(e) = client.try_publish(topic, QoS::AtLeastOnce, true, protocol::encode(&birth)) {
+                    warn!(error = %e, "cannot publish birth");
+                }
+                session.send_modify(|n| *n += 1);
+            }
+            Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
+                let body = protocol::decode(&p.payload);
+                match (topics.parse(&p.topic), body) {
+                    (Some((dev, _)), _) if dev != config.device => {
+                        state.bad_messages.fetch_add(1, Ordering::Relaxed);
+                        warn!(topic = %p.topic, "message for another device ignored");
+                    }
+                    (Some((_, Channel::Command)), Ok(Body::Command(c))) => {
+                        // Acked by the handler once applied, so a crash means redelivery.
+                        if cmd_tx.send((c, p)).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    (Some((_, Channel::Ack)), Ok(Body::Ack(Ack { next_seq }))) => acked(&rt, &state, next_seq).await,
+                    (Some((_, Channel::Ack)), Ok(Body::Resend(Resend { from_seq }))) => {
+                        info!(from_seq, "cloud asks to resend");
+                        session.send_modify(|n| *n += 1);
+                    }
+                    (Some((_, Channel::Desired)), Ok(Body::Desired(d))) => {
+                        info!(version = d.version, "desired state received");
+                        if let Err(e) = rt
+                            .journal()
+                            .put_kv("sync/desired", protocol::encode(&Body::Desired(d)))
+                            .await
+                        {
+                            warn!(error = %e, "cannot store desired state");
+                        }
+                    }
+                    (_, Err(e)) => {
+                        state.bad_messages.fetch_add(1, Ordering::Relaxed);
+                        warn!(topic = %p.topic, error = %e, "bad message from the cloud ignored");
+                    }
+                    (_, Ok(other)) => {
+                        state.bad_messages.fetch_add(1, Ordering::Relaxed);
+                        warn!(topic = %p.topic, kind = ?std::mem::discriminant(&other), "unexpected message ignored");
+                    }
+                }
+                let _ = client.try_ack(&p);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                state.connected.store(false, Ordering::Relaxed);
+                let wait = backoff.mul_f64(0.5 + fastrand::f64());
+                warn!(error = %e, retry_in = ?wait, "sync disconnected");
+                tokio::time::sleep(wait).await;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+/// Moves the acknowledged cursor forward (never back) and persists it.
+async fn acked(rt: &Runtime, state: &SyncState, next_seq: u64) {
+    let prev = state.acked.fetch_max(next_seq, Ordering::Relaxed);
+    if next_seq > prev {
+        if let Err(e) = rt.journal().put_cursor(ACKED, next_seq).await {
+            warn!(error = %e, "cannot store the acknowledged cursor");
+        }
+        // A resend may have moved `sent` below the new ack.
+        state.sent.fetch_max(next_seq, Ordering::Relaxed);
+    }
+}
+
+/// Publishes the journal from `sent` on, in order, in batches, under the rate limit and window.
+async fn drain(
+    rt: Runtime,
+    config: SyncConfig,
+    state: Arc<SyncState>,
+    client: AsyncClient,
+    mut session: watch::Receiver<u64>,
+) {
+    let topic = Topics::new(&config.prefix).topic(&config.device, Channel::Events);
+    let mut commits = rt.journal().commits();
+    let started = Instant::now();
+    let mut sent_events = 0u64;
+    loop {
+        let next_seq = *commits.borrow_and_update();
+        let (sent, acked) = (state.sent.load(Ordering::Relaxed), state.acked.load(Ordering::Relaxed));
+        let can_send = state.connected.load(Ordering::Relaxed) && sent < next_seq && sent < acked + config.window;
+        if !can_send {
+            tokio::select! {
+                _ = commits.changed() => {}
+                _ = session.changed() => {
+                    // New session or a resend request: start again from the acknowledged cursor.
+                    state.sent.store(state.acked.load(Ordering::Relaxed), Ordering::Relaxed);
+                }
+                // Acks arrive through the poll task; look again shortly.
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+            continue;
+        }
+        let limit = config.batch.min((acked + config.window - sent) as usize).max(1);
+        let events = match rt.journal().raw_events_since(sent, limit) {
+            Ok(e) => e,
+            Err(e) => {
+                warn!(error = %e, "cannot read the outbox; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        // Retention may have removed acknowledged events only, so the first is `sent` itself.
+        let Some(&(first, _)) = events.first() else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let contiguous: Vec<Vec<u8>> = events
+            .iter()
+            .enumerate()
+            .take_while(|(i, (seq, _))| *seq == first + *i as u64)
+            .map(|(_, (_, r))| r.clone())
+            .collect();
+        let count = contiguous.len() as u64;
+        let batch = protocol::pack(state.epoch.load(Ordering::Relaxed), first, &contiguous);
+        let bytes = protocol::encode(&Body::Events(batch));
+        if let Err(e) = client.publish(topic.clone(), QoS::AtLeastOnce, false, bytes).await {
+            warn!(error = %e, "cannot queue an event batch");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        }
+        state.sent.store(first + count, Ordering::Relaxed);
+        state.batches.fetch_add(1, Ordering::Relaxed);
+        sent_events += count;
+        // Rate limit: never ahead of drain_rate events per second since start.
+        let due = Duration::from_secs_f64(sent_events as f64 / config.drain_rate.max(1) as f64);
+        if let Some(ahead) = due.checked_sub(started.elapsed()) {
+            tokio::time::sleep(ahead).await;
+        }
+    }
+}
+
+/// Applies cloud commands once each, persisting every result before reporting it.
+async fn commands(
+    rt: Runtime,
+    config: SyncConfig,
+    state: Arc<SyncState>,
+    client: AsyncClient,
+    mut rx: mpsc::Receiver<(Command, rumqttc::Publish)>,
+) {
+    let topic = Topics::new(&config.prefix).topic(&config.device, Channel::CommandResult);
+    while let Some((cmd, publish)) = rx.recv().await {
+        let key = format!("cmd/{}", cmd.id);
+        let result = match rt.journal().kv(&key) {
+            Ok(Some(stored)) => {
+                state.duplicate_commands.fetch_add(1, Ordering::Relaxed);
+                info!(command = %cmd.id, "repeated command ignored");
+                match protocol::decode(&stored) {
+                    Ok(Body::CommandResult(mut r)) => {
+                        r.outcome = Outcome::Duplicate;
+                        r
+                    }
+                    _ => result(&cmd.id, Outcome::Duplicate, "already applied".into(), json!({})),
+                }
+            }
+            _ => {
+                let r = apply(&rt, &cmd).await;
+                info!(command = %cmd.id, outcome = ?r.outcome, message = %r.message, "command applied");
+                if let Err(e) = rt
+                    .journal()
+                    .put_kv(&key, protocol::encode(&Body::CommandResult(r.clone())))
+                    .await
+                {
+                    // Not remembered: do not ack, so the broker redelivers and we try again.
+                    warn!(error = %e, "cannot store a command result");
+                    continue;
+                }
+                state.commands.fetch_add(1, Ordering::Relaxed);
+                r
+            }
+        };
+        let bytes = protocol::encode(&Body::CommandResult(result));
+        if let Err(e) = client.publish(topic.clone(), QoS::AtLeastOnce, false, bytes).await {
+            warn!(error = %e, "cannot publish a command result");
+        }
+        if let Err(e) = client.ack(&publish).await {
+            warn!(error = %e, "cannot ack a command");
+        }
+    }
+}
+
+fn result(id: &str, outcome: Outcome, message: String, detail: Value) -> CommandResult {
+    CommandResult {
+        id: id.to_string(),
+        outcome,
+        message,
+        detail: detail.to_string(),
+    }
+}
+
+/// Runs one command against the local runtime.
+async fn apply(rt: &Runtime, cmd: &Command) -> CommandResult {
+    let json_of =
+        |text: &str| serde_json::from_str::<Value>(text).map_err(|e| RuntimeError::Invalid(format!("not JSON: {e}")));
+    let outcome: Result<Value, RuntimeError> = async {
+        match &cmd.kind {
+            CommandKind::Start {
+                workflow,
+                version,
+                input,
+                run_id,
+            } => {
+                let req = StartRequest {
+                    workflow: workflow.clone(),
+                    version: *version,
+                    input: Some(json_of(input)?),
+                    id: Some(run_id.clone().unwrap_or_else(|| cmd.id.clone())),
+                };
+                let r = rt.start(req).await?;
+                Ok(json!({"run_id": r.run_id, "created": r.created, "version": r.version}))
+            }
+            CommandKind::Cancel { run_id, reason } => {
+                let rec = rt.cancel(run_id, reason).await?;
+                Ok(json!({"run_id": run_id, "status": rec.status.as_str()}))
+            }
+            CommandKind::Signal { run_id, name, payload } => {
+                let fresh = rt.signal(run_id, name, Some(cmd.id.clone()), json_of(payload)?).await?;
+                Ok(json!({"run_id": run_id, "accepted": fresh}))
+            }
+            CommandKind::Approve {
+                run_id,
+                step,
+                approved,
+                by,
+                comment,
+            } => {
+                let d = Decision {
+                    step: step.clone(),
+                    approved: *approved,
+                    by: by.clone(),
+                    comment: comment.clone(),
+                    id: Some(cmd.id.clone()),
+                };
+                let fresh = rt.approve(run_id, d).await?;
+                Ok(json!({"run_id": run_id, "accepted": fresh}))
+            }
+            CommandKind::Deploy { deployment, document } => {
+                let (def, applied) = rt.apply(document).await?;
+                Ok(json!({
+                    "deployment": deployment, "workflow": def.name(), "version": def.version(),
+                    "created": applied == crate::journal::Applied::Created,
+                }))
+            }
+        }
+    }
+    .await;
+    match outcome {
+        Ok(detail) => result(&cmd.id, Outcome::Applied, "applied".into(), detail),
+        Err(e) => result(&cmd.id, Outcome::Rejected, e.to_string(), json!({})),
+    }
+}
