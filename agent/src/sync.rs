@@ -348,11 +348,9 @@ async fn commands(
             Ok(Some(stored)) => {
                 state.duplicate_commands.fetch_add(1, Ordering::Relaxed);
                 info!(command = %cmd.id, "repeated command ignored");
+                // The first result stands: report it again (its report may have been lost).
                 match protocol::decode(&stored) {
-                    Ok(Body::CommandResult(mut r)) => {
-                        r.outcome = Outcome::Duplicate;
-                        r
-                    }
+                    Ok(Body::CommandResult(r)) => r,
                     _ => result(&cmd.id, Outcome::Duplicate, "already applied".into(), json!({})),
                 }
             }

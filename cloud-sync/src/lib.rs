@@ -1,4 +1,18 @@
 //! Outpost cloud-sync: the fleet-side service.
 //!
-//! Nothing is implemented here yet: ingest over MQTT, the fleet store, deployments, commands and
-//! the console arrive with the sync issue. The crate exists so the workspace layout is fixed.
+//! Devices talk to it over MQTT (the protocol is `outpost_shared::protocol`, documented in
+//! `docs/protocol.md`); operators and the console use its HTTP JSON API. It stores everything in
+//! redb: devices and their presence, a mirror of every run with its full history (idempotent by
+//! device and sequence), commands waiting for their device, deployments, desired and reported
+//! state. With no broker given it starts an embedded one (rumqttd) on loopback.
+
+#![warn(missing_docs)]
+
+pub mod api;
+#[cfg(feature = "embedded-broker")]
+pub mod broker;
+pub mod service;
+pub mod store;
+
+pub use service::Service;
+pub use store::Store;

@@ -1,0 +1,361 @@
+//! The HTTP JSON API: devices, runs and their histories, commands, deployments, desired state.
+
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use outpost_shared::journal::Record;
+use outpost_shared::protocol::CommandKind;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::service::Service;
+use crate::store::{Device, RunMirror, StoreError};
+
+/// Builds the router.
+pub fn router(service: Arc<Service>) -> Router {
+    Router::new()
+        .route(
+            "/v1/health",
+            get(|| async { Json(json!({"ok": true, "version": env!("CARGO_PKG_VERSION")})) }),
+        )
+        .route("/v1/stats", get(stats))
+        .route("/v1/devices", get(devices))
+        .route("/v1/devices/{id}", get(device))
+        .route("/v1/devices/{id}/runs", get(runs))
+        .route("/v1/devices/{id}/runs/{run}", get(run))
+        .route("/v1/devices/{id}/commands", post(command).get(pending))
+        .route("/v1/devices/{id}/commands/{cid}", get(command_status))
+        .route("/v1/devices/{id}/desired", axum::routing::put(desired))
+        .route("/v1/devices/{id}/state", get(state))
+        .route("/v1/deployments", post(deploy))
+        .route("/v1/deployments/{id}", get(deployment))
+        .layer(DefaultBodyLimit::max(2 * 1024 * 1024))
+        .with_state(service)
+}
+
+type S = State<Arc<Service>>;
+
+/// An API error.
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({"error": {"message": self.1}}))).into_response()
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        let code = match e {
+            StoreError::NotFound(_) => StatusCode::NOT_FOUND,
+            StoreError::Invalid(_) => StatusCode::BAD_REQUEST,
+            _ => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        ApiError(code, e.to_string())
+    }
+}
+
+type R = Result<Json<Value>, ApiError>;
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, ApiError> {
+    Ok(tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??)
+}
+
+fn rfc3339(ms: u64) -> String {
+    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms)).to_string()
+}
+
+fn device_json(id: &str, d: &Device) -> Value {
+    json!({
+        "id": id,
+        "online": d.online(),
+        "epoch": d.epoch,
+        "last_seen": rfc3339(d.last_seen_ms),
+        "stored_seq": d.next_seq.saturating_sub(1),
+        "device_seq": d.reported_last_seq,
+        "agent_version": d.agent_version,
+        "labels": d.labels.iter().map(|(k, v)| (k.clone(), Value::from(v.clone()))).collect::<serde_json::Map<String, Value>>(),
+    })
+}
+
+fn run_json(id: &str, m: &RunMirror) -> Value {
+    json!({
+        "run_id": id, "workflow": m.workflow, "version": m.version, "status": m.status,
+        "created_at": rfc3339(m.created_ms), "finished_at": m.finished_ms.map(rfc3339), "events": m.events,
+    })
+}
+
+fn history_row(seq: u64, r: &Record) -> Value {
+    let mut fields = match serde_json::to_value(&r.event) {
+        Ok(Value::Object(m)) => m.into_iter().next().map(|(_, v)| v).unwrap_or(Value::Null),
+        _ => Value::Null,
+    };
+    if !fields.is_object() {
+        fields = json!({});
+    }
+    for k in ["input", "output", "payload"] {
+        if let Some(Value::String(s)) = fields.get(k)
+            && let Ok(v) = serde_json::from_str::<Value>(s)
+        {
+            fields[k] = v;
+        }
+    }
+    fields["seq"] = seq.into();
+    fields["at"] = rfc3339(r.at_ms).into();
+    fields["type"] = r.event.name().into();
+    fields
+}
+
+async fn stats(State(s): S) -> R {
+    let store = s.store.clone();
+    let counters = blocking(move || store.counters()).await?;
+    let o = std::sync::atomic::Ordering::Relaxed;
+    Ok(Json(json!({
+        "messages": s.stats.messages.load(o),
+        "events_stored": s.stats.events.load(o),
+        "duplicate_events": s.stats.duplicate_events.load(o),
+        "resend_requests": s.stats.resends.load(o),
+        "rejected": s.stats.rejected.load(o),
+        "counters": counters.into_iter().map(|(k, v)| (k, Value::from(v))).collect::<serde_json::Map<String, Value>>(),
+    })))
+}
+
+async fn devices(State(s): S) -> R {
+    let store = s.store.clone();
+    let list = blocking(move || store.devices()).await?;
+    Ok(Json(Value::Array(
+        list.iter().map(|(id, d)| device_json(id, d)).collect(),
+    )))
+}
+
+async fn device(State(s): S, Path(id): Path<String>) -> R {
+    let store = s.store.clone();
+    blocking(move || {
+        let d = store
+            .device(&id)?
+            .ok_or_else(|| StoreError::NotFound(format!("device '{id}' is not known")))?;
+        let mut v = device_json(&id, &d);
+        v["runs"] = store.runs(&id)?.len().into();
+        v["pending_commands"] = store.pending(&id)?.len().into();
+        Ok(Json(v))
+    })
+    .await
+}
+
+async fn runs(State(s): S, Path(id): Path<String>) -> R {
+    let store = s.store.clone();
+    let list = blocking(move || store.runs(&id)).await?;
+    let mut rows: Vec<Value> = list.iter().map(|(r, m)| run_json(r, m)).collect();
+    rows.sort_by(|a, b| b["created_at"].as_str().cmp(&a["created_at"].as_str()));
+    Ok(Json(Value::Array(rows)))
+}
+
+async fn run(State(s): S, Path((id, run)): Path<(String, String)>) -> R {
+    let store = s.store.clone();
+    blocking(move || {
+        let (m, history) = store
+            .run(&id, &run)?
+            .ok_or_else(|| StoreError::NotFound(format!("device '{id}' has no run '{run}'")))?;
+        let mut v = run_json(&run, &m);
+        v["history"] = Value::Array(history.iter().map(|(seq, r)| history_row(*seq, r)).collect());
+        Ok(Json(v))
+    })
+    .await
+}
+
+/// A command as posted.
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+enum CommandBody {
+    Start {
+        workflow: String,
+        #[serde(default)]
+        version: Option<u32>,
+        #[serde(default)]
+        input: Option<Value>,
+        #[serde(default)]
+        run_id: Option<String>,
+        #[serde(default)]
+        id: Option<String>,
+    },
+    Cancel {
+        run_id: String,
+        #[serde(default)]
+        reason: Option<String>,
+        #[serde(default)]
+        id: Option<String>,
+    },
+    Signal {
+        run_id: String,
+        name: String,
+        #[serde(default)]
+        payload: Value,
+        #[serde(default)]
+        id: Option<String>,
+    },
+    Approve {
+        run_id: String,
+        step: String,
+        #[serde(default = "yes")]
+        approved: bool,
+        by: String,
+        #[serde(default)]
+        comment: String,
+        #[serde(default)]
+        id: Option<String>,
+    },
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn bad(e: impl std::fmt::Display) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, format!("request body: {e}"))
+}
+
+async fn command(State(s): S, Path(device): Path<String>, body: String) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let b: CommandBody = serde_json::from_str(&body).map_err(bad)?;
+    let (id, kind) = match b {
+        CommandBody::Start {
+            workflow,
+            version,
+            input,
+            run_id,
+            id,
+        } => (
+            id,
+            CommandKind::Start {
+                workflow,
+                version,
+                input: input.unwrap_or_else(|| json!({})).to_string(),
+                run_id,
+            },
+        ),
+        CommandBody::Cancel { run_id, reason, id } => (
+            id,
+            CommandKind::Cancel {
+                run_id,
+                reason: reason.unwrap_or_else(|| "cancelled from the cloud".into()),
+            },
+        ),
+        CommandBody::Signal {
+            run_id,
+            name,
+            payload,
+            id,
+        } => (
+            id,
+            CommandKind::Signal {
+                run_id,
+                name,
+                payload: payload.to_string(),
+            },
+        ),
+        CommandBody::Approve {
+            run_id,
+            step,
+            approved,
+            by,
+            comment,
+            id,
+        } => (
+            id,
+            CommandKind::Approve {
+                run_id,
+                step,
+                approved,
+                by,
+                comment,
+            },
+        ),
+    };
+    let id = s.command(&device, id, kind).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"id": id, "device": device, "state": "pending"})),
+    ))
+}
+
+async fn pending(State(s): S, Path(device): Path<String>) -> R {
+    let store = s.store.clone();
+    let list = blocking(move || store.pending(&device)).await?;
+    Ok(Json(Value::Array(
+        list.iter()
+            .map(|(id, c)| json!({"id": id, "state": c.state, "created_at": rfc3339(c.created_ms)}))
+            .collect(),
+    )))
+}
+
+async fn command_status(State(s): S, Path((device, cid)): Path<(String, String)>) -> R {
+    let store = s.store.clone();
+    blocking(move || {
+        let c = store
+            .command(&device, &cid)?
+            .ok_or_else(|| StoreError::NotFound(format!("device '{device}' has no command '{cid}'")))?;
+        Ok(Json(json!({
+            "id": cid, "device": device, "state": c.state, "message": c.message,
+            "detail": serde_json::from_str::<Value>(&c.detail).unwrap_or(Value::Null),
+            "created_at": rfc3339(c.created_ms), "answered_at": c.answered_ms.map(rfc3339),
+        })))
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DesiredBody {
+    document: Value,
+}
+
+async fn desired(State(s): S, Path(device): Path<String>, body: String) -> R {
+    let b: DesiredBody = serde_json::from_str(&body).map_err(bad)?;
+    let version = s.set_desired(&device, b.document).await?;
+    Ok(Json(json!({"device": device, "version": version})))
+}
+
+async fn state(State(s): S, Path(device): Path<String>) -> R {
+    let store = s.store.clone();
+    blocking(move || {
+        let d = store.desired(&device)?;
+        let r = store.reported(&device)?;
+        let doc = |t: &str| serde_json::from_str::<Value>(t).unwrap_or(Value::Null);
+        Ok(Json(json!({
+            "device": device,
+            "desired": d.map(|d| json!({"version": d.version, "document": doc(&d.document), "updated_at": rfc3339(d.updated_ms)})),
+            "reported": r.map(|r| json!({
+                "desired_version": r.desired_version, "document": doc(&r.document), "in_sync": r.in_sync,
+                "message": r.message, "updated_at": rfc3339(r.updated_ms),
+            })),
+        })))
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeployBody {
+    document: String,
+    #[serde(default)]
+    devices: Vec<String>,
+    #[serde(default)]
+    labels: std::collections::BTreeMap<String, String>,
+}
+
+async fn deploy(State(s): S, body: String) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let b: DeployBody = serde_json::from_str(&body).map_err(bad)?;
+    let (id, _) = s.deploy(b.document, b.devices, b.labels.into_iter().collect()).await?;
+    Ok((StatusCode::CREATED, Json(s.deployment_status(&id).await?)))
+}
+
+async fn deployment(State(s): S, Path(id): Path<String>) -> R {
+    Ok(Json(s.deployment_status(&id).await?))
+}

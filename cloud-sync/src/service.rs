@@ -1,0 +1,413 @@
+//! The service: ingest of what devices send, delivery of what they are sent.
+//!
+//! One task polls the MQTT event loop and hands every message to the ingest task, which stores
+//! it (durably, for events) and only then acknowledges it: at the application level with an
+//! `Ack` carrying the device's next expected sequence, and at the MQTT level. A gap makes it ask
+//! the device to resend from the gap. Commands wait in the store until their device is online
+//! (a birth newer than its death) and are sent again on every new birth until answered; the
+//! agent applies each id once.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use outpost_shared::protocol::{
+    self, Ack, Body, Channel, Command, CommandKind, Desired, ProtocolError, Resend, Topics,
+};
+use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, QoS};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::store::{Deployment, ReportedRow, Store, StoreError};
+
+/// Wall-clock now in ms.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Ingest counters since start.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Messages received.
+    pub messages: AtomicU64,
+    /// Events newly stored.
+    pub events: AtomicU64,
+    /// Events received again (already stored).
+    pub duplicate_events: AtomicU64,
+    /// Resend requests sent.
+    pub resends: AtomicU64,
+    /// Messages rejected.
+    pub rejected: AtomicU64,
+}
+
+/// The cloud-sync service.
+pub struct Service {
+    /// The store.
+    pub store: Arc<Store>,
+    client: AsyncClient,
+    topics: Topics,
+    /// Counters.
+    pub stats: Stats,
+}
+
+/// Runs blocking store work off the async workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StoreError::Invalid(format!("store task failed: {e}")))?
+}
+
+impl Service {
+    /// Connects to the broker at `host:port` and starts ingesting. Returns at once; the
+    /// connection is (re)made in the background.
+    pub fn start(store: Store, host: &str, port: u16, prefix: &str, client_id: &str) -> Arc<Service> {
+        let mut opts = MqttOptions::new(client_id, host, port);
+        opts.set_keep_alive(Duration::from_secs(15));
+        opts.set_clean_session(false);
+        opts.set_manual_acks(true);
+        opts.set_max_packet_size(protocol::MAX_MESSAGE_BYTES + 4096, protocol::MAX_MESSAGE_BYTES + 4096);
+        opts.set_inflight(200);
+        let (client, eventloop) = AsyncClient::new(opts, 256);
+        let service = Arc::new(Service {
+            store: Arc::new(store),
+            client,
+            topics: Topics::new(prefix),
+            stats: Stats::default(),
+        });
+        let (tx, rx) = mpsc::channel(256);
+        tokio::spawn(poll(eventloop, service.clone(), tx));
+        tokio::spawn(ingest(service.clone(), rx));
+        service
+    }
+
+    async fn publish(&self, device: &str, channel: Channel, body: &Body, retain: bool) {
+        let topic = self.topics.topic(device, channel);
+        if let Err(e) = self
+            .client
+            .publish(topic, QoS::AtLeastOnce, retain, protocol::encode(body))
+            .await
+        {
+            warn!(device, error = %e, "cannot publish");
+        }
+    }
+
+    async fn reject(&self, device: &str, topic: &str, reason: &'static str, detail: String) {
+        self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+        warn!(device, topic, reason, %detail, "message rejected");
+        let store = self.store.clone();
+        let _ = blocking(move || store.count(&format!("rejected.{reason}"))).await;
+    }
+
+    /// Handles one message from a device.
+    pub async fn handle(&self, topic: &str, payload: &[u8]) {
+        self.stats.messages.fetch_add(1, Ordering::Relaxed);
+        let Some((device, channel)) = self.topics.parse(topic) else {
+            return self
+                .reject("?", topic, "topic", "not a device topic of this prefix".into())
+                .await;
+        };
+        let device = device.to_string();
+        if !channel.is_up() {
+            return; // our own messages (acks, commands, desired) echoed by the broker
+        }
+        let body = match protocol::decode(payload) {
+            Ok(b) => b,
+            Err(e) => {
+                let reason = match e {
+                    ProtocolError::UnknownVersion(_) => "unknown_version",
+                    ProtocolError::TooLarge(_) => "too_large",
+                    _ => "malformed",
+                };
+                return self.reject(&device, topic, reason, e.to_string()).await;
+            }
+        };
+        let now = now_ms();
+        let store = self.store.clone();
+        match (channel, body) {
+            (Channel::Birth, Body::Birth(b)) => {
+                let d = device.clone();
+                let res =
+                    blocking(move || store.birth(&d, b.epoch, b.last_seq, &b.agent_version, &b.labels, now)).await;
+                match res {
+                    Ok((dev, true)) => {
+                        info!(device = %device, epoch = dev.epoch, next_seq = dev.next_seq, last_seq = dev.reported_last_seq, "device online");
+                        // Tell it where we are, then send what waits for it.
+                        self.publish(&device, Channel::Ack, &Body::Ack(Ack { next_seq: dev.next_seq }), false)
+                            .await;
+                        self.deliver_pending(&device).await;
+                    }
+                    Ok((_, false)) => info!(device = %device, "stale birth ignored"),
+                    Err(e) => warn!(device = %device, error = %e, "cannot store birth"),
+                }
+            }
+            (Channel::Death, Body::Death(dm)) => {
+                let d = device.clone();
+                match blocking(move || store.death(&d, dm.epoch, now)).await {
+                    Ok(true) => info!(device = %device, epoch = dm.epoch, "device offline"),
+                    Ok(false) => info!(device = %device, epoch = dm.epoch, "stale will from an older epoch ignored"),
+                    Err(e) => warn!(device = %device, error = %e, "cannot store death"),
+                }
+            }
+            (Channel::Events, Body::Events(batch)) => {
+                let events = match protocol::unpack(&batch) {
+                    Ok(e) => e,
+                    Err(e) => return self.reject(&device, topic, "malformed", e.to_string()).await,
+                };
+                let d = device.clone();
+                match blocking(move || store.store_events(&d, &events, now)).await {
+                    Ok(s) => {
+                        self.stats.events.fetch_add(s.new, Ordering::Relaxed);
+                        self.stats.duplicate_events.fetch_add(s.duplicates, Ordering::Relaxed);
+                        self.publish(&device, Channel::Ack, &Body::Ack(Ack { next_seq: s.next_seq }), false)
+                            .await;
+                        if let Some(from) = s.gap_from {
+                            self.stats.resends.fetch_add(1, Ordering::Relaxed);
+                            info!(device = %device, from, got = batch.first_seq, "gap in events; asking to resend");
+                            self.publish(&device, Channel::Ack, &Body::Resend(Resend { from_seq: from }), false)
+                                .await;
+                        }
+                    }
+                    Err(StoreError::Invalid(why)) => self.reject(&device, topic, "malformed_event", why).await,
+                    Err(e) => warn!(device = %device, error = %e, "cannot store events; the device will resend"),
+                }
+            }
+            (Channel::CommandResult, Body::CommandResult(r)) => {
+                let (d, id) = (device.clone(), r.id.clone());
+                match blocking(move || store.answer(&d, &r, now)).await {
+                    Ok(true) => info!(device = %device, command = %id, "command answered"),
+                    Ok(false) => {
+                        self.reject(
+                            &device,
+                            topic,
+                            "unknown_command",
+                            format!("no command '{id}' for this device"),
+                        )
+                        .await
+                    }
+                    Err(e) => warn!(device = %device, error = %e, "cannot store a command result"),
+                }
+            }
+            (Channel::Reported, Body::Reported(r)) => {
+                let row = ReportedRow {
+                    desired_version: r.desired_version,
+                    document: r.document,
+                    in_sync: r.in_sync,
+                    message: r.message,
+                    updated_ms: now,
+                };
+                let d = device.clone();
+                if let Err(e) = blocking(move || store.set_reported(&d, &row)).await {
+                    warn!(device = %device, error = %e, "cannot store reported state");
+                }
+            }
+            (ch, other) => {
+                let what = format!("{} message on the {} channel", body_name(&other), ch.name());
+                self.reject(&device, topic, "wrong_channel", what).await
+            }
+        }
+    }
+
+    /// Sends every unanswered command of an online device, oldest first.
+    pub async fn deliver_pending(&self, device: &str) {
+        let store = self.store.clone();
+        let d = device.to_string();
+        let pending = blocking(move || store.pending(&d)).await.unwrap_or_default();
+        for (id, c) in pending {
+            let body = Body::Command(Command { id, kind: c.kind });
+            self.publish(device, Channel::Command, &body, false).await;
+        }
+    }
+
+    /// Stores a command for a device and sends it if the device is online.
+    pub async fn command(&self, device: &str, id: Option<String>, kind: CommandKind) -> Result<String, StoreError> {
+        if !protocol::valid_device_id(device) {
+            return Err(StoreError::Invalid(format!("'{device}' is not a valid device id")));
+        }
+        let id = id.unwrap_or_else(|| format!("c{:x}{:04x}", now_ms(), fastrand::u16(..)));
+        let store = self.store.clone();
+        let (d, i, k) = (device.to_string(), id.clone(), kind.clone());
+        blocking(move || store.add_command(&d, &i, k, now_ms())).await?;
+        if self.online(device).await {
+            self.publish(
+                device,
+                Channel::Command,
+                &Body::Command(Command { id: id.clone(), kind }),
+                false,
+            )
+            .await;
+        }
+        Ok(id)
+    }
+
+    async fn online(&self, device: &str) -> bool {
+        let store = self.store.clone();
+        let d = device.to_string();
+        matches!(blocking(move || store.device(&d)).await, Ok(Some(dev)) if dev.online())
+    }
+
+    /// Deploys a definition to devices (by id and/or by labels); older unanswered deployments of
+    /// the same workflow to those devices are superseded.
+    pub async fn deploy(
+        &self,
+        document: String,
+        devices: Vec<String>,
+        labels: Vec<(String, String)>,
+    ) -> Result<(String, Deployment), StoreError> {
+        let doc = outpost_shared::definition::parse_document(&document)
+            .map_err(|e| StoreError::Invalid(format!("definition: {e}")))?;
+        let store = self.store.clone();
+        let all = blocking(move || store.devices()).await?;
+        let mut targets: Vec<String> = devices;
+        for (id, d) in &all {
+            if !labels.is_empty() && labels.iter().all(|l| d.labels.contains(l)) && !targets.contains(id) {
+                targets.push(id.clone());
+            }
+        }
+        if targets.is_empty() {
+            return Err(StoreError::Invalid(
+                "no device matches the deployment's devices and labels".into(),
+            ));
+        }
+        let id = format!("d{:x}{:04x}", now_ms(), fastrand::u16(..));
+        let dep = Deployment {
+            workflow: doc.name.clone(),
+            version: doc.version,
+            devices: targets.clone(),
+            created_ms: now_ms(),
+        };
+        let (store, i, d) = (self.store.clone(), id.clone(), dep.clone());
+        blocking(move || store.put_deployment(&i, &d)).await?;
+        for device in targets {
+            // Supersede older unanswered deployments of this workflow on this device.
+            let store = self.store.clone();
+            let (dv, wf, by) = (device.clone(), doc.name.clone(), id.clone());
+            blocking(move || {
+                for (cid, c) in store.pending(&dv)? {
+                    if let CommandKind::Deploy { deployment, document } = &c.kind
+                        && deployment != &by
+                        && outpost_shared::definition::parse_document(document).is_ok_and(|d| d.name == wf)
+                    {
+                        store.supersede(&dv, &cid, &by, now_ms())?;
+                    }
+                }
+                Ok(())
+            })
+            .await?;
+            let kind = CommandKind::Deploy {
+                deployment: id.clone(),
+                document: document.clone(),
+            };
+            self.command(&device, Some(format!("{id}.{device}")), kind).await?;
+        }
+        info!(deployment = %id, workflow = %dep.workflow, version = dep.version, devices = dep.devices.len(), "deployment created");
+        Ok((id, dep))
+    }
+
+    /// Per-device state of a deployment.
+    pub async fn deployment_status(&self, id: &str) -> Result<Value, StoreError> {
+        let store = self.store.clone();
+        let i = id.to_string();
+        blocking(move || {
+            let dep = store
+                .deployment(&i)?
+                .ok_or_else(|| StoreError::NotFound(format!("deployment '{i}' does not exist")))?;
+            let mut devices = Vec::new();
+            for d in &dep.devices {
+                let c = store.command(d, &format!("{i}.{d}"))?;
+                devices.push(json!({
+                    "device": d,
+                    "state": c.as_ref().map(|c| c.state.clone()).unwrap_or_else(|| "unknown".into()),
+                    "reason": c.as_ref().filter(|c| c.state != "applied").map(|c| c.message.clone()),
+                }));
+            }
+            Ok(json!({
+                "id": i, "workflow": dep.workflow, "version": dep.version,
+                "created_at": dep.created_ms, "devices": devices,
+            }))
+        })
+        .await
+    }
+
+    /// Sets a device's desired document and publishes it (retained, so a device that connects
+    /// later receives it).
+    pub async fn set_desired(&self, device: &str, document: Value) -> Result<u64, StoreError> {
+        if !protocol::valid_device_id(device) {
+            return Err(StoreError::Invalid(format!("'{device}' is not a valid device id")));
+        }
+        let store = self.store.clone();
+        let (d, text) = (device.to_string(), document.to_string());
+        let row = blocking(move || store.set_desired(&d, text, now_ms())).await?;
+        let body = Body::Desired(Desired {
+            version: row.version,
+            document: row.document,
+        });
+        self.publish(device, Channel::Desired, &body, true).await;
+        Ok(row.version)
+    }
+}
+
+fn body_name(b: &Body) -> &'static str {
+    match b {
+        Body::Birth(_) => "birth",
+        Body::Death(_) => "death",
+        Body::Events(_) => "events",
+        Body::Ack(_) => "ack",
+        Body::Resend(_) => "resend",
+        Body::Command(_) => "command",
+        Body::CommandResult(_) => "command result",
+        Body::Desired(_) => "desired",
+        Body::Reported(_) => "reported",
+    }
+}
+
+async fn poll(mut eventloop: rumqttc::EventLoop, service: Arc<Service>, tx: mpsc::Sender<rumqttc::Publish>) {
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        match eventloop.poll().await {
+            Ok(MqttEvent::Incoming(Packet::ConnAck(ack))) => {
+                backoff = Duration::from_millis(250);
+                info!(session_present = ack.session_present, "connected to the broker");
+                for ch in [
+                    Channel::Birth,
+                    Channel::Death,
+                    Channel::Events,
+                    Channel::CommandResult,
+                    Channel::Reported,
+                ] {
+                    let filter = service.topics.all_devices(ch);
+                    if let Err(e) = service.client.try_subscribe(filter, QoS::AtLeastOnce) {
+                        warn!(error = %e, "cannot subscribe");
+                    }
+                }
+            }
+            Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
+                if tx.send(p).await.is_err() {
+                    return;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                let wait = backoff.mul_f64(0.5 + fastrand::f64());
+                warn!(error = %e, retry_in = ?wait, "broker connection lost");
+                tokio::time::sleep(wait).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+/// Stores each message, then acknowledges it to the broker (after a crash it is redelivered).
+async fn ingest(service: Arc<Service>, mut rx: mpsc::Receiver<rumqttc::Publish>) {
+    while let Some(p) = rx.recv().await {
+        service.handle(&p.topic, &p.payload).await;
+        if let Err(e) = service.client.ack(&p).await {
+            warn!(error = %e, "cannot ack to the broker");
+        }
+    }
+}

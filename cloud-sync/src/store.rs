@@ -1,0 +1,709 @@
+//! The fleet store (redb): devices, a mirror of every run with its full history, commands,
+//! deployments, desired and reported state.
+//!
+//! Events are stored by (device, sequence); a batch is stored only up to its first gap, and the
+//! device's next expected sequence moves in the same transaction, so an acknowledgement sent
+//! after the commit is always true and a redelivered batch is recognised by its sequence.
+
+use std::path::Path;
+
+use outpost_shared::journal::{self, Event};
+use outpost_shared::protocol::{CommandKind, CommandResult, Outcome, WireEvent};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
+const EVENTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("events");
+const RUNS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("runs");
+const COMMANDS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("commands");
+/// Commands not yet answered, per device, in the order they were issued.
+const OUTBOX: TableDefinition<(&str, u64), &str> = TableDefinition::new("command_outbox");
+const DEPLOYMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("deployments");
+const DESIRED: TableDefinition<&str, &[u8]> = TableDefinition::new("desired");
+const REPORTED: TableDefinition<&str, &[u8]> = TableDefinition::new("reported");
+const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
+
+/// Why the store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// redb failed.
+    #[error("store: {0}")]
+    Storage(#[from] redb::Error),
+    /// A stored row does not decode.
+    #[error("store: corrupt {what}: {reason}")]
+    Corrupt {
+        /// Which row.
+        what: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// The request names something that does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The request is invalid.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+macro_rules! storage_from {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self { StoreError::Storage(e.into()) }
+        }
+    )*};
+}
+storage_from!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError,
+    redb::SetDurabilityError
+);
+
+/// Versioned row envelope: variants are only appended.
+#[derive(Serialize, Deserialize)]
+enum Row<T> {
+    V1(T),
+}
+
+fn enc<T: Serialize>(v: &T) -> Vec<u8> {
+    postcard::to_allocvec(&Row::V1(v)).unwrap_or_default()
+}
+
+fn dec<T: for<'de> Deserialize<'de>>(what: &'static str, bytes: &[u8]) -> Result<T, StoreError> {
+    match postcard::from_bytes::<Row<T>>(bytes) {
+        Ok(Row::V1(v)) => Ok(v),
+        Err(e) => Err(StoreError::Corrupt {
+            what,
+            reason: e.to_string(),
+        }),
+    }
+}
+
+/// What the cloud knows about a device.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Device {
+    /// Highest birth epoch seen.
+    pub epoch: u64,
+    /// Highest death epoch seen; the device is online while `epoch > death_epoch`.
+    pub death_epoch: u64,
+    /// Last message of any kind (ms since the epoch).
+    pub last_seen_ms: u64,
+    /// Next sequence expected (every event before it is stored).
+    pub next_seq: u64,
+    /// The device's newest sequence as of its last birth.
+    pub reported_last_seq: u64,
+    /// Agent version.
+    pub agent_version: String,
+    /// Labels from the birth message.
+    pub labels: Vec<(String, String)>,
+}
+
+impl Device {
+    /// True while the newest birth is newer than the newest death.
+    pub fn online(&self) -> bool {
+        self.epoch > self.death_epoch
+    }
+}
+
+/// The mirror of one run.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RunMirror {
+    /// Workflow.
+    pub workflow: String,
+    /// Version.
+    pub version: u32,
+    /// Status name (`running`, `completed`, …).
+    pub status: String,
+    /// First event time.
+    pub created_ms: u64,
+    /// End time.
+    pub finished_ms: Option<u64>,
+    /// Events stored.
+    pub events: u64,
+}
+
+/// A command and where it stands.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CommandRecord {
+    /// Issue order (also its key in the outbox).
+    pub order: u64,
+    /// What to do.
+    pub kind: CommandKind,
+    /// Issued at.
+    pub created_ms: u64,
+    /// `pending` (stored, not yet applied), `applied`, `rejected`, `superseded`.
+    pub state: String,
+    /// Result message.
+    pub message: String,
+    /// Result detail (JSON text).
+    pub detail: String,
+    /// When the result arrived.
+    pub answered_ms: Option<u64>,
+}
+
+/// A deployment of one definition to chosen devices.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Deployment {
+    /// Workflow name.
+    pub workflow: String,
+    /// Version.
+    pub version: u32,
+    /// Devices targeted (their commands are `DEPLOYMENT.DEVICE`).
+    pub devices: Vec<String>,
+    /// Created at.
+    pub created_ms: u64,
+}
+
+/// A device's desired document.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DesiredRow {
+    /// Version, from 1.
+    pub version: u64,
+    /// JSON text.
+    pub document: String,
+    /// Set at.
+    pub updated_ms: u64,
+}
+
+/// A device's reported document.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReportedRow {
+    /// The desired version it answers.
+    pub desired_version: u64,
+    /// JSON text.
+    pub document: String,
+    /// Equal to desired.
+    pub in_sync: bool,
+    /// Why not.
+    pub message: String,
+    /// Received at.
+    pub updated_ms: u64,
+}
+
+/// What storing a batch did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    /// Events newly stored.
+    pub new: u64,
+    /// Events already stored (a redelivery).
+    pub duplicates: u64,
+    /// Set when the batch starts past the next expected sequence: ask from here.
+    pub gap_from: Option<u64>,
+    /// The device's next expected sequence after this batch (the ack).
+    pub next_seq: u64,
+}
+
+/// A run's events with their device sequence numbers, oldest first.
+pub type History = Vec<(u64, journal::Record)>;
+
+/// The store.
+pub struct Store {
+    db: Database,
+}
+
+fn status_of(e: &Event) -> Option<&'static str> {
+    Some(match e {
+        Event::RunCompleted { .. } => "completed",
+        Event::RunFailed { .. } => "failed",
+        Event::RunCancelled { .. } => "cancelled",
+        Event::RunCompensated { .. } => "compensated",
+        Event::RunCompensationFailed { .. } => "compensation_failed",
+        Event::RunTerminated { .. } => "terminated",
+        Event::RunContinued { .. } => "continued",
+        Event::CompensationStarted { .. } => "compensating",
+        Event::RunRetried { .. } => "running",
+        _ => return None,
+    })
+}
+
+impl Store {
+    /// Opens (or creates) the store at `path`.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let db = Database::builder().set_cache_size(64 * 1024 * 1024).create(path)?;
+        let txn = db.begin_write()?;
+        txn.open_table(DEVICES)?;
+        txn.open_table(EVENTS)?;
+        txn.open_table(RUNS)?;
+        txn.open_table(COMMANDS)?;
+        txn.open_table(OUTBOX)?;
+        txn.open_table(DEPLOYMENTS)?;
+        txn.open_table(DESIRED)?;
+        txn.open_table(REPORTED)?;
+        txn.open_table(COUNTERS)?;
+        txn.commit()?;
+        Ok(Store { db })
+    }
+
+    /// A device, if known.
+    pub fn device(&self, id: &str) -> Result<Option<Device>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(DEVICES)?;
+        t.get(id)?.map(|v| dec("device", v.value())).transpose()
+    }
+
+    /// Every device.
+    pub fn devices(&self) -> Result<Vec<(String, Device)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(DEVICES)?;
+        let mut out = Vec::new();
+        for row in t.iter()? {
+            let (k, v) = row?;
+            out.push((k.value().to_string(), dec("device", v.value())?));
+        }
+        Ok(out)
+    }
+
+    fn update_device<R>(
+        &self,
+        id: &str,
+        now: u64,
+        f: impl FnOnce(&mut Device) -> R,
+    ) -> Result<(Device, R), StoreError> {
+        let txn = self.db.begin_write()?;
+        let out = {
+            let mut t = txn.open_table(DEVICES)?;
+            let mut d: Device = match t.get(id)? {
+                Some(v) => dec("device", v.value())?,
+                None => Device {
+                    next_seq: 1,
+                    ..Device::default()
+                },
+            };
+            let r = f(&mut d);
+            d.last_seen_ms = now;
+            t.insert(id, enc(&d).as_slice())?;
+            (d, r)
+        };
+        txn.commit()?;
+        Ok(out)
+    }
+
+    /// A birth: returns the device and whether this birth is newer than any seen (a new epoch).
+    pub fn birth(
+        &self,
+        id: &str,
+        epoch: u64,
+        last_seq: u64,
+        version: &str,
+        labels: &[(String, String)],
+        now: u64,
+    ) -> Result<(Device, bool), StoreError> {
+        self.update_device(id, now, |d| {
+            let newer = epoch >= d.epoch;
+            if newer {
+                d.epoch = epoch;
+                d.reported_last_seq = last_seq;
+                d.agent_version = version.to_string();
+                d.labels = labels.to_vec();
+            }
+            newer
+        })
+    }
+
+    /// A death (Last Will): returns false when it is stale (an older epoch than the last birth).
+    pub fn death(&self, id: &str, epoch: u64, now: u64) -> Result<bool, StoreError> {
+        let (_, fresh) = self.update_device(id, now, |d| {
+            d.death_epoch = d.death_epoch.max(epoch);
+            epoch >= d.epoch
+        })?;
+        Ok(fresh)
+    }
+
+    /// Stores a batch up to its first gap and updates run mirrors, in one durable transaction.
+    pub fn store_events(&self, device: &str, events: &[WireEvent], now: u64) -> Result<Stored, StoreError> {
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(Durability::Immediate)?;
+        let stored = {
+            let mut devices = txn.open_table(DEVICES)?;
+            let mut ev = txn.open_table(EVENTS)?;
+            let mut runs = txn.open_table(RUNS)?;
+            let mut d: Device = match devices.get(device)? {
+                Some(v) => dec("device", v.value())?,
+                None => Device {
+                    next_seq: 1,
+                    ..Device::default()
+                },
+            };
+            let mut s = Stored {
+                new: 0,
+                duplicates: 0,
+                gap_from: None,
+                next_seq: d.next_seq,
+            };
+            for e in events {
+                if e.seq < d.next_seq {
+                    s.duplicates += 1;
+                    continue;
+                }
+                if e.seq > d.next_seq {
+                    s.gap_from = Some(d.next_seq);
+                    break;
+                }
+                let rec =
+                    journal::decode(&e.record).map_err(|err| StoreError::Invalid(format!("event {}: {err}", e.seq)))?;
+                ev.insert((device, e.seq), e.record.as_slice())?;
+                let key = (device, rec.run_id.as_str());
+                let mut m: RunMirror = match runs.get(key)? {
+                    Some(v) => dec("run", v.value())?,
+                    None => RunMirror {
+                        status: "running".into(),
+                        created_ms: rec.at_ms,
+                        ..RunMirror::default()
+                    },
+                };
+                if let Event::RunStarted { workflow, version, .. } = &rec.event {
+                    m.workflow = workflow.clone();
+                    m.version = *version;
+                    m.created_ms = rec.at_ms;
+                }
+                if let Some(st) = status_of(&rec.event) {
+                    m.status = st.to_string();
+                    m.finished_ms = rec.event.is_terminal().then_some(rec.at_ms);
+                }
+                m.events += 1;
+                runs.insert(key, enc(&m).as_slice())?;
+                d.next_seq += 1;
+                s.new += 1;
+            }
+            d.last_seen_ms = now;
+            s.next_seq = d.next_seq;
+            devices.insert(device, enc(&d).as_slice())?;
+            s
+        };
+        txn.commit()?;
+        Ok(stored)
+    }
+
+    /// A run mirror and its full history (seq, record).
+    pub fn run(&self, device: &str, run: &str) -> Result<Option<(RunMirror, History)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let runs = txn.open_table(RUNS)?;
+        let Some(m) = runs.get((device, run))? else {
+            return Ok(None);
+        };
+        let m: RunMirror = dec("run", m.value())?;
+        let ev = txn.open_table(EVENTS)?;
+        let mut history = Vec::new();
+        // The device's events are scanned in order and filtered by run: histories are small and
+        // this keeps one index fewer to maintain.
+        for row in ev.range((device, 0u64)..=(device, u64::MAX))? {
+            let (k, v) = row?;
+            if let Ok(r) = journal::decode(v.value())
+                && r.run_id == run
+            {
+                history.push((k.value().1, r));
+            }
+        }
+        Ok(Some((m, history)))
+    }
+
+    /// Every run of a device.
+    pub fn runs(&self, device: &str) -> Result<Vec<(String, RunMirror)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let runs = txn.open_table(RUNS)?;
+        let mut out = Vec::new();
+        for row in runs.range((device, "")..)? {
+            let (k, v) = row?;
+            let (d, r) = k.value();
+            if d != device {
+                break;
+            }
+            out.push((r.to_string(), dec("run", v.value())?));
+        }
+        Ok(out)
+    }
+
+    /// Events stored for a device, in order (for tests and exports).
+    pub fn events(&self, device: &str) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let ev = txn.open_table(EVENTS)?;
+        let mut out = Vec::new();
+        for row in ev.range((device, 0u64)..=(device, u64::MAX))? {
+            let (k, v) = row?;
+            out.push((k.value().1, v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    fn bump(t: &mut redb::Table<&str, u64>, key: &str) -> Result<u64, StoreError> {
+        let n = t.get(key)?.map(|v| v.value()).unwrap_or(0) + 1;
+        t.insert(key, n)?;
+        Ok(n)
+    }
+
+    /// Counts a rejected message by reason.
+    pub fn count(&self, counter: &str) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        Self::bump(&mut txn.open_table(COUNTERS)?, counter)?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Every counter.
+    pub fn counters(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(COUNTERS)?;
+        let mut out = Vec::new();
+        for row in t.iter()? {
+            let (k, v) = row?;
+            out.push((k.value().to_string(), v.value()));
+        }
+        Ok(out)
+    }
+
+    /// Stores a new command for a device; it waits in the outbox until answered.
+    pub fn add_command(
+        &self,
+        device: &str,
+        id: &str,
+        kind: CommandKind,
+        now: u64,
+    ) -> Result<CommandRecord, StoreError> {
+        let txn = self.db.begin_write()?;
+        let rec = {
+            let mut cmds = txn.open_table(COMMANDS)?;
+            if let Some(existing) = cmds.get((device, id))? {
+                return dec("command", existing.value());
+            }
+            let order = Self::bump(&mut txn.open_table(COUNTERS)?, "command_order")?;
+            let rec = CommandRecord {
+                order,
+                kind,
+                created_ms: now,
+                state: "pending".into(),
+                message: String::new(),
+                detail: "{}".into(),
+                answered_ms: None,
+            };
+            cmds.insert((device, id), enc(&rec).as_slice())?;
+            txn.open_table(OUTBOX)?.insert((device, order), id)?;
+            rec
+        };
+        txn.commit()?;
+        Ok(rec)
+    }
+
+    /// A command.
+    pub fn command(&self, device: &str, id: &str) -> Result<Option<CommandRecord>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(COMMANDS)?;
+        t.get((device, id))?.map(|v| dec("command", v.value())).transpose()
+    }
+
+    /// Commands of a device waiting for an answer, oldest first.
+    pub fn pending(&self, device: &str) -> Result<Vec<(String, CommandRecord)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let outbox = txn.open_table(OUTBOX)?;
+        let cmds = txn.open_table(COMMANDS)?;
+        let mut out = Vec::new();
+        for row in outbox.range((device, 0u64)..=(device, u64::MAX))? {
+            let (_, id) = row?;
+            if let Some(c) = cmds.get((device, id.value()))? {
+                out.push((id.value().to_string(), dec("command", c.value())?));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Records a command's result; false when the command is unknown for this device.
+    pub fn answer(&self, device: &str, r: &CommandResult, now: u64) -> Result<bool, StoreError> {
+        let txn = self.db.begin_write()?;
+        let known = {
+            let mut cmds = txn.open_table(COMMANDS)?;
+            let existing = cmds.get((device, r.id.as_str()))?.map(|v| v.value().to_vec());
+            match existing {
+                None => false,
+                Some(bytes) => {
+                    let mut c: CommandRecord = dec("command", &bytes)?;
+                    // The first answer stands; a repeat (redelivery) changes nothing.
+                    if c.answered_ms.is_none() {
+                        c.state = match r.outcome {
+                            Outcome::Applied | Outcome::Duplicate => "applied",
+                            Outcome::Rejected => "rejected",
+                        }
+                        .into();
+                        c.message = r.message.clone();
+                        c.detail = r.detail.clone();
+                        c.answered_ms = Some(now);
+                        cmds.insert((device, r.id.as_str()), enc(&c).as_slice())?;
+                        txn.open_table(OUTBOX)?.remove((device, c.order))?;
+                    }
+                    true
+                }
+            }
+        };
+        txn.commit()?;
+        Ok(known)
+    }
+
+    /// Marks a pending command superseded (a newer deployment replaced it).
+    pub fn supersede(&self, device: &str, id: &str, by: &str, now: u64) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut cmds = txn.open_table(COMMANDS)?;
+            let existing = cmds.get((device, id))?.map(|v| v.value().to_vec());
+            if let Some(bytes) = existing {
+                let mut c: CommandRecord = dec("command", &bytes)?;
+                if c.answered_ms.is_none() {
+                    c.state = "superseded".into();
+                    c.message = format!("superseded by deployment {by}");
+                    c.answered_ms = Some(now);
+                    cmds.insert((device, id), enc(&c).as_slice())?;
+                    txn.open_table(OUTBOX)?.remove((device, c.order))?;
+                }
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Stores a deployment record.
+    pub fn put_deployment(&self, id: &str, d: &Deployment) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        txn.open_table(DEPLOYMENTS)?.insert(id, enc(d).as_slice())?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// A deployment.
+    pub fn deployment(&self, id: &str) -> Result<Option<Deployment>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(DEPLOYMENTS)?;
+        t.get(id)?.map(|v| dec("deployment", v.value())).transpose()
+    }
+
+    /// Sets a device's desired document; returns the new version.
+    pub fn set_desired(&self, device: &str, document: String, now: u64) -> Result<DesiredRow, StoreError> {
+        let txn = self.db.begin_write()?;
+        let row = {
+            let mut t = txn.open_table(DESIRED)?;
+            let version = match t.get(device)? {
+                Some(v) => dec::<DesiredRow>("desired", v.value())?.version + 1,
+                None => 1,
+            };
+            let row = DesiredRow {
+                version,
+                document,
+                updated_ms: now,
+            };
+            t.insert(device, enc(&row).as_slice())?;
+            row
+        };
+        txn.commit()?;
+        Ok(row)
+    }
+
+    /// A device's desired document.
+    pub fn desired(&self, device: &str) -> Result<Option<DesiredRow>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(DESIRED)?;
+        t.get(device)?.map(|v| dec("desired", v.value())).transpose()
+    }
+
+    /// Stores a device's reported document.
+    pub fn set_reported(&self, device: &str, row: &ReportedRow) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        txn.open_table(REPORTED)?.insert(device, enc(row).as_slice())?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// A device's reported document.
+    pub fn reported(&self, device: &str) -> Result<Option<ReportedRow>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(REPORTED)?;
+        t.get(device)?.map(|v| dec("reported", v.value())).transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use outpost_shared::journal::Record;
+
+    fn rec(run: &str, event: Event) -> Vec<u8> {
+        journal::encode(&Record {
+            run_id: run.into(),
+            at_ms: 5,
+            event,
+        })
+    }
+
+    fn started(run: &str) -> Vec<u8> {
+        rec(
+            run,
+            Event::RunStarted {
+                workflow: "w".into(),
+                version: 2,
+                input: "{}".into(),
+            },
+        )
+    }
+
+    #[test]
+    fn batches_store_once_in_order_and_stop_at_a_gap() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("c.redb")).unwrap();
+        let ev = |seq, r: Vec<u8>| WireEvent { seq, record: r };
+        let a = s
+            .store_events("gw", &[ev(1, started("r1")), ev(2, started("r2"))], 0)
+            .unwrap();
+        assert_eq!((a.new, a.next_seq, a.gap_from), (2, 3, None));
+        // Redelivery of 2 plus 3: 2 is a duplicate.
+        let done = rec("r1", Event::RunCompleted { output: "1".into() });
+        let b = s.store_events("gw", &[ev(2, started("r2")), ev(3, done)], 0).unwrap();
+        assert_eq!((b.new, b.duplicates, b.next_seq), (1, 1, 4));
+        // A batch starting at 6 leaves a gap at 4.
+        let c = s.store_events("gw", &[ev(6, started("r3"))], 0).unwrap();
+        assert_eq!((c.new, c.gap_from, c.next_seq), (0, Some(4), 4));
+        let (m, h) = s.run("gw", "r1").unwrap().unwrap();
+        assert_eq!((m.status.as_str(), m.version, h.len()), ("completed", 2, 2));
+        assert_eq!(s.runs("gw").unwrap().len(), 2);
+    }
+
+    #[test]
+    fn stale_deaths_are_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("c.redb")).unwrap();
+        s.birth("gw", 2, 0, "0.1", &[], 1).unwrap();
+        assert!(!s.death("gw", 1, 2).unwrap(), "a will from epoch 1 is stale");
+        assert!(s.device("gw").unwrap().unwrap().online());
+        assert!(s.death("gw", 2, 3).unwrap());
+        assert!(!s.device("gw").unwrap().unwrap().online());
+        s.birth("gw", 3, 0, "0.1", &[], 4).unwrap();
+        assert!(s.device("gw").unwrap().unwrap().online());
+    }
+
+    #[test]
+    fn commands_wait_until_answered_and_the_first_answer_stands() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("c.redb")).unwrap();
+        let kind = CommandKind::Cancel {
+            run_id: "r".into(),
+            reason: "x".into(),
+        };
+        s.add_command("gw", "c1", kind.clone(), 0).unwrap();
+        s.add_command("gw", "c2", kind, 0).unwrap();
+        assert_eq!(s.pending("gw").unwrap().len(), 2);
+        let r = CommandResult {
+            id: "c1".into(),
+            outcome: Outcome::Rejected,
+            message: "no such run".into(),
+            detail: "{}".into(),
+        };
+        assert!(s.answer("gw", &r, 1).unwrap());
+        let again = CommandResult {
+            outcome: Outcome::Applied,
+            ..r.clone()
+        };
+        assert!(s.answer("gw", &again, 2).unwrap());
+        assert_eq!(s.command("gw", "c1").unwrap().unwrap().state, "rejected");
+        assert_eq!(s.pending("gw").unwrap().len(), 1);
+        assert!(
+            !s.answer("other", &r, 3).unwrap(),
+            "a result from the wrong device is refused"
+        );
+    }
+}
