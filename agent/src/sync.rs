@@ -276,13 +276,19 @@ async fn drain(
 ) {
     let topic = Topics::new(&config.prefix).topic(&config.device, Channel::Events);
     let mut commits = rt.journal().commits();
-    let started = Instant::now();
+    // The rate limit counts from the start of the current burst, so idle time earns no credit.
+    let mut started = Instant::now();
     let mut sent_events = 0u64;
     loop {
         let next_seq = *commits.borrow_and_update();
         let (sent, acked) = (state.sent.load(Ordering::Relaxed), state.acked.load(Ordering::Relaxed));
         let can_send = state.connected.load(Ordering::Relaxed) && sent < next_seq && sent < acked + config.window;
         if !can_send {
+            if sent >= next_seq || !state.connected.load(Ordering::Relaxed) {
+                // Idle or offline: the next burst starts a fresh rate window.
+                started = Instant::now();
+                sent_events = 0;
+            }
             tokio::select! {
                 _ = commits.changed() => {}
                 _ = session.changed() => {

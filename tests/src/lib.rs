@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod cloud;
+
 /// Path of the `outpost` binary: `$OUTPOST_BIN`, or the one cargo built next to this test.
 pub fn outpost_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("OUTPOST_BIN") {
@@ -269,42 +271,64 @@ fn humantime_parse(s: &str) -> u64 {
 pub struct Mosquitto {
     /// Port it listens on.
     pub port: u16,
-    child: Child,
+    child: Option<Child>,
+    conf: PathBuf,
     _dir: tempfile::TempDir,
+}
+
+fn mosquitto_bin() -> &'static str {
+    ["/usr/sbin/mosquitto", "/usr/bin/mosquitto", "/usr/local/sbin/mosquitto"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("mosquitto is required for the MQTT tests: apt-get install mosquitto (.ci/run installs it)")
 }
 
 impl Mosquitto {
     /// Starts a broker and waits until it accepts connections.
     pub fn start() -> Mosquitto {
-        let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto", "/usr/local/sbin/mosquitto"]
-            .into_iter()
-            .find(|p| Path::new(p).exists())
-            .expect("mosquitto is required for the MQTT tests: apt-get install mosquitto (.ci/run installs it)");
         let dir = tempfile::tempdir().expect("tempdir");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
+        let port = cloud::free_port();
         let conf = dir.path().join("mosquitto.conf");
         std::fs::write(
             &conf,
             format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nlog_dest stderr\n",
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nautosave_interval 1\nmax_inflight_messages 100\nmax_queued_messages 100000\nlog_dest stderr\n",
                 dir.path().display()
             ),
         )
         .expect("write mosquitto.conf");
-        let child = Command::new(bin)
+        let mut m = Mosquitto {
+            port,
+            child: None,
+            conf,
+            _dir: dir,
+        };
+        m.restart();
+        m
+    }
+
+    /// Starts the broker again after `stop` (sessions and retained messages persist).
+    pub fn restart(&mut self) {
+        let child = Command::new(mosquitto_bin())
             .arg("-c")
-            .arg(&conf)
+            .arg(&self.conf)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn mosquitto");
+        self.child = Some(child);
+        let port = self.port;
         eventually(Duration::from_secs(10), "mosquitto to listen", || {
             std::net::TcpStream::connect(("127.0.0.1", port)).ok()
         });
-        Mosquitto { port, child, _dir: dir }
+    }
+
+    /// Stops the broker gracefully (it saves its persistence file).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+            let _ = c.wait();
+        }
     }
 
     /// `mqtt://127.0.0.1:PORT`.
@@ -314,27 +338,34 @@ impl Mosquitto {
 
     /// Publishes one QoS 1 message and waits for the broker's acknowledgement.
     pub fn publish(&self, topic: &str, payload: &str) {
-        let id = format!("test-pub-{}", fastrand::u32(..));
-        let opts = rumqttc::MqttOptions::new(id, "127.0.0.1", self.port);
-        let (client, mut conn) = rumqttc::Client::new(opts, 10);
-        client
-            .publish(topic, rumqttc::QoS::AtLeastOnce, false, payload.as_bytes().to_vec())
-            .expect("queue publish");
-        for ev in conn.iter() {
-            match ev {
-                Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => break,
-                Ok(_) => {}
-                Err(e) => panic!("publish to mosquitto failed: {e}"),
-            }
-        }
-        let _ = client.disconnect();
+        mqtt_publish(self.port, topic, payload.as_bytes().to_vec());
     }
+}
+
+/// Publishes one QoS 1 message to the broker on `port` and waits for its acknowledgement.
+pub fn mqtt_publish(port: u16, topic: &str, payload: Vec<u8>) {
+    let id = format!("test-pub-{}", fastrand::u32(..));
+    let opts = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
+    let (client, mut conn) = rumqttc::Client::new(opts, 10);
+    client
+        .publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
+        .expect("queue publish");
+    for ev in conn.iter() {
+        match ev {
+            Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => break,
+            Ok(_) => {}
+            Err(e) => panic!("publish to the broker failed: {e}"),
+        }
+    }
+    let _ = client.disconnect();
 }
 
 impl Drop for Mosquitto {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 

@@ -13,4 +13,5 @@ mod patterns;
 mod saga;
 mod schedules;
 mod signals;
+mod sync;
 mod triggers;

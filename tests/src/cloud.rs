@@ -1,0 +1,239 @@
+//! Harness for the sync tests: the real `outpost-cloud` binary, a TCP proxy that can cut and
+//! blackhole the agent's link, and a minimal HTTP client for the cloud's API.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+fn cloud_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join("outpost-cloud");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo test --workspace`",
+        bin.display()
+    );
+    bin
+}
+
+/// A running `outpost-cloud`: with its embedded broker, or against an external one.
+pub struct Cloud {
+    /// Data directory.
+    pub dir: PathBuf,
+    /// HTTP API port.
+    pub api: u16,
+    /// MQTT port (the embedded broker's, or the external broker's).
+    pub mqtt: u16,
+    external: Option<String>,
+    child: Option<Child>,
+}
+
+impl Cloud {
+    /// Starts cloud-sync with its embedded broker.
+    pub fn embedded(dir: &Path) -> Cloud {
+        Self::start(dir, None, free_port())
+    }
+
+    /// Starts cloud-sync against an external broker on `mqtt_port`.
+    pub fn external(dir: &Path, mqtt_port: u16) -> Cloud {
+        Self::start(dir, Some(format!("mqtt://127.0.0.1:{mqtt_port}")), mqtt_port)
+    }
+
+    fn start(dir: &Path, external: Option<String>, mqtt: u16) -> Cloud {
+        let mut c = Cloud {
+            dir: dir.to_path_buf(),
+            api: free_port(),
+            mqtt,
+            external,
+            child: None,
+        };
+        c.restart();
+        c
+    }
+
+    /// Starts the process again (after a kill), on the same ports.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "cloud already running");
+        std::fs::create_dir_all(&self.dir).expect("cloud dir");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("cloud.log"))
+            .expect("cloud log");
+        let mut cmd = Command::new(cloud_bin());
+        cmd.arg("--data-dir")
+            .arg(&self.dir)
+            .args(["--listen", &format!("127.0.0.1:{}", self.api)]);
+        match &self.external {
+            Some(url) => cmd.args(["--broker", url]),
+            None => cmd.args(["--mqtt-listen", &format!("127.0.0.1:{}", self.mqtt)]),
+        };
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn outpost-cloud");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while http("GET", self.api, "/v1/health", None).is_err() {
+            assert!(Instant::now() < deadline, "cloud did not come up:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(30));
+        }
+    }
+
+    /// SIGKILL (with the embedded broker, the broker dies too).
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().expect("SIGKILL");
+            c.wait().expect("reap");
+        }
+    }
+
+    /// The cloud's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("cloud.log")).unwrap_or_default()
+    }
+
+    /// `mqtt://127.0.0.1:PORT` of the broker the agents should use.
+    pub fn mqtt_url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.mqtt)
+    }
+
+    /// GET, asserting success.
+    pub fn get(&self, path: &str) -> Value {
+        let (code, v) = http("GET", self.api, path, None).unwrap_or_else(|e| panic!("GET {path}: {e}"));
+        assert!(code < 300, "GET {path}: {code} {v}");
+        v
+    }
+
+    /// POST/PUT a JSON body; returns status and body.
+    pub fn send(&self, method: &str, path: &str, body: &Value) -> (u16, Value) {
+        http(method, self.api, path, Some(&body.to_string())).unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+    }
+}
+
+impl Drop for Cloud {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// One HTTP/1.1 request with `Connection: close`; returns the status and the JSON body.
+pub fn http(method: &str, port: u16, path: &str, body: Option<&str>) -> std::io::Result<(u16, Value)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let body = body.unwrap_or("");
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: cloud\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad response: {head}")))?;
+    let v = serde_json::from_str(rest).unwrap_or(Value::String(rest.to_string()));
+    Ok((code, v))
+}
+
+/// A TCP proxy between an agent and its broker that a test can cut: `cut` closes every
+/// connection and blackholes new ones (accepted, never answered); `restore` forwards again.
+pub struct Proxy {
+    /// Port agents connect to.
+    pub port: u16,
+    up: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl Proxy {
+    /// Forwards 127.0.0.1:`port` → 127.0.0.1:`target`.
+    pub fn start(target: u16) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("proxy listen");
+        let port = listener.local_addr().expect("addr").port();
+        let up = Arc::new(AtomicBool::new(true));
+        let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::new(Mutex::new(Vec::new()));
+        let (up2, conns2) = (up.clone(), conns.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                if !up2.load(Ordering::SeqCst) {
+                    // Blackhole: hold the socket open and say nothing.
+                    conns2.lock().unwrap().push(client);
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(("127.0.0.1", target)) else {
+                    continue;
+                };
+                for s in [&client, &server] {
+                    if let Ok(c) = s.try_clone() {
+                        conns2.lock().unwrap().push(c);
+                    }
+                }
+                pipe(client.try_clone().expect("clone"), server.try_clone().expect("clone"));
+                pipe(server, client);
+            }
+        });
+        Proxy { port, up, conns }
+    }
+
+    /// `mqtt://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    /// Drops every connection and blackholes new ones.
+    pub fn cut(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        for c in self.conns.lock().unwrap().drain(..) {
+            let _ = c.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// Forwards new connections again (blackholed ones are closed so clients retry).
+    pub fn restore(&self) {
+        self.up.store(true, Ordering::SeqCst);
+        for c in self.conns.lock().unwrap().drain(..) {
+            let _ = c.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+fn pipe(mut from: TcpStream, mut to: TcpStream) {
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            match from.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if to.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = to.shutdown(Shutdown::Both);
+        let _ = from.shutdown(Shutdown::Both);
+    });
+}

@@ -1,0 +1,354 @@
+//! Offline-first sync with cloud-sync, against the embedded broker and against Mosquitto:
+//! a partitioned link piles up 10,000 events that then arrive exactly once, in order, through
+//! SIGKILLs of the agent and of cloud-sync and a broker restart; offline commands; deployments;
+//! bad messages.
+
+use std::time::Duration;
+
+use outpost_shared::protocol::{self, Body, Command, CommandKind, CommandResult, Outcome};
+use outpost_tests::cloud::{Cloud, Proxy};
+use outpost_tests::{Agent, Mosquitto, eventually, mqtt_publish, write};
+use serde_json::{Value, json};
+
+/// 40 runs × 253 events = 10,120 events.
+const BURST: &str = r#"
+name: burst
+version: 1
+kind: state_machine
+steps:
+  - id: tick
+    action: set
+    args: {n: "{{ steps.tick.visits }}"}
+    choices:
+      - when: steps.tick.visits >= 250
+        next: done
+    default: tick
+  - id: done
+    action: set
+    args: {ticks: "{{ steps.tick.visits }}"}
+    end: succeed
+"#;
+const RUNS: usize = 40;
+
+fn stored(cloud: &Cloud, device: &str) -> u64 {
+    crate_device(cloud, device)
+        .map(|d| d["stored_seq"].as_u64().unwrap_or(0))
+        .unwrap_or(0)
+}
+
+fn crate_device(cloud: &Cloud, device: &str) -> Option<Value> {
+    let (code, v) = outpost_tests::cloud::http("GET", cloud.api, &format!("/v1/devices/{device}"), None).ok()?;
+    (code == 200).then_some(v)
+}
+
+fn online(cloud: &Cloud, device: &str) {
+    eventually(Duration::from_secs(20), &format!("{device} to be online"), || {
+        crate_device(cloud, device).filter(|d| d["online"] == true)
+    });
+}
+
+fn agent_seq(agent: &Agent) -> u64 {
+    agent.json(&["status"])["journal"]["next_seq"].as_u64().unwrap() - 1
+}
+
+enum Broker {
+    Embedded,
+    Mosquitto(Mosquitto),
+}
+
+fn partition_scenario(mut broker: Broker) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cloud = match &broker {
+        Broker::Embedded => Cloud::embedded(&dir.path().join("cloud")),
+        Broker::Mosquitto(m) => Cloud::external(&dir.path().join("cloud"), m.port),
+    };
+    let proxy = Proxy::start(cloud.mqtt);
+    let flags = ["--cloud", &proxy.url(), "--device-id", "gw1", "--drain-rate", "2500"];
+    let mut agent = Agent::start(&dir.path().join("agent"), &flags);
+    online(&cloud, "gw1");
+
+    // The link goes down; the agent keeps working.
+    proxy.cut();
+    agent.json(&["apply", &write(dir.path(), "burst.yaml", BURST)]);
+    for i in 0..RUNS {
+        agent.json(&["start", "burst", "--id", &format!("b{i:02}")]);
+    }
+    eventually(Duration::from_secs(60), "every run to complete offline", || {
+        let done = agent.json(&["list", "--status", "completed", "--limit", "100"]);
+        (done.as_array().unwrap().len() == RUNS).then_some(())
+    });
+    let total = agent_seq(&agent);
+    assert!(total >= 10_000, "{total} events piled up");
+    assert!(stored(&cloud, "gw1") < 100, "nothing crosses a cut link");
+    let status = agent.json(&["status"]);
+    assert!(status["sync"]["backlog_events"].as_u64().unwrap() >= 10_000, "{status}");
+
+    // The link returns; kill the agent during the drain, then cloud-sync during ingest, then
+    // restart the broker.
+    proxy.restore();
+    let t0 = std::time::Instant::now();
+    eventually(Duration::from_secs(60), "the drain to get going", || {
+        (stored(&cloud, "gw1") > total / 4).then_some(())
+    });
+    agent.kill9();
+    agent.restart();
+    eventually(Duration::from_secs(60), "the drain to resume", || {
+        (stored(&cloud, "gw1") > total / 2).then_some(())
+    });
+    cloud.kill9();
+    cloud.restart();
+    if let Broker::Mosquitto(m) = &mut broker {
+        eventually(Duration::from_secs(60), "more to arrive", || {
+            (stored(&cloud, "gw1") > total * 3 / 4).then_some(())
+        });
+        m.stop();
+        std::thread::sleep(Duration::from_millis(500));
+        m.restart();
+    }
+    eventually(Duration::from_secs(90), "every event to arrive", || {
+        (stored(&cloud, "gw1") >= total).then_some(())
+    });
+    eprintln!("{total} events drained in {:?} through the kills", t0.elapsed());
+
+    // Exactly every event: per run, the cloud's mirror has what the agent journaled.
+    assert_eq!(
+        stored(&cloud, "gw1"),
+        total,
+        "no duplicates past the agent's last event"
+    );
+    let runs = cloud.get("/v1/devices/gw1/runs");
+    let runs = runs.as_array().unwrap();
+    let bursts: Vec<&Value> = runs.iter().filter(|r| r["workflow"] == "burst").collect();
+    assert_eq!(bursts.len(), RUNS);
+    let sum: u64 = runs.iter().map(|r| r["events"].as_u64().unwrap()).sum();
+    assert_eq!(sum, total, "each event stored once");
+    for r in bursts {
+        assert_eq!(r["status"], "completed", "{r}");
+        let local = agent.json(&["show", r["run_id"].as_str().unwrap()]);
+        assert_eq!(r["events"], local["events"], "run {}", r["run_id"]);
+    }
+    let one = cloud.get("/v1/devices/gw1/runs/b07");
+    let h = one["history"].as_array().unwrap();
+    assert!(
+        h.windows(2).all(|w| w[0]["seq"].as_u64() < w[1]["seq"].as_u64()),
+        "history in order"
+    );
+    assert_eq!(h.last().unwrap()["type"], "run_completed");
+    // The outbox is trimmed: everything acknowledged.
+    eventually(Duration::from_secs(10), "the acknowledgement", || {
+        let s = agent.json(&["status"]);
+        (s["sync"]["backlog_events"] == 0).then_some(())
+    });
+}
+
+#[test]
+fn partition_then_drain_exactly_once_through_kills_embedded_broker() {
+    partition_scenario(Broker::Embedded);
+}
+
+#[test]
+fn partition_then_drain_exactly_once_through_kills_and_a_broker_restart_mosquitto() {
+    partition_scenario(Broker::Mosquitto(Mosquitto::start()));
+}
+
+#[test]
+fn commands_issued_offline_are_applied_once_and_redeliveries_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = Cloud::embedded(&dir.path().join("cloud"));
+    let def = "name: hello\nversion: 1\nsteps:\n  - {id: s, action: set, args: {hi: \"{{ input.who }}\"}}\n";
+    // The device is offline (never connected yet): the commands wait in the store.
+    let deploy = cloud.send("POST", "/v1/deployments", &json!({"document": def, "devices": ["gw2"]}));
+    assert_eq!(deploy.0, 201, "{}", deploy.1);
+    let (code, c) = cloud.send(
+        "POST",
+        "/v1/devices/gw2/commands",
+        &json!({"type": "start", "workflow": "hello", "input": {"who": "plant"}, "id": "start-1", "run_id": "hello-1"}),
+    );
+    assert_eq!(code, 202, "{c}");
+    assert_eq!(cloud.get("/v1/devices/gw2/commands/start-1")["state"], "pending");
+
+    let agent = Agent::start(
+        &dir.path().join("agent"),
+        &["--cloud", &cloud.mqtt_url(), "--device-id", "gw2"],
+    );
+    let done = eventually(Duration::from_secs(20), "the command to be applied", || {
+        let c = cloud.get("/v1/devices/gw2/commands/start-1");
+        (c["state"] == "applied").then_some(c)
+    });
+    assert_eq!(done["detail"]["run_id"], "hello-1", "{done}");
+    eventually(Duration::from_secs(10), "the run", || {
+        (agent.json(&["show", "hello-1"])["output"] == json!({"hi": "plant"})).then_some(())
+    });
+    let dep = cloud.get(&format!("/v1/deployments/{}", deploy.1["id"].as_str().unwrap()));
+    assert_eq!(dep["devices"][0]["state"], "applied", "{dep}");
+
+    // The broker redelivers the same command: the agent ignores it.
+    let again = Body::Command(Command {
+        id: "start-1".into(),
+        kind: CommandKind::Start {
+            workflow: "hello".into(),
+            version: None,
+            input: r#"{"who": "twice"}"#.into(),
+            run_id: Some("hello-2".into()),
+        },
+    });
+    mqtt_publish(cloud.mqtt, "outpost/v1/gw2/cmd", protocol::encode(&again));
+    eventually(Duration::from_secs(10), "the repeat to be counted", || {
+        (agent.json(&["status"])["sync"]["duplicate_commands"] == 1).then_some(())
+    });
+    assert_eq!(
+        agent.cli(&["show", "hello-2"]).status.code(),
+        Some(4),
+        "a repeated command starts nothing"
+    );
+    // A command for an unknown run is rejected with the reason.
+    let (_, c) = cloud.send(
+        "POST",
+        "/v1/devices/gw2/commands",
+        &json!({"type": "cancel", "run_id": "nope"}),
+    );
+    let id = c["id"].as_str().unwrap().to_string();
+    let r = eventually(Duration::from_secs(10), "the rejection", || {
+        let r = cloud.get(&format!("/v1/devices/gw2/commands/{id}"));
+        (r["state"] == "rejected").then_some(r)
+    });
+    assert!(
+        r["message"].as_str().unwrap().contains("run 'nope' does not exist"),
+        "{r}"
+    );
+}
+
+#[test]
+fn a_deployment_reaches_online_devices_now_and_an_offline_one_on_return() {
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = Cloud::embedded(&dir.path().join("cloud"));
+    let mut agents: Vec<Agent> = (1..=3)
+        .map(|i| {
+            let flags = [
+                "--cloud",
+                &cloud.mqtt_url(),
+                "--device-id",
+                &format!("line1-gw{i}"),
+                "--label",
+                "line=1",
+            ];
+            Agent::start(&dir.path().join(format!("agent{i}")), &flags)
+        })
+        .collect();
+    for i in 1..=3 {
+        online(&cloud, &format!("line1-gw{i}"));
+    }
+    agents[2].kill9();
+    // The Last Will marks it offline.
+    eventually(Duration::from_secs(60), "gw3 to be offline", || {
+        crate_device(&cloud, "line1-gw3").filter(|d| d["online"] == false)
+    });
+    let v1 = "name: recipe\nversion: 1\nsteps:\n  - {id: s, action: set, args: {v: 1}}\n";
+    let v2 = v1.replace("version: 1", "version: 2").replace("v: 1", "v: 2");
+    let (_, d1) = cloud.send(
+        "POST",
+        "/v1/deployments",
+        &json!({"document": v1, "labels": {"line": "1"}}),
+    );
+    let d1 = d1["id"].as_str().unwrap().to_string();
+    let status = eventually(Duration::from_secs(20), "the online devices to apply", || {
+        let s = cloud.get(&format!("/v1/deployments/{d1}"));
+        let states: Vec<&str> = s["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["state"].as_str().unwrap())
+            .collect();
+        (states.iter().filter(|s| **s == "applied").count() == 2).then_some(s)
+    });
+    let gw3 = status["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["device"] == "line1-gw3")
+        .unwrap();
+    assert_eq!(gw3["state"], "pending", "{status}");
+
+    // A newer deployment supersedes the older one that is still pending.
+    let (_, d2) = cloud.send(
+        "POST",
+        "/v1/deployments",
+        &json!({"document": v2, "labels": {"line": "1"}}),
+    );
+    let d2 = d2["id"].as_str().unwrap().to_string();
+    let old = cloud.get(&format!("/v1/deployments/{d1}"));
+    let gw3 = old["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["device"] == "line1-gw3")
+        .unwrap();
+    assert_eq!(gw3["state"], "superseded", "{old}");
+
+    agents[2].restart();
+    eventually(Duration::from_secs(20), "gw3 to apply the newer deployment", || {
+        let s = cloud.get(&format!("/v1/deployments/{d2}"));
+        s["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|d| d["state"] == "applied")
+            .then_some(())
+    });
+    let defs = agents[2].json(&["definitions"]);
+    let versions: Vec<u64> = defs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["version"].as_u64().unwrap())
+        .collect();
+    assert_eq!(versions, [2], "the superseded v1 never reached gw3");
+}
+
+#[test]
+fn malformed_unknown_version_and_wrong_device_messages_are_rejected_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = Cloud::embedded(&dir.path().join("cloud"));
+    let agent = Agent::start(
+        &dir.path().join("agent"),
+        &["--cloud", &cloud.mqtt_url(), "--device-id", "gw4"],
+    );
+    online(&cloud, "gw4");
+    let p = cloud.mqtt;
+    mqtt_publish(p, "outpost/v1/gw9/events", vec![9, 1, 2, 3]);
+    mqtt_publish(p, "outpost/v1/gw9/events", vec![1, 0xff, 0xff, 0xff, 0xff]);
+    let birth_on_events = protocol::encode(&Body::Death(protocol::Death { epoch: 1 }));
+    mqtt_publish(p, "outpost/v1/gw9/events", birth_on_events);
+    let stray = CommandResult {
+        id: "not-mine".into(),
+        outcome: Outcome::Applied,
+        message: String::new(),
+        detail: "{}".into(),
+    };
+    mqtt_publish(
+        p,
+        "outpost/v1/gw4/cmd-result",
+        protocol::encode(&Body::CommandResult(stray)),
+    );
+    // And to the agent: garbage where commands arrive.
+    mqtt_publish(p, "outpost/v1/gw4/cmd", b"not a command".to_vec());
+
+    let stats = eventually(Duration::from_secs(10), "four rejections", || {
+        let s = cloud.get("/v1/stats");
+        (s["rejected"] == 4).then_some(s)
+    });
+    let c = &stats["counters"];
+    for reason in ["unknown_version", "malformed", "wrong_channel", "unknown_command"] {
+        assert_eq!(c[format!("rejected.{reason}")], 1, "{stats}");
+    }
+    eventually(Duration::from_secs(10), "the agent to count the bad command", || {
+        (agent.json(&["status"])["sync"]["bad_messages"] == 1).then_some(())
+    });
+    // Both still work.
+    assert_eq!(cloud.get("/v1/devices/gw4")["online"], true);
+    assert!(agent.cli(&["status"]).status.success());
+    assert!(
+        cloud.log().contains("unknown protocol version 9"),
+        "the reason is logged"
+    );
+}
