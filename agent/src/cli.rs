@@ -246,6 +246,10 @@ struct RunArgs {
     /// Events not yet acknowledged by the cloud beyond which new runs are refused (nothing is dropped).
     #[arg(long, default_value_t = 2_000_000, env = "OUTPOST_OUTBOX_MAX_EVENTS")]
     outbox_max_events: u64,
+    /// Workflow that brings the device to the cloud's desired state; it gets `desired` as input and
+    /// must output the state it verified (compared exactly before "in sync" is reported).
+    #[arg(long, env = "OUTPOST_REMEDIATION", value_name = "WORKFLOW")]
+    remediation: Option<String>,
     /// Backlog drain limit in events per second.
     #[arg(long, default_value_t = 100_000, env = "OUTPOST_DRAIN_RATE")]
     drain_rate: u64,
@@ -1032,6 +1036,7 @@ async fn daemon(data_dir: &Path, socket: &Path, args: RunArgs) -> Result<u8, Fai
         config.labels = args.label.clone();
         config.outbox_max_events = args.outbox_max_events;
         config.drain_rate = args.drain_rate;
+        config.remediation = args.remediation.clone();
         crate::sync::start(runtime.clone(), config)
             .await
             .map_err(|e| Failure::new(exit::FAILURE, format!("cannot start sync: {e}")))?;

@@ -15,7 +15,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use outpost_shared::protocol::{
-    self, Ack, Birth, Body, Channel, Command, CommandKind, CommandResult, Death, Outcome, Resend, Topics,
+    self, Ack, Birth, Body, Channel, Command, CommandKind, CommandResult, Death, Desired, Outcome, Reported, Resend,
+    Topics,
 };
 use rumqttc::{AsyncClient, Event as MqttEvent, LastWill, MqttOptions, Packet, QoS};
 use serde_json::{Value, json};
@@ -45,6 +46,8 @@ pub struct SyncConfig {
     pub batch: usize,
     /// Events in flight (sent, not acknowledged) at most.
     pub window: u64,
+    /// The workflow that brings the device to its desired state and outputs the state it verified.
+    pub remediation: Option<String>,
 }
 
 impl SyncConfig {
@@ -60,6 +63,7 @@ impl SyncConfig {
             drain_rate: 100_000,
             batch: 500,
             window: 4_000,
+            remediation: None,
         }
     }
 }
@@ -114,6 +118,112 @@ impl SyncState {
 }
 
 const ACKED: &str = "sync/acked";
+const DESIRED: &str = "sync/desired";
+const REPORTED: &str = "sync/reported";
+
+fn stored_desired(rt: &Runtime) -> Option<Desired> {
+    match protocol::decode(&rt.journal().kv(DESIRED).ok()??) {
+        Ok(Body::Desired(d)) => Some(d),
+        _ => None,
+    }
+}
+
+fn stored_reported(rt: &Runtime) -> Option<Reported> {
+    match protocol::decode(&rt.journal().kv(REPORTED).ok()??) {
+        Ok(Body::Reported(r)) => Some(r),
+        _ => None,
+    }
+}
+
+/// Brings the device to each new desired state: runs the remediation workflow, which must
+/// output the state it verified; only an exact match is reported "in sync".
+async fn reconcile(
+    rt: Runtime,
+    config: SyncConfig,
+    client: AsyncClient,
+    mut desired: watch::Receiver<Option<Desired>>,
+) {
+    let topic = Topics::new(&config.prefix).topic(&config.device, Channel::Reported);
+    loop {
+        let want = desired.borrow_and_update().clone();
+        if let Some(d) = want {
+            let done = stored_reported(&rt).is_some_and(|r| r.desired_version >= d.version);
+            if !done {
+                let report = remediate(&rt, &config, &d).await;
+                info!(version = d.version, in_sync = report.in_sync, message = %report.message, "desired state reconciled");
+                if let Err(e) = rt
+                    .journal()
+                    .put_kv(REPORTED, protocol::encode(&Body::Reported(report.clone())))
+                    .await
+                {
+                    warn!(error = %e, "cannot store reported state");
+                }
+                let bytes = protocol::encode(&Body::Reported(report));
+                if let Err(e) = client.publish(topic.clone(), QoS::AtLeastOnce, true, bytes).await {
+                    warn!(error = %e, "cannot publish reported state");
+                }
+            }
+        }
+        if desired.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn remediate(rt: &Runtime, config: &SyncConfig, d: &Desired) -> Reported {
+    let report = |document: String, in_sync: bool, message: String| Reported {
+        desired_version: d.version,
+        document,
+        in_sync,
+        message,
+    };
+    let Ok(want) = serde_json::from_str::<Value>(&d.document) else {
+        return report("null".into(), false, "the desired document is not JSON".into());
+    };
+    let Some(workflow) = &config.remediation else {
+        return report(
+            "null".into(),
+            false,
+            "no remediation workflow is configured (--remediation)".into(),
+        );
+    };
+    let run_id = format!("remediate-{}", d.version);
+    let req = StartRequest {
+        workflow: workflow.clone(),
+        version: None,
+        input: Some(json!({"desired": want, "version": d.version})),
+        id: Some(run_id.clone()),
+    };
+    if let Err(e) = rt.start(req).await {
+        return report("null".into(), false, format!("cannot start {workflow}: {e}"));
+    }
+    let output = loop {
+        match rt.wait(&run_id, None).await {
+            Ok((rec, _)) if !rec.status.is_terminal() => tokio::time::sleep(Duration::from_millis(100)).await,
+            Ok(_) => match rt.final_event(&run_id) {
+                Ok(outpost_shared::Event::RunCompleted { output }) => break Ok(output),
+                Ok(other) => break Err(format!("run {run_id} ended {}", other.name())),
+                Err(e) => break Err(e.to_string()),
+            },
+            Err(e) => break Err(e.to_string()),
+        }
+    };
+    match output {
+        Err(why) => report("null".into(), false, format!("remediation failed: {why}")),
+        Ok(text) => {
+            let got: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+            if got == want {
+                report(text, true, format!("verified by run {run_id}"))
+            } else {
+                report(
+                    text,
+                    false,
+                    format!("run {run_id} verified a state that differs from the desired one"),
+                )
+            }
+        }
+    }
+}
 const EPOCH: &str = "sync/epoch";
 
 /// Starts sync; returns its shared state. The agent runs the same whether or not the broker is
@@ -145,6 +255,7 @@ pub async fn start(rt: Runtime, config: SyncConfig) -> Result<Arc<SyncState>, Ru
     let (client, eventloop) = AsyncClient::new(opts, 64);
     let (session_tx, session_rx) = watch::channel(0u64);
     let (cmd_tx, cmd_rx) = mpsc::channel(64);
+    let (desired_tx, desired_rx) = watch::channel(stored_desired(&rt));
     info!(device = %config.device, broker = %format!("{}:{}", config.host, config.port), epoch, acked, "sync starting");
     tokio::spawn(poll(
         eventloop,
@@ -153,8 +264,10 @@ pub async fn start(rt: Runtime, config: SyncConfig) -> Result<Arc<SyncState>, Ru
         state.clone(),
         session_tx,
         cmd_tx,
+        desired_tx,
         client.clone(),
     ));
+    tokio::spawn(reconcile(rt.clone(), config.clone(), client.clone(), desired_rx));
     tokio::spawn(drain(
         rt.clone(),
         config.clone(),
@@ -174,6 +287,7 @@ async fn poll(
     state: Arc<SyncState>,
     session: watch::Sender<u64>,
     cmd_tx: mpsc::Sender<(Command, rumqttc::Publish)>,
+    desired_tx: watch::Sender<Option<Desired>>,
     client: AsyncClient,
 ) {
     let topics = Topics::new(&config.prefix);
@@ -222,13 +336,19 @@ async fn poll(
                         session.send_modify(|n| *n += 1);
                     }
                     (Some((_, Channel::Desired)), Ok(Body::Desired(d))) => {
-                        info!(version = d.version, "desired state received");
-                        if let Err(e) = rt
+                        let known = stored_desired(&rt).map(|k| k.version).unwrap_or(0);
+                        if d.version <= known {
+                            info!(version = d.version, known, "desired state not newer; ignored");
+                        } else if let Err(e) = rt
                             .journal()
-                            .put_kv("sync/desired", protocol::encode(&Body::Desired(d)))
+                            .put_kv(DESIRED, protocol::encode(&Body::Desired(d.clone())))
                             .await
                         {
+                            // Not acked below? It is: the retained copy comes again on reconnect.
                             warn!(error = %e, "cannot store desired state");
+                        } else {
+                            info!(version = d.version, "desired state received");
+                            let _ = desired_tx.send(Some(d));
                         }
                     }
                     (_, Err(e)) => {

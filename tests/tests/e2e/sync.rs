@@ -352,3 +352,87 @@ fn malformed_unknown_version_and_wrong_device_messages_are_rejected_and_counted(
         "the reason is logged"
     );
 }
+
+#[test]
+fn desired_state_is_remediated_and_reported_in_sync_only_on_an_exact_match() {
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = Cloud::embedded(&dir.path().join("cloud"));
+    let controller = dir.path().join("controller.json");
+    // The "controller" clamps setpoints above 250, so a desired 999 reads back as 250.
+    let def = format!(
+        r#"
+name: apply
+version: 1
+steps:
+  - id: write
+    action: exec
+    args: {{command: sh, args: ["-c", "sed 's/999/250/' > {c}"], stdin: "{{{{ input.desired }}}}"}}
+  - id: read_back
+    action: exec
+    depends_on: [write]
+    args: {{command: cat, args: ["{c}"]}}
+output: "{{{{ steps.read_back.output.json }}}}"
+"#,
+        c = controller.display()
+    );
+    let file = write(dir.path(), "apply.yaml", &def);
+    // Set before the device ever connects: it is retained, so the device gets it on connect.
+    let (code, v) = cloud.send("PUT", "/v1/devices/gw6/desired", &json!({"document": {"setpoint": 42}}));
+    assert_eq!((code, v["version"].as_u64()), (200, Some(1)), "{v}");
+    let flags = [
+        "--cloud",
+        &cloud.mqtt_url(),
+        "--device-id",
+        "gw6",
+        "--remediation",
+        "apply",
+        "--apply",
+        &file,
+    ];
+    let mut agent = Agent::start(&dir.path().join("agent"), &flags);
+    let state = eventually(Duration::from_secs(20), "the device to report in sync", || {
+        let s = cloud.get("/v1/devices/gw6/state");
+        (s["reported"]["desired_version"] == 1).then_some(s)
+    });
+    assert_eq!(state["reported"]["in_sync"], true, "{state}");
+    assert_eq!(state["reported"]["document"], json!({"setpoint": 42}));
+
+    // Changed while the device is down; the controller cannot reach it: reported, not in sync.
+    agent.kill9();
+    cloud.send(
+        "PUT",
+        "/v1/devices/gw6/desired",
+        &json!({"document": {"setpoint": 999}}),
+    );
+    agent.restart();
+    let state = eventually(Duration::from_secs(20), "the second report", || {
+        let s = cloud.get("/v1/devices/gw6/state");
+        (s["reported"]["desired_version"] == 2).then_some(s)
+    });
+    assert_eq!(state["reported"]["in_sync"], false, "{state}");
+    assert_eq!(
+        state["reported"]["document"],
+        json!({"setpoint": 250}),
+        "the state actually found"
+    );
+    assert!(
+        state["reported"]["message"].as_str().unwrap().contains("differs"),
+        "{state}"
+    );
+
+    // An older desired version (a late redelivery) is ignored.
+    let old = Body::Desired(protocol::Desired {
+        version: 1,
+        document: r#"{"setpoint": 1}"#.into(),
+    });
+    mqtt_publish(cloud.mqtt, "outpost/v1/gw6/desired", protocol::encode(&old));
+    eventually(Duration::from_secs(10), "the stale desired state to be ignored", || {
+        agent.log().contains("desired state not newer; ignored").then_some(())
+    });
+    assert!(agent.cli(&["show", "remediate-1"]).status.success());
+    assert_eq!(
+        agent.json(&["list", "--limit", "10"]).as_array().unwrap().len(),
+        2,
+        "no third remediation"
+    );
+}
