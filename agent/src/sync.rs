@@ -257,14 +257,17 @@ pub async fn start(rt: Runtime, config: SyncConfig) -> Result<Arc<SyncState>, Ru
     let (cmd_tx, cmd_rx) = mpsc::channel(64);
     let (desired_tx, desired_rx) = watch::channel(stored_desired(&rt));
     info!(device = %config.device, broker = %format!("{}:{}", config.host, config.port), epoch, acked, "sync starting");
+    let routes = Routes {
+        session: session_tx,
+        commands: cmd_tx,
+        desired: desired_tx,
+    };
     tokio::spawn(poll(
         eventloop,
         rt.clone(),
         config.clone(),
         state.clone(),
-        session_tx,
-        cmd_tx,
-        desired_tx,
+        routes,
         client.clone(),
     ));
     tokio::spawn(reconcile(rt.clone(), config.clone(), client.clone(), desired_rx));
@@ -279,17 +282,30 @@ pub async fn start(rt: Runtime, config: SyncConfig) -> Result<Arc<SyncState>, Ru
     Ok(state)
 }
 
+/// Where the poll task hands what arrives.
+struct Routes {
+    /// Bumped on every new session and resend request: the drain starts again from the ack.
+    session: watch::Sender<u64>,
+    /// Commands, with their packet (acked once applied).
+    commands: mpsc::Sender<(Command, rumqttc::Publish)>,
+    /// The newest desired state.
+    desired: watch::Sender<Option<Desired>>,
+}
+
 /// Polls the MQTT event loop and routes what arrives; never publishes with `.await` here.
 async fn poll(
     mut eventloop: rumqttc::EventLoop,
     rt: Runtime,
     config: SyncConfig,
     state: Arc<SyncState>,
-    session: watch::Sender<u64>,
-    cmd_tx: mpsc::Sender<(Command, rumqttc::Publish)>,
-    desired_tx: watch::Sender<Option<Desired>>,
+    routes: Routes,
     client: AsyncClient,
 ) {
+    let Routes {
+        session,
+        commands: cmd_tx,
+        desired: desired_tx,
+    } = routes;
     let topics = Topics::new(&config.prefix);
     let mut backoff = Duration::from_millis(250);
     loop {
