@@ -1,0 +1,298 @@
+//! Sync benchmarks: wire bytes per event, drain rate of a 100,000-event backlog (real agent and
+//! real cloud-sync processes over the embedded broker), and cloud-sync ingest with 100 simulated
+//! devices publishing at once. Prints figures; asserts nothing.
+//!
+//!   cargo build --release && ./target/release/outpost-sync-bench
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use outpost_shared::journal::{self, ErrorInfo, Event, Record};
+use outpost_shared::protocol::{self, Body, Channel, Topics};
+use serde_json::Value;
+
+/// A typical mix: runs of three steps, a timed-out attempt now and then.
+fn sample_events(n: usize) -> Vec<Record> {
+    let mut out = Vec::with_capacity(n);
+    let mut i = 0u64;
+    while out.len() < n {
+        let run = format!("1a2b3c4d{i:08x}");
+        let at = 1_790_000_000_000 + i * 40;
+        let ev = |e: Event, k: u64| Record {
+            run_id: run.clone(),
+            at_ms: at + k,
+            event: e,
+        };
+        out.push(ev(
+            Event::RunStarted {
+                workflow: "oven-cooling".into(),
+                version: 3,
+                input: r#"{"start_celsius":110}"#.into(),
+            },
+            0,
+        ));
+        for (k, step) in ["read_temp", "open_vent", "confirm"].iter().enumerate() {
+            let k = k as u64 * 3;
+            out.push(ev(
+                Event::AttemptStarted {
+                    step: step.to_string(),
+                    visit: 1,
+                    attempt: 1,
+                    key: format!("{run}/{step}/1"),
+                },
+                k + 1,
+            ));
+            if i % 10 == 0 && *step == "open_vent" {
+                out.push(ev(
+                    Event::AttemptFailed {
+                        step: step.to_string(),
+                        visit: 1,
+                        attempt: 1,
+                        error: ErrorInfo::new("timeout", "attempt took longer than 2s"),
+                        retry_at_ms: Some(at + 2000),
+                    },
+                    k + 2,
+                ));
+            }
+            out.push(ev(
+                Event::StepCompleted {
+                    step: step.to_string(),
+                    visit: 1,
+                    output: format!(r#"{{"celsius":{}}}"#, 70 + i % 30),
+                },
+                k + 3,
+            ));
+        }
+        out.push(ev(
+            Event::RunCompleted {
+                output: r#"{"vents":1}"#.into(),
+            },
+            12,
+        ));
+        i += 1;
+    }
+    out.truncate(n);
+    out
+}
+
+fn wire_bytes() {
+    let events = sample_events(100_000);
+    let records: Vec<Vec<u8>> = events.iter().map(journal::encode).collect();
+    let mut wire = 0usize;
+    for (i, chunk) in records.chunks(500).enumerate() {
+        let batch = protocol::pack(1, 1 + i as u64 * 500, chunk);
+        wire += protocol::encode(&Body::Events(batch)).len();
+    }
+    let json: usize = events
+        .iter()
+        .map(|r| {
+            serde_json::json!({"seq": 1, "run_id": r.run_id, "at_ms": r.at_ms, "event": r.event})
+                .to_string()
+                .len()
+                + 1
+        })
+        .sum();
+    let raw: usize = records.iter().map(Vec::len).sum();
+    println!("wire format (100,000 typical events, batches of 500)");
+    println!(
+        "  postcard records, uncompressed   {:6.1} bytes/event",
+        raw as f64 / 1e5
+    );
+    println!(
+        "  batched + deflated on the wire   {:6.1} bytes/event",
+        wire as f64 / 1e5
+    );
+    println!(
+        "  the same events as JSON lines    {:6.1} bytes/event",
+        json as f64 / 1e5
+    );
+}
+
+fn bin(name: &str) -> anyhow::Result<PathBuf> {
+    let p = std::env::current_exe()?.with_file_name(name);
+    if !p.exists() {
+        bail!("{} is missing: cargo build --release first", p.display());
+    }
+    Ok(p)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(18830)
+}
+
+fn http_get(port: u16, path: &str) -> Option<Value> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n").ok()?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).ok()?;
+    serde_json::from_str(raw.split_once("\r\n\r\n")?.1).ok()
+}
+
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> anyhow::Result<()> {
+    let t = Instant::now();
+    while !f() {
+        if t.elapsed() > timeout {
+            bail!("timed out waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+fn cloud(dir: &std::path::Path, api: u16, mqtt: u16) -> anyhow::Result<std::process::Child> {
+    Ok(Command::new(bin("outpost-cloud")?)
+        .arg("--data-dir")
+        .arg(dir)
+        .args(["--listen", &format!("127.0.0.1:{api}")])
+        .args(["--mqtt-listen", &format!("127.0.0.1:{mqtt}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?)
+}
+
+/// A real agent builds a 100k-event backlog offline; then cloud-sync comes up and it drains.
+fn drain() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (api, mqtt) = (free_port(), free_port());
+    let outpost = bin("outpost")?;
+    let flow = "name: burst\nversion: 1\nkind: state_machine\nsteps:\n  - id: tick\n    action: set\n    args: {n: \"{{ steps.tick.visits }}\"}\n    choices:\n      - when: steps.tick.visits >= 497\n        next: done\n    default: tick\n  - id: done\n    action: set\n    args: {}\n    end: succeed\n";
+    std::fs::write(dir.path().join("burst.yaml"), flow)?;
+    let data = dir.path().join("agent");
+    let mut agent = Command::new(&outpost)
+        .arg("run")
+        .arg("--data-dir")
+        .arg(&data)
+        .args([
+            "--cloud",
+            &format!("mqtt://127.0.0.1:{mqtt}"),
+            "--device-id",
+            "bench-gw",
+        ])
+        .args(["--drain-rate", "100000000"])
+        .arg("--apply")
+        .arg(dir.path().join("burst.yaml"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let cli = |args: &[&str]| Command::new(&outpost).arg("--data-dir").arg(&data).args(args).output();
+    wait_for("the agent", Duration::from_secs(20), || {
+        cli(&["status"]).is_ok_and(|o| o.status.success())
+    })?;
+    for i in 0..200 {
+        cli(&["start", "burst", "--id", &format!("r{i:03}")])?;
+    }
+    let next_seq = || -> u64 {
+        cli(&["status", "--json"])
+            .ok()
+            .and_then(|o| serde_json::from_slice::<Value>(&o.stdout).ok())
+            .and_then(|v| v["journal"]["next_seq"].as_u64())
+            .unwrap_or(0)
+    };
+    wait_for("the backlog", Duration::from_secs(300), || next_seq() > 100_000)?;
+    std::thread::sleep(Duration::from_millis(500));
+    let total = next_seq() - 1;
+    let mut cloud = cloud(&dir.path().join("cloud"), api, mqtt)?;
+    let t0 = Instant::now();
+    let stored = || {
+        http_get(api, "/v1/devices/bench-gw")
+            .and_then(|d| d["stored_seq"].as_u64())
+            .unwrap_or(0)
+    };
+    let res = wait_for("the drain", Duration::from_secs(300), || stored() >= total);
+    let took = t0.elapsed();
+    let _ = agent.kill();
+    let _ = cloud.kill();
+    res?;
+    println!("backlog drain (real agent -> embedded broker -> real cloud-sync, fsync'd at both ends)");
+    println!(
+        "  {total} events in {:.2} s: {:.0} events/s (from cloud-sync's start, including its connect)",
+        took.as_secs_f64(),
+        total as f64 / took.as_secs_f64()
+    );
+    Ok(())
+}
+
+/// 100 simulated devices publish at once into one cloud-sync.
+fn ingest() -> anyhow::Result<()> {
+    const DEVICES: usize = 100;
+    const BATCHES: usize = 10;
+    const PER_BATCH: usize = 500;
+    let dir = tempfile::tempdir()?;
+    let (api, mqtt) = (free_port(), free_port());
+    let mut cloud = cloud(dir.path(), api, mqtt)?;
+    wait_for("cloud-sync", Duration::from_secs(20), || {
+        http_get(api, "/v1/health").is_some()
+    })?;
+    std::thread::sleep(Duration::from_millis(500));
+    let records: Vec<Vec<u8>> = sample_events(BATCHES * PER_BATCH).iter().map(journal::encode).collect();
+    let batches: Vec<Vec<u8>> = records
+        .chunks(PER_BATCH)
+        .enumerate()
+        .map(|(i, c)| protocol::encode(&Body::Events(protocol::pack(1, 1 + (i * PER_BATCH) as u64, c))))
+        .collect();
+    let topics = Topics::new(protocol::DEFAULT_PREFIX);
+    let t0 = Instant::now();
+    let handles: Vec<_> = (0..DEVICES)
+        .map(|d| {
+            let topic = topics.topic(&format!("sim-{d:03}"), Channel::Events);
+            let batches = batches.clone();
+            std::thread::spawn(move || {
+                let mut opts = rumqttc::MqttOptions::new(format!("sim-{d:03}"), "127.0.0.1", mqtt);
+                opts.set_max_packet_size(2 << 20, 2 << 20);
+                let (client, mut conn) = rumqttc::Client::new(opts, 16);
+                let n = batches.len();
+                std::thread::spawn(move || {
+                    for b in batches {
+                        let _ = client.publish(topic.clone(), rumqttc::QoS::AtLeastOnce, false, b);
+                    }
+                });
+                let mut acked = 0;
+                for ev in conn.iter() {
+                    match ev {
+                        Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => {
+                            acked += 1;
+                            if acked == n {
+                                break;
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(_) => std::thread::sleep(Duration::from_millis(50)),
+                    }
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        let _ = h.join();
+    }
+    let total = (DEVICES * BATCHES * PER_BATCH) as u64;
+    let events = || {
+        http_get(api, "/v1/stats")
+            .and_then(|s| s["events_stored"].as_u64())
+            .unwrap_or(0)
+    };
+    let res = wait_for("the ingest", Duration::from_secs(600), || events() >= total);
+    let took = t0.elapsed();
+    let _ = cloud.kill();
+    res.context("ingest")?;
+    println!("cloud-sync ingest ({DEVICES} simulated devices at once, {BATCHES} batches of {PER_BATCH} events each)");
+    println!(
+        "  {total} events in {:.2} s: {:.0} events/s, each batch fsync'd before its ack",
+        took.as_secs_f64(),
+        total as f64 / took.as_secs_f64()
+    );
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    wire_bytes();
+    drain()?;
+    ingest()?;
+    Ok(())
+}
