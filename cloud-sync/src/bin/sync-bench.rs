@@ -44,7 +44,7 @@ fn sample_events(n: usize) -> Vec<Record> {
                 },
                 k + 1,
             ));
-            if i % 10 == 0 && *step == "open_vent" {
+            if i.is_multiple_of(10) && *step == "open_vent" {
                 out.push(ev(
                     Event::AttemptFailed {
                         step: step.to_string(),
