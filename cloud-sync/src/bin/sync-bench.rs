@@ -204,16 +204,20 @@ fn drain() -> anyhow::Result<()> {
             .and_then(|d| d["stored_seq"].as_u64())
             .unwrap_or(0)
     };
-    let res = wait_for("the drain", Duration::from_secs(300), || stored() >= total);
-    let took = t0.elapsed();
+    // The agent reconnects on its own backoff; the drain starts with the first stored event.
+    let first = wait_for("the first batch", Duration::from_secs(120), || stored() > 0);
+    let (connected, t1) = (t0.elapsed(), Instant::now());
+    let res = first.and_then(|_| wait_for("the drain", Duration::from_secs(300), || stored() >= total));
+    let took = t1.elapsed();
     let _ = agent.kill();
     let _ = cloud.kill();
     res?;
     println!("backlog drain (real agent -> embedded broker -> real cloud-sync, fsync'd at both ends)");
     println!(
-        "  {total} events in {:.2} s: {:.0} events/s (from cloud-sync's start, including its connect)",
+        "  {total} events in {:.2} s after the first batch: {:.0} events/s (reconnect took {:.1} s)",
         took.as_secs_f64(),
-        total as f64 / took.as_secs_f64()
+        total as f64 / took.as_secs_f64(),
+        connected.as_secs_f64()
     );
     Ok(())
 }

@@ -436,3 +436,44 @@ output: "{{{{ steps.read_back.output.json }}}}"
         "no third remediation"
     );
 }
+
+#[test]
+fn the_readme_demo_starts_cloud_sync_and_a_gateway_whose_run_is_mirrored() {
+    let dir = tempfile::tempdir().unwrap();
+    let (api, mqtt) = (outpost_tests::cloud::free_port(), outpost_tests::cloud::free_port());
+    let exe = outpost_tests::outpost_bin().with_file_name("outpost-cloud");
+    let mut child = std::process::Command::new(exe)
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{api}"),
+            "--mqtt-listen",
+            &format!("127.0.0.1:{mqtt}"),
+            "--demo",
+        ])
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let run = eventually(Duration::from_secs(60), "the demo run to be mirrored", || {
+        let (code, runs) = outpost_tests::cloud::http("GET", api, "/v1/devices/demo-gw/runs", None).ok()?;
+        let r = runs.as_array()?.first()?.clone();
+        (code == 200 && r["status"] == "completed").then_some(r)
+    });
+    assert_eq!(run["workflow"], "oven-plant");
+    let _ = child.kill();
+    let _ = child.wait();
+    // The demo agent is a child of cloud-sync and shares its stdout: stop it before reading.
+    let _ = std::process::Command::new("pkill")
+        .args(["-9", "-f", &dir.path().display().to_string()])
+        .status();
+    let mut out = String::new();
+    use std::io::Read;
+    child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    assert!(
+        out.contains(&format!("API on http://127.0.0.1:{api}/v1/devices")),
+        "{out}"
+    );
+}
