@@ -384,7 +384,8 @@ async fn poll(
                 let wait = backoff.mul_f64(0.5 + fastrand::f64());
                 warn!(error = %e, retry_in = ?wait, "sync disconnected");
                 tokio::time::sleep(wait).await;
-                backoff = (backoff * 2).min(Duration::from_secs(30));
+                // Capped low: a gateway should be back within seconds of its link.
+                backoff = (backoff * 2).min(Duration::from_secs(10));
             }
         }
     }

@@ -52,6 +52,11 @@ impl Cloud {
         Self::start(dir, None, free_port())
     }
 
+    /// Starts cloud-sync with its embedded broker on a given port.
+    pub fn start_on(dir: &Path, mqtt_port: u16) -> Cloud {
+        Self::start(dir, None, mqtt_port)
+    }
+
     /// Starts cloud-sync against an external broker on `mqtt_port`.
     pub fn external(dir: &Path, mqtt_port: u16) -> Cloud {
         Self::start(dir, Some(format!("mqtt://127.0.0.1:{mqtt_port}")), mqtt_port)

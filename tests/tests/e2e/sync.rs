@@ -477,3 +477,65 @@ fn the_readme_demo_starts_cloud_sync_and_a_gateway_whose_run_is_mirrored() {
         "{out}"
     );
 }
+
+#[test]
+fn a_full_outbox_refuses_new_runs_and_retention_waits_for_the_cloud() {
+    let dir = tempfile::tempdir().unwrap();
+    let cloud_dir = dir.path().join("cloud");
+    let port = outpost_tests::cloud::free_port();
+    // No cloud yet: everything stays in the outbox. Retention would delete finished runs at once,
+    // but not before the cloud has them.
+    let flags = [
+        "--cloud",
+        &format!("mqtt://127.0.0.1:{port}"),
+        "--device-id",
+        "gw7",
+        "--outbox-max-events",
+        "40",
+        "--retention",
+        "0s",
+        "--prune-interval",
+        "200ms",
+    ];
+    let agent = Agent::start(&dir.path().join("agent"), &flags);
+    let def = "name: hello\nversion: 1\nsteps:\n  - {id: s, action: set, args: {hi: 1}}\n";
+    agent.json(&["apply", &write(dir.path(), "hello.yaml", def)]);
+    let mut started = 0;
+    let refused = loop {
+        let out = agent.cli(&["start", "hello", "--id", &format!("h{started}")]);
+        if !out.status.success() {
+            break out;
+        }
+        started += 1;
+        assert!(started < 100, "the outbox cap never refused a start");
+    };
+    assert_eq!(refused.status.code(), Some(9));
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        why.contains("sync outbox holds") && why.contains("--outbox-max-events"),
+        "{why}"
+    );
+    let status = agent.json(&["status"]);
+    assert_eq!(status["sync"]["refused_starts"], 1, "{status}");
+    std::thread::sleep(Duration::from_millis(600));
+    let kept = agent.json(&["list", "--limit", "1000"]).as_array().unwrap().len();
+    assert_eq!(kept, started, "unacknowledged runs are not pruned");
+
+    // The cloud comes up on that port: the outbox drains, retention then prunes, starts work again.
+    let cloud = Cloud::start_on(&cloud_dir, port);
+    eventually(
+        Duration::from_secs(40),
+        "the backlog to be acknowledged and pruned",
+        || {
+            let s = agent.json(&["status"]);
+            let runs = agent.json(&["list", "--limit", "1000"]);
+            (s["sync"]["backlog_events"] == 0 && runs.as_array().unwrap().is_empty()).then_some(())
+        },
+    );
+    assert_eq!(
+        cloud.get("/v1/devices/gw7/runs").as_array().unwrap().len(),
+        started,
+        "the cloud has every run"
+    );
+    assert!(agent.cli(&["start", "hello", "--id", "after"]).status.success());
+}
