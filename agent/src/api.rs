@@ -114,10 +114,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, ApiError> + S
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
 }
 
-/// RFC 3339 text of a wall-clock time in ms.
-pub fn rfc3339(ms: u64) -> String {
-    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
-}
+pub use outpost_shared::journal::rfc3339;
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -448,7 +445,12 @@ pub fn run_detail(rt: &Runtime, id: &str, rec: &RunRecord) -> Result<Value, ApiE
         (Some(h), Some(w)) => format!("{h}; {w}").into(),
         (h, w) => h.or(w).map(Value::from).unwrap_or(Value::Null),
     };
-    out["history"] = Value::Array(history.iter().map(|(seq, r)| history_row(*seq, r)).collect());
+    out["history"] = Value::Array(
+        history
+            .iter()
+            .map(|(seq, r)| outpost_shared::journal::history_row(*seq, r))
+            .collect(),
+    );
     Ok(out)
 }
 
@@ -580,26 +582,4 @@ fn step_rows(def: &Definition, st: &RunState, history: &[(u64, Record)]) -> Vec<
             Value::Object(v)
         })
         .collect()
-}
-
-fn history_row(seq: u64, r: &Record) -> Value {
-    // Event serialises as {"Variant": {fields}}; flatten to {"type": ..., fields}.
-    let mut fields = match serde_json::to_value(&r.event) {
-        Ok(Value::Object(m)) => m.into_iter().next().map(|(_, v)| v).unwrap_or(Value::Null),
-        _ => Value::Null,
-    };
-    if !fields.is_object() {
-        fields = json!({});
-    }
-    for k in ["input", "output", "payload"] {
-        if let Some(Value::String(s)) = fields.get(k)
-            && let Ok(v) = serde_json::from_str::<Value>(s)
-        {
-            fields[k] = v;
-        }
-    }
-    fields["seq"] = seq.into();
-    fields["at"] = rfc3339(r.at_ms).into();
-    fields["type"] = r.event.name().into();
-    fields
 }

@@ -118,6 +118,8 @@ impl SyncState {
 }
 
 const ACKED: &str = "sync/acked";
+/// With events in flight and no acknowledgement for this long, send again from the cursor.
+const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 const DESIRED: &str = "sync/desired";
 const REPORTED: &str = "sync/reported";
 
@@ -416,9 +418,20 @@ async fn drain(
     // The rate limit counts from the start of the current burst, so idle time earns no credit.
     let mut started = Instant::now();
     let mut sent_events = 0u64;
+    // Safety net: batches sent while nobody listened are lost without an error; with no
+    // acknowledgement progress for a while, send again from the acknowledged cursor.
+    let mut progress = (state.acked.load(Ordering::Relaxed), Instant::now());
     loop {
         let next_seq = *commits.borrow_and_update();
-        let (sent, acked) = (state.sent.load(Ordering::Relaxed), state.acked.load(Ordering::Relaxed));
+        let (mut sent, acked) = (state.sent.load(Ordering::Relaxed), state.acked.load(Ordering::Relaxed));
+        if acked != progress.0 || sent <= acked {
+            progress = (acked, Instant::now());
+        } else if progress.1.elapsed() > ACK_TIMEOUT {
+            info!(from = acked, "no acknowledgement for a while; sending again");
+            state.sent.store(acked, Ordering::Relaxed);
+            sent = acked;
+            progress.1 = Instant::now();
+        }
         let can_send = state.connected.load(Ordering::Relaxed) && sent < next_seq && sent < acked + config.window;
         if !can_send {
             if sent >= next_seq || !state.connected.load(Ordering::Relaxed) {

@@ -7,7 +7,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use outpost_shared::journal::Record;
+use outpost_shared::journal::rfc3339;
 use outpost_shared::protocol::CommandKind;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -69,10 +69,6 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??)
 }
 
-fn rfc3339(ms: u64) -> String {
-    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms)).to_string()
-}
-
 fn device_json(id: &str, d: &Device) -> Value {
     json!({
         "id": id,
@@ -91,27 +87,6 @@ fn run_json(id: &str, m: &RunMirror) -> Value {
         "run_id": id, "workflow": m.workflow, "version": m.version, "status": m.status,
         "created_at": rfc3339(m.created_ms), "finished_at": m.finished_ms.map(rfc3339), "events": m.events,
     })
-}
-
-fn history_row(seq: u64, r: &Record) -> Value {
-    let mut fields = match serde_json::to_value(&r.event) {
-        Ok(Value::Object(m)) => m.into_iter().next().map(|(_, v)| v).unwrap_or(Value::Null),
-        _ => Value::Null,
-    };
-    if !fields.is_object() {
-        fields = json!({});
-    }
-    for k in ["input", "output", "payload"] {
-        if let Some(Value::String(s)) = fields.get(k)
-            && let Ok(v) = serde_json::from_str::<Value>(s)
-        {
-            fields[k] = v;
-        }
-    }
-    fields["seq"] = seq.into();
-    fields["at"] = rfc3339(r.at_ms).into();
-    fields["type"] = r.event.name().into();
-    fields
 }
 
 async fn stats(State(s): S) -> R {
@@ -165,7 +140,12 @@ async fn run(State(s): S, Path((id, run)): Path<(String, String)>) -> R {
             .run(&id, &run)?
             .ok_or_else(|| StoreError::NotFound(format!("device '{id}' has no run '{run}'")))?;
         let mut v = run_json(&run, &m);
-        v["history"] = Value::Array(history.iter().map(|(seq, r)| history_row(*seq, r)).collect());
+        v["history"] = Value::Array(
+            history
+                .iter()
+                .map(|(seq, r)| outpost_shared::journal::history_row(*seq, r))
+                .collect(),
+        );
         Ok(Json(v))
     })
     .await

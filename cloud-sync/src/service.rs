@@ -137,9 +137,12 @@ impl Service {
                 match res {
                     Ok((dev, true)) => {
                         info!(device = %device, epoch = dev.epoch, next_seq = dev.next_seq, last_seq = dev.reported_last_seq, "device online");
-                        // Tell it where we are, then send what waits for it.
+                        // Tell it where we are and to send from there (what it sent before we were
+                        // listening is lost), then send what waits for it.
                         self.publish(&device, Channel::Ack, &Body::Ack(Ack { next_seq: dev.next_seq }), false)
                             .await;
+                        let resend = Body::Resend(Resend { from_seq: dev.next_seq });
+                        self.publish(&device, Channel::Ack, &resend, false).await;
                         self.deliver_pending(&device).await;
                     }
                     Ok((_, false)) => info!(device = %device, "stale birth ignored"),

@@ -337,6 +337,36 @@ pub struct RecordV1 {
     pub event: Event,
 }
 
+/// RFC 3339 text (UTC, milliseconds) of a wall-clock time in ms since the Unix epoch.
+pub fn rfc3339(ms: u64) -> String {
+    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms)).to_string()
+}
+
+/// One event as shown to people and APIs: `{"seq", "at", "type", …fields}`, with JSON payloads
+/// (input, output, signal payload) parsed rather than quoted.
+pub fn history_row(seq: u64, r: &Record) -> serde_json::Value {
+    use serde_json::Value;
+    // Event serialises as {"Variant": {fields}}; flatten to {"type": ..., fields}.
+    let mut fields = match serde_json::to_value(&r.event) {
+        Ok(Value::Object(m)) => m.into_iter().next().map(|(_, v)| v).unwrap_or(Value::Null),
+        _ => Value::Null,
+    };
+    if !fields.is_object() {
+        fields = serde_json::json!({});
+    }
+    for k in ["input", "output", "payload"] {
+        if let Some(Value::String(s)) = fields.get(k)
+            && let Ok(v) = serde_json::from_str::<Value>(s)
+        {
+            fields[k] = v;
+        }
+    }
+    fields["seq"] = seq.into();
+    fields["at"] = rfc3339(r.at_ms).into();
+    fields["type"] = r.event.name().into();
+    fields
+}
+
 /// The current record version.
 pub type Record = RecordV1;
 

@@ -85,41 +85,8 @@ fn catch_up_after_sigkill_follows_each_policy_and_no_slot_runs_twice() {
     }
 }
 
-#[test]
-fn overlap_skip_never_runs_two_at_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let agent = Agent::start(&dir.path().join("data"), &[]);
-    let def = "name: long\nversion: 1\nschedules:\n  - {id: t, every: 1s, overlap: skip}\nsteps:\n  - {id: s, action: sleep, args: {duration: 2500ms}}\n";
-    agent.json(&["apply", &write(dir.path(), "long.yaml", def)]);
-    std::thread::sleep(Duration::from_millis(7000));
-    let runs = agent.json(&["list", "--limit", "100"]);
-    let mut spans: Vec<(u64, u64)> = runs
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            let start = ts_ms(&r["created_at"]);
-            let end = r["finished_at"]
-                .as_str()
-                .map(|_| ts_ms(&r["finished_at"]))
-                .unwrap_or(u64::MAX);
-            (start, end)
-        })
-        .collect();
-    spans.sort();
-    assert!(spans.len() >= 2, "{runs}");
-    for w in spans.windows(2) {
-        assert!(w[1].0 >= w[0].1, "runs overlapped: {spans:?}");
-    }
-}
-
-#[test]
-fn overlap_queue_one_starts_the_waiting_slot_when_the_previous_run_ends() {
-    let dir = tempfile::tempdir().unwrap();
-    let agent = Agent::start(&dir.path().join("data"), &[]);
-    let def = "name: q\nversion: 1\nschedules:\n  - {id: t, every: 1s, overlap: queue_one}\nsteps:\n  - {id: s, action: sleep, args: {duration: 2200ms}}\n";
-    agent.json(&["apply", &write(dir.path(), "q.yaml", def)]);
-    std::thread::sleep(Duration::from_millis(7500));
+/// Every run's (created, finished) time, ordered; an unfinished run ends at `u64::MAX`.
+fn run_spans(agent: &Agent) -> (Value, Vec<(u64, u64)>) {
     let runs = agent.json(&["list", "--limit", "100"]);
     let mut spans: Vec<(u64, u64)> = runs
         .as_array()
@@ -134,6 +101,31 @@ fn overlap_queue_one_starts_the_waiting_slot_when_the_previous_run_ends() {
         })
         .collect();
     spans.sort();
+    (runs, spans)
+}
+
+#[test]
+fn overlap_skip_never_runs_two_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&dir.path().join("data"), &[]);
+    let def = "name: long\nversion: 1\nschedules:\n  - {id: t, every: 1s, overlap: skip}\nsteps:\n  - {id: s, action: sleep, args: {duration: 2500ms}}\n";
+    agent.json(&["apply", &write(dir.path(), "long.yaml", def)]);
+    std::thread::sleep(Duration::from_millis(7000));
+    let (runs, spans) = run_spans(&agent);
+    assert!(spans.len() >= 2, "{runs}");
+    for w in spans.windows(2) {
+        assert!(w[1].0 >= w[0].1, "runs overlapped: {spans:?}");
+    }
+}
+
+#[test]
+fn overlap_queue_one_starts_the_waiting_slot_when_the_previous_run_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&dir.path().join("data"), &[]);
+    let def = "name: q\nversion: 1\nschedules:\n  - {id: t, every: 1s, overlap: queue_one}\nsteps:\n  - {id: s, action: sleep, args: {duration: 2200ms}}\n";
+    agent.json(&["apply", &write(dir.path(), "q.yaml", def)]);
+    std::thread::sleep(Duration::from_millis(7500));
+    let (runs, spans) = run_spans(&agent);
     assert!(spans.len() >= 3, "{runs}");
     for w in spans.windows(2) {
         // Never two at once, and the queued slot starts as soon as the previous run ends.

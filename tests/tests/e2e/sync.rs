@@ -523,15 +523,22 @@ fn a_full_outbox_refuses_new_runs_and_retention_waits_for_the_cloud() {
 
     // The cloud comes up on that port: the outbox drains, retention then prunes, starts work again.
     let cloud = Cloud::start_on(&cloud_dir, port);
-    eventually(
-        Duration::from_secs(40),
-        "the backlog to be acknowledged and pruned",
-        || {
-            let s = agent.json(&["status"]);
-            let runs = agent.json(&["list", "--limit", "1000"]);
-            (s["sync"]["backlog_events"] == 0 && runs.as_array().unwrap().is_empty()).then_some(())
-        },
-    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    loop {
+        let s = agent.json(&["status"]);
+        let runs = agent.json(&["list", "--limit", "1000"]);
+        if s["sync"]["backlog_events"] == 0 && runs.as_array().unwrap().is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "backlog not acknowledged and pruned: {} {} runs left\n{}",
+            s["sync"],
+            runs.as_array().unwrap().len(),
+            agent.log().lines().rev().take(12).collect::<Vec<_>>().join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert_eq!(
         cloud.get("/v1/devices/gw7/runs").as_array().unwrap().len(),
         started,
