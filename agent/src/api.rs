@@ -28,6 +28,7 @@ pub const MAX_WAIT: Duration = Duration::from_secs(3600);
 pub fn router(rt: Runtime) -> Router {
     Router::new()
         .route("/v1/health", get(health))
+        .route("/metrics", get(metrics))
         .route("/v1/status", get(status))
         .route("/v1/definitions", post(apply).get(list_definitions))
         .route("/v1/definitions/{name}", get(get_definition))
@@ -121,6 +122,14 @@ fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// Prometheus metrics.
+pub async fn metrics(State(rt): AppState) -> impl IntoResponse {
+    let text = tokio::task::spawn_blocking(move || crate::metrics::render(&rt))
+        .await
+        .unwrap_or_default();
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
 }
 
 async fn health() -> Json<Value> {

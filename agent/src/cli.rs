@@ -275,6 +275,10 @@ struct RunArgs {
     /// How long an open breaker holds attempts before one probes (doubles per failed probe, up to 5m).
     #[arg(long, default_value = "5s", env = "OUTPOST_BREAKER_COOLDOWN")]
     breaker_cooldown: humantime::Duration,
+    /// Also serve Prometheus metrics over TCP here, e.g. `127.0.0.1:9464` (always on the
+    /// socket's `/metrics`).
+    #[arg(long, env = "OUTPOST_METRICS_LISTEN", value_name = "ADDR")]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// Journal page cache in MiB.
     #[arg(long, default_value_t = 4, env = "OUTPOST_CACHE_MB")]
     cache_mb: usize,
@@ -1011,6 +1015,20 @@ async fn daemon(data_dir: &Path, socket: &Path, args: RunArgs) -> Result<u8, Fai
         .resume_all()
         .map_err(|e| Failure::new(exit::FAILURE, e.to_string()))?;
     tokio::spawn(crate::schedule::run(runtime.clone(), runtime.definitions_changed()));
+    if let Some(addr) = args.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| Failure::new(exit::FAILURE, format!("--metrics-listen {addr}: {e}")))?;
+        let app = axum::Router::new()
+            .route("/metrics", axum::routing::get(crate::api::metrics))
+            .with_state(Arc::new(runtime.clone()));
+        info!(%addr, "metrics on http://{addr}/metrics");
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!(error = %e, "metrics server stopped");
+            }
+        });
+    }
     let retention = crate::retention::RetentionConfig {
         keep_for: args.retention.into(),
         max_bytes: args.retention_max_mb.saturating_mul(1024 * 1024),

@@ -18,6 +18,7 @@ pub mod engine;
 pub mod equipment;
 pub mod journal;
 pub mod limits;
+pub mod metrics;
 pub mod retention;
 pub mod runtime;
 pub mod schedule;

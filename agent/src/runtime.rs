@@ -172,6 +172,8 @@ struct Inner {
     pruned: Mutex<Option<(u64, crate::journal::Pruned)>>,
     /// Cloud sync, when configured.
     sync: std::sync::OnceLock<Arc<crate::sync::SyncState>>,
+    /// How long step attempts take.
+    step_latency: crate::metrics::Histogram,
 }
 
 /// The running agent: journal, definitions and run drivers. Cheap to clone.
@@ -220,6 +222,7 @@ impl Runtime {
                 journal_path,
                 pruned: Mutex::new(None),
                 sync: std::sync::OnceLock::new(),
+                step_latency: crate::metrics::Histogram::default(),
             }),
         })
     }
@@ -618,6 +621,11 @@ impl Runtime {
     /// Connects cloud sync: its cursor bounds retention and its backlog gates new runs.
     pub fn attach_sync(&self, state: Arc<crate::sync::SyncState>) {
         let _ = self.inner.sync.set(state);
+    }
+
+    /// The step attempt latency histogram.
+    pub fn step_latency(&self) -> &crate::metrics::Histogram {
+        &self.inner.step_latency
     }
 
     /// Cloud sync's state, when configured.
@@ -1312,6 +1320,7 @@ async fn activity(
             Some(a) => a.execute(call),
         },
     };
+    let began = std::time::Instant::now();
     let result = match timeout {
         Some(t) => tokio::time::timeout(t, fut).await.unwrap_or_else(|_| {
             Err(crate::actions::ActionError::retryable(
@@ -1321,6 +1330,7 @@ async fn activity(
         }),
         None => fut.await,
     };
+    inner.step_latency.observe(began.elapsed());
     if let Some(t) = &target {
         match &result {
             Ok(_) => inner.breakers.success(t),

@@ -23,6 +23,7 @@ pub fn router(service: Arc<Service>) -> Router {
             get(|| async { Json(json!({"ok": true, "version": env!("CARGO_PKG_VERSION")})) }),
         )
         .route("/v1/stats", get(stats))
+        .route("/metrics", get(metrics))
         .route("/v1/devices", get(devices))
         .route("/v1/devices/{id}", get(device))
         .route("/v1/devices/{id}/runs", get(runs))
@@ -101,6 +102,87 @@ async fn stats(State(s): S) -> R {
         "rejected": s.stats.rejected.load(o),
         "counters": counters.into_iter().map(|(k, v)| (k, Value::from(v))).collect::<serde_json::Map<String, Value>>(),
     })))
+}
+
+/// Prometheus metrics: devices by presence, ingest counters, backlog, command queue.
+async fn metrics(State(s): S) -> Result<impl IntoResponse, ApiError> {
+    use std::fmt::Write as _;
+    let store = s.store.clone();
+    let (devices, pending, counters) = blocking(move || {
+        let devices = store.devices()?;
+        let mut pending = 0usize;
+        for (id, _) in &devices {
+            pending += store.pending(id)?.len();
+        }
+        Ok((devices, pending, store.counters()?))
+    })
+    .await?;
+    let o = std::sync::atomic::Ordering::Relaxed;
+    let online = devices.iter().filter(|(_, d)| d.online()).count();
+    let backlog: u64 = devices
+        .iter()
+        .map(|(_, d)| d.reported_last_seq.saturating_sub(d.next_seq.saturating_sub(1)))
+        .sum();
+    let mut out = String::new();
+    let mut m = |name: &str, kind: &str, help: &str, lines: Vec<(String, f64)>| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, v) in lines {
+            let _ = writeln!(out, "{name}{labels} {v}");
+        }
+    };
+    m(
+        "outpost_cloud_devices",
+        "gauge",
+        "Known devices by presence.",
+        vec![
+            ("{state=\"online\"}".into(), online as f64),
+            ("{state=\"offline\"}".into(), (devices.len() - online) as f64),
+        ],
+    );
+    m(
+        "outpost_cloud_events_ingested_total",
+        "counter",
+        "Events stored since start.",
+        vec![(String::new(), s.stats.events.load(o) as f64)],
+    );
+    m(
+        "outpost_cloud_duplicate_events_total",
+        "counter",
+        "Events received again since start.",
+        vec![(String::new(), s.stats.duplicate_events.load(o) as f64)],
+    );
+    m(
+        "outpost_cloud_messages_total",
+        "counter",
+        "MQTT messages handled since start.",
+        vec![(String::new(), s.stats.messages.load(o) as f64)],
+    );
+    m(
+        "outpost_cloud_backlog_events",
+        "gauge",
+        "Events devices reported at their last birth that are not stored yet.",
+        vec![(String::new(), backlog as f64)],
+    );
+    m(
+        "outpost_cloud_pending_commands",
+        "gauge",
+        "Commands waiting for their device.",
+        vec![(String::new(), pending as f64)],
+    );
+    let rejected: Vec<(String, f64)> = counters
+        .iter()
+        .filter_map(|(k, v)| {
+            k.strip_prefix("rejected.")
+                .map(|r| (format!("{{reason=\"{r}\"}}"), *v as f64))
+        })
+        .collect();
+    m(
+        "outpost_cloud_rejected_messages_total",
+        "counter",
+        "Messages rejected, by reason.",
+        rejected,
+    );
+    Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], out))
 }
 
 async fn devices(State(s): S) -> R {

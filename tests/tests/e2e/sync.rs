@@ -167,10 +167,17 @@ fn commands_issued_offline_are_applied_once_and_redeliveries_ignored() {
     assert_eq!(code, 202, "{c}");
     assert_eq!(cloud.get("/v1/devices/gw2/commands/start-1")["state"], "pending");
 
-    let agent = Agent::start(
-        &dir.path().join("agent"),
-        &["--cloud", &cloud.mqtt_url(), "--device-id", "gw2"],
-    );
+    let metrics_port = outpost_tests::cloud::free_port();
+    let metrics_addr = format!("127.0.0.1:{metrics_port}");
+    let flags = [
+        "--cloud",
+        &cloud.mqtt_url(),
+        "--device-id",
+        "gw2",
+        "--metrics-listen",
+        &metrics_addr,
+    ];
+    let agent = Agent::start(&dir.path().join("agent"), &flags);
     let done = eventually(Duration::from_secs(20), "the command to be applied", || {
         let c = cloud.get("/v1/devices/gw2/commands/start-1");
         (c["state"] == "applied").then_some(c)
@@ -200,6 +207,18 @@ fn commands_issued_offline_are_applied_once_and_redeliveries_ignored() {
         agent.cli(&["show", "hello-2"]).status.code(),
         Some(4),
         "a repeated command starts nothing"
+    );
+    // The agent's Prometheus metrics.
+    let (_, text) = outpost_tests::cloud::http("GET", metrics_port, "/metrics", None).unwrap();
+    let text = text.as_str().unwrap_or_default().to_string();
+    assert!(
+        text.lines().any(|l| l == "outpost_runs{status=\"completed\"} 1"),
+        "{text}"
+    );
+    assert!(text.lines().any(|l| l.starts_with("outpost_outbox_events ")), "{text}");
+    assert!(
+        text.contains("# TYPE outpost_step_duration_seconds histogram"),
+        "{text}"
     );
     // A command for an unknown run is rejected with the reason.
     let (_, c) = cloud.send(
@@ -343,6 +362,17 @@ fn malformed_unknown_version_and_wrong_device_messages_are_rejected_and_counted(
     eventually(Duration::from_secs(10), "the agent to count the bad command", || {
         (agent.json(&["status"])["sync"]["bad_messages"] == 1).then_some(())
     });
+    // Prometheus metrics say the same.
+    let (code, text) = outpost_tests::cloud::http("GET", cloud.api, "/metrics", None).unwrap();
+    let text = text.as_str().unwrap_or_default().to_string();
+    assert_eq!(code, 200);
+    for line in [
+        "outpost_cloud_devices{state=\"online\"} 1",
+        "outpost_cloud_rejected_messages_total{reason=\"unknown_version\"} 1",
+        "# TYPE outpost_cloud_pending_commands gauge",
+    ] {
+        assert!(text.lines().any(|l| l == line), "missing {line}:\n{text}");
+    }
     // Both still work.
     assert_eq!(cloud.get("/v1/devices/gw4")["online"], true);
     assert!(agent.cli(&["status"]).status.success());
