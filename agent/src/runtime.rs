@@ -711,7 +711,8 @@ impl Runtime {
         let Some(sync) = self.inner.sync.get() else {
             return Ok(());
         };
-        let backlog = sync.backlog(self.inner.journal.next_seq()?);
+        // The writer's commit watch: no read transaction on the start path.
+        let backlog = sync.backlog(*self.inner.journal.commits().borrow());
         let max = sync.max_events.load(std::sync::atomic::Ordering::Relaxed);
         if backlog > max {
             sync.refused_starts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -236,11 +236,29 @@ impl Store {
         Ok(Store { db })
     }
 
+    /// One row of a table keyed by a string.
+    fn get_row<T: for<'de> Deserialize<'de>>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        key: &str,
+        what: &'static str,
+    ) -> Result<Option<T>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(table)?;
+        t.get(key)?.map(|v| dec(what, v.value())).transpose()
+    }
+
+    /// Writes one row of a table keyed by a string, in its own transaction.
+    fn put_row<T: Serialize>(&self, table: TableDefinition<&str, &[u8]>, key: &str, row: &T) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        txn.open_table(table)?.insert(key, enc(row).as_slice())?;
+        txn.commit()?;
+        Ok(())
+    }
+
     /// A device, if known.
     pub fn device(&self, id: &str) -> Result<Option<Device>, StoreError> {
-        let txn = self.db.begin_read()?;
-        let t = txn.open_table(DEVICES)?;
-        t.get(id)?.map(|v| dec("device", v.value())).transpose()
+        self.get_row(DEVICES, id, "device")
     }
 
     /// Every device.
@@ -561,17 +579,12 @@ impl Store {
 
     /// Stores a deployment record.
     pub fn put_deployment(&self, id: &str, d: &Deployment) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
-        txn.open_table(DEPLOYMENTS)?.insert(id, enc(d).as_slice())?;
-        txn.commit()?;
-        Ok(())
+        self.put_row(DEPLOYMENTS, id, d)
     }
 
     /// A deployment.
     pub fn deployment(&self, id: &str) -> Result<Option<Deployment>, StoreError> {
-        let txn = self.db.begin_read()?;
-        let t = txn.open_table(DEPLOYMENTS)?;
-        t.get(id)?.map(|v| dec("deployment", v.value())).transpose()
+        self.get_row(DEPLOYMENTS, id, "deployment")
     }
 
     /// Sets a device's desired document; returns the new version.
@@ -597,24 +610,17 @@ impl Store {
 
     /// A device's desired document.
     pub fn desired(&self, device: &str) -> Result<Option<DesiredRow>, StoreError> {
-        let txn = self.db.begin_read()?;
-        let t = txn.open_table(DESIRED)?;
-        t.get(device)?.map(|v| dec("desired", v.value())).transpose()
+        self.get_row(DESIRED, device, "desired")
     }
 
     /// Stores a device's reported document.
     pub fn set_reported(&self, device: &str, row: &ReportedRow) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
-        txn.open_table(REPORTED)?.insert(device, enc(row).as_slice())?;
-        txn.commit()?;
-        Ok(())
+        self.put_row(REPORTED, device, row)
     }
 
     /// A device's reported document.
     pub fn reported(&self, device: &str) -> Result<Option<ReportedRow>, StoreError> {
-        let txn = self.db.begin_read()?;
-        let t = txn.open_table(REPORTED)?;
-        t.get(device)?.map(|v| dec("reported", v.value())).transpose()
+        self.get_row(REPORTED, device, "reported")
     }
 }
 
