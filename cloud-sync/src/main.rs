@@ -46,7 +46,11 @@ struct Args {
 }
 
 fn parse_broker(url: &str) -> anyhow::Result<(String, u16)> {
-    let rest = url.strip_prefix("mqtt://").unwrap_or(url);
+    let rest = match url.split_once("://") {
+        Some(("mqtt" | "tcp", rest)) => rest,
+        Some((scheme, _)) => bail!("--broker {url}: scheme '{scheme}' is not supported (use mqtt://HOST:PORT)"),
+        None => url,
+    };
     let (host, port) = rest.rsplit_once(':').unwrap_or((rest, "1883"));
     let port: u16 = port
         .parse()
