@@ -991,6 +991,18 @@ async fn daemon(data_dir: &Path, socket: &Path, args: RunArgs) -> Result<u8, Fai
     if let Some(eq) = &equipment {
         info!(devices = ?eq.names(), "equipment ready");
     }
+    let equipment_list: Vec<(String, String)> = equipment
+        .as_ref()
+        .map(|eq| {
+            eq.names()
+                .into_iter()
+                .map(|n| {
+                    let kind = eq.kind_of(&n).unwrap_or("device").to_string();
+                    (n, kind)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
     let registry = Registry::builtin().with_equipment(equipment);
     // Tests reset a running agent's wall clock through this file (see `FileOffsetClock`).
     let clock: Arc<dyn crate::clock::Clock> = match std::env::var_os("OUTPOST_CLOCK_OFFSET_FILE") {
@@ -1055,6 +1067,7 @@ async fn daemon(data_dir: &Path, socket: &Path, args: RunArgs) -> Result<u8, Fai
         config.outbox_max_events = args.outbox_max_events;
         config.drain_rate = args.drain_rate;
         config.remediation = args.remediation.clone();
+        config.equipment = equipment_list;
         crate::sync::start(runtime.clone(), config)
             .await
             .map_err(|e| Failure::new(exit::FAILURE, format!("cannot start sync: {e}")))?;

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use outpost_shared::protocol::{
-    self, Ack, Birth, Body, Channel, Command, CommandKind, CommandResult, Death, Desired, Outcome, Reported, Resend,
+    self, Ack, Birth, Body, Channel, Command, CommandKind, CommandResult, Death, DefinitionInfo, Desired, Inventory, Outcome, Reported, Resend,
     Topics,
 };
 use rumqttc::{AsyncClient, Event as MqttEvent, LastWill, MqttOptions, Packet, QoS};
@@ -48,6 +48,8 @@ pub struct SyncConfig {
     pub window: u64,
     /// The workflow that brings the device to its desired state and outputs the state it verified.
     pub remediation: Option<String>,
+    /// Equipment devices as (name, kind), reported in the inventory.
+    pub equipment: Vec<(String, String)>,
 }
 
 impl SyncConfig {
@@ -64,6 +66,7 @@ impl SyncConfig {
             batch: 500,
             window: 4_000,
             remediation: None,
+            equipment: Vec::new(),
         }
     }
 }
@@ -273,6 +276,7 @@ pub async fn start(rt: Runtime, config: SyncConfig) -> Result<Arc<SyncState>, Ru
         client.clone(),
     ));
     tokio::spawn(reconcile(rt.clone(), config.clone(), client.clone(), desired_rx));
+    tokio::spawn(inventory(rt.clone(), config.clone(), client.clone(), session_rx.clone()));
     tokio::spawn(drain(
         rt.clone(),
         config.clone(),
@@ -388,6 +392,58 @@ async fn poll(
                 tokio::time::sleep(wait).await;
                 // Capped low: a gateway should be back within seconds of its link.
                 backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+/// Most definition bytes per inventory message, well under the protocol's message limit.
+const INVENTORY_CHUNK: usize = 256 * 1024;
+
+/// Publishes the equipment and every stored definition after each new session and whenever a
+/// definition is stored, so the console can draw the graph of any run.
+async fn inventory(rt: Runtime, config: SyncConfig, client: AsyncClient, mut session: watch::Receiver<u64>) {
+    let topic = Topics::new(&config.prefix).topic(&config.device, Channel::Inventory);
+    let mut changed = rt.definitions_changed();
+    loop {
+        tokio::select! {
+            r = session.changed() => if r.is_err() { return },
+            r = changed.changed() => if r.is_err() { return },
+        }
+        // A resend request bumps the session too; the catalog is small, sending it again is cheap.
+        let defs = match rt.journal().definitions() {
+            Ok(d) => d,
+            Err(e) => {
+                warn!(error = %e, "cannot read definitions for the inventory");
+                continue;
+            }
+        };
+        let mut messages = vec![Inventory {
+            equipment: Some(config.equipment.clone()),
+            definitions: Vec::new(),
+        }];
+        let mut size = 0;
+        for (workflow, version, rec) in defs {
+            if size + rec.json.len() > INVENTORY_CHUNK && !messages.last().is_some_and(|m| m.definitions.is_empty()) {
+                messages.push(Inventory {
+                    equipment: None,
+                    definitions: Vec::new(),
+                });
+                size = 0;
+            }
+            size += rec.json.len();
+            if let Some(m) = messages.last_mut() {
+                m.definitions.push(DefinitionInfo {
+                    workflow,
+                    version,
+                    document: rec.json,
+                });
+            }
+        }
+        for m in messages {
+            let bytes = protocol::encode(&Body::Inventory(m));
+            if let Err(e) = client.publish(topic.clone(), QoS::AtLeastOnce, false, bytes).await {
+                warn!(error = %e, "cannot publish the inventory");
             }
         }
     }

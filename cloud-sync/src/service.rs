@@ -16,7 +16,7 @@ use outpost_shared::protocol::{
 };
 use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, QoS};
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 use crate::store::{Deployment, ReportedRow, Store, StoreError};
@@ -52,6 +52,8 @@ pub struct Service {
     topics: Topics,
     /// Counters.
     pub stats: Stats,
+    /// Bumped whenever the store may have changed; the console's live updates follow it.
+    changes: watch::Sender<u64>,
 }
 
 /// Runs blocking store work off the async workers.
@@ -79,11 +81,21 @@ impl Service {
             client,
             topics: Topics::new(prefix),
             stats: Stats::default(),
+            changes: watch::channel(0).0,
         });
         let (tx, rx) = mpsc::channel(256);
         tokio::spawn(poll(eventloop, service.clone(), tx));
         tokio::spawn(ingest(service.clone(), rx));
         service
+    }
+
+    /// A receiver that sees a new value after every change to the store.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    fn notify(&self) {
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     async fn publish(&self, device: &str, channel: Channel, body: &Body, retain: bool) {
@@ -209,6 +221,14 @@ impl Service {
                     warn!(device = %device, error = %e, "cannot store reported state");
                 }
             }
+            (Channel::Inventory, Body::Inventory(inv)) => {
+                let d = device.clone();
+                let n = inv.definitions.len();
+                match blocking(move || store.put_inventory(&d, &inv)).await {
+                    Ok(()) => info!(device = %device, definitions = n, "inventory stored"),
+                    Err(e) => warn!(device = %device, error = %e, "cannot store an inventory"),
+                }
+            }
             (ch, other) => {
                 let what = format!("{} message on the {} channel", body_name(&other), ch.name());
                 self.reject(&device, topic, "wrong_channel", what).await
@@ -236,6 +256,7 @@ impl Service {
         let store = self.store.clone();
         let (d, i, k) = (device.to_string(), id.clone(), kind.clone());
         blocking(move || store.add_command(&d, &i, k, now_ms())).await?;
+        self.notify();
         if self.online(device).await {
             self.publish(
                 device,
@@ -346,6 +367,7 @@ impl Service {
         let store = self.store.clone();
         let (d, text) = (device.to_string(), document.to_string());
         let row = blocking(move || store.set_desired(&d, text, now_ms())).await?;
+        self.notify();
         let body = Body::Desired(Desired {
             version: row.version,
             document: row.document,
@@ -366,6 +388,7 @@ fn body_name(b: &Body) -> &'static str {
         Body::CommandResult(_) => "command result",
         Body::Desired(_) => "desired",
         Body::Reported(_) => "reported",
+        Body::Inventory(_) => "inventory",
     }
 }
 
@@ -382,6 +405,7 @@ async fn poll(mut eventloop: rumqttc::EventLoop, service: Arc<Service>, tx: mpsc
                     Channel::Events,
                     Channel::CommandResult,
                     Channel::Reported,
+                    Channel::Inventory,
                 ] {
                     let filter = service.topics.all_devices(ch);
                     if let Err(e) = service.client.try_subscribe(filter, QoS::AtLeastOnce) {
@@ -409,6 +433,7 @@ async fn poll(mut eventloop: rumqttc::EventLoop, service: Arc<Service>, tx: mpsc
 async fn ingest(service: Arc<Service>, mut rx: mpsc::Receiver<rumqttc::Publish>) {
     while let Some(p) = rx.recv().await {
         service.handle(&p.topic, &p.payload).await;
+        service.notify();
         if let Err(e) = service.client.ack(&p).await {
             warn!(error = %e, "cannot ack to the broker");
         }

@@ -8,7 +8,7 @@
 use std::path::Path;
 
 use outpost_shared::journal::{self, Event};
-use outpost_shared::protocol::{CommandKind, CommandResult, Outcome, WireEvent};
+use outpost_shared::protocol::{CommandKind, CommandResult, Inventory, Outcome, WireEvent};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
@@ -22,6 +22,10 @@ const DEPLOYMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("deployme
 const DESIRED: TableDefinition<&str, &[u8]> = TableDefinition::new("desired");
 const REPORTED: TableDefinition<&str, &[u8]> = TableDefinition::new("reported");
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
+/// Definitions each device holds (from its inventory), by (device, workflow, version).
+const DEFINITIONS: TableDefinition<(&str, &str, u32), &str> = TableDefinition::new("definitions");
+/// Each device's equipment list (from its inventory).
+const EQUIPMENT: TableDefinition<&str, &[u8]> = TableDefinition::new("equipment");
 
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
@@ -232,6 +236,8 @@ impl Store {
         txn.open_table(DESIRED)?;
         txn.open_table(REPORTED)?;
         txn.open_table(COUNTERS)?;
+        txn.open_table(DEFINITIONS)?;
+        txn.open_table(EQUIPMENT)?;
         txn.commit()?;
         Ok(Store { db })
     }
@@ -621,6 +627,77 @@ impl Store {
     /// A device's reported document.
     pub fn reported(&self, device: &str) -> Result<Option<ReportedRow>, StoreError> {
         self.get_row(REPORTED, device, "reported")
+    }
+
+    /// Stores a device's inventory: its equipment list when given, and its definitions (upserted).
+    pub fn put_inventory(&self, device: &str, inv: &Inventory) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        {
+            if let Some(eq) = &inv.equipment {
+                txn.open_table(EQUIPMENT)?.insert(device, enc(eq).as_slice())?;
+            }
+            let mut defs = txn.open_table(DEFINITIONS)?;
+            for d in &inv.definitions {
+                defs.insert((device, d.workflow.as_str(), d.version), d.document.as_str())?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// A device's equipment as (name, kind).
+    pub fn equipment(&self, device: &str) -> Result<Vec<(String, String)>, StoreError> {
+        Ok(self.get_row(EQUIPMENT, device, "equipment")?.unwrap_or_default())
+    }
+
+    /// The definition document (JSON text) a device holds for a workflow version.
+    pub fn definition(&self, device: &str, workflow: &str, version: u32) -> Result<Option<String>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(DEFINITIONS)?;
+        Ok(t.get((device, workflow, version))?.map(|v| v.value().to_string()))
+    }
+
+    /// The workflows a device holds as (name, newest version).
+    pub fn workflows(&self, device: &str) -> Result<Vec<(String, u32)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(DEFINITIONS)?;
+        let mut out: Vec<(String, u32)> = Vec::new();
+        for row in t.range((device, "", 0u32)..=(device, "\u{10FFFF}", u32::MAX))? {
+            let (k, _) = row?;
+            let (_, wf, v) = k.value();
+            match out.last_mut() {
+                Some((name, ver)) if name == wf => *ver = (*ver).max(v),
+                _ => out.push((wf.to_string(), v)),
+            }
+        }
+        Ok(out)
+    }
+
+    /// The newest `limit` commands of a device, answered or not, newest first.
+    pub fn commands(&self, device: &str, limit: usize) -> Result<Vec<(String, CommandRecord)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(COMMANDS)?;
+        let mut out = Vec::new();
+        for row in t.range((device, "")..=(device, "\u{10FFFF}"))? {
+            let (k, v) = row?;
+            out.push((k.value().1.to_string(), dec::<CommandRecord>("command", v.value())?));
+        }
+        out.sort_by(|a, b| b.1.order.cmp(&a.1.order));
+        out.truncate(limit);
+        Ok(out)
+    }
+
+    /// Every deployment, newest first.
+    pub fn deployments(&self) -> Result<Vec<(String, Deployment)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(DEPLOYMENTS)?;
+        let mut out = Vec::new();
+        for row in t.iter()? {
+            let (k, v) = row?;
+            out.push((k.value().to_string(), dec::<Deployment>("deployment", v.value())?));
+        }
+        out.sort_by(|a, b| b.1.created_ms.cmp(&a.1.created_ms));
+        Ok(out)
     }
 }
 

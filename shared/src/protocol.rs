@@ -177,6 +177,27 @@ pub struct Reported {
     pub message: String,
 }
 
+/// A workflow definition the agent holds, so the console can draw its runs' graphs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DefinitionInfo {
+    /// Workflow name.
+    pub workflow: String,
+    /// Version.
+    pub version: u32,
+    /// The canonical JSON document.
+    pub document: String,
+}
+
+/// What an agent has: its equipment and workflow definitions. Sent after every birth and
+/// whenever a definition is stored; large catalogs come in several messages.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Inventory {
+    /// Equipment devices as (name, kind), in the first message of a catalog; `None` in the rest.
+    pub equipment: Option<Vec<(String, String)>>,
+    /// Definitions (upserted by workflow and version).
+    pub definitions: Vec<DefinitionInfo>,
+}
+
 /// Every message of the protocol.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Body {
@@ -198,6 +219,8 @@ pub enum Body {
     Desired(Desired),
     /// Reported state up.
     Reported(Reported),
+    /// Equipment and definitions up (appended: older decoders call it malformed).
+    Inventory(Inventory),
 }
 
 /// Why bytes are not a message.
@@ -345,11 +368,13 @@ pub enum Channel {
     Desired,
     /// Agent → cloud, retained: reported state.
     Reported,
+    /// Agent → cloud: equipment and definitions.
+    Inventory,
 }
 
 impl Channel {
     /// Every channel.
-    pub const ALL: [Channel; 8] = [
+    pub const ALL: [Channel; 9] = [
         Channel::Birth,
         Channel::Death,
         Channel::Events,
@@ -358,6 +383,7 @@ impl Channel {
         Channel::CommandResult,
         Channel::Desired,
         Channel::Reported,
+        Channel::Inventory,
     ];
     /// The last topic level.
     pub fn name(self) -> &'static str {
@@ -370,6 +396,7 @@ impl Channel {
             Channel::CommandResult => "cmd-result",
             Channel::Desired => "desired",
             Channel::Reported => "reported",
+            Channel::Inventory => "inventory",
         }
     }
     /// True for channels the agent publishes.
