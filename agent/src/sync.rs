@@ -15,8 +15,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use outpost_shared::protocol::{
-    self, Ack, Birth, Body, Channel, Command, CommandKind, CommandResult, Death, DefinitionInfo, Desired, Inventory, Outcome, Reported, Resend,
-    Topics,
+    self, Ack, Birth, Body, Channel, Command, CommandKind, CommandResult, Death, DefinitionInfo, Desired, Inventory,
+    Outcome, Reported, Resend, Topics,
 };
 use rumqttc::{AsyncClient, Event as MqttEvent, LastWill, MqttOptions, Packet, QoS};
 use serde_json::{Value, json};
@@ -276,7 +276,12 @@ pub async fn start(rt: Runtime, config: SyncConfig) -> Result<Arc<SyncState>, Ru
         client.clone(),
     ));
     tokio::spawn(reconcile(rt.clone(), config.clone(), client.clone(), desired_rx));
-    tokio::spawn(inventory(rt.clone(), config.clone(), client.clone(), session_rx.clone()));
+    tokio::spawn(inventory(
+        rt.clone(),
+        config.clone(),
+        client.clone(),
+        session_rx.clone(),
+    ));
     tokio::spawn(drain(
         rt.clone(),
         config.clone(),
@@ -292,8 +297,8 @@ pub async fn start(rt: Runtime, config: SyncConfig) -> Result<Arc<SyncState>, Ru
 struct Routes {
     /// Bumped on every new session and resend request: the drain starts again from the ack.
     session: watch::Sender<u64>,
-    /// Commands, with their packet (acked once applied).
-    commands: mpsc::Sender<(Command, rumqttc::Publish)>,
+    /// Commands to apply, in arrival order.
+    commands: mpsc::Sender<Command>,
     /// The newest desired state.
     desired: watch::Sender<Option<Desired>>,
 }
@@ -346,11 +351,12 @@ async fn poll(
                         warn!(topic = %p.topic, "message for another device ignored");
                     }
                     (Some((_, Channel::Command)), Ok(Body::Command(c))) => {
-                        // Acked by the handler once applied, so a crash means redelivery.
-                        if cmd_tx.send((c, p)).await.is_err() {
+                        // Acked below, in order (MQTT requires it). A crash before the result is
+                        // stored leaves the command pending at cloud-sync, which sends it again
+                        // after the next birth.
+                        if cmd_tx.send(c).await.is_err() {
                             return;
                         }
-                        continue;
                     }
                     (Some((_, Channel::Ack)), Ok(Body::Ack(Ack { next_seq }))) => acked(&rt, &state, next_seq).await,
                     (Some((_, Channel::Ack)), Ok(Body::Resend(Resend { from_seq }))) => {
@@ -551,10 +557,10 @@ async fn commands(
     config: SyncConfig,
     state: Arc<SyncState>,
     client: AsyncClient,
-    mut rx: mpsc::Receiver<(Command, rumqttc::Publish)>,
+    mut rx: mpsc::Receiver<Command>,
 ) {
     let topic = Topics::new(&config.prefix).topic(&config.device, Channel::CommandResult);
-    while let Some((cmd, publish)) = rx.recv().await {
+    while let Some(cmd) = rx.recv().await {
         let key = format!("cmd/{}", cmd.id);
         let result = match rt.journal().kv(&key) {
             Ok(Some(stored)) => {
@@ -574,7 +580,7 @@ async fn commands(
                     .put_kv(&key, protocol::encode(&Body::CommandResult(r.clone())))
                     .await
                 {
-                    // Not remembered: do not ack, so the broker redelivers and we try again.
+                    // Not remembered: report nothing, so it stays pending and comes again.
                     warn!(error = %e, "cannot store a command result");
                     continue;
                 }
@@ -585,9 +591,6 @@ async fn commands(
         let bytes = protocol::encode(&Body::CommandResult(result));
         if let Err(e) = client.publish(topic.clone(), QoS::AtLeastOnce, false, bytes).await {
             warn!(error = %e, "cannot publish a command result");
-        }
-        if let Err(e) = client.ack(&publish).await {
-            warn!(error = %e, "cannot ack a command");
         }
     }
 }

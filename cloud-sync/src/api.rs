@@ -34,6 +34,7 @@ pub fn router(service: Arc<Service>) -> Router {
         .route("/v1/devices/{id}/state", get(state))
         .route("/v1/deployments", post(deploy))
         .route("/v1/deployments/{id}", get(deployment))
+        .merge(crate::console::router())
         .layer(DefaultBodyLimit::max(2 * 1024 * 1024))
         .with_state(service)
 }

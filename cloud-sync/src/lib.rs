@@ -11,6 +11,7 @@
 pub mod api;
 #[cfg(feature = "embedded-broker")]
 pub mod broker;
+pub mod console;
 pub mod service;
 pub mod store;
 

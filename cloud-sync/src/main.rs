@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 use clap::Parser;
 use outpost_cloud_sync::{Service, Store, api};
+use outpost_shared::protocol::CommandKind;
 use tracing::info;
 
 #[derive(Parser)]
@@ -86,9 +87,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         args.listen,
         store_path.display()
     );
+    println!("console: http://{}/", args.listen);
     let mut demo = None;
     if args.demo {
         demo = Some(start_demo(&args, &mqtt_url)?);
+        queue_demo_lot(&service).await?;
     }
     let serve = axum::serve(listener, api::router(service));
     tokio::select! {
@@ -98,6 +101,30 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(mut child) = demo {
         let _ = child.kill();
     }
+    Ok(())
+}
+
+/// Queues a quality-gate run with its lot signal for the demo gateway, so the console has a gate
+/// to approve. Fixed command ids: a second `--demo` start queues nothing new.
+async fn queue_demo_lot(service: &Service) -> anyhow::Result<()> {
+    let start = CommandKind::Start {
+        workflow: "quality-gate".into(),
+        version: None,
+        input: "{}".into(),
+        run_id: Some("lot-7".into()),
+    };
+    let signal = CommandKind::Signal {
+        run_id: "lot-7".into(),
+        name: "lot-ready".into(),
+        payload: r#"{"lot": 7, "kg": 120}"#.into(),
+    };
+    service
+        .command("demo-gw", Some("demo-lot-7-start".into()), start)
+        .await?;
+    service
+        .command("demo-gw", Some("demo-lot-7-ready".into()), signal)
+        .await?;
+    println!("  approve:  open the console, run lot-7 waits for your approval at step 'release'");
     Ok(())
 }
 
@@ -125,6 +152,8 @@ fn start_demo(args: &Args, mqtt_url: &str) -> anyhow::Result<std::process::Child
         .arg(examples.join("equipment/sim.yaml"))
         .arg("--apply")
         .arg(examples.join("oven-plant.yaml"))
+        .arg("--apply")
+        .arg(examples.join("quality-gate.yaml"))
         .args(["--start", "oven-plant", "--input", r#"{"limit_celsius": 80}"#])
         .spawn()
         .with_context(|| format!("cannot start {}", exe.display()))?;

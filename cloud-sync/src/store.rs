@@ -682,7 +682,7 @@ impl Store {
             let (k, v) = row?;
             out.push((k.value().1.to_string(), dec::<CommandRecord>("command", v.value())?));
         }
-        out.sort_by(|a, b| b.1.order.cmp(&a.1.order));
+        out.sort_by_key(|c| std::cmp::Reverse(c.1.order));
         out.truncate(limit);
         Ok(out)
     }
@@ -696,7 +696,7 @@ impl Store {
             let (k, v) = row?;
             out.push((k.value().to_string(), dec::<Deployment>("deployment", v.value())?));
         }
-        out.sort_by(|a, b| b.1.created_ms.cmp(&a.1.created_ms));
+        out.sort_by_key(|d| std::cmp::Reverse(d.1.created_ms));
         Ok(out)
     }
 }

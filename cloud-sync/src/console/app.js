@@ -1,0 +1,57 @@
+// Outpost console: live refresh of the parts marked data-live, over server-sent events.
+// Forms stay untouched (they live outside data-live parts), so typing is never interrupted.
+(function () {
+  "use strict";
+  const badge = () => document.getElementById("live");
+  function state(s, text) {
+    const b = badge();
+    if (b) { b.dataset.state = s; b.textContent = text; }
+  }
+  let busy = false, again = false;
+  async function refresh() {
+    if (busy) { again = true; return; }
+    busy = true;
+    try {
+      const r = await fetch(location.href, { headers: { "Accept": "text/html" }, cache: "no-store" });
+      if (r.ok) {
+        const doc = new DOMParser().parseFromString(await r.text(), "text/html");
+        document.querySelectorAll("[data-live]").forEach((el) => {
+          const fresh = doc.getElementById(el.id);
+          if (fresh && fresh.innerHTML !== el.innerHTML) el.innerHTML = fresh.innerHTML;
+        });
+        document.body.dataset.refreshed = String(Date.now());
+        remember();
+      }
+    } catch (e) {
+      state("down", "offline");
+    } finally {
+      busy = false;
+      if (again) { again = false; refresh(); }
+    }
+  }
+  function connect() {
+    const es = new EventSource("/console/live");
+    es.onopen = () => { state("up", "live"); refresh(); };
+    es.addEventListener("change", refresh);
+    es.onerror = () => state("down", "reconnecting…");
+  }
+  // Remember who the operator is, so approvals carry a name without retyping it.
+  function remember() {
+    document.querySelectorAll("input[data-remember]").forEach((el) => {
+      const key = "outpost." + el.dataset.remember;
+      if (!el.value) el.value = localStorage.getItem(key) || "";
+      el.addEventListener("change", () => localStorage.setItem(key, el.value));
+    });
+  }
+  // A definition file read into the textarea, so it is posted with the form.
+  function files() {
+    document.querySelectorAll("input[type=file][data-fills]").forEach((el) => {
+      el.addEventListener("change", async () => {
+        const f = el.files && el.files[0];
+        const target = el.form && el.form.elements[el.dataset.fills];
+        if (f && target) target.value = await f.text();
+      });
+    });
+  }
+  document.addEventListener("DOMContentLoaded", () => { remember(); files(); connect(); });
+})();

@@ -1,0 +1,349 @@
+//! The workflow graph of a run: steps laid out in layers from the start, drawn as SVG with each
+//! step coloured by the state its history gives it. Pure: definition + history in, markup out.
+
+use std::collections::{BTreeMap, HashMap};
+
+use maud::{Markup, html};
+use outpost_shared::definition::{Document, Kind};
+use outpost_shared::journal::{Event, Record};
+
+/// What a step is doing, as far as the run's history tells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepState {
+    /// Not reached (yet).
+    Pending,
+    /// An attempt is running.
+    Running,
+    /// Failed an attempt and waits to retry.
+    Retrying,
+    /// Waits for a timer, a signal or an approval.
+    Waiting,
+    /// Succeeded.
+    Completed,
+    /// Failed for good.
+    Failed,
+    /// Skipped (condition false or an upstream step skipped).
+    Skipped,
+    /// Its compensation is running.
+    Compensating,
+    /// Undone by its compensation.
+    Compensated,
+}
+
+impl StepState {
+    /// The CSS class and legend word.
+    pub fn name(self) -> &'static str {
+        match self {
+            StepState::Pending => "pending",
+            StepState::Running => "running",
+            StepState::Retrying => "retrying",
+            StepState::Waiting => "waiting",
+            StepState::Completed => "completed",
+            StepState::Failed => "failed",
+            StepState::Skipped => "skipped",
+            StepState::Compensating => "compensating",
+            StepState::Compensated => "compensated",
+        }
+    }
+}
+
+/// The state of every step the history mentions; the newest event about a step decides.
+pub fn step_states(history: &[(u64, Record)]) -> HashMap<String, StepState> {
+    let mut out = HashMap::new();
+    for (_, r) in history {
+        let (step, state) = match &r.event {
+            Event::AttemptStarted { step, .. } => (step, StepState::Running),
+            Event::AttemptFailed { step, retry_at_ms, .. } => (
+                step,
+                if retry_at_ms.is_some() {
+                    StepState::Retrying
+                } else {
+                    StepState::Failed
+                },
+            ),
+            Event::AttemptDeferred { step, .. } => (step, StepState::Retrying),
+            Event::StepCompleted { step, .. } => (step, StepState::Completed),
+            Event::StepFailed { step, .. } => (step, StepState::Failed),
+            Event::StepSkipped { step, .. } => (step, StepState::Skipped),
+            Event::TimerSet { step, .. } | Event::WaitStarted { step, .. } => (step, StepState::Waiting),
+            Event::TimerFired { step, .. } => (step, StepState::Running),
+            Event::CompensationAttemptStarted { step, .. } | Event::CompensationAttemptFailed { step, .. } => {
+                (step, StepState::Compensating)
+            }
+            Event::StepCompensated { step, .. } => (step, StepState::Compensated),
+            Event::CompensationFailed { step, .. } => (step, StepState::Failed),
+            _ => continue,
+        };
+        out.insert(step.clone(), state);
+    }
+    out
+}
+
+/// An edge between step indices, with an optional label (a choice's condition).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Edge {
+    /// Source step index.
+    pub from: usize,
+    /// Target step index.
+    pub to: usize,
+    /// Shown beside the edge.
+    pub label: Option<String>,
+}
+
+/// Step positions: (layer, row) per step index, and the edges.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    /// (layer, row) of each step, by index.
+    pub places: Vec<(usize, usize)>,
+    /// Edges.
+    pub edges: Vec<Edge>,
+}
+
+/// Lays the steps out left to right: a DAG by longest path from its roots, a state machine by
+/// shortest distance from its start (loops become edges that point back).
+pub fn layout(doc: &Document) -> Layout {
+    let index: HashMap<&str, usize> = doc.steps.iter().enumerate().map(|(i, s)| (s.id.as_str(), i)).collect();
+    let n = doc.steps.len();
+    let mut edges = Vec::new();
+    let mut layer = vec![0usize; n];
+    match doc.kind {
+        Kind::Dag => {
+            for (i, s) in doc.steps.iter().enumerate() {
+                for d in &s.depends_on {
+                    if let Some(&from) = index.get(d.as_str()) {
+                        edges.push(Edge {
+                            from,
+                            to: i,
+                            label: s.when.clone(),
+                        });
+                    }
+                }
+            }
+            // Longest path by relaxation; validated DAGs have no cycles, and the bound keeps a
+            // malformed one from looping.
+            for _ in 0..n {
+                let mut moved = false;
+                for e in &edges {
+                    if layer[e.to] < layer[e.from] + 1 {
+                        layer[e.to] = layer[e.from] + 1;
+                        moved = true;
+                    }
+                }
+                if !moved {
+                    break;
+                }
+            }
+        }
+        Kind::StateMachine => {
+            for (i, s) in doc.steps.iter().enumerate() {
+                let mut add = |to: &str, label: Option<String>| {
+                    if let Some(&to) = index.get(to) {
+                        edges.push(Edge { from: i, to, label });
+                    }
+                };
+                if let Some(next) = &s.next {
+                    add(next, None);
+                }
+                for c in &s.choices {
+                    add(&c.next, Some(c.when.clone()));
+                }
+                if let Some(d) = &s.default {
+                    add(d, Some("default".into()));
+                }
+            }
+            let start = doc.start.as_deref().and_then(|s| index.get(s).copied()).unwrap_or(0);
+            let mut dist = vec![usize::MAX; n];
+            let mut queue = std::collections::VecDeque::new();
+            if n > 0 {
+                dist[start] = 0;
+                queue.push_back(start);
+            }
+            while let Some(i) = queue.pop_front() {
+                for e in edges.iter().filter(|e| e.from == i) {
+                    if dist[e.to] == usize::MAX {
+                        dist[e.to] = dist[i] + 1;
+                        queue.push_back(e.to);
+                    }
+                }
+            }
+            // Unreachable steps go after the rest rather than on top of the start.
+            let deepest = dist.iter().filter(|d| **d != usize::MAX).max().copied().unwrap_or(0);
+            for (i, d) in dist.iter().enumerate() {
+                layer[i] = if *d == usize::MAX { deepest + 1 } else { *d };
+            }
+        }
+    }
+    let mut rows: BTreeMap<usize, usize> = BTreeMap::new();
+    let places = layer
+        .iter()
+        .map(|&l| {
+            let r = rows.entry(l).or_default();
+            *r += 1;
+            (l, *r - 1)
+        })
+        .collect();
+    Layout { places, edges }
+}
+
+const W: usize = 168;
+const H: usize = 40;
+const GAP_X: usize = 64;
+const GAP_Y: usize = 28;
+const PAD: usize = 16;
+
+fn xy((layer, row): (usize, usize)) -> (usize, usize) {
+    (PAD + layer * (W + GAP_X), PAD + row * (H + GAP_Y))
+}
+
+fn short(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        s.to_string()
+    } else {
+        let cut: String = s.chars().take(max.saturating_sub(1)).collect();
+        format!("{cut}…")
+    }
+}
+
+/// The graph as inline SVG; every node carries `data-step` and `data-state`.
+pub fn svg(doc: &Document, states: &HashMap<String, StepState>) -> Markup {
+    let lay = layout(doc);
+    let width = lay.places.iter().map(|p| xy(*p).0 + W).max().unwrap_or(0) + PAD;
+    let height = lay.places.iter().map(|p| xy(*p).1 + H).max().unwrap_or(0) + PAD + 24;
+    html! {
+        svg.graph xmlns="http://www.w3.org/2000/svg" width=(width) height=(height)
+            viewBox={"0 0 " (width) " " (height)} role="img" aria-label={"Graph of " (doc.name)} {
+            defs {
+                marker #arrow viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7" markerHeight="7" orient="auto-start-reverse" {
+                    path d="M 0 0 L 10 5 L 0 10 z" class="arrowhead" {}
+                }
+            }
+            @for e in &lay.edges {
+                @let (fx, fy) = xy(lay.places[e.from]);
+                @let (tx, ty) = xy(lay.places[e.to]);
+                @if lay.places[e.to].0 > lay.places[e.from].0 {
+                    @let (x1, y1, x2, y2) = (fx + W, fy + H / 2, tx, ty + H / 2);
+                    @let mid = (x1 + x2) / 2;
+                    path.edge d={"M " (x1) " " (y1) " C " (mid) " " (y1) ", " (mid) " " (y2) ", " (x2 - 2) " " (y2)} marker-end="url(#arrow)" {}
+                    @if let Some(l) = &e.label {
+                        text.edge-label x=(mid) y=((y1 + y2) / 2 - 4) text-anchor="middle" { title { (l) } (short(l, 22)) }
+                    }
+                } @else {
+                    // Back (loop) or same-layer edge: an arc under the boxes.
+                    @let (x1, y1, x2, y2) = (fx + W / 2, fy + H, tx + W / 2, ty + H);
+                    @let dip = y1.max(y2) + GAP_Y;
+                    path.edge.back d={"M " (x1) " " (y1) " C " (x1) " " (dip) ", " (x2) " " (dip) ", " (x2) " " (y2 + 2)} marker-end="url(#arrow)" {}
+                    @if let Some(l) = &e.label {
+                        text.edge-label x=((x1 + x2) / 2) y=(dip - 2) text-anchor="middle" { title { (l) } (short(l, 22)) }
+                    }
+                }
+            }
+            @for (i, step) in doc.steps.iter().enumerate() {
+                @let (x, y) = xy(lay.places[i]);
+                @let state = states.get(&step.id).copied().unwrap_or(StepState::Pending);
+                g class={"node " (state.name())} data-step=(step.id) data-state=(state.name()) {
+                    title { (step.id) " (" (step.action) "): " (state.name()) }
+                    rect x=(x) y=(y) width=(W) height=(H) rx="6" {}
+                    text x=(x + 10) y=(y + 17) class="node-id" { (short(&step.id, 20)) }
+                    text x=(x + 10) y=(y + 32) class="node-action" { (short(&step.action, 14)) " · " (state.name()) }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use outpost_shared::definition::parse_document;
+
+    #[test]
+    fn dag_layers_follow_the_longest_path_and_fan_in_waits_for_both() {
+        let doc = parse_document(
+            r#"{"name":"w","version":1,"steps":[
+                {"id":"a","action":"set"},
+                {"id":"b","action":"set","depends_on":["a"]},
+                {"id":"c","action":"set","depends_on":["b"]},
+                {"id":"d","action":"set","depends_on":["a","c"]}]}"#,
+        )
+        .unwrap();
+        let l = layout(&doc);
+        assert_eq!(l.places, vec![(0, 0), (1, 0), (2, 0), (3, 0)]);
+        assert_eq!(l.edges.len(), 4);
+    }
+
+    #[test]
+    fn state_machine_loops_point_back_and_unreachable_steps_go_last() {
+        let doc = parse_document(
+            r#"{"name":"w","version":1,"kind":"state_machine","steps":[
+                {"id":"heat","action":"set","next":"check"},
+                {"id":"check","action":"set","choices":[{"when":"steps.check.output.hot","next":"done"}],"default":"heat"},
+                {"id":"done","action":"set","end":"succeed"},
+                {"id":"orphan","action":"set","end":"fail"}]}"#,
+        )
+        .unwrap();
+        let l = layout(&doc);
+        assert_eq!(l.places[0], (0, 0));
+        assert_eq!(l.places[1], (1, 0));
+        assert_eq!(l.places[2], (2, 0));
+        assert_eq!(l.places[3].0, 3);
+        assert!(
+            l.edges
+                .iter()
+                .any(|e| e.from == 1 && e.to == 0 && e.label.as_deref() == Some("default"))
+        );
+    }
+
+    #[test]
+    fn the_newest_event_decides_a_steps_colour() {
+        use outpost_shared::journal::ErrorInfo;
+        let rec = |event| Record {
+            run_id: "r".into(),
+            at_ms: 1,
+            event,
+        };
+        let h = vec![
+            (
+                1,
+                rec(Event::AttemptStarted {
+                    step: "a".into(),
+                    visit: 1,
+                    attempt: 1,
+                    key: "k".into(),
+                }),
+            ),
+            (
+                2,
+                rec(Event::AttemptFailed {
+                    step: "a".into(),
+                    visit: 1,
+                    attempt: 1,
+                    error: ErrorInfo::new("x", "y"),
+                    retry_at_ms: Some(5),
+                }),
+            ),
+            (
+                3,
+                rec(Event::WaitStarted {
+                    step: "gate".into(),
+                    visit: 1,
+                    signal: "approval:gate".into(),
+                    fire_at_ms: None,
+                    duration_ms: 0,
+                }),
+            ),
+        ];
+        let s = step_states(&h);
+        assert_eq!(s["a"], StepState::Retrying);
+        assert_eq!(s["gate"], StepState::Waiting);
+        let doc = parse_document(
+            r#"{"name":"w","version":1,"steps":[{"id":"a","action":"set"},{"id":"gate","action":"approval","depends_on":["a"]},{"id":"<b>","action":"set"}]}"#,
+        )
+        .unwrap();
+        let out = svg(&doc, &s).into_string();
+        assert!(out.contains(r#"data-step="gate" data-state="waiting""#), "{out}");
+        assert!(
+            out.contains("&lt;b&gt;") && !out.contains("<b>"),
+            "step ids are escaped"
+        );
+    }
+}

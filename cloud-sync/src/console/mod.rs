@@ -1,0 +1,423 @@
+//! The web console: server-rendered pages over the store (fleet, device, run, deployments),
+//! forms that queue commands, and a server-sent event stream that tells open pages to refresh
+//! their live parts. No external assets: the CSS and the little JavaScript are compiled in.
+
+pub mod graph;
+mod pages;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use axum::{Form, Router};
+use maud::Markup;
+use outpost_shared::protocol::CommandKind;
+use serde::Deserialize;
+
+use crate::service::{Service, now_ms};
+use crate::store::StoreError;
+
+type S = State<Arc<Service>>;
+
+/// The console's routes (merged into the API router).
+pub fn router() -> Router<Arc<Service>> {
+    Router::new()
+        .route("/", get(fleet))
+        .route("/devices/{id}", get(device))
+        .route("/devices/{id}/start", post(start))
+        .route("/devices/{id}/desired", post(desired))
+        .route("/devices/{id}/runs/{run}", get(run))
+        .route("/devices/{id}/runs/{run}/cancel", post(cancel))
+        .route("/devices/{id}/runs/{run}/signal", post(signal))
+        .route("/devices/{id}/runs/{run}/approve", post(approve))
+        .route("/deployments", get(deployments).post(deploy))
+        .route("/deployments/{id}", get(deployment))
+        .route("/console/live", get(live))
+        .route("/console/app.css", get(css))
+        .route("/console/app.js", get(js))
+}
+
+/// Messages shown once after a redirect (`?queued=ID` or `?error=TEXT`).
+#[derive(Deserialize, Default)]
+struct Flash {
+    queued: Option<String>,
+    error: Option<String>,
+}
+
+impl Flash {
+    fn view(&self) -> pages::Flash {
+        pages::Flash {
+            queued: self.queued.clone(),
+            error: self.error.clone(),
+        }
+    }
+}
+
+/// A page that could not be built.
+struct PageError(StatusCode, String);
+
+impl IntoResponse for PageError {
+    fn into_response(self) -> Response {
+        (self.0, pages::error_page(self.0, &self.1)).into_response()
+    }
+}
+
+impl From<StoreError> for PageError {
+    fn from(e: StoreError) -> Self {
+        let code = match e {
+            StoreError::NotFound(_) => StatusCode::NOT_FOUND,
+            StoreError::Invalid(_) => StatusCode::BAD_REQUEST,
+            _ => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        PageError(code, e.to_string())
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, PageError> {
+    Ok(tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| PageError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??)
+}
+
+async fn fleet(State(s): S) -> Result<Markup, PageError> {
+    let store = s.store.clone();
+    let rows = blocking(move || {
+        let mut rows = Vec::new();
+        for (id, d) in store.devices()? {
+            let runs = store.runs(&id)?;
+            let drift = pages::drift(store.desired(&id)?.as_ref(), store.reported(&id)?.as_ref());
+            rows.push(pages::FleetRow {
+                active: runs.iter().filter(|(_, m)| pages::is_active(&m.status)).count(),
+                failed: runs.iter().filter(|(_, m)| pages::is_failed(&m.status)).count(),
+                total: runs.len(),
+                drift,
+                id,
+                device: d,
+            });
+        }
+        Ok(rows)
+    })
+    .await?;
+    Ok(pages::fleet(&rows, now_ms()))
+}
+
+async fn device(State(s): S, Path(id): Path<String>, Query(flash): Query<Flash>) -> Result<Markup, PageError> {
+    let store = s.store.clone();
+    let view = blocking(move || {
+        let device = store
+            .device(&id)?
+            .ok_or_else(|| StoreError::NotFound(format!("device '{id}' is not known")))?;
+        let mut runs = store.runs(&id)?;
+        runs.sort_by_key(|r| std::cmp::Reverse(r.1.created_ms));
+        Ok(pages::DeviceView {
+            runs,
+            equipment: store.equipment(&id)?,
+            desired: store.desired(&id)?,
+            reported: store.reported(&id)?,
+            commands: store.commands(&id, 100)?,
+            workflows: store.workflows(&id)?,
+            device,
+            id,
+        })
+    })
+    .await?;
+    Ok(pages::device(&view, &flash.view(), now_ms()))
+}
+
+async fn run(
+    State(s): S,
+    Path((id, run)): Path<(String, String)>,
+    Query(flash): Query<Flash>,
+) -> Result<Markup, PageError> {
+    let store = s.store.clone();
+    let view = blocking(move || {
+        let (mirror, history) = store
+            .run(&id, &run)?
+            .ok_or_else(|| StoreError::NotFound(format!("device '{id}' has no run '{run}'")))?;
+        let document = store
+            .definition(&id, &mirror.workflow, mirror.version)?
+            .and_then(|text| outpost_shared::definition::parse_document(&text).ok());
+        let commands = store
+            .commands(&id, 200)?
+            .into_iter()
+            .filter(|(_, c)| pages::command_run(&c.kind) == Some(run.as_str()))
+            .collect();
+        let online = store.device(&id)?.is_some_and(|d| d.online());
+        Ok(pages::RunView {
+            device: id,
+            online,
+            run_id: run,
+            mirror,
+            history,
+            document,
+            commands,
+        })
+    })
+    .await?;
+    Ok(pages::run(&view, &flash.view(), now_ms()))
+}
+
+async fn deployments(State(s): S, Query(flash): Query<Flash>) -> Result<Markup, PageError> {
+    let store = s.store.clone();
+    let (list, devices) = blocking(move || {
+        let mut list = Vec::new();
+        for (id, d) in store.deployments()?.into_iter().take(50) {
+            let states = deployment_states(&store, &id, &d.devices)?;
+            list.push((id, d, states));
+        }
+        Ok((list, store.devices()?))
+    })
+    .await?;
+    Ok(pages::deployments(&list, &devices, &flash.view(), "", now_ms()))
+}
+
+fn deployment_states(
+    store: &crate::store::Store,
+    id: &str,
+    devices: &[String],
+) -> Result<pages::DeviceStates, StoreError> {
+    let mut out = Vec::new();
+    for d in devices {
+        let c = store.command(d, &format!("{id}.{d}"))?;
+        out.push((
+            d.clone(),
+            c.as_ref().map(|c| c.state.clone()).unwrap_or_else(|| "unknown".into()),
+            c.map(|c| c.message).unwrap_or_default(),
+        ));
+    }
+    Ok(out)
+}
+
+async fn deployment(State(s): S, Path(id): Path<String>) -> Result<Markup, PageError> {
+    let store = s.store.clone();
+    let (dep, states) = blocking(move || {
+        let d = store
+            .deployment(&id)?
+            .ok_or_else(|| StoreError::NotFound(format!("deployment '{id}' does not exist")))?;
+        let states = deployment_states(&store, &id, &d.devices)?;
+        Ok(((id, d), states))
+    })
+    .await?;
+    Ok(pages::deployment(&dep.0, &dep.1, &states, now_ms()))
+}
+
+/// Form fields as pairs: repeated keys (device checkboxes) stay.
+type Fields = Form<Vec<(String, String)>>;
+
+fn field<'a>(f: &'a [(String, String)], name: &str) -> &'a str {
+    f.iter().find(|(k, _)| k == name).map(|(_, v)| v.trim()).unwrap_or("")
+}
+
+fn back(path: &str, key: &str, value: &str) -> Redirect {
+    let q = serde_urlencoded::to_string([(key, value)]).unwrap_or_default();
+    Redirect::to(&format!("{path}?{q}"))
+}
+
+/// Queues a command, then sends the browser back to `path` saying what happened.
+async fn queue(s: &Service, device: &str, kind: CommandKind, id: Option<String>, path: &str) -> Redirect {
+    match s.command(device, id, kind).await {
+        Ok(cid) => back(path, "queued", &cid),
+        Err(e) => back(path, "error", &e.to_string()),
+    }
+}
+
+fn json_field(f: &[(String, String)], name: &str, default: &str) -> Result<String, String> {
+    let text = match field(f, name) {
+        "" => default,
+        t => t,
+    };
+    serde_json::from_str::<serde_json::Value>(text)
+        .map(|v| v.to_string())
+        .map_err(|e| format!("{name} is not JSON: {e}"))
+}
+
+async fn start(State(s): S, Path(id): Path<String>, Form(f): Fields) -> Redirect {
+    let path = format!("/devices/{}", pages::enc(&id));
+    let workflow = field(&f, "workflow").to_string();
+    if workflow.is_empty() {
+        return back(&path, "error", "choose a workflow to start");
+    }
+    let input = match json_field(&f, "input", "{}") {
+        Ok(i) => i,
+        Err(e) => return back(&path, "error", &e),
+    };
+    let version = match field(&f, "version") {
+        "" => None,
+        v => match v.parse() {
+            Ok(v) => Some(v),
+            Err(_) => return back(&path, "error", &format!("version '{v}' is not a number")),
+        },
+    };
+    let run_id = Some(field(&f, "run_id")).filter(|r| !r.is_empty()).map(str::to_string);
+    let kind = CommandKind::Start {
+        workflow,
+        version,
+        input,
+        run_id,
+    };
+    queue(&s, &id, kind, None, &path).await
+}
+
+async fn desired(State(s): S, Path(id): Path<String>, Form(f): Fields) -> Redirect {
+    let path = format!("/devices/{}", pages::enc(&id));
+    let doc = match serde_json::from_str::<serde_json::Value>(field(&f, "document")) {
+        Ok(d) => d,
+        Err(e) => return back(&path, "error", &format!("desired state is not JSON: {e}")),
+    };
+    match s.set_desired(&id, doc).await {
+        Ok(v) => back(&path, "queued", &format!("desired state version {v}")),
+        Err(e) => back(&path, "error", &e.to_string()),
+    }
+}
+
+fn run_path(id: &str, run: &str) -> String {
+    format!("/devices/{}/runs/{}", pages::enc(id), pages::enc(run))
+}
+
+async fn cancel(State(s): S, Path((id, run)): Path<(String, String)>, Form(f): Fields) -> Redirect {
+    let reason = match field(&f, "reason") {
+        "" => "cancelled from the console".to_string(),
+        r => r.to_string(),
+    };
+    let kind = CommandKind::Cancel {
+        run_id: run.clone(),
+        reason,
+    };
+    queue(&s, &id, kind, None, &run_path(&id, &run)).await
+}
+
+async fn signal(State(s): S, Path((id, run)): Path<(String, String)>, Form(f): Fields) -> Redirect {
+    let path = run_path(&id, &run);
+    let name = field(&f, "name").to_string();
+    if name.is_empty() {
+        return back(&path, "error", "a signal needs a name");
+    }
+    let payload = match json_field(&f, "payload", "null") {
+        Ok(p) => p,
+        Err(e) => return back(&path, "error", &e),
+    };
+    let kind = CommandKind::Signal {
+        run_id: run.clone(),
+        name,
+        payload,
+    };
+    queue(&s, &id, kind, None, &path).await
+}
+
+async fn approve(State(s): S, Path((id, run)): Path<(String, String)>, Form(f): Fields) -> Redirect {
+    let path = run_path(&id, &run);
+    let (step, by) = (field(&f, "step").to_string(), field(&f, "by").to_string());
+    if step.is_empty() || by.is_empty() {
+        return back(&path, "error", "an approval names the step and who decides (your name)");
+    }
+    let approved = match field(&f, "decision") {
+        "approve" => true,
+        "reject" => false,
+        other => {
+            return back(
+                &path,
+                "error",
+                &format!("decision '{other}' is neither approve nor reject"),
+            );
+        }
+    };
+    let kind = CommandKind::Approve {
+        run_id: run.clone(),
+        step,
+        approved,
+        by,
+        comment: field(&f, "comment").to_string(),
+    };
+    queue(&s, &id, kind, None, &path).await
+}
+
+async fn deploy(State(s): S, Form(f): Fields) -> Response {
+    let document = field(&f, "document").to_string();
+    let devices: Vec<String> = f
+        .iter()
+        .filter(|(k, v)| k == "device" && !v.is_empty())
+        .map(|(_, v)| v.clone())
+        .collect();
+    let mut labels = Vec::new();
+    for part in field(&f, "labels").split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() => labels.push((k.trim().to_string(), v.trim().to_string())),
+            _ => return back("/deployments", "error", &format!("label '{part}' is not KEY=VALUE")).into_response(),
+        }
+    }
+    let outcome = if document.is_empty() {
+        Err("paste a definition or choose a file".to_string())
+    } else if devices.is_empty() && labels.is_empty() {
+        Err("pick devices or give labels to deploy to".to_string())
+    } else {
+        s.deploy(document.clone(), devices, labels)
+            .await
+            .map_err(|e| e.to_string())
+    };
+    match outcome {
+        Ok((id, _)) => Redirect::to(&format!("/deployments/{}", pages::enc(&id))).into_response(),
+        Err(e) => {
+            // Shown again with the document kept, so a typo costs no re-paste.
+            let store = s.store.clone();
+            let listed = tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
+                let mut list = Vec::new();
+                for (id, d) in store.deployments()?.into_iter().take(50) {
+                    let states = deployment_states(&store, &id, &d.devices)?;
+                    list.push((id, d, states));
+                }
+                Ok((list, store.devices()?))
+            })
+            .await;
+            let (list, devices) = match listed {
+                Ok(Ok(x)) => x,
+                _ => Default::default(),
+            };
+            let flash = pages::Flash {
+                queued: None,
+                error: Some(e),
+            };
+            (
+                StatusCode::BAD_REQUEST,
+                pages::deployments(&list, &devices, &flash, &document, now_ms()),
+            )
+                .into_response()
+        }
+    }
+}
+
+/// Server-sent events: one `change` after store changes (at most four a second), so open pages
+/// refetch themselves; a comment every 15 s keeps proxies from closing the stream.
+async fn live(State(s): S) -> Sse<impl futures_util::Stream<Item = Result<SseEvent, Infallible>>> {
+    let rx = s.subscribe();
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.changed().await.ok()?;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        rx.borrow_and_update();
+        Some((Ok(SseEvent::default().event("change").data("1")), rx))
+    });
+    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+}
+
+fn asset(kind: &'static str, body: &'static str) -> Response {
+    let mut r = body.into_response();
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(kind));
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    r
+}
+
+async fn css() -> Response {
+    asset("text/css; charset=utf-8", include_str!("app.css"))
+}
+
+async fn js() -> Response {
+    asset("text/javascript; charset=utf-8", include_str!("app.js"))
+}

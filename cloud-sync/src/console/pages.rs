@@ -1,0 +1,870 @@
+//! The console's markup. Every function here is pure: store rows in, HTML out (maud escapes
+//! every value). Elements marked `data-live` are replaced in place when the page refreshes.
+
+use std::collections::HashMap;
+
+use axum::http::StatusCode;
+use maud::{DOCTYPE, Markup, html};
+use outpost_shared::definition::Document;
+use outpost_shared::journal::{Event, Record, rfc3339};
+use outpost_shared::protocol::CommandKind;
+
+use super::graph;
+use crate::store::{CommandRecord, Deployment, DesiredRow, Device, ReportedRow, RunMirror};
+
+/// A one-off message after a form was sent.
+#[derive(Default)]
+pub struct Flash {
+    /// The id of the command just queued.
+    pub queued: Option<String>,
+    /// Why the form was refused.
+    pub error: Option<String>,
+}
+
+/// Percent-encodes a path segment.
+pub fn enc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b':') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// True while a run can still change.
+pub fn is_active(status: &str) -> bool {
+    matches!(status, "running" | "compensating" | "queued")
+}
+
+/// True for runs that ended badly.
+pub fn is_failed(status: &str) -> bool {
+    matches!(status, "failed" | "compensation_failed" | "compensated")
+}
+
+/// How far a device's reported state is from its desired state.
+pub enum Drift {
+    /// No desired state set.
+    Unmanaged,
+    /// Desired set, nothing reported for it yet.
+    Pending(u64),
+    /// Reported equals desired exactly.
+    InSync(u64),
+    /// Reported differs.
+    Drifted(String),
+}
+
+/// Compares a device's desired and reported rows.
+pub fn drift(desired: Option<&DesiredRow>, reported: Option<&ReportedRow>) -> Drift {
+    match (desired, reported) {
+        (None, _) => Drift::Unmanaged,
+        (Some(d), Some(r)) if r.desired_version == d.version && r.in_sync => Drift::InSync(d.version),
+        (Some(d), Some(r)) if r.desired_version == d.version => Drift::Drifted(r.message.clone()),
+        (Some(d), _) => Drift::Pending(d.version),
+    }
+}
+
+fn drift_cell(d: &Drift) -> Markup {
+    match d {
+        Drift::Unmanaged => html! { span.muted { "—" } },
+        Drift::Pending(v) => {
+            html! { span.badge.pending title={"desired v" (v) " not reported yet"} { "pending v" (v) } }
+        }
+        Drift::InSync(v) => html! { span.badge.completed { "in sync v" (v) } },
+        Drift::Drifted(m) => html! { span.badge.failed title=(m) { "drift" } },
+    }
+}
+
+/// The run a command is about, if any.
+pub fn command_run(k: &CommandKind) -> Option<&str> {
+    match k {
+        CommandKind::Start { run_id, .. } => run_id.as_deref(),
+        CommandKind::Cancel { run_id, .. }
+        | CommandKind::Signal { run_id, .. }
+        | CommandKind::Approve { run_id, .. } => Some(run_id),
+        CommandKind::Deploy { .. } => None,
+    }
+}
+
+fn command_text(k: &CommandKind) -> String {
+    match k {
+        CommandKind::Start { workflow, version, .. } => match version {
+            Some(v) => format!("start {workflow} v{v}"),
+            None => format!("start {workflow}"),
+        },
+        CommandKind::Cancel { run_id, .. } => format!("cancel {run_id}"),
+        CommandKind::Signal { run_id, name, .. } => format!("signal {name} to {run_id}"),
+        CommandKind::Approve {
+            step,
+            approved,
+            by,
+            comment,
+            ..
+        } => {
+            let verb = if *approved { "approve" } else { "reject" };
+            let why = if comment.is_empty() {
+                String::new()
+            } else {
+                format!(": {comment}")
+            };
+            format!("{verb} {step} (by {by}{why})")
+        }
+        CommandKind::Deploy { deployment, .. } => format!("deployment {deployment}"),
+    }
+}
+
+/// "3 s ago", "5 min ago" … for a past time; the exact time goes in a tooltip.
+fn ago(ms: u64, now: u64) -> Markup {
+    let s = now.saturating_sub(ms) / 1000;
+    let text = match s {
+        0..=4 => "just now".to_string(),
+        5..=59 => format!("{s} s ago"),
+        60..=3599 => format!("{} min ago", s / 60),
+        3600..=86_399 => format!("{} h ago", s / 3600),
+        _ => format!("{} d ago", s / 86_400),
+    };
+    html! { time datetime=(rfc3339(ms)) title=(rfc3339(ms)) { (text) } }
+}
+
+/// A duration in the largest sensible units.
+pub fn duration(ms: u64) -> String {
+    match ms {
+        0..=999 => format!("{ms} ms"),
+        1000..=59_999 => format!("{:.1} s", ms as f64 / 1000.0),
+        60_000..=3_599_999 => format!("{} min {:02} s", ms / 60_000, (ms / 1000) % 60),
+        _ => format!("{} h {:02} min", ms / 3_600_000, (ms / 60_000) % 60),
+    }
+}
+
+fn badge(state: &str) -> Markup {
+    html! { span class={"badge " (state)} data-status=(state) { (state.replace('_', " ")) } }
+}
+
+fn layout(title: &str, section: &str, body: Markup) -> Markup {
+    html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                meta name="viewport" content="width=device-width, initial-scale=1";
+                title { (title) " · Outpost console" }
+                link rel="stylesheet" href="/console/app.css";
+                script src="/console/app.js" defer {}
+            }
+            body {
+                header.top {
+                    a.brand href="/" { span.logo { "◆" } " Outpost" }
+                    nav {
+                        a href="/" class=[(section == "fleet").then_some("active")] { "Fleet" }
+                        a href="/deployments" class=[(section == "deployments").then_some("active")] { "Deployments" }
+                    }
+                    span #live .live data-state="connecting" title="Live updates" { "connecting…" }
+                }
+                main { (body) }
+            }
+        }
+    }
+}
+
+fn flash(f: &Flash) -> Markup {
+    html! {
+        @if let Some(e) = &f.error { div.flash.error role="alert" { (e) } }
+        @if let Some(q) = &f.queued {
+            div.flash.ok role="status" { "Queued " code { (q) } " — it shows as pending below until the device applies it." }
+        }
+    }
+}
+
+/// One fleet row.
+pub struct FleetRow {
+    /// Device id.
+    pub id: String,
+    /// Stored device.
+    pub device: Device,
+    /// Runs still going.
+    pub active: usize,
+    /// Runs that ended badly.
+    pub failed: usize,
+    /// All runs.
+    pub total: usize,
+    /// Desired vs reported.
+    pub drift: Drift,
+}
+
+fn backlog(d: &Device) -> u64 {
+    d.reported_last_seq.saturating_sub(d.next_seq.saturating_sub(1))
+}
+
+/// The fleet overview.
+pub fn fleet(rows: &[FleetRow], now: u64) -> Markup {
+    let online = rows.iter().filter(|r| r.device.online()).count();
+    let active: usize = rows.iter().map(|r| r.active).sum();
+    let failed: usize = rows.iter().map(|r| r.failed).sum();
+    let pending_sync: u64 = rows.iter().map(|r| backlog(&r.device)).sum();
+    layout(
+        "Fleet",
+        "fleet",
+        html! {
+            h1 { "Fleet" }
+            div #summary .cards data-live {
+                div.card { span.big { (online) " / " (rows.len()) } span { "devices online" } }
+                div.card { span.big { (active) } span { "runs active" } }
+                div.card.warn[failed > 0] { span.big { (failed) } span { "runs failed" } }
+                div.card { span.big { (pending_sync) } span { "events still to sync" } }
+            }
+            div #fleet-table data-live {
+                @if rows.is_empty() {
+                    p.empty { "No device has connected yet. Start an agent with "
+                        code { "outpost run --cloud mqtt://HOST:1883 --device-id NAME" } "." }
+                } @else {
+                    table #fleet {
+                        thead { tr { th { "Device" } th { "State" } th { "Last seen" } th { "Agent" } th { "Labels" }
+                            th.num { "Backlog" } th.num { "Active" } th.num { "Failed" } th.num { "Runs" } th { "Desired state" } } }
+                        tbody {
+                            @for r in rows {
+                                tr data-device=(r.id) {
+                                    td { a href={"/devices/" (enc(&r.id))} { (r.id) } }
+                                    td { @if r.device.online() { (badge("online")) } @else { (badge("offline")) } }
+                                    td { (ago(r.device.last_seen_ms, now)) }
+                                    td { (r.device.agent_version) }
+                                    td { @for (k, v) in &r.device.labels { span.label { (k) "=" (v) } " " } }
+                                    td.num { (backlog(&r.device)) }
+                                    td.num { (r.active) }
+                                    td.num.bad[r.failed > 0] { (r.failed) }
+                                    td.num { (r.total) }
+                                    td { (drift_cell(&r.drift)) }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        },
+    )
+}
+
+/// Everything the device page shows.
+pub struct DeviceView {
+    /// Device id.
+    pub id: String,
+    /// Stored device.
+    pub device: Device,
+    /// Its runs, newest first.
+    pub runs: Vec<(String, RunMirror)>,
+    /// Equipment (name, kind).
+    pub equipment: Vec<(String, String)>,
+    /// Desired state.
+    pub desired: Option<DesiredRow>,
+    /// Reported state.
+    pub reported: Option<ReportedRow>,
+    /// Newest commands.
+    pub commands: Vec<(String, CommandRecord)>,
+    /// Workflows it holds (name, newest version).
+    pub workflows: Vec<(String, u32)>,
+}
+
+fn pretty(json_text: &str) -> String {
+    serde_json::from_str::<serde_json::Value>(json_text)
+        .ok()
+        .and_then(|v| serde_json::to_string_pretty(&v).ok())
+        .unwrap_or_else(|| json_text.to_string())
+}
+
+fn run_duration(m: &RunMirror, now: u64) -> String {
+    duration(m.finished_ms.unwrap_or(now).saturating_sub(m.created_ms))
+}
+
+fn commands_table(cmds: &[(String, CommandRecord)], now: u64) -> Markup {
+    html! {
+        @if cmds.is_empty() { p.empty { "No commands yet." } } @else {
+            table.commands {
+                thead { tr { th { "Command" } th { "What" } th { "State" } th { "Issued" } th { "Result" } } }
+                tbody {
+                    @for (id, c) in cmds {
+                        tr data-command=(id) data-state=(c.state) {
+                            td { code { (id) } }
+                            td { (command_text(&c.kind)) }
+                            td { (badge(&c.state)) }
+                            td { (ago(c.created_ms, now)) }
+                            td { (c.message) }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The device page.
+pub fn device(v: &DeviceView, f: &Flash, now: u64) -> Markup {
+    let deploys: Vec<&(String, CommandRecord)> = v
+        .commands
+        .iter()
+        .filter(|(_, c)| matches!(c.kind, CommandKind::Deploy { .. }))
+        .collect();
+    let desired_text = v
+        .desired
+        .as_ref()
+        .map(|d| pretty(&d.document))
+        .unwrap_or_else(|| "{}".into());
+    layout(
+        &v.id,
+        "fleet",
+        html! {
+            p.crumbs { a href="/" { "Fleet" } " / " (v.id) }
+            div #device-head data-live {
+                h1 { (v.id) " " @if v.device.online() { (badge("online")) } @else { (badge("offline")) } }
+                p.meta {
+                    "agent " (v.device.agent_version) " · last seen " (ago(v.device.last_seen_ms, now))
+                    " · " (v.device.next_seq.saturating_sub(1)) " events stored, " (backlog(&v.device)) " still to sync"
+                    @for (k, val) in &v.device.labels { " " span.label { (k) "=" (val) } }
+                }
+            }
+            (flash(f))
+            div.grid {
+                section.wide {
+                    h2 { "Runs" }
+                    div #runs data-live {
+                        @if v.runs.is_empty() { p.empty { "No runs yet." } } @else {
+                            table #run-list {
+                                thead { tr { th { "Run" } th { "Workflow" } th { "Status" } th { "Started" } th.num { "Duration" } th.num { "Events" } } }
+                                tbody {
+                                    @for (id, m) in &v.runs {
+                                        tr data-run=(id) {
+                                            td { a href={"/devices/" (enc(&v.id)) "/runs/" (enc(id))} { (id) } }
+                                            td { (m.workflow) " v" (m.version) }
+                                            td { (badge(&m.status)) }
+                                            td { (ago(m.created_ms, now)) }
+                                            td.num { (run_duration(m, now)) }
+                                            td.num { (m.events) }
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+                section {
+                    h2 { "Start a workflow" }
+                    form.stack method="post" action={"/devices/" (enc(&v.id)) "/start"} #start-form {
+                        label { "Workflow"
+                            select name="workflow" required {
+                                @for (w, ver) in &v.workflows { option value=(w) { (w) " (v" (ver) ")" } }
+                            }
+                        }
+                        label { "Input (JSON)" textarea name="input" rows="3" spellcheck="false" { "{}" } }
+                        label { "Run id (optional)" input name="run_id" placeholder="generated"; }
+                        button type="submit" { "Start" }
+                        @if !v.device.online() { p.hint { "The device is offline: the start waits until it returns." } }
+                    }
+                    h2 { "Equipment" }
+                    @if v.equipment.is_empty() { p.empty { "No equipment file on this device." } } @else {
+                        table #equipment { tbody { @for (n, k) in &v.equipment { tr { td { (n) } td.muted { (k) } } } } }
+                    }
+                }
+                section {
+                    h2 { "Desired and reported state" }
+                    div #state data-live {
+                        @let d = drift(v.desired.as_ref(), v.reported.as_ref());
+                        p { (drift_cell(&d))
+                            @if let Some(r) = &v.reported { " " span.muted { (r.message) " (" (ago(r.updated_ms, now)) ")" } } }
+                        @if let Some(r) = &v.reported { h3 { "Reported" } pre { (pretty(&r.document)) } }
+                        @if let Some(d) = &v.desired { h3 { "Desired v" (d.version) } pre { (pretty(&d.document)) } }
+                    }
+                    form.stack method="post" action={"/devices/" (enc(&v.id)) "/desired"} #desired-form {
+                        label { "Set desired state (JSON)" textarea name="document" rows="5" spellcheck="false" { (desired_text) } }
+                        button type="submit" { "Set desired state" }
+                    }
+                }
+                section.wide {
+                    h2 { "Commands" }
+                    div #commands data-live { (commands_table(&v.commands, now)) }
+                }
+                section.wide {
+                    h2 { "Deployments" }
+                    div #device-deployments data-live {
+                        @if deploys.is_empty() { p.empty { "No deployment has targeted this device." } } @else {
+                            table { tbody { @for (id, c) in &deploys {
+                                @let dep = id.split('.').next().unwrap_or(id);
+                                tr { td { a href={"/deployments/" (enc(dep))} { (dep) } } td { (badge(&c.state)) } td { (ago(c.created_ms, now)) } td { (c.message) } }
+                            } } }
+                        }
+                    }
+                }
+            }
+        },
+    )
+}
+
+/// Everything the run page shows.
+pub struct RunView {
+    /// Device id.
+    pub device: String,
+    /// Whether the device is online.
+    pub online: bool,
+    /// Run id.
+    pub run_id: String,
+    /// The mirror row.
+    pub mirror: RunMirror,
+    /// Its history (seq, record).
+    pub history: Vec<(u64, Record)>,
+    /// The definition of the version the run is pinned to, when the device sent it.
+    pub document: Option<Document>,
+    /// Commands about this run, newest first.
+    pub commands: Vec<(String, CommandRecord)>,
+}
+
+/// Steps that wait for an approval now: (step, visit).
+pub fn open_approvals(history: &[(u64, Record)]) -> Vec<String> {
+    let mut open: Vec<String> = Vec::new();
+    for (_, r) in history {
+        match &r.event {
+            Event::WaitStarted { step, signal, .. } if signal.starts_with("approval:") && !open.contains(step) => {
+                open.push(step.clone())
+            }
+            Event::StepCompleted { step, .. } | Event::StepFailed { step, .. } => open.retain(|s| s != step),
+            e if e.is_terminal() => open.clear(),
+            _ => {}
+        }
+    }
+    open
+}
+
+/// Signals the run waits for now (not approvals).
+fn open_waits(history: &[(u64, Record)]) -> Vec<String> {
+    let mut open: Vec<(String, String)> = Vec::new();
+    for (_, r) in history {
+        match &r.event {
+            Event::WaitStarted { step, signal, .. } if !signal.starts_with("approval:") => {
+                open.push((step.clone(), signal.clone()))
+            }
+            Event::StepCompleted { step, .. } | Event::StepFailed { step, .. } => open.retain(|(s, _)| s != step),
+            e if e.is_terminal() => open.clear(),
+            _ => {}
+        }
+    }
+    open.into_iter().map(|(_, s)| s).collect()
+}
+
+fn short_json(text: &str, max: usize) -> String {
+    let compact = serde_json::from_str::<serde_json::Value>(text)
+        .map(|v| v.to_string())
+        .unwrap_or_else(|_| text.to_string());
+    if compact.chars().count() > max {
+        format!("{}…", compact.chars().take(max).collect::<String>())
+    } else {
+        compact
+    }
+}
+
+/// One timeline row: (class, step, what, detail).
+fn describe(e: &Event) -> (&'static str, String, String, String) {
+    let err = |e: &outpost_shared::journal::ErrorInfo| format!("{}: {}", e.kind, e.message);
+    match e {
+        Event::RunStarted {
+            workflow,
+            version,
+            input,
+        } => (
+            "run",
+            String::new(),
+            format!("run started ({workflow} v{version})"),
+            format!("input {}", short_json(input, 200)),
+        ),
+        Event::AttemptStarted {
+            step, visit, attempt, ..
+        } => (
+            "attempt",
+            step.clone(),
+            format!("attempt {attempt}{}", visit_text(*visit)),
+            String::new(),
+        ),
+        Event::AttemptFailed {
+            step,
+            attempt,
+            error,
+            retry_at_ms,
+            ..
+        } => (
+            "fail",
+            step.clone(),
+            match retry_at_ms {
+                Some(at) => format!("attempt {attempt} failed, retry at {}", rfc3339(*at)),
+                None => format!("attempt {attempt} failed"),
+            },
+            err(error),
+        ),
+        Event::AttemptDeferred { step, attempt, .. } => (
+            "wait",
+            step.clone(),
+            format!("attempt {attempt} held by an open circuit breaker"),
+            String::new(),
+        ),
+        Event::StepCompleted { step, output, .. } => (
+            "ok",
+            step.clone(),
+            "completed".into(),
+            format!("output {}", short_json(output, 300)),
+        ),
+        Event::StepFailed { step, error, .. } => ("fail", step.clone(), "step failed".into(), err(error)),
+        Event::StepSkipped { step, reason } => ("skip", step.clone(), "skipped".into(), reason.clone()),
+        Event::TimerSet {
+            step,
+            duration_ms,
+            fire_at_ms,
+            ..
+        } => (
+            "wait",
+            step.clone(),
+            format!("sleeping {}", duration(*duration_ms)),
+            format!("until {}", rfc3339(*fire_at_ms)),
+        ),
+        Event::TimerFired { step, .. } => ("wait", step.clone(), "timer fired".into(), String::new()),
+        Event::WaitStarted {
+            step,
+            signal,
+            fire_at_ms,
+            ..
+        } => (
+            "wait",
+            step.clone(),
+            match signal.strip_prefix("approval:") {
+                Some(_) => "waiting for approval".to_string(),
+                None => format!("waiting for signal {signal}"),
+            },
+            fire_at_ms
+                .map(|t| format!("times out at {}", rfc3339(t)))
+                .unwrap_or_default(),
+        ),
+        Event::SignalReceived { name, payload, .. } => (
+            "signal",
+            String::new(),
+            match name.strip_prefix("approval:") {
+                Some(step) => format!("decision for {step}"),
+                None => format!("signal {name}"),
+            },
+            short_json(payload, 200),
+        ),
+        Event::RunCompleted { output } => (
+            "ok",
+            String::new(),
+            "run completed".into(),
+            format!("output {}", short_json(output, 300)),
+        ),
+        Event::RunFailed { error } => ("fail", String::new(), "run failed".into(), err(error)),
+        Event::RunCancelled { reason } => ("fail", String::new(), "run cancelled".into(), reason.clone()),
+        Event::CompensationStarted { error } => ("comp", String::new(), "compensating".into(), err(error)),
+        Event::CompensationAttemptStarted { step, attempt, .. } => (
+            "comp",
+            step.clone(),
+            format!("compensation attempt {attempt}"),
+            String::new(),
+        ),
+        Event::CompensationAttemptFailed {
+            step, attempt, error, ..
+        } => (
+            "fail",
+            step.clone(),
+            format!("compensation attempt {attempt} failed"),
+            err(error),
+        ),
+        Event::StepCompensated { step, output, .. } => {
+            ("comp", step.clone(), "compensated".into(), short_json(output, 200))
+        }
+        Event::CompensationFailed { step, error, .. } => {
+            ("fail", step.clone(), "compensation failed".into(), err(error))
+        }
+        Event::RunCompensated { error } => ("comp", String::new(), "run compensated".into(), err(error)),
+        Event::RunCompensationFailed { step, error } => {
+            ("fail", step.clone(), "run compensation failed".into(), err(error))
+        }
+        Event::RunRetried { by } => ("run", String::new(), "run retried".into(), format!("by {by}")),
+        Event::RunTerminated { reason } => ("fail", String::new(), "run terminated".into(), reason.clone()),
+        Event::RunContinued { next_run, .. } => (
+            "run",
+            String::new(),
+            "continued as new".into(),
+            format!("next run {next_run}"),
+        ),
+    }
+}
+
+fn visit_text(visit: u32) -> String {
+    if visit > 1 {
+        format!(" (visit {visit})")
+    } else {
+        String::new()
+    }
+}
+
+/// The run page.
+pub fn run(v: &RunView, f: &Flash, now: u64) -> Markup {
+    let states = graph::step_states(&v.history);
+    let approvals = open_approvals(&v.history);
+    let waits = open_waits(&v.history);
+    let start = v.history.first().map(|(_, r)| r.at_ms).unwrap_or(v.mirror.created_ms);
+    let active = is_active(&v.mirror.status);
+    let run_path = format!("/devices/{}/runs/{}", enc(&v.device), enc(&v.run_id));
+    let summary: HashMap<&str, usize> = states.values().fold(HashMap::new(), |mut m, s| {
+        *m.entry(s.name()).or_default() += 1;
+        m
+    });
+    layout(
+        &v.run_id,
+        "fleet",
+        html! {
+            p.crumbs { a href="/" { "Fleet" } " / " a href={"/devices/" (enc(&v.device))} { (v.device) } " / " (v.run_id) }
+            div #run-head data-live {
+                h1 { (v.run_id) " " (badge(&v.mirror.status)) }
+                p.meta {
+                    (v.mirror.workflow) " v" (v.mirror.version) " on " (v.device)
+                    " · started " (ago(v.mirror.created_ms, now))
+                    " · " @if v.mirror.finished_ms.is_some() { "took " } @else { "running for " } (run_duration(&v.mirror, now))
+                    " · " (v.mirror.events) " events"
+                    @if !v.online { " · " span.badge.offline { "device offline" } }
+                }
+            }
+            (flash(f))
+            div #actions data-live {
+                @if active {
+                    div.actions {
+                        @for step in &approvals {
+                            form.approval method="post" action={(run_path) "/approve"} data-step=(step) {
+                                strong { "Approval: " (step) }
+                                input type="hidden" name="step" value=(step);
+                                input name="by" placeholder="your name" required data-remember="by";
+                                input name="comment" placeholder="comment";
+                                button type="submit" name="decision" value="approve" { "Approve" }
+                                button.danger type="submit" name="decision" value="reject" { "Reject" }
+                            }
+                        }
+                        form.inline method="post" action={(run_path) "/signal"} #signal-form {
+                            input name="name" placeholder="signal name" required value=[waits.first()];
+                            input name="payload" placeholder="payload JSON (optional)";
+                            button type="submit" { "Send signal" }
+                        }
+                        form.inline method="post" action={(run_path) "/cancel"} #cancel-form {
+                            input name="reason" placeholder="reason (optional)";
+                            button.danger type="submit" { "Cancel run" }
+                        }
+                    }
+                }
+                @let pending: Vec<_> = v.commands.iter().filter(|(_, c)| c.state == "pending").collect();
+                @if !pending.is_empty() {
+                    div.pending-cmds {
+                        "Waiting for the device: "
+                        @for (id, c) in pending { span.badge.pending data-command=(id) { (command_text(&c.kind)) } " " }
+                    }
+                }
+            }
+            section {
+                h2 { "Graph" }
+                div #graph .graph-box data-live {
+                    @match &v.document {
+                        Some(doc) => {
+                            (graph::svg(doc, &states))
+                            p.legend {
+                                @for s in ["pending", "running", "retrying", "waiting", "completed", "failed", "skipped", "compensating", "compensated"] {
+                                    span class={"key " (s)} { (s) @if let Some(n) = summary.get(s) { " " (n) } }
+                                }
+                            }
+                        }
+                        None => p.empty { "The device has not sent definition " (v.mirror.workflow) " v" (v.mirror.version) " yet; the timeline below is complete." }
+                    }
+                }
+            }
+            section {
+                h2 { "Timeline" }
+                div #timeline-box data-live {
+                    table #timeline {
+                        thead { tr { th.num { "#" } th { "Time" } th { "Step" } th { "Event" } th { "Detail" } } }
+                        tbody {
+                            @for (seq, r) in &v.history {
+                                @let (class, step, what, detail) = describe(&r.event);
+                                tr class=(class) data-step=(step) data-type=(r.event.name()) {
+                                    td.num.muted { (seq) }
+                                    td title=(rfc3339(r.at_ms)) { "+" (duration(r.at_ms.saturating_sub(start))) }
+                                    td { (step) }
+                                    td { (what) }
+                                    td.detail { (detail) }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            section {
+                h2 { "Commands" }
+                div #run-commands data-live { (commands_table(&v.commands, now)) }
+            }
+        },
+    )
+}
+
+/// Per device of a deployment: (device, state, reason).
+pub type DeviceStates = Vec<(String, String, String)>;
+
+/// A deployment listed: (id, record, per-device states).
+pub type DeploymentRow = (String, Deployment, DeviceStates);
+
+/// The deployments page: a form and the newest deployments.
+pub fn deployments(
+    list: &[DeploymentRow],
+    devices: &[(String, Device)],
+    f: &Flash,
+    document: &str,
+    now: u64,
+) -> Markup {
+    layout(
+        "Deployments",
+        "deployments",
+        html! {
+            h1 { "Deployments" }
+            (flash(f))
+            div.grid {
+                section {
+                    h2 { "New deployment" }
+                    form.stack method="post" action="/deployments" #deploy-form {
+                        label { "Definition file (YAML or JSON)" input type="file" accept=".yaml,.yml,.json" data-fills="document"; }
+                        label { "…or paste it" textarea name="document" rows="12" spellcheck="false" placeholder="name: my-workflow\nversion: 1\nsteps: …" { (document) } }
+                        fieldset {
+                            legend { "Devices" }
+                            @if devices.is_empty() { p.empty { "No devices known yet." } }
+                            @for (id, d) in devices {
+                                label.check { input type="checkbox" name="device" value=(id);
+                                    " " (id) " " @if d.online() { span.badge.online { "online" } } @else { span.badge.offline { "offline" } } }
+                            }
+                        }
+                        label { "…and/or devices with labels" input name="labels" placeholder="line=3, site=north"; }
+                        button type="submit" { "Deploy" }
+                    }
+                }
+                section.wide {
+                    h2 { "Recent" }
+                    div #deployment-list data-live {
+                        @if list.is_empty() { p.empty { "No deployments yet." } } @else {
+                            table {
+                                thead { tr { th { "Deployment" } th { "Workflow" } th { "Created" } th { "Devices" } } }
+                                tbody {
+                                    @for (id, d, states) in list {
+                                        tr data-deployment=(id) {
+                                            td { a href={"/deployments/" (enc(id))} { (id) } }
+                                            td { (d.workflow) " v" (d.version) }
+                                            td { (ago(d.created_ms, now)) }
+                                            td { @for (dev, st, _) in states { span class={"badge " (st)} title=(st) { (dev) } " " } }
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        },
+    )
+}
+
+/// One deployment with its per-device state.
+pub fn deployment(id: &str, d: &Deployment, states: &[(String, String, String)], now: u64) -> Markup {
+    layout(
+        id,
+        "deployments",
+        html! {
+            p.crumbs { a href="/deployments" { "Deployments" } " / " (id) }
+            h1 { "Deployment " (id) }
+            p.meta { (d.workflow) " v" (d.version) " · created " (ago(d.created_ms, now)) " · " (d.devices.len()) " devices" }
+            div #deployment-states data-live {
+                table #deployment-devices {
+                    thead { tr { th { "Device" } th { "State" } th { "Reason" } } }
+                    tbody {
+                        @for (dev, st, why) in states {
+                            tr data-device=(dev) data-state=(st) {
+                                td { a href={"/devices/" (enc(dev))} { (dev) } }
+                                td { (badge(st)) }
+                                td { @if st != "applied" { (why) } }
+                            }
+                        }
+                    }
+                }
+                p.hint { "Offline devices apply it when they return; a newer deployment of the same workflow supersedes a pending one." }
+            }
+        },
+    )
+}
+
+/// A page for a request that failed.
+pub fn error_page(code: StatusCode, message: &str) -> Markup {
+    layout(
+        "Error",
+        "",
+        html! {
+            h1 { (code.as_u16()) " " (code.canonical_reason().unwrap_or("")) }
+            div.flash.error { (message) }
+            p { a href="/" { "Back to the fleet" } }
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_text_from_the_wire_is_escaped_everywhere() {
+        let rows = vec![FleetRow {
+            id: "gw-1".into(),
+            device: Device {
+                agent_version: "<script>alert(1)</script>".into(),
+                labels: vec![("line".into(), "\"><img src=x>".into())],
+                epoch: 1,
+                ..Device::default()
+            },
+            active: 0,
+            failed: 0,
+            total: 0,
+            drift: Drift::Unmanaged,
+        }];
+        let html = fleet(&rows, 0).into_string();
+        assert!(!html.contains("<script>alert"), "{html}");
+        assert!(!html.contains("<img src=x>"), "{html}");
+        assert!(html.contains("&lt;script&gt;"));
+    }
+
+    #[test]
+    fn approvals_open_while_waiting_and_close_when_decided() {
+        let rec = |event| {
+            (
+                1,
+                Record {
+                    run_id: "r".into(),
+                    at_ms: 1,
+                    event,
+                },
+            )
+        };
+        let wait = rec(Event::WaitStarted {
+            step: "gate".into(),
+            visit: 1,
+            signal: "approval:gate".into(),
+            fire_at_ms: None,
+            duration_ms: 0,
+        });
+        assert_eq!(open_approvals(std::slice::from_ref(&wait)), vec!["gate".to_string()]);
+        let done = rec(Event::StepCompleted {
+            step: "gate".into(),
+            visit: 1,
+            output: "{}".into(),
+        });
+        assert!(open_approvals(&[wait, done]).is_empty());
+    }
+
+    #[test]
+    fn durations_and_paths_read_well() {
+        assert_eq!(duration(850), "850 ms");
+        assert_eq!(duration(12_345), "12.3 s");
+        assert_eq!(duration(245_000), "4 min 05 s");
+        assert_eq!(enc("a b/c"), "a%20b%2Fc");
+    }
+}
