@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod browser;
 pub mod cloud;
 
 /// Path of the `outpost` binary: `$OUTPOST_BIN`, or the one cargo built next to this test.

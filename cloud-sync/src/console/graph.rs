@@ -225,7 +225,8 @@ pub fn svg(doc: &Document, states: &HashMap<String, StepState>) -> Markup {
                     @let mid = (x1 + x2) / 2;
                     path.edge d={"M " (x1) " " (y1) " C " (mid) " " (y1) ", " (mid) " " (y2) ", " (x2 - 2) " " (y2)} marker-end="url(#arrow)" {}
                     @if let Some(l) = &e.label {
-                        text.edge-label x=(mid) y=((y1 + y2) / 2 - 4) text-anchor="middle" { title { (l) } (short(l, 22)) }
+                        // Beside the arrowhead, where edges from one step no longer overlap.
+                        text.edge-label x=(x2 - 8) y=(y2 - 6) text-anchor="end" { title { (l) } (short(l, 18)) }
                     }
                 } @else {
                     // Back (loop) or same-layer edge: an arc under the boxes.

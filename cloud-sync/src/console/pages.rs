@@ -357,7 +357,9 @@ pub fn device(v: &DeviceView, f: &Flash, now: u64) -> Markup {
                         label { "Input (JSON)" textarea name="input" rows="3" spellcheck="false" { "{}" } }
                         label { "Run id (optional)" input name="run_id" placeholder="generated"; }
                         button type="submit" { "Start" }
-                        @if !v.device.online() { p.hint { "The device is offline: the start waits until it returns." } }
+                        p #start-hint .hint data-live {
+                            @if !v.device.online() { "The device is offline: the start waits until it returns." }
+                        }
                     }
                     h2 { "Equipment" }
                     @if v.equipment.is_empty() { p.empty { "No equipment file on this device." } } @else {

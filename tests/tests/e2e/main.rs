@@ -3,6 +3,7 @@
 mod bad_input;
 mod breaker;
 mod children;
+mod console;
 mod crash;
 mod durable_sleep;
 mod equipment;

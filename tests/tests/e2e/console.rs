@@ -1,0 +1,196 @@
+//! The web console in a real headless Chromium against the real `outpost-cloud` and a running
+//! agent: the fleet page, a run's timeline and graph, an approval from the page that completes
+//! the run on the agent, a deployment from the page, a start queued while the device is offline.
+//! Every page is also saved as a screenshot under `target/console-screenshots/`.
+//!
+//! After each action the tests wait without reloading: what changes on the page arrives through
+//! the console's live updates (server-sent events).
+
+use std::time::Duration;
+
+use outpost_tests::browser::Browser;
+use outpost_tests::cloud::{Cloud, http};
+use outpost_tests::{Agent, eventually, write};
+use serde_json::Value;
+
+const QUALITY_GATE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/quality-gate.yaml");
+const WAIT: Duration = Duration::from_secs(30);
+
+fn device(cloud: &Cloud, id: &str) -> Option<Value> {
+    let (code, v) = http("GET", cloud.api, &format!("/v1/devices/{id}"), None).ok()?;
+    (code == 200).then_some(v)
+}
+
+fn online(cloud: &Cloud, id: &str, want: bool) {
+    eventually(WAIT, &format!("{id} online={want}"), || {
+        device(cloud, id).filter(|d| d["online"] == want)
+    });
+}
+
+#[test]
+fn fleet_timeline_and_an_approval_from_the_page_complete_the_run_on_the_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = Cloud::embedded(&dir.path().join("cloud"));
+    let url = cloud.mqtt_url();
+    let mut agent = Agent::start(
+        &dir.path().join("agent"),
+        &[
+            "--cloud",
+            &url,
+            "--device-id",
+            "line-1",
+            "--label",
+            "line=1",
+            "--apply",
+            QUALITY_GATE,
+        ],
+    );
+    online(&cloud, "line-1", true);
+    assert!(agent.cli(&["start", "quality-gate", "--id", "lot-7"]).status.success());
+    let out = agent.cli(&["signal", "lot-7", "lot-ready", "--payload", r#"{"lot": 7, "kg": 120}"#]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let b = Browser::start(1000);
+    let base = format!("http://127.0.0.1:{}", cloud.api);
+
+    // Fleet: the device, online, with its labels.
+    b.goto(&format!("{base}/"));
+    b.wait_for(r#"tr[data-device="line-1"] [data-status="online"]"#, WAIT);
+    let row = b.text_of(r#"tr[data-device="line-1"]"#);
+    assert!(row.contains("line=1"), "fleet row: {row}");
+    b.screenshot("fleet");
+
+    // Run page: the approval form appears once the wait has synced (live, no reload).
+    b.goto(&format!("{base}/devices/line-1/runs/lot-7"));
+    b.wait_for(r#"form.approval[data-step="release"]"#, WAIT);
+    b.wait_for(r#"#timeline tr[data-step="lot"][data-type="step_completed"]"#, WAIT);
+    b.wait_for(r#"#timeline tr[data-step="release"][data-type="wait_started"]"#, WAIT);
+    b.wait_for(r#"g[data-step="lot"][data-state="completed"]"#, WAIT);
+    b.wait_for(r#"g[data-step="release"][data-state="waiting"]"#, WAIT);
+    let timeline = b.text_of("#timeline");
+    assert!(timeline.contains("waiting for approval"), "{timeline}");
+    assert!(
+        timeline.contains(r#""lot":7"#),
+        "signal payload in the timeline: {timeline}"
+    );
+    b.screenshot("run-waiting");
+
+    let by = b.wait_for(r#"form.approval input[name="by"]"#, WAIT);
+    b.type_into(&by, "alice");
+    let comment = b.wait_for(r#"form.approval input[name="comment"]"#, WAIT);
+    b.type_into(&comment, "moisture ok");
+    let approve = b.wait_for(r#"form.approval button[value="approve"]"#, WAIT);
+    b.click(&approve);
+    b.wait_for(".flash.ok", WAIT);
+
+    // The run completes on the agent, and the page shows it without a reload.
+    b.wait_for(r#"#run-head [data-status="completed"]"#, WAIT);
+    b.wait_for(r#"g[data-step="released"][data-state="completed"]"#, WAIT);
+    assert!(
+        b.all("form.approval").is_empty(),
+        "the approval form is gone once decided"
+    );
+    let run = agent.json(&["show", "lot-7"]);
+    assert_eq!(run["status"], "completed", "{run}");
+    let output = run["output"].to_string();
+    assert!(output.contains("alice") && output.contains("moisture ok"), "{output}");
+    let timeline = b.text_of("#timeline");
+    assert!(timeline.contains("run completed"), "{timeline}");
+    b.screenshot("run");
+
+    b.goto(&format!("{base}/devices/line-1"));
+    b.wait_for(r#"tr[data-run="lot-7"] [data-status="completed"]"#, WAIT);
+    b.wait_for(r#"#commands [data-state="applied"]"#, WAIT);
+    b.screenshot("device");
+
+    // Presence is live too: the fleet page turns the device offline when its agent dies.
+    b.goto(&format!("{base}/"));
+    b.wait_for(r#"tr[data-device="line-1"] [data-status="online"]"#, WAIT);
+    agent.kill9();
+    b.wait_for(r#"tr[data-device="line-1"] [data-status="offline"]"#, WAIT);
+    b.screenshot("fleet-offline");
+}
+
+const HELLO: &str = r#"
+name: console-hello
+version: 1
+steps:
+  - id: greet
+    action: set
+    args: {greeting: "hello from the console"}
+"#;
+
+#[test]
+fn a_deployment_and_a_start_from_the_page_reach_the_device_also_after_it_was_offline() {
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = Cloud::embedded(&dir.path().join("cloud"));
+    let url = cloud.mqtt_url();
+    let mut agent = Agent::start(
+        &dir.path().join("agent"),
+        &["--cloud", &url, "--device-id", "line-2", "--label", "line=2"],
+    );
+    online(&cloud, "line-2", true);
+    let file = write(dir.path(), "console-hello.yaml", HELLO);
+
+    let b = Browser::start(1000);
+    let base = format!("http://127.0.0.1:{}", cloud.api);
+
+    // A definition file chosen in the form, one device ticked.
+    b.goto(&format!("{base}/deployments"));
+    let input = b.wait_for(r#"#deploy-form input[type="file"]"#, WAIT);
+    b.type_into(&input, &file);
+    eventually(WAIT, "the file to fill the form", || {
+        let v = b.js(r#"return document.querySelector('textarea[name="document"]').value"#);
+        v.as_str().filter(|t| t.contains("console-hello")).map(str::to_string)
+    });
+    let tick = b.wait_for(r#"input[name="device"][value="line-2"]"#, WAIT);
+    b.click(&tick);
+    let deploy = b.wait_for("#deploy-form button[type=submit]", WAIT);
+    b.click(&deploy);
+    b.wait_for(
+        r#"#deployment-devices tr[data-device="line-2"][data-state="applied"]"#,
+        WAIT,
+    );
+    assert!(b.url().contains("/deployments/d"), "{}", b.url());
+    b.screenshot("deployment");
+    let defs = agent.json(&["definitions"]);
+    assert!(defs.to_string().contains("console-hello"), "{defs}");
+
+    // A bad definition is refused with the reason, and the text stays in the form.
+    b.goto(&format!("{base}/deployments"));
+    let area = b.wait_for(r#"textarea[name="document"]"#, WAIT);
+    b.type_into(&area, "name: broken\nversion: 1\nsteps: 7\n");
+    let tick = b.wait_for(r#"input[name="device"][value="line-2"]"#, WAIT);
+    b.click(&tick);
+    let deploy = b.wait_for("#deploy-form button[type=submit]", WAIT);
+    b.click(&deploy);
+    let err = b.text(&b.wait_for(".flash.error", WAIT));
+    assert!(err.contains("definition"), "{err}");
+    let kept = b.js(r#"return document.querySelector('textarea[name="document"]').value"#);
+    assert!(kept.to_string().contains("broken"), "{kept}");
+
+    // Offline: a start from the device page is queued and shown pending.
+    agent.kill9();
+    online(&cloud, "line-2", false);
+    b.goto(&format!("{base}/devices/line-2"));
+    b.wait_for(r#"#device-head [data-status="offline"]"#, WAIT);
+    let option = b.wait_for(r#"select[name="workflow"] option[value="console-hello"]"#, WAIT);
+    b.click(&option);
+    let run_id = b.wait_for(r#"#start-form input[name="run_id"]"#, WAIT);
+    b.type_into(&run_id, "from-console");
+    let start = b.wait_for("#start-form button[type=submit]", WAIT);
+    b.click(&start);
+    b.wait_for(".flash.ok", WAIT);
+    b.wait_for(r#"#commands tr[data-state="pending"]"#, WAIT);
+    b.screenshot("device-offline-pending");
+
+    // Back online: it applies, and the page follows live.
+    agent.restart();
+    b.wait_for(r#"#device-head [data-status="online"]"#, WAIT);
+    b.wait_for(r#"tr[data-run="from-console"] [data-status="completed"]"#, WAIT);
+    assert!(b.all(r#"#commands tr[data-state="pending"]"#).is_empty());
+    let run = agent.json(&["show", "from-console"]);
+    assert_eq!(run["status"], "completed", "{run}");
+    assert!(run["output"].to_string().contains("hello from the console"), "{run}");
+    b.screenshot("device-back");
+}
