@@ -486,12 +486,21 @@ fn the_readme_demo_starts_cloud_sync_and_a_gateway_whose_run_is_mirrored() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let run = eventually(Duration::from_secs(60), "the demo run to be mirrored", || {
+    // The oven run completes; the quality-gate lot the demo queues waits for an approval.
+    eventually(Duration::from_secs(60), "the demo runs to be mirrored", || {
         let (code, runs) = outpost_tests::cloud::http("GET", api, "/v1/devices/demo-gw/runs", None).ok()?;
-        let r = runs.as_array()?.first()?.clone();
-        (code == 200 && r["status"] == "completed").then_some(r)
+        let runs = runs.as_array()?.clone();
+        let oven = runs
+            .iter()
+            .any(|r| r["workflow"] == "oven-plant" && r["status"] == "completed");
+        let lot = runs.iter().any(|r| r["run_id"] == "lot-7" && r["status"] == "running");
+        (code == 200 && oven && lot).then_some(())
     });
-    assert_eq!(run["workflow"], "oven-plant");
+    let (_, lot) = outpost_tests::cloud::http("GET", api, "/v1/devices/demo-gw/runs/lot-7", None).unwrap();
+    assert!(
+        lot["history"].to_string().contains("approval:release"),
+        "lot-7 waits at the approval: {lot}"
+    );
     let _ = child.kill();
     let _ = child.wait();
     // The demo agent is a child of cloud-sync and shares its stdout: stop it before reading.
@@ -505,6 +514,7 @@ fn the_readme_demo_starts_cloud_sync_and_a_gateway_whose_run_is_mirrored() {
         out.contains(&format!("API on http://127.0.0.1:{api}/v1/devices")),
         "{out}"
     );
+    assert!(out.contains(&format!("console: http://127.0.0.1:{api}/")), "{out}");
 }
 
 #[test]
