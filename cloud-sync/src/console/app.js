@@ -29,12 +29,24 @@
       if (again) { again = false; refresh(); }
     }
   }
+  // One stream per visible page: browsers allow only six HTTP/1.1 connections per host, so a
+  // stream left open by a page navigated away from, or by a background tab, would starve the rest.
+  let es = null;
   function connect() {
-    const es = new EventSource("/console/live");
+    if (es) return;
+    es = new EventSource("/console/live");
     es.onopen = () => { state("up", "live"); refresh(); };
     es.addEventListener("change", refresh);
     es.onerror = () => state("down", "reconnecting…");
   }
+  function disconnect() {
+    if (es) { es.close(); es = null; state("connecting", "paused"); }
+  }
+  window.addEventListener("pagehide", disconnect);
+  window.addEventListener("pageshow", (e) => { if (e.persisted) connect(); });
+  document.addEventListener("visibilitychange", () => {
+    if (document.visibilityState === "hidden") disconnect(); else connect();
+  });
   // Remember who the operator is, so approvals carry a name without retyping it.
   function remember() {
     document.querySelectorAll("input[data-remember]").forEach((el) => {

@@ -46,6 +46,7 @@ pub fn router() -> Router<Arc<Service>> {
 #[derive(Deserialize, Default)]
 struct Flash {
     queued: Option<String>,
+    note: Option<String>,
     error: Option<String>,
 }
 
@@ -53,6 +54,7 @@ impl Flash {
     fn view(&self) -> pages::Flash {
         pages::Flash {
             queued: self.queued.clone(),
+            note: self.note.clone(),
             error: self.error.clone(),
         }
     }
@@ -272,7 +274,11 @@ async fn desired(State(s): S, Path(id): Path<String>, Form(f): Fields) -> Redire
         Err(e) => return back(&path, "error", &format!("desired state is not JSON: {e}")),
     };
     match s.set_desired(&id, doc).await {
-        Ok(v) => back(&path, "queued", &format!("desired state version {v}")),
+        Ok(v) => back(
+            &path,
+            "note",
+            &format!("Desired state v{v} set: the device applies it and reports in sync once it has verified it."),
+        ),
         Err(e) => back(&path, "error", &e.to_string()),
     }
 }
@@ -380,8 +386,8 @@ async fn deploy(State(s): S, Form(f): Fields) -> Response {
                 _ => Default::default(),
             };
             let flash = pages::Flash {
-                queued: None,
                 error: Some(e),
+                ..Default::default()
             };
             (
                 StatusCode::BAD_REQUEST,

@@ -17,6 +17,8 @@ use crate::store::{CommandRecord, Deployment, DesiredRow, Device, ReportedRow, R
 pub struct Flash {
     /// The id of the command just queued.
     pub queued: Option<String>,
+    /// Something done that is not a command.
+    pub note: Option<String>,
     /// Why the form was refused.
     pub error: Option<String>,
 }
@@ -68,12 +70,12 @@ pub fn drift(desired: Option<&DesiredRow>, reported: Option<&ReportedRow>) -> Dr
 
 fn drift_cell(d: &Drift) -> Markup {
     match d {
-        Drift::Unmanaged => html! { span.muted { "—" } },
+        Drift::Unmanaged => html! { span.muted data-drift="none" { "—" } },
         Drift::Pending(v) => {
-            html! { span.badge.pending title={"desired v" (v) " not reported yet"} { "pending v" (v) } }
+            html! { span.badge.pending data-drift="pending" title={"desired v" (v) " not reported yet"} { "pending v" (v) } }
         }
-        Drift::InSync(v) => html! { span.badge.completed { "in sync v" (v) } },
-        Drift::Drifted(m) => html! { span.badge.failed title=(m) { "drift" } },
+        Drift::InSync(v) => html! { span.badge.completed data-drift="in_sync" { "in sync v" (v) } },
+        Drift::Drifted(m) => html! { span.badge.failed data-drift="drift" title=(m) { "drift" } },
     }
 }
 
@@ -171,6 +173,7 @@ fn layout(title: &str, section: &str, body: Markup) -> Markup {
 fn flash(f: &Flash) -> Markup {
     html! {
         @if let Some(e) = &f.error { div.flash.error role="alert" { (e) } }
+        @if let Some(n) = &f.note { div.flash.ok role="status" { (n) } }
         @if let Some(q) = &f.queued {
             div.flash.ok role="status" { "Queued " code { (q) } " — it shows as pending below until the device applies it." }
         }

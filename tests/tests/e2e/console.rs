@@ -194,3 +194,88 @@ fn a_deployment_and_a_start_from_the_page_reach_the_device_also_after_it_was_off
     assert!(run["output"].to_string().contains("hello from the console"), "{run}");
     b.screenshot("device-back");
 }
+
+#[test]
+fn signal_reject_cancel_and_desired_state_from_the_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = Cloud::embedded(&dir.path().join("cloud"));
+    let url = cloud.mqtt_url();
+    let controller = dir.path().join("controller");
+    let apply_state = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/apply-state.yaml");
+    let agent = Agent::start_with_env(
+        &dir.path().join("agent"),
+        &[
+            "--cloud",
+            &url,
+            "--device-id",
+            "line-3",
+            "--apply",
+            QUALITY_GATE,
+            "--apply",
+            apply_state,
+            "--remediation",
+            "apply-state",
+        ],
+        &[("OUTPOST_CONTROLLER_DIR", &controller.to_string_lossy())],
+    );
+    online(&cloud, "line-3", true);
+    for lot in ["lot-8", "lot-9"] {
+        assert!(agent.cli(&["start", "quality-gate", "--id", lot]).status.success());
+    }
+    let b = Browser::start(1000);
+    let base = format!("http://127.0.0.1:{}", cloud.api);
+
+    // The signal the run waits for is filled in; the payload reaches the run.
+    b.goto(&format!("{base}/devices/line-3/runs/lot-8"));
+    b.wait_for(r#"g[data-step="lot"][data-state="waiting"]"#, WAIT);
+    let name = b.wait_for(r#"#signal-form input[name="name"]"#, WAIT);
+    let prefilled = b.js(r#"return document.querySelector('#signal-form input[name="name"]').value"#);
+    assert_eq!(prefilled, "lot-ready");
+    let _ = name;
+    let payload = b.wait_for(r#"#signal-form input[name="payload"]"#, WAIT);
+    b.type_into(&payload, r#"{"lot": 8, "kg": 95}"#);
+    b.click(&b.wait_for("#signal-form button", WAIT));
+    b.wait_for(r#"form.approval[data-step="release"]"#, WAIT);
+
+    // Rejected, with who and why: the step and the run fail on the agent.
+    b.type_into(&b.wait_for(r#"form.approval input[name="by"]"#, WAIT), "bob");
+    b.type_into(&b.wait_for(r#"form.approval input[name="comment"]"#, WAIT), "too wet");
+    b.click(&b.wait_for(r#"form.approval button[value="reject"]"#, WAIT));
+    b.wait_for(r#"#run-head [data-status="failed"]"#, WAIT);
+    b.wait_for(r#"g[data-step="release"][data-state="failed"]"#, WAIT);
+    let timeline = b.text_of("#timeline");
+    assert!(timeline.contains("rejected by bob: too wet"), "{timeline}");
+    let run = agent.json(&["show", "lot-8"]);
+    assert_eq!(run["status"], "failed", "{run}");
+    assert!(
+        run.to_string().contains(r#"\"kg\":95"#) || run.to_string().contains(r#""kg":95"#),
+        "{run}"
+    );
+    b.screenshot("run-rejected");
+
+    // Cancelled from the page.
+    b.goto(&format!("{base}/devices/line-3/runs/lot-9"));
+    b.type_into(
+        &b.wait_for(r#"#cancel-form input[name="reason"]"#, WAIT),
+        "line stopped",
+    );
+    b.click(&b.wait_for("#cancel-form button", WAIT));
+    b.wait_for(r#"#run-head [data-status="cancelled"]"#, WAIT);
+    assert_eq!(agent.json(&["show", "lot-9"])["status"], "cancelled");
+
+    // Desired state: remediated on the device, verified, reported in sync.
+    b.goto(&format!("{base}/devices/line-3"));
+    let doc = b.wait_for(r#"#desired-form textarea[name="document"]"#, WAIT);
+    b.clear(&doc);
+    b.type_into(&doc, r#"{"setpoint": 180, "fan": "auto"}"#);
+    b.click(&b.wait_for("#desired-form button", WAIT));
+    b.wait_for(".flash.ok", WAIT);
+    let badge = b.wait_for(r#"#state [data-drift="in_sync"]"#, WAIT);
+    assert!(b.text(&badge).contains("in sync v1"), "{}", b.text(&badge));
+    let written = std::fs::read_to_string(controller.join("outpost-controller.json")).unwrap();
+    let written: Value = serde_json::from_str(&written).unwrap();
+    assert_eq!(written["setpoint"], 180);
+    b.screenshot("device-desired");
+    b.goto(&format!("{base}/"));
+    b.wait_for(r#"tr[data-device="line-3"] [data-drift="in_sync"]"#, WAIT);
+}
