@@ -166,17 +166,21 @@ async fn run(
     Ok(pages::run(&view, &flash.view(), now_ms()))
 }
 
+/// The newest deployments with their per-device states, and every device (for the form).
+type DeploymentsView = (Vec<pages::DeploymentRow>, Vec<(String, crate::store::Device)>);
+
+fn deployments_view(store: &crate::store::Store) -> Result<DeploymentsView, StoreError> {
+    let mut list = Vec::new();
+    for (id, d) in store.deployments()?.into_iter().take(50) {
+        let states = deployment_states(store, &id, &d.devices)?;
+        list.push((id, d, states));
+    }
+    Ok((list, store.devices()?))
+}
+
 async fn deployments(State(s): S, Query(flash): Query<Flash>) -> Result<Markup, PageError> {
     let store = s.store.clone();
-    let (list, devices) = blocking(move || {
-        let mut list = Vec::new();
-        for (id, d) in store.deployments()?.into_iter().take(50) {
-            let states = deployment_states(&store, &id, &d.devices)?;
-            list.push((id, d, states));
-        }
-        Ok((list, store.devices()?))
-    })
-    .await?;
+    let (list, devices) = blocking(move || deployments_view(&store)).await?;
     Ok(pages::deployments(&list, &devices, &flash.view(), "", now_ms()))
 }
 
@@ -372,15 +376,7 @@ async fn deploy(State(s): S, Form(f): Fields) -> Response {
         Err(e) => {
             // Shown again with the document kept, so a typo costs no re-paste.
             let store = s.store.clone();
-            let listed = tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
-                let mut list = Vec::new();
-                for (id, d) in store.deployments()?.into_iter().take(50) {
-                    let states = deployment_states(&store, &id, &d.devices)?;
-                    list.push((id, d, states));
-                }
-                Ok((list, store.devices()?))
-            })
-            .await;
+            let listed = tokio::task::spawn_blocking(move || deployments_view(&store)).await;
             let (list, devices) = match listed {
                 Ok(Ok(x)) => x,
                 _ => Default::default(),
