@@ -283,7 +283,9 @@ fn ingest() -> anyhow::Result<()> {
     };
     let res = wait_for("the ingest", Duration::from_secs(600), || events() >= total);
     let took = t0.elapsed();
-    let _ = cloud.kill();
+    if res.is_err() {
+        let _ = cloud.kill();
+    }
     res.context("ingest")?;
     println!("cloud-sync ingest ({DEVICES} simulated devices at once, {BATCHES} batches of {PER_BATCH} events each)");
     println!(
@@ -291,6 +293,39 @@ fn ingest() -> anyhow::Result<()> {
         took.as_secs_f64(),
         total as f64 / took.as_secs_f64()
     );
+    let pages = console_pages(api, DEVICES, BATCHES * PER_BATCH);
+    let _ = cloud.kill();
+    pages
+}
+
+/// Fetches a page; returns its size in bytes.
+fn http_bytes(port: u16, path: &str) -> Option<usize> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n").ok()?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).ok()?;
+    let head = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
+    raw.starts_with(b"HTTP/1.1 200").then_some(raw.len() - head - 4)
+}
+
+/// Console page latency over the store the ingest left (what an operator's browser pays on
+/// every live refresh).
+fn console_pages(api: u16, devices: usize, per_device: usize) -> anyhow::Result<()> {
+    const ROUNDS: u32 = 20;
+    println!(
+        "console pages over that store ({devices} devices, {per_device} events each; mean of {ROUNDS} sequential GETs)"
+    );
+    let run = "/devices/sim-000/runs/1a2b3c4d00000000";
+    for (name, path) in [("fleet", "/"), ("device", "/devices/sim-000"), ("run", run)] {
+        let t = Instant::now();
+        let mut bytes = 0;
+        for _ in 0..ROUNDS {
+            bytes = http_bytes(api, path).with_context(|| format!("GET {path}"))?;
+        }
+        let ms = t.elapsed().as_secs_f64() * 1000.0 / f64::from(ROUNDS);
+        println!("  {name:<6} {path:<40} {ms:>7.1} ms  {:>7} bytes", bytes);
+    }
     Ok(())
 }
 

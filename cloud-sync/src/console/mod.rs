@@ -118,8 +118,11 @@ async fn device(State(s): S, Path(id): Path<String>, Query(flash): Query<Flash>)
             .ok_or_else(|| StoreError::NotFound(format!("device '{id}' is not known")))?;
         let mut runs = store.runs(&id)?;
         runs.sort_by_key(|r| std::cmp::Reverse(r.1.created_ms));
+        let total_runs = runs.len();
+        runs.truncate(pages::RUNS_SHOWN);
         Ok(pages::DeviceView {
             runs,
+            total_runs,
             equipment: store.equipment(&id)?,
             desired: store.desired(&id)?,
             reported: store.reported(&id)?,

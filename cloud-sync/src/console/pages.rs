@@ -248,14 +248,19 @@ pub fn fleet(rows: &[FleetRow], now: u64) -> Markup {
     )
 }
 
+/// Runs listed on a device page; the rest are counted (the JSON API lists them all).
+pub const RUNS_SHOWN: usize = 100;
+
 /// Everything the device page shows.
 pub struct DeviceView {
     /// Device id.
     pub id: String,
     /// Stored device.
     pub device: Device,
-    /// Its runs, newest first.
+    /// Its newest runs, newest first (at most `RUNS_SHOWN`).
     pub runs: Vec<(String, RunMirror)>,
+    /// How many runs it has in all.
+    pub total_runs: usize,
     /// Equipment (name, kind).
     pub equipment: Vec<(String, String)>,
     /// Desired state.
@@ -330,6 +335,10 @@ pub fn device(v: &DeviceView, f: &Flash, now: u64) -> Markup {
                 section.wide {
                     h2 { "Runs" }
                     div #runs data-live {
+                        @if v.total_runs > v.runs.len() {
+                            p.hint { "The newest " (v.runs.len()) " of " (v.total_runs) " runs; all of them: "
+                                a href={"/v1/devices/" (enc(&v.id)) "/runs"} { "JSON" } "." }
+                        }
                         @if v.runs.is_empty() { p.empty { "No runs yet." } } @else {
                             table #run-list {
                                 thead { tr { th { "Run" } th { "Workflow" } th { "Status" } th { "Started" } th.num { "Duration" } th.num { "Events" } } }
