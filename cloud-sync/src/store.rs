@@ -9,11 +9,13 @@ use std::path::Path;
 
 use outpost_shared::journal::{self, Event};
 use outpost_shared::protocol::{CommandKind, CommandResult, Inventory, Outcome, WireEvent};
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
 const EVENTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("events");
+/// Index of each run's events: (device, run, seq), written with the event.
+const RUN_EVENTS: TableDefinition<(&str, &str, u64), ()> = TableDefinition::new("run_events");
 const RUNS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("runs");
 const COMMANDS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("commands");
 /// Commands not yet answered, per device, in the order they were issued.
@@ -229,6 +231,20 @@ impl Store {
         let txn = db.begin_write()?;
         txn.open_table(DEVICES)?;
         txn.open_table(EVENTS)?;
+        {
+            // Stores written before the run index existed get it built once.
+            let mut index = txn.open_table(RUN_EVENTS)?;
+            if index.is_empty()? {
+                let ev = txn.open_table(EVENTS)?;
+                for row in ev.iter()? {
+                    let (k, v) = row?;
+                    let (device, seq) = k.value();
+                    if let Ok(r) = journal::decode(v.value()) {
+                        index.insert((device, r.run_id.as_str(), seq), ())?;
+                    }
+                }
+            }
+        }
         txn.open_table(RUNS)?;
         txn.open_table(COMMANDS)?;
         txn.open_table(OUTBOX)?;
@@ -342,6 +358,7 @@ impl Store {
         let stored = {
             let mut devices = txn.open_table(DEVICES)?;
             let mut ev = txn.open_table(EVENTS)?;
+            let mut index = txn.open_table(RUN_EVENTS)?;
             let mut runs = txn.open_table(RUNS)?;
             let mut d: Device = match devices.get(device)? {
                 Some(v) => dec("device", v.value())?,
@@ -368,6 +385,7 @@ impl Store {
                 let rec =
                     journal::decode(&e.record).map_err(|err| StoreError::Invalid(format!("event {}: {err}", e.seq)))?;
                 ev.insert((device, e.seq), e.record.as_slice())?;
+                index.insert((device, rec.run_id.as_str(), e.seq), ())?;
                 let key = (device, rec.run_id.as_str());
                 let mut m: RunMirror = match runs.get(key)? {
                     Some(v) => dec("run", v.value())?,
@@ -409,15 +427,19 @@ impl Store {
         };
         let m: RunMirror = dec("run", m.value())?;
         let ev = txn.open_table(EVENTS)?;
+        let index = txn.open_table(RUN_EVENTS)?;
         let mut history = Vec::new();
-        // The device's events are scanned in order and filtered by run: histories are small and
-        // this keeps one index fewer to maintain.
-        for row in ev.range((device, 0u64)..=(device, u64::MAX))? {
-            let (k, v) = row?;
-            if let Ok(r) = journal::decode(v.value())
-                && r.run_id == run
-            {
-                history.push((k.value().1, r));
+        // The console reads a run on every live refresh: through the index, not a scan of the
+        // device's whole history.
+        for row in index.range((device, run, 0u64)..=(device, run, u64::MAX))? {
+            let (k, _) = row?;
+            let seq = k.value().2;
+            if let Some(v) = ev.get((device, seq))? {
+                let r = journal::decode(v.value()).map_err(|e| StoreError::Corrupt {
+                    what: "event",
+                    reason: format!("{device} #{seq}: {e}"),
+                })?;
+                history.push((seq, r));
             }
         }
         Ok(Some((m, history)))
@@ -744,6 +766,23 @@ mod tests {
         let (m, h) = s.run("gw", "r1").unwrap().unwrap();
         assert_eq!((m.status.as_str(), m.version, h.len()), ("completed", 2, 2));
         assert_eq!(s.runs("gw").unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_store_from_before_the_run_index_gets_it_built_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.redb");
+        let s = Store::open(&path).unwrap();
+        let ev = |seq, r: Vec<u8>| WireEvent { seq, record: r };
+        s.store_events("gw", &[ev(1, started("r1")), ev(2, started("r2"))], 0)
+            .unwrap();
+        let txn = s.db.begin_write().unwrap();
+        txn.delete_table(RUN_EVENTS).unwrap();
+        txn.commit().unwrap();
+        drop(s);
+        let s = Store::open(&path).unwrap();
+        let (_, h) = s.run("gw", "r2").unwrap().unwrap();
+        assert_eq!(h.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(), vec![2]);
     }
 
     #[test]
