@@ -416,7 +416,11 @@ async fn inventory(rt: Runtime, config: SyncConfig, client: AsyncClient, mut ses
             r = session.changed() => if r.is_err() { return },
             r = changed.changed() => if r.is_err() { return },
         }
-        // A resend request bumps the session too; the catalog is small, sending it again is cheap.
+        // A birth is answered with a resend request, which bumps the session again: settle
+        // first, so one connect sends one inventory.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        session.borrow_and_update();
+        changed.borrow_and_update();
         let defs = match rt.journal().definitions() {
             Ok(d) => d,
             Err(e) => {
@@ -424,28 +428,15 @@ async fn inventory(rt: Runtime, config: SyncConfig, client: AsyncClient, mut ses
                 continue;
             }
         };
-        let mut messages = vec![Inventory {
-            equipment: Some(config.equipment.clone()),
-            definitions: Vec::new(),
-        }];
-        let mut size = 0;
-        for (workflow, version, rec) in defs {
-            if size + rec.json.len() > INVENTORY_CHUNK && !messages.last().is_some_and(|m| m.definitions.is_empty()) {
-                messages.push(Inventory {
-                    equipment: None,
-                    definitions: Vec::new(),
-                });
-                size = 0;
-            }
-            size += rec.json.len();
-            if let Some(m) = messages.last_mut() {
-                m.definitions.push(DefinitionInfo {
-                    workflow,
-                    version,
-                    document: rec.json,
-                });
-            }
-        }
+        let defs = defs
+            .into_iter()
+            .map(|(workflow, version, rec)| DefinitionInfo {
+                workflow,
+                version,
+                document: rec.json,
+            })
+            .collect();
+        let messages = inventory_messages(config.equipment.clone(), defs, INVENTORY_CHUNK);
         for m in messages {
             let bytes = protocol::encode(&Body::Inventory(m));
             if let Err(e) = client.publish(topic.clone(), QoS::AtLeastOnce, false, bytes).await {
@@ -453,6 +444,35 @@ async fn inventory(rt: Runtime, config: SyncConfig, client: AsyncClient, mut ses
             }
         }
     }
+}
+
+/// Splits an inventory into messages: the equipment in the first, then definitions up to
+/// `chunk` document bytes per message (a larger document goes alone).
+fn inventory_messages(
+    equipment: Vec<(String, String)>,
+    definitions: Vec<DefinitionInfo>,
+    chunk: usize,
+) -> Vec<Inventory> {
+    let mut messages = vec![Inventory {
+        equipment: Some(equipment),
+        definitions: Vec::new(),
+    }];
+    let mut size = 0;
+    for d in definitions {
+        let full = messages.last().is_some_and(|m| !m.definitions.is_empty());
+        if full && size + d.document.len() > chunk {
+            messages.push(Inventory {
+                equipment: None,
+                definitions: Vec::new(),
+            });
+            size = 0;
+        }
+        size += d.document.len();
+        if let Some(m) = messages.last_mut() {
+            m.definitions.push(d);
+        }
+    }
+    messages
 }
 
 /// Moves the acknowledged cursor forward (never back) and persists it.
@@ -663,5 +683,38 @@ async fn apply(rt: &Runtime, cmd: &Command) -> CommandResult {
     match outcome {
         Ok(detail) => result(&cmd.id, Outcome::Applied, "applied".into(), detail),
         Err(e) => result(&cmd.id, Outcome::Rejected, e.to_string(), json!({})),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn def(name: &str, bytes: usize) -> DefinitionInfo {
+        DefinitionInfo {
+            workflow: name.into(),
+            version: 1,
+            document: "x".repeat(bytes),
+        }
+    }
+
+    #[test]
+    fn inventories_carry_the_equipment_once_and_split_definitions_by_size() {
+        let eq = vec![("heater".to_string(), "output".to_string())];
+        let msgs = inventory_messages(
+            eq.clone(),
+            vec![def("a", 60), def("b", 60), def("c", 200), def("d", 10)],
+            100,
+        );
+        let names: Vec<Vec<&str>> = msgs
+            .iter()
+            .map(|m| m.definitions.iter().map(|d| d.workflow.as_str()).collect())
+            .collect();
+        assert_eq!(names, vec![vec!["a"], vec!["b"], vec!["c"], vec!["d"]]);
+        assert_eq!(msgs[0].equipment.as_ref(), Some(&eq));
+        assert!(msgs[1..].iter().all(|m| m.equipment.is_none()));
+        let one = inventory_messages(Vec::new(), vec![def("a", 10), def("b", 10)], 100);
+        assert_eq!(one.len(), 1, "small catalogs fit one message");
+        assert_eq!(one[0].definitions.len(), 2);
     }
 }
