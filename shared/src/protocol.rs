@@ -503,6 +503,22 @@ mod tests {
         }
 
         #[test]
+        fn inventories_round_trip(
+            eq in proptest::option::of(proptest::collection::vec((".{0,12}", ".{0,8}"), 0..6)),
+            defs in proptest::collection::vec((".{1,16}", any::<u32>(), ".{0,200}"), 0..8),
+        ) {
+            let inv = Inventory {
+                equipment: eq,
+                definitions: defs
+                    .into_iter()
+                    .map(|(workflow, version, document)| DefinitionInfo { workflow, version, document })
+                    .collect(),
+            };
+            let bytes = encode(&Body::Inventory(inv.clone()));
+            prop_assert_eq!(decode(&bytes).unwrap(), Body::Inventory(inv));
+        }
+
+        #[test]
         fn any_records_round_trip(records in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..300), 0..40), first in 1u64..1_000_000) {
             let b = pack(1, first, &records);
             let back = unpack(&b).unwrap();
