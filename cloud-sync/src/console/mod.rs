@@ -206,15 +206,25 @@ fn deployment_states(
 
 async fn deployment(State(s): S, Path(id): Path<String>) -> Result<Markup, PageError> {
     let store = s.store.clone();
-    let (dep, states) = blocking(move || {
+    let (dep, states, document) = blocking(move || {
         let d = store
             .deployment(&id)?
             .ok_or_else(|| StoreError::NotFound(format!("deployment '{id}' does not exist")))?;
         let states = deployment_states(&store, &id, &d.devices)?;
-        Ok(((id, d), states))
+        // Every device got the same document; the first one's command holds it.
+        let document = match d.devices.first() {
+            Some(dev) => match store.command(dev, &format!("{id}.{dev}"))?.map(|c| c.kind) {
+                Some(CommandKind::Deploy { document, .. }) => {
+                    outpost_shared::definition::parse_document(&document).ok()
+                }
+                _ => None,
+            },
+            None => None,
+        };
+        Ok(((id, d), states, document))
     })
     .await?;
-    Ok(pages::deployment(&dep.0, &dep.1, &states, now_ms()))
+    Ok(pages::deployment(&dep.0, &dep.1, &states, document.as_ref(), now_ms()))
 }
 
 /// Form fields as pairs: repeated keys (device checkboxes) stay.

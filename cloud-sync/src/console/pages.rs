@@ -781,7 +781,13 @@ pub fn deployments(
 }
 
 /// One deployment with its per-device state.
-pub fn deployment(id: &str, d: &Deployment, states: &[(String, String, String)], now: u64) -> Markup {
+pub fn deployment(
+    id: &str,
+    d: &Deployment,
+    states: &[(String, String, String)],
+    document: Option<&Document>,
+    now: u64,
+) -> Markup {
     layout(
         id,
         "deployments",
@@ -803,6 +809,13 @@ pub fn deployment(id: &str, d: &Deployment, states: &[(String, String, String)],
                     }
                 }
                 p.hint { "Offline devices apply it when they return; a newer deployment of the same workflow supersedes a pending one." }
+            }
+            @if let Some(doc) = document {
+                section {
+                    h2 { "Definition" }
+                    @if let Some(text) = &doc.description { p.meta { (text) } }
+                    div.graph-box { (graph::svg(doc, &HashMap::new())) }
+                }
             }
         },
     )

@@ -152,6 +152,7 @@ fn a_deployment_and_a_start_from_the_page_reach_the_device_also_after_it_was_off
         WAIT,
     );
     assert!(b.url().contains("/deployments/d"), "{}", b.url());
+    b.wait_for(r#"g[data-step="greet"][data-state="pending"]"#, WAIT);
     b.screenshot("deployment");
     let defs = agent.json(&["definitions"]);
     assert!(defs.to_string().contains("console-hello"), "{defs}");
