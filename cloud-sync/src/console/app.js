@@ -7,6 +7,12 @@
     const b = badge();
     if (b) { b.dataset.state = s; b.textContent = text; }
   }
+  // A live part holding a form the operator is filling in waits for the next change.
+  function editing(el) {
+    if (el.contains(document.activeElement) && document.activeElement.matches("input, textarea, select")) return true;
+    return Array.from(el.querySelectorAll("input:not([type=hidden]), textarea"))
+      .some((i) => i.value !== i.defaultValue);
+  }
   let busy = false, again = false;
   async function refresh() {
     if (busy) { again = true; return; }
@@ -17,7 +23,7 @@
         const doc = new DOMParser().parseFromString(await r.text(), "text/html");
         document.querySelectorAll("[data-live]").forEach((el) => {
           const fresh = doc.getElementById(el.id);
-          if (fresh && fresh.innerHTML !== el.innerHTML) el.innerHTML = fresh.innerHTML;
+          if (fresh && fresh.innerHTML !== el.innerHTML && !editing(el)) el.innerHTML = fresh.innerHTML;
         });
         document.body.dataset.refreshed = String(Date.now());
         remember();
@@ -51,7 +57,8 @@
   function remember() {
     document.querySelectorAll("input[data-remember]").forEach((el) => {
       const key = "outpost." + el.dataset.remember;
-      if (!el.value) el.value = localStorage.getItem(key) || "";
+      // As the default, so a remembered name does not count as typing (see editing()).
+      if (!el.value) el.defaultValue = localStorage.getItem(key) || "";
       el.addEventListener("change", () => localStorage.setItem(key, el.value));
     });
   }

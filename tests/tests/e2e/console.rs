@@ -79,6 +79,17 @@ fn fleet_timeline_and_an_approval_from_the_page_complete_the_run_on_the_agent() 
     b.type_into(&by, "alice");
     let comment = b.wait_for(r#"form.approval input[name="comment"]"#, WAIT);
     b.type_into(&comment, "moisture ok");
+    // Events arriving while the operator types refresh the page but leave the form alone.
+    let before = b.js("return document.body.dataset.refreshed || ''");
+    let out = agent.cli(&["signal", "lot-7", "shift-change", "--payload", r#"{"shift": 2}"#]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    eventually(WAIT, "a live refresh after the signal", || {
+        let timeline = b.text_of("#timeline");
+        let now = b.js("return document.body.dataset.refreshed || ''");
+        (timeline.contains("signal shift-change") && now != before).then_some(())
+    });
+    let typed = b.js(r#"return document.querySelector('form.approval input[name="comment"]').value"#);
+    assert_eq!(typed, "moisture ok", "the refresh replaced the form being typed in");
     let approve = b.wait_for(r#"form.approval button[value="approve"]"#, WAIT);
     b.click(&approve);
     b.wait_for(".flash.ok", WAIT);
