@@ -50,14 +50,19 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// The HTTP status a store error answers with (the API and the console agree).
+pub(crate) fn status_of(e: &StoreError) -> StatusCode {
+    match e {
+        StoreError::NotFound(_) => StatusCode::NOT_FOUND,
+        StoreError::Invalid(_) => StatusCode::BAD_REQUEST,
+        StoreError::Task(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        StoreError::Storage(_) | StoreError::Corrupt { .. } => StatusCode::SERVICE_UNAVAILABLE,
+    }
+}
+
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
-        let code = match e {
-            StoreError::NotFound(_) => StatusCode::NOT_FOUND,
-            StoreError::Invalid(_) => StatusCode::BAD_REQUEST,
-            _ => StatusCode::SERVICE_UNAVAILABLE,
-        };
-        ApiError(code, e.to_string())
+        ApiError(status_of(&e), e.to_string())
     }
 }
 
@@ -66,9 +71,7 @@ type R = Result<Json<Value>, ApiError>;
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, ApiError> {
-    Ok(tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??)
+    Ok(crate::service::blocking(f).await?)
 }
 
 fn device_json(id: &str, d: &Device) -> Value {

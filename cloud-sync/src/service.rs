@@ -56,13 +56,13 @@ pub struct Service {
     changes: watch::Sender<u64>,
 }
 
-/// Runs blocking store work off the async workers.
-async fn blocking<T: Send + 'static>(
+/// Runs blocking store work off the async workers (the service, the API and the console).
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, StoreError> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| StoreError::Invalid(format!("store task failed: {e}")))?
+        .map_err(|e| StoreError::Task(e.to_string()))?
 }
 
 impl Service {

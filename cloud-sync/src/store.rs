@@ -49,6 +49,9 @@ pub enum StoreError {
     /// The request is invalid.
     #[error("{0}")]
     Invalid(String),
+    /// The blocking task running store work panicked or was cancelled.
+    #[error("store task failed: {0}")]
+    Task(String),
 }
 
 macro_rules! storage_from {

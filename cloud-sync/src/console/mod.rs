@@ -71,21 +71,14 @@ impl IntoResponse for PageError {
 
 impl From<StoreError> for PageError {
     fn from(e: StoreError) -> Self {
-        let code = match e {
-            StoreError::NotFound(_) => StatusCode::NOT_FOUND,
-            StoreError::Invalid(_) => StatusCode::BAD_REQUEST,
-            _ => StatusCode::SERVICE_UNAVAILABLE,
-        };
-        PageError(code, e.to_string())
+        PageError(crate::api::status_of(&e), e.to_string())
     }
 }
 
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, PageError> {
-    Ok(tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| PageError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??)
+    Ok(crate::service::blocking(f).await?)
 }
 
 async fn fleet(State(s): S) -> Result<Markup, PageError> {
@@ -389,11 +382,8 @@ async fn deploy(State(s): S, Form(f): Fields) -> Response {
         Err(e) => {
             // Shown again with the document kept, so a typo costs no re-paste.
             let store = s.store.clone();
-            let listed = tokio::task::spawn_blocking(move || deployments_view(&store)).await;
-            let (list, devices) = match listed {
-                Ok(Ok(x)) => x,
-                _ => Default::default(),
-            };
+            let listed = crate::service::blocking(move || deployments_view(&store)).await;
+            let (list, devices) = listed.unwrap_or_default();
             let flash = pages::Flash {
                 error: Some(e),
                 ..Default::default()
