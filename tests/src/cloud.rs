@@ -129,6 +129,18 @@ impl Cloud {
         v
     }
 
+    /// A device as the API shows it, if cloud-sync knows it (and answers).
+    pub fn device(&self, id: &str) -> Option<Value> {
+        let (code, v) = http("GET", self.api, &format!("/v1/devices/{id}"), None).ok()?;
+        (code == 200).then_some(v)
+    }
+
+    /// Waits until cloud-sync shows the device online (`true`) or offline (`false`).
+    pub fn wait_presence(&self, id: &str, online: bool, timeout: Duration) -> Value {
+        let what = format!("{id} to be {}", if online { "online" } else { "offline" });
+        crate::eventually(timeout, &what, || self.device(id).filter(|d| d["online"] == online))
+    }
+
     /// POST/PUT a JSON body; returns status and body.
     pub fn send(&self, method: &str, path: &str, body: &Value) -> (u16, Value) {
         http(method, self.api, path, Some(&body.to_string())).unwrap_or_else(|e| panic!("{method} {path}: {e}"))

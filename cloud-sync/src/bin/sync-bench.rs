@@ -125,13 +125,19 @@ fn free_port() -> u16 {
         .unwrap_or(18830)
 }
 
-fn http_get(port: u16, path: &str) -> Option<Value> {
+/// The body of a 200 answer to `GET path` (cloud-sync closes after each answer).
+fn http_body(port: u16, path: &str) -> Option<Vec<u8>> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     write!(s, "GET {path} HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n").ok()?;
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).ok()?;
-    serde_json::from_str(raw.split_once("\r\n\r\n")?.1).ok()
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).ok()?;
+    let head = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
+    raw.starts_with(b"HTTP/1.1 200").then(|| raw.split_off(head + 4))
+}
+
+fn http_get(port: u16, path: &str) -> Option<Value> {
+    serde_json::from_slice(&http_body(port, path)?).ok()
 }
 
 fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> anyhow::Result<()> {
@@ -298,17 +304,6 @@ fn ingest() -> anyhow::Result<()> {
     pages
 }
 
-/// Fetches a page; returns its size in bytes.
-fn http_bytes(port: u16, path: &str) -> Option<usize> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n").ok()?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).ok()?;
-    let head = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
-    raw.starts_with(b"HTTP/1.1 200").then_some(raw.len() - head - 4)
-}
-
 /// Console page latency over the store the ingest left (what an operator's browser pays on
 /// every live refresh).
 fn console_pages(api: u16, devices: usize, per_device: usize) -> anyhow::Result<()> {
@@ -321,7 +316,7 @@ fn console_pages(api: u16, devices: usize, per_device: usize) -> anyhow::Result<
         let t = Instant::now();
         let mut bytes = 0;
         for _ in 0..ROUNDS {
-            bytes = http_bytes(api, path).with_context(|| format!("GET {path}"))?;
+            bytes = http_body(api, path).with_context(|| format!("GET {path}"))?.len();
         }
         let ms = t.elapsed().as_secs_f64() * 1000.0 / f64::from(ROUNDS);
         println!("  {name:<6} {path:<40} {ms:>7.1} ms  {:>7} bytes", bytes);

@@ -9,22 +9,15 @@
 use std::time::Duration;
 
 use outpost_tests::browser::Browser;
-use outpost_tests::cloud::{Cloud, http};
+use outpost_tests::cloud::Cloud;
 use outpost_tests::{Agent, eventually, write};
 use serde_json::Value;
 
 const QUALITY_GATE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/quality-gate.yaml");
 const WAIT: Duration = Duration::from_secs(30);
 
-fn device(cloud: &Cloud, id: &str) -> Option<Value> {
-    let (code, v) = http("GET", cloud.api, &format!("/v1/devices/{id}"), None).ok()?;
-    (code == 200).then_some(v)
-}
-
 fn online(cloud: &Cloud, id: &str, want: bool) {
-    eventually(WAIT, &format!("{id} online={want}"), || {
-        device(cloud, id).filter(|d| d["online"] == want)
-    });
+    cloud.wait_presence(id, want, WAIT);
 }
 
 #[test]

@@ -31,20 +31,14 @@ steps:
 const RUNS: usize = 40;
 
 fn stored(cloud: &Cloud, device: &str) -> u64 {
-    crate_device(cloud, device)
+    cloud
+        .device(device)
         .map(|d| d["stored_seq"].as_u64().unwrap_or(0))
         .unwrap_or(0)
 }
 
-fn crate_device(cloud: &Cloud, device: &str) -> Option<Value> {
-    let (code, v) = outpost_tests::cloud::http("GET", cloud.api, &format!("/v1/devices/{device}"), None).ok()?;
-    (code == 200).then_some(v)
-}
-
 fn online(cloud: &Cloud, device: &str) {
-    eventually(Duration::from_secs(20), &format!("{device} to be online"), || {
-        crate_device(cloud, device).filter(|d| d["online"] == true)
-    });
+    cloud.wait_presence(device, true, Duration::from_secs(20));
 }
 
 fn agent_seq(agent: &Agent) -> u64 {
@@ -259,9 +253,7 @@ fn a_deployment_reaches_online_devices_now_and_an_offline_one_on_return() {
     }
     agents[2].kill9();
     // The Last Will marks it offline.
-    eventually(Duration::from_secs(60), "gw3 to be offline", || {
-        crate_device(&cloud, "line1-gw3").filter(|d| d["online"] == false)
-    });
+    cloud.wait_presence("line1-gw3", false, Duration::from_secs(60));
     let v1 = "name: recipe\nversion: 1\nsteps:\n  - {id: s, action: set, args: {v: 1}}\n";
     let v2 = v1.replace("version: 1", "version: 2").replace("v: 1", "v: 2");
     let (_, d1) = cloud.send(
