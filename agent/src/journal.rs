@@ -400,14 +400,27 @@ impl Journal {
         self.committed.clone()
     }
 
-    /// Up to `limit` events from `from` on, as their stored record bytes (the sync outbox).
-    pub fn raw_events_since(&self, from: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, JournalError> {
+    /// Up to `limit` events from `from` on, as their stored record bytes (the sync outbox), and
+    /// no more than `max_bytes` of them (but at least one).
+    pub fn raw_events_since(
+        &self,
+        from: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, JournalError> {
         let txn = self.db()?.begin_read()?;
         let events = txn.open_table(EVENTS)?;
         let mut out = Vec::new();
+        let mut bytes = 0usize;
         for row in events.range(from..)?.take(limit) {
             let (k, v) = row?;
-            out.push((k.value(), v.value().to_vec()));
+            let v = v.value();
+            // Always one, so a large record still moves; the caller shrinks it for the wire.
+            if !out.is_empty() && bytes + v.len() > max_bytes {
+                break;
+            }
+            bytes += v.len();
+            out.push((k.value(), v.to_vec()));
         }
         Ok(out)
     }

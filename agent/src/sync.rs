@@ -94,6 +94,10 @@ pub struct SyncState {
     pub duplicate_commands: AtomicU64,
     /// Messages from the cloud that did not decode.
     pub bad_messages: AtomicU64,
+    /// Messages not sent because they would exceed the protocol's message limit.
+    pub oversized_messages: AtomicU64,
+    /// Acknowledgements refused because they claim events this journal never wrote.
+    pub bad_acks: AtomicU64,
 }
 
 impl SyncState {
@@ -116,6 +120,8 @@ impl SyncState {
             "commands_applied": self.commands.load(o),
             "duplicate_commands": self.duplicate_commands.load(o),
             "bad_messages": self.bad_messages.load(o),
+            "oversized_messages": self.oversized_messages.load(o),
+            "bad_acks": self.bad_acks.load(o),
         })
     }
 }
@@ -145,6 +151,7 @@ fn stored_reported(rt: &Runtime) -> Option<Reported> {
 async fn reconcile(
     rt: Runtime,
     config: SyncConfig,
+    state: Arc<SyncState>,
     client: AsyncClient,
     mut desired: watch::Receiver<Option<Desired>>,
 ) {
@@ -163,10 +170,7 @@ async fn reconcile(
                 {
                     warn!(error = %e, "cannot store reported state");
                 }
-                let bytes = protocol::encode(&Body::Reported(report));
-                if let Err(e) = client.publish(topic.clone(), QoS::AtLeastOnce, true, bytes).await {
-                    warn!(error = %e, "cannot publish reported state");
-                }
+                publish(&client, &state, &topic, &Body::Reported(report), true).await;
             }
         }
         if desired.changed().await.is_err() {
@@ -231,6 +235,36 @@ async fn remediate(rt: &Runtime, config: &SyncConfig, d: &Desired) -> Reported {
 }
 const EPOCH: &str = "sync/epoch";
 
+/// Publishes a message unless it exceeds the protocol's limit: an oversized QoS 1 publish would
+/// be refused by the broker and replayed by the client on every reconnect, wedging the link.
+async fn publish(client: &AsyncClient, state: &SyncState, topic: &str, body: &Body, retain: bool) -> bool {
+    let bytes = match protocol::encode_checked(body) {
+        Ok(b) => b,
+        Err(e) => {
+            state.oversized_messages.fetch_add(1, Ordering::Relaxed);
+            warn!(topic, error = %e, "message not sent");
+            return false;
+        }
+    };
+    match client.publish(topic, QoS::AtLeastOnce, retain, bytes).await {
+        Ok(()) => true,
+        Err(e) => {
+            warn!(topic, kind = body.kind(), error = %e, "cannot publish");
+            false
+        }
+    }
+}
+
+/// The Last Will of the connection with this epoch.
+fn will(topics: &Topics, device: &str, epoch: u64) -> LastWill {
+    LastWill::new(
+        topics.topic(device, Channel::Death),
+        protocol::encode(&Body::Death(Death { epoch })),
+        QoS::AtLeastOnce,
+        true,
+    )
+}
+
 /// Starts sync; returns its shared state. The agent runs the same whether or not the broker is
 /// reachable: sync only reads the journal and moves its own cursor.
 pub async fn start(rt: Runtime, config: SyncConfig) -> Result<Arc<SyncState>, RuntimeError> {
@@ -250,16 +284,15 @@ pub async fn start(rt: Runtime, config: SyncConfig) -> Result<Arc<SyncState>, Ru
     opts.set_keep_alive(Duration::from_secs(15));
     opts.set_clean_session(false);
     opts.set_manual_acks(true);
-    opts.set_max_packet_size(protocol::MAX_MESSAGE_BYTES + 4096, protocol::MAX_MESSAGE_BYTES + 4096);
-    opts.set_last_will(LastWill::new(
-        topics.topic(&config.device, Channel::Death),
-        protocol::encode(&Body::Death(Death { epoch })),
-        QoS::AtLeastOnce,
-        true,
-    ));
+    opts.set_max_packet_size(protocol::MAX_INCOMING_PACKET_BYTES, protocol::MAX_PACKET_BYTES);
+    opts.set_last_will(will(&topics, &config.device, epoch));
     let (client, eventloop) = AsyncClient::new(opts, 64);
     let (session_tx, session_rx) = watch::channel(0u64);
-    let (cmd_tx, cmd_rx) = mpsc::channel(64);
+    // Unbounded, so the poll task never waits on the command handler while the handler waits
+    // on the poll task to take its publish (a deadlock). The broker bounds it: commands are
+    // acked only after they are routed, and no broker has more than its in-flight window
+    // of unacked messages out to one client.
+    let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
     let (desired_tx, desired_rx) = watch::channel(stored_desired(&rt));
     info!(device = %config.device, broker = %format!("{}:{}", config.host, config.port), epoch, acked, "sync starting");
     let routes = Routes {
@@ -275,10 +308,17 @@ pub async fn start(rt: Runtime, config: SyncConfig) -> Result<Arc<SyncState>, Ru
         routes,
         client.clone(),
     ));
-    tokio::spawn(reconcile(rt.clone(), config.clone(), client.clone(), desired_rx));
+    tokio::spawn(reconcile(
+        rt.clone(),
+        config.clone(),
+        state.clone(),
+        client.clone(),
+        desired_rx,
+    ));
     tokio::spawn(inventory(
         rt.clone(),
         config.clone(),
+        state.clone(),
         client.clone(),
         session_rx.clone(),
     ));
@@ -298,7 +338,7 @@ struct Routes {
     /// Bumped on every new session and resend request: the drain starts again from the ack.
     session: watch::Sender<u64>,
     /// Commands to apply, in arrival order.
-    commands: mpsc::Sender<Command>,
+    commands: mpsc::UnboundedSender<Command>,
     /// The newest desired state.
     desired: watch::Sender<Option<Desired>>,
 }
@@ -338,8 +378,16 @@ async fn poll(
                     labels: config.labels.clone(),
                 });
                 let topic = topics.topic(&config.device, Channel::Birth);
-                if let Err(e) = client.try_publish(topic, QoS::AtLeastOnce, true, protocol::encode(&birth)) {
-                    warn!(error = %e, "cannot publish birth");
+                match protocol::encode_checked(&birth) {
+                    Ok(bytes) => {
+                        if let Err(e) = client.try_publish(topic, QoS::AtLeastOnce, true, bytes) {
+                            warn!(error = %e, "cannot publish birth");
+                        }
+                    }
+                    Err(e) => {
+                        state.oversized_messages.fetch_add(1, Ordering::Relaxed);
+                        warn!(error = %e, "birth not sent (too many labels?)");
+                    }
                 }
                 session.send_modify(|n| *n += 1);
             }
@@ -354,11 +402,25 @@ async fn poll(
                         // Acked below, in order (MQTT requires it). A crash before the result is
                         // stored leaves the command pending at cloud-sync, which sends it again
                         // after the next birth.
-                        if cmd_tx.send(c).await.is_err() {
+                        if cmd_tx.send(c).is_err() {
                             return;
                         }
                     }
-                    (Some((_, Channel::Ack)), Ok(Body::Ack(Ack { next_seq }))) => acked(&rt, &state, next_seq).await,
+                    (Some((_, Channel::Ack)), Ok(Body::Ack(Ack { next_seq }))) => {
+                        let ours = rt.journal().next_seq().unwrap_or(1);
+                        if next_seq > ours {
+                            // Moving the cursor past our own journal would let retention delete
+                            // runs the cloud never stored.
+                            state.bad_acks.fetch_add(1, Ordering::Relaxed);
+                            warn!(
+                                next_seq,
+                                journal_next = ours,
+                                "acknowledgement beyond this journal refused"
+                            );
+                        } else {
+                            acked(&rt, &state, next_seq).await;
+                        }
+                    }
                     (Some((_, Channel::Ack)), Ok(Body::Resend(Resend { from_seq }))) => {
                         info!(from_seq, "cloud asks to resend");
                         session.send_modify(|n| *n += 1);
@@ -392,7 +454,22 @@ async fn poll(
             }
             Ok(_) => {}
             Err(e) => {
-                state.connected.store(false, Ordering::Relaxed);
+                let was_connected = state.connected.swap(false, Ordering::Relaxed);
+                if was_connected {
+                    // Every connection has its own epoch (Sparkplug's bdSeq): the broker may
+                    // publish this connection's will after the next connection's birth, and a
+                    // will must never mark that newer connection offline.
+                    let next = state.epoch.load(Ordering::Relaxed) + 1;
+                    match rt.journal().put_cursor(EPOCH, next).await {
+                        Ok(()) => {
+                            state.epoch.store(next, Ordering::Relaxed);
+                            eventloop
+                                .mqtt_options
+                                .set_last_will(will(&topics, &config.device, next));
+                        }
+                        Err(e) => warn!(error = %e, "cannot store the next epoch; reconnecting with this one"),
+                    }
+                }
                 let wait = backoff.mul_f64(0.5 + fastrand::f64());
                 warn!(error = %e, retry_in = ?wait, "sync disconnected");
                 tokio::time::sleep(wait).await;
@@ -408,7 +485,13 @@ const INVENTORY_CHUNK: usize = 256 * 1024;
 
 /// Publishes the equipment and every stored definition after each new session and whenever a
 /// definition is stored, so the console can draw the graph of any run.
-async fn inventory(rt: Runtime, config: SyncConfig, client: AsyncClient, mut session: watch::Receiver<u64>) {
+async fn inventory(
+    rt: Runtime,
+    config: SyncConfig,
+    state: Arc<SyncState>,
+    client: AsyncClient,
+    mut session: watch::Receiver<u64>,
+) {
     let topic = Topics::new(&config.prefix).topic(&config.device, Channel::Inventory);
     let mut changed = rt.definitions_changed();
     loop {
@@ -430,18 +513,23 @@ async fn inventory(rt: Runtime, config: SyncConfig, client: AsyncClient, mut ses
         };
         let defs = defs
             .into_iter()
-            .map(|(workflow, version, rec)| DefinitionInfo {
-                workflow,
-                version,
-                document: rec.json,
+            .filter_map(|(workflow, version, rec)| {
+                if rec.json.len() > INVENTORY_CHUNK {
+                    // Alone it would not fit a message either; the console draws no graph for it.
+                    state.oversized_messages.fetch_add(1, Ordering::Relaxed);
+                    warn!(%workflow, version, bytes = rec.json.len(), "definition too large for the inventory; left out");
+                    return None;
+                }
+                Some(DefinitionInfo {
+                    workflow,
+                    version,
+                    document: rec.json,
+                })
             })
             .collect();
         let messages = inventory_messages(config.equipment.clone(), defs, INVENTORY_CHUNK);
         for m in messages {
-            let bytes = protocol::encode(&Body::Inventory(m));
-            if let Err(e) = client.publish(topic.clone(), QoS::AtLeastOnce, false, bytes).await {
-                warn!(error = %e, "cannot publish the inventory");
-            }
+            publish(&client, &state, &topic, &Body::Inventory(m), false).await;
         }
     }
 }
@@ -533,7 +621,10 @@ async fn drain(
             continue;
         }
         let limit = config.batch.min((acked + config.window - sent) as usize).max(1);
-        let events = match rt.journal().raw_events_since(sent, limit) {
+        let events = match rt
+            .journal()
+            .raw_events_since(sent, limit, protocol::MAX_BATCH_RAW_BYTES)
+        {
             Ok(e) => e,
             Err(e) => {
                 warn!(error = %e, "cannot read the outbox; retrying");
@@ -546,17 +637,17 @@ async fn drain(
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        let contiguous: Vec<Vec<u8>> = events
+        let mut contiguous: Vec<Vec<u8>> = events
             .iter()
             .enumerate()
             .take_while(|(i, (seq, _))| *seq == first + *i as u64)
-            .map(|(_, (_, r))| r.clone())
+            .map(|(_, (_, r))| outpost_shared::journal::for_sync(r).into_owned())
             .collect();
+        // Sized by bytes, so every batch fits one message whatever the events carry.
+        contiguous.truncate(protocol::batch_len(&contiguous));
         let count = contiguous.len() as u64;
         let batch = protocol::pack(state.epoch.load(Ordering::Relaxed), first, &contiguous);
-        let bytes = protocol::encode(&Body::Events(batch));
-        if let Err(e) = client.publish(topic.clone(), QoS::AtLeastOnce, false, bytes).await {
-            warn!(error = %e, "cannot queue an event batch");
+        if !publish(&client, &state, &topic, &Body::Events(batch), false).await {
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         }
@@ -577,7 +668,7 @@ async fn commands(
     config: SyncConfig,
     state: Arc<SyncState>,
     client: AsyncClient,
-    mut rx: mpsc::Receiver<Command>,
+    mut rx: mpsc::UnboundedReceiver<Command>,
 ) {
     let topic = Topics::new(&config.prefix).topic(&config.device, Channel::CommandResult);
     while let Some(cmd) = rx.recv().await {
@@ -608,14 +699,23 @@ async fn commands(
                 r
             }
         };
-        let bytes = protocol::encode(&Body::CommandResult(result));
-        if let Err(e) = client.publish(topic.clone(), QoS::AtLeastOnce, false, bytes).await {
-            warn!(error = %e, "cannot publish a command result");
-        }
+        publish(&client, &state, &topic, &Body::CommandResult(result), false).await;
     }
 }
 
-fn result(id: &str, outcome: Outcome, message: String, detail: Value) -> CommandResult {
+/// Most bytes of a command result's message: a result must always fit its message, or the
+/// command would stay pending and come back forever.
+const MAX_RESULT_MESSAGE: usize = 4096;
+
+fn result(id: &str, outcome: Outcome, mut message: String, detail: Value) -> CommandResult {
+    if message.len() > MAX_RESULT_MESSAGE {
+        let mut end = MAX_RESULT_MESSAGE;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+        message.push('…');
+    }
     CommandResult {
         id: id.to_string(),
         outcome,

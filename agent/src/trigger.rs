@@ -250,8 +250,13 @@ pub async fn run_mqtt(rt: Runtime, mut changed: watch::Receiver<u64>, config: Mq
     // A persistent session keeps unacked messages at the broker across our restarts.
     opts.set_clean_session(false);
     opts.set_manual_acks(true);
+    // rumqttc drops the connection on a packet over its limit (10 KiB by default) and the broker
+    // redelivers it on every reconnect: read well past the input limit and refuse by name.
+    opts.set_max_packet_size(4 * MAX_INPUT_BYTES, 64 * 1024);
     let (client, mut eventloop) = AsyncClient::new(opts, 64);
-    let (tx, mut rx) = mpsc::channel::<rumqttc::Publish>(64);
+    // Unbounded so the poll task never waits on the handler while the handler waits on the
+    // poll task to take its ack; the broker's in-flight window bounds the unacked messages.
+    let (tx, mut rx) = mpsc::unbounded_channel::<rumqttc::Publish>();
     let filters = std::sync::Arc::new(std::sync::Mutex::new(load(&rt).0));
 
     // Handler: starts runs and acks, off the polling task (rumqttc must be polled continuously).
@@ -271,7 +276,7 @@ pub async fn run_mqtt(rt: Runtime, mut changed: watch::Receiver<u64>, config: Mq
                     let id = message_run_id(&w, &p.topic, &p.payload);
                     let source = format!("mqtt {}", p.topic);
                     if p.payload.len() > MAX_INPUT_BYTES {
-                        warn!(topic = %p.topic, bytes = p.payload.len(), "trigger message too large; dropped");
+                        warn!(topic = %p.topic, bytes = p.payload.len(), limit = MAX_INPUT_BYTES, "trigger message larger than a run input; dropped");
                         continue;
                     }
                     if let Delivery::Deferred = deliver(&rt, &w, id, message_input(&p.payload), &source).await {
@@ -296,7 +301,7 @@ pub async fn run_mqtt(rt: Runtime, mut changed: watch::Receiver<u64>, config: Mq
                     subscribe_all(&client, &filters);
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
-                    if tx.send(p).await.is_err() {
+                    if tx.send(p).is_err() {
                         break;
                     }
                 }

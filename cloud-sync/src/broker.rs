@@ -17,7 +17,9 @@ pub fn start(listen: SocketAddr) -> Result<(), String> {
         next_connection_delay_ms: 1,
         connections: ConnectionSettings {
             connection_timeout_ms: 60_000,
-            max_payload_size: outpost_shared::protocol::MAX_MESSAGE_BYTES + 4096,
+            // Larger packets are refused at the door: the publisher is disconnected, nobody
+            // downstream receives them.
+            max_payload_size: outpost_shared::protocol::MAX_PACKET_BYTES,
             max_inflight_count: 200,
             auth: None,
             external_auth: None,

@@ -73,7 +73,7 @@ impl Service {
         opts.set_keep_alive(Duration::from_secs(15));
         opts.set_clean_session(false);
         opts.set_manual_acks(true);
-        opts.set_max_packet_size(protocol::MAX_MESSAGE_BYTES + 4096, protocol::MAX_MESSAGE_BYTES + 4096);
+        opts.set_max_packet_size(protocol::MAX_INCOMING_PACKET_BYTES, protocol::MAX_PACKET_BYTES);
         opts.set_inflight(200);
         let (client, eventloop) = AsyncClient::new(opts, 256);
         let service = Arc::new(Service {
@@ -83,7 +83,11 @@ impl Service {
             stats: Stats::default(),
             changes: watch::channel(0).0,
         });
-        let (tx, rx) = mpsc::channel(256);
+        // Unbounded, so the poll task never waits on ingest while ingest waits on the poll task
+        // to take its publishes (a birth answered with hundreds of pending commands deadlocked
+        // here). The broker bounds it: every message in it is still unacked, and a broker
+        // sends no more than its in-flight window of unacked messages to one client.
+        let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(poll(eventloop, service.clone(), tx));
         tokio::spawn(ingest(service.clone(), rx));
         service
@@ -100,17 +104,24 @@ impl Service {
 
     async fn publish(&self, device: &str, channel: Channel, body: &Body, retain: bool) {
         let topic = self.topics.topic(device, channel);
-        if let Err(e) = self
-            .client
-            .publish(topic, QoS::AtLeastOnce, retain, protocol::encode(body))
-            .await
-        {
+        // Checked before anything is stored (`fits`); this guard keeps an oversized QoS 1
+        // publish from ever reaching the client, which would replay it on every reconnect.
+        let bytes = match protocol::encode_checked(body) {
+            Ok(b) => b,
+            Err(e) => return warn!(device, error = %e, "message not sent"),
+        };
+        if let Err(e) = self.client.publish(topic, QoS::AtLeastOnce, retain, bytes).await {
             warn!(device, error = %e, "cannot publish");
         }
     }
 
     async fn reject(&self, device: &str, topic: &str, reason: &'static str, detail: String) {
         self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+        let (device, topic, detail) = (
+            protocol::quote(device),
+            protocol::quote(topic),
+            protocol::clip(&detail, 512),
+        );
         warn!(device, topic, reason, %detail, "message rejected");
         let store = self.store.clone();
         let _ = blocking(move || store.count(&format!("rejected.{reason}"))).await;
@@ -177,6 +188,10 @@ impl Service {
                 let d = device.clone();
                 match blocking(move || store.store_events(&d, &events, now)).await {
                     Ok(s) => {
+                        for (seq, why) in &s.quarantined {
+                            let what = format!("event {seq} quarantined: {why}");
+                            self.reject(&device, topic, "undecodable_event", what).await;
+                        }
                         self.stats.events.fetch_add(s.new, Ordering::Relaxed);
                         self.stats.duplicate_events.fetch_add(s.duplicates, Ordering::Relaxed);
                         self.publish(&device, Channel::Ack, &Body::Ack(Ack { next_seq: s.next_seq }), false)
@@ -230,7 +245,7 @@ impl Service {
                 }
             }
             (ch, other) => {
-                let what = format!("{} message on the {} channel", body_name(&other), ch.name());
+                let what = format!("{} message on the {} channel", other.kind(), ch.name());
                 self.reject(&device, topic, "wrong_channel", what).await
             }
         }
@@ -253,6 +268,10 @@ impl Service {
             return Err(StoreError::Invalid(format!("'{device}' is not a valid device id")));
         }
         let id = id.unwrap_or_else(|| format!("c{:x}{:04x}", now_ms(), fastrand::u16(..)));
+        fits(&Body::Command(Command {
+            id: id.clone(),
+            kind: kind.clone(),
+        }))?;
         let store = self.store.clone();
         let (d, i, k) = (device.to_string(), id.clone(), kind.clone());
         blocking(move || store.add_command(&d, &i, k, now_ms())).await?;
@@ -285,6 +304,13 @@ impl Service {
     ) -> Result<(String, Deployment), StoreError> {
         let doc = outpost_shared::definition::parse_document(&document)
             .map_err(|e| StoreError::Invalid(format!("definition: {e}")))?;
+        fits(&Body::Command(Command {
+            id: format!("d{:x}{:04x}.{}", u64::MAX, 0, "x".repeat(64)),
+            kind: CommandKind::Deploy {
+                deployment: format!("d{:x}{:04x}", u64::MAX, 0),
+                document: document.clone(),
+            },
+        }))?;
         let store = self.store.clone();
         let all = blocking(move || store.devices()).await?;
         let mut targets: Vec<String> = devices;
@@ -364,8 +390,14 @@ impl Service {
         if !protocol::valid_device_id(device) {
             return Err(StoreError::Invalid(format!("'{device}' is not a valid device id")));
         }
+        let text = document.to_string();
+        // The version is not known yet; the largest one costs 10 bytes.
+        fits(&Body::Desired(Desired {
+            version: u64::MAX,
+            document: text.clone(),
+        }))?;
         let store = self.store.clone();
-        let (d, text) = (device.to_string(), document.to_string());
+        let d = device.to_string();
         let row = blocking(move || store.set_desired(&d, text, now_ms())).await?;
         self.notify();
         let body = Body::Desired(Desired {
@@ -377,22 +409,14 @@ impl Service {
     }
 }
 
-fn body_name(b: &Body) -> &'static str {
-    match b {
-        Body::Birth(_) => "birth",
-        Body::Death(_) => "death",
-        Body::Events(_) => "events",
-        Body::Ack(_) => "ack",
-        Body::Resend(_) => "resend",
-        Body::Command(_) => "command",
-        Body::CommandResult(_) => "command result",
-        Body::Desired(_) => "desired",
-        Body::Reported(_) => "reported",
-        Body::Inventory(_) => "inventory",
-    }
+/// Refuses, before it is stored, a message that could never be sent to its device.
+fn fits(body: &Body) -> Result<(), StoreError> {
+    protocol::encode_checked(body)
+        .map(drop)
+        .map_err(|e| StoreError::Invalid(e.to_string()))
 }
 
-async fn poll(mut eventloop: rumqttc::EventLoop, service: Arc<Service>, tx: mpsc::Sender<rumqttc::Publish>) {
+async fn poll(mut eventloop: rumqttc::EventLoop, service: Arc<Service>, tx: mpsc::UnboundedSender<rumqttc::Publish>) {
     let mut backoff = Duration::from_millis(250);
     loop {
         match eventloop.poll().await {
@@ -414,7 +438,7 @@ async fn poll(mut eventloop: rumqttc::EventLoop, service: Arc<Service>, tx: mpsc
                 }
             }
             Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
-                if tx.send(p).await.is_err() {
+                if tx.send(p).is_err() {
                     return;
                 }
             }
@@ -430,7 +454,7 @@ async fn poll(mut eventloop: rumqttc::EventLoop, service: Arc<Service>, tx: mpsc
 }
 
 /// Stores each message, then acknowledges it to the broker (after a crash it is redelivered).
-async fn ingest(service: Arc<Service>, mut rx: mpsc::Receiver<rumqttc::Publish>) {
+async fn ingest(service: Arc<Service>, mut rx: mpsc::UnboundedReceiver<rumqttc::Publish>) {
     while let Some(p) = rx.recv().await {
         service.handle(&p.topic, &p.payload).await;
         service.notify();

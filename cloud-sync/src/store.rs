@@ -26,6 +26,9 @@ const REPORTED: TableDefinition<&str, &[u8]> = TableDefinition::new("reported");
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
 /// Definitions each device holds (from its inventory), by (device, workflow, version).
 const DEFINITIONS: TableDefinition<(&str, &str, u32), &str> = TableDefinition::new("definitions");
+/// Events whose record does not decode, kept by (device, seq) for forensics: the sequence is
+/// consumed so one bad record cannot stop a device's sync.
+const QUARANTINE: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("quarantine");
 /// Each device's equipment list (from its inventory).
 const EQUIPMENT: TableDefinition<&str, &[u8]> = TableDefinition::new("equipment");
 
@@ -202,6 +205,8 @@ pub struct Stored {
     pub gap_from: Option<u64>,
     /// The device's next expected sequence after this batch (the ack).
     pub next_seq: u64,
+    /// Sequences whose records did not decode, kept in quarantine, with why.
+    pub quarantined: Vec<(u64, String)>,
 }
 
 /// A run's events with their device sequence numbers, oldest first.
@@ -257,6 +262,7 @@ impl Store {
         txn.open_table(COUNTERS)?;
         txn.open_table(DEFINITIONS)?;
         txn.open_table(EQUIPMENT)?;
+        txn.open_table(QUARANTINE)?;
         txn.commit()?;
         Ok(Store { db })
     }
@@ -345,6 +351,18 @@ impl Store {
         })
     }
 
+    /// The quarantined (undecodable) records of a device, by sequence.
+    pub fn quarantined(&self, device: &str) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(QUARANTINE)?;
+        let mut out = Vec::new();
+        for row in t.range((device, 0)..=(device, u64::MAX))? {
+            let (k, v) = row?;
+            out.push((k.value().1, v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
     /// A death (Last Will): returns false when it is stale (an older epoch than the last birth).
     pub fn death(&self, id: &str, epoch: u64, now: u64) -> Result<bool, StoreError> {
         let (_, fresh) = self.update_device(id, now, |d| {
@@ -363,6 +381,7 @@ impl Store {
             let mut ev = txn.open_table(EVENTS)?;
             let mut index = txn.open_table(RUN_EVENTS)?;
             let mut runs = txn.open_table(RUNS)?;
+            let mut quarantine = txn.open_table(QUARANTINE)?;
             let mut d: Device = match devices.get(device)? {
                 Some(v) => dec("device", v.value())?,
                 None => Device {
@@ -375,6 +394,7 @@ impl Store {
                 duplicates: 0,
                 gap_from: None,
                 next_seq: d.next_seq,
+                quarantined: Vec::new(),
             };
             for e in events {
                 if e.seq < d.next_seq {
@@ -385,8 +405,15 @@ impl Store {
                     s.gap_from = Some(d.next_seq);
                     break;
                 }
-                let rec =
-                    journal::decode(&e.record).map_err(|err| StoreError::Invalid(format!("event {}: {err}", e.seq)))?;
+                let rec = match journal::decode(&e.record) {
+                    Ok(r) => r,
+                    Err(err) => {
+                        quarantine.insert((device, e.seq), e.record.as_slice())?;
+                        s.quarantined.push((e.seq, err.to_string()));
+                        d.next_seq += 1;
+                        continue;
+                    }
+                };
                 ev.insert((device, e.seq), e.record.as_slice())?;
                 index.insert((device, rec.run_id.as_str(), e.seq), ())?;
                 let key = (device, rec.run_id.as_str());

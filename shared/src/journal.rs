@@ -337,9 +337,86 @@ pub struct RecordV1 {
     pub event: Event,
 }
 
-/// RFC 3339 text (UTC, milliseconds) of a wall-clock time in ms since the Unix epoch.
+/// Latest time RFC 3339 can write (its years have four digits): 9999-12-31T23:59:59.999Z.
+pub const MAX_RFC3339_MS: u64 = 253_402_300_799_999;
+
+/// RFC 3339 text (UTC, milliseconds) of a wall-clock time in ms since the Unix epoch. Times past
+/// the year 9999 (a `sleep: 8000y` deadline is valid) are written as [`MAX_RFC3339_MS`].
 pub fn rfc3339(ms: u64) -> String {
+    let ms = ms.min(MAX_RFC3339_MS);
     humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms)).to_string()
+}
+
+/// Text fields longer than this are elided by [`elide_large`].
+pub const MAX_SYNCED_FIELD_BYTES: usize = 16 * 1024;
+
+/// Replaces every payload of `event` longer than `limit` bytes with a marker carrying its length
+/// and SHA-256, so that an event too large for one sync message still syncs with its kind, its
+/// step and its digest (the full payload stays in the device's journal). JSON payloads become
+/// `{"outpost_elided": {"bytes": N, "sha256": "…"}}`, which is still JSON; texts become
+/// `[elided: N bytes, sha256 …]`. Returns whether anything was elided.
+pub fn elide_large(event: &mut Event, limit: usize) -> bool {
+    fn digest(s: &str) -> String {
+        ring::digest::digest(&ring::digest::SHA256, s.as_bytes())
+            .as_ref()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+    let json = |s: &mut String| {
+        if s.len() <= limit {
+            return false;
+        }
+        *s = serde_json::json!({"outpost_elided": {"bytes": s.len(), "sha256": digest(s)}}).to_string();
+        true
+    };
+    let text = |s: &mut String| {
+        if s.len() <= limit {
+            return false;
+        }
+        *s = format!("[elided: {} bytes, sha256 {}]", s.len(), digest(s));
+        true
+    };
+    let error = |e: &mut ErrorInfo| text(&mut e.message) | text(&mut e.kind);
+    match event {
+        Event::RunStarted { input, .. } | Event::RunContinued { input, .. } => json(input),
+        Event::StepCompleted { output, .. }
+        | Event::RunCompleted { output }
+        | Event::StepCompensated { output, .. } => json(output),
+        Event::SignalReceived { payload, .. } => json(payload),
+        Event::AttemptFailed { error: e, .. }
+        | Event::StepFailed { error: e, .. }
+        | Event::RunFailed { error: e }
+        | Event::CompensationStarted { error: e }
+        | Event::CompensationAttemptFailed { error: e, .. }
+        | Event::CompensationFailed { error: e, .. }
+        | Event::RunCompensated { error: e }
+        | Event::RunCompensationFailed { error: e, .. } => error(e),
+        Event::StepSkipped { reason, .. } | Event::RunCancelled { reason } | Event::RunTerminated { reason } => {
+            text(reason)
+        }
+        _ => false,
+    }
+}
+
+/// Records larger than this are shrunk by [`for_sync`] before they go on the wire.
+pub const MAX_SYNCED_RECORD_BYTES: usize = 320 * 1024;
+
+/// A journal record's bytes as sent to the cloud: unchanged when it is at most
+/// [`MAX_SYNCED_RECORD_BYTES`], otherwise with its large payloads elided ([`elide_large`]).
+/// An undecodable record goes as it is, cut to the limit: the cloud quarantines it.
+pub fn for_sync(raw: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    use std::borrow::Cow;
+    if raw.len() <= MAX_SYNCED_RECORD_BYTES {
+        return Cow::Borrowed(raw);
+    }
+    match decode(raw) {
+        Ok(mut r) => {
+            elide_large(&mut r.event, MAX_SYNCED_FIELD_BYTES);
+            Cow::Owned(encode(&r))
+        }
+        Err(_) => Cow::Borrowed(raw.get(..MAX_SYNCED_RECORD_BYTES).unwrap_or(raw)),
+    }
 }
 
 /// One event as shown to people and APIs: `{"seq", "at", "type", …fields}`, with JSON payloads
@@ -540,6 +617,46 @@ mod tests {
         fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
             let _ = decode(&bytes);
         }
+    }
+
+    #[test]
+    fn times_past_year_9999_are_written_as_its_last_millisecond() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(MAX_RFC3339_MS), "9999-12-31T23:59:59.999Z");
+        assert_eq!(rfc3339(u64::MAX), "9999-12-31T23:59:59.999Z");
+    }
+
+    #[test]
+    fn large_records_sync_with_their_digest() {
+        let big = serde_json::json!({"blob": "x".repeat(600 * 1024)}).to_string();
+        let r = Record {
+            run_id: "r1".into(),
+            at_ms: 5,
+            event: Event::StepCompleted {
+                step: "read".into(),
+                visit: 1,
+                output: big.clone(),
+            },
+        };
+        let raw = encode(&r);
+        let wire = for_sync(&raw);
+        assert!(wire.len() < 1024, "{}", wire.len());
+        let back = decode(&wire).unwrap();
+        let Event::StepCompleted { step, output, .. } = back.event else {
+            panic!("kind kept")
+        };
+        assert_eq!(step, "read");
+        let v: serde_json::Value = serde_json::from_str(&output).unwrap();
+        assert_eq!(v["outpost_elided"]["bytes"], big.len());
+        assert_eq!(v["outpost_elided"]["sha256"].as_str().unwrap().len(), 64);
+        let small = encode(&Record {
+            run_id: "r1".into(),
+            at_ms: 5,
+            event: Event::RunCancelled { reason: "x".into() },
+        });
+        assert!(matches!(for_sync(&small), std::borrow::Cow::Borrowed(_)));
+        let garbage = vec![0xffu8; MAX_SYNCED_RECORD_BYTES * 2];
+        assert_eq!(for_sync(&garbage).len(), MAX_SYNCED_RECORD_BYTES);
     }
 
     #[test]

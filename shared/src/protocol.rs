@@ -5,12 +5,36 @@
 //! are only appended (a change is a new version byte), JSON travels as strings, and events travel
 //! as the journal's own record bytes, so the cloud decodes them with [`crate::journal::decode`].
 
+// Decoders of untrusted bytes: no panics, no unchecked indexing (ARCHITECTURE.md, "Input").
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)
+)]
+
 use serde::{Deserialize, Serialize};
 
 /// The protocol version this build speaks.
 pub const VERSION: u8 = 1;
-/// Largest message accepted; larger payloads are rejected before decoding.
+/// Largest message accepted; larger payloads are rejected before decoding, and neither side
+/// ever publishes one (see [`encode_checked`]).
 pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+/// Largest MQTT packet either side accepts or the shipped broker configurations let through:
+/// a message plus room for the topic and the packet header. Brokers must not pass anything
+/// larger (a client drops its connection on an oversized packet, and an unacked QoS 1 message
+/// would then come back on every reconnect).
+pub const MAX_PACKET_BYTES: usize = MAX_MESSAGE_BYTES + 4096;
+/// Largest MQTT packet the clients read, four times what anyone may send: behind a broker
+/// configured without the limit, a message somewhat over it is still read and refused by name
+/// (counted, acked) instead of dropping the connection.
+pub const MAX_INCOMING_PACKET_BYTES: usize = 4 * MAX_PACKET_BYTES;
+/// Most uncompressed record bytes in one event batch. The agent packs under it (so the
+/// compressed batch always fits a message) and the cloud refuses to inflate more, so a deflate
+/// bomb costs at most this much memory.
+pub const MAX_BATCH_RAW_BYTES: usize = MAX_MESSAGE_BYTES - 64 * 1024;
+/// Most events in one batch; a batch claiming more is malformed before anything is allocated.
+pub const MAX_BATCH_EVENTS: u32 = 65_536;
+/// Most bytes of untrusted input quoted in an error or a log line.
+pub const MAX_QUOTED_BYTES: usize = 64;
 /// Default topic prefix.
 pub const DEFAULT_PREFIX: &str = "outpost";
 
@@ -235,6 +259,14 @@ pub enum ProtocolError {
     /// A version this build does not know.
     #[error("unknown protocol version {0} (this build speaks {VERSION})")]
     UnknownVersion(u8),
+    /// An encoded message would exceed [`MAX_MESSAGE_BYTES`]; it is never sent.
+    #[error("a {kind} message of {len} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit; not sent")]
+    WontFit {
+        /// Which message.
+        kind: &'static str,
+        /// Its encoded length.
+        len: usize,
+    },
     /// Does not decode.
     #[error("malformed message ({len} bytes): {reason}")]
     Malformed {
@@ -251,6 +283,54 @@ pub fn encode(body: &Body) -> Vec<u8> {
     // Serialising owned strings, vectors and integers cannot fail.
     out.extend(postcard::to_allocvec(body).unwrap_or_default());
     out
+}
+
+/// Encodes a message, refusing one over [`MAX_MESSAGE_BYTES`]: the caller reports the refusal
+/// instead of handing the broker a packet that wedges the link.
+pub fn encode_checked(body: &Body) -> Result<Vec<u8>, ProtocolError> {
+    let bytes = encode(body);
+    if bytes.len() > MAX_MESSAGE_BYTES {
+        return Err(ProtocolError::WontFit {
+            kind: body.kind(),
+            len: bytes.len(),
+        });
+    }
+    Ok(bytes)
+}
+
+/// At most [`MAX_QUOTED_BYTES`] of untrusted text, for errors and logs (never the whole payload).
+pub fn quote(text: &str) -> String {
+    clip(text, MAX_QUOTED_BYTES)
+}
+
+/// At most `max` bytes of `text` (cut at a character boundary), saying how long it was.
+pub fn clip(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes)", text.get(..end).unwrap_or(""), text.len())
+}
+
+impl Body {
+    /// The message's name, for errors and counters.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Body::Birth(_) => "birth",
+            Body::Death(_) => "death",
+            Body::Events(_) => "events",
+            Body::Ack(_) => "ack",
+            Body::Resend(_) => "resend",
+            Body::Command(_) => "command",
+            Body::CommandResult(_) => "command result",
+            Body::Desired(_) => "desired",
+            Body::Reported(_) => "reported",
+            Body::Inventory(_) => "inventory",
+        }
+    }
 }
 
 /// Decodes a message of a known version.
@@ -274,42 +354,87 @@ pub fn pack(epoch: u64, first_seq: u64, records: &[Vec<u8>]) -> EventBatch {
     for r in records {
         let mut len = [0u8; 10];
         let n = varint(r.len() as u64, &mut len);
-        raw.extend_from_slice(&len[..n]);
+        raw.extend_from_slice(len.get(..n).unwrap_or(&[]));
         raw.extend_from_slice(r);
     }
     EventBatch {
         epoch,
         first_seq,
-        count: records.len() as u32,
+        count: u32::try_from(records.len()).unwrap_or(u32::MAX),
         compressed: miniz_oxide::deflate::compress_to_vec(&raw, 6),
     }
 }
 
-/// Unpacks a batch into (seq, record bytes), checking the count and the size limit.
+/// How many of `records` (oldest first) go in the next batch: as many as fit
+/// [`MAX_BATCH_RAW_BYTES`] and [`MAX_BATCH_EVENTS`], and at least one (the caller makes sure a
+/// single record fits, see `journal::elide_for_sync`).
+pub fn batch_len<R: AsRef<[u8]>>(records: &[R]) -> usize {
+    let mut bytes = 0usize;
+    let mut n = 0usize;
+    for r in records {
+        let size = r.as_ref().len() + 10;
+        if n > 0 && (bytes + size > MAX_BATCH_RAW_BYTES || n >= MAX_BATCH_EVENTS as usize) {
+            break;
+        }
+        bytes += size;
+        n += 1;
+    }
+    n
+}
+
+/// Unpacks a batch into (seq, record bytes), checking the count, the sequence range and the
+/// inflated size before trusting any of them.
 pub fn unpack(batch: &EventBatch) -> Result<Vec<WireEvent>, ProtocolError> {
-    let malformed = |reason: &str| ProtocolError::Malformed {
+    let malformed = |reason: String| ProtocolError::Malformed {
         len: batch.compressed.len(),
-        reason: reason.to_string(),
+        reason,
     };
-    let raw = miniz_oxide::inflate::decompress_to_vec_with_limit(&batch.compressed, 16 * MAX_MESSAGE_BYTES)
-        .map_err(|e| malformed(&format!("events do not inflate: {e:?}")))?;
-    let mut out = Vec::with_capacity(batch.count as usize);
+    if batch.count == 0 || batch.count > MAX_BATCH_EVENTS {
+        return Err(malformed(format!(
+            "a batch of {} events (1 to {MAX_BATCH_EVENTS} allowed)",
+            batch.count
+        )));
+    }
+    if batch.first_seq == 0 || batch.first_seq.checked_add(u64::from(batch.count)).is_none() {
+        return Err(malformed(format!(
+            "sequences {} + {} are out of range",
+            batch.first_seq, batch.count
+        )));
+    }
+    // The error's Debug form carries the whole partial output: name only its status.
+    let raw =
+        miniz_oxide::inflate::decompress_to_vec_with_limit(&batch.compressed, MAX_BATCH_RAW_BYTES).map_err(|e| {
+            malformed(format!(
+                "events do not inflate within {MAX_BATCH_RAW_BYTES} bytes ({:?})",
+                e.status
+            ))
+        })?;
+    // Every record takes at least its one length byte, so this bounds the allocation by input.
+    let mut out = Vec::with_capacity((batch.count as usize).min(raw.len()));
     let mut rest = raw.as_slice();
+    let mut seq = batch.first_seq;
     while !rest.is_empty() {
-        let (len, n) = read_varint(rest).ok_or_else(|| malformed("bad record length"))?;
-        let len = usize::try_from(len).map_err(|_| malformed("record length overflows"))?;
-        rest = &rest[n..];
-        if len > rest.len() {
-            return Err(malformed("record runs past the end"));
+        let (len, n) = read_varint(rest).ok_or_else(|| malformed("bad record length".into()))?;
+        let len = usize::try_from(len).map_err(|_| malformed("record length overflows".into()))?;
+        let body = rest.get(n..).unwrap_or(&[]);
+        let (record, tail) = body
+            .split_at_checked(len)
+            .ok_or_else(|| malformed("record runs past the end".into()))?;
+        if out.len() >= batch.count as usize {
+            return Err(malformed(format!(
+                "more records than the {} the batch says",
+                batch.count
+            )));
         }
         out.push(WireEvent {
-            seq: batch.first_seq + out.len() as u64,
-            record: rest[..len].to_vec(),
+            seq,
+            record: record.to_vec(),
         });
-        rest = &rest[len..];
+        seq += 1;
+        rest = tail;
     }
     if out.len() != batch.count as usize {
-        return Err(malformed(&format!(
+        return Err(malformed(format!(
             "{} records where the batch says {}",
             out.len(),
             batch.count
@@ -319,22 +444,26 @@ pub fn unpack(batch: &EventBatch) -> Result<Vec<WireEvent>, ProtocolError> {
 }
 
 fn varint(mut v: u64, out: &mut [u8; 10]) -> usize {
-    let mut i = 0;
-    loop {
+    // A u64 takes at most 10 groups of 7 bits, so the loop ends within `out`.
+    for (i, slot) in out.iter_mut().enumerate() {
         let b = (v & 0x7f) as u8;
         v >>= 7;
         if v == 0 {
-            out[i] = b;
+            *slot = b;
             return i + 1;
         }
-        out[i] = b | 0x80;
-        i += 1;
+        *slot = b | 0x80;
     }
+    out.len()
 }
 
 fn read_varint(bytes: &[u8]) -> Option<(u64, usize)> {
     let mut v = 0u64;
     for (i, b) in bytes.iter().enumerate().take(10) {
+        // The tenth group has room for one bit only; more is not a u64.
+        if i == 9 && b & 0x7e != 0 {
+            return None;
+        }
         v |= u64::from(b & 0x7f) << (7 * i);
         if b & 0x80 == 0 {
             return Some((v, i + 1));
@@ -484,6 +613,86 @@ mod tests {
     }
 
     #[test]
+    fn a_huge_count_is_refused_before_anything_is_allocated() {
+        // The 12-byte batch that used to abort outpost-cloud: count = u32::MAX.
+        let b = EventBatch {
+            epoch: 1,
+            first_seq: 1,
+            count: u32::MAX,
+            compressed: miniz_oxide::deflate::compress_to_vec(&[1, 7], 6),
+        };
+        let e = unpack(&b).unwrap_err().to_string();
+        assert!(e.contains("4294967295 events"), "{e}");
+        let bytes = encode(&Body::Events(b));
+        assert!(bytes.len() <= 16, "{}", bytes.len());
+    }
+
+    #[test]
+    fn sequences_that_overflow_are_refused() {
+        let mut b = pack(1, u64::MAX - 1, &[b"a".to_vec(), b"b".to_vec(), b"c".to_vec()]);
+        assert!(unpack(&b).unwrap_err().to_string().contains("out of range"));
+        b.first_seq = 0;
+        assert!(unpack(&b).is_err(), "sequence 0 does not exist");
+    }
+
+    #[test]
+    fn a_deflate_bomb_is_refused_with_a_short_error() {
+        let zeros = vec![0u8; 64 * 1024 * 1024];
+        let b = EventBatch {
+            epoch: 1,
+            first_seq: 1,
+            count: 1,
+            compressed: miniz_oxide::deflate::compress_to_vec(&zeros, 10),
+        };
+        assert!(b.compressed.len() < 200_000);
+        let e = unpack(&b).unwrap_err().to_string();
+        assert!(e.contains("do not inflate"), "{e}");
+        assert!(e.len() < 300, "the error quotes the payload: {} bytes", e.len());
+    }
+
+    #[test]
+    fn overlong_varints_are_malformed() {
+        let raw = [0xffu8; 11];
+        let b = EventBatch {
+            epoch: 1,
+            first_seq: 1,
+            count: 1,
+            compressed: miniz_oxide::deflate::compress_to_vec(&raw, 6),
+        };
+        assert!(unpack(&b).unwrap_err().to_string().contains("bad record length"));
+    }
+
+    #[test]
+    fn batches_are_sized_by_bytes() {
+        let big = vec![vec![7u8; 200 * 1024]; 10];
+        let n = batch_len(&big);
+        assert_eq!(n, 4, "4 × 200 KiB fit under {MAX_BATCH_RAW_BYTES}");
+        let b = pack(1, 1, &big[..n]);
+        assert!(encode_checked(&Body::Events(b)).is_ok());
+        let small = vec![vec![1u8; 3]; 100_000];
+        assert_eq!(batch_len(&small), MAX_BATCH_EVENTS as usize);
+        let huge = vec![vec![1u8; 2 * MAX_MESSAGE_BYTES]];
+        assert_eq!(
+            batch_len(&huge),
+            1,
+            "always progress; the caller elides what cannot fit"
+        );
+        assert_eq!(batch_len::<Vec<u8>>(&[]), 0);
+    }
+
+    #[test]
+    fn oversized_messages_are_never_encoded_for_sending() {
+        let d = Body::Desired(Desired {
+            version: 1,
+            document: "x".repeat(MAX_MESSAGE_BYTES),
+        });
+        let e = encode_checked(&d).unwrap_err().to_string();
+        assert!(e.contains("desired message of"), "{e}");
+        assert!(quote(&"é".repeat(100)).ends_with("(200 bytes)"));
+        assert_eq!(quote("short"), "short");
+    }
+
+    #[test]
     fn topics_parse_back() {
         let t = Topics::new("plant/outpost/");
         let topic = t.topic("gw-7", Channel::CommandResult);
@@ -519,7 +728,7 @@ mod tests {
         }
 
         #[test]
-        fn any_records_round_trip(records in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..300), 0..40), first in 1u64..1_000_000) {
+        fn any_records_round_trip(records in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..300), 1..40), first in 1u64..1_000_000) {
             let b = pack(1, first, &records);
             let back = unpack(&b).unwrap();
             prop_assert_eq!(back.len(), records.len());

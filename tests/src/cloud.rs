@@ -112,6 +112,16 @@ impl Cloud {
         }
     }
 
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// True while the process has not exited.
+    pub fn alive(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
     /// The cloud's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("cloud.log")).unwrap_or_default()

@@ -293,8 +293,9 @@ impl Mosquitto {
         std::fs::write(
             &conf,
             format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nautosave_interval 1\nmax_inflight_messages 100\nmax_queued_messages 100000\nlog_dest stderr\n",
-                dir.path().display()
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nautosave_interval 1\nmax_inflight_messages 100\nmax_queued_messages 100000\nmax_packet_size {}\nlog_dest stderr\n",
+                dir.path().display(),
+                outpost_shared::protocol::MAX_PACKET_BYTES
             ),
         )
         .expect("write mosquitto.conf");
@@ -346,7 +347,8 @@ impl Mosquitto {
 /// Publishes one QoS 1 message to the broker on `port` and waits for its acknowledgement.
 pub fn mqtt_publish(port: u16, topic: &str, payload: Vec<u8>) {
     let id = format!("test-pub-{}", fastrand::u32(..));
-    let opts = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
+    let mut opts = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
+    opts.set_max_packet_size(2 << 20, 2 << 20);
     let (client, mut conn) = rumqttc::Client::new(opts, 10);
     client
         .publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
@@ -359,6 +361,30 @@ pub fn mqtt_publish(port: u16, topic: &str, payload: Vec<u8>) {
         }
     }
     let _ = client.disconnect();
+}
+
+/// Publishes one QoS 1 message with no client-side size limit; `Err` says how the broker
+/// refused it (an oversized packet gets the connection closed).
+pub fn mqtt_try_publish(port: u16, topic: &str, payload: Vec<u8>) -> Result<(), String> {
+    let id = format!("test-pub-{}", fastrand::u32(..));
+    let mut opts = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
+    opts.set_max_packet_size(64 << 20, 64 << 20);
+    let (client, mut conn) = rumqttc::Client::new(opts, 10);
+    client
+        .publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
+        .map_err(|e| e.to_string())?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let outcome = loop {
+        match conn.recv_timeout(Duration::from_millis(200)) {
+            Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)))) => break Ok(()),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => break Err(e.to_string()),
+            Err(_) if std::time::Instant::now() > deadline => break Err("no acknowledgement".into()),
+            Err(_) => {}
+        }
+    };
+    let _ = client.disconnect();
+    outcome
 }
 
 impl Drop for Mosquitto {

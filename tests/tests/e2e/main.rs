@@ -9,6 +9,7 @@ mod durable_sleep;
 mod equipment;
 mod examples;
 mod history;
+mod hostile;
 mod limits;
 mod patterns;
 mod saga;

@@ -67,6 +67,25 @@ steps:
     agent.restart();
     completed(&agent, "mqtt:lot:lot-2", 1);
     assert_eq!(runs(&agent, "mqtt:lot:").len(), 3);
+
+    // Over rumqttc's default 10 KiB limit, a message used to drop the connection and come back
+    // on every reconnect, stopping every trigger. Now: a 50 KiB one starts its run, one larger
+    // than a run input is refused by name, and the next small one still starts.
+    let pad = "p".repeat(50 * 1024);
+    broker.publish(
+        "plant/line4/lot",
+        &format!(r#"{{"id": "lot-3", "kg": 1, "pad": "{pad}"}}"#),
+    );
+    completed(&agent, "mqtt:lot:lot-3", 1);
+    let big = "b".repeat(600 * 1024);
+    broker.publish(
+        "plant/line4/lot",
+        &format!(r#"{{"id": "lot-4", "kg": 1, "pad": "{big}"}}"#),
+    );
+    broker.publish("plant/line4/lot", r#"{"id": "lot-5", "kg": 2}"#);
+    completed(&agent, "mqtt:lot:lot-5", 1);
+    assert!(agent.log().contains("trigger message larger than a run input"));
+    assert_eq!(runs(&agent, "mqtt:lot:").len(), 5, "lot-4 started nothing");
 }
 
 #[test]
