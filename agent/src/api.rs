@@ -233,7 +233,7 @@ async fn start(
 
 fn wait_limit(secs: f64) -> Duration {
     if secs.is_finite() && secs > 0.0 {
-        Duration::from_secs_f64(secs).min(MAX_WAIT)
+        Duration::try_from_secs_f64(secs).map_or(MAX_WAIT, |d| d.min(MAX_WAIT))
     } else {
         MAX_WAIT
     }

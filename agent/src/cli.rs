@@ -207,6 +207,9 @@ struct ModbusSimArgs {
     /// Clamp writes to a holding register: ADDRESS=MAX (a PLC enforcing a limit).
     #[arg(long, value_name = "ADDRESS=MAX")]
     clamp: Vec<String>,
+    /// Answer register reads with one register fewer than asked (a faulty unit).
+    #[arg(long)]
+    short_reads: bool,
 }
 
 #[derive(Args)]
@@ -1168,6 +1171,7 @@ fn run_modbus_sim(args: ModbusSimArgs) -> Result<u8, Failure> {
         delay: Duration::from_millis(args.delay_ms),
         limit: args.limit,
         clamps,
+        short_reads: args.short_reads,
     };
     let log: Arc<dyn Fn(Value) + Send + Sync> = Arc::new(|v: Value| {
         use std::io::Write;

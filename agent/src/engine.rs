@@ -980,7 +980,9 @@ fn wait_timed_out(def: &Definition, i: usize, visit: u32, ctx: &mut Ctx) -> Comm
 pub fn sleep_duration(args: &Value) -> Result<u64, String> {
     let d = args.get("duration").ok_or("sleep needs a duration")?;
     let dur = match d {
-        Value::Number(n) => std::time::Duration::from_secs_f64(n.as_f64().unwrap_or(-1.0).max(0.0)),
+        // `from_secs_f64` panics past u64::MAX seconds (1e300 is a valid JSON number).
+        Value::Number(n) => std::time::Duration::try_from_secs_f64(n.as_f64().unwrap_or(-1.0).max(0.0))
+            .map_err(|_| format!("duration {n} is too long"))?,
         Value::String(s) => outpost_shared::definition::parse_duration(s)?,
         other => return Err(format!("duration {other} is not a duration")),
     };
@@ -1323,6 +1325,18 @@ steps:
             .iter()
             .map(|e| format!("{}{}", e.name(), e.step().map(|s| format!(":{s}")).unwrap_or_default()))
             .collect()
+    }
+
+    #[test]
+    fn huge_and_odd_numeric_durations_are_errors_not_panics() {
+        assert!(
+            sleep_duration(&json!({"duration": 1e300}))
+                .unwrap_err()
+                .contains("too long")
+        );
+        assert_eq!(sleep_duration(&json!({"duration": -5})), Ok(0));
+        assert_eq!(sleep_duration(&json!({"duration": 1.5})), Ok(1500));
+        assert!(sleep_duration(&json!({"duration": "8000y"})).is_ok(), "long but valid");
     }
 
     #[test]

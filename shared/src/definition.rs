@@ -179,7 +179,7 @@ impl RetryPolicy {
         let base = self.initial_interval.as_secs_f64() * self.backoff.powi(exp);
         let capped = base.min(self.max_interval.as_secs_f64());
         let jittered = capped * (1.0 - self.jitter * unit.clamp(0.0, 1.0));
-        Duration::from_secs_f64(jittered.max(0.0))
+        Duration::try_from_secs_f64(jittered.max(0.0)).unwrap_or(self.max_interval)
     }
 }
 

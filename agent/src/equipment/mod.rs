@@ -49,6 +49,10 @@ pub enum EquipmentError {
     /// The Modbus unit answered with an exception.
     #[error("modbus exception: {0:?}")]
     Exception(tokio_modbus::ExceptionCode),
+    /// The unit answered with something that is not an answer to the request (too few
+    /// registers, …); retryable, as a garbled frame usually is.
+    #[error("bad response: {0}")]
+    BadResponse(String),
     /// Values read back differ from those wanted; one entry per point.
     #[error("read-back differs from the desired values: {}", describe(.0))]
     Mismatch(Vec<Value>),
@@ -83,6 +87,7 @@ impl EquipmentError {
             EquipmentError::Exception(tokio_modbus::ExceptionCode::IllegalDataAddress) => "modbus.illegal_address",
             EquipmentError::Exception(_) => "modbus.exception",
             EquipmentError::Mismatch(_) => "equipment.mismatch",
+            EquipmentError::BadResponse(_) => "modbus.bad_response",
         }
     }
 

@@ -134,12 +134,32 @@ impl Point {
         matches!(self.table, Table::Coil | Table::Holding)
     }
 
-    fn join(&self, w: &[u16]) -> u32 {
+    fn join(&self, w: [u16; 2]) -> u32 {
         let (hi, lo) = match self.word_order {
             WordOrder::Big => (w[0], w[1]),
             WordOrder::Little => (w[1], w[0]),
         };
         (u32::from(hi) << 16) | u32::from(lo)
+    }
+
+    /// Checks a unit's answer has exactly the words this point takes (a unit answering
+    /// nonsense must not crash the agent) and decodes it.
+    pub fn decode_response(&self, w: &[u16]) -> Result<Value, String> {
+        // Coils come in whole bytes: tokio-modbus hands back at least the one asked for.
+        let ok = match self.table {
+            Table::Coil | Table::DiscreteInput => !w.is_empty(),
+            _ => w.len() == usize::from(self.words()),
+        };
+        if !ok {
+            return Err(format!(
+                "{} {} for a point of {} at address {}",
+                w.len(),
+                if w.len() == 1 { "value" } else { "values" },
+                self.words(),
+                self.address
+            ));
+        }
+        Ok(self.decode(w))
     }
 
     fn split(&self, v: u32) -> Vec<u16> {
@@ -150,15 +170,17 @@ impl Point {
         }
     }
 
-    /// Raw registers to an engineering value.
+    /// Raw registers to an engineering value (missing words read as 0; see `decode_response`).
     fn decode(&self, w: &[u16]) -> Value {
+        let word = |i: usize| w.get(i).copied().unwrap_or(0);
+        let pair = [word(0), word(1)];
         let raw = match self.data_type {
             DataType::Bool => return Value::Bool(w.first().is_some_and(|&b| b != 0)),
-            DataType::U16 => f64::from(w[0]),
-            DataType::I16 => f64::from(w[0] as i16),
-            DataType::U32 => f64::from(self.join(w)),
-            DataType::I32 => f64::from(self.join(w) as i32),
-            DataType::F32 => f64::from(f32::from_bits(self.join(w))),
+            DataType::U16 => f64::from(word(0)),
+            DataType::I16 => f64::from(word(0) as i16),
+            DataType::U32 => f64::from(self.join(pair)),
+            DataType::I32 => f64::from(self.join(pair) as i32),
+            DataType::F32 => f64::from(f32::from_bits(self.join(pair))),
         };
         // Dividing by a whole reciprocal (0.1 → 10) keeps 2505 × 0.1 from reading 250.50000000000003.
         let inv = 1.0 / self.scale;
@@ -391,7 +413,8 @@ impl ModbusDevice {
             let words = self
                 .transact(&mut conn, |ctx| Box::pin(read_raw(ctx, p.clone())))
                 .await?;
-            out.insert(name.clone(), p.decode(&words));
+            let value = p.decode_response(&words).map_err(|e| self.bad_response(name, e))?;
+            out.insert(name.clone(), value);
         }
         Ok(out)
     }
@@ -418,6 +441,7 @@ impl ModbusDevice {
             let current = self
                 .transact(&mut conn, |ctx| Box::pin(read_raw(ctx, (*p).clone())))
                 .await?;
+            p.decode_response(&current).map_err(|e| self.bad_response(name, e))?;
             if current == *raw {
                 unchanged.push(name.to_string());
                 continue;
@@ -433,6 +457,7 @@ impl ModbusDevice {
                 let found = self
                     .transact(&mut conn, |ctx| Box::pin(read_raw(ctx, (*p).clone())))
                     .await?;
+                p.decode_response(&found).map_err(|e| self.bad_response(name, e))?;
                 if found != *raw {
                     mismatches
                         .push(json!({"point": name, "wanted": wanted, "found": p.decode(&found), "unit": p.unit}));
@@ -468,6 +493,15 @@ impl ModbusDevice {
         } else {
             Err(EquipmentError::Mismatch(mismatches))
         }
+    }
+
+    fn bad_response(&self, point: &str, why: String) -> EquipmentError {
+        EquipmentError::BadResponse(format!(
+            "device '{}' ({} unit {}) answered {why} (point '{point}')",
+            self.name,
+            self.link.describe(),
+            self.unit
+        ))
     }
 
     /// One request on the unit's connection, with a timeout; reconnects after transport errors.
@@ -550,6 +584,8 @@ pub struct SimFaults {
     pub limit: u16,
     /// Holding registers whose writes are clamped to a maximum, like a PLC enforcing limits.
     pub clamps: HashMap<u16, u16>,
+    /// Answer register reads with one register fewer than asked, like a faulty unit.
+    pub short_reads: bool,
 }
 
 #[derive(Default)]
@@ -627,8 +663,12 @@ impl Simulator {
         };
         let bits =
             |m: &HashMap<u16, bool>, a: u16, n: u16| (a..a + n).map(|i| m.get(&i).copied().unwrap_or(false)).collect();
-        let words =
-            |m: &HashMap<u16, u16>, a: u16, n: u16| (a..a + n).map(|i| m.get(&i).copied().unwrap_or(0)).collect();
+        let short = u16::from(self.faults.short_reads);
+        let words = |m: &HashMap<u16, u16>, a: u16, n: u16| {
+            (a..a + n.saturating_sub(short))
+                .map(|i| m.get(&i).copied().unwrap_or(0))
+                .collect()
+        };
         Ok(match req {
             Request::ReadCoils(a, n) => {
                 check(a, n)?;
@@ -713,6 +753,15 @@ mod tests {
         let f = point("{table: holding, address: 0, type: f32}");
         assert_eq!(f.encode(&json!(72.5)).unwrap(), vec![0x4291, 0x0000]);
         assert_eq!(f.decode(&[0x4291, 0x0000]), json!(72.5));
+        // A unit answering fewer registers than the point takes is an error, not a panic.
+        assert!(
+            f.decode_response(&[0x4291])
+                .unwrap_err()
+                .contains("1 value for a point of 2")
+        );
+        assert!(f.decode_response(&[]).is_err());
+        assert!(f.decode_response(&[1, 2, 3]).is_err());
+        assert_eq!(f.decode_response(&[0x4291, 0]).unwrap(), json!(72.5));
         assert_eq!(f.decode(&f.encode(&json!(72.3)).unwrap()), json!(72.3));
         let l = point("{table: holding, address: 0, type: u32, word_order: little, scale: 0.1}");
         assert_eq!(l.encode(&json!(250.5)).unwrap(), vec![2505, 0]);

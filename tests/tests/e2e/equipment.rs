@@ -183,6 +183,29 @@ fn illegal_address_fails_at_once_and_timeouts_retry() {
 }
 
 #[test]
+fn a_plc_answering_too_few_registers_is_a_named_error_not_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = ModbusSim::start(&["--short-reads"]);
+    let equipment = plc_equipment(dir.path(), &sim);
+    let agent = Agent::start(&dir.path().join("data"), &["--equipment", &equipment]);
+    let pid = agent.pid();
+    agent.json(&["apply", &format!("{EXAMPLES}recipe.yaml")]);
+    let out = agent.cli(&["start", "recipe", "--input", RECIPE, "--wait", "--json"]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let r = agent.json(&["show", v["run_id"].as_str().unwrap()]);
+    assert_eq!(r["status"], "failed", "{r}");
+    let err = &r["steps"][0]["error"];
+    assert_eq!(err["kind"], "modbus.bad_response", "{r}");
+    let msg = err["message"].as_str().unwrap();
+    assert!(
+        msg.contains("device 'mixer'") && msg.contains("for a point of"),
+        "{msg}"
+    );
+    assert_eq!(agent.pid(), pid);
+    assert!(agent.cli(&["status"]).status.success(), "the agent is still up");
+}
+
+#[test]
 fn bad_equipment_files_name_the_device_and_field() {
     let dir = tempfile::tempdir().unwrap();
     let bad = write(

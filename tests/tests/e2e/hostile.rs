@@ -99,7 +99,31 @@ fn hostile_messages_are_refused_by_name_and_the_fleet_keeps_syncing() {
     for i in 0..5 {
         agent.json(&["start", "echo", "--input", &format!(r#"{{"x": {i}}}"#), "--wait"]);
     }
+    // A valid definition whose timer is due after the year 9999: every view of it still works
+    // (RFC 3339 has four-digit years; formatting it used to panic in show, the API, the console).
+    let far = write(
+        dir.path(),
+        "far.yaml",
+        "name: far\nversion: 1\nsteps:\n  - {id: nap, action: sleep, args: {duration: 8000y}}\n",
+    );
+    agent.json(&["apply", &far]);
+    agent.json(&["start", "far", "--id", "far-1"]);
+    eventually(Duration::from_secs(10), "the timer to be set", || {
+        let r = agent.json(&["show", "far-1"]);
+        (r["steps"][0]["status"] != "pending").then_some(())
+    });
+    assert!(agent.cli(&["show", "far-1"]).status.success());
+    assert!(agent.cli(&["show", "far-1", "--history"]).status.success());
+    assert!(agent.cli(&["list"]).status.success());
     synced(&cloud, &agent, "gw1");
+    let run = cloud.get("/v1/devices/gw1/runs/far-1");
+    assert_eq!(run["status"], "running", "{run}");
+    let (code, page) = outpost_tests::cloud::http("GET", cloud.api, "/devices/gw1/runs/far-1", None).unwrap();
+    assert_eq!(code, 200);
+    assert!(
+        page.to_string().contains("9999-12-31T23:59:59.999Z"),
+        "the console shows the deadline"
+    );
     assert!(cloud.alive() && cloud.pid() == pid, "outpost-cloud restarted");
 }
 
