@@ -2,6 +2,10 @@
 //! as JSON). A non-zero exit is the retryable error `exec.nonzero_exit`; a command that cannot be
 //! started is the non-retryable `exec.spawn_failed`. The idempotency key is in the environment as
 //! `OUTPOST_IDEMPOTENCY_KEY`, next to `OUTPOST_RUN_ID`, `OUTPOST_STEP` and `OUTPOST_ATTEMPT`.
+//!
+//! Each command runs in a process group of its own, and the whole group is killed when the step
+//! ends (done, timed out or cancelled): `sh -c "…; sleep 30"` leaves no `sleep` behind. At most
+//! [`MAX_CAPTURE`] bytes of each stream are kept; the rest is read and dropped as it comes.
 
 use std::process::Stdio;
 
@@ -76,7 +80,9 @@ impl Action for Exec {
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 // A timed-out or cancelled step must not leave its process running.
-                .kill_on_drop(true);
+                .kill_on_drop(true)
+                // Nor its children: the group is killed with the step (`GroupGuard`).
+                .process_group(0);
             // Nor may a killed agent: the re-run after restart must not race a leftover process.
             // SAFETY: prctl is async-signal-safe and touches only the child's own state.
             #[cfg(target_os = "linux")]
@@ -91,6 +97,7 @@ impl Action for Exec {
             let mut child = cmd
                 .spawn()
                 .map_err(|e| ActionError::permanent("exec.spawn_failed", format!("cannot start '{command}': {e}")))?;
+            let _group = GroupGuard(child.id());
             if let Some(input) = call.args.get("stdin")
                 && let Some(mut stdin) = child.stdin.take()
             {
@@ -99,14 +106,13 @@ impl Action for Exec {
                 // A child that exits without reading stdin is not an error of ours.
                 let _ = stdin.write_all(text.as_bytes()).await;
             }
-            let out = child
-                .wait_with_output()
-                .await
+            let (out, err) = (child.stdout.take(), child.stderr.take());
+            let (status, stdout, stderr) = tokio::try_join!(child.wait(), read_capped(out), read_capped(err))
                 .map_err(|e| ActionError::retryable("exec.io", format!("waiting for '{command}': {e}")))?;
-            let stdout = truncate(String::from_utf8_lossy(&out.stdout).into_owned(), MAX_CAPTURE);
-            let stderr = truncate(String::from_utf8_lossy(&out.stderr).into_owned(), MAX_CAPTURE);
-            let code = out.status.code();
-            if !out.status.success() {
+            let stdout = truncate(String::from_utf8_lossy(&stdout).into_owned(), MAX_CAPTURE);
+            let stderr = truncate(String::from_utf8_lossy(&stderr).into_owned(), MAX_CAPTURE);
+            let code = status.code();
+            if !status.success() {
                 let how = match code {
                     Some(c) => format!("exit code {c}"),
                     None => "killed by a signal".to_string(),
@@ -137,6 +143,40 @@ impl Action for Exec {
             }
             Ok(output)
         })
+    }
+}
+
+/// Kills the command's whole process group when the step is over, however it ends (the future
+/// is dropped on a timeout or a cancel).
+struct GroupGuard(Option<u32>);
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0.and_then(|p| libc::pid_t::try_from(p).ok()) {
+            // SAFETY: killpg only sends a signal. The group id is the child's pid (process_group(0)).
+            // Linux does not hand out a pid still in use as a group id, so while any member lives
+            // this reaches exactly them; an empty group fails with ESRCH.
+            unsafe {
+                libc::killpg(pid, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+/// Reads a stream to its end, keeping at most [`MAX_CAPTURE`] bytes (plus a few for a
+/// character cut at the edge) so a chatty command cannot fill the agent's memory.
+async fn read_capped<R: tokio::io::AsyncRead + Unpin>(r: Option<R>) -> std::io::Result<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut kept = Vec::new();
+    let Some(mut r) = r else { return Ok(kept) };
+    let mut buf = [0u8; 8192];
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(kept);
+        }
+        let room = (MAX_CAPTURE + 4).saturating_sub(kept.len());
+        kept.extend_from_slice(buf.get(..n.min(room)).unwrap_or(&[]));
     }
 }
 
@@ -185,6 +225,47 @@ mod tests {
             .unwrap();
         assert_eq!(out["exit_code"], json!(0));
         assert_eq!(out["json"]["k"], json!("r/s/1"));
+    }
+
+    fn alive(marker: &str) -> usize {
+        // Processes whose command line carries the marker (a sleep length nobody else uses).
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
+            .filter(|c| String::from_utf8_lossy(c).replace('\0', " ").trim() == format!("sleep {marker}"))
+            .count()
+    }
+
+    #[tokio::test]
+    async fn a_timed_out_command_takes_its_whole_process_group_with_it() {
+        let script = "sleep 31.7 & sleep 31.7 & sleep 31.7";
+        let run = Exec.execute(call(json!({"command": "sh", "args": ["-c", script]})));
+        let timed_out = tokio::time::timeout(std::time::Duration::from_millis(500), run).await;
+        assert!(timed_out.is_err());
+        // SIGKILL is delivered at once, but the kernel reaps asynchronously.
+        for _ in 0..50 {
+            if alive("31.7") == 0 {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        panic!("{} 'sleep 31.7' processes outlived their step", alive("31.7"));
+    }
+
+    #[tokio::test]
+    async fn output_is_kept_up_to_the_cap_while_the_rest_is_drained() {
+        let out = Exec
+            .execute(call(
+                json!({"command": "sh", "args": ["-c", "head -c 5000000 /dev/zero | tr '\\0' x"]}),
+            ))
+            .await
+            .unwrap();
+        let stdout = out["stdout"].as_str().unwrap();
+        assert!(
+            (MAX_CAPTURE - 4..MAX_CAPTURE + 64).contains(&stdout.len()),
+            "{}",
+            stdout.len()
+        );
     }
 
     #[tokio::test]
