@@ -509,6 +509,19 @@ fn parse_input(text: &str, what: &str) -> Result<Value, Failure> {
 
 /// Prints `v` as JSON with `--json`, otherwise in the command's own form.
 /// This machine's host name (`agent` when unknown).
+/// A broker address from an option; TLS (`mqtts://`) is refused by name until this build
+/// speaks it, rather than being taken for a host called `mqtts`.
+fn broker_url(url: &str, option: &str) -> Result<outpost_shared::broker::BrokerUrl, Failure> {
+    let b = outpost_shared::broker::BrokerUrl::parse(url, option).map_err(|e| Failure::new(exit::INVALID, e))?;
+    if b.tls {
+        return Err(Failure::new(
+            exit::INVALID,
+            format!("{option} {url}: TLS brokers (mqtts://) are not supported by this build yet; use mqtt://"),
+        ));
+    }
+    Ok(b)
+}
+
 fn host_name() -> String {
     let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
     let host = host.trim();
@@ -1008,12 +1021,25 @@ async fn daemon(data_dir: &Path, socket: &Path, args: RunArgs) -> Result<u8, Fai
         .unwrap_or_default();
     let registry = Registry::builtin().with_equipment(equipment);
     // Tests reset a running agent's wall clock through this file (see `FileOffsetClock`).
+    #[cfg(feature = "test-clock")]
     let clock: Arc<dyn crate::clock::Clock> = match std::env::var_os("OUTPOST_CLOCK_OFFSET_FILE") {
         Some(path) => Arc::new(crate::clock::FileOffsetClock::watch(path.into())),
         None => Arc::new(crate::clock::SystemClock),
     };
-    let runtime = Runtime::open_with(data_dir, config, registry, clock)
-        .map_err(|e| Failure::new(exit::FAILURE, e.to_string()))?;
+    #[cfg(not(feature = "test-clock"))]
+    let clock: Arc<dyn crate::clock::Clock> = Arc::new(crate::clock::SystemClock);
+    let runtime = Runtime::open_with(data_dir, config, registry, clock).map_err(|e| {
+        let file = data_dir.join("journal.redb");
+        Failure::new(
+            exit::FAILURE,
+            format!(
+                "cannot open the journal {}: {e}\n  if the file is damaged: stop every outpost using it, move it aside \
+                 (mv {0} {0}.damaged) and start again with an empty journal; runs and events not yet synced to \
+                 the cloud are only in the damaged file",
+                file.display()
+            ),
+        )
+    })?;
     for f in &args.apply {
         let text = read_document(f)?;
         let (def, applied) = runtime
@@ -1062,8 +1088,7 @@ async fn daemon(data_dir: &Path, socket: &Path, args: RunArgs) -> Result<u8, Fai
                 format!("device id '{device}' must be 1-64 letters, digits, '-', '_' or '.' (--device-id)"),
             ));
         }
-        let broker = crate::trigger::MqttTriggerConfig::parse(url, device.clone())
-            .map_err(|e| Failure::new(exit::INVALID, format!("--cloud: {e}")))?;
+        let broker = broker_url(url, "--cloud")?;
         let mut config = crate::sync::SyncConfig::new(broker.host, broker.port, device);
         config.prefix = args.sync_prefix.clone();
         config.labels = args.label.clone();
@@ -1077,8 +1102,12 @@ async fn daemon(data_dir: &Path, socket: &Path, args: RunArgs) -> Result<u8, Fai
     }
     if let Some(url) = &args.mqtt_broker {
         let id = args.mqtt_client_id.clone().unwrap_or_else(default_client_id);
-        let config = crate::trigger::MqttTriggerConfig::parse(url, id)
-            .map_err(|e| Failure::new(exit::INVALID, format!("--mqtt-broker: {e}")))?;
+        let b = broker_url(url, "--mqtt-broker")?;
+        let config = crate::trigger::MqttTriggerConfig {
+            host: b.host,
+            port: b.port,
+            client_id: id,
+        };
         tokio::spawn(crate::trigger::run_mqtt(
             runtime.clone(),
             runtime.definitions_changed(),

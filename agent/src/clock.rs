@@ -24,11 +24,14 @@ impl Clock for SystemClock {
 
 /// The system clock shifted by an offset (ms, may be negative) read from a file every 100 ms.
 /// Tests use it (`OUTPOST_CLOCK_OFFSET_FILE`) to reset a running agent's clock to 1970 and
-/// back, as a gateway without a battery-backed clock sees when NTP finally answers.
+/// back, as a gateway without a battery-backed clock sees when NTP finally answers. Only in
+/// builds with the `test-clock` feature (the test suite's), never in a release package.
+#[cfg(feature = "test-clock")]
 pub struct FileOffsetClock {
     offset: std::sync::Arc<std::sync::atomic::AtomicI64>,
 }
 
+#[cfg(feature = "test-clock")]
 impl FileOffsetClock {
     /// Starts watching `path` (a missing or unreadable file means offset 0).
     pub fn watch(path: std::path::PathBuf) -> FileOffsetClock {
@@ -51,6 +54,7 @@ impl FileOffsetClock {
     }
 }
 
+#[cfg(feature = "test-clock")]
 impl Clock for FileOffsetClock {
     fn now_ms(&self) -> u64 {
         let off = self.offset.load(std::sync::atomic::Ordering::Relaxed);

@@ -32,25 +32,6 @@ pub struct MqttTriggerConfig {
     pub client_id: String,
 }
 
-impl MqttTriggerConfig {
-    /// Parses `mqtt://HOST:PORT` (or `HOST:PORT`, or `HOST` for port 1883).
-    pub fn parse(url: &str, client_id: String) -> Result<MqttTriggerConfig, String> {
-        let rest = url.strip_prefix("mqtt://").unwrap_or(url);
-        let (host, port) = match rest.rsplit_once(':') {
-            Some((h, p)) => (h, p.parse().map_err(|_| format!("'{p}' in '{url}' is not a port"))?),
-            None => (rest, 1883),
-        };
-        if host.is_empty() {
-            return Err(format!("'{url}' names no host"));
-        }
-        Ok(MqttTriggerConfig {
-            host: host.to_string(),
-            port,
-            client_id,
-        })
-    }
-}
-
 fn fnv1a(parts: &[&[u8]]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for p in parts {
@@ -164,17 +145,11 @@ async fn scan(rt: &Runtime, workflow: &str, dir: &Path) {
     for name in names {
         let path = dir.join(&name);
         let source = path.display().to_string();
-        let outcome = match tokio::fs::read(&path).await {
-            Err(e) => Delivery::Refused(format!("cannot read: {e}")),
-            Ok(bytes) if bytes.len() > MAX_INPUT_BYTES => {
-                Delivery::Refused(format!("{} bytes; the limit is {MAX_INPUT_BYTES} bytes", bytes.len()))
-            }
-            Ok(bytes) => match serde_json::from_slice::<Value>(&bytes) {
-                Err(e) => Delivery::Refused(format!("not JSON: {e}")),
-                Ok(input) => {
-                    let id = format!("file:{workflow}:{:016x}", fnv1a(&[name.as_bytes(), &bytes]));
-                    deliver(rt, workflow, id, input, &source).await
-                }
+        let outcome = match read_limited(&path).await {
+            Err(why) => Delivery::Refused(why),
+            Ok(bytes) => match file_input(workflow, &name, &bytes) {
+                Err(why) => Delivery::Refused(why),
+                Ok((id, input)) => deliver(rt, workflow, id, input, &source).await,
             },
         };
         match outcome {
@@ -183,6 +158,38 @@ async fn scan(rt: &Runtime, workflow: &str, dir: &Path) {
             Delivery::Deferred => {}
         }
     }
+}
+
+/// Reads a trigger file, refusing one over the input limit before reading it (a file of
+/// gigabytes must not land in memory first).
+async fn read_limited(path: &Path) -> Result<Vec<u8>, String> {
+    use tokio::io::AsyncReadExt;
+    let file = tokio::fs::File::open(path)
+        .await
+        .map_err(|e| format!("cannot read: {e}"))?;
+    let too_big = |n: u64| format!("{n} bytes; the limit is {MAX_INPUT_BYTES} bytes");
+    let len = file.metadata().await.map_err(|e| format!("cannot read: {e}"))?.len();
+    if len > MAX_INPUT_BYTES as u64 {
+        return Err(too_big(len));
+    }
+    // The file may still grow while we read: never take more than one byte past the limit.
+    let mut bytes = Vec::new();
+    file.take(MAX_INPUT_BYTES as u64 + 1)
+        .read_to_end(&mut bytes)
+        .await
+        .map_err(|e| format!("cannot read: {e}"))?;
+    if bytes.len() > MAX_INPUT_BYTES {
+        return Err(too_big(bytes.len() as u64));
+    }
+    Ok(bytes)
+}
+
+/// A trigger file's run id and input: the file must hold JSON; the id is a hash of its name and
+/// content, so the same file dropped again starts no second run.
+pub fn file_input(workflow: &str, name: &str, bytes: &[u8]) -> Result<(String, Value), String> {
+    let input = serde_json::from_slice::<Value>(bytes).map_err(|e| format!("not JSON: {e}"))?;
+    let id = format!("file:{workflow}:{:016x}", fnv1a(&[name.as_bytes(), bytes]));
+    Ok((id, input))
 }
 
 /// Moves a handled file into `DIR/SUB/`, with a `NAME.error` file beside it when refused.
@@ -235,7 +242,7 @@ pub fn message_run_id(workflow: &str, topic: &str, payload: &[u8]) -> String {
 }
 
 /// A message's run input: a JSON object as is, any other payload under `payload`.
-fn message_input(payload: &[u8]) -> Value {
+pub fn message_input(payload: &[u8]) -> Value {
     match serde_json::from_slice::<Value>(payload) {
         Ok(v @ Value::Object(_)) => v,
         Ok(v) => json!({ "payload": v }),
@@ -361,13 +368,5 @@ mod tests {
         assert!(message_run_id("w", "t", br#"{"id": "a/b"}"#).starts_with("mqtt:w:"));
         assert_eq!(message_input(b"42"), json!({"payload": 42}));
         assert_eq!(message_input(b"hot"), json!({"payload": "hot"}));
-    }
-
-    #[test]
-    fn broker_urls_parse() {
-        let c = MqttTriggerConfig::parse("mqtt://10.0.0.2:1884", "x".into()).unwrap();
-        assert_eq!((c.host.as_str(), c.port), ("10.0.0.2", 1884));
-        assert_eq!(MqttTriggerConfig::parse("broker", "x".into()).unwrap().port, 1883);
-        assert!(MqttTriggerConfig::parse("h:port", "x".into()).is_err());
     }
 }

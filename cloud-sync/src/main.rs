@@ -47,25 +47,23 @@ struct Args {
 }
 
 fn parse_broker(url: &str) -> anyhow::Result<(String, u16)> {
-    let rest = match url.split_once("://") {
-        Some(("mqtt" | "tcp", rest)) => rest,
-        Some((scheme, _)) => bail!("--broker {url}: scheme '{scheme}' is not supported (use mqtt://HOST:PORT)"),
-        None => url,
-    };
-    let (host, port) = rest.rsplit_once(':').unwrap_or((rest, "1883"));
-    let port: u16 = port
-        .parse()
-        .with_context(|| format!("'{port}' in --broker {url} is not a port"))?;
-    if host.is_empty() {
-        bail!("--broker {url} names no host");
+    let b = outpost_shared::broker::BrokerUrl::parse(url, "--broker").map_err(anyhow::Error::msg)?;
+    if b.tls {
+        bail!("--broker {url}: TLS brokers (mqtts://) are not supported by this build yet; use mqtt://");
     }
-    Ok((host.to_string(), port))
+    Ok((b.host, b.port))
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.data_dir).with_context(|| format!("data directory {}", args.data_dir.display()))?;
     let store_path = args.data_dir.join("cloud.redb");
-    let store = Store::open(&store_path).with_context(|| format!("store {}", store_path.display()))?;
+    let store = Store::open(&store_path).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot open the store {}: {e}\n  if the file is damaged, move it aside (keep it for forensics) and start \
+             with an empty store, or restore it from a backup",
+            store_path.display()
+        )
+    })?;
     let (host, port) = match &args.broker {
         Some(url) => parse_broker(url)?,
         #[cfg(feature = "embedded-broker")]
@@ -94,14 +92,38 @@ async fn run(args: Args) -> anyhow::Result<()> {
         queue_demo_lot(&service).await?;
     }
     let serve = axum::serve(listener, api::router(service));
-    tokio::select! {
-        r = serve => r.context("HTTP server")?,
-        _ = tokio::signal::ctrl_c() => info!("interrupted; stopping"),
-    }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot watch for SIGTERM")?;
+    let served = tokio::select! {
+        r = serve => r.context("HTTP server"),
+        _ = tokio::signal::ctrl_c() => { info!("interrupted; stopping"); Ok(()) }
+        _ = term.recv() => { info!("SIGTERM; stopping"); Ok(()) }
+    };
+    // The demo gateway goes with us, whichever way we stop (it would otherwise hold the data
+    // directory and keep reconnecting to a broker that is gone).
     if let Some(mut child) = demo {
-        let _ = child.kill();
+        stop_child(&mut child);
     }
-    Ok(())
+    served
+}
+
+/// Asks a child to stop (SIGTERM), and kills it if it has not within 5 s.
+fn stop_child(child: &mut std::process::Child) {
+    if let Ok(pid) = libc::pid_t::try_from(child.id()) {
+        // SAFETY: kill only sends a signal, to our own child, which we have not reaped yet.
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+        }
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while std::time::Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 /// Queues a quality-gate run with its lot signal for the demo gateway, so the console has a gate

@@ -56,3 +56,21 @@ fn a_broker_address_with_another_scheme_or_a_bad_port_is_refused() {
         assert!(err.contains("--broker") && err.contains(says), "{url}: {err}");
     }
 }
+
+#[test]
+fn a_damaged_store_is_named_with_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("cloud.redb"), vec![0x5a; 8192]).unwrap();
+    let out = cloud(&[
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--broker",
+        "mqtt://127.0.0.1:1",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cloud.redb") && err.contains("move it aside"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}

@@ -4,6 +4,7 @@
 
 #![warn(missing_docs)]
 
+pub mod broker;
 pub mod definition;
 pub mod expr;
 pub mod journal;

@@ -204,7 +204,7 @@ impl Point {
     }
 
     /// An engineering value to raw registers; refuses values the point cannot hold exactly.
-    fn encode(&self, v: &Value) -> Result<Vec<u16>, String> {
+    pub fn encode(&self, v: &Value) -> Result<Vec<u16>, String> {
         if self.data_type == DataType::Bool {
             return v
                 .as_bool()

@@ -70,3 +70,48 @@ fn bad_definitions_and_inputs_are_rejected_without_touching_the_journal() {
     assert_eq!(agent.json(&["definitions"]), defs_before);
     assert!(agent.json(&["list"]).as_array().unwrap().is_empty());
 }
+
+#[test]
+fn broker_addresses_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let data = data.to_str().unwrap();
+    for (flag, url, says) in [
+        (
+            "--cloud",
+            "mqtts://broker.plant:8883",
+            "TLS brokers (mqtts://) are not supported",
+        ),
+        ("--cloud", "http://broker:1883", "scheme 'http' is not an MQTT broker"),
+        (
+            "--mqtt-broker",
+            "mqtt://broker:x",
+            "'x' in --mqtt-broker mqtt://broker:x is not a port",
+        ),
+    ] {
+        let out = outpost_tests::outpost_command()
+            .args(["run", "--data-dir", data, "--device-id", "gw", flag, url])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(3), "{url}: {err}");
+        assert!(err.contains(says), "{url}: expected {says:?} in {err}");
+    }
+}
+
+#[test]
+fn a_damaged_journal_is_named_with_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("journal.redb"), vec![0x5a; 8192]).unwrap();
+    let out = outpost_tests::outpost_command()
+        .args(["run", "--once", "--start", "x", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("journal.redb") && err.contains("move it aside"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}

@@ -493,12 +493,18 @@ fn the_readme_demo_starts_cloud_sync_and_a_gateway_whose_run_is_mirrored() {
         lot["history"].to_string().contains("approval:release"),
         "lot-7 waits at the approval: {lot}"
     );
-    let _ = child.kill();
-    let _ = child.wait();
-    // The demo agent is a child of cloud-sync and shares its stdout: stop it before reading.
-    let _ = std::process::Command::new("pkill")
-        .args(["-9", "-f", &dir.path().display().to_string()])
+    // SIGTERM stops cloud-sync and its demo gateway with it (the gateway used to keep running).
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
         .status();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    let agent_dir = dir.path().join("demo-agent").display().to_string();
+    let left = std::process::Command::new("pgrep")
+        .args(["-f", &agent_dir])
+        .output()
+        .unwrap();
+    assert!(left.stdout.is_empty(), "the demo gateway outlived outpost-cloud");
     let mut out = String::new();
     use std::io::Read;
     child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
