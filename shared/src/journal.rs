@@ -5,6 +5,12 @@
 //! appended, a record struct never changes once released (a new one becomes `V2`), and JSON
 //! payloads travel as strings. `tests/golden.rs` pins the bytes of the current format.
 
+// Decodes untrusted bytes: no panics, no unchecked indexing (ARCHITECTURE.md, "Input").
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)
+)]
+
 use serde::{Deserialize, Serialize};
 
 /// Largest encoded record accepted by [`decode`]; larger bytes are corrupt by definition.
@@ -425,23 +431,23 @@ pub fn history_row(seq: u64, r: &Record) -> serde_json::Value {
     use serde_json::Value;
     // Event serialises as {"Variant": {fields}}; flatten to {"type": ..., fields}.
     let mut fields = match serde_json::to_value(&r.event) {
-        Ok(Value::Object(m)) => m.into_iter().next().map(|(_, v)| v).unwrap_or(Value::Null),
-        _ => Value::Null,
+        Ok(Value::Object(m)) => match m.into_iter().next() {
+            Some((_, Value::Object(f))) => f,
+            _ => serde_json::Map::new(),
+        },
+        _ => serde_json::Map::new(),
     };
-    if !fields.is_object() {
-        fields = serde_json::json!({});
-    }
     for k in ["input", "output", "payload"] {
         if let Some(Value::String(s)) = fields.get(k)
             && let Ok(v) = serde_json::from_str::<Value>(s)
         {
-            fields[k] = v;
+            fields.insert(k.to_string(), v);
         }
     }
-    fields["seq"] = seq.into();
-    fields["at"] = rfc3339(r.at_ms).into();
-    fields["type"] = r.event.name().into();
-    fields
+    fields.insert("seq".into(), seq.into());
+    fields.insert("at".into(), rfc3339(r.at_ms).into());
+    fields.insert("type".into(), r.event.name().into());
+    Value::Object(fields)
 }
 
 /// The current record version.

@@ -1,6 +1,12 @@
 //! Modbus TCP devices: a register map with names and types, reads, idempotent writes with
 //! exact-match read-back, and a simulator (a tokio-modbus server) so recipes run without a PLC.
 
+// Decodes untrusted bytes: no panics, no unchecked indexing (ARCHITECTURE.md, "Input").
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)
+)]
+
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
