@@ -1176,11 +1176,17 @@ async fn daemon(data_dir: &Path, socket: &Path, args: RunArgs) -> Result<u8, Fai
             _ = stop_rx.wait_for(|c| c.is_some()) => {}
         }
     };
+    let journal = runtime.journal().clone();
     axum::serve(listener, crate::api::router(runtime))
         .with_graceful_shutdown(shutdown)
         .await
         .map_err(|e| Failure::new(exit::FAILURE, format!("API server: {e}")))?;
     let _ = std::fs::remove_file(socket);
+    // Exiting with the database open leaves redb's recovery flag set, and every start after
+    // a SIGTERM or `--once` ran a repair. Whatever is in flight resumes on the next start.
+    if let Err(e) = journal.close().await {
+        warn!(error = %e, "cannot close the journal cleanly");
+    }
     let code = *stop_tx.borrow();
     Ok(code.unwrap_or(exit::OK))
 }

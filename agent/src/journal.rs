@@ -218,6 +218,10 @@ enum Op {
         value: Vec<u8>,
         reply: Reply<()>,
     },
+    /// Close the database cleanly and stop the writer (taken out of a batch before it commits).
+    Close {
+        reply: Reply<()>,
+    },
 }
 
 /// Which finished runs may be deleted.
@@ -352,6 +356,12 @@ impl Journal {
         let (reply, rx) = oneshot::channel();
         self.tx.send(make(reply)).await.map_err(|_| JournalError::Closed)?;
         rx.await.map_err(|_| JournalError::Closed)?
+    }
+
+    /// Commits what is queued, closes the database cleanly (the next start needs no repair) and
+    /// stops the writer; later calls fail with `Closed`.
+    pub async fn close(&self) -> Result<(), JournalError> {
+        self.call(|reply| Op::Close { reply }).await
     }
 
     /// Journals a new run's `RunStarted`, unless a run with that id exists. Durable on return.
@@ -697,7 +707,43 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            self.commit_batch(&mut batch);
+            let (close, rest): (Vec<Op>, Vec<Op>) = batch.drain(..).partition(|op| matches!(op, Op::Close { .. }));
+            batch = rest;
+            if !batch.is_empty() {
+                self.commit_batch(&mut batch);
+            }
+            if !close.is_empty() {
+                self.close();
+                for op in close {
+                    if let Op::Close { reply } = op {
+                        let _ = reply.send(Ok(()));
+                    }
+                }
+                return;
+            }
+        }
+        self.close();
+    }
+
+    /// Drops the database once no reader holds it, so redb writes its clean-shutdown state and
+    /// the next open needs no repair. Readers get `Reopening` from here on.
+    fn close(&mut self) {
+        *self.slot.write().unwrap_or_else(|p| p.into_inner()) = None;
+        if let Some(mut db) = self.db.take() {
+            for _ in 0..1000 {
+                match Arc::try_unwrap(db) {
+                    Ok(db) => {
+                        drop(db);
+                        tracing::debug!("journal closed");
+                        return;
+                    }
+                    Err(shared) => {
+                        db = shared;
+                        std::thread::sleep(std::time::Duration::from_millis(5));
+                    }
+                }
+            }
+            tracing::warn!("journal still in use after 5 s; closing without a clean shutdown");
         }
     }
 
@@ -789,6 +835,10 @@ impl Writer {
                             let in_use = stats.allocated_pages() * stats.page_size() as u64;
                             Outcome::Prune(reply, self.prune(&mut t, policy, in_use))
                         }
+                        Op::Close { reply } => {
+                            let _ = reply.send(Ok(()));
+                            continue;
+                        }
                         Op::PutKv { key, value, reply } => Outcome::Kv(
                             reply,
                             t.kv.insert(key.as_str(), value.as_slice())
@@ -849,6 +899,7 @@ impl Writer {
                         Op::PutCursor { reply, .. } => drop(reply.send(Err(err()))),
                         Op::Prune { reply, .. } => drop(reply.send(Err(err()))),
                         Op::PutKv { reply, .. } => drop(reply.send(Err(err()))),
+                        Op::Close { reply } => drop(reply.send(Ok(()))),
                     }
                 }
             }
@@ -1064,6 +1115,35 @@ mod tests {
             version: 1,
             input: "{}".into(),
         }
+    }
+
+    fn needs_repair(path: &std::path::Path) -> bool {
+        let repaired = std::rc::Rc::new(std::cell::Cell::new(false));
+        let seen = repaired.clone();
+        let db = Database::builder()
+            .set_repair_callback(move |_| seen.set(true))
+            .open(path)
+            .unwrap();
+        drop(db);
+        repaired.get()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn close_leaves_a_file_that_needs_no_repair_while_other_handles_live() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j.redb");
+        let j = Journal::open(&path, &JournalConfig::default(), Arc::new(SystemClock)).unwrap();
+        j.start_run("r1", started("w")).await.unwrap();
+        // Tasks of a stopping daemon still hold handles (and so the writer's channel).
+        let held = j.clone();
+        j.close().await.unwrap();
+        assert!(!needs_repair(&path), "the journal was left needing a repair");
+        assert!(matches!(
+            held.start_run("r2", started("w")).await,
+            Err(JournalError::Closed)
+        ));
+        let j = Journal::open(&path, &JournalConfig::default(), Arc::new(SystemClock)).unwrap();
+        assert_eq!(j.next_seq().unwrap(), 2, "what was committed before the close is there");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
