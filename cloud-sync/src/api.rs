@@ -18,10 +18,7 @@ use crate::store::{Device, RunMirror, StoreError};
 /// Builds the router.
 pub fn router(service: Arc<Service>) -> Router {
     Router::new()
-        .route(
-            "/v1/health",
-            get(|| async { Json(json!({"ok": true, "version": env!("CARGO_PKG_VERSION")})) }),
-        )
+        .route("/v1/health", get(health))
         .route("/v1/stats", get(stats))
         .route("/metrics", get(metrics))
         .route("/v1/devices", get(devices))
@@ -40,6 +37,22 @@ pub fn router(service: Arc<Service>) -> Router {
 }
 
 type S = State<Arc<Service>>;
+
+/// 200 while the store works; 503 from a storage failure until it has been reopened, so a load
+/// balancer or systemd watchdog sees a cloud-sync that cannot store anything.
+async fn health(State(s): S) -> (axum::http::StatusCode, Json<Value>) {
+    let ok = s.store.healthy();
+    let code = if ok {
+        axum::http::StatusCode::OK
+    } else {
+        axum::http::StatusCode::SERVICE_UNAVAILABLE
+    };
+    let store = if ok { "ok" } else { "failing: storage error, reopening" };
+    (
+        code,
+        Json(json!({"ok": ok, "store": store, "version": env!("CARGO_PKG_VERSION")})),
+    )
+}
 
 /// An API error.
 pub struct ApiError(StatusCode, String);

@@ -54,6 +54,8 @@ pub struct Service {
     pub stats: Stats,
     /// Bumped whenever the store may have changed; the console's live updates follow it.
     changes: watch::Sender<u64>,
+    /// Set when the message being handled hit a storage failure (see `handle`).
+    retry: std::sync::atomic::AtomicBool,
 }
 
 /// Runs blocking store work off the async workers (the service, the API and the console).
@@ -82,6 +84,7 @@ impl Service {
             topics: Topics::new(prefix),
             stats: Stats::default(),
             changes: watch::channel(0).0,
+            retry: std::sync::atomic::AtomicBool::new(false),
         });
         // Unbounded, so the poll task never waits on ingest while ingest waits on the poll task
         // to take its publishes (a birth answered with hundreds of pending commands deadlocked
@@ -127,8 +130,25 @@ impl Service {
         let _ = blocking(move || store.count(&format!("rejected.{reason}"))).await;
     }
 
-    /// Handles one message from a device.
-    pub async fn handle(&self, topic: &str, payload: &[u8]) {
+    /// Handles one message from a device; false when the store failed and the message must stay
+    /// unacked (the broker delivers it again after the next reconnect).
+    pub async fn handle(&self, topic: &str, payload: &[u8]) -> bool {
+        self.retry.store(false, Ordering::SeqCst);
+        self.handle_message(topic, payload).await;
+        !self.retry.swap(false, Ordering::SeqCst)
+    }
+
+    /// A store error while handling a message: a storage failure closes the store for a reopen
+    /// and keeps the message unacked; other errors are the message's own.
+    fn store_failed(&self, device: &str, what: &str, e: &StoreError) {
+        warn!(device, error = %e, "cannot store {what}");
+        if matches!(e, StoreError::Storage(_) | StoreError::Task(_)) {
+            self.store.storage_failed();
+            self.retry.store(true, Ordering::SeqCst);
+        }
+    }
+
+    async fn handle_message(&self, topic: &str, payload: &[u8]) {
         self.stats.messages.fetch_add(1, Ordering::Relaxed);
         let Some((device, channel)) = self.topics.parse(topic) else {
             return self
@@ -169,7 +189,7 @@ impl Service {
                         self.deliver_pending(&device).await;
                     }
                     Ok((_, false)) => info!(device = %device, "stale birth ignored"),
-                    Err(e) => warn!(device = %device, error = %e, "cannot store birth"),
+                    Err(e) => self.store_failed(&device, "birth", &e),
                 }
             }
             (Channel::Death, Body::Death(dm)) => {
@@ -177,7 +197,7 @@ impl Service {
                 match blocking(move || store.death(&d, dm.epoch, now)).await {
                     Ok(true) => info!(device = %device, epoch = dm.epoch, "device offline"),
                     Ok(false) => info!(device = %device, epoch = dm.epoch, "stale will from an older epoch ignored"),
-                    Err(e) => warn!(device = %device, error = %e, "cannot store death"),
+                    Err(e) => self.store_failed(&device, "death", &e),
                 }
             }
             (Channel::Events, Body::Events(batch)) => {
@@ -204,7 +224,7 @@ impl Service {
                         }
                     }
                     Err(StoreError::Invalid(why)) => self.reject(&device, topic, "malformed_event", why).await,
-                    Err(e) => warn!(device = %device, error = %e, "cannot store events; the device will resend"),
+                    Err(e) => self.store_failed(&device, "events (the device will resend)", &e),
                 }
             }
             (Channel::CommandResult, Body::CommandResult(r)) => {
@@ -220,7 +240,7 @@ impl Service {
                         )
                         .await
                     }
-                    Err(e) => warn!(device = %device, error = %e, "cannot store a command result"),
+                    Err(e) => self.store_failed(&device, "a command result", &e),
                 }
             }
             (Channel::Reported, Body::Reported(r)) => {
@@ -233,7 +253,7 @@ impl Service {
                 };
                 let d = device.clone();
                 if let Err(e) = blocking(move || store.set_reported(&d, &row)).await {
-                    warn!(device = %device, error = %e, "cannot store reported state");
+                    self.store_failed(&device, "reported state", &e);
                 }
             }
             (Channel::Inventory, Body::Inventory(inv)) => {
@@ -241,7 +261,7 @@ impl Service {
                 let n = inv.definitions.len();
                 match blocking(move || store.put_inventory(&d, &inv)).await {
                     Ok(()) => info!(device = %device, definitions = n, "inventory stored"),
-                    Err(e) => warn!(device = %device, error = %e, "cannot store an inventory"),
+                    Err(e) => self.store_failed(&device, "an inventory", &e),
                 }
             }
             (ch, other) => {
@@ -453,10 +473,30 @@ async fn poll(mut eventloop: rumqttc::EventLoop, service: Arc<Service>, tx: mpsc
     }
 }
 
-/// Stores each message, then acknowledges it to the broker (after a crash it is redelivered).
+/// Stores each message, then acknowledges it (after a crash it is redelivered). After a storage
+/// failure the message stays unacked: ingest waits until the store reopens, then reconnects so
+/// that the broker delivers every unacked message again (MQTT redelivers only on a new
+/// connection of the persistent session).
 async fn ingest(service: Arc<Service>, mut rx: mpsc::UnboundedReceiver<rumqttc::Publish>) {
     while let Some(p) = rx.recv().await {
-        service.handle(&p.topic, &p.payload).await;
+        if !service.handle(&p.topic, &p.payload).await {
+            let mut wait = Duration::from_millis(500);
+            loop {
+                tokio::time::sleep(wait).await;
+                let store = service.store.clone();
+                if blocking(move || Ok(store.recover())).await.unwrap_or(false) {
+                    break;
+                }
+                wait = (wait * 2).min(Duration::from_secs(10));
+            }
+            info!("store usable again; reconnecting for the broker to deliver what was not acked");
+            // What is still queued came on the old connection; the broker sends it again.
+            while rx.try_recv().is_ok() {}
+            if let Err(e) = service.client.disconnect().await {
+                warn!(error = %e, "cannot reconnect to the broker");
+            }
+            continue;
+        }
         service.notify();
         if let Err(e) = service.client.ack(&p).await {
             warn!(error = %e, "cannot ack to the broker");

@@ -212,9 +212,16 @@ pub struct Stored {
 /// A run's events with their device sequence numbers, oldest first.
 pub type History = Vec<(u64, journal::Record)>;
 
+/// Opens the database (again: redb refuses every transaction after an I/O error until reopened).
+type Opener = Box<dyn Fn() -> Result<Database, StoreError> + Send + Sync>;
+
 /// The store.
 pub struct Store {
-    db: Database,
+    /// The open database; `None` after a storage error until a reopen succeeds.
+    slot: std::sync::RwLock<Option<std::sync::Arc<Database>>>,
+    opener: Opener,
+    /// Set by a storage error, cleared by a successful reopen; `/v1/health` answers 503 meanwhile.
+    failing: std::sync::atomic::AtomicBool,
 }
 
 fn status_of(e: &Event) -> Option<&'static str> {
@@ -235,7 +242,67 @@ fn status_of(e: &Event) -> Option<&'static str> {
 impl Store {
     /// Opens (or creates) the store at `path`.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        let db = Database::builder().set_cache_size(64 * 1024 * 1024).create(path)?;
+        let path = path.to_path_buf();
+        Self::open_with(Box::new(move || {
+            Ok(Database::builder().set_cache_size(64 * 1024 * 1024).create(&path)?)
+        }))
+    }
+
+    /// Opens the store with `opener` (tests inject a failing storage backend through it).
+    pub fn open_with(opener: Opener) -> Result<Store, StoreError> {
+        let db = opener()?;
+        Self::prepare(&db)?;
+        Ok(Store {
+            slot: std::sync::RwLock::new(Some(std::sync::Arc::new(db))),
+            opener,
+            failing: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// The database, reopening it first if a storage error closed it.
+    fn db(&self) -> Result<std::sync::Arc<Database>, StoreError> {
+        if let Some(db) = self.slot.read().unwrap_or_else(|p| p.into_inner()).clone() {
+            return Ok(db);
+        }
+        let mut slot = self.slot.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(db) = slot.clone() {
+            return Ok(db);
+        }
+        let db = std::sync::Arc::new((self.opener)()?);
+        *slot = Some(db.clone());
+        self.failing.store(false, std::sync::atomic::Ordering::SeqCst);
+        tracing::info!("store reopened after a storage error");
+        Ok(db)
+    }
+
+    /// After a storage error: drop the database so the next call reopens it (redb answers
+    /// `PreviousIo` forever otherwise). The file is released once in-flight readers finish.
+    pub fn storage_failed(&self) {
+        self.failing.store(true, std::sync::atomic::Ordering::SeqCst);
+        *self.slot.write().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// False from a storage error until the store has been reopened.
+    pub fn healthy(&self) -> bool {
+        !self.failing.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Tries to reopen a failed store; true when it is usable again.
+    pub fn recover(&self) -> bool {
+        match self
+            .db()
+            .and_then(|db| Ok(db.begin_read()?.open_table(DEVICES).map(drop)?))
+        {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "store still unavailable");
+                self.storage_failed();
+                false
+            }
+        }
+    }
+
+    fn prepare(db: &Database) -> Result<(), StoreError> {
         let txn = db.begin_write()?;
         txn.open_table(DEVICES)?;
         txn.open_table(EVENTS)?;
@@ -264,7 +331,7 @@ impl Store {
         txn.open_table(EQUIPMENT)?;
         txn.open_table(QUARANTINE)?;
         txn.commit()?;
-        Ok(Store { db })
+        Ok(())
     }
 
     /// One row of a table keyed by a string.
@@ -274,14 +341,14 @@ impl Store {
         key: &str,
         what: &'static str,
     ) -> Result<Option<T>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db()?.begin_read()?;
         let t = txn.open_table(table)?;
         t.get(key)?.map(|v| dec(what, v.value())).transpose()
     }
 
     /// Writes one row of a table keyed by a string, in its own transaction.
     fn put_row<T: Serialize>(&self, table: TableDefinition<&str, &[u8]>, key: &str, row: &T) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
+        let txn = self.db()?.begin_write()?;
         txn.open_table(table)?.insert(key, enc(row).as_slice())?;
         txn.commit()?;
         Ok(())
@@ -294,7 +361,7 @@ impl Store {
 
     /// Every device.
     pub fn devices(&self) -> Result<Vec<(String, Device)>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db()?.begin_read()?;
         let t = txn.open_table(DEVICES)?;
         let mut out = Vec::new();
         for row in t.iter()? {
@@ -310,7 +377,7 @@ impl Store {
         now: u64,
         f: impl FnOnce(&mut Device) -> R,
     ) -> Result<(Device, R), StoreError> {
-        let txn = self.db.begin_write()?;
+        let txn = self.db()?.begin_write()?;
         let out = {
             let mut t = txn.open_table(DEVICES)?;
             let mut d: Device = match t.get(id)? {
@@ -353,7 +420,7 @@ impl Store {
 
     /// The quarantined (undecodable) records of a device, by sequence.
     pub fn quarantined(&self, device: &str) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db()?.begin_read()?;
         let t = txn.open_table(QUARANTINE)?;
         let mut out = Vec::new();
         for row in t.range((device, 0)..=(device, u64::MAX))? {
@@ -374,7 +441,7 @@ impl Store {
 
     /// Stores a batch up to its first gap and updates run mirrors, in one durable transaction.
     pub fn store_events(&self, device: &str, events: &[WireEvent], now: u64) -> Result<Stored, StoreError> {
-        let mut txn = self.db.begin_write()?;
+        let mut txn = self.db()?.begin_write()?;
         txn.set_durability(Durability::Immediate)?;
         let stored = {
             let mut devices = txn.open_table(DEVICES)?;
@@ -450,7 +517,7 @@ impl Store {
 
     /// A run mirror and its full history (seq, record).
     pub fn run(&self, device: &str, run: &str) -> Result<Option<(RunMirror, History)>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db()?.begin_read()?;
         let runs = txn.open_table(RUNS)?;
         let Some(m) = runs.get((device, run))? else {
             return Ok(None);
@@ -477,7 +544,7 @@ impl Store {
 
     /// Every run of a device.
     pub fn runs(&self, device: &str) -> Result<Vec<(String, RunMirror)>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db()?.begin_read()?;
         let runs = txn.open_table(RUNS)?;
         let mut out = Vec::new();
         for row in runs.range((device, "")..)? {
@@ -493,7 +560,7 @@ impl Store {
 
     /// Events stored for a device, in order (for tests and exports).
     pub fn events(&self, device: &str) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db()?.begin_read()?;
         let ev = txn.open_table(EVENTS)?;
         let mut out = Vec::new();
         for row in ev.range((device, 0u64)..=(device, u64::MAX))? {
@@ -511,7 +578,7 @@ impl Store {
 
     /// Counts a rejected message by reason.
     pub fn count(&self, counter: &str) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
+        let txn = self.db()?.begin_write()?;
         Self::bump(&mut txn.open_table(COUNTERS)?, counter)?;
         txn.commit()?;
         Ok(())
@@ -519,7 +586,7 @@ impl Store {
 
     /// Every counter.
     pub fn counters(&self) -> Result<Vec<(String, u64)>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db()?.begin_read()?;
         let t = txn.open_table(COUNTERS)?;
         let mut out = Vec::new();
         for row in t.iter()? {
@@ -537,7 +604,7 @@ impl Store {
         kind: CommandKind,
         now: u64,
     ) -> Result<CommandRecord, StoreError> {
-        let txn = self.db.begin_write()?;
+        let txn = self.db()?.begin_write()?;
         let rec = {
             let mut cmds = txn.open_table(COMMANDS)?;
             if let Some(existing) = cmds.get((device, id))? {
@@ -563,14 +630,14 @@ impl Store {
 
     /// A command.
     pub fn command(&self, device: &str, id: &str) -> Result<Option<CommandRecord>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db()?.begin_read()?;
         let t = txn.open_table(COMMANDS)?;
         t.get((device, id))?.map(|v| dec("command", v.value())).transpose()
     }
 
     /// Commands of a device waiting for an answer, oldest first.
     pub fn pending(&self, device: &str) -> Result<Vec<(String, CommandRecord)>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db()?.begin_read()?;
         let outbox = txn.open_table(OUTBOX)?;
         let cmds = txn.open_table(COMMANDS)?;
         let mut out = Vec::new();
@@ -585,7 +652,7 @@ impl Store {
 
     /// Records a command's result; false when the command is unknown for this device.
     pub fn answer(&self, device: &str, r: &CommandResult, now: u64) -> Result<bool, StoreError> {
-        let txn = self.db.begin_write()?;
+        let txn = self.db()?.begin_write()?;
         let known = {
             let mut cmds = txn.open_table(COMMANDS)?;
             let existing = cmds.get((device, r.id.as_str()))?.map(|v| v.value().to_vec());
@@ -616,7 +683,7 @@ impl Store {
 
     /// Marks a pending command superseded (a newer deployment replaced it).
     pub fn supersede(&self, device: &str, id: &str, by: &str, now: u64) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
+        let txn = self.db()?.begin_write()?;
         {
             let mut cmds = txn.open_table(COMMANDS)?;
             let existing = cmds.get((device, id))?.map(|v| v.value().to_vec());
@@ -647,7 +714,7 @@ impl Store {
 
     /// Sets a device's desired document; returns the new version.
     pub fn set_desired(&self, device: &str, document: String, now: u64) -> Result<DesiredRow, StoreError> {
-        let txn = self.db.begin_write()?;
+        let txn = self.db()?.begin_write()?;
         let row = {
             let mut t = txn.open_table(DESIRED)?;
             let version = match t.get(device)? {
@@ -683,7 +750,7 @@ impl Store {
 
     /// Stores a device's inventory: its equipment list when given, and its definitions (upserted).
     pub fn put_inventory(&self, device: &str, inv: &Inventory) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
+        let txn = self.db()?.begin_write()?;
         {
             if let Some(eq) = &inv.equipment {
                 txn.open_table(EQUIPMENT)?.insert(device, enc(eq).as_slice())?;
@@ -704,14 +771,14 @@ impl Store {
 
     /// The definition document (JSON text) a device holds for a workflow version.
     pub fn definition(&self, device: &str, workflow: &str, version: u32) -> Result<Option<String>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db()?.begin_read()?;
         let t = txn.open_table(DEFINITIONS)?;
         Ok(t.get((device, workflow, version))?.map(|v| v.value().to_string()))
     }
 
     /// The workflows a device holds as (name, newest version).
     pub fn workflows(&self, device: &str) -> Result<Vec<(String, u32)>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db()?.begin_read()?;
         let t = txn.open_table(DEFINITIONS)?;
         let mut out: Vec<(String, u32)> = Vec::new();
         for row in t.range((device, "", 0u32)..=(device, "\u{10FFFF}", u32::MAX))? {
@@ -727,7 +794,7 @@ impl Store {
 
     /// The newest `limit` commands of a device, answered or not, newest first.
     pub fn commands(&self, device: &str, limit: usize) -> Result<Vec<(String, CommandRecord)>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db()?.begin_read()?;
         let t = txn.open_table(COMMANDS)?;
         let mut out = Vec::new();
         for row in t.range((device, "")..=(device, "\u{10FFFF}"))? {
@@ -741,7 +808,7 @@ impl Store {
 
     /// Every deployment, newest first.
     pub fn deployments(&self) -> Result<Vec<(String, Deployment)>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db()?.begin_read()?;
         let t = txn.open_table(DEPLOYMENTS)?;
         let mut out = Vec::new();
         for row in t.iter()? {
@@ -806,13 +873,92 @@ mod tests {
         let ev = |seq, r: Vec<u8>| WireEvent { seq, record: r };
         s.store_events("gw", &[ev(1, started("r1")), ev(2, started("r2"))], 0)
             .unwrap();
-        let txn = s.db.begin_write().unwrap();
+        let txn = s.db().unwrap().begin_write().unwrap();
         txn.delete_table(RUN_EVENTS).unwrap();
         txn.commit().unwrap();
         drop(s);
         let s = Store::open(&path).unwrap();
         let (_, h) = s.run("gw", "r2").unwrap().unwrap();
         assert_eq!(h.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(), vec![2]);
+    }
+
+    /// A file whose writes fail like a full disk while `full` is set.
+    #[derive(Debug)]
+    struct FullDisk {
+        inner: redb::backends::FileBackend,
+        full: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl FullDisk {
+        fn check(&self) -> Result<(), std::io::Error> {
+            if self.full.load(std::sync::atomic::Ordering::SeqCst) {
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::StorageFull,
+                    "no space left (injected)",
+                ))
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    impl redb::StorageBackend for FullDisk {
+        fn len(&self) -> Result<u64, std::io::Error> {
+            self.inner.len()
+        }
+        fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), std::io::Error> {
+            self.inner.read(offset, out)
+        }
+        fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
+            self.check()?;
+            self.inner.set_len(len)
+        }
+        fn sync_data(&self) -> Result<(), std::io::Error> {
+            self.check()?;
+            self.inner.sync_data()
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
+            self.check()?;
+            self.inner.write(offset, data)
+        }
+    }
+
+    #[test]
+    fn a_full_disk_fails_the_batch_and_the_store_reopens_when_space_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.redb");
+        let full = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let f = full.clone();
+        let s = Store::open_with(Box::new(move || {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+                .map_err(|e| StoreError::Storage(redb::StorageError::Io(e).into()))?;
+            let backend = FullDisk {
+                inner: redb::backends::FileBackend::new(file)?,
+                full: f.clone(),
+            };
+            Ok(Database::builder().create_with_backend(backend)?)
+        }))
+        .unwrap();
+        let ev = |seq, r: Vec<u8>| WireEvent { seq, record: r };
+        s.store_events("gw", &[ev(1, started("r1"))], 0).unwrap();
+        full.store(true, std::sync::atomic::Ordering::SeqCst);
+        let e = s.store_events("gw", &[ev(2, started("r2"))], 0).unwrap_err();
+        assert!(matches!(e, StoreError::Storage(_)), "{e}");
+        s.storage_failed();
+        assert!(!s.healthy());
+        assert!(!s.recover(), "still full");
+        assert!(!s.healthy());
+        full.store(false, std::sync::atomic::Ordering::SeqCst);
+        assert!(s.recover());
+        assert!(s.healthy());
+        let again = s.store_events("gw", &[ev(2, started("r2"))], 0).unwrap();
+        assert_eq!((again.new, again.next_seq), (1, 3), "nothing acked is missing, no gap");
+        assert_eq!(s.runs("gw").unwrap().len(), 2);
     }
 
     #[test]
