@@ -707,19 +707,11 @@ async fn commands(
 /// command would stay pending and come back forever.
 const MAX_RESULT_MESSAGE: usize = 4096;
 
-fn result(id: &str, outcome: Outcome, mut message: String, detail: Value) -> CommandResult {
-    if message.len() > MAX_RESULT_MESSAGE {
-        let mut end = MAX_RESULT_MESSAGE;
-        while !message.is_char_boundary(end) {
-            end -= 1;
-        }
-        message.truncate(end);
-        message.push('…');
-    }
+fn result(id: &str, outcome: Outcome, message: String, detail: Value) -> CommandResult {
     CommandResult {
         id: id.to_string(),
         outcome,
-        message,
+        message: crate::actions::truncate(message, MAX_RESULT_MESSAGE),
         detail: detail.to_string(),
     }
 }
