@@ -235,8 +235,17 @@ impl Point {
             DataType::I16 => vec![int(-32768.0, 32767.0)? as i16 as u16],
             DataType::U32 => self.split(int(0.0, 4_294_967_295.0)? as u32),
             DataType::I32 => self.split(int(-2_147_483_648.0, 2_147_483_647.0)? as i32 as u32),
-            DataType::F32 => self.split((x as f32).to_bits()),
-            DataType::Bool => unreachable!("handled above"),
+            DataType::F32 => {
+                // `as` saturates to infinity: 5e115 would be written as +inf (found by fuzzing).
+                let f = x as f32;
+                if !f.is_finite() || (f == 0.0 && x != 0.0) {
+                    return Err(format!("{v} is out of range for f32 with scale {}", self.scale));
+                }
+                // JSON has one zero: write +0.0, which is what a read of -0.0 would verify as.
+                let f = if f == 0.0 { 0.0f32 } else { f };
+                self.split(f.to_bits())
+            }
+            DataType::Bool => return Err(format!("{v} is not true or false")),
         })
     }
 }
@@ -767,6 +776,17 @@ mod tests {
         );
         assert!(f.decode_response(&[]).is_err());
         assert!(f.decode_response(&[1, 2, 3]).is_err());
+        // Found by fuzz/modbus_response: out of f32's range used to encode as +inf.
+        assert!(
+            f.encode(&json!(5.170722890857509e115))
+                .unwrap_err()
+                .contains("out of range for f32")
+        );
+        assert!(
+            f.encode(&json!(-7.0152910244413335e-121)).is_err(),
+            "underflows to zero"
+        );
+        assert_eq!(f.encode(&json!(-0.0)).unwrap(), vec![0, 0]);
         assert_eq!(f.decode_response(&[0x4291, 0]).unwrap(), json!(72.5));
         assert_eq!(f.decode(&f.encode(&json!(72.3)).unwrap()), json!(72.3));
         let l = point("{table: holding, address: 0, type: u32, word_order: little, scale: 0.1}");
