@@ -148,9 +148,15 @@ impl Browser {
             .to_string()
     }
 
-    /// The text of the first match of a selector ("" when none).
+    /// The text of the first match of a selector ("" when none). Read in one script: a live
+    /// refresh may swap the element between finding it and reading it (a stale reference).
     pub fn text_of(&self, css: &str) -> String {
-        self.all(css).first().map(|e| self.text(e)).unwrap_or_default()
+        let v = self.call(
+            "POST",
+            "/execute/sync",
+            json!({"script": "const e = document.querySelector(arguments[0]); return e ? e.innerText : '';", "args": [css]}),
+        );
+        v.as_str().unwrap_or("").to_string()
     }
 
     /// Clicks an element.
