@@ -37,6 +37,8 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const CURSORS: TableDefinition<&str, u64> = TableDefinition::new("cursors");
 /// Small named records kept by agent services (applied cloud commands, desired state).
 const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
+/// Cursor: the newest sequence retention has deleted.
+const PRUNED_THROUGH: &str = "journal/pruned_through";
 
 /// Version of the table layout above; bumped on any incompatible change.
 pub const FORMAT: u64 = 1;
@@ -454,6 +456,12 @@ impl Journal {
     /// Deletes finished runs (their rows and events) per `policy`.
     pub async fn prune(&self, policy: Retention) -> Result<Pruned, JournalError> {
         self.call(|reply| Op::Prune { policy, reply }).await
+    }
+
+    /// The oldest sequence from which every event is still here: retention deletes whole runs,
+    /// so below the newest sequence it ever deleted there may be holes.
+    pub fn resend_floor(&self) -> Result<u64, JournalError> {
+        Ok(self.cursor(PRUNED_THROUGH)?.map_or(1, |s| s.saturating_add(1)))
     }
 
     /// A named cursor, if set.
@@ -1040,6 +1048,7 @@ impl Writer {
         }
         finished.sort();
         let mut estimate = in_use;
+        let mut pruned_through = t.cursors.get(PRUNED_THROUGH)?.map(|v| v.value()).unwrap_or(0);
         for (at, id) in finished {
             if done.runs as usize >= policy.max_runs {
                 break;
@@ -1065,6 +1074,10 @@ impl Writer {
             t.runs.remove(id.as_str())?;
             done.runs += 1;
             done.events += seqs.len() as u64;
+            pruned_through = seqs.iter().copied().fold(pruned_through, u64::max);
+        }
+        if pruned_through > 0 {
+            t.cursors.insert(PRUNED_THROUGH, pruned_through)?;
         }
         Ok(done)
     }

@@ -98,6 +98,16 @@ pub struct SyncState {
     pub oversized_messages: AtomicU64,
     /// Acknowledgements refused because they claim events this journal never wrote.
     pub bad_acks: AtomicU64,
+    /// This journal's random id (see `Birth::journal_id`).
+    pub journal_id: AtomicU64,
+    /// A resend asked from before the acknowledged cursor (the cloud lost events): the drain
+    /// starts there instead of at the cursor; 0 when none is pending.
+    pub rewind: AtomicU64,
+    /// Resend requests the journal could not serve from where they asked, answered with a birth
+    /// that says where it can.
+    pub reannounced: AtomicU64,
+    /// Births published in this epoch.
+    pub announcements: AtomicU64,
 }
 
 impl SyncState {
@@ -122,11 +132,13 @@ impl SyncState {
             "bad_messages": self.bad_messages.load(o),
             "oversized_messages": self.oversized_messages.load(o),
             "bad_acks": self.bad_acks.load(o),
+            "reannounced": self.reannounced.load(o),
         })
     }
 }
 
 const ACKED: &str = "sync/acked";
+const JOURNAL_ID: &str = "sync/journal_id";
 /// With events in flight and no acknowledgement for this long, send again from the cursor.
 const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 const DESIRED: &str = "sync/desired";
@@ -255,6 +267,58 @@ async fn publish(client: &AsyncClient, state: &SyncState, topic: &str, body: &Bo
     }
 }
 
+/// How to answer a `Resend { from_seq }`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ResendPlan {
+    /// Send again from this sequence (possibly before the acknowledged cursor).
+    From(u64),
+    /// Retention deleted events it asks for: publish a birth that says where this journal
+    /// starts; the cloud records the rest as lost and asks again.
+    Announce,
+    /// It asks from past this journal's newest event: the cloud holds events this journal no
+    /// longer has (it was restored from a backup). Nothing to send; the first new event under
+    /// one of those sequences shows the cloud where the histories part.
+    Ahead,
+}
+
+/// Decides how to answer a resend request, given the journal's floor and next sequence.
+fn plan_resend(from_seq: u64, floor: u64, next_seq: u64) -> ResendPlan {
+    if from_seq < floor {
+        ResendPlan::Announce
+    } else if from_seq > next_seq {
+        ResendPlan::Ahead
+    } else {
+        ResendPlan::From(from_seq)
+    }
+}
+
+/// Publishes a retained birth: what this journal is and holds. From the poll task, so it never
+/// waits on the client.
+fn announce(rt: &Runtime, config: &SyncConfig, state: &SyncState, topics: &Topics, client: &AsyncClient) {
+    let journal = rt.journal();
+    let birth = Body::Birth(Birth {
+        epoch: state.epoch.load(Ordering::Relaxed),
+        last_seq: journal.next_seq().unwrap_or(1).saturating_sub(1),
+        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        labels: config.labels.clone(),
+        journal_id: state.journal_id.load(Ordering::Relaxed),
+        announcement: state.announcements.fetch_add(1, Ordering::Relaxed) + 1,
+        resend_from: journal.resend_floor().unwrap_or(1),
+    });
+    let topic = topics.topic(&config.device, Channel::Birth);
+    match protocol::encode_checked(&birth) {
+        Ok(bytes) => {
+            if let Err(e) = client.try_publish(topic, QoS::AtLeastOnce, true, bytes) {
+                warn!(error = %e, "cannot publish birth");
+            }
+        }
+        Err(e) => {
+            state.oversized_messages.fetch_add(1, Ordering::Relaxed);
+            warn!(error = %e, "birth not sent (too many labels?)");
+        }
+    }
+}
+
 /// The Last Will of the connection with this epoch.
 fn will(topics: &Topics, device: &str, epoch: u64) -> LastWill {
     LastWill::new(
@@ -269,10 +333,28 @@ fn will(topics: &Topics, device: &str, epoch: u64) -> LastWill {
 /// reachable: sync only reads the journal and moves its own cursor.
 pub async fn start(rt: Runtime, config: SyncConfig) -> Result<Arc<SyncState>, RuntimeError> {
     let journal = rt.journal();
-    let epoch = journal.cursor(EPOCH)?.unwrap_or(0) + 1;
+    // Past every epoch this journal used, and past the wall clock: a journal restored from a
+    // backup would otherwise reuse epochs the cloud has seen die, and show offline.
+    let wall_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let epoch = (journal.cursor(EPOCH)?.unwrap_or(0) + 1).max(wall_ms);
     journal.put_cursor(EPOCH, epoch).await?;
     let acked = journal.cursor(ACKED)?.unwrap_or(1).max(1);
+    let journal_id = match journal
+        .kv(JOURNAL_ID)?
+        .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+    {
+        Some(b) => u64::from_le_bytes(b),
+        None => {
+            // Never 0: the cloud reads 0 as "unknown" (a row from before journal ids).
+            let id = fastrand::u64(1..);
+            journal.put_kv(JOURNAL_ID, id.to_le_bytes().to_vec()).await?;
+            id
+        }
+    };
     let state = Arc::new(SyncState::default());
+    state.journal_id.store(journal_id, Ordering::Relaxed);
     state.acked.store(acked, Ordering::Relaxed);
     state.sent.store(acked, Ordering::Relaxed);
     state.epoch.store(epoch, Ordering::Relaxed);
@@ -371,24 +453,7 @@ async fn poll(
                         warn!(error = %e, "cannot subscribe");
                     }
                 }
-                let birth = Body::Birth(Birth {
-                    epoch: state.epoch.load(Ordering::Relaxed),
-                    last_seq: rt.journal().next_seq().unwrap_or(1).saturating_sub(1),
-                    agent_version: env!("CARGO_PKG_VERSION").to_string(),
-                    labels: config.labels.clone(),
-                });
-                let topic = topics.topic(&config.device, Channel::Birth);
-                match protocol::encode_checked(&birth) {
-                    Ok(bytes) => {
-                        if let Err(e) = client.try_publish(topic, QoS::AtLeastOnce, true, bytes) {
-                            warn!(error = %e, "cannot publish birth");
-                        }
-                    }
-                    Err(e) => {
-                        state.oversized_messages.fetch_add(1, Ordering::Relaxed);
-                        warn!(error = %e, "birth not sent (too many labels?)");
-                    }
-                }
+                announce(&rt, &config, &state, &topics, &client);
                 session.send_modify(|n| *n += 1);
             }
             Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
@@ -422,8 +487,32 @@ async fn poll(
                         }
                     }
                     (Some((_, Channel::Ack)), Ok(Body::Resend(Resend { from_seq }))) => {
-                        info!(from_seq, "cloud asks to resend");
-                        session.send_modify(|n| *n += 1);
+                        let journal = rt.journal();
+                        let floor = journal.resend_floor().unwrap_or(1);
+                        let next = journal.next_seq().unwrap_or(1);
+                        match plan_resend(from_seq, floor, next) {
+                            ResendPlan::From(from) => {
+                                info!(from_seq, "cloud asks to resend");
+                                state.rewind.store(from, Ordering::Relaxed);
+                                session.send_modify(|n| *n += 1);
+                            }
+                            ResendPlan::Announce => {
+                                state.reannounced.fetch_add(1, Ordering::Relaxed);
+                                warn!(
+                                    from_seq,
+                                    floor,
+                                    "resend asked for events retention deleted; announcing where this journal starts"
+                                );
+                                announce(&rt, &config, &state, &topics, &client);
+                            }
+                            ResendPlan::Ahead => {
+                                warn!(
+                                    from_seq,
+                                    journal_next = next,
+                                    "the cloud holds events past this journal (restored from a backup?)"
+                                );
+                            }
+                        }
                     }
                     (Some((_, Channel::Desired)), Ok(Body::Desired(d))) => {
                         let known = stored_desired(&rt).map(|k| k.version).unwrap_or(0);
@@ -463,6 +552,7 @@ async fn poll(
                     match rt.journal().put_cursor(EPOCH, next).await {
                         Ok(()) => {
                             state.epoch.store(next, Ordering::Relaxed);
+                            state.announcements.store(0, Ordering::Relaxed);
                             eventloop
                                 .mqtt_options
                                 .set_last_will(will(&topics, &config.device, next));
@@ -612,8 +702,12 @@ async fn drain(
             tokio::select! {
                 _ = commits.changed() => {}
                 _ = session.changed() => {
-                    // New session or a resend request: start again from the acknowledged cursor.
-                    state.sent.store(state.acked.load(Ordering::Relaxed), Ordering::Relaxed);
+                    // New session or a resend request: start again from the acknowledged cursor,
+                    // or from before it when the cloud lost what it had acknowledged.
+                    let acked = state.acked.load(Ordering::Relaxed);
+                    let rewind = state.rewind.swap(0, Ordering::Relaxed);
+                    let from = if rewind > 0 { rewind.min(acked) } else { acked };
+                    state.sent.store(from, Ordering::Relaxed);
                 }
                 // Acks arrive through the poll task; look again shortly.
                 _ = tokio::time::sleep(Duration::from_millis(50)) => {}
@@ -781,6 +875,24 @@ async fn apply(rt: &Runtime, cmd: &Command) -> CommandResult {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resends_are_served_inside_the_journal_and_announced_outside_it() {
+        // Journal holds 40..=99 without holes (retention deleted up to 39).
+        assert_eq!(plan_resend(40, 40, 100), ResendPlan::From(40));
+        assert_eq!(
+            plan_resend(70, 40, 100),
+            ResendPlan::From(70),
+            "before the ack: a restored cloud"
+        );
+        assert_eq!(plan_resend(100, 40, 100), ResendPlan::From(100), "nothing missing");
+        assert_eq!(plan_resend(39, 40, 100), ResendPlan::Announce, "retention deleted it");
+        assert_eq!(
+            plan_resend(101, 40, 100),
+            ResendPlan::Ahead,
+            "the cloud is past this journal"
+        );
+    }
 
     fn def(name: &str, bytes: usize) -> DefinitionInfo {
         DefinitionInfo {

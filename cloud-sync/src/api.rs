@@ -117,6 +117,8 @@ async fn stats(State(s): S) -> R {
         "duplicate_events": s.stats.duplicate_events.load(o),
         "resend_requests": s.stats.resends.load(o),
         "rejected": s.stats.rejected.load(o),
+        "archived_events": s.stats.archived_events.load(o),
+        "lost_events": s.stats.lost_events.load(o),
         "counters": counters.into_iter().map(|(k, v)| (k, Value::from(v))).collect::<serde_json::Map<String, Value>>(),
     })))
 }
@@ -169,6 +171,18 @@ async fn metrics(State(s): S) -> Result<impl IntoResponse, ApiError> {
         vec![(String::new(), s.stats.duplicate_events.load(o) as f64)],
     );
     m(
+        "outpost_cloud_archived_events_total",
+        "counter",
+        "Stored events set aside since start because their device's journal no longer has them.",
+        vec![(String::new(), s.stats.archived_events.load(o) as f64)],
+    );
+    m(
+        "outpost_cloud_lost_events_total",
+        "counter",
+        "Events devices' journals deleted before this store got them, since start.",
+        vec![(String::new(), s.stats.lost_events.load(o) as f64)],
+    );
+    m(
         "outpost_cloud_messages_total",
         "counter",
         "MQTT messages handled since start.",
@@ -219,6 +233,16 @@ async fn device(State(s): S, Path(id): Path<String>) -> R {
         let mut v = device_json(&id, &d);
         v["runs"] = store.runs(&id)?.len().into();
         v["pending_commands"] = store.pending(&id)?.len().into();
+        let lin = store.lineage(&id)?;
+        v["journal"] = json!({
+            "id": format!("{:016x}", lin.journal_id),
+            "lost_events": lin.lost_events,
+            "archived_events": lin.archived_events,
+            "archives": lin.archives,
+            "last_archive": lin.last_archive.map(|a| json!({
+                "at": rfc3339(a.at_ms), "from_seq": a.from_seq, "events": a.events, "reason": a.reason,
+            })),
+        });
         Ok(Json(v))
     })
     .await

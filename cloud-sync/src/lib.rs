@@ -12,6 +12,7 @@ pub mod api;
 #[cfg(feature = "embedded-broker")]
 pub mod broker;
 pub mod console;
+pub mod lineage;
 pub mod service;
 pub mod store;
 

@@ -42,6 +42,10 @@ pub struct Stats {
     pub resends: AtomicU64,
     /// Messages rejected.
     pub rejected: AtomicU64,
+    /// Events set aside because the device's journal no longer has them (see `lineage`).
+    pub archived_events: AtomicU64,
+    /// Events a device's journal deleted before this store got them.
+    pub lost_events: AtomicU64,
 }
 
 /// The cloud-sync service.
@@ -175,10 +179,18 @@ impl Service {
         match (channel, body) {
             (Channel::Birth, Body::Birth(b)) => {
                 let d = device.clone();
-                let res =
-                    blocking(move || store.birth(&d, b.epoch, b.last_seq, &b.agent_version, &b.labels, now)).await;
+                let res = blocking(move || store.birth(&d, &b, now)).await;
                 match res {
-                    Ok((dev, true)) => {
+                    Ok(o) if o.verdict.fresh => {
+                        let dev = &o.device;
+                        if let Some((from, reason)) = o.verdict.archive_from {
+                            self.stats.archived_events.fetch_add(o.archived, Ordering::Relaxed);
+                            warn!(device = %device, from_seq = from, events = o.archived, reason, "stored events set aside");
+                        }
+                        if let Some((from, to)) = o.verdict.lost {
+                            self.stats.lost_events.fetch_add(to - from, Ordering::Relaxed);
+                            warn!(device = %device, from_seq = from, to_seq = to, "events lost: the device's journal deleted them before this store got them (was the store restored?)");
+                        }
                         info!(device = %device, epoch = dev.epoch, next_seq = dev.next_seq, last_seq = dev.reported_last_seq, "device online");
                         // Tell it where we are and to send from there (what it sent before we were
                         // listening is lost), then send what waits for it.
@@ -188,7 +200,7 @@ impl Service {
                         self.publish(&device, Channel::Ack, &resend, false).await;
                         self.deliver_pending(&device).await;
                     }
-                    Ok((_, false)) => info!(device = %device, "stale birth ignored"),
+                    Ok(_) => info!(device = %device, "stale birth ignored"),
                     Err(e) => self.store_failed(&device, "birth", &e),
                 }
             }
@@ -214,6 +226,9 @@ impl Service {
                         }
                         self.stats.events.fetch_add(s.new, Ordering::Relaxed);
                         self.stats.duplicate_events.fetch_add(s.duplicates, Ordering::Relaxed);
+                        if let Some(from) = s.diverged_from {
+                            warn!(device = %device, from_seq = from, "a resent event differs from the stored one: the device's journal was restored; stored events from here set aside");
+                        }
                         self.publish(&device, Channel::Ack, &Body::Ack(Ack { next_seq: s.next_seq }), false)
                             .await;
                         if let Some(from) = s.gap_from {

@@ -8,9 +8,11 @@
 use std::path::Path;
 
 use outpost_shared::journal::{self, Event};
-use outpost_shared::protocol::{CommandKind, CommandResult, Inventory, Outcome, WireEvent};
+use outpost_shared::protocol::{Birth, CommandKind, CommandResult, Inventory, Outcome, WireEvent};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
+
+use crate::lineage::{self, ArchiveNote, BirthFacts, Lineage, Verdict};
 
 const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
 const EVENTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("events");
@@ -31,6 +33,11 @@ const DEFINITIONS: TableDefinition<(&str, &str, u32), &str> = TableDefinition::n
 const QUARANTINE: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("quarantine");
 /// Each device's equipment list (from its inventory).
 const EQUIPMENT: TableDefinition<&str, &[u8]> = TableDefinition::new("equipment");
+/// Which journal each device's events come from (`lineage::Lineage`).
+const LINEAGE: TableDefinition<&str, &[u8]> = TableDefinition::new("lineage");
+/// Events set aside because the device's journal no longer has them, by (device, archive, seq):
+/// kept for forensics, never shown as the device's history.
+const ARCHIVE: TableDefinition<(&str, u64, u64), &[u8]> = TableDefinition::new("archive");
 
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
@@ -207,6 +214,141 @@ pub struct Stored {
     pub next_seq: u64,
     /// Sequences whose records did not decode, kept in quarantine, with why.
     pub quarantined: Vec<(u64, String)>,
+    /// Set when a resent event differed from the stored one: stored events from here were set
+    /// aside.
+    pub diverged_from: Option<u64>,
+}
+
+/// What a birth did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BirthOutcome {
+    /// The device afterwards.
+    pub device: Device,
+    /// The decision.
+    pub verdict: Verdict,
+    /// Events set aside.
+    pub archived: u64,
+}
+
+/// Folds one event into its run's mirror (created by the run's first event).
+fn fold(m: &mut Option<RunMirror>, rec: &journal::Record) {
+    let m = m.get_or_insert_with(|| RunMirror {
+        status: "running".into(),
+        created_ms: rec.at_ms,
+        ..RunMirror::default()
+    });
+    if let Event::RunStarted { workflow, version, .. } = &rec.event {
+        m.workflow = workflow.clone();
+        m.version = *version;
+        m.created_ms = rec.at_ms;
+    }
+    if let Some(st) = status_of(&rec.event) {
+        m.status = st.to_string();
+        m.finished_ms = rec.event.is_terminal().then_some(rec.at_ms);
+    }
+    m.events += 1;
+}
+
+/// The tables of a device's event stream, open in one write transaction.
+struct Stream<'t> {
+    ev: redb::Table<'t, (&'static str, u64), &'static [u8]>,
+    index: redb::Table<'t, (&'static str, &'static str, u64), ()>,
+    runs: redb::Table<'t, (&'static str, &'static str), &'static [u8]>,
+    quarantine: redb::Table<'t, (&'static str, u64), &'static [u8]>,
+    archive: redb::Table<'t, (&'static str, u64, u64), &'static [u8]>,
+}
+
+impl<'t> Stream<'t> {
+    fn open(txn: &'t redb::WriteTransaction) -> Result<Stream<'t>, StoreError> {
+        Ok(Stream {
+            ev: txn.open_table(EVENTS)?,
+            index: txn.open_table(RUN_EVENTS)?,
+            runs: txn.open_table(RUNS)?,
+            quarantine: txn.open_table(QUARANTINE)?,
+            archive: txn.open_table(ARCHIVE)?,
+        })
+    }
+
+    /// True when a redelivered event equals what is stored under its sequence (or nothing is
+    /// stored there to compare: a range recorded as lost).
+    fn same_as_stored(&self, device: &str, e: &WireEvent) -> Result<bool, StoreError> {
+        if let Some(v) = self.ev.get((device, e.seq))? {
+            return Ok(v.value() == e.record.as_slice());
+        }
+        if let Some(v) = self.quarantine.get((device, e.seq))? {
+            return Ok(v.value() == e.record.as_slice());
+        }
+        Ok(true)
+    }
+
+    /// Moves every stored event of `device` from `from` on into a new archive and folds the
+    /// affected run mirrors again from what stays (a run left with no events goes).
+    fn archive_tail(
+        &mut self,
+        device: &str,
+        from: u64,
+        lin: &mut Lineage,
+        reason: &str,
+        now: u64,
+    ) -> Result<u64, StoreError> {
+        let no = lin.archives + 1;
+        let mut moved = 0u64;
+        let mut touched = std::collections::BTreeSet::new();
+        let tail: Vec<(u64, Vec<u8>)> = self
+            .ev
+            .range((device, from)..=(device, u64::MAX))?
+            .map(|r| r.map(|(k, v)| (k.value().1, v.value().to_vec())))
+            .collect::<Result<_, _>>()?;
+        for (seq, bytes) in &tail {
+            self.archive.insert((device, no, *seq), bytes.as_slice())?;
+            self.ev.remove((device, *seq))?;
+            if let Ok(r) = journal::decode(bytes) {
+                self.index.remove((device, r.run_id.as_str(), *seq))?;
+                touched.insert(r.run_id);
+            }
+            moved += 1;
+        }
+        let bad: Vec<(u64, Vec<u8>)> = self
+            .quarantine
+            .range((device, from)..=(device, u64::MAX))?
+            .map(|r| r.map(|(k, v)| (k.value().1, v.value().to_vec())))
+            .collect::<Result<_, _>>()?;
+        for (seq, bytes) in &bad {
+            self.archive.insert((device, no, *seq), bytes.as_slice())?;
+            self.quarantine.remove((device, *seq))?;
+            moved += 1;
+        }
+        for run in &touched {
+            let seqs: Vec<u64> = self
+                .index
+                .range((device, run.as_str(), 0u64)..=(device, run.as_str(), u64::MAX))?
+                .map(|r| r.map(|(k, _)| k.value().2))
+                .collect::<Result<_, _>>()?;
+            let mut m = None;
+            for seq in seqs {
+                if let Some(v) = self.ev.get((device, seq))?
+                    && let Ok(r) = journal::decode(v.value())
+                {
+                    fold(&mut m, &r);
+                }
+            }
+            match m {
+                Some(m) => self.runs.insert((device, run.as_str()), enc(&m).as_slice())?,
+                None => self.runs.remove((device, run.as_str()))?,
+            };
+        }
+        if moved > 0 {
+            lin.archives = no;
+            lin.archived_events += moved;
+            lin.last_archive = Some(ArchiveNote {
+                at_ms: now,
+                from_seq: from,
+                events: moved,
+                reason: reason.to_string(),
+            });
+        }
+        Ok(moved)
+    }
 }
 
 /// A run's events with their device sequence numbers, oldest first.
@@ -330,6 +472,8 @@ impl Store {
         txn.open_table(DEFINITIONS)?;
         txn.open_table(EQUIPMENT)?;
         txn.open_table(QUARANTINE)?;
+        txn.open_table(LINEAGE)?;
+        txn.open_table(ARCHIVE)?;
         txn.commit()?;
         Ok(())
     }
@@ -396,26 +540,88 @@ impl Store {
         Ok(out)
     }
 
-    /// A birth: returns the device and whether this birth is newer than any seen (a new epoch).
-    pub fn birth(
-        &self,
-        id: &str,
-        epoch: u64,
-        last_seq: u64,
-        version: &str,
-        labels: &[(String, String)],
-        now: u64,
-    ) -> Result<(Device, bool), StoreError> {
-        self.update_device(id, now, |d| {
-            let newer = epoch >= d.epoch;
-            if newer {
-                d.epoch = epoch;
-                d.reported_last_seq = last_seq;
-                d.agent_version = version.to_string();
-                d.labels = labels.to_vec();
+    /// A birth: decides what it means for the stored copy (`lineage::judge`) and applies it in
+    /// one durable transaction: a stale birth changes nothing.
+    pub fn birth(&self, id: &str, b: &Birth, now: u64) -> Result<BirthOutcome, StoreError> {
+        let mut txn = self.db()?.begin_write()?;
+        txn.set_durability(Durability::Immediate)?;
+        let out = {
+            let mut devices = txn.open_table(DEVICES)?;
+            let mut lineages = txn.open_table(LINEAGE)?;
+            let mut d: Device = match devices.get(id)? {
+                Some(v) => dec("device", v.value())?,
+                None => Device {
+                    next_seq: 1,
+                    ..Device::default()
+                },
+            };
+            let mut lin: Lineage = match lineages.get(id)? {
+                Some(v) => dec("lineage", v.value())?,
+                None => Lineage::default(),
+            };
+            let facts = BirthFacts {
+                epoch: b.epoch,
+                journal_id: b.journal_id,
+                announcement: b.announcement,
+                resend_from: b.resend_from,
+            };
+            let verdict = lineage::judge(d.epoch, d.next_seq, &lin, facts);
+            let mut archived = 0;
+            if verdict.fresh {
+                if let Some((from, reason)) = verdict.archive_from {
+                    let mut stream = Stream::open(&txn)?;
+                    archived = stream.archive_tail(id, from, &mut lin, reason, now)?;
+                }
+                if let Some((from, to)) = verdict.lost {
+                    lin.lost_events += to - from;
+                }
+                if verdict.new_journal {
+                    // The new journal counts its epochs from 1 again.
+                    d.death_epoch = 0;
+                    lin.replaced.push(lin.journal_id);
+                    let excess = lin.replaced.len().saturating_sub(lineage::MAX_REPLACED);
+                    lin.replaced.drain(..excess);
+                }
+                lin.journal_id = b.journal_id;
+                lin.last_birth = lin.last_birth.max((b.epoch, b.announcement));
+                if verdict.new_journal {
+                    lin.last_birth = (b.epoch, b.announcement);
+                }
+                d.epoch = b.epoch;
+                d.next_seq = verdict.next_seq;
+                d.reported_last_seq = b.last_seq;
+                d.agent_version = b.agent_version.clone();
+                d.labels = b.labels.clone();
+                lineages.insert(id, enc(&lin).as_slice())?;
             }
-            newer
-        })
+            d.last_seen_ms = now;
+            devices.insert(id, enc(&d).as_slice())?;
+            BirthOutcome {
+                device: d,
+                verdict,
+                archived,
+            }
+        };
+        txn.commit()?;
+        Ok(out)
+    }
+
+    /// Which journal a device's events come from, and what was set aside or lost.
+    pub fn lineage(&self, id: &str) -> Result<Lineage, StoreError> {
+        Ok(self.get_row(LINEAGE, id, "lineage")?.unwrap_or_default())
+    }
+
+    /// Events set aside for a device, by (archive number, seq).
+    pub fn archived(&self, device: &str) -> Result<Vec<(u64, u64, Vec<u8>)>, StoreError> {
+        let txn = self.db()?.begin_read()?;
+        let t = txn.open_table(ARCHIVE)?;
+        let mut out = Vec::new();
+        for row in t.range((device, 0u64, 0u64)..=(device, u64::MAX, u64::MAX))? {
+            let (k, v) = row?;
+            let (_, n, seq) = k.value();
+            out.push((n, seq, v.value().to_vec()));
+        }
+        Ok(out)
     }
 
     /// The quarantined (undecodable) records of a device, by sequence.
@@ -440,15 +646,16 @@ impl Store {
     }
 
     /// Stores a batch up to its first gap and updates run mirrors, in one durable transaction.
+    /// A redelivered event must equal the stored one: one that differs means the device's
+    /// journal diverged there (restored from a backup), and the stored events from that
+    /// sequence on are set aside for the device's own.
     pub fn store_events(&self, device: &str, events: &[WireEvent], now: u64) -> Result<Stored, StoreError> {
         let mut txn = self.db()?.begin_write()?;
         txn.set_durability(Durability::Immediate)?;
         let stored = {
             let mut devices = txn.open_table(DEVICES)?;
-            let mut ev = txn.open_table(EVENTS)?;
-            let mut index = txn.open_table(RUN_EVENTS)?;
-            let mut runs = txn.open_table(RUNS)?;
-            let mut quarantine = txn.open_table(QUARANTINE)?;
+            let mut lineages = txn.open_table(LINEAGE)?;
+            let mut st = Stream::open(&txn)?;
             let mut d: Device = match devices.get(device)? {
                 Some(v) => dec("device", v.value())?,
                 None => Device {
@@ -462,11 +669,23 @@ impl Store {
                 gap_from: None,
                 next_seq: d.next_seq,
                 quarantined: Vec::new(),
+                diverged_from: None,
             };
             for e in events {
                 if e.seq < d.next_seq {
-                    s.duplicates += 1;
-                    continue;
+                    if st.same_as_stored(device, e)? {
+                        s.duplicates += 1;
+                        continue;
+                    }
+                    let mut lin: Lineage = match lineages.get(device)? {
+                        Some(v) => dec("lineage", v.value())?,
+                        None => Lineage::default(),
+                    };
+                    let reason = "a resent event differs from the stored one (the device's journal was restored)";
+                    st.archive_tail(device, e.seq, &mut lin, reason, now)?;
+                    lineages.insert(device, enc(&lin).as_slice())?;
+                    d.next_seq = e.seq;
+                    s.diverged_from = Some(e.seq);
                 }
                 if e.seq > d.next_seq {
                     s.gap_from = Some(d.next_seq);
@@ -475,34 +694,20 @@ impl Store {
                 let rec = match journal::decode(&e.record) {
                     Ok(r) => r,
                     Err(err) => {
-                        quarantine.insert((device, e.seq), e.record.as_slice())?;
+                        st.quarantine.insert((device, e.seq), e.record.as_slice())?;
                         s.quarantined.push((e.seq, err.to_string()));
                         d.next_seq += 1;
                         continue;
                     }
                 };
-                ev.insert((device, e.seq), e.record.as_slice())?;
-                index.insert((device, rec.run_id.as_str(), e.seq), ())?;
+                st.ev.insert((device, e.seq), e.record.as_slice())?;
+                st.index.insert((device, rec.run_id.as_str(), e.seq), ())?;
                 let key = (device, rec.run_id.as_str());
-                let mut m: RunMirror = match runs.get(key)? {
-                    Some(v) => dec("run", v.value())?,
-                    None => RunMirror {
-                        status: "running".into(),
-                        created_ms: rec.at_ms,
-                        ..RunMirror::default()
-                    },
-                };
-                if let Event::RunStarted { workflow, version, .. } = &rec.event {
-                    m.workflow = workflow.clone();
-                    m.version = *version;
-                    m.created_ms = rec.at_ms;
+                let mut m: Option<RunMirror> = st.runs.get(key)?.map(|v| dec("run", v.value())).transpose()?;
+                fold(&mut m, &rec);
+                if let Some(m) = m {
+                    st.runs.insert(key, enc(&m).as_slice())?;
                 }
-                if let Some(st) = status_of(&rec.event) {
-                    m.status = st.to_string();
-                    m.finished_ms = rec.event.is_terminal().then_some(rec.at_ms);
-                }
-                m.events += 1;
-                runs.insert(key, enc(&m).as_slice())?;
                 d.next_seq += 1;
                 s.new += 1;
             }
@@ -833,6 +1038,110 @@ mod tests {
         })
     }
 
+    fn birth(epoch: u64, journal_id: u64, last_seq: u64, resend_from: u64) -> Birth {
+        Birth {
+            epoch,
+            last_seq,
+            announcement: 1,
+            agent_version: "0.1".into(),
+            labels: Vec::new(),
+            journal_id,
+            resend_from,
+        }
+    }
+
+    #[test]
+    fn a_restored_gateway_journal_sets_the_stored_tail_aside_and_refolds_its_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("c.redb")).unwrap();
+        let ev = |seq, r: Vec<u8>| WireEvent { seq, record: r };
+        s.birth("gw", &birth(1, 7, 0, 1), 0).unwrap();
+        let done = |r: &str| rec(r, Event::RunCompleted { output: "1".into() });
+        s.store_events(
+            "gw",
+            &[
+                ev(1, started("r1")),
+                ev(2, started("r2")),
+                ev(3, done("r1")),
+                ev(4, done("r2")),
+            ],
+            0,
+        )
+        .unwrap();
+        // The journal came back from a backup taken after event 2; its own event 3 differs.
+        let o = s.birth("gw", &birth(2, 7, 2, 1), 9).unwrap();
+        assert_eq!(
+            (o.archived, o.device.next_seq),
+            (0, 5),
+            "a birth alone sets nothing aside"
+        );
+        let cancel = rec("r2", Event::RunCancelled { reason: "x".into() });
+        let c = s
+            .store_events("gw", &[ev(2, started("r2")), ev(3, cancel)], 10)
+            .unwrap();
+        assert_eq!((c.diverged_from, c.new, c.duplicates, c.next_seq), (Some(3), 1, 1, 4));
+        assert_eq!(
+            s.run("gw", "r1").unwrap().unwrap().0.status,
+            "running",
+            "refolded without its end"
+        );
+        assert_eq!(s.run("gw", "r2").unwrap().unwrap().0.status, "cancelled");
+        let lin = s.lineage("gw").unwrap();
+        assert_eq!((lin.archives, lin.archived_events), (1, 2));
+        assert_eq!(
+            s.archived("gw").unwrap().iter().map(|a| a.1).collect::<Vec<_>>(),
+            vec![3, 4]
+        );
+    }
+
+    #[test]
+    fn a_resent_event_that_differs_marks_where_the_journals_diverged() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("c.redb")).unwrap();
+        let ev = |seq, r: Vec<u8>| WireEvent { seq, record: r };
+        s.store_events(
+            "gw",
+            &[ev(1, started("r1")), ev(2, started("r2")), ev(3, started("r3"))],
+            0,
+        )
+        .unwrap();
+        // Same length, other content from 2 on: the journal was restored and wrote again.
+        let d = s
+            .store_events(
+                "gw",
+                &[ev(1, started("r1")), ev(2, started("r4")), ev(3, started("r5"))],
+                0,
+            )
+            .unwrap();
+        assert_eq!((d.diverged_from, d.new, d.duplicates, d.next_seq), (Some(2), 2, 1, 4));
+        let runs: Vec<String> = s.runs("gw").unwrap().into_iter().map(|r| r.0).collect();
+        assert_eq!(runs, ["r1", "r4", "r5"]);
+        assert_eq!(s.lineage("gw").unwrap().archived_events, 2);
+    }
+
+    #[test]
+    fn a_new_journal_under_the_same_id_starts_a_new_stream_and_is_online() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("c.redb")).unwrap();
+        let ev = |seq, r: Vec<u8>| WireEvent { seq, record: r };
+        s.birth("gw", &birth(40, 7, 0, 1), 0).unwrap();
+        s.store_events("gw", &[ev(1, started("r1"))], 0).unwrap();
+        s.death("gw", 40, 1).unwrap();
+        let o = s.birth("gw", &birth(1, 8, 0, 1), 2).unwrap();
+        assert!(o.verdict.new_journal && o.device.online());
+        assert_eq!((o.device.next_seq, o.archived), (1, 1));
+        assert!(s.runs("gw").unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_restored_store_counts_what_the_journal_already_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("c.redb")).unwrap();
+        let o = s.birth("gw", &birth(5, 7, 300, 120), 0).unwrap();
+        assert_eq!((o.device.next_seq, o.verdict.lost), (120, Some((1, 120))));
+        assert_eq!(s.lineage("gw").unwrap().lost_events, 119);
+    }
+
     fn started(run: &str) -> Vec<u8> {
         rec(
             run,
@@ -965,12 +1274,12 @@ mod tests {
     fn stale_deaths_are_ignored() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(&dir.path().join("c.redb")).unwrap();
-        s.birth("gw", 2, 0, "0.1", &[], 1).unwrap();
+        s.birth("gw", &birth(2, 1, 0, 1), 1).unwrap();
         assert!(!s.death("gw", 1, 2).unwrap(), "a will from epoch 1 is stale");
         assert!(s.device("gw").unwrap().unwrap().online());
         assert!(s.death("gw", 2, 3).unwrap());
         assert!(!s.device("gw").unwrap().unwrap().online());
-        s.birth("gw", 3, 0, "0.1", &[], 4).unwrap();
+        s.birth("gw", &birth(3, 1, 0, 1), 4).unwrap();
         assert!(s.device("gw").unwrap().unwrap().online());
     }
 

@@ -58,6 +58,15 @@ pub struct Birth {
     pub agent_version: String,
     /// Labels for deployments (`line=3`, `site=north`).
     pub labels: Vec<(String, String)>,
+    /// Random, made once when the journal was created: under the same device id, another value
+    /// is another journal (a wiped or replaced gateway), whose sequences start again at 1.
+    pub journal_id: u64,
+    /// Numbers the births of one epoch (from 1): a birth is repeated (retained, redelivered)
+    /// unless its (epoch, announcement) is newer than the last one acted on.
+    pub announcement: u64,
+    /// The oldest sequence this journal can still send; retention has removed events before it.
+    /// A cloud that expects an older one has lost them for good (a restored or lost store).
+    pub resend_from: u64,
 }
 
 /// The agent is gone (the MQTT Last Will, registered at connect).

@@ -12,6 +12,7 @@ mod history;
 mod hostile;
 mod limits;
 mod patterns;
+mod recovery;
 mod saga;
 mod schedules;
 mod signals;
