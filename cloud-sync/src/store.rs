@@ -249,6 +249,22 @@ fn fold(m: &mut Option<RunMirror>, rec: &journal::Record) {
     m.events += 1;
 }
 
+/// Removes and returns a device's rows from sequence `from` on.
+fn take_tail(
+    t: &mut redb::Table<(&'static str, u64), &'static [u8]>,
+    device: &str,
+    from: u64,
+) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+    let rows: Vec<(u64, Vec<u8>)> = t
+        .range((device, from)..=(device, u64::MAX))?
+        .map(|r| r.map(|(k, v)| (k.value().1, v.value().to_vec())))
+        .collect::<Result<_, _>>()?;
+    for (seq, _) in &rows {
+        t.remove((device, *seq))?;
+    }
+    Ok(rows)
+}
+
 /// The tables of a device's event stream, open in one write transaction.
 struct Stream<'t> {
     ev: redb::Table<'t, (&'static str, u64), &'static [u8]>,
@@ -294,28 +310,16 @@ impl<'t> Stream<'t> {
         let no = lin.archives + 1;
         let mut moved = 0u64;
         let mut touched = std::collections::BTreeSet::new();
-        let tail: Vec<(u64, Vec<u8>)> = self
-            .ev
-            .range((device, from)..=(device, u64::MAX))?
-            .map(|r| r.map(|(k, v)| (k.value().1, v.value().to_vec())))
-            .collect::<Result<_, _>>()?;
-        for (seq, bytes) in &tail {
-            self.archive.insert((device, no, *seq), bytes.as_slice())?;
-            self.ev.remove((device, *seq))?;
-            if let Ok(r) = journal::decode(bytes) {
-                self.index.remove((device, r.run_id.as_str(), *seq))?;
+        for (seq, bytes) in take_tail(&mut self.ev, device, from)? {
+            self.archive.insert((device, no, seq), bytes.as_slice())?;
+            if let Ok(r) = journal::decode(&bytes) {
+                self.index.remove((device, r.run_id.as_str(), seq))?;
                 touched.insert(r.run_id);
             }
             moved += 1;
         }
-        let bad: Vec<(u64, Vec<u8>)> = self
-            .quarantine
-            .range((device, from)..=(device, u64::MAX))?
-            .map(|r| r.map(|(k, v)| (k.value().1, v.value().to_vec())))
-            .collect::<Result<_, _>>()?;
-        for (seq, bytes) in &bad {
-            self.archive.insert((device, no, *seq), bytes.as_slice())?;
-            self.quarantine.remove((device, *seq))?;
+        for (seq, bytes) in take_tail(&mut self.quarantine, device, from)? {
+            self.archive.insert((device, no, seq), bytes.as_slice())?;
             moved += 1;
         }
         for run in &touched {
