@@ -12,6 +12,8 @@ pub mod api;
 #[cfg(feature = "embedded-broker")]
 pub mod broker;
 pub mod console;
+#[cfg(feature = "fault-injection")]
+pub mod fault;
 pub mod lineage;
 pub mod service;
 pub mod store;

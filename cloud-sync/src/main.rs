@@ -57,7 +57,7 @@ fn parse_broker(url: &str) -> anyhow::Result<(String, u16)> {
 async fn run(args: Args) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.data_dir).with_context(|| format!("data directory {}", args.data_dir.display()))?;
     let store_path = args.data_dir.join("cloud.redb");
-    let store = Store::open(&store_path).map_err(|e| {
+    let store = open_store(&store_path).map_err(|e| {
         anyhow::anyhow!(
             "cannot open the store {}: {e}\n  if the file is damaged, move it aside (keep it for forensics) and start \
              with an empty store, or restore it from a backup",
@@ -105,6 +105,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
         stop_child(&mut child);
     }
     served
+}
+
+/// Opens the store; test builds can put it on a backend that fails like a full disk.
+fn open_store(path: &std::path::Path) -> Result<Store, outpost_cloud_sync::store::StoreError> {
+    #[cfg(feature = "fault-injection")]
+    if let Some(marker) = std::env::var_os("OUTPOST_CLOUD_FULL_DISK_MARKER") {
+        tracing::warn!(marker = ?marker, "fault injection: the store fails like a full disk while the marker file exists");
+        let (path, marker) = (path.to_path_buf(), PathBuf::from(marker));
+        return Store::open_with(Box::new(move || {
+            let backend = outpost_cloud_sync::fault::FullDiskWhenMarked::open(&path, &marker)
+                .map_err(|e| outpost_cloud_sync::store::StoreError::Storage(redb::StorageError::Io(e).into()))?;
+            Ok(redb::Database::builder().create_with_backend(backend)?)
+        }));
+    }
+    Store::open(path)
 }
 
 /// Asks a child to stop (SIGTERM), and kills it if it has not within 5 s.

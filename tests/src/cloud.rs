@@ -20,12 +20,7 @@ pub fn free_port() -> u16 {
 }
 
 fn cloud_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .join("outpost-cloud");
+    let bin = crate::bin_dir().join("outpost-cloud");
     assert!(
         bin.exists(),
         "{} is missing: run `cargo test --workspace`",
@@ -43,6 +38,7 @@ pub struct Cloud {
     /// MQTT port (the embedded broker's, or the external broker's).
     pub mqtt: u16,
     external: Option<String>,
+    env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -62,12 +58,22 @@ impl Cloud {
         Self::start(dir, Some(format!("mqtt://127.0.0.1:{mqtt_port}")), mqtt_port)
     }
 
+    /// Starts cloud-sync with its embedded broker and extra environment variables.
+    pub fn embedded_with_env(dir: &Path, env: &[(&str, &str)]) -> Cloud {
+        Self::start_env(dir, None, free_port(), env)
+    }
+
     fn start(dir: &Path, external: Option<String>, mqtt: u16) -> Cloud {
+        Self::start_env(dir, external, mqtt, &[])
+    }
+
+    fn start_env(dir: &Path, external: Option<String>, mqtt: u16, env: &[(&str, &str)]) -> Cloud {
         let mut c = Cloud {
             dir: dir.to_path_buf(),
             api: free_port(),
             mqtt,
             external,
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             child: None,
         };
         c.restart();
@@ -92,6 +98,7 @@ impl Cloud {
             None => cmd.args(["--mqtt-listen", &format!("127.0.0.1:{}", self.mqtt)]),
         };
         let child = cmd
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

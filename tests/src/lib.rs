@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 pub mod browser;
+pub mod chaos;
 pub mod cloud;
 
 /// Path of the `outpost` binary: `$OUTPOST_BIN`, or the one cargo built next to this test.
@@ -15,15 +16,25 @@ pub fn outpost_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("OUTPOST_BIN") {
         return PathBuf::from(p);
     }
-    let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/e2e-<hash> → target/<profile>/outpost
-    let bin = exe.parent().and_then(Path::parent).expect("target dir").join("outpost");
+    let bin = bin_dir().join("outpost");
     assert!(
         bin.exists(),
         "{} is missing: run the tests with `cargo test --workspace` (which builds it) or set OUTPOST_BIN",
         bin.display()
     );
     bin
+}
+
+/// The directory cargo puts binaries in: a test runs from `target/<profile>/deps/`, the chaos
+/// binary from `target/<profile>/` itself.
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe.parent().expect("executable directory");
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent().unwrap_or(dir).to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
 }
 
 /// A command that runs the `outpost` binary: the binary itself, or `$OUTPOST_RUNNER` with the

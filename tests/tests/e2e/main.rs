@@ -2,6 +2,7 @@
 
 mod bad_input;
 mod breaker;
+mod chaos;
 mod children;
 mod console;
 mod crash;
