@@ -155,6 +155,9 @@ async fn status(State(rt): AppState) -> ApiResult {
             "commits": s.commits.load(ord),
             "events": s.events.load(ord),
             "ops": s.ops.load(ord),
+            "storage_error": rt.storage_failure().map(|(error, since, runs)| json!({
+                "error": error, "since": rfc3339(since), "blocked_runs": runs,
+            })),
         },
         "timers": {"pending": timers.len(), "next_at": timers.first().map(|t| rfc3339(t.0))},
         "retention": rt.last_prune().map(|(at, p)| json!({
@@ -258,6 +261,9 @@ fn merge_summary(
         };
         out["output"] = output;
         out["error"] = error;
+    } else if let Some(b) = rt.storage_block(run_id) {
+        // `start --wait` that times out on a run held up by a full disk says why.
+        out["waiting"] = format!("blocked: the journal cannot be written ({})", b.error).into();
     }
     Ok(())
 }
@@ -454,6 +460,16 @@ pub fn run_detail(rt: &Runtime, id: &str, rec: &RunRecord) -> Result<Value, ApiE
         (Some(h), Some(w)) => format!("{h}; {w}").into(),
         (h, w) => h.or(w).map(Value::from).unwrap_or(Value::Null),
     };
+    // A run held up by the journal's storage says so first: nothing else moves until it can write.
+    if let Some(b) = rt.storage_block(id) {
+        let text = format!(
+            "blocked: the journal cannot be written since {} ({}); the run goes on by itself once it can",
+            rfc3339(b.since_ms),
+            b.error
+        );
+        out["blocked"] = json!({"reason": "journal_storage", "error": b.error, "since": rfc3339(b.since_ms)});
+        out["waiting"] = text.into();
+    }
     out["history"] = Value::Array(
         history
             .iter()

@@ -571,6 +571,9 @@ fn run_exit(status: &str) -> u8 {
 
 fn print_result(v: &Value) {
     println!("run {} {}", s(&v["run_id"]), s(&v["status"]));
+    if !v["waiting"].is_null() {
+        println!("waiting: {}", s(&v["waiting"]));
+    }
     if !v["output"].is_null() {
         println!("output: {}", v["output"]);
     }
@@ -859,6 +862,15 @@ async fn remote(client: Client, cmd: Cmd, as_json: bool) -> Result<u8, Failure> 
                     j["events"],
                     j["ops"]
                 );
+                let e = &j["storage_error"];
+                if !e.is_null() {
+                    println!(
+                        "journal:     CANNOT WRITE since {}: {} ({} runs blocked; they go on once the journal can be written — free disk space)",
+                        s(&e["since"]),
+                        s(&e["error"]),
+                        e["blocked_runs"]
+                    );
+                }
                 for b in v["breakers"].as_array().into_iter().flatten() {
                     println!(
                         "breaker:     {} {}{} ({} consecutive failures{})",

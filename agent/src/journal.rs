@@ -299,16 +299,16 @@ impl Journal {
     /// Opens a journal on redb storage backends made by `backend` (called again to reopen after an
     /// I/O error). Tests use this to inject faults.
     pub fn open_backend<B: redb::StorageBackend>(
-        backend: impl Fn() -> B + Send + 'static,
+        backend: impl Fn() -> std::io::Result<B> + Send + 'static,
         config: &JournalConfig,
         clock: Arc<dyn Clock>,
     ) -> Result<Journal, JournalError> {
         let cache = config.cache_bytes;
         Self::start(
             Box::new(move || {
-                Ok(Database::builder()
-                    .set_cache_size(cache)
-                    .create_with_backend(backend())?)
+                Ok(Database::builder().set_cache_size(cache).create_with_backend(
+                    backend().map_err(|e| JournalError::Storage(redb::StorageError::Io(e).into()))?,
+                )?)
             }),
             clock,
         )
@@ -856,7 +856,7 @@ impl Writer {
                     };
                     // A storage error mid-operation poisons the transaction: abort it whole.
                     if let Some(JournalError::Storage(e)) = outcome.error() {
-                        let e = storage_failure(&e.to_string());
+                        let e = storage_failure(&io_text(e));
                         outcomes.push(outcome);
                         return Err(e);
                     }
@@ -894,7 +894,11 @@ impl Writer {
                 {
                     tracing::error!(error = %e, "cannot reopen the journal yet; will retry with the next write");
                 }
-                let msg = e.to_string();
+                // The waiters' errors carry the cause once, not wrapped in this error's own text.
+                let msg = match &e {
+                    JournalError::Storage(inner) => io_text(inner),
+                    other => other.to_string(),
+                };
                 let err = || storage_failure(&msg);
                 for o in outcomes {
                     o.fail(err);
@@ -1112,6 +1116,14 @@ fn put_definition(t: &mut Tables, name: &str, version: u32, json: String, now: u
     Ok(Applied::Created)
 }
 
+/// The cause of a redb error without redb's `I/O error: ` wrapper (`storage_failure` adds it back).
+fn io_text(e: &redb::Error) -> String {
+    match e {
+        redb::Error::Io(io) => io.to_string(),
+        other => other.to_string(),
+    }
+}
+
 /// A storage error for a waiter of a failed batch; redb's errors are not `Clone`, so the text travels.
 fn storage_failure(msg: &str) -> JournalError {
     JournalError::Storage(redb::StorageError::Io(std::io::Error::other(msg.to_string())).into())
@@ -1287,10 +1299,10 @@ mod tests {
                 .truncate(false)
                 .open(&path)
                 .unwrap();
-            FullDisk {
+            Ok(FullDisk {
                 inner: redb::backends::FileBackend::new(file).unwrap(),
                 full: flag.clone(),
-            }
+            })
         };
         let j = Journal::open_backend(backend, &JournalConfig::default(), Arc::new(SystemClock)).unwrap();
         j.start_run("a", started("w")).await.unwrap();

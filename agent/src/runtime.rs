@@ -174,6 +174,63 @@ struct Inner {
     sync: std::sync::OnceLock<Arc<crate::sync::SyncState>>,
     /// How long step attempts take.
     step_latency: crate::metrics::Histogram,
+    /// Runs whose driver waits for the journal to take a write, and the storage's latest failure.
+    storage: StorageHealth,
+}
+
+/// What `show`, `list` and `status` say while the journal's storage fails (a full disk): which
+/// runs wait for it, since when, and why.
+#[derive(Default)]
+struct StorageHealth {
+    /// Run id → when it started waiting (ms).
+    blocked: Mutex<HashMap<String, u64>>,
+    /// The latest storage error and when it began; cleared by the next successful write.
+    failing: Mutex<Option<(String, u64)>>,
+}
+
+impl StorageHealth {
+    fn failed(&self, run_id: Option<&str>, error: &JournalError, now_ms: u64) {
+        if let Some(id) = run_id {
+            lock(&self.blocked).entry(id.to_string()).or_insert(now_ms);
+        }
+        let mut f = lock(&self.failing);
+        let since = f.as_ref().map_or(now_ms, |(_, since)| *since);
+        *f = Some((error.to_string(), since));
+    }
+
+    fn wrote(&self, run_id: Option<&str>) {
+        let mut blocked = lock(&self.blocked);
+        if let Some(id) = run_id {
+            blocked.remove(id);
+        }
+        if blocked.is_empty() {
+            *lock(&self.failing) = None;
+        }
+    }
+}
+
+/// Opens the journal; test builds can put it on a backend that fails like a full disk.
+fn open_journal(path: &Path, config: &JournalConfig, clock: Arc<dyn Clock>) -> Result<Journal, JournalError> {
+    #[cfg(feature = "fault-injection")]
+    if let Some(marker) = std::env::var_os("OUTPOST_JOURNAL_FULL_DISK_MARKER") {
+        warn!(marker = ?marker, "fault injection: the journal fails like a full disk while the marker file exists");
+        let (path, marker) = (path.to_path_buf(), PathBuf::from(marker));
+        return Journal::open_backend(
+            move || outpost_shared::fault::FullDiskWhenMarked::open(&path, &marker),
+            config,
+            clock,
+        );
+    }
+    Journal::open(path, config, clock)
+}
+
+/// A run held up by the journal's storage, for `show` and `list`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StorageBlock {
+    /// The storage error, e.g. `journal storage error: I/O error: No space left on device`.
+    pub error: String,
+    /// When the run began waiting (ms).
+    pub since_ms: u64,
 }
 
 /// The running agent: journal, definitions and run drivers. Cheap to clone.
@@ -205,7 +262,7 @@ impl Runtime {
             source,
         })?;
         let journal_path = data_dir.join("journal.redb");
-        let journal = Journal::open(&journal_path, &config.journal, clock.clone())?;
+        let journal = open_journal(&journal_path, &config.journal, clock.clone())?;
         Ok(Runtime {
             inner: Arc::new(Inner {
                 journal,
@@ -223,6 +280,7 @@ impl Runtime {
                 pruned: Mutex::new(None),
                 sync: std::sync::OnceLock::new(),
                 step_latency: crate::metrics::Histogram::default(),
+                storage: StorageHealth::default(),
             }),
         })
     }
@@ -363,6 +421,23 @@ impl Runtime {
         self.start_run(req, false).await
     }
 
+    /// Why run `id` is not progressing when the journal cannot be written, if it is waiting for it.
+    pub fn storage_block(&self, id: &str) -> Option<StorageBlock> {
+        let since_ms = *lock(&self.inner.storage.blocked).get(id)?;
+        let error = lock(&self.inner.storage.failing)
+            .as_ref()
+            .map_or_else(|| "journal storage error".to_string(), |(e, _)| e.clone());
+        Some(StorageBlock { error, since_ms })
+    }
+
+    /// The journal's storage failure (its text and since when) and how many runs wait for it.
+    pub fn storage_failure(&self) -> Option<(String, u64, usize)> {
+        let blocked = lock(&self.inner.storage.blocked).len();
+        lock(&self.inner.storage.failing)
+            .as_ref()
+            .map(|(e, since)| (e.clone(), *since, blocked))
+    }
+
     async fn start_run(&self, req: StartRequest, child: bool) -> Result<StartResponse, RuntimeError> {
         let input = req.input.unwrap_or_else(|| Value::Object(Default::default()));
         let input_text = input.to_string();
@@ -398,7 +473,13 @@ impl Runtime {
             version: def.version(),
             input: input_text,
         };
-        match self.inner.journal.start_run(&run_id, event).await? {
+        let started = self.inner.journal.start_run(&run_id, event).await;
+        match &started {
+            Err(e @ JournalError::Storage(_)) => self.inner.storage.failed(None, e, self.inner.clock.now_ms()),
+            Err(_) => {}
+            Ok(_) => self.inner.storage.wrote(None),
+        }
+        match started? {
             Started::Existing(rec) => Ok(StartResponse {
                 run_id,
                 created: false,
@@ -1169,7 +1250,10 @@ impl Driver {
         let mut delay = Duration::from_millis(100);
         loop {
             match self.inner.journal.append(&self.st.run_id, events.clone()).await {
-                Ok(_) => break,
+                Ok(_) => {
+                    self.inner.storage.wrote(Some(&self.st.run_id));
+                    break;
+                }
                 Err(JournalError::RunFinished(_)) => {
                     // Finished elsewhere (cannot happen with one driver per run); stop deciding.
                     self.st.status = RunStatus::Cancelled;
@@ -1177,6 +1261,9 @@ impl Driver {
                     return;
                 }
                 Err(e) => {
+                    self.inner
+                        .storage
+                        .failed(Some(&self.st.run_id), &e, self.inner.clock.now_ms());
                     error!(error = %e, retry_in = ?delay, "cannot journal; the run waits and retries");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(30));
@@ -1205,9 +1292,13 @@ async fn append_durably(inner: &Inner, run_id: &str, events: Vec<Event>) -> bool
     let mut delay = Duration::from_millis(100);
     loop {
         match inner.journal.append(run_id, events.clone()).await {
-            Ok(_) => return true,
+            Ok(_) => {
+                inner.storage.wrote(Some(run_id));
+                return true;
+            }
             Err(JournalError::RunFinished(_) | JournalError::NoSuchRun(_)) => return false,
             Err(e) => {
+                inner.storage.failed(Some(run_id), &e, inner.clock.now_ms());
                 error!(error = %e, "cannot journal attempt start; retrying");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(30));

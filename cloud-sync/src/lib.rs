@@ -12,8 +12,6 @@ pub mod api;
 #[cfg(feature = "embedded-broker")]
 pub mod broker;
 pub mod console;
-#[cfg(feature = "fault-injection")]
-pub mod fault;
 pub mod lineage;
 pub mod service;
 pub mod store;

@@ -114,7 +114,7 @@ fn open_store(path: &std::path::Path) -> Result<Store, outpost_cloud_sync::store
         tracing::warn!(marker = ?marker, "fault injection: the store fails like a full disk while the marker file exists");
         let (path, marker) = (path.to_path_buf(), PathBuf::from(marker));
         return Store::open_with(Box::new(move || {
-            let backend = outpost_cloud_sync::fault::FullDiskWhenMarked::open(&path, &marker)
+            let backend = outpost_shared::fault::FullDiskWhenMarked::open(&path, &marker)
                 .map_err(|e| outpost_cloud_sync::store::StoreError::Storage(redb::StorageError::Io(e).into()))?;
             Ok(redb::Database::builder().create_with_backend(backend)?)
         }));

@@ -7,6 +7,8 @@
 pub mod broker;
 pub mod definition;
 pub mod expr;
+#[cfg(feature = "fault-injection")]
+pub mod fault;
 pub mod journal;
 pub mod protocol;
 

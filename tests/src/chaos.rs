@@ -181,7 +181,7 @@ fn compare_with_cloud(agent: &Agent, cloud: &Cloud, device: &str, timeout: Durat
 // ---------------------------------------------------------------------------------------------
 // Part 1: SIGKILLs under a mixed workload.
 
-const EFFECT: &str = r#"echo \"$OUTPOST_RUN_ID,$OUTPOST_STEP,$OUTPOST_IDEMPOTENCY_KEY\" >> LOG"#;
+const EFFECT: &str = r#"echo "$OUTPOST_RUN_ID,$OUTPOST_STEP,$OUTPOST_IDEMPOTENCY_KEY" >> LOG"#;
 
 fn mixed_definitions(log: &Path) -> Vec<(&'static str, String)> {
     let effect = EFFECT.replace("LOG", &log.display().to_string());
@@ -365,6 +365,7 @@ pub fn kills(work: &Path, kills: usize, seed: u64) -> Report {
     }
     let runs = all_runs(&agent);
     let (mut reexecuted, mut changed_keys, mut unjournaled, mut reran_in_flight) = (0u64, 0u64, 0u64, 0u64);
+    let mut unseen = 0u64;
     let mut children = 0usize;
     for run in &runs {
         let Some(id) = run["run_id"].as_str() else { continue };
@@ -394,6 +395,8 @@ pub fn kills(work: &Path, kills: usize, seed: u64) -> Report {
                 .get(&(id.to_string(), step.to_string()))
                 .cloned()
                 .unwrap_or_default();
+            // A completed step that left no effect would mean the log is not what it checks.
+            unseen += u64::from(!completed.is_empty() && ran.is_empty());
             unjournaled += ran.len().saturating_sub(starts.len()) as u64;
             reran_in_flight += ran.len().saturating_sub(1) as u64;
             let key = starts.first().map(|e| e["key"].as_str().unwrap_or("").to_string());
@@ -414,6 +417,7 @@ pub fn kills(work: &Path, kills: usize, seed: u64) -> Report {
         format!("{children} child runs, expected exactly {expected_children} (one per step visit and item)"),
     );
     r.figure("in-flight steps re-run with the same key", reran_in_flight);
+    r.zero("completed exec steps with no recorded effect", unseen);
     r.zero("committed steps re-executed", reexecuted);
     r.zero("effects without a journaled attempt", unjournaled);
     r.zero("keys that changed on re-run", changed_keys);

@@ -115,3 +115,74 @@ fn a_damaged_journal_is_named_with_what_to_do() {
     assert!(err.contains("journal.redb") && err.contains("move it aside"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+#[test]
+fn a_run_blocked_by_a_full_disk_says_so_everywhere_and_goes_on_when_space_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("disk-full");
+    let marker_s = marker.display().to_string();
+    let def = write(
+        dir.path(),
+        "slow.yaml",
+        // The step's ~900 KB output makes the journal grow, which is what a full disk refuses.
+        "name: slow\nversion: 1\nsteps:\n  - {id: work, action: exec, args: {command: sh, args: ['-c', 'sleep 1; yes x | head -c 900000']}}\n  - {id: after, action: set, depends_on: [work], args: {ok: true}}\n",
+    );
+    let agent = Agent::start_with_env(
+        &dir.path().join("data"),
+        &[],
+        &[("OUTPOST_JOURNAL_FULL_DISK_MARKER", &marker_s)],
+    );
+    agent.json(&["apply", &def]);
+    agent.json(&["start", "slow", "--id", "r1"]);
+    // The step is running; its completion cannot be journaled.
+    std::fs::write(&marker, b"grow").unwrap();
+    let run = outpost_tests::eventually(
+        std::time::Duration::from_secs(15),
+        "the run to be shown blocked",
+        || {
+            let r = agent.json(&["show", "r1"]);
+            (!r["blocked"].is_null()).then_some(r)
+        },
+    );
+    assert_eq!(run["status"], "running");
+    assert_eq!(run["blocked"]["reason"], "journal_storage", "{run}");
+    let waiting = run["waiting"].as_str().unwrap();
+    assert!(
+        waiting.contains("journal cannot be written") && waiting.contains("No space left"),
+        "{waiting}"
+    );
+    let text = String::from_utf8_lossy(&agent.cli(&["show", "r1"]).stdout).into_owned();
+    assert!(text.contains("blocked: the journal cannot be written"), "{text}");
+    let list = String::from_utf8_lossy(&agent.cli(&["list"]).stdout).into_owned();
+    assert!(list.contains("blocked: the journal cannot be written"), "{list}");
+    let status = agent.json(&["status"]);
+    assert_eq!(status["journal"]["storage_error"]["blocked_runs"], 1, "{status}");
+    let text = String::from_utf8_lossy(&agent.cli(&["status"]).stdout).into_owned();
+    assert!(
+        text.contains("CANNOT WRITE") && text.contains("1 runs blocked"),
+        "{text}"
+    );
+    // The cause is said once (it used to read `journal storage error: I/O error: journal storage
+    // error: I/O error: No space left on device`).
+    let cause = run["blocked"]["error"].as_str().unwrap();
+    assert!(cause.contains("No space left"), "{cause}");
+    assert_eq!(cause.matches("I/O error").count(), 1, "doubled: {cause}");
+    // A start that fits in the file's free pages still works (as on a real full disk); one that
+    // does not is refused with the cause said once.
+    let out = agent.cli(&["start", "slow", "--id", "r2"]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success() || err.matches("I/O error").count() == 1, "{err}");
+
+    std::fs::remove_file(&marker).unwrap();
+    let run = outpost_tests::eventually(std::time::Duration::from_secs(60), "the runs to finish", || {
+        let r = agent.json(&["show", "r1"]);
+        let done = agent.json(&["list", "--status", "running"]).as_array()?.is_empty();
+        (r["status"] == "completed" && done).then_some(r)
+    });
+    assert!(run["blocked"].is_null(), "{run}");
+    assert!(agent.json(&["status"])["journal"]["storage_error"].is_null());
+    assert!(
+        agent.log().contains("No space left on device"),
+        "the failure was not the injected one"
+    );
+}
