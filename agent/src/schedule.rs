@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::runtime::{Runtime, StartRequest};
+use crate::runtime::{Runtime, RuntimeError, StartRequest};
 
 /// 2024-01-01T00:00:00Z: a wall clock earlier than this has not been set yet.
 pub const MIN_PLAUSIBLE_MS: u64 = 1_704_067_200_000;
@@ -246,12 +246,23 @@ pub async fn run(rt: Runtime, mut changed: watch::Receiver<u64>) {
             if let Some(q) = queued.get(&qkey).copied() {
                 slots.insert(0, q);
             }
+            let mut store_cursor = p.cursor;
             for slot in slots {
                 let busy = rt.has_active_prefix(&e.prefix());
                 match (e.spec.overlap, busy) {
                     (_, false) | (Overlap::Allow, true) => {
                         queued.remove(&qkey);
-                        start(&rt, e, slot, p.catch_up && p.fire.contains(&slot)).await;
+                        if start(&rt, e, slot, p.catch_up && p.fire.contains(&slot)).await == Start::Later {
+                            // Refused for now (a full limit or outbox, a failing journal): the
+                            // cursor stays before this slot so it is due again, durably, and the
+                            // slots after it wait their turn.
+                            store_cursor = held_cursor(cursor, slot);
+                            if store_cursor == cursor {
+                                queued.insert(qkey.clone(), slot);
+                            }
+                            next = next.min(now + RETRY_REFUSED.as_millis() as u64);
+                            break;
+                        }
                     }
                     (Overlap::Skip, true) => {
                         info!(workflow = %e.workflow, schedule = %e.id, slot = %crate::api::rfc3339(slot), "previous run still active; slot skipped");
@@ -264,8 +275,8 @@ pub async fn run(rt: Runtime, mut changed: watch::Receiver<u64>) {
                     }
                 }
             }
-            if p.cursor != cursor
-                && let Some(c) = p.cursor
+            if store_cursor != cursor
+                && let Some(c) = store_cursor
                 && let Err(err) = rt.journal().put_cursor(&key, c).await
             {
                 warn!(error = %err, "cannot store schedule cursor; will retry");
@@ -290,7 +301,29 @@ pub async fn run(rt: Runtime, mut changed: watch::Receiver<u64>) {
     }
 }
 
-async fn start(rt: &Runtime, e: &Entry, slot: u64, catch_up: bool) {
+/// How soon a slot whose start was refused for now is tried again.
+const RETRY_REFUSED: Duration = Duration::from_secs(2);
+
+/// What became of a slot's start.
+#[derive(Debug, PartialEq, Eq)]
+enum Start {
+    /// Started, already started, or refused for good (logged): the slot is handled.
+    Handled,
+    /// Refused for now: try the slot again.
+    Later,
+}
+
+/// The cursor to keep when `slot` must be tried again: just before it, never behind `cursor`
+/// (a slot at or before the stored cursor was queued in memory and stays queued).
+fn held_cursor(cursor: Option<u64>, slot: u64) -> Option<u64> {
+    let before = slot.saturating_sub(1);
+    match cursor {
+        Some(c) if c >= before => Some(c),
+        _ => Some(before),
+    }
+}
+
+async fn start(rt: &Runtime, e: &Entry, slot: u64, catch_up: bool) -> Start {
     let mut input = e.spec.input.clone().unwrap_or_else(|| json!({}));
     if let Value::Object(m) = &mut input {
         m.insert("schedule".into(), json!(e.id));
@@ -304,9 +337,19 @@ async fn start(rt: &Runtime, e: &Entry, slot: u64, catch_up: bool) {
         id: Some(e.run_id(slot)),
     };
     match rt.start(req).await {
-        Ok(r) if r.created => info!(run_id = %r.run_id, schedule = %e.id, "scheduled run started"),
-        Ok(_) => {}
-        Err(err) => warn!(workflow = %e.workflow, schedule = %e.id, error = %err, "scheduled run not started"),
+        Ok(r) if r.created => {
+            info!(run_id = %r.run_id, schedule = %e.id, "scheduled run started");
+            Start::Handled
+        }
+        Ok(_) => Start::Handled,
+        Err(err @ (RuntimeError::Busy(_) | RuntimeError::Journal(_))) => {
+            warn!(workflow = %e.workflow, schedule = %e.id, slot = %crate::api::rfc3339(slot), error = %err, "scheduled run refused for now; the slot is tried again");
+            Start::Later
+        }
+        Err(err) => {
+            warn!(workflow = %e.workflow, schedule = %e.id, error = %err, "scheduled run not started");
+            Start::Handled
+        }
     }
 }
 
@@ -319,6 +362,24 @@ mod tests {
 
     fn every_min() -> Every {
         Every::Interval(MIN)
+    }
+
+    #[test]
+    fn a_refused_slot_holds_the_cursor_just_before_it() {
+        assert_eq!(held_cursor(Some(T0), T0 + MIN), Some(T0 + MIN - 1));
+        assert_eq!(held_cursor(None, T0), Some(T0 - 1));
+        // A queued slot older than the cursor leaves the cursor alone.
+        assert_eq!(held_cursor(Some(T0 + MIN), T0), Some(T0 + MIN));
+        // The held cursor makes the slot due again.
+        let p = plan(
+            &every_min(),
+            CatchUp::RunAll,
+            10,
+            held_cursor(Some(T0), T0 + MIN),
+            T0 + MIN + 5,
+            0,
+        );
+        assert_eq!(p.fire, vec![T0 + MIN]);
     }
 
     #[test]

@@ -108,8 +108,7 @@ fn run_json(id: &str, m: &RunMirror) -> Value {
 }
 
 async fn stats(State(s): S) -> R {
-    let store = s.store.clone();
-    let counters = blocking(move || store.counters()).await?;
+    let counters = s.counters().await?;
     let o = std::sync::atomic::Ordering::Relaxed;
     Ok(Json(json!({
         "messages": s.stats.messages.load(o),
@@ -127,15 +126,16 @@ async fn stats(State(s): S) -> R {
 async fn metrics(State(s): S) -> Result<impl IntoResponse, ApiError> {
     use std::fmt::Write as _;
     let store = s.store.clone();
-    let (devices, pending, counters) = blocking(move || {
+    let (devices, pending) = blocking(move || {
         let devices = store.devices()?;
         let mut pending = 0usize;
         for (id, _) in &devices {
             pending += store.pending(id)?.len();
         }
-        Ok((devices, pending, store.counters()?))
+        Ok((devices, pending))
     })
     .await?;
+    let counters = s.counters().await?;
     let o = std::sync::atomic::Ordering::Relaxed;
     let online = devices.iter().filter(|(_, d)| d.online()).count();
     let backlog: u64 = devices

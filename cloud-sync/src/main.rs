@@ -91,7 +91,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         demo = Some(start_demo(&args, &mqtt_url)?);
         queue_demo_lot(&service).await?;
     }
-    let serve = axum::serve(listener, api::router(service));
+    let serve = axum::serve(listener, api::router(service.clone()));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("cannot watch for SIGTERM")?;
     let served = tokio::select! {
@@ -104,6 +104,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(mut child) = demo {
         stop_child(&mut child);
     }
+    service.save_counts().await;
     served
 }
 

@@ -60,6 +60,36 @@ pub struct Service {
     changes: watch::Sender<u64>,
     /// Set when the message being handled hit a storage failure (see `handle`).
     retry: std::sync::atomic::AtomicBool,
+    /// Counts not yet written to the store; `flush_counts` writes them once a second.
+    unsaved_counts: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
+}
+
+/// How often batched counters reach the store.
+const COUNT_FLUSH: Duration = Duration::from_secs(1);
+
+/// Writes the service's batched counters to the store once a second, until the service is gone.
+/// A failed write keeps them for the next round.
+async fn flush_counts(service: std::sync::Weak<Service>) {
+    loop {
+        tokio::time::sleep(COUNT_FLUSH).await;
+        let Some(s) = service.upgrade() else { return };
+        let counts: Vec<(String, u64)> =
+            std::mem::take(&mut *s.unsaved_counts.lock().unwrap_or_else(|p| p.into_inner()))
+                .into_iter()
+                .collect();
+        if counts.is_empty() {
+            continue;
+        }
+        let store = s.store.clone();
+        let batch = counts.clone();
+        if let Err(e) = blocking(move || store.add_counts(&batch)).await {
+            warn!(error = %e, "cannot store counters; kept for the next try");
+            let mut unsaved = s.unsaved_counts.lock().unwrap_or_else(|p| p.into_inner());
+            for (k, v) in counts {
+                *unsaved.entry(k).or_default() += v;
+            }
+        }
+    }
 }
 
 /// Runs blocking store work off the async workers (the service, the API and the console).
@@ -89,7 +119,9 @@ impl Service {
             stats: Stats::default(),
             changes: watch::channel(0).0,
             retry: std::sync::atomic::AtomicBool::new(false),
+            unsaved_counts: std::sync::Mutex::new(Default::default()),
         });
+        tokio::spawn(flush_counts(Arc::downgrade(&service)));
         // Unbounded, so the poll task never waits on ingest while ingest waits on the poll task
         // to take its publishes (a birth answered with hundreds of pending commands deadlocked
         // here). The broker bounds it: every message in it is still unacked, and a broker
@@ -130,8 +162,38 @@ impl Service {
             protocol::clip(&detail, 512),
         );
         warn!(device, topic, reason, %detail, "message rejected");
+        *self
+            .unsaved_counts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(format!("rejected.{reason}"))
+            .or_default() += 1;
+    }
+
+    /// Writes the batched counters now (at shutdown, so a SIGTERM loses none).
+    pub async fn save_counts(&self) {
+        let counts: Vec<(String, u64)> =
+            std::mem::take(&mut *self.unsaved_counts.lock().unwrap_or_else(|p| p.into_inner()))
+                .into_iter()
+                .collect();
+        if counts.is_empty() {
+            return;
+        }
         let store = self.store.clone();
-        let _ = blocking(move || store.count(&format!("rejected.{reason}"))).await;
+        if let Err(e) = blocking(move || store.add_counts(&counts)).await {
+            warn!(error = %e, "cannot store counters at shutdown");
+        }
+    }
+
+    /// Every counter: the stored ones plus those not yet flushed.
+    pub async fn counters(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let store = self.store.clone();
+        let mut all: std::collections::BTreeMap<String, u64> =
+            blocking(move || store.counters()).await?.into_iter().collect();
+        for (k, v) in self.unsaved_counts.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            *all.entry(k.clone()).or_default() += v;
+        }
+        Ok(all.into_iter().collect())
     }
 
     /// Handles one message from a device; false when the store failed and the message must stay

@@ -177,3 +177,30 @@ fn a_clock_reset_to_1970_pauses_schedules_and_the_jump_back_fires_no_backlog() {
     let caught_up = resumed.difference(&paused).count();
     assert!((1..=5).contains(&caught_up), "{caught_up} slots after the second jump");
 }
+
+#[test]
+fn a_slot_refused_by_a_full_limit_is_tried_again_not_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    // One run at a time, each longer than the schedule's period; a start over the limit is
+    // refused (--when-full reject). Every slot must still run, one after another.
+    let def = "name: long\nversion: 1\nlimits: {max_runs: 1}\nschedules:\n  - {id: t, every: 1s, catch_up: run_all, max_catch_up: 100, overlap: allow}\nsteps:\n  - {id: s, action: exec, args: {command: sleep, args: ['1.3']}}\n";
+    let agent = Agent::start(&dir.path().join("data"), &["--when-full", "reject"]);
+    agent.json(&["apply", &write(dir.path(), "long.yaml", def)]);
+    std::thread::sleep(Duration::from_secs(8));
+    let got = slots(&agent, "long");
+    assert!(got.len() >= 3, "only {} slots ran in 8 s: {got:?}", got.len());
+    let first = *got.iter().next().unwrap();
+    let last = *got.iter().last().unwrap();
+    let missing: Vec<u64> = (first / 1000..=last / 1000)
+        .map(|s| s * 1000)
+        .filter(|s| !got.contains(s))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "slots lost to refused starts: {missing:?} (ran {got:?})"
+    );
+    assert!(
+        agent.log().contains("refused for now"),
+        "no start was refused; the test proved nothing"
+    );
+}
