@@ -278,7 +278,6 @@ pub async fn run_mqtt(rt: Runtime, mut changed: watch::Receiver<u64>, config: Mq
                         .flat_map(|(_, w)| w.clone())
                         .collect()
                 };
-                let mut acked = true;
                 for w in workflows {
                     let id = message_run_id(&w, &p.topic, &p.payload);
                     let source = format!("mqtt {}", p.topic);
@@ -286,12 +285,18 @@ pub async fn run_mqtt(rt: Runtime, mut changed: watch::Receiver<u64>, config: Mq
                         warn!(topic = %p.topic, bytes = p.payload.len(), limit = MAX_INPUT_BYTES, "trigger message larger than a run input; dropped");
                         continue;
                     }
-                    if let Delivery::Deferred = deliver(&rt, &w, id, message_input(&p.payload), &source).await {
-                        acked = false;
+                    // A start refused for now (a full limit, a failing journal) is tried again
+                    // here, unacked, while later messages wait behind it: acks go in order, and
+                    // the broker would redeliver it only after a reconnect that may never come.
+                    let mut delay = Duration::from_millis(500);
+                    while let Delivery::Deferred =
+                        deliver(&rt, &w, id.clone(), message_input(&p.payload), &source).await
+                    {
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(30));
                     }
                 }
-                // Unacked, the broker redelivers it after our next reconnect.
-                if acked && let Err(e) = client.ack(&p).await {
+                if let Err(e) = client.ack(&p).await {
                     warn!(error = %e, "cannot ack trigger message");
                 }
             }

@@ -126,3 +126,33 @@ fn files_dropped_in_a_watched_directory_start_one_run_each_and_bad_ones_are_set_
     let r = completed(&agent, "file:drop:", 2);
     assert_eq!(r.len(), 2, "{r:?}");
 }
+
+#[test]
+fn an_mqtt_trigger_refused_by_a_full_limit_is_retried_while_connected() {
+    let broker = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let def = "name: one\nversion: 1\nlimits: {max_runs: 1}\ntriggers:\n  - mqtt: plant/one\nsteps:\n  - {id: s, action: exec, args: {command: sleep, args: ['0.7']}}\n";
+    let flags = [
+        "--mqtt-broker",
+        &broker.url(),
+        "--mqtt-client-id",
+        "outpost-test-limit",
+        "--when-full",
+        "reject",
+    ];
+    let agent = Agent::start(&dir.path().join("data"), &flags);
+    agent.json(&["apply", &write(dir.path(), "one.yaml", def)]);
+    eventually(Duration::from_secs(10), "the trigger to subscribe", || {
+        agent.log().contains("MQTT trigger connected").then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    for i in 0..3 {
+        broker.publish("plant/one", &format!(r#"{{"id": "m{i}"}}"#));
+    }
+    let r = completed(&agent, "mqtt:one:", 3);
+    assert_eq!(r.len(), 3, "{r:?}");
+    assert!(
+        agent.log().contains("trigger deferred"),
+        "no start was refused; the test proved nothing"
+    );
+}
