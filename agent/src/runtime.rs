@@ -27,6 +27,10 @@ use crate::limits::{Limits, LimitsConfig};
 
 /// Largest run input accepted, in bytes of JSON.
 pub const MAX_INPUT_BYTES: usize = 256 * 1024;
+/// Signals one run holds that no step has taken yet.
+pub const MAX_PENDING_SIGNALS: usize = 256;
+/// Signals one run takes in its life (each is journaled and remembered for dedupe).
+pub const MAX_SIGNALS_PER_RUN: usize = 10_000;
 /// Largest step output journaled, in bytes of JSON.
 pub const MAX_OUTPUT_BYTES: usize = 256 * 1024;
 /// Longest run id.
@@ -504,6 +508,27 @@ impl Runtime {
     /// Starts a child run (for `workflow` and `map` steps); children were admitted with their
     /// parent, so they are not held back by run limits.
     pub(crate) async fn start_child(&self, req: StartRequest) -> Result<StartResponse, RuntimeError> {
+        // A child is a new run and takes room in the sync outbox like any start; it waits for
+        // that room (its parent's step waits with it) rather than failing the parent's step.
+        let mut delay = Duration::from_millis(500);
+        let mut said = false;
+        loop {
+            let exists = match req.id.as_deref() {
+                Some(id) => self.inner.journal.run(id)?.is_some(),
+                None => false,
+            };
+            match self.check_outbox() {
+                Err(e) if !exists => {
+                    if !said {
+                        warn!(child = ?req.id, error = %e, "child run waits for room in the sync outbox");
+                        said = true;
+                    }
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(10));
+                }
+                _ => break,
+            }
+        }
         self.start_run(req, true).await
     }
 
@@ -1136,6 +1161,21 @@ impl Driver {
             return Err(RuntimeError::Invalid(format!(
                 "signal payload is {} bytes; the limit is {MAX_INPUT_BYTES} bytes",
                 payload.len()
+            )));
+        }
+        // Every signal is journaled and kept (for dedupe) for the run's life: bound both what
+        // waits unconsumed and what one run can ever take, or a sender in a loop fills the disk.
+        let pending = self.st.signals.iter().filter(|s| !s.consumed).count();
+        if pending >= MAX_PENDING_SIGNALS {
+            return Err(RuntimeError::Invalid(format!(
+                "run '{}' already holds {pending} signals no step has taken (the limit is {MAX_PENDING_SIGNALS}); signal '{name}' refused",
+                self.st.run_id
+            )));
+        }
+        if self.st.signals.len() >= MAX_SIGNALS_PER_RUN {
+            return Err(RuntimeError::Invalid(format!(
+                "run '{}' has received {MAX_SIGNALS_PER_RUN} signals, the most one run takes; signal '{name}' refused (continue as new to reset)",
+                self.st.run_id
             )));
         }
         info!(signal = %name, id = %id, "signal received");

@@ -192,3 +192,52 @@ fn map_tolerates_up_to_n_failures_and_fails_fast_beyond() {
         .count();
     assert!(started < 8, "{started} of 8 items started after the first failure");
 }
+
+#[test]
+fn a_child_run_waits_for_room_in_the_sync_outbox() {
+    use outpost_tests::cloud::{Cloud, Proxy};
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = Cloud::embedded(&dir.path().join("cloud"));
+    let proxy = Proxy::start(cloud.mqtt);
+    let agent = Agent::start(
+        &dir.path().join("data"),
+        &[
+            "--cloud",
+            &proxy.url(),
+            "--device-id",
+            "gw-cap",
+            "--outbox-max-events",
+            "20",
+        ],
+    );
+    cloud.wait_presence("gw-cap", true, Duration::from_secs(20));
+    let child = "name: leaf\nversion: 1\nsteps:\n  - {id: a, action: set, args: {ok: true}}\n";
+    let parent = "name: tree\nversion: 1\nsteps:\n  - {id: nap, action: sleep, args: {duration: 1s}}\n  - {id: kid, action: workflow, depends_on: [nap], args: {workflow: leaf}}\n";
+    agent.json(&["apply", &write(dir.path(), "leaf.yaml", child)]);
+    agent.json(&["apply", &write(dir.path(), "tree.yaml", parent)]);
+    proxy.cut();
+    agent.json(&["start", "tree", "--id", "t1"]);
+    // Fill the outbox past its cap while the parent sleeps.
+    let mut filled = false;
+    for _ in 0..20 {
+        if !agent.cli(&["start", "leaf"]).status.success() {
+            filled = true;
+            break;
+        }
+    }
+    assert!(filled, "the outbox never filled");
+    std::thread::sleep(Duration::from_secs(3));
+    let ids: Vec<String> = runs(&agent)
+        .iter()
+        .map(|r| r["run_id"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        !ids.iter().any(|i| i == "t1:kid:1"),
+        "the child started past the outbox cap: {ids:?}"
+    );
+    assert_eq!(agent.json(&["show", "t1"])["status"], "running");
+    // The link returns, the cloud acknowledges, the child starts and the parent finishes.
+    proxy.restore();
+    let run = until(&agent, "t1", "the parent to finish", |r| r["status"] != "running");
+    assert_eq!(run["status"], "completed", "{run}");
+}

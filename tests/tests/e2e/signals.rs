@@ -272,3 +272,28 @@ steps:
     let list = agent.json(&["list"]);
     assert_eq!(list[0]["waiting"], before, "list says it too");
 }
+
+#[test]
+fn signals_nobody_takes_are_bounded_per_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let def = "name: nap\nversion: 1\nsteps:\n  - {id: z, action: sleep, args: {duration: 1h}}\n";
+    let agent = Agent::start(&dir.path().join("data"), &[]);
+    agent.json(&["apply", &write(dir.path(), "nap.yaml", def)]);
+    agent.json(&["start", "nap", "--id", "n1"]);
+    let limit = 256;
+    for i in 0..limit {
+        let out = agent.cli(&["signal", "n1", "spam", "--id", &format!("s{i}")]);
+        assert!(
+            out.status.success(),
+            "signal {i}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = agent.cli(&["signal", "n1", "spam", "--id", "one-too-many"]);
+    assert!(!out.status.success(), "signal {limit} was taken");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("already holds 256 signals"), "{err}");
+    // A repeat of one it holds is still just a repeat, and the run is unharmed.
+    assert!(agent.cli(&["signal", "n1", "spam", "--id", "s0"]).status.success());
+    assert_eq!(show(&agent, "n1")["status"], "running");
+}
