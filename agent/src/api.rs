@@ -162,6 +162,7 @@ async fn status(State(rt): AppState) -> ApiResult {
         "timers": {"pending": timers.len(), "next_at": timers.first().map(|t| rfc3339(t.0))},
         "retention": rt.last_prune().map(|(at, p)| json!({
             "last_at": rfc3339(at), "runs_deleted": p.runs, "events_deleted": p.events,
+            "commands_forgotten": p.commands, "definitions_deleted": p.definitions,
             "bytes_in_use_before": p.bytes_before,
         })),
     })))

@@ -6,7 +6,7 @@
 //! thread. Each event gets a device-wide, gap-free sequence number: the `events` table keyed by
 //! it is also the outbox that sync will ship from.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -246,6 +246,10 @@ pub struct Pruned {
     pub runs: u64,
     /// Events deleted.
     pub events: u64,
+    /// Applied-command rows forgotten.
+    pub commands: u64,
+    /// Definition versions deleted (not the newest, used by no run).
+    pub definitions: u64,
     /// Bytes in use (allocated pages) before the prune.
     pub bytes_before: u64,
 }
@@ -1083,8 +1087,65 @@ impl Writer {
         if pruned_through > 0 {
             t.cursors.insert(PRUNED_THROUGH, pruned_through)?;
         }
+        done.commands = prune_commands(t, policy.finished_before_ms, policy.max_runs)?;
+        done.definitions = prune_definitions(t)?;
         Ok(done)
     }
+}
+
+/// Index of applied commands by time: `cmdat/{ms:020}/{id}`, written beside `cmd/{id}`.
+pub const COMMAND_INDEX: &str = "cmdat/";
+
+/// The index key of command `id` applied at `ms`.
+pub fn command_index_key(ms: u64, id: &str) -> String {
+    format!("{COMMAND_INDEX}{ms:020}/{id}")
+}
+
+/// Forgets applied commands older than `before_ms` (at most `max` per pass): the cloud stops
+/// sending a command once it has its answer, so an old row only guards against a replay long
+/// after the fact.
+fn prune_commands(t: &mut Tables, before_ms: u64, max: usize) -> Result<u64, JournalError> {
+    let end = command_index_key(before_ms, "");
+    let old: Vec<String> =
+        t.kv.range(COMMAND_INDEX..end.as_str())?
+            .take(max)
+            .map(|r| r.map(|(k, _)| k.value().to_string()))
+            .collect::<Result<_, _>>()?;
+    for key in &old {
+        t.kv.remove(key.as_str())?;
+        if let Some((_, id)) = key[COMMAND_INDEX.len()..].split_once('/') {
+            t.kv.remove(format!("cmd/{id}").as_str())?;
+        }
+    }
+    Ok(old.len() as u64)
+}
+
+/// Deletes definition versions that are neither their name's newest nor used by a run still in
+/// the journal (a definition applied on every deploy would otherwise pile up forever).
+fn prune_definitions(t: &mut Tables) -> Result<u64, JournalError> {
+    let mut used = std::collections::HashSet::new();
+    for row in t.runs.iter()? {
+        let (_, v) = row?;
+        let rec = decode_run(v.value())?;
+        used.insert((rec.workflow, rec.version));
+    }
+    let mut newest: HashMap<String, u32> = HashMap::new();
+    let mut all = Vec::new();
+    for row in t.definitions.iter()? {
+        let (k, _) = row?;
+        let (name, version) = k.value();
+        let n = newest.entry(name.to_string()).or_insert(version);
+        *n = (*n).max(version);
+        all.push((name.to_string(), version));
+    }
+    let mut removed = 0;
+    for (name, version) in all {
+        if newest.get(&name) != Some(&version) && !used.contains(&(name.clone(), version)) {
+            t.definitions.remove((name.as_str(), version))?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
 }
 
 struct Tables<'txn> {
@@ -1140,6 +1201,39 @@ mod tests {
             version: 1,
             input: "{}".into(),
         }
+    }
+
+    #[tokio::test]
+    async fn retention_forgets_old_command_rows_and_unused_old_definitions() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(
+            &dir.path().join("j.redb"),
+            &JournalConfig::default(),
+            Arc::new(SystemClock),
+        )
+        .unwrap();
+        for v in 1..=3 {
+            j.put_definition("w", v, format!("{{\"v\": {v}}}")).await.unwrap();
+        }
+        j.start_run("r", started("w")).await.unwrap(); // pins w v1
+        for (id, at) in [("old", 1_000), ("new", 5_000)] {
+            j.put_kv(&format!("cmd/{id}"), b"result".to_vec()).await.unwrap();
+            j.put_kv(&command_index_key(at, id), Vec::new()).await.unwrap();
+        }
+        let policy = Retention {
+            finished_before_ms: 3_000,
+            max_bytes: u64::MAX,
+            keep_from_seq: 1,
+            max_runs: 100,
+        };
+        let p = j.prune(policy).await.unwrap();
+        assert_eq!((p.commands, p.definitions), (1, 1), "{p:?}");
+        assert!(j.kv("cmd/old").unwrap().is_none());
+        assert!(j.kv("cmd/new").unwrap().is_some());
+        let versions: Vec<u32> = j.definitions().unwrap().into_iter().map(|(_, v, _)| v).collect();
+        assert_eq!(versions, vec![1, 3], "v1 is used by a run, v3 is the newest");
+        let again = j.prune(policy).await.unwrap();
+        assert_eq!((again.commands, again.definitions), (0, 0));
     }
 
     fn needs_repair(path: &std::path::Path) -> bool {

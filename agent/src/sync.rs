@@ -789,6 +789,12 @@ async fn commands(
                     warn!(error = %e, "cannot store a command result");
                     continue;
                 }
+                // Retention forgets command rows by age through this index; without it the row
+                // stays until a later command writes one (never lost, only kept longer).
+                let index = crate::journal::command_index_key(rt.clock_ms(), &cmd.id);
+                if let Err(e) = rt.journal().put_kv(&index, Vec::new()).await {
+                    warn!(error = %e, "cannot index a command result for retention");
+                }
                 state.commands.fetch_add(1, Ordering::Relaxed);
                 r
             }
