@@ -221,9 +221,12 @@ pub async fn run(rt: Runtime, mut changed: watch::Receiver<u64>) {
     // A `queue_one` slot waiting for the previous run: (workflow, schedule) → slot.
     let mut queued: HashMap<(String, String), u64> = HashMap::new();
     let mut paused_logged = false;
+    let mut behind = ClockBehind::default();
+    let grace = clock_grace();
     loop {
         let now = rt.clock_ms();
-        let floor = rt.journal().last_event_ms().ok().flatten().unwrap_or(0);
+        let newest = rt.journal().last_event_ms().ok().flatten().unwrap_or(0);
+        let floor = behind.floor(now, newest, std::time::Instant::now(), grace);
         let mut next = now + MAX_SLEEP.as_millis() as u64;
         for e in &entries {
             let key = e.cursor_key();
@@ -301,6 +304,54 @@ pub async fn run(rt: Runtime, mut changed: watch::Receiver<u64>) {
     }
 }
 
+/// How long schedules wait for a plausible clock that reads earlier than the newest journaled
+/// event (NTP correcting a clock that had jumped ahead) before they trust it; without a bound a
+/// forward jump and its correction would pause every schedule until the clock caught up again.
+const CLOCK_GRACE: Duration = Duration::from_secs(600);
+
+fn clock_grace() -> Duration {
+    #[cfg(feature = "test-clock")]
+    if let Some(ms) = std::env::var("OUTPOST_CLOCK_GRACE_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        return Duration::from_millis(ms);
+    }
+    CLOCK_GRACE
+}
+
+/// Tracks how long a plausible clock has read earlier than the newest journaled event.
+#[derive(Debug, Default)]
+struct ClockBehind {
+    since: Option<std::time::Instant>,
+    warned: bool,
+}
+
+impl ClockBehind {
+    /// The floor to give `plan`: the newest event time, or 0 once a plausible clock has read
+    /// earlier than it for longer than `grace` (the clock was wrong before, not now).
+    fn floor(&mut self, now: u64, newest: u64, at: std::time::Instant, grace: Duration) -> u64 {
+        if now < MIN_PLAUSIBLE_MS || now + 1000 >= newest {
+            self.since = None;
+            self.warned = false;
+            return newest;
+        }
+        let since = *self.since.get_or_insert(at);
+        if at.duration_since(since) < grace {
+            return newest;
+        }
+        if !self.warned {
+            warn!(
+                clock = %crate::api::rfc3339(now),
+                newest_event = %crate::api::rfc3339(newest),
+                "the wall clock has read earlier than the newest journaled event for {grace:?}; trusting it (it had jumped ahead before) and running schedules again"
+            );
+            self.warned = true;
+        }
+        0
+    }
+}
+
 /// How soon a slot whose start was refused for now is tried again.
 const RETRY_REFUSED: Duration = Duration::from_secs(2);
 
@@ -362,6 +413,35 @@ mod tests {
 
     fn every_min() -> Every {
         Every::Interval(MIN)
+    }
+
+    #[test]
+    fn a_clock_behind_the_newest_event_is_trusted_after_the_grace() {
+        let mut b = ClockBehind::default();
+        let t0 = std::time::Instant::now();
+        let g = Duration::from_secs(600);
+        let newest = T0 + 365 * 24 * 3600 * 1000; // events from a clock a year ahead
+        assert_eq!(b.floor(T0, newest, t0, g), newest, "waits at first");
+        assert_eq!(b.floor(T0, newest, t0 + Duration::from_secs(599), g), newest);
+        assert_eq!(
+            b.floor(T0, newest, t0 + Duration::from_secs(600), g),
+            0,
+            "then trusts it"
+        );
+        let p = plan(&every_min(), CatchUp::RunAll, 3, Some(newest), T0, 0);
+        assert!(
+            p.paused.is_none() && p.cursor.is_some(),
+            "a future cursor restarts from now: {p:?}"
+        );
+        // An unset clock is never trusted, however long it stays unset.
+        let mut b = ClockBehind::default();
+        assert_eq!(b.floor(1_000, T0, t0, g), T0);
+        assert_eq!(b.floor(1_000, T0, t0 + Duration::from_secs(6000), g), T0);
+        // A clock caught up resets the wait.
+        let mut b = ClockBehind::default();
+        b.floor(T0, newest, t0, g);
+        assert_eq!(b.floor(newest, newest, t0 + Duration::from_secs(700), g), newest);
+        assert!(b.since.is_none());
     }
 
     #[test]

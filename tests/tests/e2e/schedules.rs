@@ -204,3 +204,38 @@ fn a_slot_refused_by_a_full_limit_is_tried_again_not_lost() {
         "no start was refused; the test proved nothing"
     );
 }
+
+#[test]
+fn a_clock_that_jumped_ahead_and_was_corrected_pauses_schedules_only_for_the_grace() {
+    let dir = tempfile::tempdir().unwrap();
+    let offset = dir.path().join("offset");
+    // The clock runs a day ahead while the schedule records events, then NTP corrects it.
+    std::fs::write(&offset, (24 * 3600 * 1000).to_string()).unwrap();
+    let agent = Agent::start_with_env(
+        &dir.path().join("data"),
+        &[],
+        &[
+            ("OUTPOST_CLOCK_OFFSET_FILE", offset.to_str().unwrap()),
+            ("OUTPOST_CLOCK_GRACE_MS", "2000"),
+        ],
+    );
+    agent.json(&["apply", &write(dir.path(), "all.yaml", &tick("all", "run_all", ""))]);
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(
+        !slots(&agent, "all").is_empty(),
+        "nothing ran while the clock was ahead"
+    );
+    std::fs::write(&offset, "0").unwrap();
+    let corrected = now_ms();
+    std::thread::sleep(Duration::from_millis(5000));
+    let after: Vec<u64> = slots(&agent, "all")
+        .into_iter()
+        .filter(|s| *s < corrected + 10_000)
+        .collect();
+    assert!(
+        !after.is_empty(),
+        "schedules still paused 5 s after the correction (they would wait a day): {:?}",
+        slots(&agent, "all")
+    );
+    assert!(agent.log().contains("trusting it"), "{}", agent.log());
+}
