@@ -711,7 +711,7 @@ impl Outcome {
 impl Writer {
     fn run(mut self, mut rx: mpsc::Receiver<Op>) {
         let mut batch = Vec::with_capacity(256);
-        while let Some(first) = rx.blocking_recv() {
+        while let Some(first) = self.next_op(&mut rx) {
             batch.push(first);
             while batch.len() < MAX_BATCH {
                 match rx.try_recv() {
@@ -735,6 +735,28 @@ impl Writer {
             }
         }
         self.close();
+    }
+
+    /// The next operation. While the database is closed after a storage error, it is reopened
+    /// every second meanwhile: readers get `Reopening` until then, and an idle agent may write
+    /// nothing for hours after the disk has space again.
+    fn next_op(&mut self, rx: &mut mpsc::Receiver<Op>) -> Option<Op> {
+        let mut last_try = std::time::Instant::now();
+        while self.db.is_none() {
+            match rx.try_recv() {
+                Ok(op) => return Some(op),
+                Err(mpsc::error::TryRecvError::Disconnected) => return None,
+                Err(mpsc::error::TryRecvError::Empty) => {}
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            if last_try.elapsed() >= std::time::Duration::from_secs(1) {
+                last_try = std::time::Instant::now();
+                if let Err(e) = self.reopen() {
+                    tracing::debug!(error = %e, "journal still cannot be reopened");
+                }
+            }
+        }
+        rx.blocking_recv()
     }
 
     /// Drops the database once no reader holds it, so redb writes its clean-shutdown state and

@@ -778,7 +778,7 @@ async fn commands(
                 }
             }
             _ => {
-                let r = apply(&rt, &cmd).await;
+                let Some(r) = apply(&rt, &cmd).await else { continue };
                 info!(command = %cmd.id, outcome = ?r.outcome, message = %r.message, "command applied");
                 if let Err(e) = rt
                     .journal()
@@ -816,8 +816,8 @@ fn result(id: &str, outcome: Outcome, message: String, detail: Value) -> Command
     }
 }
 
-/// Runs one command against the local runtime.
-async fn apply(rt: &Runtime, cmd: &Command) -> CommandResult {
+/// Applies one command; `None` when it could not be tried now (the journal is failing).
+async fn apply(rt: &Runtime, cmd: &Command) -> Option<CommandResult> {
     let json_of =
         |text: &str| serde_json::from_str::<Value>(text).map_err(|e| RuntimeError::Invalid(format!("not JSON: {e}")));
     let outcome: Result<Value, RuntimeError> = async {
@@ -873,8 +873,18 @@ async fn apply(rt: &Runtime, cmd: &Command) -> CommandResult {
     }
     .await;
     match outcome {
-        Ok(detail) => result(&cmd.id, Outcome::Applied, "applied".into(), detail),
-        Err(e) => result(&cmd.id, Outcome::Rejected, e.to_string(), json!({})),
+        Ok(detail) => Some(result(&cmd.id, Outcome::Applied, "applied".into(), detail)),
+        // The journal could not be written (a full disk, a reopen in progress): the command was
+        // not refused, it could not be tried. Nothing is recorded, so the cloud sends it again.
+        Err(RuntimeError::Journal(
+            e @ (crate::journal::JournalError::Storage(_)
+            | crate::journal::JournalError::Reopening
+            | crate::journal::JournalError::Closed),
+        )) => {
+            warn!(command = %cmd.id, error = %e, "command not applied: the journal cannot be written; it stays pending");
+            None
+        }
+        Err(e) => Some(result(&cmd.id, Outcome::Rejected, e.to_string(), json!({}))),
     }
 }
 

@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
-use crate::store::{Deployment, ReportedRow, Store, StoreError};
+use crate::store::{CommandRecord, Deployment, ReportedRow, Store, StoreError};
 
 /// Wall-clock now in ms.
 pub fn now_ms() -> u64 {
@@ -66,6 +66,56 @@ pub struct Service {
 
 /// How often batched counters reach the store.
 const COUNT_FLUSH: Duration = Duration::from_secs(1);
+
+/// How often commands still unanswered are sent again to online devices. A birth sends them
+/// too, but a command can be lost without a reconnect (the device could not store its result,
+/// a broker dropped it): this bounds how long it waits.
+const COMMAND_RESEND: Duration = Duration::from_secs(30);
+
+fn command_resend() -> Duration {
+    std::env::var("OUTPOST_CLOUD_COMMAND_RESEND_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(COMMAND_RESEND, Duration::from_millis)
+}
+
+/// Which pending commands to send again: those issued at least `every` ago (a newer one was
+/// just sent and may be in flight). The agent applies a command once per id, so a repeat is safe.
+fn due_for_resend(pending: &[(String, CommandRecord)], now_ms: u64, every: Duration) -> Vec<(String, CommandKind)> {
+    let cutoff = now_ms.saturating_sub(u64::try_from(every.as_millis()).unwrap_or(u64::MAX));
+    pending
+        .iter()
+        .filter(|(_, c)| c.created_ms <= cutoff)
+        .map(|(id, c)| (id.clone(), c.kind.clone()))
+        .collect()
+}
+
+/// Sends unanswered commands again to online devices every `every`, until the service is gone.
+async fn resend_pending(service: std::sync::Weak<Service>, every: Duration) {
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(s) = service.upgrade() else { return };
+        let store = s.store.clone();
+        let Ok(devices) = blocking(move || store.devices()).await else {
+            continue;
+        };
+        for (id, _) in devices.into_iter().filter(|(_, d)| d.online()) {
+            let store = s.store.clone();
+            let dev = id.clone();
+            let Ok(pending) = blocking(move || store.pending(&dev)).await else {
+                continue;
+            };
+            let due = due_for_resend(&pending, now_ms(), every);
+            if !due.is_empty() {
+                info!(device = %id, commands = due.len(), "sending unanswered commands again");
+            }
+            for (cid, kind) in due {
+                s.publish(&id, Channel::Command, &Body::Command(Command { id: cid, kind }), false)
+                    .await;
+            }
+        }
+    }
+}
 
 /// Writes the service's batched counters to the store once a second, until the service is gone.
 /// A failed write keeps them for the next round.
@@ -122,6 +172,7 @@ impl Service {
             unsaved_counts: std::sync::Mutex::new(Default::default()),
         });
         tokio::spawn(flush_counts(Arc::downgrade(&service)));
+        tokio::spawn(resend_pending(Arc::downgrade(&service), command_resend()));
         // Unbounded, so the poll task never waits on ingest while ingest waits on the poll task
         // to take its publishes (a birth answered with hundreds of pending commands deadlocked
         // here). The broker bounds it: every message in it is still unacked, and a broker
@@ -578,5 +629,33 @@ async fn ingest(service: Arc<Service>, mut rx: mpsc::UnboundedReceiver<rumqttc::
         if let Err(e) = service.client.ack(&p).await {
             warn!(error = %e, "cannot ack to the broker");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cmd(created_ms: u64) -> CommandRecord {
+        CommandRecord {
+            order: 1,
+            kind: CommandKind::Cancel {
+                run_id: "r".into(),
+                reason: "x".into(),
+            },
+            created_ms,
+            state: "pending".into(),
+            message: String::new(),
+            detail: String::new(),
+            answered_ms: None,
+        }
+    }
+
+    #[test]
+    fn only_commands_older_than_the_interval_are_sent_again() {
+        let pending = vec![("old".to_string(), cmd(1_000)), ("new".to_string(), cmd(40_000))];
+        let due = due_for_resend(&pending, 45_000, Duration::from_secs(30));
+        assert_eq!(due.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>(), vec!["old"]);
+        assert!(due_for_resend(&pending, 0, Duration::from_secs(30)).is_empty());
     }
 }

@@ -583,3 +583,47 @@ fn a_full_outbox_refuses_new_runs_and_retention_waits_for_the_cloud() {
     );
     assert!(agent.cli(&["start", "hello", "--id", "after"]).status.success());
 }
+
+#[test]
+fn a_command_the_gateway_could_not_record_is_sent_again_without_a_reconnect() {
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = Cloud::embedded_with_env(
+        &dir.path().join("cloud"),
+        &[("OUTPOST_CLOUD_COMMAND_RESEND_MS", "1000")],
+    );
+    let marker = dir.path().join("disk-full");
+    let marker_s = marker.display().to_string();
+    let agent = Agent::start_with_env(
+        &dir.path().join("agent"),
+        &["--cloud", &cloud.mqtt_url(), "--device-id", "gw3"],
+        &[("OUTPOST_JOURNAL_FULL_DISK_MARKER", &marker_s)],
+    );
+    online(&cloud, "gw3");
+    let def = "name: hello\nversion: 1\nsteps:\n  - {id: s, action: set, args: {hi: 1}}\n";
+    agent.json(&["apply", &write(dir.path(), "hello.yaml", def)]);
+    // The gateway's disk is full when the command arrives: it cannot try it, records nothing and
+    // reports nothing, so the command stays pending (it used to be answered `rejected` for good
+    // when a retry found the journal still reopening).
+    std::fs::write(&marker, b"").unwrap();
+    let (code, c) = cloud.send(
+        "POST",
+        "/v1/devices/gw3/commands",
+        &json!({"type": "start", "workflow": "hello", "id": "start-full", "run_id": "hello-full"}),
+    );
+    assert_eq!(code, 202, "{c}");
+    eventually(Duration::from_secs(10), "the gateway to put it off", || {
+        agent
+            .log()
+            .contains("the journal cannot be written; it stays pending")
+            .then_some(())
+    });
+    assert_eq!(cloud.get("/v1/devices/gw3/commands/start-full")["state"], "pending");
+    std::fs::remove_file(&marker).unwrap();
+    // Still connected, no new birth: the cloud sends it again by itself.
+    let done = eventually(Duration::from_secs(20), "the command to be applied", || {
+        let c = cloud.get("/v1/devices/gw3/commands/start-full");
+        (c["state"] == "applied").then_some(c)
+    });
+    assert_eq!(done["detail"]["run_id"], "hello-full", "{done}");
+    assert!(cloud.log().contains("sending unanswered commands again"));
+}
