@@ -158,11 +158,15 @@ pub fn layout(doc: &Document) -> Layout {
                 dist[start] = 0;
                 queue.push_back(start);
             }
+            let mut out: Vec<Vec<usize>> = vec![Vec::new(); n];
+            for e in &edges {
+                out[e.from].push(e.to);
+            }
             while let Some(i) = queue.pop_front() {
-                for e in edges.iter().filter(|e| e.from == i) {
-                    if dist[e.to] == usize::MAX {
-                        dist[e.to] = dist[i] + 1;
-                        queue.push_back(e.to);
+                for &to in &out[i] {
+                    if dist[to] == usize::MAX {
+                        dist[to] = dist[i] + 1;
+                        queue.push_back(to);
                     }
                 }
             }
@@ -204,8 +208,18 @@ fn short(s: &str, max: usize) -> String {
     }
 }
 
-/// The graph as inline SVG; every node carries `data-step` and `data-state`.
+/// Most steps a graph is drawn for: the layout is quadratic at worst and runs on the async
+/// workers, and a definition from a device may hold tens of thousands of steps.
+pub const MAX_GRAPH_STEPS: usize = 500;
+
+/// The graph as inline SVG; every node carries `data-step` and `data-state`. A definition with
+/// more than [`MAX_GRAPH_STEPS`] steps gets a note instead.
 pub fn svg(doc: &Document, states: &HashMap<String, StepState>) -> Markup {
+    if doc.steps.len() > MAX_GRAPH_STEPS {
+        return html! {
+            p.note { (doc.steps.len()) " steps: too many to draw (the graph is drawn up to " (MAX_GRAPH_STEPS) "); the step table lists them." }
+        };
+    }
     let lay = layout(doc);
     let width = lay.places.iter().map(|p| xy(*p).0 + W).max().unwrap_or(0) + PAD;
     let height = lay.places.iter().map(|p| xy(*p).1 + H).max().unwrap_or(0) + PAD + 24;
@@ -270,6 +284,28 @@ mod tests {
         let l = layout(&doc);
         assert_eq!(l.places, vec![(0, 0), (1, 0), (2, 0), (3, 0)]);
         assert_eq!(l.edges.len(), 4);
+    }
+
+    #[test]
+    fn a_definition_too_big_to_draw_gets_a_note_not_a_layout() {
+        // A reversed chain is the relaxation's worst case: 15,000² steps of work if drawn.
+        let steps: Vec<String> = (0..15_000)
+            .map(|i| {
+                let dep = if i + 1 < 15_000 {
+                    format!(r#","depends_on":["s{}"]"#, i + 1)
+                } else {
+                    String::new()
+                };
+                format!(r#"{{"id":"s{i}","action":"set"{dep}}}"#)
+            })
+            .collect();
+        let doc = parse_document(&format!(r#"{{"name":"w","version":1,"steps":[{}]}}"#, steps.join(","))).unwrap();
+        let out = svg(&doc, &HashMap::new()).into_string();
+        assert!(
+            out.contains("15000 steps: too many to draw"),
+            "{}",
+            &out[..out.len().min(200)]
+        );
     }
 
     #[test]
