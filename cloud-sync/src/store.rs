@@ -26,6 +26,8 @@ const DEPLOYMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("deployme
 const DESIRED: TableDefinition<&str, &[u8]> = TableDefinition::new("desired");
 const REPORTED: TableDefinition<&str, &[u8]> = TableDefinition::new("reported");
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
+/// Most commands that wait for one device.
+pub const MAX_PENDING_COMMANDS: usize = 1000;
 /// Definitions each device holds (from its inventory), by (device, workflow, version).
 const DEFINITIONS: TableDefinition<(&str, &str, u32), &str> = TableDefinition::new("definitions");
 /// Events whose record does not decode, kept by (device, seq) for forensics: the sequence is
@@ -831,6 +833,17 @@ impl Store {
             if let Some(existing) = cmds.get((device, id))? {
                 return dec("command", existing.value());
             }
+            // An offline device's outbox only grows: bound it, and say so to whoever queues.
+            let waiting = txn
+                .open_table(OUTBOX)?
+                .range((device, 0u64)..=(device, u64::MAX))?
+                .take(MAX_PENDING_COMMANDS)
+                .count();
+            if waiting >= MAX_PENDING_COMMANDS {
+                return Err(StoreError::Invalid(format!(
+                    "device '{device}' already has {MAX_PENDING_COMMANDS} commands waiting for it (the limit); let it come online and answer them first"
+                )));
+            }
             let order = Self::bump(&mut txn.open_table(COUNTERS)?, "command_order")?;
             let rec = CommandRecord {
                 order,
@@ -1297,6 +1310,24 @@ mod tests {
         assert!(!s.device("gw").unwrap().unwrap().online());
         s.birth("gw", &birth(3, 1, 0, 1), 4).unwrap();
         assert!(s.device("gw").unwrap().unwrap().online());
+    }
+
+    #[test]
+    fn an_offline_devices_outbox_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("c.redb")).unwrap();
+        let kind = CommandKind::Cancel {
+            run_id: "r".into(),
+            reason: "x".into(),
+        };
+        for i in 0..MAX_PENDING_COMMANDS {
+            s.add_command("gw", &format!("c{i}"), kind.clone(), 0).unwrap();
+        }
+        let e = s.add_command("gw", "one-more", kind.clone(), 0).unwrap_err();
+        assert!(e.to_string().contains("already has 1000 commands waiting"), "{e}");
+        // A repeat of a queued id is still just that command; another device is not affected.
+        assert!(s.add_command("gw", "c0", kind.clone(), 0).is_ok());
+        assert!(s.add_command("gw2", "c0", kind, 0).is_ok());
     }
 
     #[test]
