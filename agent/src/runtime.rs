@@ -184,31 +184,53 @@ struct Inner {
 
 /// What `show`, `list` and `status` say while the journal's storage fails (a full disk): which
 /// runs wait for it, since when, and why.
-#[derive(Default)]
 struct StorageHealth {
     /// Run id → when it started waiting (ms).
     blocked: Mutex<HashMap<String, u64>>,
     /// The latest storage error and when it began; cleared by the next successful write.
     failing: Mutex<Option<(String, u64)>>,
+    /// Bumped when the set of blocked runs or the failure changes (sync announces it).
+    changes: watch::Sender<u64>,
+}
+
+impl Default for StorageHealth {
+    fn default() -> Self {
+        StorageHealth {
+            blocked: Mutex::new(HashMap::new()),
+            failing: Mutex::new(None),
+            changes: watch::channel(0).0,
+        }
+    }
 }
 
 impl StorageHealth {
     fn failed(&self, run_id: Option<&str>, error: &JournalError, now_ms: u64) {
-        if let Some(id) = run_id {
-            lock(&self.blocked).entry(id.to_string()).or_insert(now_ms);
+        let mut changed = false;
+        if let Some(id) = run_id
+            && !lock(&self.blocked).contains_key(id)
+        {
+            lock(&self.blocked).insert(id.to_string(), now_ms);
+            changed = true;
         }
         let mut f = lock(&self.failing);
+        changed |= f.is_none();
         let since = f.as_ref().map_or(now_ms, |(_, since)| *since);
         *f = Some((error.to_string(), since));
+        drop(f);
+        if changed {
+            self.changes.send_modify(|n| *n = n.wrapping_add(1));
+        }
     }
 
     fn wrote(&self, run_id: Option<&str>) {
         let mut blocked = lock(&self.blocked);
-        if let Some(id) = run_id {
-            blocked.remove(id);
-        }
+        let mut changed = run_id.is_some_and(|id| blocked.remove(id).is_some());
         if blocked.is_empty() {
-            *lock(&self.failing) = None;
+            changed |= lock(&self.failing).take().is_some();
+        }
+        drop(blocked);
+        if changed {
+            self.changes.send_modify(|n| *n = n.wrapping_add(1));
         }
     }
 }
@@ -432,6 +454,19 @@ impl Runtime {
             .as_ref()
             .map_or_else(|| "journal storage error".to_string(), |(e, _)| e.clone());
         Some(StorageBlock { error, since_ms })
+    }
+
+    /// Up to `max` ids of runs waiting for the journal to take a write, oldest wait first.
+    pub fn blocked_runs(&self, max: usize) -> Vec<String> {
+        let blocked = lock(&self.inner.storage.blocked);
+        let mut ids: Vec<(&u64, &String)> = blocked.iter().map(|(id, since)| (since, id)).collect();
+        ids.sort();
+        ids.into_iter().take(max).map(|(_, id)| id.clone()).collect()
+    }
+
+    /// Changes whenever runs start or stop waiting for the journal's storage.
+    pub fn storage_changes(&self) -> watch::Receiver<u64> {
+        self.inner.storage.changes.subscribe()
     }
 
     /// The journal's storage failure (its text and since when) and how many runs wait for it.

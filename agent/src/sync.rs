@@ -304,6 +304,8 @@ fn announce(rt: &Runtime, config: &SyncConfig, state: &SyncState, topics: &Topic
         journal_id: state.journal_id.load(Ordering::Relaxed),
         announcement: state.announcements.fetch_add(1, Ordering::Relaxed) + 1,
         resend_from: journal.resend_floor().unwrap_or(1),
+        storage_error: rt.storage_failure().map(|(e, _, _)| e).unwrap_or_default(),
+        blocked_runs: rt.blocked_runs(protocol::MAX_BLOCKED_RUNS_LISTED),
     });
     let topic = topics.topic(&config.device, Channel::Birth);
     match protocol::encode_checked(&birth) {
@@ -411,8 +413,26 @@ pub async fn start(rt: Runtime, config: SyncConfig) -> Result<Arc<SyncState>, Ru
         client.clone(),
         session_rx,
     ));
+    tokio::spawn(storage_announcements(
+        rt.clone(),
+        config.clone(),
+        state.clone(),
+        client.clone(),
+    ));
     tokio::spawn(commands(rt, config, state.clone(), client, cmd_rx));
     Ok(state)
+}
+
+/// Announces again whenever the journal starts or stops failing, so cloud-sync's view of the
+/// gateway (and the console) says when its runs wait for storage.
+async fn storage_announcements(rt: Runtime, config: SyncConfig, state: Arc<SyncState>, client: AsyncClient) {
+    let topics = Topics::new(&config.prefix);
+    let mut changes = rt.storage_changes();
+    while changes.changed().await.is_ok() {
+        if state.connected.load(Ordering::Relaxed) {
+            announce(&rt, &config, &state, &topics, &client);
+        }
+    }
 }
 
 /// Where the poll task hands what arrives.

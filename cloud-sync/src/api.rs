@@ -233,6 +233,12 @@ async fn device(State(s): S, Path(id): Path<String>) -> R {
         let mut v = device_json(&id, &d);
         v["runs"] = store.runs(&id)?.len().into();
         v["pending_commands"] = store.pending(&id)?.len().into();
+        v["storage"] = match store.gateway_health(&id)? {
+            Some(h) => json!({
+                "error": h.storage_error, "since": rfc3339(h.since_ms), "blocked_runs": h.blocked_runs,
+            }),
+            None => Value::Null,
+        };
         let lin = store.lineage(&id)?;
         v["journal"] = json!({
             "id": format!("{:016x}", lin.journal_id),

@@ -40,6 +40,19 @@ const LINEAGE: TableDefinition<&str, &[u8]> = TableDefinition::new("lineage");
 /// Events set aside because the device's journal no longer has them, by (device, archive, seq):
 /// kept for forensics, never shown as the device's history.
 const ARCHIVE: TableDefinition<(&str, u64, u64), &[u8]> = TableDefinition::new("archive");
+/// Device → `GatewayHealth`, while its newest birth says its journal cannot be written.
+const GATEWAY_HEALTH: TableDefinition<&str, &[u8]> = TableDefinition::new("gateway_health");
+
+/// What a device's newest birth says about its journal's storage, while it fails.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GatewayHealth {
+    /// The storage error, as the gateway says it.
+    pub storage_error: String,
+    /// Runs waiting for the journal (at most `protocol::MAX_BLOCKED_RUNS_LISTED`).
+    pub blocked_runs: Vec<String>,
+    /// When cloud-sync first heard of it.
+    pub since_ms: u64,
+}
 
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +99,11 @@ storage_from!(
 #[derive(Serialize, Deserialize)]
 enum Row<T> {
     V1(T),
+}
+
+/// A device's own words kept short (it is shown on every page of that device).
+fn protocol_clip(text: &str) -> String {
+    outpost_shared::protocol::clip(text, 512)
 }
 
 fn enc<T: Serialize>(v: &T) -> Vec<u8> {
@@ -480,6 +498,7 @@ impl Store {
         txn.open_table(QUARANTINE)?;
         txn.open_table(LINEAGE)?;
         txn.open_table(ARCHIVE)?;
+        txn.open_table(GATEWAY_HEALTH)?;
         txn.commit()?;
         Ok(())
     }
@@ -599,6 +618,26 @@ impl Store {
                 d.agent_version = b.agent_version.clone();
                 d.labels = b.labels.clone();
                 lineages.insert(id, enc(&lin).as_slice())?;
+                let mut health = txn.open_table(GATEWAY_HEALTH)?;
+                if b.storage_error.is_empty() {
+                    health.remove(id)?;
+                } else {
+                    let since_ms = match health.get(id)? {
+                        Some(v) => dec::<GatewayHealth>("gateway health", v.value())?.since_ms,
+                        None => now,
+                    };
+                    let h = GatewayHealth {
+                        storage_error: protocol_clip(&b.storage_error),
+                        blocked_runs: b
+                            .blocked_runs
+                            .iter()
+                            .take(outpost_shared::protocol::MAX_BLOCKED_RUNS_LISTED)
+                            .cloned()
+                            .collect(),
+                        since_ms,
+                    };
+                    health.insert(id, enc(&h).as_slice())?;
+                }
             }
             d.last_seen_ms = now;
             devices.insert(id, enc(&d).as_slice())?;
@@ -610,6 +649,11 @@ impl Store {
         };
         txn.commit()?;
         Ok(out)
+    }
+
+    /// What the device's newest birth says about its journal's storage, while it fails.
+    pub fn gateway_health(&self, id: &str) -> Result<Option<GatewayHealth>, StoreError> {
+        self.get_row(GATEWAY_HEALTH, id, "gateway health")
     }
 
     /// Which journal a device's events come from, and what was set aside or lost.
@@ -1076,6 +1120,8 @@ mod tests {
             labels: Vec::new(),
             journal_id,
             resend_from,
+            storage_error: String::new(),
+            blocked_runs: Vec::new(),
         }
     }
 

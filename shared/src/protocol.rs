@@ -67,7 +67,15 @@ pub struct Birth {
     /// The oldest sequence this journal can still send; retention has removed events before it.
     /// A cloud that expects an older one has lost them for good (a restored or lost store).
     pub resend_from: u64,
+    /// Why the journal cannot be written right now (a full disk), or empty; runs wait meanwhile.
+    /// The agent announces again when this changes, so the fleet view says it.
+    pub storage_error: String,
+    /// Runs waiting for the journal to take a write (at most [`MAX_BLOCKED_RUNS_LISTED`] ids).
+    pub blocked_runs: Vec<String>,
 }
+
+/// Most blocked run ids a birth lists.
+pub const MAX_BLOCKED_RUNS_LISTED: usize = 64;
 
 /// The agent is gone (the MQTT Last Will, registered at connect).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

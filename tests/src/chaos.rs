@@ -734,6 +734,8 @@ fn hostile_inputs(agent_device: &str) -> Vec<(&'static str, Send, Counter)> {
         journal_id: 1,
         announcement: 1,
         resend_from: 1,
+        storage_error: String::new(),
+        blocked_runs: Vec::new(),
     });
     let nested_json = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
     let yaml_bomb = {

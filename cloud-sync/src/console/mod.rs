@@ -121,6 +121,7 @@ async fn device(State(s): S, Path(id): Path<String>, Query(flash): Query<Flash>)
             reported: store.reported(&id)?,
             commands: store.commands(&id, 100)?,
             workflows: store.workflows(&id)?,
+            health: store.gateway_health(&id)?,
             device,
             id,
         })
@@ -148,7 +149,9 @@ async fn run(
             .filter(|(_, c)| pages::command_run(&c.kind) == Some(run.as_str()))
             .collect();
         let online = store.device(&id)?.is_some_and(|d| d.online());
+        let health = store.gateway_health(&id)?;
         Ok(pages::RunView {
+            health,
             device: id,
             online,
             run_id: run,

@@ -10,7 +10,7 @@ use outpost_shared::journal::{Event, Record, rfc3339};
 use outpost_shared::protocol::CommandKind;
 
 use super::graph;
-use crate::store::{CommandRecord, Deployment, DesiredRow, Device, ReportedRow, RunMirror};
+use crate::store::{CommandRecord, Deployment, DesiredRow, Device, GatewayHealth, ReportedRow, RunMirror};
 
 /// A one-off message after a form was sent.
 #[derive(Default)]
@@ -271,6 +271,22 @@ pub struct DeviceView {
     pub commands: Vec<(String, CommandRecord)>,
     /// Workflows it holds (name, newest version).
     pub workflows: Vec<(String, u32)>,
+    /// Its journal's storage failure, while its newest birth reports one.
+    pub health: Option<GatewayHealth>,
+}
+
+/// The banner a device whose journal cannot be written gets on its pages.
+fn storage_banner(h: &GatewayHealth, now: u64) -> Markup {
+    html! {
+        div.banner.error #storage-banner {
+            strong { "The gateway's journal cannot be written" }
+            " (since " (ago(h.since_ms, now)) "): " (h.storage_error)
+            ". Its runs wait and go on by themselves once it can write again; free disk space on the gateway."
+            @if !h.blocked_runs.is_empty() {
+                " Blocked: " (h.blocked_runs.join(", "))
+            }
+        }
+    }
 }
 
 fn pretty(json_text: &str) -> String {
@@ -329,6 +345,9 @@ pub fn device(v: &DeviceView, f: &Flash, now: u64) -> Markup {
                     " · " (v.device.next_seq.saturating_sub(1)) " events stored, " (backlog(&v.device)) " still to sync"
                     @for (k, val) in &v.device.labels { " " span.label { (k) "=" (val) } }
                 }
+            }
+            div #device-storage data-live {
+                @if let Some(h) = &v.health { (storage_banner(h, now)) }
             }
             (flash(f))
             div.grid {
@@ -428,6 +447,8 @@ pub struct RunView {
     pub document: Option<Document>,
     /// Commands about this run, newest first.
     pub commands: Vec<(String, CommandRecord)>,
+    /// The device's journal storage failure, while its newest birth reports one.
+    pub health: Option<GatewayHealth>,
 }
 
 /// Steps that wait for an approval now: (step, visit).
@@ -638,6 +659,15 @@ pub fn run(v: &RunView, f: &Flash, now: u64) -> Markup {
                     " · " @if v.mirror.finished_ms.is_some() { "took " } @else { "running for " } (run_duration(&v.mirror, now))
                     " · " (v.mirror.events) " events"
                     @if !v.online { " · " span.badge.offline { "device offline" } }
+                }
+            }
+            @if let Some(h) = v.health.as_ref().filter(|_| active) {
+                div #run-storage data-live {
+                    @if h.blocked_runs.contains(&v.run_id) {
+                        div.banner.error { strong { "Blocked:" } " this run waits for the gateway's journal, which cannot be written (" (h.storage_error) "); it goes on by itself once it can." }
+                    } @else {
+                        (storage_banner(h, now))
+                    }
                 }
             }
             (flash(f))

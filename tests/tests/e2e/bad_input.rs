@@ -117,7 +117,7 @@ fn a_damaged_journal_is_named_with_what_to_do() {
 }
 
 #[test]
-fn a_run_blocked_by_a_full_disk_says_so_everywhere_and_goes_on_when_space_returns() {
+fn a_run_blocked_by_a_full_disk_says_so_everywhere_even_the_console_and_goes_on_when_space_returns() {
     let dir = tempfile::tempdir().unwrap();
     let marker = dir.path().join("disk-full");
     let marker_s = marker.display().to_string();
@@ -127,11 +127,13 @@ fn a_run_blocked_by_a_full_disk_says_so_everywhere_and_goes_on_when_space_return
         // The step's ~900 KB output makes the journal grow, which is what a full disk refuses.
         "name: slow\nversion: 1\nsteps:\n  - {id: work, action: exec, args: {command: sh, args: ['-c', 'sleep 1; yes x | head -c 900000']}}\n  - {id: after, action: set, depends_on: [work], args: {ok: true}}\n",
     );
+    let cloud = outpost_tests::cloud::Cloud::embedded(&dir.path().join("cloud"));
     let agent = Agent::start_with_env(
         &dir.path().join("data"),
-        &[],
+        &["--cloud", &cloud.mqtt_url(), "--device-id", "gw-full"],
         &[("OUTPOST_JOURNAL_FULL_DISK_MARKER", &marker_s)],
     );
+    cloud.wait_presence("gw-full", true, std::time::Duration::from_secs(20));
     agent.json(&["apply", &def]);
     agent.json(&["start", "slow", "--id", "r1"]);
     // The step is running; its completion cannot be journaled.
@@ -162,6 +164,21 @@ fn a_run_blocked_by_a_full_disk_says_so_everywhere_and_goes_on_when_space_return
         text.contains("CANNOT WRITE") && text.contains("1 runs blocked"),
         "{text}"
     );
+    // The console says it too: the gateway announces its storage failure and blocked runs.
+    let dev = outpost_tests::eventually(std::time::Duration::from_secs(15), "the cloud to hear of it", || {
+        cloud.device("gw-full").filter(|d| !d["storage"].is_null())
+    });
+    assert_eq!(dev["storage"]["blocked_runs"], serde_json::json!(["r1"]), "{dev}");
+    let page = |path: &str| {
+        let (code, body) = outpost_tests::cloud::http("GET", cloud.api, path, None).unwrap();
+        assert_eq!(code, 200, "{path}");
+        body.to_string()
+    };
+    assert!(
+        page("/devices/gw-full").contains("journal cannot be written"),
+        "device page"
+    );
+    assert!(page("/devices/gw-full/runs/r1").contains("Blocked:"), "run page");
     // The cause is said once (it used to read `journal storage error: I/O error: journal storage
     // error: I/O error: No space left on device`).
     let cause = run["blocked"]["error"].as_str().unwrap();
@@ -185,4 +202,10 @@ fn a_run_blocked_by_a_full_disk_says_so_everywhere_and_goes_on_when_space_return
         agent.log().contains("No space left on device"),
         "the failure was not the injected one"
     );
+    outpost_tests::eventually(
+        std::time::Duration::from_secs(15),
+        "the cloud to hear it is over",
+        || cloud.device("gw-full").filter(|d| d["storage"].is_null()),
+    );
+    assert!(!page("/devices/gw-full").contains("journal cannot be written"));
 }
