@@ -182,6 +182,14 @@ enum Cmd {
     Bench(crate::bench::BenchArgs),
     /// Run a Modbus TCP simulator (an in-memory PLC) for recipes and tests; logs writes as JSON.
     ModbusSim(ModbusSimArgs),
+    /// Read every row of the journal file (DATA_DIR/journal.redb) and say whether it is whole.
+    /// `outpost run` does this in a child process before it opens the journal, so a damaged
+    /// file is refused by name instead of crashing the agent.
+    JournalCheck {
+        /// The journal file [default: DATA_DIR/journal.redb].
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
 }
 
 #[derive(Args)]
@@ -369,6 +377,9 @@ pub fn main() -> ExitCode {
         Cmd::Run(args) => run_daemon(&cli.data_dir, &socket, *args),
         Cmd::Validate { files, equipment } => validate(&files, equipment.as_deref(), cli.json),
         Cmd::ModbusSim(args) => run_modbus_sim(args),
+        Cmd::JournalCheck { file } => {
+            journal_check(&file.unwrap_or_else(|| cli.data_dir.join("journal.redb")), cli.json)
+        }
         Cmd::Bench(args) => block_on(async { crate::bench::run(args).await.map_err(Failure::from) }),
         other => block_on(remote(Client::new(socket), other, cli.json)),
     };
@@ -921,7 +932,9 @@ async fn remote(client: Client, cmd: Cmd, as_json: bool) -> Result<u8, Failure> 
             });
             Ok(exit::OK)
         }
-        Cmd::Run(_) | Cmd::Validate { .. } | Cmd::Bench(_) | Cmd::ModbusSim(_) => Ok(exit::OK),
+        Cmd::Run(_) | Cmd::Validate { .. } | Cmd::Bench(_) | Cmd::ModbusSim(_) | Cmd::JournalCheck { .. } => {
+            Ok(exit::OK)
+        }
     }
 }
 
@@ -985,6 +998,64 @@ fn table(headers: &[&str], rows: &[Vec<String>]) {
     }
 }
 
+fn journal_check(file: &Path, as_json: bool) -> Result<u8, Failure> {
+    if !file.exists() {
+        return Err(Failure::new(
+            exit::INVALID,
+            format!("{}: no such journal file", file.display()),
+        ));
+    }
+    let v = crate::journal::verify(file)
+        .map_err(|e| Failure::new(exit::FAILURE, format!("journal {} is damaged: {e}", file.display())))?;
+    if as_json {
+        print_json(&json!({"file": file.display().to_string(), "ok": true, "rows": v.rows, "bytes": v.bytes}));
+    } else {
+        println!(
+            "journal {}: whole ({} rows, {} bytes of values)",
+            file.display(),
+            v.rows,
+            v.bytes
+        );
+    }
+    Ok(exit::OK)
+}
+
+/// Checks the journal in a child process (`outpost journal-check`) before this process opens it:
+/// redb panics on some damaged files, and with `panic = "abort"` that would be a crash loop under
+/// systemd. Falls back to checking in-process when the binary cannot run itself (qemu-user).
+fn check_journal_first(file: &Path) -> Result<(), String> {
+    if !file.exists() {
+        return Ok(());
+    }
+    let out = std::env::current_exe().and_then(|exe| {
+        std::process::Command::new(exe)
+            .arg("journal-check")
+            .arg("--file")
+            .arg(file)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .output()
+    });
+    match out {
+        Ok(o) if o.status.success() => Ok(()),
+        Ok(o) => {
+            use std::os::unix::process::ExitStatusExt;
+            let text = String::from_utf8_lossy(&o.stderr);
+            let said = text.lines().find_map(|l| l.strip_prefix("error: ")).map(str::trim);
+            Err(match (o.status.signal(), said) {
+                (Some(sig), _) => format!("reading it crashed the check (signal {sig})"),
+                (None, Some(said)) => format!("the check said: {}", outpost_shared::protocol::clip(said, 300)),
+                (None, None) => format!("reading it crashed the check ({})", o.status),
+            })
+        }
+        Err(e) => {
+            warn!(error = %e, "cannot run the journal check in a child process; checking here");
+            crate::journal::verify(file).map(drop).map_err(|e| e.to_string())
+        }
+    }
+}
+
 fn run_daemon(data_dir: &Path, socket: &Path, args: RunArgs) -> Result<u8, Failure> {
     init_tracing();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -1040,6 +1111,18 @@ async fn daemon(data_dir: &Path, socket: &Path, args: RunArgs) -> Result<u8, Fai
     };
     #[cfg(not(feature = "test-clock"))]
     let clock: Arc<dyn crate::clock::Clock> = Arc::new(crate::clock::SystemClock);
+    let journal_file = data_dir.join("journal.redb");
+    if let Err(why) = check_journal_first(&journal_file) {
+        return Err(Failure::new(
+            exit::FAILURE,
+            format!(
+                "the journal {0} is damaged: {why}\n  stop every outpost using it, move it aside (mv {0} {0}.damaged; keep it \
+                 for forensics) and start again with an empty journal; runs and events not yet synced to the cloud are \
+                 only in the damaged file (`outpost journal-check --file FILE` checks a file)",
+                journal_file.display()
+            ),
+        ));
+    }
     let runtime = Runtime::open_with(data_dir, config, registry, clock).map_err(|e| {
         let file = data_dir.join("journal.redb");
         Failure::new(

@@ -131,6 +131,13 @@ impl Agent {
         }
     }
 
+    /// SIGTERM, and wait for the process to exit; returns its exit status.
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+        c.wait().ok()
+    }
+
     /// Runs an `outpost` CLI command against this agent.
     pub fn cli(&self, args: &[&str]) -> Output {
         cli(&self.dir, args)

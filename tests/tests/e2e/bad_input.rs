@@ -209,3 +209,132 @@ fn a_run_blocked_by_a_full_disk_says_so_everywhere_even_the_console_and_goes_on_
     );
     assert!(!page("/devices/gw-full").contains("journal cannot be written"));
 }
+
+/// What `outpost run` did with a damaged journal: started and served every run, or refused.
+fn open_damaged(data: &std::path::Path) -> Result<usize, String> {
+    let mut child = outpost_tests::outpost_command()
+        .args(["run", "--data-dir"])
+        .arg(data)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            use std::io::Read;
+            child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+            return Err(format!("{status}\n{err}"));
+        }
+        if outpost_tests::cli(data, &["status"]).status.success() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent neither started nor refused"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // It started: every run and its whole history must read back, and it must still be alive.
+    let out = outpost_tests::cli(data, &["list", "--limit", "1000", "--json"]);
+    let mut read = 0;
+    let ok = out.status.success();
+    if ok {
+        let runs: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        for r in runs.as_array().cloned().unwrap_or_default() {
+            let id = r["run_id"].as_str().unwrap_or_default().to_string();
+            if outpost_tests::cli(data, &["show", &id, "--json"]).status.success() {
+                read += 1;
+            }
+        }
+    }
+    let alive = child.try_wait().unwrap().is_none();
+    let _ = child.kill();
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    use std::io::Read;
+    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    if !alive {
+        return Err(format!("DIED while serving: {status}\n{err}"));
+    }
+    Ok(read)
+}
+
+#[test]
+fn every_kind_of_journal_damage_is_refused_by_name_or_read_never_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base");
+    let mut agent = Agent::start(&base, &[]);
+    let def = write(
+        dir.path(),
+        "echo.yaml",
+        "name: echo\nversion: 1\nsteps:\n  - {id: a, action: set, args: {x: '{{ input.x }}'}}\n  - {id: b, action: set, depends_on: [a], args: {y: '{{ input.x }}'}}\n",
+    );
+    agent.json(&["apply", &def]);
+    for i in 0..60 {
+        agent.json(&[
+            "start",
+            "echo",
+            "--input",
+            &format!(r#"{{"x": "{}"}}"#, "v".repeat(i * 40)),
+            "--wait",
+        ]);
+    }
+    let status = agent.stop().unwrap();
+    assert!(status.success(), "SIGTERM: {status}");
+    let clean = std::fs::read(base.join("journal.redb")).unwrap();
+    let mut rng = fastrand::Rng::with_seed(99);
+    let mut outcomes = Vec::new();
+    for kind in ["bit flips", "a random 4 KiB block", "truncated", "zeroed header"] {
+        for seed in 0..6 {
+            let mut bytes = clean.clone();
+            match kind {
+                "bit flips" => {
+                    for _ in 0..(1 + seed * 20) {
+                        let i = rng.usize(..bytes.len());
+                        bytes[i] ^= 1 << rng.u8(0..8);
+                    }
+                }
+                "a random 4 KiB block" => {
+                    let blocks = bytes.len() / 4096;
+                    let b = rng.usize(0..blocks.max(1));
+                    for x in &mut bytes[b * 4096..((b + 1) * 4096).min(clean.len())] {
+                        *x = rng.u8(..);
+                    }
+                }
+                "truncated" => bytes.truncate(rng.usize(0..clean.len())),
+                _ => {
+                    let n = 512.min(bytes.len());
+                    bytes[..n].fill(0);
+                }
+            }
+            let data = dir.path().join(format!("{kind}-{seed}").replace(' ', "_"));
+            std::fs::create_dir_all(&data).unwrap();
+            std::fs::write(data.join("journal.redb"), &bytes).unwrap();
+            let got = open_damaged(&data);
+            if let Ok(n) = &got {
+                assert_eq!(*n, 60, "{kind} (seed {seed}): started but served only {n} of 60 runs");
+            }
+            if let Err(e) = &got {
+                assert!(
+                    !e.contains("DIED") && !e.contains("panicked") && !e.contains("signal"),
+                    "{kind} (seed {seed}): a crash, not a refusal:\n{e}"
+                );
+                assert!(
+                    e.contains("journal.redb") && e.contains("move it aside"),
+                    "{kind} (seed {seed}): the refusal does not name the file and what to do:\n{e}"
+                );
+            }
+            outcomes.push(format!(
+                "{kind}/{seed}: {}",
+                match got {
+                    Ok(n) => format!("read {n} runs"),
+                    Err(_) => "refused".into(),
+                }
+            ));
+        }
+    }
+    eprintln!("{outcomes:#?}");
+}
