@@ -108,6 +108,10 @@ pub struct SyncState {
     pub reannounced: AtomicU64,
     /// Births published in this epoch.
     pub announcements: AtomicU64,
+    /// Connections made (each gets the full inventory once).
+    pub connects: AtomicU64,
+    /// Inventory messages published.
+    pub inventories: AtomicU64,
 }
 
 impl SyncState {
@@ -133,6 +137,7 @@ impl SyncState {
             "oversized_messages": self.oversized_messages.load(o),
             "bad_acks": self.bad_acks.load(o),
             "reannounced": self.reannounced.load(o),
+            "inventory_messages": self.inventories.load(o),
         })
     }
 }
@@ -473,6 +478,7 @@ async fn poll(
                         warn!(error = %e, "cannot subscribe");
                     }
                 }
+                state.connects.fetch_add(1, Ordering::Relaxed);
                 announce(&rt, &config, &state, &topics, &client);
                 session.send_modify(|n| *n += 1);
             }
@@ -604,6 +610,10 @@ async fn inventory(
 ) {
     let topic = Topics::new(&config.prefix).topic(&config.device, Channel::Inventory);
     let mut changed = rt.definitions_changed();
+    // What this connection has already been sent: a new connection gets everything once (the
+    // cloud may have lost it), later changes only what is new, and a resend request nothing.
+    let mut sent: std::collections::HashSet<(String, u32)> = std::collections::HashSet::new();
+    let mut connection = 0;
     loop {
         tokio::select! {
             r = session.changed() => if r.is_err() { return },
@@ -637,11 +647,50 @@ async fn inventory(
                 })
             })
             .collect();
-        let messages = inventory_messages(config.equipment.clone(), defs, INVENTORY_CHUNK);
+        let now = state.connects.load(Ordering::Relaxed);
+        let full = now != connection;
+        if full {
+            connection = now;
+            sent.clear();
+        }
+        let Some(messages) = plan_inventory(full, &sent, config.equipment.clone(), defs) else {
+            continue;
+        };
         for m in messages {
+            for d in &m.definitions {
+                sent.insert((d.workflow.clone(), d.version));
+            }
+            state.inventories.fetch_add(1, Ordering::Relaxed);
             publish(&client, &state, &topic, &Body::Inventory(m), false).await;
         }
     }
+}
+
+/// What to send: after a new connection the whole inventory; otherwise only definitions this
+/// connection has not had yet, and nothing (`None`) when there are none.
+fn plan_inventory(
+    full: bool,
+    sent: &std::collections::HashSet<(String, u32)>,
+    equipment: Vec<(String, String)>,
+    defs: Vec<DefinitionInfo>,
+) -> Option<Vec<Inventory>> {
+    if full {
+        return Some(inventory_messages(equipment, defs, INVENTORY_CHUNK));
+    }
+    let new: Vec<DefinitionInfo> = defs
+        .into_iter()
+        .filter(|d| !sent.contains(&(d.workflow.clone(), d.version)))
+        .collect();
+    if new.is_empty() {
+        return None;
+    }
+    let mut messages = inventory_messages(Vec::new(), new, INVENTORY_CHUNK);
+    // The equipment went with the connection's first inventory; a change carries definitions.
+    for m in &mut messages {
+        m.equipment = None;
+    }
+    messages.retain(|m| !m.definitions.is_empty());
+    Some(messages)
 }
 
 /// Splits an inventory into messages: the equipment in the first, then definitions up to
@@ -936,6 +985,38 @@ mod tests {
             version: 1,
             document: "x".repeat(bytes),
         }
+    }
+
+    #[test]
+    fn a_connection_gets_the_inventory_once_and_then_only_what_is_new() {
+        let eq = vec![("heater".to_string(), "output".to_string())];
+        let mut sent = std::collections::HashSet::new();
+        let all = plan_inventory(true, &sent, eq.clone(), vec![def("a", 10), def("b", 10)]).unwrap();
+        assert_eq!(all[0].equipment.as_ref(), Some(&eq));
+        assert_eq!(all[0].definitions.len(), 2);
+        sent.insert(("a".to_string(), 1));
+        sent.insert(("b".to_string(), 1));
+        // A resend request (same connection, nothing new): nothing goes out.
+        assert!(plan_inventory(false, &sent, eq.clone(), vec![def("a", 10), def("b", 10)]).is_none());
+        // A new definition: only it, without the equipment.
+        let delta = plan_inventory(false, &sent, eq.clone(), vec![def("a", 10), def("b", 10), def("c", 10)]).unwrap();
+        assert_eq!(delta.len(), 1);
+        assert!(delta[0].equipment.is_none());
+        assert_eq!(
+            delta[0]
+                .definitions
+                .iter()
+                .map(|d| d.workflow.as_str())
+                .collect::<Vec<_>>(),
+            vec!["c"]
+        );
+        // A new connection: everything again.
+        assert_eq!(
+            plan_inventory(true, &sent, eq, vec![def("a", 10)]).unwrap()[0]
+                .definitions
+                .len(),
+            1
+        );
     }
 
     #[test]

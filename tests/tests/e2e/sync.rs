@@ -627,3 +627,39 @@ fn a_command_the_gateway_could_not_record_is_sent_again_without_a_reconnect() {
     assert_eq!(done["detail"]["run_id"], "hello-full", "{done}");
     assert!(cloud.log().contains("sending unanswered commands again"));
 }
+
+#[test]
+fn resend_requests_do_not_resend_the_inventory_and_a_new_definition_goes_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = Cloud::embedded(&dir.path().join("cloud"));
+    let agent = Agent::start(
+        &dir.path().join("agent"),
+        &["--cloud", &cloud.mqtt_url(), "--device-id", "gw4"],
+    );
+    online(&cloud, "gw4");
+    let def = |v: u32| format!("name: inv\nversion: {v}\nsteps:\n  - {{id: s, action: set, args: {{v: {v}}}}}\n");
+    agent.json(&["apply", &write(dir.path(), "inv1.yaml", &def(1))]);
+    let count = || agent.json(&["status"])["sync"]["inventory_messages"].as_u64().unwrap();
+    let settled = eventually(Duration::from_secs(10), "the inventory to go out", || {
+        let n = count();
+        std::thread::sleep(Duration::from_millis(1200));
+        (n > 0 && count() == n).then_some(n)
+    });
+    for _ in 0..5 {
+        let resend = protocol::encode(&Body::Resend(protocol::Resend { from_seq: 1 }));
+        mqtt_publish(cloud.mqtt, "outpost/v1/gw4/ack", resend);
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(count(), settled, "resend requests sent the inventory again");
+    agent.json(&["apply", &write(dir.path(), "inv2.yaml", &def(2))]);
+    eventually(Duration::from_secs(10), "the new definition to go out alone", || {
+        (count() == settled + 1).then_some(())
+    });
+    eventually(Duration::from_secs(10), "the cloud to hold both versions", || {
+        let page = outpost_tests::cloud::http("GET", cloud.api, "/devices/gw4", None)
+            .ok()?
+            .1
+            .to_string();
+        page.contains("inv").then_some(())
+    });
+}
