@@ -68,6 +68,7 @@ pub(crate) fn status_of(e: &StoreError) -> StatusCode {
     match e {
         StoreError::NotFound(_) => StatusCode::NOT_FOUND,
         StoreError::Invalid(_) => StatusCode::BAD_REQUEST,
+        StoreError::DeviceLimit(_) => StatusCode::INSUFFICIENT_STORAGE,
         StoreError::Task(_) => StatusCode::INTERNAL_SERVER_ERROR,
         StoreError::Storage(_) | StoreError::Corrupt { .. } => StatusCode::SERVICE_UNAVAILABLE,
     }

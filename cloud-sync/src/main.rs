@@ -40,6 +40,10 @@ struct Args {
     /// MQTT client id (fixed, so the broker keeps this service's session).
     #[arg(long, default_value = "outpost-cloud")]
     client_id: String,
+    /// Most devices the store takes; births and events of further new device ids are refused
+    /// (counted as rejected.device_limit).
+    #[arg(long, env = "OUTPOST_CLOUD_MAX_DEVICES", default_value_t = outpost_cloud_sync::store::DEFAULT_MAX_DEVICES)]
+    max_devices: u64,
     /// Also start a demo gateway: the `outpost` agent next to this binary, device `demo-gw`,
     /// running the oven example on the simulated plant.
     #[arg(long)]
@@ -64,6 +68,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             store_path.display()
         )
     })?;
+    store.set_max_devices(args.max_devices);
     let (host, port) = match &args.broker {
         Some(url) => parse_broker(url)?,
         #[cfg(feature = "embedded-broker")]

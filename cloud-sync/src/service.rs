@@ -314,6 +314,7 @@ impl Service {
                         self.deliver_pending(&device).await;
                     }
                     Ok(_) => info!(device = %device, "stale birth ignored"),
+                    Err(StoreError::DeviceLimit(why)) => self.reject(&device, topic, "device_limit", why).await,
                     Err(e) => self.store_failed(&device, "birth", &e),
                 }
             }
@@ -352,6 +353,7 @@ impl Service {
                         }
                     }
                     Err(StoreError::Invalid(why)) => self.reject(&device, topic, "malformed_event", why).await,
+                    Err(StoreError::DeviceLimit(why)) => self.reject(&device, topic, "device_limit", why).await,
                     Err(e) => self.store_failed(&device, "events (the device will resend)", &e),
                 }
             }

@@ -74,6 +74,9 @@ pub enum StoreError {
     /// The request is invalid.
     #[error("{0}")]
     Invalid(String),
+    /// A new device would pass the store's device limit.
+    #[error("{0}")]
+    DeviceLimit(String),
     /// The blocking task running store work panicked or was cancelled.
     #[error("store task failed: {0}")]
     Task(String),
@@ -388,6 +391,26 @@ pub struct Store {
     opener: Opener,
     /// Set by a storage error, cleared by a successful reopen; `/v1/health` answers 503 meanwhile.
     failing: std::sync::atomic::AtomicBool,
+    /// Most devices the store takes (`--max-devices`): anyone who may publish on the broker can
+    /// make up device ids.
+    max_devices: std::sync::atomic::AtomicU64,
+}
+
+/// Default for `Store::set_max_devices`.
+pub const DEFAULT_MAX_DEVICES: u64 = 10_000;
+
+/// A device row for an id seen for the first time, if the store has room for one more.
+fn new_device(devices: &redb::Table<&str, &[u8]>, id: &str, max: u64) -> Result<Device, StoreError> {
+    let n = redb::ReadableTableMetadata::len(devices)?;
+    if n >= max {
+        return Err(StoreError::DeviceLimit(format!(
+            "device '{id}' is new and the store already holds {n} devices (--max-devices {max})"
+        )));
+    }
+    Ok(Device {
+        next_seq: 1,
+        ..Device::default()
+    })
 }
 
 fn status_of(e: &Event) -> Option<&'static str> {
@@ -422,7 +445,17 @@ impl Store {
             slot: std::sync::RwLock::new(Some(std::sync::Arc::new(db))),
             opener,
             failing: std::sync::atomic::AtomicBool::new(false),
+            max_devices: std::sync::atomic::AtomicU64::new(DEFAULT_MAX_DEVICES),
         })
+    }
+
+    /// Sets the most devices the store takes; births and events of further new ids are refused.
+    pub fn set_max_devices(&self, max: u64) {
+        self.max_devices.store(max, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn max_devices(&self) -> u64 {
+        self.max_devices.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The database, reopening it first if a storage error closed it.
@@ -551,10 +584,7 @@ impl Store {
             let mut t = txn.open_table(DEVICES)?;
             let mut d: Device = match t.get(id)? {
                 Some(v) => dec("device", v.value())?,
-                None => Device {
-                    next_seq: 1,
-                    ..Device::default()
-                },
+                None => new_device(&t, id, self.max_devices())?,
             };
             let r = f(&mut d);
             d.last_seen_ms = now;
@@ -575,10 +605,7 @@ impl Store {
             let mut lineages = txn.open_table(LINEAGE)?;
             let mut d: Device = match devices.get(id)? {
                 Some(v) => dec("device", v.value())?,
-                None => Device {
-                    next_seq: 1,
-                    ..Device::default()
-                },
+                None => new_device(&devices, id, self.max_devices())?,
             };
             let mut lin: Lineage = match lineages.get(id)? {
                 Some(v) => dec("lineage", v.value())?,
@@ -708,10 +735,7 @@ impl Store {
             let mut st = Stream::open(&txn)?;
             let mut d: Device = match devices.get(device)? {
                 Some(v) => dec("device", v.value())?,
-                None => Device {
-                    next_seq: 1,
-                    ..Device::default()
-                },
+                None => new_device(&devices, device, self.max_devices())?,
             };
             let mut s = Stored {
                 new: 0,
@@ -1356,6 +1380,48 @@ mod tests {
         assert!(!s.device("gw").unwrap().unwrap().online());
         s.birth("gw", &birth(3, 1, 0, 1), 4).unwrap();
         assert!(s.device("gw").unwrap().unwrap().online());
+    }
+
+    #[test]
+    fn new_devices_past_the_limit_are_refused_and_known_ones_go_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("c.redb")).unwrap();
+        s.set_max_devices(2);
+        s.birth("a", &birth(1, 1, 0, 1), 1).unwrap();
+        s.store_events(
+            "b",
+            &[WireEvent {
+                seq: 1,
+                record: started("r"),
+            }],
+            1,
+        )
+        .unwrap();
+        let e = s.birth("c", &birth(1, 1, 0, 1), 1).unwrap_err();
+        assert!(matches!(e, StoreError::DeviceLimit(_)), "{e}");
+        assert!(e.to_string().contains("already holds 2 devices"), "{e}");
+        assert!(
+            s.store_events(
+                "c",
+                &[WireEvent {
+                    seq: 1,
+                    record: started("r")
+                }],
+                1
+            )
+            .is_err()
+        );
+        assert!(s.device("c").unwrap().is_none());
+        s.birth("a", &birth(2, 1, 0, 1), 2).unwrap();
+        s.store_events(
+            "b",
+            &[WireEvent {
+                seq: 2,
+                record: started("r2"),
+            }],
+            2,
+        )
+        .unwrap();
     }
 
     #[test]
