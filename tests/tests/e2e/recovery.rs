@@ -133,3 +133,75 @@ fn a_gateway_journal_restored_from_a_backup_replaces_the_history_it_no_longer_ha
         "the divergence is logged"
     );
 }
+
+#[test]
+fn events_retention_deleted_before_a_restored_store_got_them_are_recorded_as_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let cdir = dir.path().join("cloud");
+    let mut cloud = Cloud::embedded(&cdir);
+    let port = cloud.mqtt;
+    // Finished runs go a second after they end, once the cloud has acknowledged them.
+    let agent = Agent::start(
+        &dir.path().join("agent"),
+        &[
+            "--cloud",
+            &cloud.mqtt_url(),
+            "--device-id",
+            "gw-lost",
+            "--retention",
+            "1s",
+            "--prune-interval",
+            "1s",
+        ],
+    );
+    agent.json(&["apply", &write(dir.path(), "echo.yaml", ECHO)]);
+    run_some(&agent, 2);
+    in_step(&cloud, &agent, "gw-lost");
+    cloud.kill9();
+    let backup = dir.path().join("cloud-backup.redb");
+    copy(&cdir.join("cloud.redb"), &backup);
+    cloud.restart();
+    run_some(&agent, 3);
+    let d = in_step(&cloud, &agent, "gw-lost");
+    let acked = d["stored_seq"].as_u64().unwrap();
+    // Retention deletes the acknowledged runs from the gateway's journal.
+    eventually(Duration::from_secs(20), "retention to delete the finished runs", || {
+        let runs = agent.json(&["list", "--limit", "100"]);
+        runs.as_array()?.is_empty().then_some(())
+    });
+
+    // The store comes back from the copy made before the last three runs: the gateway no longer
+    // has them, so cloud-sync must record them as lost rather than ask for them forever.
+    cloud.kill9();
+    let stored_in_backup = {
+        copy(&backup, &cdir.join("cloud.redb"));
+        let c = Cloud::start_on(&cdir, port);
+        let d = eventually(
+            Duration::from_secs(30),
+            "the restored cloud to judge the journal",
+            || {
+                let d = c.device("gw-lost")?;
+                (d["journal"]["lost_events"].as_u64()? > 0).then_some(d)
+            },
+        );
+        let lost = d["journal"]["lost_events"].as_u64().unwrap();
+        let stored = d["stored_seq"].as_u64().unwrap();
+        assert!(
+            lost > 0 && stored == acked,
+            "lost {lost}, stored {stored}, acked before {acked}: {d}"
+        );
+        let stats = c.get("/v1/stats");
+        assert_eq!(stats["lost_events"].as_u64(), Some(lost), "{stats}");
+        assert!(c.log().contains("events lost"), "the loss is not logged");
+        // No resend loop: the gateway is not asked again and again.
+        let resends = stats["resend_requests"].as_u64().unwrap_or(0);
+        std::thread::sleep(Duration::from_secs(3));
+        assert_eq!(
+            c.get("/v1/stats")["resend_requests"].as_u64().unwrap_or(0),
+            resends,
+            "a resend loop"
+        );
+        stored
+    };
+    assert_eq!(stored_in_backup, acked);
+}
