@@ -1008,10 +1008,17 @@ fn journal_check(file: &Path, as_json: bool) -> Result<u8, Failure> {
     let v = crate::journal::verify(file)
         .map_err(|e| Failure::new(exit::FAILURE, format!("journal {} is damaged: {e}", file.display())))?;
     if as_json {
-        print_json(&json!({"file": file.display().to_string(), "ok": true, "rows": v.rows, "bytes": v.bytes}));
+        print_json(&json!({
+            "file": file.display().to_string(), "ok": true, "rows": v.rows, "bytes": v.bytes, "repaired": v.repaired,
+        }));
     } else {
+        let how = if v.repaired {
+            "; it was not closed cleanly and has been repaired"
+        } else {
+            ""
+        };
         println!(
-            "journal {}: whole ({} rows, {} bytes of values)",
+            "journal {}: whole ({} rows, {} bytes of values){how}",
             file.display(),
             v.rows,
             v.bytes

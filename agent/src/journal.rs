@@ -1125,6 +1125,8 @@ pub struct Verified {
     pub rows: u64,
     /// Value bytes read.
     pub bytes: u64,
+    /// The file was not closed cleanly (a crash, a kill) and redb repaired it on open.
+    pub repaired: bool,
 }
 
 /// Opens the journal file at `path` (repairing it if a crash left it unclean, as an open does)
@@ -1132,8 +1134,11 @@ pub struct Verified {
 /// rather than return an error, and release builds abort on a panic, so `outpost run` calls this
 /// in a child process (`outpost journal-check`) before it opens the journal itself.
 pub fn verify(path: &Path) -> Result<Verified, JournalError> {
+    let repaired = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen = repaired.clone();
     let db = Database::builder()
         .set_cache_size(4 * 1024 * 1024)
+        .set_repair_callback(move |_| seen.store(true, Ordering::Relaxed))
         .create(path)
         .map_err(|e| match e {
             redb::DatabaseError::DatabaseAlreadyOpen => JournalError::Locked(path.display().to_string()),
@@ -1201,6 +1206,7 @@ pub fn verify(path: &Path) -> Result<Verified, JournalError> {
             .map_err(|e| e.to_string()));
     }
     drop(db);
+    v.repaired = repaired.load(Ordering::Relaxed);
     Ok(v)
 }
 

@@ -338,3 +338,46 @@ fn every_kind_of_journal_damage_is_refused_by_name_or_read_never_a_crash() {
     }
     eprintln!("{outcomes:#?}");
 }
+
+#[test]
+fn sigterm_and_once_close_the_journal_cleanly_and_sigkill_does_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let def = write(
+        dir.path(),
+        "echo.yaml",
+        "name: echo\nversion: 1\nsteps:\n  - {id: a, action: set, args: {x: 1}}\n",
+    );
+    let repaired = |what: &str| -> bool {
+        let out = outpost_tests::cli(&data, &["journal-check", "--json"]);
+        assert!(out.status.success(), "{what}: {}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["repaired"].as_bool().unwrap()
+    };
+    for round in 0..3 {
+        let mut agent = Agent::start(&data, &[]);
+        agent.json(&["apply", &def]);
+        agent.json(&["start", "echo", "--wait"]);
+        let status = agent.stop().unwrap();
+        assert!(status.success(), "round {round}: SIGTERM exit {status}");
+        assert!(
+            !repaired("after SIGTERM"),
+            "round {round}: SIGTERM left the journal needing a repair"
+        );
+    }
+    let out = outpost_tests::outpost_command()
+        .args(["run", "--once", "--start", "echo", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!repaired("after --once"), "--once left the journal needing a repair");
+    // The check can tell: a SIGKILL does leave it unclean.
+    let mut agent = Agent::start(&data, &[]);
+    agent.json(&["start", "echo", "--wait"]);
+    agent.kill9();
+    assert!(
+        repaired("after SIGKILL"),
+        "a killed agent's journal read as clean; the check proves nothing"
+    );
+}
