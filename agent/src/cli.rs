@@ -1050,11 +1050,19 @@ fn check_journal_first(file: &Path) -> Result<(), String> {
             use std::os::unix::process::ExitStatusExt;
             let text = String::from_utf8_lossy(&o.stderr);
             let said = text.lines().find_map(|l| l.strip_prefix("error: ")).map(str::trim);
-            Err(match (o.status.signal(), said) {
-                (Some(sig), _) => format!("reading it crashed the check (signal {sig})"),
-                (None, Some(said)) => format!("the check said: {}", outpost_shared::protocol::clip(said, 300)),
-                (None, None) => format!("reading it crashed the check ({})", o.status),
-            })
+            match (o.status.signal(), said) {
+                (Some(sig), _) => Err(format!("reading it crashed the check (signal {sig})")),
+                (None, Some(said)) => Err(format!("the check said: {}", outpost_shared::protocol::clip(said, 300))),
+                (None, None) if text.contains("panicked") => {
+                    Err(format!("reading it crashed the check ({})", o.status))
+                }
+                // Neither an answer nor a crash: the check did not run (an emulator's binfmt
+                // without the target's libraries exits 127). Check here instead.
+                (None, None) => {
+                    warn!(status = %o.status, "the journal check could not run in a child process; checking here");
+                    crate::journal::verify(file).map(drop).map_err(|e| e.to_string())
+                }
+            }
         }
         Err(e) => {
             warn!(error = %e, "cannot run the journal check in a child process; checking here");

@@ -263,7 +263,7 @@ fn open_damaged(data: &std::path::Path) -> Result<usize, String> {
 }
 
 #[test]
-fn every_kind_of_journal_damage_is_refused_by_name_or_read_never_a_crash() {
+fn every_kind_of_journal_damage_is_refused_by_name_or_reads_back_whole() {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("base");
     let mut agent = Agent::start(&base, &[]);
