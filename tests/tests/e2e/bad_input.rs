@@ -318,8 +318,11 @@ fn every_kind_of_journal_damage_is_refused_by_name_or_reads_back_whole() {
                 assert_eq!(*n, 60, "{kind} (seed {seed}): started but served only {n} of 60 runs");
             }
             if let Err(e) = &got {
+                // The agent itself must exit with a refusal; its check child may crash (redb
+                // panics on some files, and the packaged build aborts), which is the point.
+                let status = e.lines().next().unwrap_or_default();
                 assert!(
-                    !e.contains("DIED") && !e.contains("panicked") && !e.contains("signal"),
+                    !e.contains("DIED") && !status.contains("signal") && status.contains("exit status: 1"),
                     "{kind} (seed {seed}): a crash, not a refusal:\n{e}"
                 );
                 assert!(
