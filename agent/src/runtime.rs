@@ -1322,6 +1322,23 @@ impl Driver {
             tasks.abort_all();
             self.stop_children().await;
         }
+        if events.iter().any(|e| matches!(e, Event::RunContinued { .. })) {
+            // The next run is a new run in the sync outbox like any start: wait for room (this
+            // run waits with it) rather than slip past the cap.
+            let rt = Runtime {
+                inner: self.inner.clone(),
+            };
+            let mut wait = Duration::from_millis(500);
+            let mut said = false;
+            while let Err(e) = rt.check_outbox() {
+                if !said {
+                    warn!(error = %e, "continue-as-new waits for room in the sync outbox");
+                    said = true;
+                }
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(10));
+            }
+        }
         let mut delay = Duration::from_millis(100);
         loop {
             match self.inner.journal.append(&self.st.run_id, events.clone()).await {

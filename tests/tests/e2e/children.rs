@@ -241,3 +241,70 @@ fn a_child_run_waits_for_room_in_the_sync_outbox() {
     let run = until(&agent, "t1", "the parent to finish", |r| r["status"] != "running");
     assert_eq!(run["status"], "completed", "{run}");
 }
+
+#[test]
+fn continue_as_new_waits_for_room_in_the_sync_outbox() {
+    use outpost_tests::cloud::{Cloud, Proxy};
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = Cloud::embedded(&dir.path().join("cloud"));
+    let proxy = Proxy::start(cloud.mqtt);
+    let agent = Agent::start(
+        &dir.path().join("data"),
+        &[
+            "--cloud",
+            &proxy.url(),
+            "--device-id",
+            "gw-can",
+            "--outbox-max-events",
+            "20",
+        ],
+    );
+    cloud.wait_presence("gw-can", true, Duration::from_secs(20));
+    let looped = r#"
+name: again
+version: 1
+kind: state_machine
+steps:
+  - id: nap
+    action: sleep
+    args: {duration: 1s}
+    choices:
+      - when: input.n >= 1
+        next: done
+    default: next
+  - id: next
+    action: continue_as_new
+    args: {input: {n: "{{ input.n + 1 }}"}}
+    end: succeed
+  - id: done
+    action: set
+    args: {n: "{{ input.n }}"}
+    end: succeed
+"#;
+    let leaf = "name: leaf\nversion: 1\nsteps:\n  - {id: a, action: set, args: {ok: true}}\n";
+    agent.json(&["apply", &write(dir.path(), "again.yaml", looped)]);
+    agent.json(&["apply", &write(dir.path(), "leaf.yaml", leaf)]);
+    proxy.cut();
+    agent.json(&["start", "again", "--id", "g1", "--input", r#"{"n": 0}"#]);
+    let mut filled = false;
+    for _ in 0..20 {
+        if !agent.cli(&["start", "leaf"]).status.success() {
+            filled = true;
+            break;
+        }
+    }
+    assert!(filled, "the outbox never filled");
+    std::thread::sleep(Duration::from_secs(3));
+    let again: Vec<Value> = runs(&agent).into_iter().filter(|r| r["workflow"] == "again").collect();
+    assert_eq!(again.len(), 1, "the next run started past the outbox cap: {again:?}");
+    assert_eq!(again[0]["status"], "running");
+    proxy.restore();
+    eventually(Duration::from_secs(40), "the continued run to finish", || {
+        let again: Vec<Value> = runs(&agent).into_iter().filter(|r| r["workflow"] == "again").collect();
+        (again.len() == 2
+            && again
+                .iter()
+                .all(|r| r["status"] == "completed" || r["status"] == "continued"))
+        .then_some(())
+    });
+}
