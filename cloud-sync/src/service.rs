@@ -118,27 +118,11 @@ async fn resend_pending(service: std::sync::Weak<Service>, every: Duration) {
 }
 
 /// Writes the service's batched counters to the store once a second, until the service is gone.
-/// A failed write keeps them for the next round.
 async fn flush_counts(service: std::sync::Weak<Service>) {
     loop {
         tokio::time::sleep(COUNT_FLUSH).await;
         let Some(s) = service.upgrade() else { return };
-        let counts: Vec<(String, u64)> =
-            std::mem::take(&mut *s.unsaved_counts.lock().unwrap_or_else(|p| p.into_inner()))
-                .into_iter()
-                .collect();
-        if counts.is_empty() {
-            continue;
-        }
-        let store = s.store.clone();
-        let batch = counts.clone();
-        if let Err(e) = blocking(move || store.add_counts(&batch)).await {
-            warn!(error = %e, "cannot store counters; kept for the next try");
-            let mut unsaved = s.unsaved_counts.lock().unwrap_or_else(|p| p.into_inner());
-            for (k, v) in counts {
-                *unsaved.entry(k).or_default() += v;
-            }
-        }
+        s.save_counts().await;
     }
 }
 
@@ -221,7 +205,8 @@ impl Service {
             .or_default() += 1;
     }
 
-    /// Writes the batched counters now (at shutdown, so a SIGTERM loses none).
+    /// Writes the batched counters now (every second, and at shutdown so a SIGTERM loses
+    /// none); a failed write keeps them for the next try.
     pub async fn save_counts(&self) {
         let counts: Vec<(String, u64)> =
             std::mem::take(&mut *self.unsaved_counts.lock().unwrap_or_else(|p| p.into_inner()))
@@ -231,8 +216,13 @@ impl Service {
             return;
         }
         let store = self.store.clone();
-        if let Err(e) = blocking(move || store.add_counts(&counts)).await {
-            warn!(error = %e, "cannot store counters at shutdown");
+        let batch = counts.clone();
+        if let Err(e) = blocking(move || store.add_counts(&batch)).await {
+            warn!(error = %e, "cannot store counters; kept for the next try");
+            let mut unsaved = self.unsaved_counts.lock().unwrap_or_else(|p| p.into_inner());
+            for (k, v) in counts {
+                *unsaved.entry(k).or_default() += v;
+            }
         }
     }
 

@@ -193,24 +193,33 @@ fn map_tolerates_up_to_n_failures_and_fails_fast_beyond() {
     assert!(started < 8, "{started} of 8 items started after the first failure");
 }
 
+/// A syncing agent with a 20-event outbox cap, through a proxy the test can cut.
+fn capped(dir: &std::path::Path, device: &str) -> (outpost_tests::cloud::Cloud, outpost_tests::cloud::Proxy, Agent) {
+    let cloud = outpost_tests::cloud::Cloud::embedded(&dir.join("cloud"));
+    let proxy = outpost_tests::cloud::Proxy::start(cloud.mqtt);
+    let flags = [
+        "--cloud",
+        &proxy.url(),
+        "--device-id",
+        device,
+        "--outbox-max-events",
+        "20",
+    ];
+    let agent = Agent::start(&dir.join("data"), &flags);
+    cloud.wait_presence(device, true, Duration::from_secs(20));
+    (cloud, proxy, agent)
+}
+
+/// Starts `leaf` runs until the outbox cap refuses one (the link must be cut).
+fn fill_outbox(agent: &Agent) {
+    let filled = (0..20).any(|_| !agent.cli(&["start", "leaf"]).status.success());
+    assert!(filled, "the outbox never filled");
+}
+
 #[test]
 fn a_child_run_waits_for_room_in_the_sync_outbox() {
-    use outpost_tests::cloud::{Cloud, Proxy};
     let dir = tempfile::tempdir().unwrap();
-    let cloud = Cloud::embedded(&dir.path().join("cloud"));
-    let proxy = Proxy::start(cloud.mqtt);
-    let agent = Agent::start(
-        &dir.path().join("data"),
-        &[
-            "--cloud",
-            &proxy.url(),
-            "--device-id",
-            "gw-cap",
-            "--outbox-max-events",
-            "20",
-        ],
-    );
-    cloud.wait_presence("gw-cap", true, Duration::from_secs(20));
+    let (_cloud, proxy, agent) = capped(dir.path(), "gw-cap");
     let child = "name: leaf\nversion: 1\nsteps:\n  - {id: a, action: set, args: {ok: true}}\n";
     let parent = "name: tree\nversion: 1\nsteps:\n  - {id: nap, action: sleep, args: {duration: 1s}}\n  - {id: kid, action: workflow, depends_on: [nap], args: {workflow: leaf}}\n";
     agent.json(&["apply", &write(dir.path(), "leaf.yaml", child)]);
@@ -218,14 +227,7 @@ fn a_child_run_waits_for_room_in_the_sync_outbox() {
     proxy.cut();
     agent.json(&["start", "tree", "--id", "t1"]);
     // Fill the outbox past its cap while the parent sleeps.
-    let mut filled = false;
-    for _ in 0..20 {
-        if !agent.cli(&["start", "leaf"]).status.success() {
-            filled = true;
-            break;
-        }
-    }
-    assert!(filled, "the outbox never filled");
+    fill_outbox(&agent);
     std::thread::sleep(Duration::from_secs(3));
     let ids: Vec<String> = runs(&agent)
         .iter()
@@ -244,22 +246,8 @@ fn a_child_run_waits_for_room_in_the_sync_outbox() {
 
 #[test]
 fn continue_as_new_waits_for_room_in_the_sync_outbox() {
-    use outpost_tests::cloud::{Cloud, Proxy};
     let dir = tempfile::tempdir().unwrap();
-    let cloud = Cloud::embedded(&dir.path().join("cloud"));
-    let proxy = Proxy::start(cloud.mqtt);
-    let agent = Agent::start(
-        &dir.path().join("data"),
-        &[
-            "--cloud",
-            &proxy.url(),
-            "--device-id",
-            "gw-can",
-            "--outbox-max-events",
-            "20",
-        ],
-    );
-    cloud.wait_presence("gw-can", true, Duration::from_secs(20));
+    let (_cloud, proxy, agent) = capped(dir.path(), "gw-can");
     let looped = r#"
 name: again
 version: 1
@@ -286,14 +274,7 @@ steps:
     agent.json(&["apply", &write(dir.path(), "leaf.yaml", leaf)]);
     proxy.cut();
     agent.json(&["start", "again", "--id", "g1", "--input", r#"{"n": 0}"#]);
-    let mut filled = false;
-    for _ in 0..20 {
-        if !agent.cli(&["start", "leaf"]).status.success() {
-            filled = true;
-            break;
-        }
-    }
-    assert!(filled, "the outbox never filled");
+    fill_outbox(&agent);
     std::thread::sleep(Duration::from_secs(3));
     let again: Vec<Value> = runs(&agent).into_iter().filter(|r| r["workflow"] == "again").collect();
     assert_eq!(again.len(), 1, "the next run started past the outbox cap: {again:?}");
