@@ -396,6 +396,38 @@ pub struct Store {
     max_devices: std::sync::atomic::AtomicU64,
 }
 
+/// Answered commands kept per device (newest first; deployment commands are kept with their
+/// deployment). Older answers go when a new one arrives.
+pub const KEEP_ANSWERED_COMMANDS: usize = 1000;
+
+/// Deletes a device's oldest answered commands beyond `keep` (not deployment commands, which a
+/// deployment's view reads), once there are a tenth more than that, so it runs rarely.
+fn forget_old_answers(
+    cmds: &mut redb::Table<(&str, &str), &[u8]>,
+    device: &str,
+    keep: usize,
+) -> Result<(), StoreError> {
+    let mut answered: Vec<(u64, String)> = Vec::new();
+    for row in cmds.range((device, "")..=(device, "\u{10FFFF}"))? {
+        let (k, v) = row?;
+        let c: CommandRecord = dec("command", v.value())?;
+        if c.answered_ms.is_some() && !matches!(c.kind, CommandKind::Deploy { .. }) {
+            answered.push((c.order, k.value().1.to_string()));
+        }
+    }
+    if answered.len() <= keep + keep / 10 {
+        return Ok(());
+    }
+    answered.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+    for (_, id) in answered.into_iter().skip(keep) {
+        cmds.remove((device, id.as_str()))?;
+    }
+    Ok(())
+}
+
+/// Versions of one workflow kept per device (the newest); a run of an older one shows no graph.
+pub const KEEP_DEFINITION_VERSIONS: usize = 100;
+
 /// Default for `Store::set_max_devices`.
 pub const DEFAULT_MAX_DEVICES: u64 = 10_000;
 
@@ -974,6 +1006,7 @@ impl Store {
                         c.answered_ms = Some(now);
                         cmds.insert((device, r.id.as_str()), enc(&c).as_slice())?;
                         txn.open_table(OUTBOX)?.remove((device, c.order))?;
+                        forget_old_answers(&mut cmds, device, KEEP_ANSWERED_COMMANDS)?;
                     }
                     true
                 }
@@ -1060,6 +1093,22 @@ impl Store {
             let mut defs = txn.open_table(DEFINITIONS)?;
             for d in &inv.definitions {
                 defs.insert((device, d.workflow.as_str(), d.version), d.document.as_str())?;
+            }
+            // A workflow deployed again and again keeps only its newest versions here.
+            let mut names: Vec<&str> = inv.definitions.iter().map(|d| d.workflow.as_str()).collect();
+            names.sort_unstable();
+            names.dedup();
+            for name in names {
+                let versions: Vec<u32> = defs
+                    .range((device, name, 0u32)..=(device, name, u32::MAX))?
+                    .map(|r| r.map(|(k, _)| k.value().2))
+                    .collect::<Result<_, _>>()?;
+                for v in versions
+                    .iter()
+                    .take(versions.len().saturating_sub(KEEP_DEFINITION_VERSIONS))
+                {
+                    defs.remove((device, name, *v))?;
+                }
             }
         }
         txn.commit()?;
@@ -1422,6 +1471,62 @@ mod tests {
             2,
         )
         .unwrap();
+    }
+
+    #[test]
+    fn old_answered_commands_are_forgotten_past_the_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("c.redb")).unwrap();
+        let kind = CommandKind::Cancel {
+            run_id: "r".into(),
+            reason: "x".into(),
+        };
+        let answer = |id: &str| CommandResult {
+            id: id.into(),
+            outcome: Outcome::Applied,
+            message: String::new(),
+            detail: String::new(),
+        };
+        let n = KEEP_ANSWERED_COMMANDS + KEEP_ANSWERED_COMMANDS / 10 + 1;
+        for i in 0..n {
+            let id = format!("c{i:05}");
+            s.add_command("gw", &id, kind.clone(), 0).unwrap();
+            s.answer("gw", &answer(&id), 1).unwrap();
+        }
+        s.add_command("gw", "waiting", kind, 0).unwrap();
+        let all = s.commands("gw", usize::MAX).unwrap();
+        assert_eq!(
+            all.len(),
+            KEEP_ANSWERED_COMMANDS + 1,
+            "the newest answers and the pending one stay"
+        );
+        assert!(
+            s.command("gw", "c00000").unwrap().is_none(),
+            "the oldest answer is gone"
+        );
+        assert!(s.command("gw", &format!("c{:05}", n - 1)).unwrap().is_some());
+        assert_eq!(s.pending("gw").unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_device_keeps_only_the_newest_versions_of_a_workflow() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("c.redb")).unwrap();
+        let info = |v: u32| outpost_shared::protocol::DefinitionInfo {
+            workflow: "w".into(),
+            version: v,
+            document: "{}".into(),
+        };
+        for chunk in (1..=250u32).collect::<Vec<_>>().chunks(50) {
+            let inv = Inventory {
+                equipment: None,
+                definitions: chunk.iter().map(|v| info(*v)).collect(),
+            };
+            s.put_inventory("gw", &inv).unwrap();
+        }
+        assert!(s.definition("gw", "w", 150).unwrap().is_none());
+        assert!(s.definition("gw", "w", 151).unwrap().is_some());
+        assert!(s.definition("gw", "w", 250).unwrap().is_some());
     }
 
     #[test]
