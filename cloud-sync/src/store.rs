@@ -418,7 +418,7 @@ fn forget_old_answers(
     if answered.len() <= keep + keep / 10 {
         return Ok(());
     }
-    answered.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+    answered.sort_unstable_by_key(|a| std::cmp::Reverse(a.0));
     for (_, id) in answered.into_iter().skip(keep) {
         cmds.remove((device, id.as_str()))?;
     }
