@@ -1150,155 +1150,163 @@ async fn daemon(data_dir: &Path, socket: &Path, args: RunArgs) -> Result<u8, Fai
             ),
         )
     })?;
-    for f in &args.apply {
-        let text = read_document(f)?;
-        let (def, applied) = runtime
-            .apply(&text)
-            .await
-            .map_err(|e| Failure::new(exit::INVALID, format!("{}: {e}", f.display())))?;
-        info!(file = %f.display(), workflow = def.name(), version = def.version(), ?applied, "definition applied");
-    }
-    let start_input = match &args.input {
-        Some(t) => Some(parse_input(t, "--input")?),
-        None => None,
-    };
-    let resumed = runtime
-        .resume_all()
-        .map_err(|e| Failure::new(exit::FAILURE, e.to_string()))?;
-    tokio::spawn(crate::schedule::run(runtime.clone(), runtime.definitions_changed()));
-    if let Some(addr) = args.metrics_listen {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|e| Failure::new(exit::FAILURE, format!("--metrics-listen {addr}: {e}")))?;
-        let app = axum::Router::new()
-            .route("/metrics", axum::routing::get(crate::api::metrics))
-            .with_state(Arc::new(runtime.clone()));
-        info!(%addr, "metrics on http://{addr}/metrics");
-        tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).await {
-                tracing::error!(error = %e, "metrics server stopped");
-            }
-        });
-    }
-    let retention = crate::retention::RetentionConfig {
-        keep_for: args.retention.into(),
-        max_bytes: args.retention_max_mb.saturating_mul(1024 * 1024),
-        every: args.prune_interval.into(),
-    };
-    tokio::spawn(crate::retention::run(runtime.clone(), retention));
-    tokio::spawn(crate::trigger::run_directories(
-        runtime.clone(),
-        runtime.definitions_changed(),
-    ));
-    if let Some(url) = &args.cloud {
-        let device = args.device_id.clone().unwrap_or_else(host_name);
-        if !outpost_shared::protocol::valid_device_id(&device) {
-            return Err(Failure::new(
-                exit::INVALID,
-                format!("device id '{device}' must be 1-64 letters, digits, '-', '_' or '.' (--device-id)"),
-            ));
+    // Whatever way this ends (a SIGTERM, --once, an error such as a bad --apply file), the journal
+    // is closed before the process exits: its writer is a detached thread, and an exit that
+    // races its close can stop redb in the middle of writing the clean-shutdown header, leaving
+    // the recovery (two-phase-commit) flag set or a torn header that made redb panic on the next
+    // open. Which won the race depended on the build's timing, which is why only some builds
+    // (`cargo build --release -p outpost-agent`) showed it. In-flight runs resume on next start.
+    let journal = runtime.journal().clone();
+    let outcome = async move {
+        for f in &args.apply {
+            let text = read_document(f)?;
+            let (def, applied) = runtime
+                .apply(&text)
+                .await
+                .map_err(|e| Failure::new(exit::INVALID, format!("{}: {e}", f.display())))?;
+            info!(file = %f.display(), workflow = def.name(), version = def.version(), ?applied, "definition applied");
         }
-        let broker = broker_url(url, "--cloud")?;
-        let mut config = crate::sync::SyncConfig::new(broker.host, broker.port, device);
-        config.prefix = args.sync_prefix.clone();
-        config.labels = args.label.clone();
-        config.outbox_max_events = args.outbox_max_events;
-        config.drain_rate = args.drain_rate;
-        config.remediation = args.remediation.clone();
-        config.equipment = equipment_list;
-        crate::sync::start(runtime.clone(), config)
-            .await
-            .map_err(|e| Failure::new(exit::FAILURE, format!("cannot start sync: {e}")))?;
-    }
-    if let Some(url) = &args.mqtt_broker {
-        let id = args.mqtt_client_id.clone().unwrap_or_else(default_client_id);
-        let b = broker_url(url, "--mqtt-broker")?;
-        let config = crate::trigger::MqttTriggerConfig {
-            host: b.host,
-            port: b.port,
-            client_id: id,
+        let start_input = match &args.input {
+            Some(t) => Some(parse_input(t, "--input")?),
+            None => None,
         };
-        tokio::spawn(crate::trigger::run_mqtt(
+        let resumed = runtime
+            .resume_all()
+            .map_err(|e| Failure::new(exit::FAILURE, e.to_string()))?;
+        tokio::spawn(crate::schedule::run(runtime.clone(), runtime.definitions_changed()));
+        if let Some(addr) = args.metrics_listen {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| Failure::new(exit::FAILURE, format!("--metrics-listen {addr}: {e}")))?;
+            let app = axum::Router::new()
+                .route("/metrics", axum::routing::get(crate::api::metrics))
+                .with_state(Arc::new(runtime.clone()));
+            info!(%addr, "metrics on http://{addr}/metrics");
+            tokio::spawn(async move {
+                if let Err(e) = axum::serve(listener, app).await {
+                    tracing::error!(error = %e, "metrics server stopped");
+                }
+            });
+        }
+        let retention = crate::retention::RetentionConfig {
+            keep_for: args.retention.into(),
+            max_bytes: args.retention_max_mb.saturating_mul(1024 * 1024),
+            every: args.prune_interval.into(),
+        };
+        tokio::spawn(crate::retention::run(runtime.clone(), retention));
+        tokio::spawn(crate::trigger::run_directories(
             runtime.clone(),
             runtime.definitions_changed(),
-            config,
         ));
-    }
-    let listener = bind_socket(socket)?;
-    info!(socket = %socket.display(), data_dir = %data_dir.display(), resumed, "outpost agent ready");
-
-    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(None::<u8>);
-    if let Some(workflow) = args.start.clone() {
-        let runtime = runtime.clone();
-        let once = args.once;
-        let stop_tx = stop_tx.clone();
-        tokio::spawn(async move {
-            let code = match runtime
-                .start(StartRequest {
-                    workflow,
-                    input: start_input,
-                    ..Default::default()
-                })
+        if let Some(url) = &args.cloud {
+            let device = args.device_id.clone().unwrap_or_else(host_name);
+            if !outpost_shared::protocol::valid_device_id(&device) {
+                return Err(Failure::new(
+                    exit::INVALID,
+                    format!("device id '{device}' must be 1-64 letters, digits, '-', '_' or '.' (--device-id)"),
+                ));
+            }
+            let broker = broker_url(url, "--cloud")?;
+            let mut config = crate::sync::SyncConfig::new(broker.host, broker.port, device);
+            config.prefix = args.sync_prefix.clone();
+            config.labels = args.label.clone();
+            config.outbox_max_events = args.outbox_max_events;
+            config.drain_rate = args.drain_rate;
+            config.remediation = args.remediation.clone();
+            config.equipment = equipment_list;
+            crate::sync::start(runtime.clone(), config)
                 .await
-            {
-                Ok(r) => {
-                    info!(run_id = %r.run_id, "started run; follow it with `outpost show {}`", r.run_id);
-                    match runtime.wait(&r.run_id, None).await {
-                        Ok((rec, _)) => {
-                            let detail = crate::api::run_detail(&runtime, &r.run_id, &rec).ok();
-                            let out = json!({
-                                "run_id": r.run_id,
-                                "status": rec.status.as_str(),
-                                "output": detail.as_ref().map(|d| d["output"].clone()),
-                                "error": detail.as_ref().map(|d| d["error"].clone()),
-                            });
-                            println!("{out}");
-                            run_exit(rec.status.as_str())
-                        }
-                        Err(e) => {
-                            error!(error = %e, "waiting for the run");
-                            exit::FAILURE
+                .map_err(|e| Failure::new(exit::FAILURE, format!("cannot start sync: {e}")))?;
+        }
+        if let Some(url) = &args.mqtt_broker {
+            let id = args.mqtt_client_id.clone().unwrap_or_else(default_client_id);
+            let b = broker_url(url, "--mqtt-broker")?;
+            let config = crate::trigger::MqttTriggerConfig {
+                host: b.host,
+                port: b.port,
+                client_id: id,
+            };
+            tokio::spawn(crate::trigger::run_mqtt(
+                runtime.clone(),
+                runtime.definitions_changed(),
+                config,
+            ));
+        }
+        let listener = bind_socket(socket)?;
+        info!(socket = %socket.display(), data_dir = %data_dir.display(), resumed, "outpost agent ready");
+
+        let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(None::<u8>);
+        if let Some(workflow) = args.start.clone() {
+            let runtime = runtime.clone();
+            let once = args.once;
+            let stop_tx = stop_tx.clone();
+            tokio::spawn(async move {
+                let code = match runtime
+                    .start(StartRequest {
+                        workflow,
+                        input: start_input,
+                        ..Default::default()
+                    })
+                    .await
+                {
+                    Ok(r) => {
+                        info!(run_id = %r.run_id, "started run; follow it with `outpost show {}`", r.run_id);
+                        match runtime.wait(&r.run_id, None).await {
+                            Ok((rec, _)) => {
+                                let detail = crate::api::run_detail(&runtime, &r.run_id, &rec).ok();
+                                let out = json!({
+                                    "run_id": r.run_id,
+                                    "status": rec.status.as_str(),
+                                    "output": detail.as_ref().map(|d| d["output"].clone()),
+                                    "error": detail.as_ref().map(|d| d["error"].clone()),
+                                });
+                                println!("{out}");
+                                run_exit(rec.status.as_str())
+                            }
+                            Err(e) => {
+                                error!(error = %e, "waiting for the run");
+                                exit::FAILURE
+                            }
                         }
                     }
+                    Err(e) => {
+                        error!(error = %e, "cannot start the run");
+                        exit::INVALID
+                    }
+                };
+                if once {
+                    let _ = stop_tx.send(Some(code));
                 }
+            });
+        }
+
+        let shutdown = async move {
+            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
                 Err(e) => {
-                    error!(error = %e, "cannot start the run");
-                    exit::INVALID
+                    warn!(error = %e, "cannot listen for SIGTERM");
+                    return;
                 }
             };
-            if once {
-                let _ = stop_tx.send(Some(code));
-            }
-        });
-    }
-
-    let shutdown = async move {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(e) => {
-                warn!(error = %e, "cannot listen for SIGTERM");
-                return;
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => info!("interrupted; stopping (unfinished runs resume on next start)"),
+                _ = term.recv() => info!("terminated; stopping (unfinished runs resume on next start)"),
+                _ = stop_rx.wait_for(|c| c.is_some()) => {}
             }
         };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => info!("interrupted; stopping (unfinished runs resume on next start)"),
-            _ = term.recv() => info!("terminated; stopping (unfinished runs resume on next start)"),
-            _ = stop_rx.wait_for(|c| c.is_some()) => {}
-        }
-    };
-    let journal = runtime.journal().clone();
-    axum::serve(listener, crate::api::router(runtime))
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(|e| Failure::new(exit::FAILURE, format!("API server: {e}")))?;
-    let _ = std::fs::remove_file(socket);
-    // Exiting with the database open leaves redb's recovery flag set, and every start after
-    // a SIGTERM or `--once` ran a repair. Whatever is in flight resumes on the next start.
+        axum::serve(listener, crate::api::router(runtime))
+            .with_graceful_shutdown(shutdown)
+            .await
+            .map_err(|e| Failure::new(exit::FAILURE, format!("API server: {e}")))?;
+        let _ = std::fs::remove_file(socket);
+        let code = *stop_tx.borrow();
+        Ok(code.unwrap_or(exit::OK))
+    }
+    .await;
     if let Err(e) = journal.close().await {
         warn!(error = %e, "cannot close the journal cleanly");
     }
-    let code = *stop_tx.borrow();
-    Ok(code.unwrap_or(exit::OK))
+    outcome
 }
 
 fn run_modbus_sim(args: ModbusSimArgs) -> Result<u8, Failure> {
