@@ -376,14 +376,21 @@ fn sigterm_and_once_close_the_journal_cleanly_and_sigkill_does_not() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(!repaired("after --once"), "--once left the journal needing a repair");
     // An error after the journal is open (a bad --apply file) closes it too.
-    let bad = write(dir.path(), "bad.yaml", "name: bad\nversion: 1\nsteps:\n  - {id: a, action: teleport}\n");
+    let bad = write(
+        dir.path(),
+        "bad.yaml",
+        "name: bad\nversion: 1\nsteps:\n  - {id: a, action: teleport}\n",
+    );
     let out = outpost_tests::outpost_command()
         .args(["run", "--apply", &bad, "--data-dir"])
         .arg(&data)
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(!repaired("after a refused --apply"), "an error exit left the journal needing a repair");
+    assert!(
+        !repaired("after a refused --apply"),
+        "an error exit left the journal needing a repair"
+    );
     // The check can tell: a SIGKILL does leave it unclean.
     let mut agent = Agent::start(&data, &[]);
     agent.json(&["start", "echo", "--wait"]);
