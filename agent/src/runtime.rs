@@ -206,11 +206,12 @@ impl Default for StorageHealth {
 impl StorageHealth {
     fn failed(&self, run_id: Option<&str>, error: &JournalError, now_ms: u64) {
         let mut changed = false;
-        if let Some(id) = run_id
-            && !lock(&self.blocked).contains_key(id)
-        {
-            lock(&self.blocked).insert(id.to_string(), now_ms);
-            changed = true;
+        if let Some(id) = run_id {
+            let mut blocked = lock(&self.blocked);
+            if !blocked.contains_key(id) {
+                blocked.insert(id.to_string(), now_ms);
+                changed = true;
+            }
         }
         let mut f = lock(&self.failing);
         changed |= f.is_none();
@@ -545,25 +546,12 @@ impl Runtime {
     pub(crate) async fn start_child(&self, req: StartRequest) -> Result<StartResponse, RuntimeError> {
         // A child is a new run and takes room in the sync outbox like any start; it waits for
         // that room (its parent's step waits with it) rather than failing the parent's step.
-        let mut delay = Duration::from_millis(500);
-        let mut said = false;
-        loop {
-            let exists = match req.id.as_deref() {
-                Some(id) => self.inner.journal.run(id)?.is_some(),
-                None => false,
-            };
-            match self.check_outbox() {
-                Err(e) if !exists => {
-                    if !said {
-                        warn!(child = ?req.id, error = %e, "child run waits for room in the sync outbox");
-                        said = true;
-                    }
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(10));
-                }
-                _ => break,
-            }
-        }
+        let id = req.id.clone();
+        self.wait_for_outbox_room("child run", || match id.as_deref() {
+            Some(id) => Ok(self.inner.journal.run(id)?.is_some()),
+            None => Ok(false),
+        })
+        .await?;
         self.start_run(req, true).await
     }
 
@@ -848,6 +836,29 @@ impl Runtime {
 impl Runtime {
     /// Refuses new runs while the sync outbox is over its cap: nothing is dropped, and the
     /// journal stops growing except for runs already going.
+    /// Waits, backing off, until the sync outbox has room for one more run, unless `exists` says
+    /// the run is already there (a repeated start needs no room). `what` names it in the log.
+    async fn wait_for_outbox_room(
+        &self,
+        what: &str,
+        mut exists: impl FnMut() -> Result<bool, RuntimeError>,
+    ) -> Result<(), RuntimeError> {
+        let mut delay = Duration::from_millis(500);
+        let mut said = false;
+        loop {
+            if exists()? {
+                return Ok(());
+            }
+            let Err(e) = self.check_outbox() else { return Ok(()) };
+            if !said {
+                warn!(error = %e, "{what} waits for room in the sync outbox");
+                said = true;
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(10));
+        }
+    }
+
     fn check_outbox(&self) -> Result<(), RuntimeError> {
         let Some(sync) = self.inner.sync.get() else {
             return Ok(());
@@ -1328,16 +1339,8 @@ impl Driver {
             let rt = Runtime {
                 inner: self.inner.clone(),
             };
-            let mut wait = Duration::from_millis(500);
-            let mut said = false;
-            while let Err(e) = rt.check_outbox() {
-                if !said {
-                    warn!(error = %e, "continue-as-new waits for room in the sync outbox");
-                    said = true;
-                }
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(Duration::from_secs(10));
-            }
+            // Only `exists` can fail, and there is none here.
+            let _ = rt.wait_for_outbox_room("continue-as-new", || Ok(false)).await;
         }
         let mut delay = Duration::from_millis(100);
         loop {

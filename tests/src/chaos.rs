@@ -714,6 +714,15 @@ fn hostile_inputs(agent_device: &str) -> Vec<(&'static str, Send, Counter)> {
     let evil = |ch: &str| ev(&format!("evil-gw/{ch}"));
     let mine = |ch: &str| ev(&format!("{agent_device}/{ch}"));
     let batch = |b: EventBatch| protocol::encode(&Body::Events(b));
+    // A batch of epoch 1 from sequence 1 with any count and compressed bytes.
+    let raw_batch = |count: u32, compressed: Vec<u8>| {
+        batch(EventBatch {
+            epoch: 1,
+            first_seq: 1,
+            count,
+            compressed,
+        })
+    };
     let good = journal::encode(&journal::Record {
         run_id: "r1".into(),
         at_ms: 1,
@@ -780,12 +789,7 @@ fn hostile_inputs(agent_device: &str) -> Vec<(&'static str, Send, Counter)> {
             "count bomb (u32::MAX events in 12 bytes)",
             Send::Publish(
                 evil("events"),
-                batch(EventBatch {
-                    epoch: 1,
-                    first_seq: 1,
-                    count: u32::MAX,
-                    compressed: miniz_oxide::deflate::compress_to_vec(&[1, 7], 6),
-                }),
+                raw_batch(u32::MAX, miniz_oxide::deflate::compress_to_vec(&[1, 7], 6)),
             ),
             Counter::Cloud("malformed"),
         ),
@@ -793,12 +797,7 @@ fn hostile_inputs(agent_device: &str) -> Vec<(&'static str, Send, Counter)> {
             "deflate bomb (64 MiB of zeros)",
             Send::Publish(
                 evil("events"),
-                batch(EventBatch {
-                    epoch: 1,
-                    first_seq: 1,
-                    count: 1,
-                    compressed: miniz_oxide::deflate::compress_to_vec(&vec![0u8; 64 << 20], 10),
-                }),
+                raw_batch(1, miniz_oxide::deflate::compress_to_vec(&vec![0u8; 64 << 20], 10)),
             ),
             Counter::Cloud("malformed"),
         ),
@@ -809,12 +808,7 @@ fn hostile_inputs(agent_device: &str) -> Vec<(&'static str, Send, Counter)> {
             "a compressed stream that is not deflate",
             Send::Publish(
                 evil("events"),
-                batch(EventBatch {
-                    epoch: 1,
-                    first_seq: 1,
-                    count: 1,
-                    compressed: vec![0xff; 100],
-                }),
+                raw_batch(1, vec![0xff; 100]),
             ),
             Counter::Cloud("malformed"),
         ),
