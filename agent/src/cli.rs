@@ -190,6 +190,31 @@ enum Cmd {
         #[arg(long)]
         file: Option<PathBuf>,
     },
+    /// Make this gateway's private key (it never leaves DATA_DIR/identity/) and print a
+    /// certificate signing request for the fleet: `outpost-cloud pki sign` answers it.
+    Keygen {
+        /// The gateway's id in the fleet (the certificate's subject and its MQTT identity).
+        #[arg(long, env = "OUTPOST_DEVICE_ID")]
+        device_id: String,
+        /// Make the next key for a certificate rotation; the current one stays in use until
+        /// `outpost enroll` installs the new certificate.
+        #[arg(long)]
+        rotate: bool,
+    },
+    /// Install what the fleet sent back: this gateway's certificate and, on first enrollment,
+    /// the fleet CA and the fleet's public signing key. A running agent switches on its next
+    /// connect.
+    Enroll {
+        /// The certificate `outpost-cloud pki sign` made.
+        #[arg(long)]
+        cert: PathBuf,
+        /// The fleet CA certificate (ca.crt).
+        #[arg(long)]
+        ca: Option<PathBuf>,
+        /// The fleet's public signing key (fleet.pub).
+        #[arg(long)]
+        fleet_key: Option<PathBuf>,
+    },
 }
 
 #[derive(Args)]
@@ -248,6 +273,27 @@ struct RunArgs {
     /// This gateway's id in the fleet [default: the host name].
     #[arg(long, env = "OUTPOST_DEVICE_ID")]
     device_id: Option<String>,
+    /// CA certificate (PEM) that signs the broker's certificate [default: DATA_DIR/identity/ca.crt].
+    #[arg(long, env = "OUTPOST_CA", value_name = "FILE")]
+    ca: Option<PathBuf>,
+    /// This gateway's certificate (PEM) [default: DATA_DIR/identity/device.crt].
+    #[arg(long, env = "OUTPOST_CERT", value_name = "FILE")]
+    cert: Option<PathBuf>,
+    /// This gateway's Ed25519 private key (PEM); it also signs every message to the cloud
+    /// [default: DATA_DIR/identity/device.key].
+    #[arg(long, env = "OUTPOST_KEY", value_name = "FILE")]
+    key: Option<PathBuf>,
+    /// The fleet's public signing key (PEM); every order from the cloud must carry its
+    /// signature [default: DATA_DIR/identity/fleet.pub].
+    #[arg(long, env = "OUTPOST_FLEET_KEY", value_name = "FILE")]
+    fleet_key: Option<PathBuf>,
+    /// INSECURE: allow plain-text mqtt:// to a broker on another machine.
+    #[arg(long)]
+    insecure_plaintext: bool,
+    /// INSECURE: neither sign nor check messages (protocol v1); anyone who can publish on the
+    /// broker can then command this gateway. For tests and old fleets only.
+    #[arg(long)]
+    insecure_unsigned: bool,
     /// A label deployments can target, e.g. `--label line=3` (repeatable).
     #[arg(long, value_name = "KEY=VALUE", value_parser = parse_label)]
     label: Vec<(String, String)>,
@@ -381,6 +427,18 @@ pub fn main() -> ExitCode {
             journal_check(&file.unwrap_or_else(|| cli.data_dir.join("journal.redb")), cli.json)
         }
         Cmd::Bench(args) => block_on(async { crate::bench::run(args).await.map_err(Failure::from) }),
+        Cmd::Keygen { device_id, rotate } => keygen(&cli.data_dir, &device_id, rotate),
+        Cmd::Enroll { cert, ca, fleet_key } => {
+            match crate::identity::enroll(&cli.data_dir, &cert, ca.as_deref(), fleet_key.as_deref()) {
+                Ok(done) => {
+                    for line in done {
+                        println!("{line}");
+                    }
+                    Ok(exit::OK)
+                }
+                Err(e) => Err(Failure::new(exit::INVALID, e)),
+            }
+        }
         other => block_on(remote(Client::new(socket), other, cli.json)),
     };
     match result {
@@ -520,17 +578,26 @@ fn parse_input(text: &str, what: &str) -> Result<Value, Failure> {
 
 /// Prints `v` as JSON with `--json`, otherwise in the command's own form.
 /// This machine's host name (`agent` when unknown).
-/// A broker address from an option; TLS (`mqtts://`) is refused by name until this build
-/// speaks it, rather than being taken for a host called `mqtts`.
+/// A broker address from an option.
 fn broker_url(url: &str, option: &str) -> Result<outpost_shared::broker::BrokerUrl, Failure> {
-    let b = outpost_shared::broker::BrokerUrl::parse(url, option).map_err(|e| Failure::new(exit::INVALID, e))?;
-    if b.tls {
-        return Err(Failure::new(
-            exit::INVALID,
-            format!("{option} {url}: TLS brokers (mqtts://) are not supported by this build yet; use mqtt://"),
-        ));
-    }
-    Ok(b)
+    outpost_shared::broker::BrokerUrl::parse(url, option).map_err(|e| Failure::new(exit::INVALID, e))
+}
+
+/// `outpost keygen`: the key stays here; the request goes to stdout (and next to the key).
+fn keygen(data_dir: &Path, device_id: &str, rotate: bool) -> Result<u8, Failure> {
+    let out = crate::identity::keygen(data_dir, device_id, rotate).map_err(|e| Failure::new(exit::INVALID, e))?;
+    eprintln!(
+        "key written to {} (keep it here; it never needs to leave this gateway)
+         signing request written to {}; have the fleet sign it:
+           outpost-cloud pki sign {} --out {device_id}.crt
+         then install the certificate here:
+           outpost enroll --cert {device_id}.crt --ca ca.crt --fleet-key fleet.pub",
+        out.key.display(),
+        out.csr_path.display(),
+        out.csr_path.file_name().and_then(|n| n.to_str()).unwrap_or("device.csr"),
+    );
+    print!("{}", out.csr);
+    Ok(exit::OK)
 }
 
 fn host_name() -> String {
@@ -932,7 +999,13 @@ async fn remote(client: Client, cmd: Cmd, as_json: bool) -> Result<u8, Failure> 
             });
             Ok(exit::OK)
         }
-        Cmd::Run(_) | Cmd::Validate { .. } | Cmd::Bench(_) | Cmd::ModbusSim(_) | Cmd::JournalCheck { .. } => {
+        Cmd::Run(_)
+        | Cmd::Validate { .. }
+        | Cmd::Bench(_)
+        | Cmd::ModbusSim(_)
+        | Cmd::JournalCheck { .. }
+        | Cmd::Keygen { .. }
+        | Cmd::Enroll { .. } => {
             Ok(exit::OK)
         }
     }
@@ -1068,6 +1141,17 @@ fn check_journal_first(file: &Path) -> Result<(), String> {
             warn!(error = %e, "cannot run the journal check in a child process; checking here");
             crate::journal::verify(file).map(drop).map_err(|e| e.to_string())
         }
+    }
+}
+
+fn identity_options(args: &RunArgs) -> crate::identity::IdentityOptions {
+    crate::identity::IdentityOptions {
+        ca: args.ca.clone(),
+        cert: args.cert.clone(),
+        key: args.key.clone(),
+        fleet_key: args.fleet_key.clone(),
+        insecure_plaintext: args.insecure_plaintext,
+        insecure_unsigned: args.insecure_unsigned,
     }
 }
 
@@ -1207,7 +1291,10 @@ async fn daemon(data_dir: &Path, socket: &Path, args: RunArgs) -> Result<u8, Fai
                 ));
             }
             let broker = broker_url(url, "--cloud")?;
+            let security = crate::identity::Security::resolve(data_dir, &identity_options(&args), &broker)
+                .map_err(|e| Failure::new(exit::INVALID, e))?;
             let mut config = crate::sync::SyncConfig::new(broker.host, broker.port, device);
+            config.security = Arc::new(security);
             config.prefix = args.sync_prefix.clone();
             config.labels = args.label.clone();
             config.outbox_max_events = args.outbox_max_events;
@@ -1221,10 +1308,24 @@ async fn daemon(data_dir: &Path, socket: &Path, args: RunArgs) -> Result<u8, Fai
         if let Some(url) = &args.mqtt_broker {
             let id = args.mqtt_client_id.clone().unwrap_or_else(default_client_id);
             let b = broker_url(url, "--mqtt-broker")?;
+            outpost_shared::tls::check_plaintext(&b, args.insecure_plaintext, "--mqtt-broker")
+                .map_err(|e| Failure::new(exit::INVALID, e))?;
+            let tls = if b.tls {
+                let ident = crate::identity::identity_dir(data_dir);
+                let files = outpost_shared::tls::TlsFiles {
+                    ca: args.ca.clone().unwrap_or_else(|| ident.join("ca.crt")),
+                    cert: args.cert.clone().or_else(|| Some(ident.join("device.crt")).filter(|p| p.exists())),
+                    key: args.key.clone().or_else(|| Some(ident.join("device.key")).filter(|p| p.exists())),
+                };
+                Some(outpost_shared::tls::client_config(&files).map_err(|e| Failure::new(exit::INVALID, format!("--mqtt-broker: {e}")))?)
+            } else {
+                None
+            };
             let config = crate::trigger::MqttTriggerConfig {
                 host: b.host,
                 port: b.port,
                 client_id: id,
+                tls,
             };
             tokio::spawn(crate::trigger::run_mqtt(
                 runtime.clone(),

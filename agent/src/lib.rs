@@ -16,6 +16,7 @@ pub mod client;
 pub mod clock;
 pub mod engine;
 pub mod equipment;
+pub mod identity;
 pub mod journal;
 pub mod limits;
 pub mod metrics;

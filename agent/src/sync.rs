@@ -50,6 +50,8 @@ pub struct SyncConfig {
     pub remediation: Option<String>,
     /// Equipment devices as (name, kind), reported in the inventory.
     pub equipment: Vec<(String, String)>,
+    /// TLS, this gateway's signing key and the fleet's key.
+    pub security: Arc<crate::identity::Security>,
 }
 
 impl SyncConfig {
@@ -67,6 +69,7 @@ impl SyncConfig {
             window: 4_000,
             remediation: None,
             equipment: Vec::new(),
+            security: Arc::new(crate::identity::Security::unsigned_plaintext()),
         }
     }
 }
@@ -94,6 +97,9 @@ pub struct SyncState {
     pub duplicate_commands: AtomicU64,
     /// Messages from the cloud that did not decode.
     pub bad_messages: AtomicU64,
+    /// Messages from the cloud refused for their signature: unsigned, or not the fleet key's
+    /// for this topic (forged, altered, or meant for another gateway).
+    pub bad_signatures: AtomicU64,
     /// Messages not sent because they would exceed the protocol's message limit.
     pub oversized_messages: AtomicU64,
     /// Acknowledgements refused because they claim events this journal never wrote.
@@ -134,6 +140,7 @@ impl SyncState {
             "commands_applied": self.commands.load(o),
             "duplicate_commands": self.duplicate_commands.load(o),
             "bad_messages": self.bad_messages.load(o),
+            "bad_signatures": self.bad_signatures.load(o),
             "oversized_messages": self.oversized_messages.load(o),
             "bad_acks": self.bad_acks.load(o),
             "reannounced": self.reannounced.load(o),
@@ -187,7 +194,7 @@ async fn reconcile(
                 {
                     warn!(error = %e, "cannot store reported state");
                 }
-                publish(&client, &state, &topic, &Body::Reported(report), true).await;
+                publish(&client, &config, &state, &topic, &Body::Reported(report), true).await;
             }
         }
         if desired.changed().await.is_err() {
@@ -252,10 +259,25 @@ async fn remediate(rt: &Runtime, config: &SyncConfig, d: &Desired) -> Reported {
 }
 const EPOCH: &str = "sync/epoch";
 
+/// True once the wall clock can be trusted to check certificates.
+fn wall_clock_plausible() -> bool {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    outpost_shared::tls::clock_plausible(now)
+}
+
 /// Publishes a message unless it exceeds the protocol's limit: an oversized QoS 1 publish would
 /// be refused by the broker and replayed by the client on every reconnect, wedging the link.
-async fn publish(client: &AsyncClient, state: &SyncState, topic: &str, body: &Body, retain: bool) -> bool {
-    let bytes = match protocol::encode_checked(body) {
+async fn publish(
+    client: &AsyncClient,
+    config: &SyncConfig,
+    state: &SyncState,
+    topic: &str,
+    body: &Body,
+    retain: bool,
+) -> bool {
+    let bytes = match config.security.seal().encode(topic, body) {
         Ok(b) => b,
         Err(e) => {
             state.oversized_messages.fetch_add(1, Ordering::Relaxed);
@@ -313,7 +335,7 @@ fn announce(rt: &Runtime, config: &SyncConfig, state: &SyncState, topics: &Topic
         blocked_runs: rt.blocked_runs(protocol::MAX_BLOCKED_RUNS_LISTED),
     });
     let topic = topics.topic(&config.device, Channel::Birth);
-    match protocol::encode_checked(&birth) {
+    match config.security.seal().encode(&topic, &birth) {
         Ok(bytes) => {
             if let Err(e) = client.try_publish(topic, QoS::AtLeastOnce, true, bytes) {
                 warn!(error = %e, "cannot publish birth");
@@ -326,14 +348,16 @@ fn announce(rt: &Runtime, config: &SyncConfig, state: &SyncState, topics: &Topic
     }
 }
 
-/// The Last Will of the connection with this epoch.
-fn will(topics: &Topics, device: &str, epoch: u64) -> LastWill {
-    LastWill::new(
-        topics.topic(device, Channel::Death),
-        protocol::encode(&Body::Death(Death { epoch })),
-        QoS::AtLeastOnce,
-        true,
-    )
+/// The Last Will of the connection with this epoch, signed now: the broker publishes it for us.
+fn will(topics: &Topics, config: &SyncConfig, epoch: u64) -> LastWill {
+    let topic = topics.topic(&config.device, Channel::Death);
+    let body = Body::Death(Death { epoch });
+    let bytes = config
+        .security
+        .seal()
+        .encode(&topic, &body)
+        .unwrap_or_else(|_| protocol::encode(&body));
+    LastWill::new(topic, bytes, QoS::AtLeastOnce, true)
 }
 
 /// Starts sync; returns its shared state. The agent runs the same whether or not the broker is
@@ -374,7 +398,10 @@ pub async fn start(rt: Runtime, config: SyncConfig) -> Result<Arc<SyncState>, Ru
     opts.set_clean_session(false);
     opts.set_manual_acks(true);
     opts.set_max_packet_size(protocol::MAX_INCOMING_PACKET_BYTES, protocol::MAX_PACKET_BYTES);
-    opts.set_last_will(will(&topics, &config.device, epoch));
+    opts.set_last_will(will(&topics, &config, epoch));
+    if let Some(tls) = config.security.tls_config().map_err(RuntimeError::Invalid)? {
+        opts.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(tls)));
+    }
     let (client, eventloop) = AsyncClient::new(opts, 64);
     let (session_tx, session_rx) = watch::channel(0u64);
     // Unbounded, so the poll task never waits on the command handler while the handler waits
@@ -466,7 +493,18 @@ async fn poll(
     } = routes;
     let topics = Topics::new(&config.prefix);
     let mut backoff = Duration::from_millis(250);
+    let mut clock_warned = false;
     loop {
+        if config.security.uses_tls() && !wall_clock_plausible() {
+            // Every certificate looks not yet valid at 1970: wait for NTP (or GPS, or an
+            // operator) instead of failing handshakes; runs go on offline meanwhile.
+            if !clock_warned {
+                warn!("the wall clock is before 2026-01-01: not connecting until it is set (certificates cannot be checked)");
+                clock_warned = true;
+            }
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            continue;
+        }
         match eventloop.poll().await {
             Ok(MqttEvent::Incoming(Packet::ConnAck(ack))) => {
                 backoff = Duration::from_millis(250);
@@ -483,7 +521,17 @@ async fn poll(
                 session.send_modify(|n| *n += 1);
             }
             Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
-                let body = protocol::decode(&p.payload);
+                let body = match &config.security.fleet {
+                    Some(key) => protocol::open(
+                        &p.payload,
+                        &p.topic,
+                        protocol::Trust::Key {
+                            key,
+                            signer: "the fleet key",
+                        },
+                    ),
+                    None => protocol::open(&p.payload, &p.topic, protocol::Trust::Unsigned),
+                };
                 match (topics.parse(&p.topic), body) {
                     (Some((dev, _)), _) if dev != config.device => {
                         state.bad_messages.fetch_add(1, Ordering::Relaxed);
@@ -557,8 +605,14 @@ async fn poll(
                         }
                     }
                     (_, Err(e)) => {
-                        state.bad_messages.fetch_add(1, Ordering::Relaxed);
-                        warn!(topic = %p.topic, error = %e, "bad message from the cloud ignored");
+                        let counter = match e {
+                            protocol::ProtocolError::Unsigned
+                            | protocol::ProtocolError::BadSignature { .. }
+                            | protocol::ProtocolError::SignedWhileInsecure => &state.bad_signatures,
+                            _ => &state.bad_messages,
+                        };
+                        counter.fetch_add(1, Ordering::Relaxed);
+                        warn!(topic = %p.topic, error = %e, "message from the cloud refused; nothing of it is applied");
                     }
                     (_, Ok(other)) => {
                         state.bad_messages.fetch_add(1, Ordering::Relaxed);
@@ -581,10 +635,24 @@ async fn poll(
                             state.announcements.store(0, Ordering::Relaxed);
                             eventloop
                                 .mqtt_options
-                                .set_last_will(will(&topics, &config.device, next));
+                                .set_last_will(will(&topics, &config, next));
                         }
                         Err(e) => warn!(error = %e, "cannot store the next epoch; reconnecting with this one"),
                     }
+                }
+                match config.security.reload_if_changed() {
+                    Ok(None) => {}
+                    Ok(Some(tls)) => {
+                        info!("new certificate and key installed: connecting with them (rotation)");
+                        if let Some(tls) = tls {
+                            eventloop.mqtt_options.set_transport(rumqttc::Transport::tls_with_config(
+                                rumqttc::TlsConfiguration::Rustls(tls),
+                            ));
+                        }
+                        let epoch = state.epoch.load(Ordering::Relaxed);
+                        eventloop.mqtt_options.set_last_will(will(&topics, &config, epoch));
+                    }
+                    Err(e) => warn!(error = %e, "the new certificate or key cannot be used; keeping the old ones"),
                 }
                 let wait = backoff.mul_f64(0.5 + fastrand::f64());
                 warn!(error = %e, retry_in = ?wait, "sync disconnected");
@@ -661,7 +729,7 @@ async fn inventory(
                 sent.insert((d.workflow.clone(), d.version));
             }
             state.inventories.fetch_add(1, Ordering::Relaxed);
-            publish(&client, &state, &topic, &Body::Inventory(m), false).await;
+            publish(&client, &config, &state, &topic, &Body::Inventory(m), false).await;
         }
     }
 }
@@ -810,7 +878,7 @@ async fn drain(
         contiguous.truncate(protocol::batch_len(&contiguous));
         let count = contiguous.len() as u64;
         let batch = protocol::pack(state.epoch.load(Ordering::Relaxed), first, &contiguous);
-        if !publish(&client, &state, &topic, &Body::Events(batch), false).await {
+        if !publish(&client, &config, &state, &topic, &Body::Events(batch), false).await {
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         }
@@ -868,7 +936,7 @@ async fn commands(
                 r
             }
         };
-        publish(&client, &state, &topic, &Body::CommandResult(result), false).await;
+        publish(&client, &config, &state, &topic, &Body::CommandResult(result), false).await;
     }
 }
 

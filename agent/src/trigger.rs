@@ -30,6 +30,8 @@ pub struct MqttTriggerConfig {
     pub port: u16,
     /// Client id; fixed so the broker keeps the session (and unacked messages) across restarts.
     pub client_id: String,
+    /// TLS (`mqtts://`), or plain text.
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 fn fnv1a(parts: &[&[u8]]) -> u64 {
@@ -260,6 +262,9 @@ pub async fn run_mqtt(rt: Runtime, mut changed: watch::Receiver<u64>, config: Mq
     // rumqttc drops the connection on a packet over its limit (10 KiB by default) and the broker
     // redelivers it on every reconnect: read well past the input limit and refuse by name.
     opts.set_max_packet_size(4 * MAX_INPUT_BYTES, 64 * 1024);
+    if let Some(tls) = config.tls.clone() {
+        opts.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(tls)));
+    }
     let (client, mut eventloop) = AsyncClient::new(opts, 64);
     // Unbounded so the poll task never waits on the handler while the handler waits on the
     // poll task to take its ack; the broker's in-flight window bounds the unacked messages.

@@ -8,13 +8,15 @@
 
 #![warn(missing_docs)]
 
+pub mod acl;
 pub mod api;
 #[cfg(feature = "embedded-broker")]
 pub mod broker;
 pub mod console;
 pub mod lineage;
+pub mod pki;
 pub mod service;
 pub mod store;
 
-pub use service::Service;
+pub use service::{Link, Security, Service};
 pub use store::Store;

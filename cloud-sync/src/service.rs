@@ -48,12 +48,46 @@ pub struct Stats {
     pub lost_events: AtomicU64,
 }
 
+/// How the service signs what it sends and checks what it receives.
+#[derive(Debug, Clone)]
+pub enum Security {
+    /// Protocol v2: orders signed with the fleet key, device messages checked against each
+    /// device's enrolled key.
+    Signed {
+        /// The fleet signing key.
+        fleet: Arc<outpost_shared::signing::SigningKey>,
+        /// Enrolled devices and revocations.
+        keyring: Arc<crate::pki::Keyring>,
+    },
+    /// `--insecure-unsigned`: protocol v1, nothing signed or checked.
+    Unsigned,
+}
+
+/// How the service reaches its broker.
+#[derive(Debug, Clone)]
+pub struct Link {
+    /// Broker host.
+    pub host: String,
+    /// Broker port.
+    pub port: u16,
+    /// Topic prefix.
+    pub prefix: String,
+    /// MQTT client id.
+    pub client_id: String,
+    /// TLS (with this service's client certificate), or plain text.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// Signatures.
+    pub security: Security,
+}
+
 /// The cloud-sync service.
 pub struct Service {
     /// The store.
     pub store: Arc<Store>,
     client: AsyncClient,
     topics: Topics,
+    seal: protocol::Seal,
+    security: Security,
     /// Counters.
     pub stats: Stats,
     /// Bumped whenever the store may have changed; the console's live updates follow it.
@@ -138,8 +172,11 @@ pub(crate) async fn blocking<T: Send + 'static>(
 impl Service {
     /// Connects to the broker at `host:port` and starts ingesting. Returns at once; the
     /// connection is (re)made in the background.
-    pub fn start(store: Store, host: &str, port: u16, prefix: &str, client_id: &str) -> Arc<Service> {
-        let mut opts = MqttOptions::new(client_id, host, port);
+    pub fn start(store: Store, link: Link) -> Arc<Service> {
+        let mut opts = MqttOptions::new(link.client_id.clone(), link.host.clone(), link.port);
+        if let Some(tls) = link.tls.clone() {
+            opts.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(tls)));
+        }
         opts.set_keep_alive(Duration::from_secs(15));
         opts.set_clean_session(false);
         opts.set_manual_acks(true);
@@ -149,7 +186,12 @@ impl Service {
         let service = Arc::new(Service {
             store: Arc::new(store),
             client,
-            topics: Topics::new(prefix),
+            topics: Topics::new(&link.prefix),
+            seal: match &link.security {
+                Security::Signed { fleet, .. } => protocol::Seal::Signed(fleet.clone()),
+                Security::Unsigned => protocol::Seal::Unsigned,
+            },
+            security: link.security,
             stats: Stats::default(),
             changes: watch::channel(0).0,
             retry: std::sync::atomic::AtomicBool::new(false),
@@ -180,7 +222,7 @@ impl Service {
         let topic = self.topics.topic(device, channel);
         // Checked before anything is stored (`fits`); this guard keeps an oversized QoS 1
         // publish from ever reaching the client, which would replay it on every reconnect.
-        let bytes = match protocol::encode_checked(body) {
+        let bytes = match self.seal.encode(&topic, body) {
             Ok(b) => b,
             Err(e) => return warn!(device, error = %e, "message not sent"),
         };
@@ -266,16 +308,9 @@ impl Service {
         if !channel.is_up() {
             return; // our own messages (acks, commands, desired) echoed by the broker
         }
-        let body = match protocol::decode(payload) {
+        let body = match self.open(&device, topic, payload) {
             Ok(b) => b,
-            Err(e) => {
-                let reason = match e {
-                    ProtocolError::UnknownVersion(_) => "unknown_version",
-                    ProtocolError::TooLarge(_) => "too_large",
-                    _ => "malformed",
-                };
-                return self.reject(&device, topic, reason, e.to_string()).await;
-            }
+            Err((reason, why)) => return self.reject(&device, topic, reason, why).await,
         };
         let now = now_ms();
         let store = self.store.clone();
@@ -372,8 +407,10 @@ impl Service {
                     updated_ms: now,
                 };
                 let d = device.clone();
-                if let Err(e) = blocking(move || store.set_reported(&d, &row)).await {
-                    self.store_failed(&device, "reported state", &e);
+                match blocking(move || store.set_reported(&d, &row)).await {
+                    Ok(true) => {}
+                    Ok(false) => info!(device = %device, "report for an older desired version ignored"),
+                    Err(e) => self.store_failed(&device, "reported state", &e),
                 }
             }
             (Channel::Inventory, Body::Inventory(inv)) => {
@@ -389,6 +426,47 @@ impl Service {
                 self.reject(&device, topic, "wrong_channel", what).await
             }
         }
+    }
+
+    /// Checks and decodes a device's message: its signature must be one of the device's
+    /// enrolled keys over this topic (nothing of an unauthenticated message is decoded).
+    fn open(&self, device: &str, topic: &str, payload: &[u8]) -> Result<Body, (&'static str, String)> {
+        let reason = |e: &ProtocolError| match e {
+            ProtocolError::UnknownVersion(_) => "unknown_version",
+            ProtocolError::TooLarge(_) => "too_large",
+            ProtocolError::Unsigned => "unsigned",
+            ProtocolError::SignedWhileInsecure => "signed_while_insecure",
+            ProtocolError::BadSignature { .. } => "bad_signature",
+            _ => "malformed",
+        };
+        let keys = match &self.security {
+            Security::Unsigned => {
+                return protocol::open(payload, topic, protocol::Trust::Unsigned).map_err(|e| (reason(&e), e.to_string()));
+            }
+            Security::Signed { keyring, .. } => match keyring.trust(device) {
+                crate::pki::DeviceTrust::Keys(k) => k,
+                crate::pki::DeviceTrust::Unknown => {
+                    return Err((
+                        "unknown_device",
+                        "no enrolled key for this device id (not signed by `outpost-cloud pki sign`)".into(),
+                    ));
+                }
+                crate::pki::DeviceTrust::Revoked => {
+                    return Err(("revoked", "this device is revoked (`outpost-cloud devices revoke`)".into()));
+                }
+            },
+        };
+        let mut last = None;
+        // Newest key first: after a rotation the old one only covers what was in flight.
+        for key in keys.iter().rev() {
+            match protocol::open(payload, topic, protocol::Trust::Key { key, signer: device }) {
+                Ok(b) => return Ok(b),
+                Err(e @ ProtocolError::BadSignature { .. }) => last = Some(e),
+                Err(e) => return Err((reason(&e), e.to_string())),
+            }
+        }
+        let e = last.unwrap_or(ProtocolError::Empty);
+        Err((reason(&e), e.to_string()))
     }
 
     /// Sends every unanswered command of an online device, oldest first.
@@ -551,9 +629,17 @@ impl Service {
 
 /// Refuses, before it is stored, a message that could never be sent to its device.
 fn fits(body: &Body) -> Result<(), StoreError> {
-    protocol::encode_checked(body)
-        .map(drop)
-        .map_err(|e| StoreError::Invalid(e.to_string()))
+    let len = protocol::encode(body).len() + outpost_shared::signing::SIGNATURE_BYTES;
+    if len > protocol::MAX_MESSAGE_BYTES {
+        return Err(StoreError::Invalid(
+            ProtocolError::WontFit {
+                kind: body.kind(),
+                len,
+            }
+            .to_string(),
+        ));
+    }
+    Ok(())
 }
 
 async fn poll(mut eventloop: rumqttc::EventLoop, service: Arc<Service>, tx: mpsc::UnboundedSender<rumqttc::Publish>) {

@@ -11,6 +11,8 @@ pub mod expr;
 pub mod fault;
 pub mod journal;
 pub mod protocol;
+pub mod signing;
+pub mod tls;
 
 pub use definition::{ActionCatalog, Definition, DefinitionError, Problem};
 pub use journal::{ErrorInfo, Event, Record};

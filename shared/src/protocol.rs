@@ -13,8 +13,14 @@
 
 use serde::{Deserialize, Serialize};
 
-/// The protocol version this build speaks.
+/// The first byte of an unsigned message (protocol v1): only between sides that both run with
+/// `--insecure-unsigned`, and for the agent's own stored copies of messages.
 pub const VERSION: u8 = 1;
+/// The first byte of a signed message (protocol v2): the v1 body followed by an Ed25519
+/// signature over the topic and the bytes before it (see [`crate::signing`]).
+pub const SIGNED_VERSION: u8 = 2;
+/// The version in the topic tree (`PREFIX/v1/DEVICE/CHANNEL`); both message versions use it.
+pub const TOPIC_VERSION: u8 = 1;
 /// Largest message accepted; larger payloads are rejected before decoding, and neither side
 /// ever publishes one (see [`encode_checked`]).
 pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
@@ -274,8 +280,20 @@ pub enum ProtocolError {
     #[error("message of {0} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit")]
     TooLarge(usize),
     /// A version this build does not know.
-    #[error("unknown protocol version {0} (this build speaks {VERSION})")]
+    #[error("unknown protocol version {0} (this build speaks {VERSION} unsigned and {SIGNED_VERSION} signed)")]
     UnknownVersion(u8),
+    /// An unsigned (v1) message where signatures are required.
+    #[error("unsigned message (protocol v1): this side requires signed messages (protocol v2)")]
+    Unsigned,
+    /// A signed (v2) message where the sides run unsigned (`--insecure-unsigned`).
+    #[error("signed message (protocol v2) while this side runs with --insecure-unsigned, which takes only v1")]
+    SignedWhileInsecure,
+    /// The signature is not the expected key's over this topic and these bytes.
+    #[error("bad signature: not signed by {signer} for this topic (forged, altered, or sent on another device's topic)")]
+    BadSignature {
+        /// Whose key was expected (a device id or `the fleet key`).
+        signer: String,
+    },
     /// An encoded message would exceed [`MAX_MESSAGE_BYTES`]; it is never sent.
     #[error("a {kind} message of {len} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit; not sent")]
     WontFit {
@@ -363,6 +381,87 @@ pub fn decode(bytes: &[u8]) -> Result<Body, ProtocolError> {
         len: bytes.len(),
         reason: e.to_string(),
     })
+}
+
+/// How one side seals what it publishes: signed with its key (the default), or unsigned v1
+/// under `--insecure-unsigned`.
+#[derive(Debug, Clone)]
+pub enum Seal {
+    /// Protocol v1, no signature.
+    Unsigned,
+    /// Protocol v2, signed with this key.
+    Signed(std::sync::Arc<crate::signing::SigningKey>),
+}
+
+impl Seal {
+    /// Encodes `body` for `topic`, refusing a message over [`MAX_MESSAGE_BYTES`] (signature
+    /// included).
+    pub fn encode(&self, topic: &str, body: &Body) -> Result<Vec<u8>, ProtocolError> {
+        let mut bytes = encode(body);
+        if let Seal::Signed(key) = self {
+            if let Some(v) = bytes.first_mut() {
+                *v = SIGNED_VERSION;
+            }
+            let sig = key.sign(topic, &bytes);
+            bytes.extend_from_slice(&sig);
+        }
+        if bytes.len() > MAX_MESSAGE_BYTES {
+            return Err(ProtocolError::WontFit {
+                kind: body.kind(),
+                len: bytes.len(),
+            });
+        }
+        Ok(bytes)
+    }
+
+    /// True when messages are signed.
+    pub fn signs(&self) -> bool {
+        matches!(self, Seal::Signed(_))
+    }
+}
+
+/// Whose signature a received message must carry.
+#[derive(Debug, Clone, Copy)]
+pub enum Trust<'a> {
+    /// `--insecure-unsigned`: v1 messages only.
+    Unsigned,
+    /// v2 messages signed by this key; `signer` names it in errors.
+    Key {
+        /// The key.
+        key: &'a crate::signing::VerifyingKey,
+        /// Whose it is.
+        signer: &'a str,
+    },
+}
+
+/// Decodes a message received on `topic`: the signature is checked before a byte of the body
+/// is decoded, so unauthenticated input never reaches the decoder in the signed mode.
+pub fn open(bytes: &[u8], topic: &str, trust: Trust<'_>) -> Result<Body, ProtocolError> {
+    if bytes.len() > MAX_MESSAGE_BYTES {
+        return Err(ProtocolError::TooLarge(bytes.len()));
+    }
+    let &version = bytes.first().ok_or(ProtocolError::Empty)?;
+    match (trust, version) {
+        (Trust::Unsigned, VERSION) => decode(bytes),
+        (Trust::Unsigned, SIGNED_VERSION) => Err(ProtocolError::SignedWhileInsecure),
+        (Trust::Key { .. }, VERSION) => Err(ProtocolError::Unsigned),
+        (Trust::Key { key, signer }, SIGNED_VERSION) => {
+            let bad = || ProtocolError::BadSignature {
+                signer: signer.to_string(),
+            };
+            let split = bytes.len().checked_sub(crate::signing::SIGNATURE_BYTES).ok_or_else(bad)?;
+            let (message, sig) = bytes.split_at_checked(split).ok_or_else(bad)?;
+            if message.is_empty() || !key.verify(topic, message, sig) {
+                return Err(bad());
+            }
+            let body = message.get(1..).unwrap_or(&[]);
+            postcard::from_bytes(body).map_err(|e| ProtocolError::Malformed {
+                len: bytes.len(),
+                reason: e.to_string(),
+            })
+        }
+        (_, v) => Err(ProtocolError::UnknownVersion(v)),
+    }
 }
 
 /// Packs journal records (oldest first) into a compressed batch body.
@@ -560,16 +659,16 @@ impl Topics {
     }
     /// `PREFIX/v1/DEVICE/CHANNEL`.
     pub fn topic(&self, device: &str, channel: Channel) -> String {
-        format!("{}/v{VERSION}/{device}/{}", self.prefix, channel.name())
+        format!("{}/v{TOPIC_VERSION}/{device}/{}", self.prefix, channel.name())
     }
     /// `PREFIX/v1/+/CHANNEL`: one channel of every device.
     pub fn all_devices(&self, channel: Channel) -> String {
-        format!("{}/v{VERSION}/+/{}", self.prefix, channel.name())
+        format!("{}/v{TOPIC_VERSION}/+/{}", self.prefix, channel.name())
     }
     /// The device and channel of a topic under this prefix.
     pub fn parse<'a>(&self, topic: &'a str) -> Option<(&'a str, Channel)> {
         let rest = topic.strip_prefix(self.prefix.as_str())?.strip_prefix('/')?;
-        let rest = rest.strip_prefix(&format!("v{VERSION}/"))?;
+        let rest = rest.strip_prefix(&format!("v{TOPIC_VERSION}/"))?;
         let (device, name) = rest.split_once('/')?;
         let ch = Channel::ALL.into_iter().find(|c| c.name() == name)?;
         valid_device_id(device).then_some((device, ch))
@@ -589,6 +688,50 @@ pub fn valid_device_id(id: &str) -> bool {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    fn seal() -> (Seal, crate::signing::VerifyingKey) {
+        let der = crate::signing::SigningKey::generate_pkcs8().unwrap();
+        let key = crate::signing::SigningKey::from_pkcs8(&der, "t").unwrap();
+        let public = key.public();
+        (Seal::Signed(std::sync::Arc::new(key)), public)
+    }
+
+    #[test]
+    fn signed_messages_open_only_with_their_key_on_their_topic() {
+        let (seal, public) = seal();
+        let trust = Trust::Key { key: &public, signer: "gw-1" };
+        let body = Body::Ack(Ack { next_seq: 7 });
+        let t = Topics::new("outpost");
+        let topic = t.topic("gw-1", Channel::Ack);
+        let bytes = seal.encode(&topic, &body).unwrap();
+        assert_eq!(bytes.first(), Some(&SIGNED_VERSION));
+        assert_eq!(bytes.len(), encode(&body).len() + crate::signing::SIGNATURE_BYTES);
+        assert_eq!(open(&bytes, &topic, trust).unwrap(), body);
+        // Another device's topic, a flipped bit, a cut signature, an unsigned copy.
+        let other = t.topic("gw-2", Channel::Ack);
+        assert!(matches!(open(&bytes, &other, trust), Err(ProtocolError::BadSignature { .. })));
+        let mut flipped = bytes.clone();
+        flipped[1] ^= 1;
+        assert!(matches!(open(&flipped, &topic, trust), Err(ProtocolError::BadSignature { .. })));
+        assert!(matches!(open(&bytes[..bytes.len() - 1], &topic, trust), Err(ProtocolError::BadSignature { .. })));
+        assert!(matches!(open(&[SIGNED_VERSION], &topic, trust), Err(ProtocolError::BadSignature { .. })));
+        assert!(matches!(open(&encode(&body), &topic, trust), Err(ProtocolError::Unsigned)));
+        let err = open(&bytes, &other, trust).unwrap_err().to_string();
+        assert!(err.contains("gw-1"), "{err}");
+        // The insecure mode takes v1 only.
+        assert!(matches!(open(&bytes, &topic, Trust::Unsigned), Err(ProtocolError::SignedWhileInsecure)));
+        assert_eq!(open(&Seal::Unsigned.encode(&topic, &body).unwrap(), &topic, Trust::Unsigned).unwrap(), body);
+        assert!(matches!(open(&[9, 0], &topic, trust), Err(ProtocolError::UnknownVersion(9))));
+    }
+
+    proptest! {
+        #[test]
+        fn open_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let (_, public) = seal();
+            let _ = open(&bytes, "outpost/v1/gw/ack", Trust::Key { key: &public, signer: "x" });
+            let _ = open(&bytes, "outpost/v1/gw/ack", Trust::Unsigned);
+        }
+    }
 
     #[test]
     fn batches_round_trip_and_compress() {

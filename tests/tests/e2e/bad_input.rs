@@ -80,7 +80,12 @@ fn broker_addresses_are_refused_by_name() {
         (
             "--cloud",
             "mqtts://broker.plant:8883",
-            "TLS brokers (mqtts://) are not supported",
+            "this gateway is not enrolled: run `outpost keygen",
+        ),
+        (
+            "--cloud",
+            "mqtt://broker.plant:1883",
+            "plain-text MQTT to another machine is refused",
         ),
         ("--cloud", "http://broker:1883", "scheme 'http' is not an MQTT broker"),
         (
