@@ -594,7 +594,10 @@ fn keygen(data_dir: &Path, device_id: &str, rotate: bool) -> Result<u8, Failure>
            outpost enroll --cert {device_id}.crt --ca ca.crt --fleet-key fleet.pub",
         out.key.display(),
         out.csr_path.display(),
-        out.csr_path.file_name().and_then(|n| n.to_str()).unwrap_or("device.csr"),
+        out.csr_path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("device.csr"),
     );
     print!("{}", out.csr);
     Ok(exit::OK)
@@ -1005,9 +1008,7 @@ async fn remote(client: Client, cmd: Cmd, as_json: bool) -> Result<u8, Failure> 
         | Cmd::ModbusSim(_)
         | Cmd::JournalCheck { .. }
         | Cmd::Keygen { .. }
-        | Cmd::Enroll { .. } => {
-            Ok(exit::OK)
-        }
+        | Cmd::Enroll { .. } => Ok(exit::OK),
     }
 }
 
@@ -1314,10 +1315,19 @@ async fn daemon(data_dir: &Path, socket: &Path, args: RunArgs) -> Result<u8, Fai
                 let ident = crate::identity::identity_dir(data_dir);
                 let files = outpost_shared::tls::TlsFiles {
                     ca: args.ca.clone().unwrap_or_else(|| ident.join("ca.crt")),
-                    cert: args.cert.clone().or_else(|| Some(ident.join("device.crt")).filter(|p| p.exists())),
-                    key: args.key.clone().or_else(|| Some(ident.join("device.key")).filter(|p| p.exists())),
+                    cert: args
+                        .cert
+                        .clone()
+                        .or_else(|| Some(ident.join("device.crt")).filter(|p| p.exists())),
+                    key: args
+                        .key
+                        .clone()
+                        .or_else(|| Some(ident.join("device.key")).filter(|p| p.exists())),
                 };
-                Some(outpost_shared::tls::client_config(&files).map_err(|e| Failure::new(exit::INVALID, format!("--mqtt-broker: {e}")))?)
+                Some(
+                    outpost_shared::tls::client_config(&files)
+                        .map_err(|e| Failure::new(exit::INVALID, format!("--mqtt-broker: {e}")))?,
+                )
             } else {
                 None
             };

@@ -95,13 +95,19 @@ impl Security {
         if needs_files {
             for (what, path) in [("--key", &files.key), ("--fleet-key", &files.fleet)] {
                 if !path.exists() && !opts.insecure_unsigned {
-                    return Err(format!("{what} {}: missing; this gateway is not enrolled: {enroll_hint}", path.display()));
+                    return Err(format!(
+                        "{what} {}: missing; this gateway is not enrolled: {enroll_hint}",
+                        path.display()
+                    ));
                 }
             }
             if url.tls {
                 for (what, path) in [("--ca", &files.ca), ("--cert", &files.cert), ("--key", &files.key)] {
                     if !path.exists() {
-                        return Err(format!("{what} {}: missing; this gateway is not enrolled: {enroll_hint}", path.display()));
+                        return Err(format!(
+                            "{what} {}: missing; this gateway is not enrolled: {enroll_hint}",
+                            path.display()
+                        ));
                     }
                 }
             }
@@ -109,7 +115,8 @@ impl Security {
         let (seal, fleet) = if opts.insecure_unsigned {
             (Seal::Unsigned, None)
         } else {
-            let key = SigningKey::load(&files.key).map_err(|e| format!("--key: {e} (the device key must be Ed25519)"))?;
+            let key =
+                SigningKey::load(&files.key).map_err(|e| format!("--key: {e} (the device key must be Ed25519)"))?;
             let fleet = VerifyingKey::load(&files.fleet).map_err(|e| format!("--fleet-key: {e}"))?;
             (Seal::Signed(Arc::new(key)), Some(fleet))
         };
@@ -209,9 +216,7 @@ fn csr(device_id: &str, key_der: &[u8]) -> Result<String, IdentityError> {
         .map_err(|e| format!("cannot use the key: {e}"))?;
     let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(|e| e.to_string())?;
     params.distinguished_name = rcgen::DistinguishedName::new();
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, device_id);
+    params.distinguished_name.push(rcgen::DnType::CommonName, device_id);
     let req = params
         .serialize_request(&pair)
         .map_err(|e| format!("cannot make the signing request: {e}"))?;
@@ -329,14 +334,23 @@ mod tests {
     fn keygen_makes_a_private_key_and_refuses_to_overwrite_it() {
         let dir = tempfile::tempdir().unwrap();
         let out = keygen(dir.path(), "gw-1", false).unwrap();
-        assert!(out.csr.starts_with("-----BEGIN CERTIFICATE REQUEST-----"), "{}", out.csr);
+        assert!(
+            out.csr.starts_with("-----BEGIN CERTIFICATE REQUEST-----"),
+            "{}",
+            out.csr
+        );
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&out.key).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         SigningKey::load(&out.key).unwrap();
         let err = keygen(dir.path(), "gw-1", false).unwrap_err();
         assert!(err.contains("--rotate"), "{err}");
-        assert!(keygen(dir.path(), "gw-1", true).unwrap().key.ends_with("device.next.key"));
+        assert!(
+            keygen(dir.path(), "gw-1", true)
+                .unwrap()
+                .key
+                .ends_with("device.next.key")
+        );
         assert!(keygen(dir.path(), "bad/id", false).unwrap_err().contains("bad/id"));
     }
 

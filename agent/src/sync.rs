@@ -400,7 +400,9 @@ pub async fn start(rt: Runtime, config: SyncConfig) -> Result<Arc<SyncState>, Ru
     opts.set_max_packet_size(protocol::MAX_INCOMING_PACKET_BYTES, protocol::MAX_PACKET_BYTES);
     opts.set_last_will(will(&topics, &config, epoch));
     if let Some(tls) = config.security.tls_config().map_err(RuntimeError::Invalid)? {
-        opts.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(tls)));
+        opts.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(
+            tls,
+        )));
     }
     let (client, eventloop) = AsyncClient::new(opts, 64);
     let (session_tx, session_rx) = watch::channel(0u64);
@@ -499,7 +501,9 @@ async fn poll(
             // Every certificate looks not yet valid at 1970: wait for NTP (or GPS, or an
             // operator) instead of failing handshakes; runs go on offline meanwhile.
             if !clock_warned {
-                warn!("the wall clock is before 2026-01-01: not connecting until it is set (certificates cannot be checked)");
+                warn!(
+                    "the wall clock is before 2026-01-01: not connecting until it is set (certificates cannot be checked)"
+                );
                 clock_warned = true;
             }
             tokio::time::sleep(Duration::from_secs(5)).await;
@@ -633,9 +637,7 @@ async fn poll(
                         Ok(()) => {
                             state.epoch.store(next, Ordering::Relaxed);
                             state.announcements.store(0, Ordering::Relaxed);
-                            eventloop
-                                .mqtt_options
-                                .set_last_will(will(&topics, &config, next));
+                            eventloop.mqtt_options.set_last_will(will(&topics, &config, next));
                         }
                         Err(e) => warn!(error = %e, "cannot store the next epoch; reconnecting with this one"),
                     }
@@ -645,9 +647,11 @@ async fn poll(
                     Ok(Some(tls)) => {
                         info!("new certificate and key installed: connecting with them (rotation)");
                         if let Some(tls) = tls {
-                            eventloop.mqtt_options.set_transport(rumqttc::Transport::tls_with_config(
-                                rumqttc::TlsConfiguration::Rustls(tls),
-                            ));
+                            eventloop
+                                .mqtt_options
+                                .set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(
+                                    tls,
+                                )));
                         }
                         let epoch = state.epoch.load(Ordering::Relaxed);
                         eventloop.mqtt_options.set_last_will(will(&topics, &config, epoch));

@@ -263,7 +263,9 @@ pub async fn run_mqtt(rt: Runtime, mut changed: watch::Receiver<u64>, config: Mq
     // redelivers it on every reconnect: read well past the input limit and refuse by name.
     opts.set_max_packet_size(4 * MAX_INPUT_BYTES, 64 * 1024);
     if let Some(tls) = config.tls.clone() {
-        opts.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(tls)));
+        opts.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(
+            tls,
+        )));
     }
     let (client, mut eventloop) = AsyncClient::new(opts, 64);
     // Unbounded so the poll task never waits on the handler while the handler waits on the

@@ -14,6 +14,17 @@
 
 use outpost_shared::protocol::{Channel, Topics};
 
+/// Refusals at the embedded broker's gate.
+#[derive(Debug, Default)]
+pub struct GateStats {
+    /// TLS handshakes that failed (no, wrong, expired or revoked certificate; plain text).
+    pub handshakes: std::sync::atomic::AtomicU64,
+    /// Connections closed for a packet the rules refuse.
+    pub denied: std::sync::atomic::AtomicU64,
+    /// Connections accepted.
+    pub accepted: std::sync::atomic::AtomicU64,
+}
+
 /// Who a connection is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Identity {
@@ -131,12 +142,13 @@ impl<'a> Reader<'a> {
 /// Reads what the rules need from one whole packet (as [`frame`] cut it).
 pub fn parse(packet: &[u8]) -> Result<Packet, Refusal> {
     let (&first, _) = packet.split_first().ok_or(Refusal::Malformed("empty packet"))?;
-    let header = 1 + packet
-        .iter()
-        .skip(1)
-        .take(4)
-        .position(|b| b & 0x80 == 0)
-        .ok_or(Refusal::Malformed("bad remaining length"))?
+    let header = 1
+        + packet
+            .iter()
+            .skip(1)
+            .take(4)
+            .position(|b| b & 0x80 == 0)
+            .ok_or(Refusal::Malformed("bad remaining length"))?
         + 1;
     let mut r = Reader {
         rest: packet.get(header..).unwrap_or(&[]),
@@ -151,7 +163,9 @@ pub fn parse(packet: &[u8]) -> Result<Packet, Refusal> {
             let flags = r.u8()?;
             let _keep_alive = r.u16()?;
             if level == 5 {
-                return Err(Refusal::Protocol("MQTT 5 is not served by the embedded broker; use 3.1.1"));
+                return Err(Refusal::Protocol(
+                    "MQTT 5 is not served by the embedded broker; use 3.1.1",
+                ));
             }
             let client_id = r.string()?;
             let will_topic = if flags & 0x04 != 0 { Some(r.string()?) } else { None };
@@ -222,16 +236,16 @@ impl Rules {
             (Identity::Service, Packet::Connect { .. }) => Ok(()),
             (Identity::Service, Packet::Publish { topic }) if self.under_prefix(topic) => Ok(()),
             (Identity::Service, Packet::Publish { topic }) => deny("publish on", topic),
-            (Identity::Service, Packet::Subscribe { filters }) => match filters.iter().find(|f| !self.under_prefix(f)) {
-                Some(f) => deny("subscribe to", f),
-                None => Ok(()),
-            },
+            (Identity::Service, Packet::Subscribe { filters }) => {
+                match filters.iter().find(|f| !self.under_prefix(f)) {
+                    Some(f) => deny("subscribe to", f),
+                    None => Ok(()),
+                }
+            }
             (
                 Identity::Device(d),
                 Packet::Connect {
-                    client_id,
-                    will_topic,
-                    ..
+                    client_id, will_topic, ..
                 },
             ) => {
                 if client_id != d {
@@ -282,7 +296,18 @@ mod tests {
     use super::*;
 
     fn connect(client_id: &str, will: Option<&str>) -> Vec<u8> {
-        let mut v = vec![0, 4, b'M', b'Q', b'T', b'T', 4, if will.is_some() { 0x06 } else { 0x02 }, 0, 30];
+        let mut v = vec![
+            0,
+            4,
+            b'M',
+            b'Q',
+            b'T',
+            b'T',
+            4,
+            if will.is_some() { 0x06 } else { 0x02 },
+            0,
+            30,
+        ];
         let s = |v: &mut Vec<u8>, t: &str| {
             v.extend_from_slice(&(t.len() as u16).to_be_bytes());
             v.extend_from_slice(t.as_bytes());
@@ -323,9 +348,17 @@ mod tests {
         let p = publish("outpost/v1/a/events");
         assert_eq!(frame(&p, 1 << 20).unwrap(), Some(p.len()));
         assert_eq!(frame(&p[..1], 1 << 20).unwrap(), None);
-        assert_eq!(frame(&[0x30, 0xff, 0xff, 0xff, 0x7f], 1 << 20), Err(Refusal::TooLarge(268_435_455)));
+        assert_eq!(
+            frame(&[0x30, 0xff, 0xff, 0xff, 0x7f], 1 << 20),
+            Err(Refusal::TooLarge(268_435_455))
+        );
         assert!(frame(&[0x30, 0xff, 0xff, 0xff, 0xff, 0x01], usize::MAX).is_err());
-        assert_eq!(parse(&p).unwrap(), Packet::Publish { topic: "outpost/v1/a/events".into() });
+        assert_eq!(
+            parse(&p).unwrap(),
+            Packet::Publish {
+                topic: "outpost/v1/a/events".into()
+            }
+        );
         let c = connect("a", Some("outpost/v1/a/death"));
         assert_eq!(
             parse(&c).unwrap(),
@@ -337,7 +370,9 @@ mod tests {
         );
         assert_eq!(
             parse(&subscribe(&["x", "y"])).unwrap(),
-            Packet::Subscribe { filters: vec!["x".into(), "y".into()] }
+            Packet::Subscribe {
+                filters: vec!["x".into(), "y".into()]
+            }
         );
         assert_eq!(parse(&[0xc0, 0]).unwrap(), Packet::Other);
         assert!(parse(&[0x30, 3, 0, 9, b'a']).is_err(), "topic past the end");
@@ -356,13 +391,22 @@ mod tests {
             assert!(ok(&a, publish(&format!("outpost/v1/gw-b/{ch}"))).is_err(), "{ch} of B");
         }
         for ch in ["cmd", "desired", "ack"] {
-            assert!(ok(&a, publish(&format!("outpost/v1/gw-a/{ch}"))).is_err(), "publish on own {ch}");
+            assert!(
+                ok(&a, publish(&format!("outpost/v1/gw-a/{ch}"))).is_err(),
+                "publish on own {ch}"
+            );
             assert!(ok(&a, subscribe(&[&format!("outpost/v1/gw-a/{ch}")])).is_ok(), "{ch}");
-            assert!(ok(&a, subscribe(&[&format!("outpost/v1/gw-b/{ch}")])).is_err(), "B's {ch}");
+            assert!(
+                ok(&a, subscribe(&[&format!("outpost/v1/gw-b/{ch}")])).is_err(),
+                "B's {ch}"
+            );
         }
         assert!(ok(&a, subscribe(&["outpost/v1/+/cmd"])).is_err());
         assert!(ok(&a, subscribe(&["#"])).is_err());
-        assert!(ok(&a, subscribe(&["outpost/v1/gw-a/events"])).is_err(), "reading its own up channel");
+        assert!(
+            ok(&a, subscribe(&["outpost/v1/gw-a/events"])).is_err(),
+            "reading its own up channel"
+        );
         let svc = Identity::Service;
         assert!(ok(&svc, subscribe(&["outpost/v1/+/events"])).is_ok());
         assert!(ok(&svc, publish("outpost/v1/gw-a/cmd")).is_ok());

@@ -12,14 +12,14 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
 use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{info, warn};
 
-use crate::acl::{Identity, Packet, Refusal, Rules};
+use crate::acl::{GateStats, Identity, Packet, Refusal, Rules};
 
 /// How the embedded broker is reached.
 #[derive(Debug, Clone)]
@@ -37,17 +37,6 @@ pub enum Listen {
     },
     /// `--insecure-plaintext`: rumqttd directly, anyone may connect and publish anywhere.
     Plain(SocketAddr),
-}
-
-/// Refusals at the gate, by reason.
-#[derive(Debug, Default)]
-pub struct GateStats {
-    /// TLS handshakes that failed (no, wrong or revoked certificate, plain text).
-    pub handshakes: AtomicU64,
-    /// Packets refused by the rules (the connection was closed).
-    pub denied: AtomicU64,
-    /// Connections accepted.
-    pub accepted: AtomicU64,
 }
 
 /// A running embedded broker.
@@ -296,12 +285,13 @@ pub fn common_name(der: &[u8]) -> Option<String> {
 /// The CONNECT packet with `user` and `password` in place of whatever the client sent.
 fn rewrite_connect(packet: &[u8], user: &str, password: &str) -> Result<Vec<u8>, Refusal> {
     let bad = Refusal::Malformed("CONNECT");
-    let header = 1 + packet
-        .iter()
-        .skip(1)
-        .take(4)
-        .position(|b| b & 0x80 == 0)
-        .ok_or(bad.clone())?
+    let header = 1
+        + packet
+            .iter()
+            .skip(1)
+            .take(4)
+            .position(|b| b & 0x80 == 0)
+            .ok_or(bad.clone())?
         + 1;
     let body = packet.get(header..).ok_or(bad.clone())?;
     let field = |at: usize| -> Result<usize, Refusal> {

@@ -9,8 +9,8 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use outpost_cloud_sync::pki::{Keyring, Pki};
 use outpost_cloud_sync::{Link, Security, Service, Store, api};
-use outpost_shared::tls::TlsFiles;
 use outpost_shared::protocol::CommandKind;
+use outpost_shared::tls::TlsFiles;
 use tracing::info;
 
 #[derive(Parser)]
@@ -173,7 +173,8 @@ fn admin(pki: &Pki, command: CloudCmd) -> anyhow::Result<()> {
         CloudCmd::Pki {
             command: PkiCmd::Mosquitto { out_dir, prefix },
         } => {
-            let acl = outpost_cloud_sync::acl::Rules::new(&prefix).mosquitto_acl(outpost_cloud_sync::pki::CLOUD_IDENTITY);
+            let acl =
+                outpost_cloud_sync::acl::Rules::new(&prefix).mosquitto_acl(outpost_cloud_sync::pki::CLOUD_IDENTITY);
             let path = out_dir.join("outpost.acl");
             std::fs::write(&path, acl).with_context(|| format!("cannot write {}", path.display()))?;
             println!(
@@ -222,7 +223,9 @@ async fn run(data_dir: PathBuf, pki: Pki, args: Args) -> anyhow::Result<()> {
         outpost_shared::tls::check_plaintext(url, args.insecure_plaintext, "--broker").map_err(anyhow::Error::msg)?;
     }
     let needs_pki = !args.insecure_unsigned
-        || external.as_ref().map_or(!args.insecure_plaintext, |u| u.tls && args.ca.is_none());
+        || external
+            .as_ref()
+            .map_or(!args.insecure_plaintext, |u| u.tls && args.ca.is_none());
     if needs_pki && !pki.exists() {
         let report = pki.init(&[host_name()])?;
         println!(
@@ -232,8 +235,12 @@ async fn run(data_dir: PathBuf, pki: Pki, args: Args) -> anyhow::Result<()> {
         );
     }
     if args.insecure_unsigned {
-        tracing::warn!("INSECURE: --insecure-unsigned: messages are neither signed nor checked; any client of the broker can forge any gateway and command every one");
+        tracing::warn!(
+            "INSECURE: --insecure-unsigned: messages are neither signed nor checked; any client of the broker can forge any gateway and command every one"
+        );
     }
+    #[allow(unused_mut)]
+    let mut gate: Option<std::sync::Arc<outpost_cloud_sync::acl::GateStats>> = None;
     let (host, port, tls) = match &external {
         Some(url) => {
             let tls = if url.tls {
@@ -250,7 +257,11 @@ async fn run(data_dir: PathBuf, pki: Pki, args: Args) -> anyhow::Result<()> {
             (url.host.clone(), url.port, tls)
         }
         #[cfg(feature = "embedded-broker")]
-        None => start_embedded(&pki, &args).await?,
+        None => {
+            let (host, port, tls, stats) = start_embedded(&pki, &args).await?;
+            gate = stats;
+            (host, port, tls)
+        }
         #[cfg(not(feature = "embedded-broker"))]
         None => bail!("this build has no embedded broker: give --broker mqtts://HOST:PORT"),
     };
@@ -272,6 +283,9 @@ async fn run(data_dir: PathBuf, pki: Pki, args: Args) -> anyhow::Result<()> {
         security,
     };
     let service = Service::start(store, link);
+    if let Some(stats) = gate {
+        service.attach_gate(stats);
+    }
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -310,7 +324,12 @@ async fn run(data_dir: PathBuf, pki: Pki, args: Args) -> anyhow::Result<()> {
 async fn start_embedded(
     pki: &Pki,
     args: &Args,
-) -> anyhow::Result<(String, u16, Option<std::sync::Arc<rustls::ClientConfig>>)> {
+) -> anyhow::Result<(
+    String,
+    u16,
+    Option<std::sync::Arc<rustls::ClientConfig>>,
+    Option<std::sync::Arc<outpost_cloud_sync::acl::GateStats>>,
+)> {
     use outpost_cloud_sync::broker::{Listen, start};
     let addr = args.mqtt_listen;
     let host = if addr.ip().is_unspecified() {
@@ -321,7 +340,7 @@ async fn start_embedded(
     if args.insecure_plaintext {
         start(Listen::Plain(addr)).await.map_err(anyhow::Error::msg)?;
         tracing::warn!(mqtt = %addr, "INSECURE: --insecure-plaintext: the embedded broker takes anyone in plain text, and any client may publish on any topic");
-        return Ok((host, addr.port(), None));
+        return Ok((host, addr.port(), None, None));
     }
     let config = outpost_shared::tls::server_config(
         &pki.file("ca.crt"),
@@ -329,7 +348,7 @@ async fn start_embedded(
         &pki.file("broker.key"),
         Some(&pki.file("crl.pem")),
     )?;
-    start(Listen::Tls {
+    let running = start(Listen::Tls {
         addr,
         config,
         prefix: args.prefix.clone(),
@@ -343,13 +362,22 @@ async fn start_embedded(
         cert: Some(pki.file("cloud.crt")),
         key: Some(pki.file("cloud.key")),
     };
-    Ok((host, addr.port(), Some(outpost_shared::tls::client_config(&files)?)))
+    Ok((
+        host,
+        addr.port(),
+        Some(outpost_shared::tls::client_config(&files)?),
+        Some(running.stats),
+    ))
 }
 
 fn host_name() -> String {
     let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
     let host = host.trim();
-    if host.is_empty() { "localhost".into() } else { host.to_string() }
+    if host.is_empty() {
+        "localhost".into()
+    } else {
+        host.to_string()
+    }
 }
 
 /// Opens the store; test builds can put it on a backend that fails like a full disk.
@@ -447,12 +475,20 @@ fn enroll_demo(exe: &std::path::Path, agent_dir: &std::path::Path, pki: &Pki) ->
         "--fleet-key".as_ref(),
         pki.file("fleet.pub").as_os_str(),
     ])?;
-    println!("demo gateway 'demo-gw' enrolled: its key in {}, its certificate signed by this fleet", identity.display());
+    println!(
+        "demo gateway 'demo-gw' enrolled: its key in {}, its certificate signed by this fleet",
+        identity.display()
+    );
     Ok(())
 }
 
 /// Starts the demo gateway and prints how to look at it.
-fn start_demo(data_dir: &std::path::Path, pki: &Pki, args: &Args, mqtt_url: &str) -> anyhow::Result<std::process::Child> {
+fn start_demo(
+    data_dir: &std::path::Path,
+    pki: &Pki,
+    args: &Args,
+    mqtt_url: &str,
+) -> anyhow::Result<std::process::Child> {
     let exe = std::env::var_os("OUTPOST_BIN")
         .map(PathBuf::from)
         .or_else(|| std::env::current_exe().ok().map(|p| p.with_file_name("outpost")))

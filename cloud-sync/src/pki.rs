@@ -143,7 +143,11 @@ impl Pki {
         let mut ca = CertificateParams::default();
         ca.distinguished_name.push(DnType::CommonName, "Outpost fleet CA");
         ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        ca.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
         ca.not_before = now() - time::Duration::hours(1);
         ca.not_after = now() + time::Duration::days(20 * 365);
         ca.serial_number = Some(serial());
@@ -159,10 +163,22 @@ impl Pki {
                 names.push(n.to_string());
             }
         }
-        let (key, cert) = leaf(&issuer, "outpost-broker", &names, ExtendedKeyUsagePurpose::ServerAuth, 2 * 365)?;
+        let (key, cert) = leaf(
+            &issuer,
+            "outpost-broker",
+            &names,
+            ExtendedKeyUsagePurpose::ServerAuth,
+            2 * 365,
+        )?;
         write(&self.file("broker.key"), key.as_bytes(), 0o600)?;
         write(&self.file("broker.crt"), cert.as_bytes(), 0o644)?;
-        let (key, cert) = leaf(&issuer, CLOUD_IDENTITY, &[], ExtendedKeyUsagePurpose::ClientAuth, 2 * 365)?;
+        let (key, cert) = leaf(
+            &issuer,
+            CLOUD_IDENTITY,
+            &[],
+            ExtendedKeyUsagePurpose::ClientAuth,
+            2 * 365,
+        )?;
         write(&self.file("cloud.key"), key.as_bytes(), 0o600)?;
         write(&self.file("cloud.crt"), cert.as_bytes(), 0o644)?;
         files.extend(["broker.key", "broker.crt", "cloud.key", "cloud.crt"].map(|f| self.file(f)));
@@ -271,13 +287,20 @@ impl Pki {
         use rustls::pki_types::pem::PemObject;
         let der = rustls::pki_types::CertificateDer::from_pem_file(&path).ok()?;
         let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
-        u64::try_from(cert.validity().not_after.timestamp()).ok().map(|s| s * 1000)
+        u64::try_from(cert.validity().not_after.timestamp())
+            .ok()
+            .map(|s| s * 1000)
     }
 
     /// Revoked device ids.
     pub fn revoked(&self) -> Result<BTreeSet<String>, PkiError> {
         match std::fs::read_to_string(self.file("revoked")) {
-            Ok(text) => Ok(text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect()),
+            Ok(text) => Ok(text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(String::from)
+                .collect()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeSet::new()),
             Err(e) => Err(io(&self.file("revoked"))(e)),
         }
@@ -325,7 +348,11 @@ impl Pki {
             key_identifier_method: rcgen::KeyIdMethod::Sha256,
         };
         let crl = params.signed_by(issuer).map_err(cert_err("revocation list"))?;
-        write(&self.file("crl.pem"), crl.pem().map_err(cert_err("revocation list"))?.as_bytes(), 0o644)?;
+        write(
+            &self.file("crl.pem"),
+            crl.pem().map_err(cert_err("revocation list"))?.as_bytes(),
+            0o644,
+        )?;
         write(&self.file("crl.number"), number.to_string().as_bytes(), 0o644)
     }
 }
@@ -370,7 +397,7 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 fn unhex(text: &str) -> Option<Vec<u8>> {
-    if text.len() % 2 != 0 {
+    if !text.len().is_multiple_of(2) {
         return None;
     }
     (0..text.len())
@@ -424,12 +451,14 @@ impl Keyring {
         let mut r = self.revoked.lock().unwrap_or_else(|p| p.into_inner());
         if r.2.elapsed() >= KEYRING_REFRESH {
             r.2 = Instant::now();
-            let mtime = std::fs::metadata(self.pki.file("revoked")).and_then(|m| m.modified()).ok();
-            if mtime != r.1 {
-                if let Ok(list) = self.pki.revoked() {
-                    r.0 = list;
-                    r.1 = mtime;
-                }
+            let mtime = std::fs::metadata(self.pki.file("revoked"))
+                .and_then(|m| m.modified())
+                .ok();
+            if mtime != r.1
+                && let Ok(list) = self.pki.revoked()
+            {
+                r.0 = list;
+                r.1 = mtime;
             }
         }
         r.0.contains(id)
@@ -508,9 +537,24 @@ mod tests {
         pki.revoke("gw-1").unwrap();
         let ring = Keyring::new(pki.clone());
         assert_eq!(ring.trust("gw-1"), DeviceTrust::Revoked);
-        assert!(pki.sign(&request("gw-1").0, 30).unwrap_err().to_string().contains("revoked"));
-        assert!(pki.sign(&request(CLOUD_IDENTITY).0, 30).unwrap_err().to_string().contains("reserved"));
-        assert!(pki.sign("garbage", 30).unwrap_err().to_string().contains("signing request"));
+        assert!(
+            pki.sign(&request("gw-1").0, 30)
+                .unwrap_err()
+                .to_string()
+                .contains("revoked")
+        );
+        assert!(
+            pki.sign(&request(CLOUD_IDENTITY).0, 30)
+                .unwrap_err()
+                .to_string()
+                .contains("reserved")
+        );
+        assert!(
+            pki.sign("garbage", 30)
+                .unwrap_err()
+                .to_string()
+                .contains("signing request")
+        );
         assert!(read_string(&pki.file("crl.pem")).unwrap().contains("BEGIN X509 CRL"));
     }
 }

@@ -96,6 +96,8 @@ pub struct Service {
     retry: std::sync::atomic::AtomicBool,
     /// Counts not yet written to the store; `flush_counts` writes them once a second.
     unsaved_counts: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
+    /// The embedded broker's gate, when there is one (its refusals are counters too).
+    gate: std::sync::OnceLock<Arc<crate::acl::GateStats>>,
 }
 
 /// How often batched counters reach the store.
@@ -175,7 +177,9 @@ impl Service {
     pub fn start(store: Store, link: Link) -> Arc<Service> {
         let mut opts = MqttOptions::new(link.client_id.clone(), link.host.clone(), link.port);
         if let Some(tls) = link.tls.clone() {
-            opts.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(tls)));
+            opts.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(
+                tls,
+            )));
         }
         opts.set_keep_alive(Duration::from_secs(15));
         opts.set_clean_session(false);
@@ -196,6 +200,7 @@ impl Service {
             changes: watch::channel(0).0,
             retry: std::sync::atomic::AtomicBool::new(false),
             unsaved_counts: std::sync::Mutex::new(Default::default()),
+            gate: std::sync::OnceLock::new(),
         });
         tokio::spawn(flush_counts(Arc::downgrade(&service)));
         tokio::spawn(resend_pending(Arc::downgrade(&service), command_resend()));
@@ -268,6 +273,11 @@ impl Service {
         }
     }
 
+    /// Reports the embedded broker gate's refusals among the counters (since this start).
+    pub fn attach_gate(&self, stats: Arc<crate::acl::GateStats>) {
+        let _ = self.gate.set(stats);
+    }
+
     /// Every counter: the stored ones plus those not yet flushed.
     pub async fn counters(&self) -> Result<Vec<(String, u64)>, StoreError> {
         let store = self.store.clone();
@@ -275,6 +285,12 @@ impl Service {
             blocking(move || store.counters()).await?.into_iter().collect();
         for (k, v) in self.unsaved_counts.lock().unwrap_or_else(|p| p.into_inner()).iter() {
             *all.entry(k.clone()).or_default() += v;
+        }
+        if let Some(g) = self.gate.get() {
+            let o = Ordering::Relaxed;
+            all.insert("broker.refused_handshakes".into(), g.handshakes.load(o));
+            all.insert("broker.denied_connections".into(), g.denied.load(o));
+            all.insert("broker.accepted_connections".into(), g.accepted.load(o));
         }
         Ok(all.into_iter().collect())
     }
@@ -441,7 +457,8 @@ impl Service {
         };
         let keys = match &self.security {
             Security::Unsigned => {
-                return protocol::open(payload, topic, protocol::Trust::Unsigned).map_err(|e| (reason(&e), e.to_string()));
+                return protocol::open(payload, topic, protocol::Trust::Unsigned)
+                    .map_err(|e| (reason(&e), e.to_string()));
             }
             Security::Signed { keyring, .. } => match keyring.trust(device) {
                 crate::pki::DeviceTrust::Keys(k) => k,
@@ -452,7 +469,10 @@ impl Service {
                     ));
                 }
                 crate::pki::DeviceTrust::Revoked => {
-                    return Err(("revoked", "this device is revoked (`outpost-cloud devices revoke`)".into()));
+                    return Err((
+                        "revoked",
+                        "this device is revoked (`outpost-cloud devices revoke`)".into(),
+                    ));
                 }
             },
         };
@@ -632,11 +652,7 @@ fn fits(body: &Body) -> Result<(), StoreError> {
     let len = protocol::encode(body).len() + outpost_shared::signing::SIGNATURE_BYTES;
     if len > protocol::MAX_MESSAGE_BYTES {
         return Err(StoreError::Invalid(
-            ProtocolError::WontFit {
-                kind: body.kind(),
-                len,
-            }
-            .to_string(),
+            ProtocolError::WontFit { kind: body.kind(), len }.to_string(),
         ));
     }
     Ok(())

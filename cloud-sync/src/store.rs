@@ -1077,7 +1077,10 @@ impl Store {
     /// A report for an older desired version than the stored one (a replay, or a delayed
     /// redelivery) is ignored: false.
     pub fn set_reported(&self, device: &str, row: &ReportedRow) -> Result<bool, StoreError> {
-        if self.reported(device)?.is_some_and(|old| old.desired_version > row.desired_version) {
+        if self
+            .reported(device)?
+            .is_some_and(|old| old.desired_version > row.desired_version)
+        {
             return Ok(false);
         }
         self.put_row(REPORTED, device, row)?;

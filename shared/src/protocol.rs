@@ -289,7 +289,9 @@ pub enum ProtocolError {
     #[error("signed message (protocol v2) while this side runs with --insecure-unsigned, which takes only v1")]
     SignedWhileInsecure,
     /// The signature is not the expected key's over this topic and these bytes.
-    #[error("bad signature: not signed by {signer} for this topic (forged, altered, or sent on another device's topic)")]
+    #[error(
+        "bad signature: not signed by {signer} for this topic (forged, altered, or sent on another device's topic)"
+    )]
     BadSignature {
         /// Whose key was expected (a device id or `the fleet key`).
         signer: String,
@@ -449,7 +451,10 @@ pub fn open(bytes: &[u8], topic: &str, trust: Trust<'_>) -> Result<Body, Protoco
             let bad = || ProtocolError::BadSignature {
                 signer: signer.to_string(),
             };
-            let split = bytes.len().checked_sub(crate::signing::SIGNATURE_BYTES).ok_or_else(bad)?;
+            let split = bytes
+                .len()
+                .checked_sub(crate::signing::SIGNATURE_BYTES)
+                .ok_or_else(bad)?;
             let (message, sig) = bytes.split_at_checked(split).ok_or_else(bad)?;
             if message.is_empty() || !key.verify(topic, message, sig) {
                 return Err(bad());
@@ -699,7 +704,10 @@ mod tests {
     #[test]
     fn signed_messages_open_only_with_their_key_on_their_topic() {
         let (seal, public) = seal();
-        let trust = Trust::Key { key: &public, signer: "gw-1" };
+        let trust = Trust::Key {
+            key: &public,
+            signer: "gw-1",
+        };
         let body = Body::Ack(Ack { next_seq: 7 });
         let t = Topics::new("outpost");
         let topic = t.topic("gw-1", Channel::Ack);
@@ -709,19 +717,43 @@ mod tests {
         assert_eq!(open(&bytes, &topic, trust).unwrap(), body);
         // Another device's topic, a flipped bit, a cut signature, an unsigned copy.
         let other = t.topic("gw-2", Channel::Ack);
-        assert!(matches!(open(&bytes, &other, trust), Err(ProtocolError::BadSignature { .. })));
+        assert!(matches!(
+            open(&bytes, &other, trust),
+            Err(ProtocolError::BadSignature { .. })
+        ));
         let mut flipped = bytes.clone();
         flipped[1] ^= 1;
-        assert!(matches!(open(&flipped, &topic, trust), Err(ProtocolError::BadSignature { .. })));
-        assert!(matches!(open(&bytes[..bytes.len() - 1], &topic, trust), Err(ProtocolError::BadSignature { .. })));
-        assert!(matches!(open(&[SIGNED_VERSION], &topic, trust), Err(ProtocolError::BadSignature { .. })));
-        assert!(matches!(open(&encode(&body), &topic, trust), Err(ProtocolError::Unsigned)));
+        assert!(matches!(
+            open(&flipped, &topic, trust),
+            Err(ProtocolError::BadSignature { .. })
+        ));
+        assert!(matches!(
+            open(&bytes[..bytes.len() - 1], &topic, trust),
+            Err(ProtocolError::BadSignature { .. })
+        ));
+        assert!(matches!(
+            open(&[SIGNED_VERSION], &topic, trust),
+            Err(ProtocolError::BadSignature { .. })
+        ));
+        assert!(matches!(
+            open(&encode(&body), &topic, trust),
+            Err(ProtocolError::Unsigned)
+        ));
         let err = open(&bytes, &other, trust).unwrap_err().to_string();
         assert!(err.contains("gw-1"), "{err}");
         // The insecure mode takes v1 only.
-        assert!(matches!(open(&bytes, &topic, Trust::Unsigned), Err(ProtocolError::SignedWhileInsecure)));
-        assert_eq!(open(&Seal::Unsigned.encode(&topic, &body).unwrap(), &topic, Trust::Unsigned).unwrap(), body);
-        assert!(matches!(open(&[9, 0], &topic, trust), Err(ProtocolError::UnknownVersion(9))));
+        assert!(matches!(
+            open(&bytes, &topic, Trust::Unsigned),
+            Err(ProtocolError::SignedWhileInsecure)
+        ));
+        assert_eq!(
+            open(&Seal::Unsigned.encode(&topic, &body).unwrap(), &topic, Trust::Unsigned).unwrap(),
+            body
+        );
+        assert!(matches!(
+            open(&[9, 0], &topic, trust),
+            Err(ProtocolError::UnknownVersion(9))
+        ));
     }
 
     proptest! {

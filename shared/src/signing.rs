@@ -219,11 +219,23 @@ mod tests {
         let sig = k.sign("outpost/v1/gw-1/events", b"hello");
         let public = k.public();
         assert!(public.verify("outpost/v1/gw-1/events", b"hello", &sig));
-        assert!(!public.verify("outpost/v1/gw-2/events", b"hello", &sig), "another device's topic");
-        assert!(!public.verify("outpost/v1/gw-1/birth", b"hello", &sig), "another channel");
+        assert!(
+            !public.verify("outpost/v1/gw-2/events", b"hello", &sig),
+            "another device's topic"
+        );
+        assert!(
+            !public.verify("outpost/v1/gw-1/birth", b"hello", &sig),
+            "another channel"
+        );
         assert!(!public.verify("outpost/v1/gw-1/events", b"hellO", &sig), "other bytes");
-        assert!(!key().public().verify("outpost/v1/gw-1/events", b"hello", &sig), "another key");
-        assert!(!public.verify("outpost/v1/gw-1/events", b"hello", &sig[..63]), "short signature");
+        assert!(
+            !key().public().verify("outpost/v1/gw-1/events", b"hello", &sig),
+            "another key"
+        );
+        assert!(
+            !public.verify("outpost/v1/gw-1/events", b"hello", &sig[..63]),
+            "short signature"
+        );
     }
 
     #[test]
@@ -238,7 +250,12 @@ mod tests {
         assert_eq!(back.public(), SigningKey::from_pkcs8(&der, "t").unwrap().public());
         let err = VerifyingKey::from_pem(private.as_bytes(), "fleet.pub").unwrap_err();
         assert!(err.to_string().contains("fleet.pub"), "{err}");
-        assert!(SigningKey::from_pem(b"garbage", "device.key").unwrap_err().to_string().contains("device.key"));
+        assert!(
+            SigningKey::from_pem(b"garbage", "device.key")
+                .unwrap_err()
+                .to_string()
+                .contains("device.key")
+        );
         assert!(VerifyingKey::from_spki(&[0x30; 44], "x").is_err());
     }
 

@@ -124,10 +124,7 @@ pub fn server_config(
 
 /// True for `localhost` and loopback addresses.
 pub fn is_loopback(host: &str) -> bool {
-    host.eq_ignore_ascii_case("localhost")
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
+    host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 /// The plain-text rule: `mqtt://` is refused to anything but loopback unless the operator
@@ -160,7 +157,10 @@ mod tests {
         assert!(check_plaintext(&url("mqtt://localhost"), false, "--cloud").is_ok());
         assert!(check_plaintext(&url("mqtt://[::1]:1883"), false, "--cloud").is_ok());
         let err = check_plaintext(&url("mqtt://10.0.0.2:1883"), false, "--cloud").unwrap_err();
-        assert!(err.contains("--insecure-plaintext") && err.contains("10.0.0.2"), "{err}");
+        assert!(
+            err.contains("--insecure-plaintext") && err.contains("10.0.0.2"),
+            "{err}"
+        );
         assert!(check_plaintext(&url("mqtt://10.0.0.2:1883"), true, "--cloud").is_ok());
         assert!(check_plaintext(&url("mqtts://broker.plant"), false, "--cloud").is_ok());
     }

@@ -137,11 +137,23 @@ impl Cloud {
         let csr = agent_dir.join("identity/device.csr");
         let cert = agent_dir.join(format!("identity/{device}.crt"));
         let out = self.admin(&["pki", "sign", csr.to_str().unwrap(), "--out", cert.to_str().unwrap()]);
-        assert!(out.status.success(), "pki sign: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "pki sign: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let (ca, fleet) = (self.pki().join("ca.crt"), self.pki().join("fleet.pub"));
         let out = crate::cli(
             agent_dir,
-            &["enroll", "--cert", cert.to_str().unwrap(), "--ca", ca.to_str().unwrap(), "--fleet-key", fleet.to_str().unwrap()],
+            &[
+                "enroll",
+                "--cert",
+                cert.to_str().unwrap(),
+                "--ca",
+                ca.to_str().unwrap(),
+                "--fleet-key",
+                fleet.to_str().unwrap(),
+            ],
         );
         assert!(out.status.success(), "enroll: {}", String::from_utf8_lossy(&out.stderr));
     }

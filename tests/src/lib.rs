@@ -408,6 +408,63 @@ impl Drop for Mosquitto {
     }
 }
 
+/// A raw MQTT session as an attacker (or any client) would open it: over TLS with the given
+/// CA, certificate and key when `tls` is given, else in plain text. Returns the client and
+/// its connection (the caller polls it).
+pub fn mqtt_session(
+    port: u16,
+    client_id: &str,
+    tls: Option<&outpost_shared::tls::TlsFiles>,
+) -> Result<(rumqttc::Client, rumqttc::Connection), String> {
+    let mut opts = rumqttc::MqttOptions::new(client_id, "127.0.0.1", port);
+    opts.set_max_packet_size(64 << 20, 64 << 20);
+    opts.set_keep_alive(Duration::from_secs(30));
+    if let Some(files) = tls {
+        let config = outpost_shared::tls::client_config(files).map_err(|e| e.to_string())?;
+        opts.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(
+            config,
+        )));
+    }
+    Ok(rumqttc::Client::new(opts, 100))
+}
+
+/// How a session ended up within `wait`: connected (`Ok`) or the error that closed it.
+pub fn mqtt_connects(conn: &mut rumqttc::Connection, wait: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + wait;
+    loop {
+        match conn.recv_timeout(Duration::from_millis(200)) {
+            Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_)))) => return Ok(()),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) if Instant::now() > deadline => return Err("no answer".into()),
+            Err(_) => {}
+        }
+    }
+}
+
+/// Publishes one QoS 1 message on an open session and says whether the broker acknowledged it
+/// (`Err`: it closed the connection instead).
+pub fn mqtt_session_publish(
+    client: &rumqttc::Client,
+    conn: &mut rumqttc::Connection,
+    topic: &str,
+    payload: Vec<u8>,
+) -> Result<(), String> {
+    client
+        .publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
+        .map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match conn.recv_timeout(Duration::from_millis(200)) {
+            Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)))) => return Ok(()),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) if Instant::now() > deadline => return Err("no acknowledgement".into()),
+            Err(_) => {}
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -16,6 +16,7 @@ mod patterns;
 mod recovery;
 mod saga;
 mod schedules;
+mod security;
 mod signals;
 mod sync;
 mod triggers;

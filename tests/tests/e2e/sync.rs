@@ -48,6 +48,8 @@ fn agent_seq(agent: &Agent) -> u64 {
 enum Broker {
     Embedded,
     Mosquitto(Mosquitto),
+    /// The embedded broker as shipped: mutual TLS, topic rules, every message signed.
+    Secure,
 }
 
 fn partition_scenario(mut broker: Broker) {
@@ -55,9 +57,17 @@ fn partition_scenario(mut broker: Broker) {
     let mut cloud = match &broker {
         Broker::Embedded => Cloud::embedded(&dir.path().join("cloud")),
         Broker::Mosquitto(m) => Cloud::external(&dir.path().join("cloud"), m.port),
+        Broker::Secure => Cloud::secure(&dir.path().join("cloud")),
     };
     let proxy = Proxy::start(cloud.mqtt);
-    let flags = ["--cloud", &proxy.url(), "--device-id", "gw1", "--drain-rate", "2500"];
+    let url = match &broker {
+        Broker::Secure => {
+            cloud.enroll(&dir.path().join("agent"), "gw1");
+            proxy.url().replace("mqtt://", "mqtts://")
+        }
+        _ => proxy.url(),
+    };
+    let flags = ["--cloud", &url, "--device-id", "gw1", "--drain-rate", "2500"];
     let mut agent = Agent::start(&dir.path().join("agent"), &flags);
     online(&cloud, "gw1");
 
@@ -133,6 +143,11 @@ fn partition_scenario(mut broker: Broker) {
         let s = agent.json(&["status"]);
         (s["sync"]["backlog_events"] == 0).then_some(())
     });
+}
+
+#[test]
+fn partition_then_drain_exactly_once_through_kills_over_mutual_tls_with_signatures() {
+    partition_scenario(Broker::Secure);
 }
 
 #[test]
