@@ -1489,11 +1489,31 @@ fn bind_socket(socket: &Path) -> Result<tokio::net::UnixListener, Failure> {
             .with_context(|| format!("creating {}", parent.display()))
             .map_err(Failure::from)?;
     }
-    let listener = tokio::net::UnixListener::bind(socket)
-        .with_context(|| format!("binding {}", socket.display()))
+    // Owner and group only, from the first moment: the socket drives actuators. It is bound
+    // inside a fresh 0700 directory, made 0660 there, and renamed into place, so there is no
+    // window in which it exists at its path with looser permissions (a umask change would be
+    // process-wide and race the journal's own files).
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let parent = socket
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let staging = parent.join(format!(".outpost-sock-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&staging)
+        .with_context(|| format!("creating {}", staging.display()))
         .map_err(Failure::from)?;
-    use std::os::unix::fs::PermissionsExt;
-    // Owner and group only: the socket drives actuators.
-    let _ = std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o660));
-    Ok(listener)
+    let staged = staging.join("s");
+    let bound = tokio::net::UnixListener::bind(&staged)
+        .with_context(|| format!("binding {}", socket.display()))
+        .and_then(|l| {
+            std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o660))
+                .context("setting the socket's permissions")?;
+            std::fs::rename(&staged, socket).with_context(|| format!("moving the socket to {}", socket.display()))?;
+            Ok(l)
+        });
+    let _ = std::fs::remove_dir_all(&staging);
+    bound.map_err(Failure::from)
 }

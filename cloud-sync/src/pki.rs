@@ -76,6 +76,14 @@ fn read_string(path: &Path) -> Result<String, PkiError> {
     std::fs::read_to_string(path).map_err(io(path))
 }
 
+/// A new Ed25519 key as rcgen wants it, and its PEM (PKCS#8 v1, which OpenSSL 3.0 reads).
+fn new_key(what: &str) -> Result<(KeyPair, String), PkiError> {
+    let der = SigningKey::generate_pkcs8().map_err(|e| PkiError::Cert(e.to_string()))?;
+    let pkcs8 = rustls::pki_types::PrivatePkcs8KeyDer::from(der.clone());
+    let pair = KeyPair::from_pkcs8_der_and_sign_algo(&pkcs8, &PKCS_ED25519).map_err(cert_err(what))?;
+    Ok((pair, outpost_shared::signing::pem_block("PRIVATE KEY", &der)))
+}
+
 fn now() -> time::OffsetDateTime {
     time::OffsetDateTime::now_utc()
 }
@@ -123,7 +131,11 @@ impl Pki {
     }
 
     fn ca(&self) -> Result<Issuer<'static, KeyPair>, PkiError> {
-        let key = KeyPair::from_pem(&read_string(&self.file("ca.key"))?).map_err(cert_err("ca.key"))?;
+        use rustls::pki_types::pem::PemObject;
+        let path = self.file("ca.key");
+        let der = rustls::pki_types::PrivatePkcs8KeyDer::from_pem_file(&path)
+            .map_err(|e| PkiError::Cert(format!("{}: {e}", path.display())))?;
+        let key = KeyPair::from_pkcs8_der_and_sign_algo(&der, &PKCS_ED25519).map_err(cert_err("ca.key"))?;
         Issuer::from_ca_cert_pem(&read_string(&self.file("ca.crt"))?, key).map_err(cert_err("ca.crt"))
     }
 
@@ -139,7 +151,7 @@ impl Pki {
         }
         std::fs::create_dir_all(self.dir.join("devices")).map_err(io(&self.dir))?;
         let mut files = Vec::new();
-        let ca_key = KeyPair::generate_for(&PKCS_ED25519).map_err(cert_err("CA key"))?;
+        let (ca_key, ca_pem) = new_key("CA key")?;
         let mut ca = CertificateParams::default();
         ca.distinguished_name.push(DnType::CommonName, "Outpost fleet CA");
         ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
@@ -152,7 +164,7 @@ impl Pki {
         ca.not_after = now() + time::Duration::days(20 * 365);
         ca.serial_number = Some(serial());
         let ca_cert = ca.self_signed(&ca_key).map_err(cert_err("CA certificate"))?;
-        write(&self.file("ca.key"), ca_key.serialize_pem().as_bytes(), 0o600)?;
+        write(&self.file("ca.key"), ca_pem.as_bytes(), 0o600)?;
         write(&self.file("ca.crt"), ca_cert.pem().as_bytes(), 0o644)?;
         files.extend([self.file("ca.key"), self.file("ca.crt")]);
         let issuer = Issuer::new(ca, ca_key);
@@ -365,7 +377,7 @@ fn leaf(
     usage: ExtendedKeyUsagePurpose,
     days: i64,
 ) -> Result<(String, String), PkiError> {
-    let key = KeyPair::generate_for(&PKCS_ED25519).map_err(cert_err(cn))?;
+    let (key, key_pem) = new_key(cn)?;
     let mut params = CertificateParams::default();
     params.distinguished_name.push(DnType::CommonName, cn);
     params.subject_alt_names = names
@@ -382,7 +394,7 @@ fn leaf(
     params.not_after = now() + time::Duration::days(days);
     params.serial_number = Some(serial());
     let cert = params.signed_by(&key, issuer).map_err(cert_err(cn))?;
-    Ok((key.serialize_pem(), cert.pem()))
+    Ok((key_pem, cert.pem()))
 }
 
 fn csr_spki(csr: &CertificateSigningRequestParams) -> Vec<u8> {

@@ -23,6 +23,11 @@ pub const SIGNATURE_BYTES: usize = 64;
 /// anywhere else (and no other signature made with the same key means anything here).
 const DOMAIN: &[u8] = b"outpost sync signature v1\0";
 
+/// DER prefix of an Ed25519 PKCS#8 v1 private key (RFC 8410): the 32-byte seed follows.
+const PKCS8_V1_PREFIX: [u8; 16] = [
+    0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
+];
+
 /// DER prefix of an Ed25519 SubjectPublicKeyInfo (RFC 8410): the 32 key bytes follow.
 const ED25519_SPKI_PREFIX: [u8; 12] = [0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00];
 
@@ -86,14 +91,20 @@ impl SigningKey {
         Self::from_pem(&pem, &path.display().to_string())
     }
 
-    /// A new random key as PKCS#8 DER (to be written to a file and loaded).
+    /// A new random key as PKCS#8 v1 DER (to be written to a file and loaded). ring makes
+    /// v2 documents (with the public key), which OpenSSL 3.0 (Debian 12's, so Mosquitto's)
+    /// cannot read; v1 is the seed alone and every reader takes it.
     pub fn generate_pkcs8() -> Result<Vec<u8>, KeyError> {
-        Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
-            .map(|d| d.as_ref().to_vec())
-            .map_err(|_| KeyError::Invalid {
-                what: "a new key".into(),
-                reason: "the system random source failed".into(),
-            })
+        let failed = || KeyError::Invalid {
+            what: "a new key".into(),
+            reason: "the system random source failed".into(),
+        };
+        let v2 = Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new()).map_err(|_| failed())?;
+        // v2: 30 51 02 01 01 30 05 06 03 2b 65 70 04 22 04 20 SEED(32) a1 23 03 21 00 PUBLIC(32)
+        let seed = v2.as_ref().get(16..48).ok_or_else(failed)?;
+        let mut v1 = PKCS8_V1_PREFIX.to_vec();
+        v1.extend_from_slice(seed);
+        Ok(v1)
     }
 
     /// The matching public key.

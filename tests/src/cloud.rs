@@ -29,6 +29,16 @@ fn cloud_bin() -> PathBuf {
     bin
 }
 
+/// Runs `outpost-cloud --data-dir DIR ARGS` (a `pki` or `devices` command).
+pub fn admin(dir: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(cloud_bin())
+        .arg("--data-dir")
+        .arg(dir)
+        .args(args)
+        .output()
+        .expect("outpost-cloud admin command")
+}
+
 /// A running `outpost-cloud`: with its embedded broker, or against an external one.
 pub struct Cloud {
     /// Data directory.
@@ -120,12 +130,7 @@ impl Cloud {
 
     /// Runs `outpost-cloud ARGS` (a `pki` or `devices` command) on this cloud's data directory.
     pub fn admin(&self, args: &[&str]) -> std::process::Output {
-        Command::new(cloud_bin())
-            .arg("--data-dir")
-            .arg(&self.dir)
-            .args(args)
-            .output()
-            .expect("outpost-cloud admin command")
+        admin(&self.dir, args)
     }
 
     /// Enrols a gateway as the README says: `outpost keygen` in its data directory, `pki sign`

@@ -333,6 +333,47 @@ impl Mosquitto {
         m
     }
 
+    /// Starts a broker from the shipped `packaging/mosquitto/outpost-tls.conf`, with its paths
+    /// pointed at `pki` (the fleet PKI directory) and `acl`, on a free port.
+    pub fn start_tls(pki: &Path, acl: &Path) -> Mosquitto {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = cloud::free_port();
+        let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/mosquitto/outpost-tls.conf");
+        let text = std::fs::read_to_string(&shipped).expect("packaging/mosquitto/outpost-tls.conf");
+        let text = text
+            .replace("/etc/outpost/pki/", &format!("{}/", pki.display()))
+            .replace("/etc/mosquitto/conf.d/outpost.acl", &acl.display().to_string())
+            .replace("listener 8883", &format!("listener {port} 127.0.0.1"))
+            .replace(
+                "persistence true",
+                &format!("persistence true\npersistence_location {}/", dir.path().display()),
+            );
+        let conf = dir.path().join("mosquitto.conf");
+        // `user root`: as root, Mosquitto would switch to its own user, which cannot read the
+        // test's 0600 keys (as any other user the setting does nothing).
+        std::fs::write(
+            &conf,
+            format!(
+                "{text}\nuser root\nlog_dest file {}/mosquitto.log\n",
+                dir.path().display()
+            ),
+        )
+        .expect("write mosquitto.conf");
+        let mut m = Mosquitto {
+            port,
+            child: None,
+            conf,
+            _dir: dir,
+        };
+        m.restart();
+        m
+    }
+
+    /// The broker's log (for `start_tls`).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self._dir.path().join("mosquitto.log")).unwrap_or_default()
+    }
+
     /// Starts the broker again after `stop` (sessions and retained messages persist).
     pub fn restart(&mut self) {
         let child = Command::new(mosquitto_bin())

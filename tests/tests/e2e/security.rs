@@ -388,3 +388,97 @@ fn signatures_hold_where_the_broker_checks_nothing_and_replays_have_no_second_ef
     let now = b.json(&["status"])["sync"]["acked_seq"].as_u64().unwrap();
     assert!(now >= acked, "a replayed ack moved the cursor back ({acked} → {now})");
 }
+
+#[test]
+fn the_api_socket_is_owner_and_group_only_from_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&dir.path().join("agent"), &[]);
+    use std::os::unix::fs::PermissionsExt;
+    let sock = agent.dir.join("outpost.sock");
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o660, "{sock:?}");
+    let left: Vec<_> = std::fs::read_dir(&agent.dir)
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".outpost-sock"))
+        .collect();
+    assert!(left.is_empty(), "the staging directory was left behind");
+}
+
+#[test]
+fn mosquitto_with_the_shipped_tls_config_and_acl_keeps_each_gateway_in_its_subtree() {
+    let dir = tempfile::tempdir().unwrap();
+    let cloud_dir = dir.path().join("cloud");
+    for args in [
+        &["pki", "init"][..],
+        &["pki", "mosquitto", "--out-dir", cloud_dir.to_str().unwrap()][..],
+    ] {
+        let out = outpost_tests::cloud::admin(&cloud_dir, args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let mosquitto = Mosquitto::start_tls(&cloud_dir.join("pki"), &cloud_dir.join("outpost.acl"));
+    let url = format!("mqtts://127.0.0.1:{}", mosquitto.port);
+    let cloud = Cloud::secure_external(&cloud_dir, &url, mosquitto.port);
+    let (a_dir, b_dir) = (dir.path().join("a"), dir.path().join("b"));
+    let b = gateway(&cloud, &b_dir, "gw-b", &url);
+    cloud.enroll(&a_dir, "gw-a");
+    let a = identity(&a_dir);
+    let topics = Topics::new("outpost");
+    let b_before = stored(&cloud, "gw-b");
+    let rejected_before = cloud.get("/v1/stats")["rejected"].as_u64().unwrap();
+
+    // A publishes on every one of B's up channels: Mosquitto drops them (MQTT 3.1.1 still
+    // acknowledges), so nothing reaches cloud-sync at all.
+    let (client, mut conn) = mqtt_session(mosquitto.port, "gw-a", Some(&a)).unwrap();
+    mqtt_connects(&mut conn, Duration::from_secs(10)).expect("A connects");
+    for ch in [
+        Channel::Events,
+        Channel::Birth,
+        Channel::CommandResult,
+        Channel::Inventory,
+        Channel::Reported,
+    ] {
+        let _ = mqtt_session_publish(&client, &mut conn, &topics.topic("gw-b", ch), b"forged".to_vec());
+    }
+    // A subscribes to B's commands under B's client id: the broker makes it gw-a (B keeps its
+    // session) and refuses the subscription, so B's next command reaches only B.
+    let (spy, mut spy_conn) = mqtt_session(mosquitto.port, "gw-b", Some(&a)).unwrap();
+    mqtt_connects(&mut spy_conn, Duration::from_secs(10)).expect("A connects (as itself)");
+    spy.subscribe(topics.topic("gw-b", Channel::Command), rumqttc::QoS::AtLeastOnce)
+        .unwrap();
+    let (code, body) = cloud.send(
+        "POST",
+        "/v1/devices/gw-b/commands",
+        &json!({"type": "start", "workflow": "hello", "run_id": "after-spy"}),
+    );
+    assert_eq!(code, 202, "{body}");
+    eventually(Duration::from_secs(20), "B to run the command", || {
+        b.json(&["list"]).to_string().contains("after-spy").then_some(())
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while std::time::Instant::now() < deadline {
+        if let Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)))) =
+            spy_conn.recv_timeout(Duration::from_millis(100))
+        {
+            panic!("A read B's command on {}", p.topic);
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        cloud.get("/v1/stats")["rejected"].as_u64().unwrap(),
+        rejected_before,
+        "a forgery reached cloud-sync"
+    );
+    assert!(stored(&cloud, "gw-b") > b_before, "B's own events still arrive");
+    assert_eq!(cloud.device("gw-b").unwrap()["online"], true, "B lost its session");
+    // Plain text is refused by the TLS listener.
+    let (_c, mut conn) = mqtt_session(mosquitto.port, "gw-a", None).unwrap();
+    assert!(
+        mqtt_connects(&mut conn, Duration::from_secs(5)).is_err(),
+        "plain text connected"
+    );
+}
