@@ -287,6 +287,11 @@ struct RunArgs {
     /// signature [default: DATA_DIR/identity/fleet.pub].
     #[arg(long, env = "OUTPOST_FLEET_KEY", value_name = "FILE")]
     fleet_key: Option<PathBuf>,
+    /// What definitions deployed from the cloud may do: allowed exec commands, http hosts and
+    /// equipment writes (YAML; see docs). Without it, deployed definitions may not use exec.
+    /// Definitions applied locally are not checked.
+    #[arg(long, env = "OUTPOST_POLICY", value_name = "FILE")]
+    policy: Option<PathBuf>,
     /// INSECURE: allow plain-text mqtt:// to a broker on another machine.
     #[arg(long)]
     insecure_plaintext: bool,
@@ -1296,6 +1301,11 @@ async fn daemon(data_dir: &Path, socket: &Path, args: RunArgs) -> Result<u8, Fai
                 .map_err(|e| Failure::new(exit::INVALID, e))?;
             let mut config = crate::sync::SyncConfig::new(broker.host, broker.port, device);
             config.security = Arc::new(security);
+            if let Some(p) = &args.policy {
+                let policy = crate::policy::Policy::load(p).map_err(|e| Failure::new(exit::INVALID, e))?;
+                info!(policy = %p.display(), exec_rules = policy.exec.len(), "policy for deployed definitions loaded");
+                config.policy = Arc::new(policy);
+            }
             config.prefix = args.sync_prefix.clone();
             config.labels = args.label.clone();
             config.outbox_max_events = args.outbox_max_events;

@@ -52,6 +52,8 @@ pub struct SyncConfig {
     pub equipment: Vec<(String, String)>,
     /// TLS, this gateway's signing key and the fleet's key.
     pub security: Arc<crate::identity::Security>,
+    /// What deployed definitions may do (`--policy`).
+    pub policy: Arc<crate::policy::Policy>,
 }
 
 impl SyncConfig {
@@ -70,6 +72,7 @@ impl SyncConfig {
             remediation: None,
             equipment: Vec::new(),
             security: Arc::new(crate::identity::Security::unsigned_plaintext()),
+            policy: Arc::new(crate::policy::Policy::default()),
         }
     }
 }
@@ -919,7 +922,9 @@ async fn commands(
                 }
             }
             _ => {
-                let Some(r) = apply(&rt, &cmd).await else { continue };
+                let Some(r) = apply(&rt, &config.policy, &cmd).await else {
+                    continue;
+                };
                 info!(command = %cmd.id, outcome = ?r.outcome, message = %r.message, "command applied");
                 if let Err(e) = rt
                     .journal()
@@ -958,7 +963,7 @@ fn result(id: &str, outcome: Outcome, message: String, detail: Value) -> Command
 }
 
 /// Applies one command; `None` when it could not be tried now (the journal is failing).
-async fn apply(rt: &Runtime, cmd: &Command) -> Option<CommandResult> {
+async fn apply(rt: &Runtime, policy: &crate::policy::Policy, cmd: &Command) -> Option<CommandResult> {
     let json_of =
         |text: &str| serde_json::from_str::<Value>(text).map_err(|e| RuntimeError::Invalid(format!("not JSON: {e}")));
     let outcome: Result<Value, RuntimeError> = async {
@@ -1004,6 +1009,13 @@ async fn apply(rt: &Runtime, cmd: &Command) -> Option<CommandResult> {
                 Ok(json!({"run_id": run_id, "accepted": fresh}))
             }
             CommandKind::Deploy { deployment, document } => {
+                // Checked before anything is stored: a refused definition leaves no trace.
+                let doc = outpost_shared::definition::parse_document(document)
+                    .map_err(|e| RuntimeError::Invalid(e.to_string()))?;
+                if let Err(v) = policy.check(&doc) {
+                    warn!(deployment = %deployment, step = %v.step, reason = %v, "deployment refused by the local policy");
+                    return Err(RuntimeError::Invalid(v.to_string()));
+                }
                 let (def, applied) = rt.apply(document).await?;
                 Ok(json!({
                     "deployment": deployment, "workflow": def.name(), "version": def.version(),

@@ -482,3 +482,64 @@ fn mosquitto_with_the_shipped_tls_config_and_acl_keeps_each_gateway_in_its_subtr
         "plain text connected"
     );
 }
+
+#[test]
+fn deployed_exec_runs_only_as_the_gateway_policy_allows() {
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = Cloud::secure(&dir.path().join("cloud"));
+    let gw = dir.path().join("gw");
+    cloud.enroll(&gw, "gw-p");
+    let policy = write(dir.path(), "policy.yaml", "exec:\n  - /bin/echo *\n");
+    let agent = Agent::start(
+        &gw,
+        &[
+            "--cloud",
+            &cloud.mqtts_url(),
+            "--device-id",
+            "gw-p",
+            "--policy",
+            &policy,
+        ],
+    );
+    cloud.wait_presence("gw-p", true, Duration::from_secs(20));
+    let deploy = |doc: &str| {
+        let (code, body) = cloud.send(
+            "POST",
+            "/v1/deployments",
+            &json!({"document": doc, "devices": ["gw-p"]}),
+        );
+        assert_eq!(code, 201, "{body}");
+        let id = body["id"].as_str().unwrap().to_string();
+        eventually(Duration::from_secs(20), "the deployment to be answered", || {
+            let d = cloud.get(&format!("/v1/deployments/{id}"));
+            let state = d["devices"][0]["state"].as_str()?.to_string();
+            (state != "pending").then_some(d["devices"][0].clone())
+        })
+    };
+    let evil = "name: shell\nversion: 1\nsteps:\n  - id: pwn\n    action: exec\n    args: {command: /bin/sh, args: ['-c', 'id > /tmp/pwned']}\n";
+    let refused = deploy(evil);
+    assert_eq!(refused["state"], "rejected", "{refused}");
+    let reason = refused["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("refused by the gateway's policy")
+            && reason.contains("step 'pwn'")
+            && reason.contains("no exec rule matches"),
+        "{reason}"
+    );
+    let defs = agent.json(&["definitions"]).to_string();
+    assert!(!defs.contains("shell"), "a refused definition was stored: {defs}");
+
+    let fine = "name: report\nversion: 1\nsteps:\n  - id: say\n    action: exec\n    args: {command: /bin/echo, args: [line-3]}\n";
+    assert_eq!(deploy(fine)["state"], "applied");
+    let run = agent.json(&["start", "report", "--wait"]);
+    assert_eq!(run["status"], "completed", "{run}");
+    // The local operator's own definitions are not the cloud's to police.
+    agent.json(&[
+        "apply",
+        &write(
+            dir.path(),
+            "local.yaml",
+            &evil.replace("shell", "local-shell").replace("id > /tmp/pwned", "true"),
+        ),
+    ]);
+}
