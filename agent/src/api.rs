@@ -30,6 +30,7 @@ pub fn router(rt: Runtime) -> Router {
         .route("/v1/health", get(health))
         .route("/metrics", get(metrics))
         .route("/v1/status", get(status))
+        .route("/v1/sync/reconnect", post(sync_reconnect))
         .route("/v1/definitions", post(apply).get(list_definitions))
         .route("/v1/definitions/{name}", get(get_definition))
         .route("/v1/runs", post(start).get(list_runs))
@@ -393,6 +394,17 @@ async fn summary_of(rt: &Runtime, id: &str, rec: RunRecord) -> ApiResult {
     let mut out = json!({});
     merge_summary(&mut out, id, &rec, None, rt)?;
     Ok(Json(out))
+}
+
+/// Asks sync to reconnect (after `outpost enroll` installed a new certificate and key).
+async fn sync_reconnect(State(rt): AppState) -> ApiResult {
+    match rt.sync() {
+        Some(s) => {
+            s.reconnect.notify_one();
+            Ok(Json(json!({"reconnecting": true})))
+        }
+        None => Ok(Json(json!({"reconnecting": false, "reason": "sync is not configured (--cloud)"}))),
+    }
 }
 
 async fn cancel_run(State(rt): AppState, Path(id): Path<String>, body: String) -> ApiResult {

@@ -439,6 +439,18 @@ pub fn main() -> ExitCode {
                     for line in done {
                         println!("{line}");
                     }
+                    // A running agent switches now; none running: it uses them when it starts.
+                    let asked = block_on(async {
+                        Client::new(socket.clone())
+                            .request(Method::POST, "/v1/sync/reconnect", None)
+                            .await
+                            .map_err(Failure::from)
+                    });
+                    if let Ok((_, v)) = asked
+                        && v["reconnecting"] == true
+                    {
+                        println!("the running agent reconnects with them now");
+                    }
                     Ok(exit::OK)
                 }
                 Err(e) => Err(Failure::new(exit::INVALID, e)),

@@ -121,6 +121,9 @@ pub struct SyncState {
     pub connects: AtomicU64,
     /// Inventory messages published.
     pub inventories: AtomicU64,
+    /// Asked (by `outpost enroll`) to reconnect, so a newly installed certificate and key are
+    /// used now rather than at the next outage.
+    pub reconnect: tokio::sync::Notify,
 }
 
 impl SyncState {
@@ -456,8 +459,21 @@ pub async fn start(rt: Runtime, config: SyncConfig) -> Result<Arc<SyncState>, Ru
         state.clone(),
         client.clone(),
     ));
+    tokio::spawn(reconnect_on_request(state.clone(), client.clone()));
     tokio::spawn(commands(rt, config, state.clone(), client, cmd_rx));
     Ok(state)
+}
+
+/// Ends the connection when asked: the poll task then reloads the identity and reconnects
+/// (the outbox is the journal, so whatever was in flight is sent again).
+async fn reconnect_on_request(state: Arc<SyncState>, client: AsyncClient) {
+    loop {
+        state.reconnect.notified().await;
+        info!("reconnecting to use the newly installed identity");
+        if let Err(e) = client.disconnect().await {
+            warn!(error = %e, "cannot end the connection; the new identity is used at the next reconnect");
+        }
+    }
 }
 
 /// Announces again whenever the journal starts or stops failing, so cloud-sync's view of the

@@ -543,3 +543,54 @@ fn deployed_exec_runs_only_as_the_gateway_policy_allows() {
         ),
     ]);
 }
+
+#[test]
+fn a_gateway_rotates_its_certificate_while_its_backlog_drains_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = Cloud::secure(&dir.path().join("cloud"));
+    let gw = dir.path().join("gw");
+    let proxy = outpost_tests::cloud::Proxy::start(cloud.mqtt);
+    let url = proxy.url().replace("mqtt://", "mqtts://");
+    cloud.enroll(&gw, "gw-r");
+    let agent = Agent::start(&gw, &["--cloud", &url, "--device-id", "gw-r", "--drain-rate", "150"]);
+    cloud.wait_presence("gw-r", true, Duration::from_secs(20));
+    proxy.cut();
+    agent.json(&["apply", &write(dir.path(), "hello.yaml", HELLO)]);
+    for i in 0..300 {
+        agent.json(&["start", "hello", "--id", &format!("h{i:03}")]);
+    }
+    let total = agent.json(&["status"])["journal"]["next_seq"].as_u64().unwrap() - 1;
+    assert!(total >= 900, "{total}");
+    proxy.restore();
+    eventually(Duration::from_secs(30), "the drain to get going", || {
+        (stored(&cloud, "gw-r") > 100).then_some(())
+    });
+    // Rotation, as the README says: a new key here, signed there, installed here.
+    let out = outpost_tests::cli(&gw, &["keygen", "--device-id", "gw-r", "--rotate"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (csr, crt) = (gw.join("identity/device.next.csr"), gw.join("identity/next.crt"));
+    let out = cloud.admin(&["pki", "sign", csr.to_str().unwrap(), "--out", crt.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let old_key = std::fs::read(gw.join("identity/device.key")).unwrap();
+    let out = outpost_tests::cli(&gw, &["enroll", "--cert", crt.to_str().unwrap()]);
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success() && said.contains("rotated"), "{said}");
+    assert!(said.contains("reconnects with them now"), "{said}");
+    assert_ne!(std::fs::read(gw.join("identity/device.key")).unwrap(), old_key);
+    let partway = stored(&cloud, "gw-r");
+    assert!(partway < total, "the drain finished before the rotation ({partway} of {total})");
+    eventually(Duration::from_secs(60), "every event to arrive", || {
+        (stored(&cloud, "gw-r") >= total).then_some(())
+    });
+    assert_eq!(stored(&cloud, "gw-r"), total, "exactly every event");
+    assert!(
+        agent.log().contains("new certificate and key installed: connecting with them (rotation)"),
+        "{}",
+        agent.log()
+    );
+    let runs = cloud.get("/v1/devices/gw-r/runs");
+    let completed = runs.as_array().unwrap().iter().filter(|r| r["status"] == "completed").count();
+    assert_eq!(completed, 300);
+    // The old key now only covers what was in flight; the device's key file lists both.
+    assert_eq!(std::fs::read_to_string(cloud.pki().join("devices/gw-r.pub")).unwrap().matches("BEGIN PUBLIC KEY").count(), 2);
+}
