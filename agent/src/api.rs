@@ -403,7 +403,9 @@ async fn sync_reconnect(State(rt): AppState) -> ApiResult {
             s.reconnect.notify_one();
             Ok(Json(json!({"reconnecting": true})))
         }
-        None => Ok(Json(json!({"reconnecting": false, "reason": "sync is not configured (--cloud)"}))),
+        None => Ok(Json(
+            json!({"reconnecting": false, "reason": "sync is not configured (--cloud)"}),
+        )),
     }
 }
 

@@ -146,6 +146,20 @@ impl Security {
         }
     }
 
+    /// What is insecure about this link, for the fleet view.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        if !self.tls {
+            w.push("plain-text MQTT link (no TLS)".to_string());
+        }
+        if !self.seal().signs() {
+            w.push(
+                "unsigned messages (--insecure-unsigned): anyone on the broker can command this gateway".to_string(),
+            );
+        }
+        w
+    }
+
     /// True when the link is TLS.
     pub fn uses_tls(&self) -> bool {
         self.tls

@@ -339,6 +339,7 @@ fn announce(rt: &Runtime, config: &SyncConfig, state: &SyncState, topics: &Topic
         resend_from: journal.resend_floor().unwrap_or(1),
         storage_error: rt.storage_failure().map(|(e, _, _)| e).unwrap_or_default(),
         blocked_runs: rt.blocked_runs(protocol::MAX_BLOCKED_RUNS_LISTED),
+        insecure: config.security.warnings(),
     });
     let topic = topics.topic(&config.device, Channel::Birth);
     match config.security.seal().encode(&topic, &birth) {

@@ -227,6 +227,7 @@ async fn devices(State(s): S) -> R {
 
 async fn device(State(s): S, Path(id): Path<String>) -> R {
     let store = s.store.clone();
+    let expires = s.certificate_expiry(&id);
     blocking(move || {
         let d = store
             .device(&id)?
@@ -234,6 +235,10 @@ async fn device(State(s): S, Path(id): Path<String>) -> R {
         let mut v = device_json(&id, &d);
         v["runs"] = store.runs(&id)?.len().into();
         v["pending_commands"] = store.pending(&id)?.len().into();
+        v["security"] = json!({
+            "warnings": store.gateway_warnings(&id)?,
+            "certificate_expires": expires.map(rfc3339),
+        });
         v["storage"] = match store.gateway_health(&id)? {
             Some(h) => json!({
                 "error": h.storage_error, "since": rfc3339(h.since_ms), "blocked_runs": h.blocked_runs,

@@ -273,6 +273,14 @@ impl Service {
         }
     }
 
+    /// When a device's certificate expires (ms), if this fleet's PKI issued it.
+    pub fn certificate_expiry(&self, device: &str) -> Option<u64> {
+        match &self.security {
+            Security::Signed { keyring, .. } => keyring.pki().device_expiry_ms(device),
+            Security::Unsigned => None,
+        }
+    }
+
     /// Reports the embedded broker gate's refusals among the counters (since this start).
     pub fn attach_gate(&self, stats: Arc<crate::acl::GateStats>) {
         let _ = self.gate.set(stats);

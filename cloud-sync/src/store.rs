@@ -40,6 +40,8 @@ const LINEAGE: TableDefinition<&str, &[u8]> = TableDefinition::new("lineage");
 /// Events set aside because the device's journal no longer has them, by (device, archive, seq):
 /// kept for forensics, never shown as the device's history.
 const ARCHIVE: TableDefinition<(&str, u64, u64), &[u8]> = TableDefinition::new("archive");
+/// Device → what its newest birth says is insecure about its link (`Vec<String>`), when anything is.
+const GATEWAY_SECURITY: TableDefinition<&str, &[u8]> = TableDefinition::new("gateway_security");
 /// Device → `GatewayHealth`, while its newest birth says its journal cannot be written.
 const GATEWAY_HEALTH: TableDefinition<&str, &[u8]> = TableDefinition::new("gateway_health");
 
@@ -564,6 +566,7 @@ impl Store {
         txn.open_table(LINEAGE)?;
         txn.open_table(ARCHIVE)?;
         txn.open_table(GATEWAY_HEALTH)?;
+        txn.open_table(GATEWAY_SECURITY)?;
         txn.commit()?;
         Ok(())
     }
@@ -677,6 +680,13 @@ impl Store {
                 d.agent_version = b.agent_version.clone();
                 d.labels = b.labels.clone();
                 lineages.insert(id, enc(&lin).as_slice())?;
+                let mut security = txn.open_table(GATEWAY_SECURITY)?;
+                if b.insecure.is_empty() {
+                    security.remove(id)?;
+                } else {
+                    let warnings: Vec<String> = b.insecure.iter().take(8).map(|w| protocol_clip(w)).collect();
+                    security.insert(id, enc(&warnings).as_slice())?;
+                }
                 let mut health = txn.open_table(GATEWAY_HEALTH)?;
                 if b.storage_error.is_empty() {
                     health.remove(id)?;
@@ -708,6 +718,13 @@ impl Store {
         };
         txn.commit()?;
         Ok(out)
+    }
+
+    /// What the device's newest birth says is insecure about its link (empty: nothing).
+    pub fn gateway_warnings(&self, id: &str) -> Result<Vec<String>, StoreError> {
+        Ok(self
+            .get_row::<Vec<String>>(GATEWAY_SECURITY, id, "gateway security")?
+            .unwrap_or_default())
     }
 
     /// What the device's newest birth says about its journal's storage, while it fails.
@@ -1204,6 +1221,7 @@ mod tests {
             resend_from,
             storage_error: String::new(),
             blocked_runs: Vec::new(),
+            insecure: Vec::new(),
         }
     }
 

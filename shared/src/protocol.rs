@@ -78,6 +78,9 @@ pub struct Birth {
     pub storage_error: String,
     /// Runs waiting for the journal to take a write (at most [`MAX_BLOCKED_RUNS_LISTED`] ids).
     pub blocked_runs: Vec<String>,
+    /// What is insecure about this gateway's link (plain text, unsigned messages), for the
+    /// fleet view; empty when nothing is.
+    pub insecure: Vec<String>,
 }
 
 /// Most blocked run ids a birth lists.

@@ -745,6 +745,7 @@ fn hostile_inputs(agent_device: &str) -> Vec<(&'static str, Send, Counter)> {
         resend_from: 1,
         storage_error: String::new(),
         blocked_runs: Vec::new(),
+        insecure: Vec::new(),
     });
     let nested_json = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
     let yaml_bomb = {

@@ -395,3 +395,10 @@ fn pipe(mut from: TcpStream, mut to: TcpStream) {
         let _ = from.shutdown(Shutdown::Both);
     });
 }
+
+/// GETs a console page as text.
+pub fn http_text(port: u16, path: &str) -> String {
+    let (code, v) = http("GET", port, path, None).expect("console page");
+    assert_eq!(code, 200, "GET {path}: {v}");
+    v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())
+}

@@ -83,6 +83,7 @@ async fn blocking<T: Send + 'static>(
 
 async fn fleet(State(s): S) -> Result<Markup, PageError> {
     let store = s.store.clone();
+    let svc = s.clone();
     let rows = blocking(move || {
         let mut rows = Vec::new();
         for (id, d) in store.devices()? {
@@ -93,6 +94,8 @@ async fn fleet(State(s): S) -> Result<Markup, PageError> {
                 failed: runs.iter().filter(|(_, m)| pages::is_failed(&m.status)).count(),
                 total: runs.len(),
                 drift,
+                warnings: store.gateway_warnings(&id)?,
+                cert_expires_ms: svc.certificate_expiry(&id),
                 id,
                 device: d,
             });
@@ -105,6 +108,7 @@ async fn fleet(State(s): S) -> Result<Markup, PageError> {
 
 async fn device(State(s): S, Path(id): Path<String>, Query(flash): Query<Flash>) -> Result<Markup, PageError> {
     let store = s.store.clone();
+    let expires = s.certificate_expiry(&id);
     let view = blocking(move || {
         let device = store
             .device(&id)?
@@ -122,6 +126,8 @@ async fn device(State(s): S, Path(id): Path<String>, Query(flash): Query<Flash>)
             commands: store.commands(&id, 100)?,
             workflows: store.workflows(&id)?,
             health: store.gateway_health(&id)?,
+            warnings: store.gateway_warnings(&id)?,
+            cert_expires_ms: expires,
             device,
             id,
         })

@@ -194,6 +194,35 @@ pub struct FleetRow {
     pub total: usize,
     /// Desired vs reported.
     pub drift: Drift,
+    /// What is insecure about its link.
+    pub warnings: Vec<String>,
+    /// When its certificate expires (ms).
+    pub cert_expires_ms: Option<u64>,
+}
+
+/// The certificate cell: its expiry, marked when it is near (30 days) or past.
+fn cert_cell(expires: Option<u64>, now: u64) -> Markup {
+    const MONTH: u64 = 30 * 24 * 3600 * 1000;
+    html! {
+        @match expires {
+            None => span.muted { "—" },
+            Some(e) if e <= now => span.bad title="the broker refuses it; sign a new one" { "expired " (rfc3339(e)) },
+            Some(e) if e - now < MONTH => span.warn title="rotate it soon" { "expires " (rfc3339(e)) },
+            Some(e) => span { (rfc3339(e).get(..10).unwrap_or("")) },
+        }
+    }
+}
+
+/// The banner of a gateway whose link is not secure.
+fn insecure_banner(warnings: &[String]) -> Markup {
+    html! {
+        @if !warnings.is_empty() {
+            div.banner.error #insecure-banner {
+                strong { "Insecure link: " } (warnings.join("; "))
+                ". Enrol the gateway (README, \"Securing a fleet\") and drop the --insecure flags."
+            }
+        }
+    }
 }
 
 fn backlog(d: &Device) -> u64 {
@@ -224,12 +253,15 @@ pub fn fleet(rows: &[FleetRow], now: u64) -> Markup {
                 } @else {
                     table #fleet {
                         thead { tr { th { "Device" } th { "State" } th { "Last seen" } th { "Agent" } th { "Labels" }
-                            th.num { "Backlog" } th.num { "Active" } th.num { "Failed" } th.num { "Runs" } th { "Desired state" } } }
+                            th.num { "Backlog" } th.num { "Active" } th.num { "Failed" } th.num { "Runs" } th { "Desired state" } th { "Certificate" } } }
                         tbody {
                             @for r in rows {
                                 tr data-device=(r.id) {
                                     td { a href={"/devices/" (enc(&r.id))} { (r.id) } }
-                                    td { @if r.device.online() { (badge("online")) } @else { (badge("offline")) } }
+                                    td {
+                                        @if r.device.online() { (badge("online")) } @else { (badge("offline")) }
+                                        @if !r.warnings.is_empty() { " " span.badge.bad title=(r.warnings.join("; ")) { "insecure" } }
+                                    }
                                     td { (ago(r.device.last_seen_ms, now)) }
                                     td { (r.device.agent_version) }
                                     td { @for (k, v) in &r.device.labels { span.label { (k) "=" (v) } " " } }
@@ -238,6 +270,7 @@ pub fn fleet(rows: &[FleetRow], now: u64) -> Markup {
                                     td.num.bad[r.failed > 0] { (r.failed) }
                                     td.num { (r.total) }
                                     td { (drift_cell(&r.drift)) }
+                                    td { (cert_cell(r.cert_expires_ms, now)) }
                                 }
                             }
                         }
@@ -273,6 +306,10 @@ pub struct DeviceView {
     pub workflows: Vec<(String, u32)>,
     /// Its journal's storage failure, while its newest birth reports one.
     pub health: Option<GatewayHealth>,
+    /// What is insecure about its link.
+    pub warnings: Vec<String>,
+    /// When its certificate expires (ms).
+    pub cert_expires_ms: Option<u64>,
 }
 
 /// The banner a device whose journal cannot be written gets on its pages.
@@ -348,6 +385,8 @@ pub fn device(v: &DeviceView, f: &Flash, now: u64) -> Markup {
             }
             div #device-storage data-live {
                 @if let Some(h) = &v.health { (storage_banner(h, now)) }
+                (insecure_banner(&v.warnings))
+                @if let Some(e) = v.cert_expires_ms { p.meta { "certificate: " (cert_cell(Some(e), now)) } }
             }
             (flash(f))
             div.grid {

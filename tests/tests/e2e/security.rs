@@ -69,6 +69,17 @@ fn the_embedded_broker_holds_each_certificate_to_its_own_subtree_and_refuses_bad
     let b_before = stored(&cloud, "gw-b");
     let topics = Topics::new("outpost");
     let a = identity(&a_dir);
+    let security = &cloud.get("/v1/devices/gw-b")["security"];
+    assert_eq!(security["warnings"], json!([]), "{security}");
+    assert!(
+        security["certificate_expires"].as_str().is_some_and(|t| t > "2027"),
+        "{security}"
+    );
+    let page = outpost_tests::cloud::http_text(cloud.api, "/devices/gw-b");
+    assert!(
+        page.contains("certificate: ") && !page.contains("Insecure link"),
+        "{page}"
+    );
 
     // A's own certificate and client id connect; B's topics close the connection.
     for ch in [
@@ -225,6 +236,14 @@ fn signatures_hold_where_the_broker_checks_nothing_and_replays_have_no_second_ef
     let a_seal = Seal::Signed(a_key);
     let b_before = stored(&cloud, "gw-b");
     let b_runs = cloud.get("/v1/devices/gw-b/runs");
+    // Signed, but over plain text on loopback: the fleet view says so.
+    let warnings = cloud.get("/v1/devices/gw-b")["security"]["warnings"].to_string();
+    assert!(warnings.contains("plain-text MQTT link"), "{warnings}");
+    let fleet = outpost_tests::cloud::http_text(cloud.api, "/");
+    assert!(
+        fleet.contains("insecure"),
+        "the fleet page marks the plain-text gateways"
+    );
 
     // Device → cloud: unsigned, and signed by A, on B's topics.
     let birth = Body::Birth(outpost_shared::protocol::Birth {
@@ -237,6 +256,7 @@ fn signatures_hold_where_the_broker_checks_nothing_and_replays_have_no_second_ef
         resend_from: 1,
         storage_error: String::new(),
         blocked_runs: vec![],
+        insecure: vec![],
     });
     let rejected_before = (
         counter(&cloud, "rejected.unsigned"),
@@ -578,19 +598,35 @@ fn a_gateway_rotates_its_certificate_while_its_backlog_drains_and_loses_nothing(
     assert!(said.contains("reconnects with them now"), "{said}");
     assert_ne!(std::fs::read(gw.join("identity/device.key")).unwrap(), old_key);
     let partway = stored(&cloud, "gw-r");
-    assert!(partway < total, "the drain finished before the rotation ({partway} of {total})");
+    assert!(
+        partway < total,
+        "the drain finished before the rotation ({partway} of {total})"
+    );
     eventually(Duration::from_secs(60), "every event to arrive", || {
         (stored(&cloud, "gw-r") >= total).then_some(())
     });
     assert_eq!(stored(&cloud, "gw-r"), total, "exactly every event");
     assert!(
-        agent.log().contains("new certificate and key installed: connecting with them (rotation)"),
+        agent
+            .log()
+            .contains("new certificate and key installed: connecting with them (rotation)"),
         "{}",
         agent.log()
     );
     let runs = cloud.get("/v1/devices/gw-r/runs");
-    let completed = runs.as_array().unwrap().iter().filter(|r| r["status"] == "completed").count();
+    let completed = runs
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["status"] == "completed")
+        .count();
     assert_eq!(completed, 300);
     // The old key now only covers what was in flight; the device's key file lists both.
-    assert_eq!(std::fs::read_to_string(cloud.pki().join("devices/gw-r.pub")).unwrap().matches("BEGIN PUBLIC KEY").count(), 2);
+    assert_eq!(
+        std::fs::read_to_string(cloud.pki().join("devices/gw-r.pub"))
+            .unwrap()
+            .matches("BEGIN PUBLIC KEY")
+            .count(),
+        2
+    );
 }
