@@ -249,7 +249,7 @@ pub fn fleet(rows: &[FleetRow], now: u64) -> Markup {
             div #fleet-table data-live {
                 @if rows.is_empty() {
                     p.empty { "No device has connected yet. Start an agent with "
-                        code { "outpost run --cloud mqtt://HOST:1883 --device-id NAME" } "." }
+                        code { "outpost run --cloud mqtts://HOST:8883 --device-id NAME" } " (enrol it first: README, Securing a fleet)." }
                 } @else {
                     table #fleet {
                         thead { tr { th { "Device" } th { "State" } th { "Last seen" } th { "Agent" } th { "Labels" }
