@@ -921,8 +921,12 @@ mod tests {
             failed: 0,
             total: 0,
             drift: Drift::Unmanaged,
+            warnings: vec!["<b>plain</b>".into()],
+            cert_expires_ms: Some(1),
         }];
         let html = fleet(&rows, 0).into_string();
+        assert!(!html.contains("<b>plain"), "{html}");
+        assert!(html.contains("insecure") && html.contains("expired"), "{html}");
         assert!(!html.contains("<script>alert"), "{html}");
         assert!(!html.contains("<img src=x>"), "{html}");
         assert!(html.contains("&lt;script&gt;"));
