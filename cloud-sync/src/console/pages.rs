@@ -922,7 +922,7 @@ mod tests {
             total: 0,
             drift: Drift::Unmanaged,
             warnings: vec!["<b>plain</b>".into()],
-            cert_expires_ms: Some(1),
+            cert_expires_ms: Some(0),
         }];
         let html = fleet(&rows, 0).into_string();
         assert!(!html.contains("<b>plain"), "{html}");
