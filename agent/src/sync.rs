@@ -124,6 +124,32 @@ pub struct SyncState {
     /// Asked (by `outpost enroll`) to reconnect, so a newly installed certificate and key are
     /// used now rather than at the next outage.
     pub reconnect: tokio::sync::Notify,
+    /// The newest messages refused for their signature, for the birth (`Birth::refused`).
+    pub refusals: std::sync::Mutex<std::collections::VecDeque<String>>,
+    /// Notified on every refusal, so the fleet hears of it.
+    pub refused: tokio::sync::Notify,
+}
+
+impl SyncState {
+    fn note_refusal(&self, topic: &str, why: &str) {
+        let channel = topic.rsplit('/').next().unwrap_or(topic);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let line = format!(
+            "{}: {}: {}",
+            outpost_shared::journal::rfc3339(now),
+            protocol::quote(channel),
+            protocol::clip(why, 200)
+        );
+        let mut r = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
+        r.push_back(line);
+        while r.len() > protocol::MAX_REFUSALS_LISTED {
+            r.pop_front();
+        }
+        drop(r);
+        self.refused.notify_one();
+    }
 }
 
 impl SyncState {
@@ -340,6 +366,13 @@ fn announce(rt: &Runtime, config: &SyncConfig, state: &SyncState, topics: &Topic
         storage_error: rt.storage_failure().map(|(e, _, _)| e).unwrap_or_default(),
         blocked_runs: rt.blocked_runs(protocol::MAX_BLOCKED_RUNS_LISTED),
         insecure: config.security.warnings(),
+        refused: state
+            .refusals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect(),
     });
     let topic = topics.topic(&config.device, Channel::Birth);
     match config.security.seal().encode(&topic, &birth) {
@@ -461,6 +494,12 @@ pub async fn start(rt: Runtime, config: SyncConfig) -> Result<Arc<SyncState>, Ru
         client.clone(),
     ));
     tokio::spawn(reconnect_on_request(state.clone(), client.clone()));
+    tokio::spawn(refusal_announcements(
+        rt.clone(),
+        config.clone(),
+        state.clone(),
+        client.clone(),
+    ));
     tokio::spawn(commands(rt, config, state.clone(), client, cmd_rx));
     Ok(state)
 }
@@ -483,6 +522,19 @@ async fn storage_announcements(rt: Runtime, config: SyncConfig, state: Arc<SyncS
     let topics = Topics::new(&config.prefix);
     let mut changes = rt.storage_changes();
     while changes.changed().await.is_ok() {
+        if state.connected.load(Ordering::Relaxed) {
+            announce(&rt, &config, &state, &topics, &client);
+        }
+    }
+}
+
+/// Announces again after messages were refused for their signature (at most every 2 s, so a
+/// flood of forgeries costs one birth per 2 s), so the console shows them.
+async fn refusal_announcements(rt: Runtime, config: SyncConfig, state: Arc<SyncState>, client: AsyncClient) {
+    let topics = Topics::new(&config.prefix);
+    loop {
+        state.refused.notified().await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
         if state.connected.load(Ordering::Relaxed) {
             announce(&rt, &config, &state, &topics, &client);
         }
@@ -636,6 +688,9 @@ async fn poll(
                             _ => &state.bad_messages,
                         };
                         counter.fetch_add(1, Ordering::Relaxed);
+                        if std::ptr::eq(counter, &state.bad_signatures) {
+                            state.note_refusal(&p.topic, &e.to_string());
+                        }
                         warn!(topic = %p.topic, error = %e, "message from the cloud refused; nothing of it is applied");
                     }
                     (_, Ok(other)) => {

@@ -235,8 +235,10 @@ async fn device(State(s): S, Path(id): Path<String>) -> R {
         let mut v = device_json(&id, &d);
         v["runs"] = store.runs(&id)?.len().into();
         v["pending_commands"] = store.pending(&id)?.len().into();
+        let security = store.gateway_security(&id)?;
         v["security"] = json!({
-            "warnings": store.gateway_warnings(&id)?,
+            "warnings": security.warnings,
+            "refused": security.refused,
             "certificate_expires": expires.map(rfc3339),
         });
         v["storage"] = match store.gateway_health(&id)? {

@@ -40,8 +40,18 @@ const LINEAGE: TableDefinition<&str, &[u8]> = TableDefinition::new("lineage");
 /// Events set aside because the device's journal no longer has them, by (device, archive, seq):
 /// kept for forensics, never shown as the device's history.
 const ARCHIVE: TableDefinition<(&str, u64, u64), &[u8]> = TableDefinition::new("archive");
-/// Device → what its newest birth says is insecure about its link (`Vec<String>`), when anything is.
+/// Device → `SecurityRow`: what its newest birth says is insecure about its link and which
+/// messages it refused, when there is anything to say.
 const GATEWAY_SECURITY: TableDefinition<&str, &[u8]> = TableDefinition::new("gateway_security");
+/// What a gateway says about its link's security.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecurityRow {
+    /// What is insecure about its link.
+    pub warnings: Vec<String>,
+    /// The newest messages it refused for their signature.
+    pub refused: Vec<String>,
+}
+
 /// Device → `GatewayHealth`, while its newest birth says its journal cannot be written.
 const GATEWAY_HEALTH: TableDefinition<&str, &[u8]> = TableDefinition::new("gateway_health");
 
@@ -681,11 +691,15 @@ impl Store {
                 d.labels = b.labels.clone();
                 lineages.insert(id, enc(&lin).as_slice())?;
                 let mut security = txn.open_table(GATEWAY_SECURITY)?;
-                if b.insecure.is_empty() {
+                if b.insecure.is_empty() && b.refused.is_empty() {
                     security.remove(id)?;
                 } else {
-                    let warnings: Vec<String> = b.insecure.iter().take(8).map(|w| protocol_clip(w)).collect();
-                    security.insert(id, enc(&warnings).as_slice())?;
+                    let clip = |list: &[String]| list.iter().take(8).map(|w| protocol_clip(w)).collect();
+                    let row = SecurityRow {
+                        warnings: clip(&b.insecure),
+                        refused: clip(&b.refused),
+                    };
+                    security.insert(id, enc(&row).as_slice())?;
                 }
                 let mut health = txn.open_table(GATEWAY_HEALTH)?;
                 if b.storage_error.is_empty() {
@@ -720,10 +734,10 @@ impl Store {
         Ok(out)
     }
 
-    /// What the device's newest birth says is insecure about its link (empty: nothing).
-    pub fn gateway_warnings(&self, id: &str) -> Result<Vec<String>, StoreError> {
+    /// What the device's newest birth says about its link's security (default: nothing).
+    pub fn gateway_security(&self, id: &str) -> Result<SecurityRow, StoreError> {
         Ok(self
-            .get_row::<Vec<String>>(GATEWAY_SECURITY, id, "gateway security")?
+            .get_row::<SecurityRow>(GATEWAY_SECURITY, id, "gateway security")?
             .unwrap_or_default())
     }
 
@@ -1222,6 +1236,7 @@ mod tests {
             storage_error: String::new(),
             blocked_runs: Vec::new(),
             insecure: Vec::new(),
+            refused: Vec::new(),
         }
     }
 

@@ -81,7 +81,14 @@ pub struct Birth {
     /// What is insecure about this gateway's link (plain text, unsigned messages), for the
     /// fleet view; empty when nothing is.
     pub insecure: Vec<String>,
+    /// The newest messages this gateway refused for their signature (at most
+    /// [`MAX_REFUSALS_LISTED`], "when: channel: why"), so the fleet view shows forgeries aimed
+    /// at it.
+    pub refused: Vec<String>,
 }
+
+/// Most refusals a birth lists.
+pub const MAX_REFUSALS_LISTED: usize = 5;
 
 /// Most blocked run ids a birth lists.
 pub const MAX_BLOCKED_RUNS_LISTED: usize = 64;

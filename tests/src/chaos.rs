@@ -746,6 +746,7 @@ fn hostile_inputs(agent_device: &str) -> Vec<(&'static str, Send, Counter)> {
         storage_error: String::new(),
         blocked_runs: Vec::new(),
         insecure: Vec::new(),
+        refused: Vec::new(),
     });
     let nested_json = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
     let yaml_bomb = {

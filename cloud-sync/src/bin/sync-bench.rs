@@ -1,6 +1,8 @@
 //! Sync benchmarks: wire bytes per event, drain rate of a 100,000-event backlog (real agent and
-//! real cloud-sync processes over the embedded broker), and cloud-sync ingest with 100 simulated
-//! devices publishing at once. Prints figures; asserts nothing.
+//! real cloud-sync processes over the embedded broker), cloud-sync ingest with 100 simulated
+//! devices publishing at once, and MQTT connection set-up. Each runs twice in one run: plain
+//! (no TLS, unsigned: the `--insecure-*` flags) and as shipped (mutual TLS, every message
+//! signed). Prints figures; asserts nothing.
 //!
 //!   cargo build --release && ./target/release/outpost-sync-bench
 
@@ -9,8 +11,27 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use outpost_cloud_sync::pki::Pki;
 use outpost_shared::journal::{self, ErrorInfo, Event, Record};
-use outpost_shared::protocol::{self, Body, Channel, Topics};
+use outpost_shared::protocol::{self, Body, Channel, Seal, Topics};
+use outpost_shared::signing::SigningKey;
+use outpost_shared::tls::TlsFiles;
+
+/// Plain (the `--insecure-*` flags) or as shipped.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Plain,
+    Secure,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Plain => "plain (no TLS, unsigned)",
+            Mode::Secure => "mutual TLS + signatures",
+        }
+    }
+}
 use serde_json::Value;
 
 /// A typical mix: runs of three steps, a timed-out attempt now and then.
@@ -81,9 +102,17 @@ fn wire_bytes() {
     let events = sample_events(100_000);
     let records: Vec<Vec<u8>> = events.iter().map(journal::encode).collect();
     let mut wire = 0usize;
+    let mut signed = 0usize;
+    let key = SigningKey::generate_pkcs8()
+        .and_then(|d| SigningKey::from_pkcs8(&d, "bench"))
+        .map(|k| Seal::Signed(std::sync::Arc::new(k)));
+    let topic = Topics::new(protocol::DEFAULT_PREFIX).topic("bench-gw", Channel::Events);
     for (i, chunk) in records.chunks(500).enumerate() {
-        let batch = protocol::pack(1, 1 + i as u64 * 500, chunk);
-        wire += protocol::encode(&Body::Events(batch)).len();
+        let body = Body::Events(protocol::pack(1, 1 + i as u64 * 500, chunk));
+        wire += protocol::encode(&body).len();
+        if let Ok(seal) = &key {
+            signed += seal.encode(&topic, &body).map(|b| b.len()).unwrap_or(0);
+        }
     }
     let json: usize = events
         .iter()
@@ -103,6 +132,11 @@ fn wire_bytes() {
     println!(
         "  batched + deflated on the wire   {:6.1} bytes/event",
         wire as f64 / 1e5
+    );
+    println!(
+        "  ... signed (protocol v2)         {:6.2} bytes/event (+{:.2})",
+        signed as f64 / 1e5,
+        (signed as f64 - wire as f64) / 1e5
     );
     println!(
         "  the same events as JSON lines    {:6.1} bytes/event",
@@ -151,35 +185,101 @@ fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> anyho
     Ok(())
 }
 
-fn cloud(dir: &std::path::Path, api: u16, mqtt: u16) -> anyhow::Result<std::process::Child> {
-    Ok(Command::new(bin("outpost-cloud")?)
-        .arg("--data-dir")
+fn cloud(dir: &std::path::Path, api: u16, mqtt: u16, mode: Mode) -> anyhow::Result<std::process::Child> {
+    let mut cmd = Command::new(bin("outpost-cloud")?);
+    cmd.arg("--data-dir")
         .arg(dir)
         .args(["--listen", &format!("127.0.0.1:{api}")])
-        .args(["--mqtt-listen", &format!("127.0.0.1:{mqtt}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?)
+        .args(["--mqtt-listen", &format!("127.0.0.1:{mqtt}")]);
+    if mode == Mode::Plain {
+        cmd.args(["--insecure-plaintext", "--insecure-unsigned"]);
+    }
+    Ok(cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn()?)
+}
+
+/// The fleet PKI of a cloud data directory, made now (as the first start would).
+fn pki(cloud_dir: &std::path::Path) -> anyhow::Result<Pki> {
+    let pki = Pki::new(cloud_dir.join("pki"));
+    if !pki.exists() {
+        pki.init(&[])?;
+    }
+    Ok(pki)
+}
+
+/// A device identity signed by the fleet: its TLS files (written under `dir`) and its seal.
+fn device_identity(pki: &Pki, dir: &std::path::Path, id: &str) -> anyhow::Result<(TlsFiles, Seal)> {
+    let der = SigningKey::generate_pkcs8()?;
+    let pkcs8 = rustls::pki_types::PrivatePkcs8KeyDer::from(der.clone());
+    let pair = rcgen::KeyPair::from_pkcs8_der_and_sign_algo(&pkcs8, &rcgen::PKCS_ED25519)?;
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name.push(rcgen::DnType::CommonName, id);
+    let csr = params.serialize_request(&pair)?.pem()?;
+    let (_, cert) = pki.sign(&csr, 30)?;
+    std::fs::create_dir_all(dir)?;
+    let (cert_path, key_path) = (dir.join(format!("{id}.crt")), dir.join(format!("{id}.key")));
+    std::fs::write(&cert_path, cert)?;
+    std::fs::write(&key_path, outpost_shared::signing::pem_block("PRIVATE KEY", &der))?;
+    let files = TlsFiles {
+        ca: pki.file("ca.crt"),
+        cert: Some(cert_path),
+        key: Some(key_path),
+    };
+    Ok((
+        files,
+        Seal::Signed(std::sync::Arc::new(SigningKey::from_pkcs8(&der, id)?)),
+    ))
+}
+
+/// Enrols a real agent's data directory as the README says (keygen, sign, enroll).
+fn enroll_agent(outpost: &std::path::Path, data: &std::path::Path, pki: &Pki, id: &str) -> anyhow::Result<()> {
+    let run = |args: &[&std::ffi::OsStr]| -> anyhow::Result<()> {
+        let out = Command::new(outpost).arg("--data-dir").arg(data).args(args).output()?;
+        if !out.status.success() {
+            bail!("{}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    };
+    run(&["keygen".as_ref(), "--device-id".as_ref(), id.as_ref()])?;
+    let csr = std::fs::read_to_string(data.join("identity/device.csr"))?;
+    let (_, cert) = pki.sign(&csr, 30)?;
+    let cert_path = data.join("identity/bench.crt");
+    std::fs::write(&cert_path, cert)?;
+    run(&[
+        "enroll".as_ref(),
+        "--cert".as_ref(),
+        cert_path.as_os_str(),
+        "--ca".as_ref(),
+        pki.file("ca.crt").as_os_str(),
+        "--fleet-key".as_ref(),
+        pki.file("fleet.pub").as_os_str(),
+    ])
 }
 
 /// A real agent builds a 100k-event backlog offline; then cloud-sync comes up and it drains.
-fn drain() -> anyhow::Result<()> {
+fn drain(mode: Mode) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let (api, mqtt) = (free_port(), free_port());
     let outpost = bin("outpost")?;
     let flow = "name: burst\nversion: 1\nkind: state_machine\nsteps:\n  - id: tick\n    action: set\n    args: {n: \"{{ steps.tick.visits }}\"}\n    choices:\n      - when: steps.tick.visits >= 497\n        next: done\n    default: tick\n  - id: done\n    action: set\n    args: {}\n    end: succeed\n";
     std::fs::write(dir.path().join("burst.yaml"), flow)?;
     let data = dir.path().join("agent");
-    let mut agent = Command::new(&outpost)
-        .arg("run")
+    let url = match mode {
+        Mode::Plain => format!("mqtt://127.0.0.1:{mqtt}"),
+        Mode::Secure => {
+            let pki = pki(&dir.path().join("cloud"))?;
+            enroll_agent(&outpost, &data, &pki, "bench-gw")?;
+            format!("mqtts://127.0.0.1:{mqtt}")
+        }
+    };
+    let mut agent = Command::new(&outpost);
+    agent.arg("run");
+    if mode == Mode::Plain {
+        agent.arg("--insecure-unsigned");
+    }
+    let mut agent = agent
         .arg("--data-dir")
         .arg(&data)
-        .args([
-            "--cloud",
-            &format!("mqtt://127.0.0.1:{mqtt}"),
-            "--device-id",
-            "bench-gw",
-        ])
+        .args(["--cloud", &url, "--device-id", "bench-gw"])
         .args(["--drain-rate", "100000000"])
         .arg("--apply")
         .arg(dir.path().join("burst.yaml"))
@@ -203,7 +303,7 @@ fn drain() -> anyhow::Result<()> {
     wait_for("the backlog", Duration::from_secs(300), || next_seq() > 100_000)?;
     std::thread::sleep(Duration::from_millis(500));
     let total = next_seq() - 1;
-    let mut cloud = cloud(&dir.path().join("cloud"), api, mqtt)?;
+    let mut cloud = cloud(&dir.path().join("cloud"), api, mqtt, mode)?;
     let t0 = Instant::now();
     let stored = || {
         http_get(api, "/v1/devices/bench-gw")
@@ -218,7 +318,10 @@ fn drain() -> anyhow::Result<()> {
     let _ = agent.kill();
     let _ = cloud.kill();
     res?;
-    println!("backlog drain (real agent -> embedded broker -> real cloud-sync, fsync'd at both ends)");
+    println!(
+        "backlog drain, {} (real agent -> embedded broker -> real cloud-sync, fsync'd at both ends)",
+        mode.name()
+    );
     println!(
         "  {total} events in {:.2} s after the first batch: {:.0} events/s (reconnect took {:.1} s)",
         took.as_secs_f64(),
@@ -229,32 +332,58 @@ fn drain() -> anyhow::Result<()> {
 }
 
 /// 100 simulated devices publish at once into one cloud-sync.
-fn ingest() -> anyhow::Result<()> {
+fn ingest(mode: Mode) -> anyhow::Result<()> {
     const DEVICES: usize = 100;
     const BATCHES: usize = 10;
     const PER_BATCH: usize = 500;
     let dir = tempfile::tempdir()?;
     let (api, mqtt) = (free_port(), free_port());
-    let mut cloud = cloud(dir.path(), api, mqtt)?;
+    let identities: Vec<Option<(TlsFiles, Seal)>> = match mode {
+        Mode::Plain => (0..DEVICES).map(|_| None).collect(),
+        Mode::Secure => {
+            let pki = pki(dir.path())?;
+            (0..DEVICES)
+                .map(|d| device_identity(&pki, &dir.path().join("sims"), &format!("sim-{d:03}")).map(Some))
+                .collect::<anyhow::Result<_>>()?
+        }
+    };
+    let mut cloud = cloud(dir.path(), api, mqtt, mode)?;
     wait_for("cloud-sync", Duration::from_secs(20), || {
         http_get(api, "/v1/health").is_some()
     })?;
     std::thread::sleep(Duration::from_millis(500));
     let records: Vec<Vec<u8>> = sample_events(BATCHES * PER_BATCH).iter().map(journal::encode).collect();
-    let batches: Vec<Vec<u8>> = records
+    let bodies: Vec<Body> = records
         .chunks(PER_BATCH)
         .enumerate()
-        .map(|(i, c)| protocol::encode(&Body::Events(protocol::pack(1, 1 + (i * PER_BATCH) as u64, c))))
+        .map(|(i, c)| Body::Events(protocol::pack(1, 1 + (i * PER_BATCH) as u64, c)))
         .collect();
     let topics = Topics::new(protocol::DEFAULT_PREFIX);
-    let t0 = Instant::now();
-    let handles: Vec<_> = (0..DEVICES)
+    // Each device's batches sealed up front (signing is the device's cost, not the cloud's).
+    let sealed: Vec<Vec<Vec<u8>>> = (0..DEVICES)
         .map(|d| {
             let topic = topics.topic(&format!("sim-{d:03}"), Channel::Events);
-            let batches = batches.clone();
+            let seal = identities[d].as_ref().map_or(Seal::Unsigned, |(_, s)| s.clone());
+            bodies.iter().filter_map(|b| seal.encode(&topic, b).ok()).collect()
+        })
+        .collect();
+    let t0 = Instant::now();
+    let handles: Vec<_> = sealed
+        .into_iter()
+        .enumerate()
+        .map(|(d, batches)| {
+            let topic = topics.topic(&format!("sim-{d:03}"), Channel::Events);
+            let tls = identities[d]
+                .as_ref()
+                .and_then(|(files, _)| outpost_shared::tls::client_config(files).ok());
             std::thread::spawn(move || {
                 let mut opts = rumqttc::MqttOptions::new(format!("sim-{d:03}"), "127.0.0.1", mqtt);
                 opts.set_max_packet_size(2 << 20, 2 << 20);
+                if let Some(tls) = tls {
+                    opts.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(
+                        tls,
+                    )));
+                }
                 let (client, mut conn) = rumqttc::Client::new(opts, 16);
                 let n = batches.len();
                 std::thread::spawn(move || {
@@ -293,15 +422,74 @@ fn ingest() -> anyhow::Result<()> {
         let _ = cloud.kill();
     }
     res.context("ingest")?;
-    println!("cloud-sync ingest ({DEVICES} simulated devices at once, {BATCHES} batches of {PER_BATCH} events each)");
+    println!(
+        "cloud-sync ingest, {} ({DEVICES} simulated devices at once, {BATCHES} batches of {PER_BATCH} events each)",
+        mode.name()
+    );
     println!(
         "  {total} events in {:.2} s: {:.0} events/s, each batch fsync'd before its ack",
         took.as_secs_f64(),
         total as f64 / took.as_secs_f64()
     );
-    let pages = console_pages(api, DEVICES, BATCHES * PER_BATCH);
+    let pages = if mode == Mode::Plain {
+        console_pages(api, DEVICES, BATCHES * PER_BATCH)
+    } else {
+        Ok(())
+    };
     let _ = cloud.kill();
     pages
+}
+
+/// Connection set-up: from TCP connect to CONNACK, mean of `n` fresh connections of one
+/// device to the embedded broker.
+fn connect_setup(mode: Mode, n: u32) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (api, mqtt) = (free_port(), free_port());
+    let identity = match mode {
+        Mode::Plain => None,
+        Mode::Secure => Some(device_identity(
+            &pki(dir.path())?,
+            &dir.path().join("sims"),
+            "conn-bench",
+        )?),
+    };
+    let mut cloud = cloud(dir.path(), api, mqtt, mode)?;
+    wait_for("cloud-sync", Duration::from_secs(20), || {
+        http_get(api, "/v1/health").is_some()
+    })?;
+    std::thread::sleep(Duration::from_millis(300));
+    let mut total = Duration::ZERO;
+    for _ in 0..n {
+        let mut opts = rumqttc::MqttOptions::new("conn-bench", "127.0.0.1", mqtt);
+        if let Some((files, _)) = &identity {
+            let tls = outpost_shared::tls::client_config(files)?;
+            opts.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(
+                tls,
+            )));
+        }
+        let (client, mut conn) = rumqttc::Client::new(opts, 4);
+        let t = Instant::now();
+        loop {
+            match conn.recv_timeout(Duration::from_secs(10)) {
+                Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_)))) => break,
+                Ok(Ok(_)) => {}
+                other => {
+                    let _ = cloud.kill();
+                    bail!("no CONNACK: {other:?}");
+                }
+            }
+        }
+        total += t.elapsed();
+        let _ = client.disconnect();
+        let _ = conn.recv_timeout(Duration::from_millis(50));
+    }
+    let _ = cloud.kill();
+    println!(
+        "connection set-up, {}: {:.2} ms from connect to CONNACK (mean of {n})",
+        mode.name(),
+        total.as_secs_f64() * 1000.0 / f64::from(n)
+    );
+    Ok(())
 }
 
 /// Console page latency over the store the ingest left (what an operator's browser pays on
@@ -326,7 +514,14 @@ fn console_pages(api: u16, devices: usize, per_device: usize) -> anyhow::Result<
 
 fn main() -> anyhow::Result<()> {
     wire_bytes();
-    drain()?;
-    ingest()?;
+    for mode in [Mode::Plain, Mode::Secure] {
+        connect_setup(mode, 50)?;
+    }
+    for mode in [Mode::Plain, Mode::Secure] {
+        drain(mode)?;
+    }
+    for mode in [Mode::Plain, Mode::Secure] {
+        ingest(mode)?;
+    }
     Ok(())
 }

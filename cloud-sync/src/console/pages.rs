@@ -306,8 +306,8 @@ pub struct DeviceView {
     pub workflows: Vec<(String, u32)>,
     /// Its journal's storage failure, while its newest birth reports one.
     pub health: Option<GatewayHealth>,
-    /// What is insecure about its link.
-    pub warnings: Vec<String>,
+    /// What it says about its link's security.
+    pub security: crate::store::SecurityRow,
     /// When its certificate expires (ms).
     pub cert_expires_ms: Option<u64>,
 }
@@ -385,7 +385,14 @@ pub fn device(v: &DeviceView, f: &Flash, now: u64) -> Markup {
             }
             div #device-storage data-live {
                 @if let Some(h) = &v.health { (storage_banner(h, now)) }
-                (insecure_banner(&v.warnings))
+                (insecure_banner(&v.security.warnings))
+                @if !v.security.refused.is_empty() {
+                    div.banner.error #refused-banner {
+                        strong { "The gateway refused messages sent to it as orders (not applied): " }
+                        ul { @for r in &v.security.refused { li { "rejected: " (r) } } }
+                        "Someone who can publish on the broker is trying to command it; check the broker's access rules."
+                    }
+                }
                 @if let Some(e) = v.cert_expires_ms { p.meta { "certificate: " (cert_cell(Some(e), now)) } }
             }
             (flash(f))

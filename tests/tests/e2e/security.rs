@@ -257,6 +257,7 @@ fn signatures_hold_where_the_broker_checks_nothing_and_replays_have_no_second_ef
         storage_error: String::new(),
         blocked_runs: vec![],
         insecure: vec![],
+        refused: vec![],
     });
     let rejected_before = (
         counter(&cloud, "rejected.unsigned"),
@@ -342,6 +343,21 @@ fn signatures_hold_where_the_broker_checks_nothing_and_replays_have_no_second_ef
         b.log().contains("bad signature: not signed by the fleet key"),
         "{}",
         b.log()
+    );
+    // The fleet hears of it: the refusals are in B's next birth, on the API and the console.
+    let refused = eventually(Duration::from_secs(15), "B's refusals in the fleet view", || {
+        let r = cloud.get("/v1/devices/gw-b")["security"]["refused"].clone();
+        (r.as_array()?.len() >= 4).then_some(r)
+    });
+    let text = refused.to_string();
+    assert!(
+        text.contains("cmd: unsigned message") && text.contains("desired: bad signature"),
+        "{text}"
+    );
+    let page = outpost_tests::cloud::http_text(cloud.api, "/devices/gw-b");
+    assert!(
+        page.contains("rejected: ") && page.contains("refused messages sent to it as orders"),
+        "{page}"
     );
 
     // Replays of real, signed orders: a command, the desired state and an ack.
