@@ -8,7 +8,6 @@
 //! `device.next.key`; enrolling its certificate swaps both in, and sync picks them up on its
 //! next connect (see [`Security::reload_if_changed`]).
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
@@ -207,20 +206,7 @@ impl Security {
     }
 }
 
-/// Writes `bytes` to `path` with `mode`, atomically (a temporary file renamed into place).
-fn write_private(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
-}
+use outpost_shared::signing::write_key_file as write_private;
 
 /// A certificate signing request for `device_id` with this key (the fleet CA signs it; its
 /// subject common name is the device id, which becomes the MQTT identity).

@@ -139,17 +139,21 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// The length of a whole packet's fixed header (type byte and remaining length).
+pub fn header_len(packet: &[u8]) -> Result<usize, Refusal> {
+    let len_bytes = packet
+        .iter()
+        .skip(1)
+        .take(4)
+        .position(|b| b & 0x80 == 0)
+        .ok_or(Refusal::Malformed("bad remaining length"))?;
+    Ok(1 + len_bytes + 1)
+}
+
 /// Reads what the rules need from one whole packet (as [`frame`] cut it).
 pub fn parse(packet: &[u8]) -> Result<Packet, Refusal> {
     let (&first, _) = packet.split_first().ok_or(Refusal::Malformed("empty packet"))?;
-    let header = 1
-        + packet
-            .iter()
-            .skip(1)
-            .take(4)
-            .position(|b| b & 0x80 == 0)
-            .ok_or(Refusal::Malformed("bad remaining length"))?
-        + 1;
+    let header = header_len(packet)?;
     let mut r = Reader {
         rest: packet.get(header..).unwrap_or(&[]),
     };

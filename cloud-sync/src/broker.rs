@@ -285,14 +285,7 @@ pub fn common_name(der: &[u8]) -> Option<String> {
 /// The CONNECT packet with `user` and `password` in place of whatever the client sent.
 fn rewrite_connect(packet: &[u8], user: &str, password: &str) -> Result<Vec<u8>, Refusal> {
     let bad = Refusal::Malformed("CONNECT");
-    let header = 1
-        + packet
-            .iter()
-            .skip(1)
-            .take(4)
-            .position(|b| b & 0x80 == 0)
-            .ok_or(bad.clone())?
-        + 1;
+    let header = crate::acl::header_len(packet)?;
     let body = packet.get(header..).ok_or(bad.clone())?;
     let field = |at: usize| -> Result<usize, Refusal> {
         let hi = *body.get(at).ok_or(bad.clone())?;

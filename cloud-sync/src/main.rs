@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::Parser;
 use outpost_cloud_sync::pki::{Keyring, Pki};
 use outpost_cloud_sync::{Link, Security, Service, Store, api};
@@ -263,7 +263,7 @@ async fn run(data_dir: PathBuf, pki: Pki, args: Args) -> anyhow::Result<()> {
             (host, port, tls)
         }
         #[cfg(not(feature = "embedded-broker"))]
-        None => bail!("this build has no embedded broker: give --broker mqtts://HOST:PORT"),
+        None => anyhow::bail!("this build has no embedded broker: give --broker mqtts://HOST:PORT"),
     };
     let security = if args.insecure_unsigned {
         Security::Unsigned
@@ -438,50 +438,6 @@ async fn queue_demo_lot(service: &Service) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Enrols the demo gateway as a real one would be: it makes its own key (`outpost keygen`),
-/// this fleet signs its request, and `outpost enroll` installs the certificate.
-fn enroll_demo(exe: &std::path::Path, agent_dir: &std::path::Path, pki: &Pki) -> anyhow::Result<()> {
-    let identity = agent_dir.join("identity");
-    let run = |args: &[&std::ffi::OsStr]| -> anyhow::Result<()> {
-        let out = std::process::Command::new(exe)
-            .arg("--data-dir")
-            .arg(agent_dir)
-            .args(args)
-            .output()
-            .with_context(|| format!("cannot run {}", exe.display()))?;
-        if !out.status.success() {
-            bail!("{}", String::from_utf8_lossy(&out.stderr).trim());
-        }
-        Ok(())
-    };
-    if !identity.join("device.key").exists() {
-        run(&["keygen".as_ref(), "--device-id".as_ref(), "demo-gw".as_ref()])?;
-    }
-    let fleet_pub = std::fs::read(pki.file("fleet.pub")).unwrap_or_default();
-    let installed = std::fs::read(identity.join("fleet.pub")).unwrap_or_default();
-    if identity.join("device.crt").exists() && fleet_pub == installed && !pki.device_keys("demo-gw").is_empty() {
-        return Ok(());
-    }
-    let csr = std::fs::read_to_string(identity.join("device.csr")).context("the demo gateway's signing request")?;
-    let (_, cert) = pki.sign(&csr, 730)?;
-    let cert_path = identity.join("demo-gw.crt");
-    std::fs::write(&cert_path, cert)?;
-    run(&[
-        "enroll".as_ref(),
-        "--cert".as_ref(),
-        cert_path.as_os_str(),
-        "--ca".as_ref(),
-        pki.file("ca.crt").as_os_str(),
-        "--fleet-key".as_ref(),
-        pki.file("fleet.pub").as_os_str(),
-    ])?;
-    println!(
-        "demo gateway 'demo-gw' enrolled: its key in {}, its certificate signed by this fleet",
-        identity.display()
-    );
-    Ok(())
-}
-
 /// Starts the demo gateway and prints how to look at it.
 fn start_demo(
     data_dir: &std::path::Path,
@@ -502,8 +458,11 @@ fn start_demo(
         .find(|p| p.join("oven-plant.yaml").exists())
         .context("the demo needs the examples/ directory of the source tree")?;
     let agent_dir = data_dir.join("demo-agent");
-    if !args.insecure_unsigned || !args.insecure_plaintext {
-        enroll_demo(&exe, &agent_dir, pki)?;
+    if (!args.insecure_unsigned || !args.insecure_plaintext) && pki.enroll_local(&exe, &agent_dir, "demo-gw")? {
+        println!(
+            "demo gateway 'demo-gw' enrolled: its key in {}, its certificate signed by this fleet",
+            agent_dir.join("identity").display()
+        );
     }
     let mut cmd = std::process::Command::new(&exe);
     cmd.arg("run")

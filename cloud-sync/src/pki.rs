@@ -14,7 +14,6 @@
 //! they change, so `pki sign` and `devices revoke` take effect without a restart.
 
 use std::collections::{BTreeSet, HashMap};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
@@ -58,18 +57,7 @@ fn cert_err(what: &str) -> impl FnOnce(rcgen::Error) -> PkiError + '_ {
 
 /// Writes a file atomically with `mode`.
 fn write(path: &Path, bytes: &[u8], mode: u32) -> Result<(), PkiError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(io(&tmp))?;
-    f.write_all(bytes).map_err(io(&tmp))?;
-    f.sync_all().map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))
+    outpost_shared::signing::write_key_file(path, bytes, mode).map_err(io(path))
 }
 
 fn read_string(path: &Path) -> Result<String, PkiError> {
@@ -279,6 +267,48 @@ impl Pki {
         let pem: String = keys.iter().skip(keep).map(VerifyingKey::to_pem).collect();
         write(&devices.join(format!("{id}.pub")), pem.as_bytes(), 0o644)?;
         Ok((id, cert.pem()))
+    }
+
+    /// Enrols the agent whose data directory is `agent_dir` (on this machine: the demo, the
+    /// benchmarks) as a remote one would be: it makes its own key with `EXE keygen`, this PKI
+    /// signs its request, `EXE enroll` installs the certificate, the CA and the fleet key.
+    /// False when it was already enrolled in this fleet.
+    pub fn enroll_local(&self, exe: &Path, agent_dir: &Path, id: &str) -> Result<bool, PkiError> {
+        let identity = agent_dir.join("identity");
+        let run = |args: &[&std::ffi::OsStr]| -> Result<(), PkiError> {
+            let out = std::process::Command::new(exe)
+                .arg("--data-dir")
+                .arg(agent_dir)
+                .args(args)
+                .output()
+                .map_err(io(exe))?;
+            if !out.status.success() {
+                return Err(PkiError::Cert(String::from_utf8_lossy(&out.stderr).trim().to_string()));
+            }
+            Ok(())
+        };
+        if !identity.join("device.key").exists() {
+            run(&["keygen".as_ref(), "--device-id".as_ref(), id.as_ref()])?;
+        }
+        let fleet_pub = std::fs::read(self.file("fleet.pub")).unwrap_or_default();
+        let installed = std::fs::read(identity.join("fleet.pub")).unwrap_or_default();
+        if identity.join("device.crt").exists() && fleet_pub == installed && !self.device_keys(id).is_empty() {
+            return Ok(false);
+        }
+        let csr = read_string(&identity.join("device.csr"))?;
+        let (_, cert) = self.sign(&csr, 730)?;
+        let cert_path = identity.join(format!("{id}.crt"));
+        write(&cert_path, cert.as_bytes(), 0o644)?;
+        run(&[
+            "enroll".as_ref(),
+            "--cert".as_ref(),
+            cert_path.as_os_str(),
+            "--ca".as_ref(),
+            self.file("ca.crt").as_os_str(),
+            "--fleet-key".as_ref(),
+            self.file("fleet.pub").as_os_str(),
+        ])?;
+        Ok(true)
     }
 
     /// The keys a device's messages may be signed with (newest last; empty: not enrolled).

@@ -208,6 +208,24 @@ fn read(path: &std::path::Path) -> Result<Vec<u8>, KeyError> {
     })
 }
 
+/// Writes a key or certificate file with `mode` (0600 for private keys), atomically: a
+/// temporary file created with that mode, synced, and renamed into place, so the file never
+/// exists half-written or with looser permissions.
+pub fn write_key_file(path: &std::path::Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
 /// DER bytes as a PEM block with the given label.
 pub fn pem_block(label: &str, der: &[u8]) -> String {
     pem::encode_config(

@@ -230,31 +230,6 @@ fn device_identity(pki: &Pki, dir: &std::path::Path, id: &str) -> anyhow::Result
     ))
 }
 
-/// Enrols a real agent's data directory as the README says (keygen, sign, enroll).
-fn enroll_agent(outpost: &std::path::Path, data: &std::path::Path, pki: &Pki, id: &str) -> anyhow::Result<()> {
-    let run = |args: &[&std::ffi::OsStr]| -> anyhow::Result<()> {
-        let out = Command::new(outpost).arg("--data-dir").arg(data).args(args).output()?;
-        if !out.status.success() {
-            bail!("{}", String::from_utf8_lossy(&out.stderr));
-        }
-        Ok(())
-    };
-    run(&["keygen".as_ref(), "--device-id".as_ref(), id.as_ref()])?;
-    let csr = std::fs::read_to_string(data.join("identity/device.csr"))?;
-    let (_, cert) = pki.sign(&csr, 30)?;
-    let cert_path = data.join("identity/bench.crt");
-    std::fs::write(&cert_path, cert)?;
-    run(&[
-        "enroll".as_ref(),
-        "--cert".as_ref(),
-        cert_path.as_os_str(),
-        "--ca".as_ref(),
-        pki.file("ca.crt").as_os_str(),
-        "--fleet-key".as_ref(),
-        pki.file("fleet.pub").as_os_str(),
-    ])
-}
-
 /// A real agent builds a 100k-event backlog offline; then cloud-sync comes up and it drains.
 fn drain(mode: Mode) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
@@ -267,7 +242,7 @@ fn drain(mode: Mode) -> anyhow::Result<()> {
         Mode::Plain => format!("mqtt://127.0.0.1:{mqtt}"),
         Mode::Secure => {
             let pki = pki(&dir.path().join("cloud"))?;
-            enroll_agent(&outpost, &data, &pki, "bench-gw")?;
+            pki.enroll_local(&outpost, &data, "bench-gw")?;
             format!("mqtts://127.0.0.1:{mqtt}")
         }
     };
