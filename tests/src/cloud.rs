@@ -79,6 +79,10 @@ impl Cloud {
     }
 
     fn start_env(dir: &Path, external: Option<String>, mqtt: u16, env: &[(&str, &str)]) -> Cloud {
+        Self::launch(dir, external, mqtt, env, false)
+    }
+
+    fn launch(dir: &Path, external: Option<String>, mqtt: u16, env: &[(&str, &str)], secure: bool) -> Cloud {
         let mut c = Cloud {
             dir: dir.to_path_buf(),
             api: free_port(),
@@ -86,7 +90,7 @@ impl Cloud {
             external,
             env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             child: None,
-            secure: false,
+            secure,
         };
         c.restart();
         c
@@ -95,32 +99,12 @@ impl Cloud {
     /// Starts cloud-sync as shipped: its fleet PKI, the embedded broker behind TLS with client
     /// certificates and topic rules, every message signed.
     pub fn secure(dir: &Path) -> Cloud {
-        let mut c = Cloud {
-            dir: dir.to_path_buf(),
-            api: free_port(),
-            mqtt: free_port(),
-            external: None,
-            env: Vec::new(),
-            child: None,
-            secure: true,
-        };
-        c.restart();
-        c
+        Self::launch(dir, None, free_port(), &[], true)
     }
 
     /// Starts cloud-sync as shipped against an external TLS broker (`mqtts://…`).
     pub fn secure_external(dir: &Path, url: &str, mqtt_port: u16) -> Cloud {
-        let mut c = Cloud {
-            dir: dir.to_path_buf(),
-            api: free_port(),
-            mqtt: mqtt_port,
-            external: Some(url.to_string()),
-            env: Vec::new(),
-            child: None,
-            secure: true,
-        };
-        c.restart();
-        c
+        Self::launch(dir, Some(url.to_string()), mqtt_port, &[], true)
     }
 
     /// The fleet PKI directory.
