@@ -4,11 +4,28 @@
 
 use std::process::Command;
 
+/// Runs `outpost-cloud`, killing it after 60 s: every case here must exit on its own, and one
+/// that starts serving instead must fail the test rather than hold CI until its time limit.
 fn cloud(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_outpost-cloud"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_outpost-cloud"))
         .args(args)
-        .output()
-        .expect("run outpost-cloud")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run outpost-cloud");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while child.try_wait().expect("wait").is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("wait");
+            panic!(
+                "outpost-cloud {args:?} did not exit within 60 s: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("run outpost-cloud")
 }
 
 #[test]
@@ -49,8 +66,14 @@ fn a_data_dir_that_is_a_file_is_refused_by_name() {
 
 #[test]
 fn a_broker_address_with_another_scheme_or_a_bad_port_is_refused() {
-    for (url, says) in [("mqtts://example:8883", "mqtts"), ("mqtt://example:x", "'x'")] {
-        let out = cloud(&["--broker", url, "--listen", "127.0.0.1:0"]);
+    let dir = tempfile::tempdir().unwrap();
+    for (url, says) in [
+        ("ws://example:8883", "'ws'"),
+        ("mqtt://example:x", "'x'"),
+        ("mqtt://example:1883", "--insecure-plaintext"),
+    ] {
+        let data = dir.path().to_str().unwrap();
+        let out = cloud(&["--data-dir", data, "--broker", url, "--listen", "127.0.0.1:0"]);
         assert!(!out.status.success(), "{url} accepted");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("--broker") && err.contains(says), "{url}: {err}");
