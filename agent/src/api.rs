@@ -448,8 +448,46 @@ async fn signal_run(State(rt): AppState, Path(id): Path<String>, body: String) -
     ))
 }
 
-async fn approve_run(State(rt): AppState, Path(id): Path<String>, body: String) -> ApiResult {
-    let d: Decision = body_or_default(&body)?;
+/// Who is on the other end of the API socket (its peer credentials).
+#[derive(Debug, Clone, Copy)]
+pub struct Peer {
+    /// The caller's uid, when the kernel says.
+    pub uid: Option<u32>,
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, tokio::net::UnixListener>> for Peer {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, tokio::net::UnixListener>) -> Self {
+        Peer {
+            uid: stream.io().peer_cred().ok().map(|c| c.uid()),
+        }
+    }
+}
+
+/// `local:<user>`: how a decision made on the gateway itself is recorded.
+fn local_name(peer: Option<Peer>) -> String {
+    let Some(uid) = peer.and_then(|p| p.uid) else {
+        return "local:unknown".into();
+    };
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let name = passwd
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .find(|f| f.get(2).and_then(|u| u.parse::<u32>().ok()) == Some(uid))
+        .and_then(|f| f.first().map(|n| n.to_string()))
+        .unwrap_or_else(|| format!("uid{uid}"));
+    format!("local:{name}")
+}
+
+async fn approve_run(
+    State(rt): AppState,
+    peer: Option<axum::Extension<axum::extract::ConnectInfo<Peer>>>,
+    Path(id): Path<String>,
+    body: String,
+) -> ApiResult {
+    let mut d: Decision = body_or_default(&body)?;
+    // Whoever holds the socket decides as themselves: a name in the body would let anyone with
+    // access pass a gate as anyone.
+    d.by = local_name(peer.map(|p| p.0.0));
     let (step, approved) = (d.step.clone(), d.approved);
     let accepted = rt.approve(&id, d).await?;
     Ok(Json(

@@ -167,9 +167,6 @@ enum Cmd {
         /// Comment recorded in the history.
         #[arg(long, default_value = "")]
         comment: String,
-        /// Who decides (recorded; checked against the step's approvers) [default: $USER].
-        #[arg(long)]
-        by: Option<String>,
         /// Decision id; a repeated id is ignored [default: generated].
         #[arg(long)]
         id: Option<String>,
@@ -899,11 +896,10 @@ async fn remote(client: Client, cmd: Cmd, as_json: bool) -> Result<u8, Failure> 
             step,
             reject,
             comment,
-            by,
             id,
         } => {
-            let body = json!({"step": step, "approved": !reject, "by": by.unwrap_or_else(current_user), "comment": comment, "id": id})
-                .to_string();
+            // The agent records the decision as local:<the Unix user calling its socket>.
+            let body = json!({"step": step, "approved": !reject, "comment": comment, "id": id}).to_string();
             let v = call(&client, Method::POST, &format!("/v1/runs/{run}/approve"), Some(body)).await?;
             show(&v, as_json, |v| {
                 let what = if v["approved"] == true { "approved" } else { "rejected" };
@@ -1427,10 +1423,13 @@ async fn daemon(data_dir: &Path, socket: &Path, args: RunArgs) -> Result<u8, Fai
                 _ = stop_rx.wait_for(|c| c.is_some()) => {}
             }
         };
-        axum::serve(listener, crate::api::router(runtime))
-            .with_graceful_shutdown(shutdown)
-            .await
-            .map_err(|e| Failure::new(exit::FAILURE, format!("API server: {e}")))?;
+        axum::serve(
+            listener,
+            crate::api::router(runtime).into_make_service_with_connect_info::<crate::api::Peer>(),
+        )
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(|e| Failure::new(exit::FAILURE, format!("API server: {e}")))?;
         let _ = std::fs::remove_file(socket);
         let code = *stop_tx.borrow();
         Ok(code.unwrap_or(exit::OK))

@@ -1076,6 +1076,7 @@ async fn apply(rt: &Runtime, policy: &crate::policy::Policy, cmd: &Command) -> O
                     by: by.clone(),
                     comment: comment.clone(),
                     id: Some(cmd.id.clone()),
+                    vouched: true,
                 };
                 let fresh = rt.approve(run_id, d).await?;
                 Ok(json!({"run_id": run_id, "accepted": fresh}))

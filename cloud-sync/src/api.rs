@@ -12,11 +12,13 @@ use outpost_shared::protocol::CommandKind;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::service::Service;
+use crate::access::{Access, Audited, Caller, Forbidden};
+use crate::operators::Role;
+use crate::service::{ApproveError, Service};
 use crate::store::{Device, RunMirror, StoreError};
 
-/// Builds the router.
-pub fn router(service: Arc<Service>) -> Router {
+/// Builds the router: the API and the console, every route behind `access::guard`.
+pub fn router(service: Arc<Service>, access: Arc<Access>) -> Router {
     Router::new()
         .route("/v1/health", get(health))
         .route("/v1/stats", get(stats))
@@ -31,8 +33,14 @@ pub fn router(service: Arc<Service>) -> Router {
         .route("/v1/devices/{id}/state", get(state))
         .route("/v1/deployments", post(deploy))
         .route("/v1/deployments/{id}", get(deployment))
+        .route("/v1/audit", get(audit))
         .merge(crate::console::router())
         .layer(DefaultBodyLimit::max(2 * 1024 * 1024))
+        .layer(axum::middleware::from_fn_with_state(
+            access.clone(),
+            crate::access::guard,
+        ))
+        .layer(axum::Extension(access))
         .with_state(service)
 }
 
@@ -78,6 +86,24 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         ApiError(status_of(&e), e.to_string())
     }
+}
+
+/// A JSON answer with what it did recorded for the audit trail.
+fn audited<T: IntoResponse>(kind: &str, device: &str, target: &str, result: Result<T, ApiError>) -> Response {
+    let outcome = match &result {
+        Ok(_) => Ok(String::new()),
+        Err(e) => Err(e.1.clone()),
+    };
+    Audited {
+        kind: kind.to_string(),
+        device: device.to_string(),
+        target: target.to_string(),
+        outcome,
+    }
+    .on(match result {
+        Ok(r) => r.into_response(),
+        Err(e) => e.into_response(),
+    })
 }
 
 type R = Result<Json<Value>, ApiError>;
@@ -318,16 +344,14 @@ enum CommandBody {
         #[serde(default)]
         id: Option<String>,
     },
+    /// Decided as the caller (a user, or a token's name): there is no `by` to give.
     Approve {
         run_id: String,
         step: String,
         #[serde(default = "yes")]
         approved: bool,
-        by: String,
         #[serde(default)]
         comment: String,
-        #[serde(default)]
-        id: Option<String>,
     },
 }
 
@@ -339,9 +363,32 @@ fn bad(e: impl std::fmt::Display) -> ApiError {
     ApiError(StatusCode::BAD_REQUEST, format!("request body: {e}"))
 }
 
-async fn command(State(s): S, Path(device): Path<String>, body: String) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let b: CommandBody = serde_json::from_str(&body).map_err(bad)?;
-    let (id, kind) = match b {
+async fn command(State(s): S, caller: Caller, Path(device): Path<String>, body: String) -> Response {
+    let b: CommandBody = match serde_json::from_str(&body) {
+        Ok(b) => b,
+        Err(e) => return audited("command", &device, "", Err::<(), _>(bad(e))),
+    };
+    if let CommandBody::Approve {
+        run_id,
+        step,
+        approved,
+        comment,
+    } = b
+    {
+        if let Err(e) = caller.need(Role::Approver, "decide approvals") {
+            return e.into_response();
+        }
+        let r = s
+            .approve(&device, &run_id, &step, approved, comment, &caller.principal)
+            .await
+            .map_err(|e| match e {
+                ApproveError::Store(e) => ApiError::from(e),
+                ApproveError::Refused(why) => ApiError(StatusCode::FORBIDDEN, why),
+            })
+            .map(|id| accepted(&id, &device));
+        return audited("approve", &device, &run_id, r);
+    }
+    let (id, kind, what, target) = match b {
         CommandBody::Start {
             workflow,
             version,
@@ -354,15 +401,23 @@ async fn command(State(s): S, Path(device): Path<String>, body: String) -> Resul
                 workflow,
                 version,
                 input: input.unwrap_or_else(|| json!({})).to_string(),
-                run_id,
+                run_id: run_id.clone(),
             },
+            "start",
+            run_id.unwrap_or_default(),
         ),
         CommandBody::Cancel { run_id, reason, id } => (
             id,
             CommandKind::Cancel {
-                run_id,
-                reason: reason.unwrap_or_else(|| "cancelled from the cloud".into()),
+                run_id: run_id.clone(),
+                reason: format!(
+                    "{} (by {})",
+                    reason.unwrap_or_else(|| "cancelled from the cloud".into()),
+                    caller.principal.name
+                ),
             },
+            "cancel",
+            run_id,
         ),
         CommandBody::Signal {
             run_id,
@@ -372,34 +427,35 @@ async fn command(State(s): S, Path(device): Path<String>, body: String) -> Resul
         } => (
             id,
             CommandKind::Signal {
-                run_id,
+                run_id: run_id.clone(),
                 name,
                 payload: payload.to_string(),
             },
-        ),
-        CommandBody::Approve {
+            "signal",
             run_id,
-            step,
-            approved,
-            by,
-            comment,
-            id,
-        } => (
-            id,
-            CommandKind::Approve {
-                run_id,
-                step,
-                approved,
-                by,
-                comment,
-            },
         ),
+        CommandBody::Approve { .. } => return StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     };
-    let id = s.command(&device, id, kind).await?;
-    Ok((
+    if let Err(e) = need_for(&caller, what) {
+        return e.into_response();
+    }
+    let r = s
+        .command(&device, id, kind)
+        .await
+        .map_err(ApiError::from)
+        .map(|id| accepted(&id, &device));
+    audited(what, &device, &target, r)
+}
+
+fn need_for(caller: &Caller, what: &str) -> Result<(), Forbidden> {
+    caller.need(Role::Operator, &format!("{what} runs"))
+}
+
+fn accepted(id: &str, device: &str) -> (StatusCode, Json<Value>) {
+    (
         StatusCode::ACCEPTED,
         Json(json!({"id": id, "device": device, "state": "pending"})),
-    ))
+    )
 }
 
 async fn pending(State(s): S, Path(device): Path<String>) -> R {
@@ -433,10 +489,17 @@ struct DesiredBody {
     document: Value,
 }
 
-async fn desired(State(s): S, Path(device): Path<String>, body: String) -> R {
-    let b: DesiredBody = serde_json::from_str(&body).map_err(bad)?;
-    let version = s.set_desired(&device, b.document).await?;
-    Ok(Json(json!({"device": device, "version": version})))
+async fn desired(State(s): S, caller: Caller, Path(device): Path<String>, body: String) -> Response {
+    if let Err(e) = caller.need(Role::Deployer, "set desired state") {
+        return e.into_response();
+    }
+    let r = async {
+        let b: DesiredBody = serde_json::from_str(&body).map_err(bad)?;
+        let version = s.set_desired(&device, b.document).await?;
+        Ok(Json(json!({"device": device, "version": version})))
+    }
+    .await;
+    audited("desired", &device, "", r)
 }
 
 async fn state(State(s): S, Path(device): Path<String>) -> R {
@@ -467,10 +530,45 @@ struct DeployBody {
     labels: std::collections::BTreeMap<String, String>,
 }
 
-async fn deploy(State(s): S, body: String) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let b: DeployBody = serde_json::from_str(&body).map_err(bad)?;
-    let (id, _) = s.deploy(b.document, b.devices, b.labels.into_iter().collect()).await?;
-    Ok((StatusCode::CREATED, Json(s.deployment_status(&id).await?)))
+async fn deploy(State(s): S, caller: Caller, body: String) -> Response {
+    if let Err(e) = caller.need(Role::Deployer, "deploy definitions") {
+        return e.into_response();
+    }
+    let mut target = String::new();
+    let r = async {
+        let b: DeployBody = serde_json::from_str(&body).map_err(bad)?;
+        let (id, _) = s.deploy(b.document, b.devices, b.labels.into_iter().collect()).await?;
+        target = id.clone();
+        Ok((StatusCode::CREATED, Json(s.deployment_status(&id).await?)))
+    }
+    .await;
+    audited("deploy", "", &target, r)
+}
+
+/// The audit trail as JSON lines, oldest first (filters: `who`, `device`, `kind`).
+async fn audit(
+    State(s): S,
+    caller: Caller,
+    axum::extract::Query(q): axum::extract::Query<crate::console::AuditQuery>,
+) -> Result<Response, ApiError> {
+    if let Err(e) = caller.need(Role::Admin, "read the audit trail") {
+        return Ok(e.into_response());
+    }
+    let store = s.store.clone();
+    let filter = q.filter();
+    let rows = blocking(move || store.audit(&filter, usize::MAX)).await?;
+    let mut out = String::new();
+    for (n, a) in rows.iter().rev() {
+        out.push_str(
+            &json!({
+                "n": n, "at": rfc3339(a.at_ms), "who": a.who, "from": a.from, "kind": a.kind,
+                "device": a.device, "target": a.target, "result": a.result, "message": a.message,
+            })
+            .to_string(),
+        );
+        out.push('\n');
+    }
+    Ok(([(axum::http::header::CONTENT_TYPE, "application/x-ndjson")], out).into_response())
 }
 
 async fn deployment(State(s): S, Path(id): Path<String>) -> R {

@@ -8,12 +8,15 @@
 
 #![warn(missing_docs)]
 
+pub mod access;
 pub mod acl;
+pub mod admin_socket;
 pub mod api;
 #[cfg(feature = "embedded-broker")]
 pub mod broker;
 pub mod console;
 pub mod lineage;
+pub mod operators;
 pub mod pki;
 pub mod service;
 pub mod store;

@@ -7,6 +7,8 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
+use outpost_cloud_sync::access::{Access, AccessOptions, ProxyAuth, RoleMap};
+use outpost_cloud_sync::operators::admin::AdminRequest;
 use outpost_cloud_sync::pki::{Keyring, Pki};
 use outpost_cloud_sync::{Link, Security, Service, Store, api};
 use outpost_shared::protocol::CommandKind;
@@ -51,6 +53,73 @@ enum CloudCmd {
     Devices {
         #[command(subcommand)]
         command: DevicesCmd,
+    },
+    /// Console users (sign-in with a password; roles decide what they may do).
+    Users {
+        #[command(subcommand)]
+        command: UsersCmd,
+    },
+    /// API tokens (`Authorization: Bearer TOKEN` for scripts and CI).
+    Tokens {
+        #[command(subcommand)]
+        command: TokensCmd,
+    },
+}
+
+/// Roles: viewer (read), operator (start, cancel, signal), approver (decide approvals), deployer
+/// (deployments, desired state), admin (users, tokens, the audit trail; and everything else).
+#[derive(clap::Subcommand)]
+enum UsersCmd {
+    /// Add a user. Prints a generated password, to be changed at the first sign-in.
+    Add {
+        /// User name.
+        name: String,
+        /// A role (repeatable): viewer, operator, approver, deployer, admin.
+        #[arg(long = "role", required = true, value_name = "ROLE")]
+        roles: Vec<String>,
+        /// Read the password from standard input instead of generating one.
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// List users, their roles and state.
+    List,
+    /// Disable a user: they cannot sign in and their sessions end.
+    Disable {
+        /// User name.
+        name: String,
+    },
+    /// Enable a disabled user.
+    Enable {
+        /// User name.
+        name: String,
+    },
+    /// Give a user a new generated password, to be changed at their next sign-in.
+    ResetPassword {
+        /// User name.
+        name: String,
+    },
+}
+
+#[derive(clap::Subcommand)]
+enum TokensCmd {
+    /// Create a token; it is printed once and stored only as a hash.
+    Create {
+        /// What it is for (shown in lists and the audit trail as token:NAME).
+        #[arg(long)]
+        name: String,
+        /// A role (repeatable): viewer, operator, approver, deployer, admin.
+        #[arg(long = "role", required = true, value_name = "ROLE")]
+        roles: Vec<String>,
+        /// How long it lasts, e.g. 90d [default: until revoked].
+        #[arg(long, value_name = "DURATION")]
+        expires: Option<humantime::Duration>,
+    },
+    /// List tokens (never their secrets).
+    List,
+    /// Revoke a token by id or name: it is refused from now on.
+    Revoke {
+        /// Token id or name.
+        token: String,
     },
 }
 
@@ -135,15 +204,109 @@ struct Args {
     /// (counted as rejected.device_limit).
     #[arg(long, env = "OUTPOST_CLOUD_MAX_DEVICES", default_value_t = outpost_cloud_sync::store::DEFAULT_MAX_DEVICES)]
     max_devices: u64,
+    /// A session unused this long ends (the user signs in again).
+    #[arg(long, default_value = "30m", value_name = "DURATION")]
+    session_idle: humantime::Duration,
+    /// A session ends this long after sign-in, used or not.
+    #[arg(long, default_value = "12h", value_name = "DURATION")]
+    session_max: humantime::Duration,
+    /// A host name the console is reached by (repeatable). Requests naming another host are
+    /// refused (DNS rebinding); IP addresses and localhost are always accepted.
+    #[arg(long = "console-host", value_name = "NAME")]
+    console_hosts: Vec<String>,
+    /// Single sign-on behind a proxy: the header that names the signed-in user, e.g.
+    /// X-Remote-User (believed only from --auth-proxy-from).
+    #[arg(long, value_name = "HEADER", requires_all = ["auth_proxy_from", "auth_proxy_roles"])]
+    auth_proxy_header: Option<String>,
+    /// Addresses the sign-on proxy connects from (comma-separated).
+    #[arg(long, value_name = "IP,…", value_delimiter = ',')]
+    auth_proxy_from: Vec<std::net::IpAddr>,
+    /// Roles of proxy-signed-on users: YAML `users: {alice: [approver]}` and `default: [viewer]`.
+    #[arg(long, value_name = "FILE")]
+    auth_proxy_roles: Option<PathBuf>,
     /// Also start a demo gateway: the `outpost` agent next to this binary, device `demo-gw`,
     /// enrolled in this fleet, running the oven example on the simulated plant.
     #[arg(long)]
     demo: bool,
 }
 
-/// The `pki` and `devices` commands.
-fn admin(pki: &Pki, command: CloudCmd) -> anyhow::Result<()> {
+/// The name of the Unix user running this command (for the audit trail).
+fn local_user() -> String {
+    // SAFETY: getuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::getuid() };
+    format!("local:{}", outpost_cloud_sync::admin_socket::user_name(uid))
+}
+
+/// Runs an admin command: through the running service's admin socket, or on the store itself
+/// when no service runs.
+fn operator_command(data_dir: &std::path::Path, req: AdminRequest) -> anyhow::Result<()> {
+    let socket = outpost_cloud_sync::admin_socket::path(data_dir);
+    let reply = match outpost_cloud_sync::admin_socket::request(&socket, &req) {
+        Some(r) => r.map_err(anyhow::Error::msg)?,
+        None => {
+            let path = data_dir.join("cloud.redb");
+            if !path.exists() {
+                std::fs::create_dir_all(data_dir).with_context(|| format!("data directory {}", data_dir.display()))?;
+            }
+            let store = Store::open(&path).map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot open the store {}: {e}\n  (if outpost-cloud is running, its admin socket {} should answer: is it running as another user?)",
+                    path.display(),
+                    socket.display()
+                )
+            })?;
+            let now = outpost_cloud_sync::service::now_ms();
+            outpost_cloud_sync::operators::admin::execute(&store, &req, &local_user(), "local", now)?
+        }
+    };
+    print!("{}", reply.text);
+    if !reply.text.ends_with('\n') {
+        println!();
+    }
+    Ok(())
+}
+
+fn read_password_stdin() -> anyhow::Result<String> {
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .context("reading the password from standard input")?;
+    Ok(line.trim_end_matches(['\r', '\n']).to_string())
+}
+
+/// The `pki`, `devices`, `users` and `tokens` commands.
+fn admin(data_dir: &std::path::Path, pki: &Pki, command: CloudCmd) -> anyhow::Result<()> {
     match command {
+        CloudCmd::Users { command } => {
+            let req = match command {
+                UsersCmd::Add {
+                    name,
+                    roles,
+                    password_stdin,
+                } => AdminRequest::UsersAdd {
+                    name,
+                    roles,
+                    password: password_stdin.then(read_password_stdin).transpose()?,
+                },
+                UsersCmd::List => AdminRequest::UsersList,
+                UsersCmd::Disable { name } => AdminRequest::UsersDisable { name },
+                UsersCmd::Enable { name } => AdminRequest::UsersEnable { name },
+                UsersCmd::ResetPassword { name } => AdminRequest::UsersResetPassword { name },
+            };
+            return operator_command(data_dir, req);
+        }
+        CloudCmd::Tokens { command } => {
+            let req = match command {
+                TokensCmd::Create { name, roles, expires } => AdminRequest::TokensCreate {
+                    name,
+                    roles,
+                    expires_ms: expires.map(|d| outpost_cloud_sync::service::now_ms() + d.as_millis() as u64),
+                },
+                TokensCmd::List => AdminRequest::TokensList,
+                TokensCmd::Revoke { token } => AdminRequest::TokensRevoke { token },
+            };
+            return operator_command(data_dir, req);
+        }
         CloudCmd::Pki {
             command: PkiCmd::Init { broker_names },
         } => {
@@ -214,6 +377,41 @@ async fn run(data_dir: PathBuf, pki: Pki, args: Args) -> anyhow::Result<()> {
         )
     })?;
     store.set_max_devices(args.max_devices);
+    if let Some(password) =
+        outpost_cloud_sync::operators::admin::first_admin(&store, outpost_cloud_sync::service::now_ms())?
+    {
+        println!(
+            "first start: console user 'admin' created with the one-time password\n  {password}\n  (shown once; choose your own at the first sign-in; more users: outpost-cloud users add NAME --role ROLE)"
+        );
+    }
+    let proxy = match &args.auth_proxy_header {
+        None => None,
+        Some(h) => {
+            let file = args.auth_proxy_roles.clone().unwrap_or_default();
+            let text =
+                std::fs::read_to_string(&file).with_context(|| format!("--auth-proxy-roles {}", file.display()))?;
+            let roles =
+                RoleMap::parse(&text).map_err(|e| anyhow::anyhow!("--auth-proxy-roles {}: {e}", file.display()))?;
+            let header = h
+                .parse()
+                .map_err(|_| anyhow::anyhow!("--auth-proxy-header '{h}' is not a header name"))?;
+            info!(header = %h, from = ?args.auth_proxy_from, "single sign-on: users named by the proxy's header are signed in");
+            Some(ProxyAuth {
+                header,
+                from: args.auth_proxy_from.clone(),
+                roles,
+            })
+        }
+    };
+    let access_opts = AccessOptions {
+        sessions: outpost_cloud_sync::operators::SessionPolicy {
+            idle_ms: args.session_idle.as_millis() as u64,
+            max_ms: args.session_max.as_millis() as u64,
+        },
+        hosts: args.console_hosts.clone(),
+        proxy,
+        ..AccessOptions::default()
+    };
     let external = args
         .broker
         .as_deref()
@@ -286,6 +484,11 @@ async fn run(data_dir: PathBuf, pki: Pki, args: Args) -> anyhow::Result<()> {
     if let Some(stats) = gate {
         service.attach_gate(stats);
     }
+    let access = Access::new(service.store.clone(), access_opts)?;
+    let socket = outpost_cloud_sync::admin_socket::path(&data_dir);
+    let _admin = outpost_cloud_sync::admin_socket::serve(&socket, access.clone())
+        .await
+        .with_context(|| format!("cannot listen on the admin socket {}", socket.display()))?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -298,10 +501,12 @@ async fn run(data_dir: PathBuf, pki: Pki, args: Args) -> anyhow::Result<()> {
     println!("console: http://{}/", args.listen);
     let mut demo = None;
     if args.demo {
+        demo_users(&service.store)?;
         demo = Some(start_demo(&data_dir, &pki, &args, &mqtt_url)?);
         queue_demo_lot(&service).await?;
     }
-    let serve = axum::serve(listener, api::router(service.clone()));
+    let app = api::router(service.clone(), access.clone());
+    let serve = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>());
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("cannot watch for SIGTERM")?;
     let served = tokio::select! {
@@ -315,6 +520,7 @@ async fn run(data_dir: PathBuf, pki: Pki, args: Args) -> anyhow::Result<()> {
         stop_child(&mut child);
     }
     service.save_counts().await;
+    let _ = std::fs::remove_file(&socket);
     served
 }
 
@@ -438,6 +644,37 @@ async fn queue_demo_lot(service: &Service) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The demo's users: alice and bob, who may run and approve the quality gate (its approvers).
+/// Their passwords are printed when they are made (the first `--demo` start).
+fn demo_users(store: &Store) -> anyhow::Result<()> {
+    for name in ["alice", "bob"] {
+        let req = AdminRequest::UsersAdd {
+            name: name.into(),
+            roles: vec!["operator".into(), "approver".into(), "deployer".into()],
+            password: Some(outpost_cloud_sync::operators::new_password()?),
+        };
+        let password = match &req {
+            AdminRequest::UsersAdd { password, .. } => password.clone().unwrap_or_default(),
+            _ => String::new(),
+        };
+        if store.user(name)?.is_some() {
+            println!(
+                "  demo user {name}: exists (its password was printed at the first --demo start; outpost-cloud users reset-password {name})"
+            );
+            continue;
+        }
+        outpost_cloud_sync::operators::admin::execute(
+            store,
+            &req,
+            "outpost-cloud --demo",
+            "local",
+            outpost_cloud_sync::service::now_ms(),
+        )?;
+        println!("  demo user {name} (operator, approver, deployer): password {password}");
+    }
+    Ok(())
+}
+
 /// Starts the demo gateway and prints how to look at it.
 fn start_demo(
     data_dir: &std::path::Path,
@@ -482,8 +719,9 @@ fn start_demo(
     let child = cmd.spawn().with_context(|| format!("cannot start {}", exe.display()))?;
     let api = args.listen;
     println!(
-        "demo gateway 'demo-gw' started (agent data in {}).\n  devices:  curl http://{api}/v1/devices\n  runs:     curl http://{api}/v1/devices/demo-gw/runs\n  command:  curl -X POST http://{api}/v1/devices/demo-gw/commands -d '{{\"type\":\"start\",\"workflow\":\"oven-plant\",\"input\":{{\"limit_celsius\":80}}}}'",
-        agent_dir.display()
+        "demo gateway 'demo-gw' started (agent data in {}).\n  console:  http://{api}/ (sign in as alice or bob)\n  API:      TOKEN=$(outpost-cloud --data-dir {} tokens create --name me --role operator | grep ^opt_)\n            curl -H \"Authorization: Bearer $TOKEN\" http://{api}/v1/devices/demo-gw/runs\n  command:  curl -H \"Authorization: Bearer $TOKEN\" -H 'Content-Type: application/json' -X POST http://{api}/v1/devices/demo-gw/commands -d '{{\"type\":\"start\",\"workflow\":\"oven-plant\",\"input\":{{\"limit_celsius\":80}}}}'",
+        agent_dir.display(),
+        data_dir.display()
     );
     Ok(child)
 }
@@ -502,7 +740,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let pki = Pki::new(cli.pki.clone().unwrap_or_else(|| cli.data_dir.join("pki")));
     if let Some(command) = cli.command {
-        return match admin(&pki, command) {
+        return match admin(&cli.data_dir, &pki, command) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: {e:#}");

@@ -171,6 +171,49 @@ pub(crate) async fn blocking<T: Send + 'static>(
         .map_err(|e| StoreError::Task(e.to_string()))?
 }
 
+/// Why an approval was not queued.
+#[derive(Debug, thiserror::Error)]
+pub enum ApproveError {
+    /// The store failed, or the run or step is unknown.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The caller may not decide the step; says who may.
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// The `approvers:` of approval step `step` in the definition `run` runs (from the device's
+/// inventory); empty when the step lists none.
+fn approvers_of(store: &Store, device: &str, run: &str, step: &str) -> Result<Vec<String>, StoreError> {
+    let (mirror, _) = store
+        .run(device, run)?
+        .ok_or_else(|| StoreError::NotFound(format!("device '{device}' has no run '{run}'")))?;
+    let text = store.definition(device, &mirror.workflow, mirror.version)?.ok_or_else(|| {
+        StoreError::Invalid(format!(
+            "the device has not sent definition {} v{} yet, so who may approve is not known: try again once it has synced",
+            mirror.workflow, mirror.version
+        ))
+    })?;
+    let doc = outpost_shared::definition::parse_document(&text)
+        .map_err(|e| StoreError::Invalid(format!("definition {} v{}: {e}", mirror.workflow, mirror.version)))?;
+    let s = doc
+        .steps
+        .iter()
+        .find(|s| s.id == step)
+        .ok_or_else(|| StoreError::NotFound(format!("workflow {} has no step '{step}'", mirror.workflow)))?;
+    if s.action != "approval" {
+        return Err(StoreError::Invalid(format!(
+            "step '{step}' is a {} step, not an approval",
+            s.action
+        )));
+    }
+    Ok(s.args
+        .get("approvers")
+        .and_then(serde_json::Value::as_array)
+        .map(|l| l.iter().filter_map(|a| a.as_str().map(str::to_string)).collect())
+        .unwrap_or_default())
+}
+
 impl Service {
     /// Connects to the broker at `host:port` and starts ingesting. Returns at once; the
     /// connection is (re)made in the background.
@@ -532,6 +575,32 @@ impl Service {
             .await;
         }
         Ok(id)
+    }
+
+    /// Queues `who`'s decision on approval step `step` of `run`, after checking the step's
+    /// `approvers:` list (names and `role:NAME`); the decision names `who`, so the run's history
+    /// on the gateway says who decided. `Err(Refused)` when `who` may not decide it.
+    pub async fn approve(
+        &self,
+        device: &str,
+        run: &str,
+        step: &str,
+        approved: bool,
+        comment: String,
+        who: &crate::operators::Principal,
+    ) -> Result<String, ApproveError> {
+        let store = self.store.clone();
+        let (d, r, st) = (device.to_string(), run.to_string(), step.to_string());
+        let approvers = blocking(move || approvers_of(&store, &d, &r, &st)).await?;
+        crate::operators::may_approve(who, &approvers).map_err(ApproveError::Refused)?;
+        let kind = CommandKind::Approve {
+            run_id: run.to_string(),
+            step: step.to_string(),
+            approved,
+            by: who.name.clone(),
+            comment,
+        };
+        Ok(self.command(device, None, kind).await?)
     }
 
     async fn online(&self, device: &str) -> bool {

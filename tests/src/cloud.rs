@@ -29,14 +29,59 @@ fn cloud_bin() -> PathBuf {
     bin
 }
 
-/// Runs `outpost-cloud --data-dir DIR ARGS` (a `pki` or `devices` command).
+/// Runs `outpost-cloud --data-dir DIR ARGS` (a `pki`, `devices`, `users` or `tokens` command).
 pub fn admin(dir: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(cloud_bin())
+    admin_with_stdin(dir, args, "")
+}
+
+/// Runs an admin command with `input` on its standard input (`--password-stdin`).
+pub fn admin_with_stdin(dir: &Path, args: &[&str], input: &str) -> std::process::Output {
+    let mut child = Command::new(cloud_bin())
         .arg("--data-dir")
         .arg(dir)
         .args(args)
-        .output()
-        .expect("outpost-cloud admin command")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("outpost-cloud admin command");
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(input.as_bytes());
+    }
+    child.wait_with_output().expect("outpost-cloud admin command")
+}
+
+/// The API token each running cloud's harness uses, by API port: `http` sends it, so the suites
+/// that are not about access control talk to the API as an admin.
+static TOKENS: Mutex<Vec<(u16, String)>> = Mutex::new(Vec::new());
+
+/// The harness token for the API on `port`, if one is registered.
+pub fn token_for(port: u16) -> Option<String> {
+    TOKENS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .find(|(p, _)| *p == port)
+        .map(|(_, t)| t.clone())
+}
+
+/// Creates an API token with `roles` through the admin command and returns it.
+pub fn create_token(dir: &Path, name: &str, roles: &[&str]) -> String {
+    let mut args = vec!["tokens", "create", "--name", name];
+    for r in roles {
+        args.extend(["--role", r]);
+    }
+    let out = admin(dir, &args);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "tokens create: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text.lines()
+        .find(|l| l.starts_with("opt_"))
+        .unwrap_or_else(|| panic!("no token in: {text}"))
+        .to_string()
 }
 
 /// A running `outpost-cloud`: with its embedded broker, or against an external one.
@@ -117,6 +162,37 @@ impl Cloud {
         admin(&self.dir, args)
     }
 
+    /// Adds console user `name` with `roles` and a known password (returned).
+    pub fn user(&self, name: &str, roles: &[&str]) -> String {
+        let password = format!("{name}-password-1234");
+        let mut args = vec!["users", "add", name, "--password-stdin"];
+        for r in roles {
+            args.extend(["--role", r]);
+        }
+        let out = admin_with_stdin(&self.dir, &args, &format!("{password}\n"));
+        assert!(
+            out.status.success(),
+            "users add: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        password
+    }
+
+    /// Signs `browser` in as `name` (made with `user`) on the sign-in page.
+    pub fn sign_in(&self, b: &crate::browser::Browser, name: &str, password: &str) {
+        b.goto(&format!("http://127.0.0.1:{}/login", self.api));
+        let user = b.wait_for("#login-form input[name=user]", Duration::from_secs(10));
+        b.type_into(&user, name);
+        let pass = b.wait_for("#login-form input[name=password]", Duration::from_secs(10));
+        b.type_into(&pass, password);
+        let go = b.wait_for("#login-form button", Duration::from_secs(10));
+        b.click(&go);
+        crate::eventually(Duration::from_secs(10), "signed in", || {
+            (!b.url().contains("/login")).then_some(())
+        });
+    }
+
     /// Enrols a gateway as the README says: `outpost keygen` in its data directory, `pki sign`
     /// here, `outpost enroll` there.
     pub fn enroll(&self, agent_dir: &Path, device: &str) {
@@ -161,6 +237,20 @@ impl Cloud {
             .append(true)
             .open(self.dir.join("cloud.log"))
             .expect("cloud log");
+        let token_file = self.dir.join("harness.token");
+        let token = match std::fs::read_to_string(&token_file) {
+            Ok(t) => t,
+            Err(_) => {
+                let t = create_token(&self.dir, "harness", &["admin"]);
+                std::fs::write(&token_file, &t).expect("harness token");
+                t
+            }
+        };
+        {
+            let mut tokens = TOKENS.lock().unwrap_or_else(|p| p.into_inner());
+            tokens.retain(|(p, _)| *p != self.api);
+            tokens.push((self.api, token));
+        }
         let mut cmd = Command::new(cloud_bin());
         cmd.arg("--data-dir")
             .arg(&self.dir)
@@ -242,18 +332,43 @@ impl Cloud {
 
 impl Drop for Cloud {
     fn drop(&mut self) {
+        TOKENS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(p, _)| *p != self.api);
         self.kill9();
     }
 }
 
-/// One HTTP/1.1 request with `Connection: close`; returns the status and the JSON body.
+/// One HTTP/1.1 request with `Connection: close`, as the harness's admin (the port's
+/// registered token); returns the status and the JSON body.
 pub fn http(method: &str, port: u16, path: &str, body: Option<&str>) -> std::io::Result<(u16, Value)> {
+    let auth = token_for(port).map(|t| format!("Authorization: Bearer {t}\r\n"));
+    http_raw(
+        method,
+        port,
+        path,
+        body,
+        auth.as_deref().unwrap_or(""),
+        "application/json",
+    )
+}
+
+/// One request with the given extra header lines (each ending in CRLF) and content type.
+pub fn http_raw(
+    method: &str,
+    port: u16,
+    path: &str,
+    body: Option<&str>,
+    headers: &str,
+    content_type: &str,
+) -> std::io::Result<(u16, Value)> {
     let mut s = TcpStream::connect(("127.0.0.1", port))?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
     let body = body.unwrap_or("");
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n{headers}Content-Type: {content_type}\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )?;
     // Read the head, then exactly Content-Length bytes: some servers (chromedriver) keep the

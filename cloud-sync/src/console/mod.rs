@@ -2,6 +2,7 @@
 //! forms that queue commands, and a server-sent event stream that tells open pages to refresh
 //! their live parts. No external assets: the CSS and the little JavaScript are compiled in.
 
+mod account;
 pub mod graph;
 mod pages;
 
@@ -19,8 +20,13 @@ use maud::Markup;
 use outpost_shared::protocol::CommandKind;
 use serde::Deserialize;
 
+use crate::access::{Audited, Caller};
+use crate::operators::Role;
 use crate::service::{Service, now_ms};
 use crate::store::StoreError;
+
+pub use account::AuditQuery;
+pub use pages::error_page;
 
 type S = State<Arc<Service>>;
 
@@ -37,6 +43,13 @@ pub fn router() -> Router<Arc<Service>> {
         .route("/devices/{id}/runs/{run}/approve", post(approve))
         .route("/deployments", get(deployments).post(deploy))
         .route("/deployments/{id}", get(deployment))
+        .route("/audit", get(account::audit))
+        .route("/login", get(account::login_page).post(account::login))
+        .route("/logout", post(account::logout))
+        .route(
+            "/account/password",
+            get(account::password_page).post(account::change_password),
+        )
         .route("/console/live", get(live))
         .route("/console/app.css", get(css))
         .route("/console/app.js", get(js))
@@ -81,7 +94,7 @@ async fn blocking<T: Send + 'static>(
     Ok(crate::service::blocking(f).await?)
 }
 
-async fn fleet(State(s): S) -> Result<Markup, PageError> {
+async fn fleet(State(s): S, caller: Caller) -> Result<Markup, PageError> {
     let store = s.store.clone();
     let svc = s.clone();
     let rows = blocking(move || {
@@ -103,10 +116,15 @@ async fn fleet(State(s): S) -> Result<Markup, PageError> {
         Ok(rows)
     })
     .await?;
-    Ok(pages::fleet(&rows, now_ms()))
+    Ok(pages::fleet(&rows, &pages::Viewer::of(&caller), now_ms()))
 }
 
-async fn device(State(s): S, Path(id): Path<String>, Query(flash): Query<Flash>) -> Result<Markup, PageError> {
+async fn device(
+    State(s): S,
+    caller: Caller,
+    Path(id): Path<String>,
+    Query(flash): Query<Flash>,
+) -> Result<Markup, PageError> {
     let store = s.store.clone();
     let expires = s.certificate_expiry(&id);
     let view = blocking(move || {
@@ -133,11 +151,17 @@ async fn device(State(s): S, Path(id): Path<String>, Query(flash): Query<Flash>)
         })
     })
     .await?;
-    Ok(pages::device(&view, &flash.view(), now_ms()))
+    Ok(pages::device(
+        &view,
+        &pages::Viewer::of(&caller),
+        &flash.view(),
+        now_ms(),
+    ))
 }
 
 async fn run(
     State(s): S,
+    caller: Caller,
     Path((id, run)): Path<(String, String)>,
     Query(flash): Query<Flash>,
 ) -> Result<Markup, PageError> {
@@ -168,7 +192,7 @@ async fn run(
         })
     })
     .await?;
-    Ok(pages::run(&view, &flash.view(), now_ms()))
+    Ok(pages::run(&view, &pages::Viewer::of(&caller), &flash.view(), now_ms()))
 }
 
 /// The newest deployments with their per-device states, and every device (for the form).
@@ -183,10 +207,17 @@ fn deployments_view(store: &crate::store::Store) -> Result<DeploymentsView, Stor
     Ok((list, store.devices()?))
 }
 
-async fn deployments(State(s): S, Query(flash): Query<Flash>) -> Result<Markup, PageError> {
+async fn deployments(State(s): S, caller: Caller, Query(flash): Query<Flash>) -> Result<Markup, PageError> {
     let store = s.store.clone();
     let (list, devices) = blocking(move || deployments_view(&store)).await?;
-    Ok(pages::deployments(&list, &devices, &flash.view(), "", now_ms()))
+    Ok(pages::deployments(
+        &list,
+        &devices,
+        &pages::Viewer::of(&caller),
+        &flash.view(),
+        "",
+        now_ms(),
+    ))
 }
 
 fn deployment_states(
@@ -206,7 +237,7 @@ fn deployment_states(
     Ok(out)
 }
 
-async fn deployment(State(s): S, Path(id): Path<String>) -> Result<Markup, PageError> {
+async fn deployment(State(s): S, caller: Caller, Path(id): Path<String>) -> Result<Markup, PageError> {
     let store = s.store.clone();
     let (dep, states, document) = blocking(move || {
         let d = store
@@ -226,7 +257,14 @@ async fn deployment(State(s): S, Path(id): Path<String>) -> Result<Markup, PageE
         Ok(((id, d), states, document))
     })
     .await?;
-    Ok(pages::deployment(&dep.0, &dep.1, &states, document.as_ref(), now_ms()))
+    Ok(pages::deployment(
+        &dep.0,
+        &dep.1,
+        &states,
+        document.as_ref(),
+        &pages::Viewer::of(&caller),
+        now_ms(),
+    ))
 }
 
 /// Form fields as pairs: repeated keys (device checkboxes) stay.
@@ -241,11 +279,59 @@ fn back(path: &str, key: &str, value: &str) -> Redirect {
     Redirect::to(&format!("{path}?{q}"))
 }
 
+/// A form's answer: back to `path` with `error`, recorded in the audit trail as refused.
+fn refused(path: &str, kind: &str, device: &str, target: &str, error: &str) -> Response {
+    audited(kind, device, target, Err(error.to_string()), back(path, "error", error))
+}
+
+fn audited(kind: &str, device: &str, target: &str, outcome: Result<String, String>, r: impl IntoResponse) -> Response {
+    Audited {
+        kind: kind.to_string(),
+        device: device.to_string(),
+        target: target.to_string(),
+        outcome,
+    }
+    .on(r.into_response())
+}
+
+/// What a command is, for the audit trail: (kind, target, detail).
+fn command_audit(kind: &CommandKind) -> (&'static str, String, String) {
+    match kind {
+        CommandKind::Start {
+            workflow,
+            version,
+            run_id,
+            ..
+        } => (
+            "start",
+            run_id.clone().unwrap_or_default(),
+            format!("{workflow}{}", version.map(|v| format!(" v{v}")).unwrap_or_default()),
+        ),
+        CommandKind::Cancel { run_id, reason } => ("cancel", run_id.clone(), reason.clone()),
+        CommandKind::Signal { run_id, name, .. } => ("signal", run_id.clone(), format!("signal {name}")),
+        CommandKind::Approve {
+            run_id, step, approved, ..
+        } => (
+            "approve",
+            run_id.clone(),
+            format!("{} step {step}", if *approved { "approved" } else { "rejected" }),
+        ),
+        CommandKind::Deploy { deployment, .. } => ("deploy", deployment.clone(), String::new()),
+    }
+}
+
 /// Queues a command, then sends the browser back to `path` saying what happened.
-async fn queue(s: &Service, device: &str, kind: CommandKind, id: Option<String>, path: &str) -> Redirect {
+async fn queue(s: &Service, device: &str, kind: CommandKind, id: Option<String>, path: &str) -> Response {
+    let (what, target, detail) = command_audit(&kind);
     match s.command(device, id, kind).await {
-        Ok(cid) => back(path, "queued", &cid),
-        Err(e) => back(path, "error", &e.to_string()),
+        Ok(cid) => audited(
+            what,
+            device,
+            &target,
+            Ok(format!("{detail} (command {cid})")),
+            back(path, "queued", &cid),
+        ),
+        Err(e) => refused(path, what, device, &target, &e.to_string()),
     }
 }
 
@@ -259,21 +345,24 @@ fn json_field(f: &[(String, String)], name: &str, default: &str) -> Result<Strin
         .map_err(|e| format!("{name} is not JSON: {e}"))
 }
 
-async fn start(State(s): S, Path(id): Path<String>, Form(f): Fields) -> Redirect {
+async fn start(State(s): S, caller: Caller, Path(id): Path<String>, Form(f): Fields) -> Response {
     let path = format!("/devices/{}", pages::enc(&id));
+    if let Err(e) = caller.need(Role::Operator, "start runs") {
+        return e.into_page();
+    }
     let workflow = field(&f, "workflow").to_string();
     if workflow.is_empty() {
-        return back(&path, "error", "choose a workflow to start");
+        return refused(&path, "start", &id, "", "choose a workflow to start");
     }
     let input = match json_field(&f, "input", "{}") {
         Ok(i) => i,
-        Err(e) => return back(&path, "error", &e),
+        Err(e) => return refused(&path, "start", &id, "", &e),
     };
     let version = match field(&f, "version") {
         "" => None,
         v => match v.parse() {
             Ok(v) => Some(v),
-            Err(_) => return back(&path, "error", &format!("version '{v}' is not a number")),
+            Err(_) => return refused(&path, "start", &id, "", &format!("version '{v}' is not a number")),
         },
     };
     let run_id = Some(field(&f, "run_id")).filter(|r| !r.is_empty()).map(str::to_string);
@@ -286,19 +375,28 @@ async fn start(State(s): S, Path(id): Path<String>, Form(f): Fields) -> Redirect
     queue(&s, &id, kind, None, &path).await
 }
 
-async fn desired(State(s): S, Path(id): Path<String>, Form(f): Fields) -> Redirect {
+async fn desired(State(s): S, caller: Caller, Path(id): Path<String>, Form(f): Fields) -> Response {
     let path = format!("/devices/{}", pages::enc(&id));
+    if let Err(e) = caller.need(Role::Deployer, "set desired state") {
+        return e.into_page();
+    }
     let doc = match serde_json::from_str::<serde_json::Value>(field(&f, "document")) {
         Ok(d) => d,
-        Err(e) => return back(&path, "error", &format!("desired state is not JSON: {e}")),
+        Err(e) => return refused(&path, "desired", &id, "", &format!("desired state is not JSON: {e}")),
     };
     match s.set_desired(&id, doc).await {
-        Ok(v) => back(
-            &path,
-            "note",
-            &format!("Desired state v{v} set: the device applies it and reports in sync once it has verified it."),
+        Ok(v) => audited(
+            "desired",
+            &id,
+            &format!("v{v}"),
+            Ok(String::new()),
+            back(
+                &path,
+                "note",
+                &format!("Desired state v{v} set: the device applies it and reports in sync once it has verified it."),
+            ),
         ),
-        Err(e) => back(&path, "error", &e.to_string()),
+        Err(e) => refused(&path, "desired", &id, "", &e.to_string()),
     }
 }
 
@@ -306,10 +404,13 @@ fn run_path(id: &str, run: &str) -> String {
     format!("/devices/{}/runs/{}", pages::enc(id), pages::enc(run))
 }
 
-async fn cancel(State(s): S, Path((id, run)): Path<(String, String)>, Form(f): Fields) -> Redirect {
+async fn cancel(State(s): S, caller: Caller, Path((id, run)): Path<(String, String)>, Form(f): Fields) -> Response {
+    if let Err(e) = caller.need(Role::Operator, "cancel runs") {
+        return e.into_page();
+    }
     let reason = match field(&f, "reason") {
-        "" => "cancelled from the console".to_string(),
-        r => r.to_string(),
+        "" => format!("cancelled from the console by {}", caller.principal.name),
+        r => format!("{r} (cancelled by {})", caller.principal.name),
     };
     let kind = CommandKind::Cancel {
         run_id: run.clone(),
@@ -318,15 +419,18 @@ async fn cancel(State(s): S, Path((id, run)): Path<(String, String)>, Form(f): F
     queue(&s, &id, kind, None, &run_path(&id, &run)).await
 }
 
-async fn signal(State(s): S, Path((id, run)): Path<(String, String)>, Form(f): Fields) -> Redirect {
+async fn signal(State(s): S, caller: Caller, Path((id, run)): Path<(String, String)>, Form(f): Fields) -> Response {
     let path = run_path(&id, &run);
+    if let Err(e) = caller.need(Role::Operator, "signal runs") {
+        return e.into_page();
+    }
     let name = field(&f, "name").to_string();
     if name.is_empty() {
-        return back(&path, "error", "a signal needs a name");
+        return refused(&path, "signal", &id, &run, "a signal needs a name");
     }
     let payload = match json_field(&f, "payload", "null") {
         Ok(p) => p,
-        Err(e) => return back(&path, "error", &e),
+        Err(e) => return refused(&path, "signal", &id, &run, &e),
     };
     let kind = CommandKind::Signal {
         run_id: run.clone(),
@@ -336,34 +440,55 @@ async fn signal(State(s): S, Path((id, run)): Path<(String, String)>, Form(f): F
     queue(&s, &id, kind, None, &path).await
 }
 
-async fn approve(State(s): S, Path((id, run)): Path<(String, String)>, Form(f): Fields) -> Redirect {
+async fn approve(State(s): S, caller: Caller, Path((id, run)): Path<(String, String)>, Form(f): Fields) -> Response {
     let path = run_path(&id, &run);
-    let (step, by) = (field(&f, "step").to_string(), field(&f, "by").to_string());
-    if step.is_empty() || by.is_empty() {
-        return back(&path, "error", "an approval names the step and who decides (your name)");
+    if let Err(e) = caller.need(Role::Approver, "decide approvals") {
+        return e.into_page();
+    }
+    let step = field(&f, "step").to_string();
+    if step.is_empty() {
+        return refused(&path, "approve", &id, &run, "an approval names its step");
     }
     let approved = match field(&f, "decision") {
         "approve" => true,
         "reject" => false,
         other => {
-            return back(
+            return refused(
                 &path,
-                "error",
+                "approve",
+                &id,
+                &run,
                 &format!("decision '{other}' is neither approve nor reject"),
             );
         }
     };
-    let kind = CommandKind::Approve {
-        run_id: run.clone(),
-        step,
-        approved,
-        by,
-        comment: field(&f, "comment").to_string(),
-    };
-    queue(&s, &id, kind, None, &path).await
+    let verb = if approved { "approved" } else { "rejected" };
+    match s
+        .approve(
+            &id,
+            &run,
+            &step,
+            approved,
+            field(&f, "comment").to_string(),
+            &caller.principal,
+        )
+        .await
+    {
+        Ok(cid) => audited(
+            "approve",
+            &id,
+            &run,
+            Ok(format!("{verb} step {step} (command {cid})")),
+            back(&path, "queued", &cid),
+        ),
+        Err(e) => refused(&path, "approve", &id, &run, &format!("step {step}: {e}")),
+    }
 }
 
-async fn deploy(State(s): S, Form(f): Fields) -> Response {
+async fn deploy(State(s): S, caller: Caller, Form(f): Fields) -> Response {
+    if let Err(e) = caller.need(Role::Deployer, "deploy definitions") {
+        return e.into_page();
+    }
     let document = field(&f, "document").to_string();
     let devices: Vec<String> = f
         .iter()
@@ -374,7 +499,15 @@ async fn deploy(State(s): S, Form(f): Fields) -> Response {
     for part in field(&f, "labels").split(',').map(str::trim).filter(|p| !p.is_empty()) {
         match part.split_once('=') {
             Some((k, v)) if !k.trim().is_empty() => labels.push((k.trim().to_string(), v.trim().to_string())),
-            _ => return back("/deployments", "error", &format!("label '{part}' is not KEY=VALUE")).into_response(),
+            _ => {
+                return refused(
+                    "/deployments",
+                    "deploy",
+                    "",
+                    "",
+                    &format!("label '{part}' is not KEY=VALUE"),
+                );
+            }
         }
     }
     let outcome = if document.is_empty() {
@@ -387,7 +520,13 @@ async fn deploy(State(s): S, Form(f): Fields) -> Response {
             .map_err(|e| e.to_string())
     };
     match outcome {
-        Ok((id, _)) => Redirect::to(&format!("/deployments/{}", pages::enc(&id))).into_response(),
+        Ok((id, _)) => audited(
+            "deploy",
+            "",
+            &id,
+            Ok(String::new()),
+            Redirect::to(&format!("/deployments/{}", pages::enc(&id))),
+        ),
         Err(e) => {
             // Shown again with the document kept, so a typo costs no re-paste.
             let store = s.store.clone();
@@ -397,11 +536,16 @@ async fn deploy(State(s): S, Form(f): Fields) -> Response {
                 error: Some(e),
                 ..Default::default()
             };
-            (
-                StatusCode::BAD_REQUEST,
-                pages::deployments(&list, &devices, &flash, &document, now_ms()),
-            )
-                .into_response()
+            let page = pages::deployments(
+                &list,
+                &devices,
+                &pages::Viewer::of(&caller),
+                &flash,
+                &document,
+                now_ms(),
+            );
+            let why = flash.error.clone().unwrap_or_default();
+            audited("deploy", "", "", Err(why), (StatusCode::BAD_REQUEST, page))
         }
     }
 }

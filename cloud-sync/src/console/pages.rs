@@ -10,7 +10,9 @@ use outpost_shared::journal::{Event, Record, rfc3339};
 use outpost_shared::protocol::CommandKind;
 
 use super::graph;
-use crate::store::{CommandRecord, Deployment, DesiredRow, Device, GatewayHealth, ReportedRow, RunMirror};
+use crate::store::{
+    AuditFilter, AuditRow, CommandRecord, Deployment, DesiredRow, Device, GatewayHealth, ReportedRow, RunMirror,
+};
 
 /// A one-off message after a form was sent.
 #[derive(Default)]
@@ -144,7 +146,48 @@ fn badge(state: &str) -> Markup {
     html! { span class={"badge " (state)} data-status=(state) { (state.replace('_', " ")) } }
 }
 
-fn layout(title: &str, section: &str, body: Markup) -> Markup {
+/// Who is looking at a page, and which of its forms they may use.
+#[derive(Debug, Clone, Default)]
+pub struct Viewer {
+    /// Their name.
+    pub name: String,
+    /// The CSRF token every form carries.
+    pub csrf: String,
+    /// May start, cancel and signal runs.
+    pub operate: bool,
+    /// May decide approvals.
+    pub approve: bool,
+    /// May deploy and set desired state.
+    pub deploy: bool,
+    /// May read the audit trail and manage users.
+    pub admin: bool,
+    /// Signed in with a session (and so may sign out).
+    pub session: bool,
+}
+
+impl Viewer {
+    /// The viewer a request's caller is.
+    pub fn of(c: &crate::access::Caller) -> Viewer {
+        use crate::operators::Role;
+        let p = &c.principal;
+        Viewer {
+            name: p.name.clone(),
+            csrf: c.csrf.clone(),
+            operate: p.may(Role::Operator),
+            approve: p.may(Role::Approver),
+            deploy: p.may(Role::Deployer),
+            admin: p.may(Role::Admin),
+            session: p.via == crate::operators::Via::Session,
+        }
+    }
+}
+
+/// The hidden CSRF field of a form.
+fn csrf(v: &Viewer) -> Markup {
+    html! { input type="hidden" name="csrf" value=(v.csrf); }
+}
+
+fn layout(title: &str, section: &str, viewer: Option<&Viewer>, body: Markup) -> Markup {
     html! {
         (DOCTYPE)
         html lang="en" {
@@ -161,6 +204,19 @@ fn layout(title: &str, section: &str, body: Markup) -> Markup {
                     nav {
                         a href="/" class=[(section == "fleet").then_some("active")] { "Fleet" }
                         a href="/deployments" class=[(section == "deployments").then_some("active")] { "Deployments" }
+                        @if viewer.is_some_and(|v| v.admin) {
+                            a href="/audit" class=[(section == "audit").then_some("active")] { "Audit" }
+                        }
+                    }
+                    @if let Some(v) = viewer {
+                        span.who #who { (v.name) }
+                        @if v.session {
+                            a.who href="/account/password" { "password" }
+                            form.inline.signout method="post" action="/logout" #signout-form {
+                                (csrf(v))
+                                button.link type="submit" { "Sign out" }
+                            }
+                        }
                     }
                     span #live .live data-state="connecting" title="Live updates" { "connecting…" }
                 }
@@ -230,7 +286,7 @@ fn backlog(d: &Device) -> u64 {
 }
 
 /// The fleet overview.
-pub fn fleet(rows: &[FleetRow], now: u64) -> Markup {
+pub fn fleet(rows: &[FleetRow], viewer: &Viewer, now: u64) -> Markup {
     let online = rows.iter().filter(|r| r.device.online()).count();
     let active: usize = rows.iter().map(|r| r.active).sum();
     let failed: usize = rows.iter().map(|r| r.failed).sum();
@@ -238,6 +294,7 @@ pub fn fleet(rows: &[FleetRow], now: u64) -> Markup {
     layout(
         "Fleet",
         "fleet",
+        Some(viewer),
         html! {
             h1 { "Fleet" }
             div #summary .cards data-live {
@@ -359,7 +416,7 @@ fn commands_table(cmds: &[(String, CommandRecord)], now: u64) -> Markup {
 }
 
 /// The device page.
-pub fn device(v: &DeviceView, f: &Flash, now: u64) -> Markup {
+pub fn device(v: &DeviceView, viewer: &Viewer, f: &Flash, now: u64) -> Markup {
     let deploys: Vec<&(String, CommandRecord)> = v
         .commands
         .iter()
@@ -373,6 +430,7 @@ pub fn device(v: &DeviceView, f: &Flash, now: u64) -> Markup {
     layout(
         &v.id,
         "fleet",
+        Some(viewer),
         html! {
             p.crumbs { a href="/" { "Fleet" } " / " (v.id) }
             div #device-head data-live {
@@ -424,8 +482,10 @@ pub fn device(v: &DeviceView, f: &Flash, now: u64) -> Markup {
                     }
                 }
                 section {
+                    @if viewer.operate {
                     h2 { "Start a workflow" }
                     form.stack method="post" action={"/devices/" (enc(&v.id)) "/start"} #start-form {
+                        (csrf(viewer))
                         label { "Workflow"
                             select name="workflow" required {
                                 @for (w, ver) in &v.workflows { option value=(w) { (w) " (v" (ver) ")" } }
@@ -437,6 +497,7 @@ pub fn device(v: &DeviceView, f: &Flash, now: u64) -> Markup {
                         p #start-hint .hint data-live {
                             @if !v.device.online() { "The device is offline: the start waits until it returns." }
                         }
+                    }
                     }
                     h2 { "Equipment" }
                     @if v.equipment.is_empty() { p.empty { "No equipment file on this device." } } @else {
@@ -452,9 +513,12 @@ pub fn device(v: &DeviceView, f: &Flash, now: u64) -> Markup {
                         @if let Some(r) = &v.reported { h3 { "Reported" } pre { (pretty(&r.document)) } }
                         @if let Some(d) = &v.desired { h3 { "Desired v" (d.version) } pre { (pretty(&d.document)) } }
                     }
-                    form.stack method="post" action={"/devices/" (enc(&v.id)) "/desired"} #desired-form {
-                        label { "Set desired state (JSON)" textarea name="document" rows="5" spellcheck="false" { (desired_text) } }
-                        button type="submit" { "Set desired state" }
+                    @if viewer.deploy {
+                        form.stack method="post" action={"/devices/" (enc(&v.id)) "/desired"} #desired-form {
+                            (csrf(viewer))
+                            label { "Set desired state (JSON)" textarea name="document" rows="5" spellcheck="false" { (desired_text) } }
+                            button type="submit" { "Set desired state" }
+                        }
                     }
                 }
                 section.wide {
@@ -681,7 +745,7 @@ fn visit_text(visit: u32) -> String {
 }
 
 /// The run page.
-pub fn run(v: &RunView, f: &Flash, now: u64) -> Markup {
+pub fn run(v: &RunView, viewer: &Viewer, f: &Flash, now: u64) -> Markup {
     let states = graph::step_states(&v.history);
     let approvals = open_approvals(&v.history);
     let waits = open_waits(&v.history);
@@ -695,6 +759,7 @@ pub fn run(v: &RunView, f: &Flash, now: u64) -> Markup {
     layout(
         &v.run_id,
         "fleet",
+        Some(viewer),
         html! {
             p.crumbs { a href="/" { "Fleet" } " / " a href={"/devices/" (enc(&v.device))} { (v.device) } " / " (v.run_id) }
             div #run-head data-live {
@@ -718,26 +783,31 @@ pub fn run(v: &RunView, f: &Flash, now: u64) -> Markup {
             }
             (flash(f))
             div #actions data-live {
-                @if active {
+                @if active && (viewer.approve || viewer.operate) {
                     div.actions {
-                        @for step in &approvals {
+                        @for step in approvals.iter().filter(|_| viewer.approve) {
                             form.approval method="post" action={(run_path) "/approve"} data-step=(step) {
+                                (csrf(viewer))
                                 strong { "Approval: " (step) }
                                 input type="hidden" name="step" value=(step);
-                                input name="by" placeholder="your name" required data-remember="by";
+                                span.muted { "as " (viewer.name) }
                                 input name="comment" placeholder="comment";
                                 button type="submit" name="decision" value="approve" { "Approve" }
                                 button.danger type="submit" name="decision" value="reject" { "Reject" }
                             }
                         }
-                        form.inline method="post" action={(run_path) "/signal"} #signal-form {
-                            input name="name" placeholder="signal name" required value=[waits.first()];
-                            input name="payload" placeholder="payload JSON (optional)";
-                            button type="submit" { "Send signal" }
-                        }
-                        form.inline method="post" action={(run_path) "/cancel"} #cancel-form {
-                            input name="reason" placeholder="reason (optional)";
-                            button.danger type="submit" { "Cancel run" }
+                        @if viewer.operate {
+                            form.inline method="post" action={(run_path) "/signal"} #signal-form {
+                                (csrf(viewer))
+                                input name="name" placeholder="signal name" required value=[waits.first()];
+                                input name="payload" placeholder="payload JSON (optional)";
+                                button type="submit" { "Send signal" }
+                            }
+                            form.inline method="post" action={(run_path) "/cancel"} #cancel-form {
+                                (csrf(viewer))
+                                input name="reason" placeholder="reason (optional)";
+                                button.danger type="submit" { "Cancel run" }
+                            }
                         }
                     }
                 }
@@ -803,6 +873,7 @@ pub type DeploymentRow = (String, Deployment, DeviceStates);
 pub fn deployments(
     list: &[DeploymentRow],
     devices: &[(String, Device)],
+    viewer: &Viewer,
     f: &Flash,
     document: &str,
     now: u64,
@@ -810,13 +881,16 @@ pub fn deployments(
     layout(
         "Deployments",
         "deployments",
+        Some(viewer),
         html! {
             h1 { "Deployments" }
             (flash(f))
             div.grid {
+                @if viewer.deploy {
                 section {
                     h2 { "New deployment" }
                     form.stack method="post" action="/deployments" #deploy-form {
+                        (csrf(viewer))
                         label { "Definition file (YAML or JSON)" input type="file" accept=".yaml,.yml,.json" data-fills="document"; }
                         label { "…or paste it" textarea name="document" rows="12" spellcheck="false" placeholder="name: my-workflow\nversion: 1\nsteps: …" { (document) } }
                         fieldset {
@@ -830,6 +904,7 @@ pub fn deployments(
                         label { "…and/or devices with labels" input name="labels" placeholder="line=3, site=north"; }
                         button type="submit" { "Deploy" }
                     }
+                }
                 }
                 section.wide {
                     h2 { "Recent" }
@@ -862,11 +937,13 @@ pub fn deployment(
     d: &Deployment,
     states: &[(String, String, String)],
     document: Option<&Document>,
+    viewer: &Viewer,
     now: u64,
 ) -> Markup {
     layout(
         id,
         "deployments",
+        Some(viewer),
         html! {
             p.crumbs { a href="/deployments" { "Deployments" } " / " (id) }
             h1 { "Deployment " (id) }
@@ -897,11 +974,105 @@ pub fn deployment(
     )
 }
 
+/// The sign-in page.
+pub fn login(error: Option<&str>, next: &str) -> Markup {
+    layout(
+        "Sign in",
+        "",
+        None,
+        html! {
+            section.narrow {
+                h1 { "Sign in" }
+                @if let Some(e) = error { div.flash.error role="alert" #login-error { (e) } }
+                form.stack method="post" action="/login" #login-form {
+                    input type="hidden" name="next" value=(next);
+                    label { "User" input name="user" autocomplete="username" required autofocus; }
+                    label { "Password" input type="password" name="password" autocomplete="current-password" required; }
+                    button type="submit" { "Sign in" }
+                }
+                p.hint { "Accounts are made with " code { "outpost-cloud users add NAME --role ROLE" } "." }
+            }
+        },
+    )
+}
+
+/// The change-password page.
+pub fn password(viewer: &Viewer, must_change: bool, error: Option<&str>) -> Markup {
+    layout(
+        "Password",
+        "",
+        Some(viewer),
+        html! {
+            section.narrow {
+                h1 { "Change your password" }
+                @if must_change { div.flash.ok #must-change { "Your password was set by someone else: choose your own before you go on." } }
+                @if let Some(e) = error { div.flash.error role="alert" #password-error { (e) } }
+                form.stack method="post" action="/account/password" #password-form {
+                    (csrf(viewer))
+                    label { "Current password" input type="password" name="current" autocomplete="current-password" required; }
+                    label { "New password (at least " (crate::operators::MIN_PASSWORD_CHARS) " characters)"
+                        input type="password" name="new" autocomplete="new-password" required; }
+                    label { "New password again" input type="password" name="repeat" autocomplete="new-password" required; }
+                    button type="submit" { "Change password" }
+                }
+            }
+        },
+    )
+}
+
+/// The audit trail page: the newest entries that match the filter.
+pub fn audit(rows: &[(u64, AuditRow)], filter: &AuditFilter, viewer: &Viewer, limit: usize) -> Markup {
+    let val = |o: &Option<String>| o.clone().unwrap_or_default();
+    let export = serde_urlencoded::to_string([
+        ("who", val(&filter.who)),
+        ("device", val(&filter.device)),
+        ("kind", val(&filter.kind)),
+    ])
+    .unwrap_or_default();
+    layout(
+        "Audit",
+        "audit",
+        Some(viewer),
+        html! {
+            h1 { "Audit trail" }
+            form.inline method="get" action="/audit" #audit-filter {
+                input name="who" placeholder="user" value=(val(&filter.who));
+                input name="device" placeholder="device" value=(val(&filter.device));
+                input name="kind" placeholder="kind (start, approve, sign_in…)" value=(val(&filter.kind));
+                button type="submit" { "Filter" }
+                " " a href={"/v1/audit?" (export)} { "Export (JSON lines)" }
+            }
+            @if rows.len() >= limit { p.hint { "The newest " (limit) " entries; the export has all of them." } }
+            @if rows.is_empty() { p.empty { "Nothing recorded that matches." } } @else {
+                table #audit {
+                    thead { tr { th.num { "#" } th { "Time" } th { "Who" } th { "From" } th { "Action" } th { "Device" } th { "About" } th { "Result" } th { "Detail" } } }
+                    tbody {
+                        @for (n, a) in rows {
+                            tr data-kind=(a.kind) data-result=(a.result) data-who=(a.who) {
+                                td.num.muted { (n) }
+                                td { (rfc3339(a.at_ms)) }
+                                td { (a.who) }
+                                td.muted { (a.from) }
+                                td { (a.kind) }
+                                td { (a.device) }
+                                td { (a.target) }
+                                td { @if a.result == "ok" { span.badge.completed { "ok" } } @else { span.badge.failed { (a.result) } } }
+                                td.detail { (a.message) }
+                            }
+                        }
+                    }
+                }
+            }
+        },
+    )
+}
+
 /// A page for a request that failed.
 pub fn error_page(code: StatusCode, message: &str) -> Markup {
     layout(
         "Error",
         "",
+        None,
         html! {
             h1 { (code.as_u16()) " " (code.canonical_reason().unwrap_or("")) }
             div.flash.error { (message) }
@@ -931,7 +1102,7 @@ mod tests {
             warnings: vec!["<b>plain</b>".into()],
             cert_expires_ms: Some(0),
         }];
-        let html = fleet(&rows, 0).into_string();
+        let html = fleet(&rows, &Viewer::default(), 0).into_string();
         assert!(!html.contains("<b>plain"), "{html}");
         assert!(html.contains("insecure") && html.contains("expired"), "{html}");
         assert!(!html.contains("<script>alert"), "{html}");

@@ -44,6 +44,8 @@ fn fleet_timeline_and_an_approval_from_the_page_complete_the_run_on_the_agent() 
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
     let b = Browser::start(1000);
+    let password = cloud.user("alice", &["operator", "approver", "deployer"]);
+    cloud.sign_in(&b, "alice", &password);
     let base = format!("http://127.0.0.1:{}", cloud.api);
 
     // Fleet: the device, online, with its labels.
@@ -68,8 +70,6 @@ fn fleet_timeline_and_an_approval_from_the_page_complete_the_run_on_the_agent() 
     );
     b.screenshot("run-waiting");
 
-    let by = b.wait_for(r#"form.approval input[name="by"]"#, WAIT);
-    b.type_into(&by, "alice");
     let comment = b.wait_for(r#"form.approval input[name="comment"]"#, WAIT);
     b.type_into(&comment, "moisture ok");
     // Events arriving while the operator types refresh the page but leave the form alone.
@@ -137,6 +137,8 @@ fn a_deployment_and_a_start_from_the_page_reach_the_device_also_after_it_was_off
     let file = write(dir.path(), "console-hello.yaml", HELLO);
 
     let b = Browser::start(1000);
+    let password = cloud.user("alice", &["operator", "approver", "deployer"]);
+    cloud.sign_in(&b, "alice", &password);
     let base = format!("http://127.0.0.1:{}", cloud.api);
 
     // A definition file chosen in the form, one device ticked.
@@ -228,6 +230,8 @@ fn signal_reject_cancel_and_desired_state_from_the_page() {
         assert!(agent.cli(&["start", "quality-gate", "--id", lot]).status.success());
     }
     let b = Browser::start(1000);
+    let password = cloud.user("bob", &["operator", "approver", "deployer"]);
+    cloud.sign_in(&b, "bob", &password);
     let base = format!("http://127.0.0.1:{}", cloud.api);
 
     // The signal the run waits for is filled in; the payload reaches the run.
@@ -243,7 +247,6 @@ fn signal_reject_cancel_and_desired_state_from_the_page() {
     b.wait_for(r#"form.approval[data-step="release"]"#, WAIT);
 
     // Rejected, with who and why: the step and the run fail on the agent.
-    b.type_into(&b.wait_for(r#"form.approval input[name="by"]"#, WAIT), "bob");
     b.type_into(&b.wait_for(r#"form.approval input[name="comment"]"#, WAIT), "too wet");
     b.click(&b.wait_for(r#"form.approval button[value="reject"]"#, WAIT));
     b.wait_for(r#"#run-head [data-status="failed"]"#, WAIT);

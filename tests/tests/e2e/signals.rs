@@ -5,6 +5,18 @@ use std::time::Duration;
 use outpost_tests::{Agent, events, eventually, write};
 use serde_json::Value;
 
+/// `local:<the Unix user running the tests>`: how the agent records a decision made through
+/// its socket.
+fn local_me() -> String {
+    let out = std::process::Command::new("id").arg("-un").output().expect("id -un");
+    format!("local:{}", String::from_utf8_lossy(&out.stdout).trim())
+}
+
+/// The gate workflow; its release step may be decided by `approvers`.
+fn gate(approvers: &str) -> String {
+    GATE.replace("APPROVERS", approvers)
+}
+
 const GATE: &str = r#"
 name: gate
 version: 1
@@ -20,7 +32,7 @@ steps:
     next: release
   - id: release
     action: approval
-    args: {approvers: [alice]}
+    args: {approvers: [APPROVERS]}
     next: done
   - id: done
     action: set
@@ -48,7 +60,8 @@ fn code(out: &std::process::Output) -> Option<i32> {
 #[test]
 fn early_signal_and_approval_survive_sigkill_and_repeats_are_ignored() {
     let dir = tempfile::tempdir().unwrap();
-    let file = write(dir.path(), "gate.yaml", GATE);
+    let me = local_me();
+    let file = write(dir.path(), "gate.yaml", &gate(&format!("alice, \"{me}\"")));
     let mut agent = Agent::start(&dir.path().join("data"), &[]);
     agent.json(&["apply", &file]);
     agent.json(&["start", "gate", "--id", "g1"]);
@@ -87,29 +100,24 @@ fn early_signal_and_approval_survive_sigkill_and_repeats_are_ignored() {
     });
     assert_eq!(events(&run, "step_completed", "lot").len(), 1, "{run}");
 
-    // Only listed approvers may decide; approving a step that is not an approval is refused.
-    let out = agent.cli(&["approve", "g1", "release", "--by", "mallory"]);
-    assert_eq!(code(&out), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("'mallory' may not decide step 'release'"));
-    let out = agent.cli(&["approve", "g1", "lot", "--by", "alice"]);
+    // Nobody names themselves: the socket's caller decides as local:<user>.
+    let out = agent.cli(&["approve", "g1", "release", "--by", "alice"]);
+    assert_eq!(
+        code(&out),
+        Some(2),
+        "--by is gone: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Approving a step that is not an approval is refused.
+    let out = agent.cli(&["approve", "g1", "lot"]);
     assert_eq!(code(&out), Some(3));
 
     agent.kill9();
     agent.restart();
-    let ok = agent.json(&[
-        "approve",
-        "g1",
-        "release",
-        "--by",
-        "alice",
-        "--comment",
-        "lot looks fine",
-        "--id",
-        "a-1",
-    ]);
+    let ok = agent.json(&["approve", "g1", "release", "--comment", "lot looks fine", "--id", "a-1"]);
     assert_eq!(ok["accepted"], true, "{ok}");
     let run = until(&agent, "g1", "the run to complete", |r| r["status"] == "completed");
-    assert_eq!(run["output"], serde_json::json!({"lot": 42, "by": "alice"}), "{run}");
+    assert_eq!(run["output"], serde_json::json!({"lot": 42, "by": me}), "{run}");
     let signals: Vec<&Value> = run["history"]
         .as_array()
         .unwrap()
@@ -118,7 +126,7 @@ fn early_signal_and_approval_survive_sigkill_and_repeats_are_ignored() {
         .collect();
     assert_eq!(signals.len(), 2, "one lot signal and one decision: {run}");
     assert_eq!(signals[1]["payload"]["comment"], "lot looks fine");
-    assert_eq!(signals[1]["payload"]["by"], "alice");
+    assert_eq!(signals[1]["payload"]["by"], me.as_str());
     // A finished run takes no more signals.
     let out = agent.cli(&["signal", "g1", "lot-ready"]);
     assert_eq!(code(&out), Some(7), "{}", String::from_utf8_lossy(&out.stderr));
@@ -127,9 +135,31 @@ fn early_signal_and_approval_survive_sigkill_and_repeats_are_ignored() {
 #[test]
 fn rejection_fails_the_run_and_retry_resumes_it_from_the_failed_step() {
     let dir = tempfile::tempdir().unwrap();
-    let file = write(dir.path(), "gate.yaml", GATE);
+    let me = local_me();
+    let file = write(dir.path(), "gate.yaml", &gate(&format!("\"{me}\"")));
     let mut agent = Agent::start(&dir.path().join("data"), &[]);
     agent.json(&["apply", &file]);
+    // A gate only alice may pass: a local decision is refused, saying who may decide.
+    let strict = write(
+        dir.path(),
+        "strict.yaml",
+        &gate("alice").replace("name: gate", "name: strict-gate"),
+    );
+    agent.json(&["apply", &strict]);
+    agent.json(&["start", "strict-gate", "--id", "g3"]);
+    agent.json(&["signal", "g3", "lot-ready", "--payload", r#"{"lot": 3}"#]);
+    until(&agent, "g3", "the strict gate", |r| {
+        r["waiting"]
+            .as_str()
+            .is_some_and(|w| w.contains("waiting for approval"))
+    });
+    let out = agent.cli(&["approve", "g3", "release"]);
+    assert_eq!(code(&out), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("'{me}' may not decide step 'release' (approvers: alice)")),
+        "{err}"
+    );
     agent.json(&["start", "gate", "--id", "g2"]);
     agent.json(&["signal", "g2", "lot-ready", "--payload", r#"{"lot": 7}"#]);
     until(&agent, "g2", "the approval gate", |r| {
@@ -137,20 +167,11 @@ fn rejection_fails_the_run_and_retry_resumes_it_from_the_failed_step() {
             .as_str()
             .is_some_and(|w| w.contains("waiting for approval"))
     });
-    agent.json(&[
-        "approve",
-        "g2",
-        "release",
-        "--reject",
-        "--by",
-        "alice",
-        "--comment",
-        "wrong colour",
-    ]);
+    agent.json(&["approve", "g2", "release", "--reject", "--comment", "wrong colour"]);
     let run = until(&agent, "g2", "the run to fail", |r| r["status"] == "failed");
     assert_eq!(
         run["error"]["message"],
-        "step 'release' failed: approval.rejected: rejected by alice: wrong colour"
+        format!("step 'release' failed: approval.rejected: rejected by {me}: wrong colour")
     );
 
     // Retry: the failed approval gets a fresh visit (the old rejection does not decide it).
@@ -164,7 +185,7 @@ fn rejection_fails_the_run_and_retry_resumes_it_from_the_failed_step() {
     assert_eq!(run["status"], "running");
     agent.kill9();
     agent.restart();
-    agent.json(&["approve", "g2", "release", "--by", "alice"]);
+    agent.json(&["approve", "g2", "release"]);
     let run = until(&agent, "g2", "the run to complete", |r| r["status"] == "completed");
     assert_eq!(run["output"]["lot"], 7);
     assert_eq!(events(&run, "wait_started", "release").len(), 2, "{run}");

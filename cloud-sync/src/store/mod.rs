@@ -14,6 +14,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::lineage::{self, ArchiveNote, BirthFacts, Lineage, Verdict};
 
+mod operators;
+pub use operators::{AuditFilter, AuditRow, TokenRow, UserRow};
+
 const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
 const EVENTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("events");
 /// Index of each run's events: (device, run, seq), written with the event.
@@ -577,6 +580,7 @@ impl Store {
         txn.open_table(ARCHIVE)?;
         txn.open_table(GATEWAY_HEALTH)?;
         txn.open_table(GATEWAY_SECURITY)?;
+        Self::prepare_operators(&txn)?;
         txn.commit()?;
         Ok(())
     }
