@@ -450,7 +450,10 @@ fn identify(access: &Access, headers: &HeaderMap, peer: Option<IpAddr>) -> Ident
                 },
                 false,
             ),
-            Err(e) => Identified::Refused(StatusCode::UNAUTHORIZED, "anonymous".into(), e),
+            Err(e @ operators::TokenRefused::Unavailable(_)) => {
+                Identified::Refused(StatusCode::SERVICE_UNAVAILABLE, "anonymous".into(), e.to_string())
+            }
+            Err(e) => Identified::Refused(StatusCode::UNAUTHORIZED, "anonymous".into(), e.to_string()),
         };
     }
     match access.proxy_principal(headers, peer) {
@@ -525,7 +528,7 @@ pub async fn guard(State(access): State<Arc<Access>>, req: Request, next: Next) 
             }
             (None, None) => (kind, device, target, "failed", format!("HTTP {}", r.status().as_u16())),
         };
-        if kind == "sign_in" && result == "ok" && who == "anonymous" {
+        if kind == "sign_in" && r.extensions().get::<Refusal>().is_none() {
             // The sign-in handler records sign-ins itself, with the name tried.
             return;
         }
@@ -549,6 +552,10 @@ pub async fn guard(State(access): State<Arc<Access>>, req: Request, next: Next) 
         );
         audit("anonymous", &r);
         return r;
+    }
+    if is_public(&method, &path) && !mutating {
+        // Health and metrics must answer even while the store (and so the token check) fails.
+        return next.run(req).await;
     }
     let scheme = if access.opts.https { "https" } else { "http" };
     let (caller, must_change) = match identify(&access, req.headers(), peer) {

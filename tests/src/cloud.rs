@@ -96,6 +96,7 @@ pub struct Cloud {
     env: Vec<(String, String)>,
     child: Option<Child>,
     secure: bool,
+    args: Vec<String>,
 }
 
 impl Cloud {
@@ -136,6 +137,23 @@ impl Cloud {
             env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             child: None,
             secure,
+            args: Vec::new(),
+        };
+        c.restart();
+        c
+    }
+
+    /// Starts cloud-sync with its embedded broker and extra command-line arguments.
+    pub fn embedded_with_args(dir: &Path, args: &[&str]) -> Cloud {
+        let mut c = Cloud {
+            dir: dir.to_path_buf(),
+            api: free_port(),
+            mqtt: free_port(),
+            external: None,
+            env: Vec::new(),
+            child: None,
+            secure: false,
+            args: args.iter().map(|a| a.to_string()).collect(),
         };
         c.restart();
         c
@@ -264,6 +282,7 @@ impl Cloud {
             cmd.args(["--insecure-plaintext", "--insecure-unsigned"]);
         }
         let child = cmd
+            .args(&self.args)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)

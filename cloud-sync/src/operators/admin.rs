@@ -379,6 +379,7 @@ mod tests {
         assert!(
             super::super::token_principal(&store, &token, 10)
                 .unwrap_err()
+                .to_string()
                 .contains("revoked")
         );
 
@@ -417,6 +418,7 @@ mod tests {
         assert!(
             super::super::token_principal(&store, &token, 100)
                 .unwrap_err()
+                .to_string()
                 .contains("expired")
         );
     }

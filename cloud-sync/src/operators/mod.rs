@@ -254,12 +254,35 @@ pub fn parse_token(text: &str) -> Option<(&str, [u8; 32])> {
     (id.len() == 16 && !secret.is_empty()).then(|| (id, sha256(secret.as_bytes())))
 }
 
+/// Why a presented token was not taken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenRefused {
+    /// Not a token, unknown, revoked or expired.
+    #[error("{0}")]
+    Invalid(String),
+    /// The store could not be read: the token may be good.
+    #[error("cannot check the token: {0}")]
+    Unavailable(String),
+}
+
+impl From<&str> for TokenRefused {
+    fn from(s: &str) -> Self {
+        TokenRefused::Invalid(s.to_string())
+    }
+}
+
+impl From<String> for TokenRefused {
+    fn from(s: String) -> Self {
+        TokenRefused::Invalid(s)
+    }
+}
+
 /// The principal a presented token stands for, or why it is refused.
-pub fn token_principal(store: &Store, text: &str, now_ms: u64) -> Result<Principal, String> {
+pub fn token_principal(store: &Store, text: &str, now_ms: u64) -> Result<Principal, TokenRefused> {
     let (id, hash) = parse_token(text).ok_or("the bearer token is not an Outpost API token")?;
     let row: TokenRow = store
         .token(id)
-        .map_err(|e| e.to_string())?
+        .map_err(|e| TokenRefused::Unavailable(e.to_string()))?
         .ok_or("the bearer token is not known")?;
     // Compared without an early exit, so timing says nothing about how much matched.
     if row
@@ -272,10 +295,10 @@ pub fn token_principal(store: &Store, text: &str, now_ms: u64) -> Result<Princip
         return Err("the bearer token is not known".into());
     }
     if row.revoked {
-        return Err(format!("token '{}' was revoked", row.name));
+        return Err(format!("token '{}' was revoked", row.name).into());
     }
     if row.expires_ms.is_some_and(|e| e <= now_ms) {
-        return Err(format!("token '{}' expired", row.name));
+        return Err(format!("token '{}' expired", row.name).into());
     }
     Ok(Principal {
         name: format!("token:{}", row.name),

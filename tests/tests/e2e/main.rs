@@ -12,6 +12,7 @@ mod examples;
 mod history;
 mod hostile;
 mod limits;
+mod operators;
 mod patterns;
 mod recovery;
 mod saga;

@@ -478,6 +478,10 @@ fn the_readme_demo_starts_cloud_sync_and_a_gateway_whose_run_is_mirrored() {
     let dir = tempfile::tempdir().unwrap();
     let (api, mqtt) = (outpost_tests::cloud::free_port(), outpost_tests::cloud::free_port());
     let exe = outpost_tests::outpost_bin().with_file_name("outpost-cloud");
+    // As the demo's own hint says: a token from `tokens create` for the API.
+    let token = outpost_tests::cloud::create_token(dir.path(), "readme", &["viewer"]);
+    let auth = format!("Authorization: Bearer {token}\r\n");
+    let get = |path: &str| outpost_tests::cloud::http_raw("GET", api, path, None, &auth, "application/json");
     let mut child = std::process::Command::new(exe)
         .arg("--data-dir")
         .arg(dir.path())
@@ -495,7 +499,7 @@ fn the_readme_demo_starts_cloud_sync_and_a_gateway_whose_run_is_mirrored() {
         .unwrap();
     // The oven run completes; the quality-gate lot the demo queues waits for an approval.
     eventually(Duration::from_secs(60), "the demo runs to be mirrored", || {
-        let (code, runs) = outpost_tests::cloud::http("GET", api, "/v1/devices/demo-gw/runs", None).ok()?;
+        let (code, runs) = get("/v1/devices/demo-gw/runs").ok()?;
         let runs = runs.as_array()?.clone();
         let oven = runs
             .iter()
@@ -503,7 +507,7 @@ fn the_readme_demo_starts_cloud_sync_and_a_gateway_whose_run_is_mirrored() {
         let lot = runs.iter().any(|r| r["run_id"] == "lot-7" && r["status"] == "running");
         (code == 200 && oven && lot).then_some(())
     });
-    let (_, lot) = outpost_tests::cloud::http("GET", api, "/v1/devices/demo-gw/runs/lot-7", None).unwrap();
+    let (_, lot) = get("/v1/devices/demo-gw/runs/lot-7").unwrap();
     assert!(
         lot["history"].to_string().contains("approval:release"),
         "lot-7 waits at the approval: {lot}"
