@@ -20,6 +20,22 @@ use crate::operators::{self, Lockout, LockoutPolicy, Principal, Role, SessionPol
 use crate::service::now_ms;
 use crate::store::{AuditRow, Store};
 
+/// The peer address of a connection, plain or TLS (the connect info `guard` reads).
+#[derive(Debug, Clone, Copy)]
+pub struct PeerAddr(pub SocketAddr);
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, tokio::net::TcpListener>> for PeerAddr {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, tokio::net::TcpListener>) -> Self {
+        PeerAddr(*stream.remote_addr())
+    }
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, crate::https::TlsListener>> for PeerAddr {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, crate::https::TlsListener>) -> Self {
+        PeerAddr(*stream.remote_addr())
+    }
+}
+
 /// The session cookie's name.
 pub const SESSION_COOKIE: &str = "outpost_session";
 
@@ -494,7 +510,7 @@ const MAX_FORM_BYTES: usize = 2 * 1024 * 1024;
 
 /// The middleware in front of every route.
 pub async fn guard(State(access): State<Arc<Access>>, req: Request, next: Next) -> Response {
-    let peer = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
+    let peer = req.extensions().get::<ConnectInfo<PeerAddr>>().map(|c| c.0.0.ip());
     let from = peer.map_or("unknown".to_string(), |p| p.to_string());
     let method = req.method().clone();
     let path = req.uri().path().to_string();

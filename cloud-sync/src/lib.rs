@@ -15,6 +15,7 @@ pub mod api;
 #[cfg(feature = "embedded-broker")]
 pub mod broker;
 pub mod console;
+pub mod https;
 pub mod lineage;
 pub mod operators;
 pub mod pki;

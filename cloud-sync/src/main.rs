@@ -204,6 +204,21 @@ struct Args {
     /// (counted as rejected.device_limit).
     #[arg(long, env = "OUTPOST_CLOUD_MAX_DEVICES", default_value_t = outpost_cloud_sync::store::DEFAULT_MAX_DEVICES)]
     max_devices: u64,
+    /// The console's and API's HTTPS certificate (PEM) [default: PKI/console.crt, made on first
+    /// start: self-signed ECDSA for localhost, this host and every --console-host].
+    #[arg(long, value_name = "FILE", requires = "http_key")]
+    http_cert: Option<PathBuf>,
+    /// Its key (PEM).
+    #[arg(long, value_name = "FILE", requires = "http_cert")]
+    http_key: Option<PathBuf>,
+    /// Serve plain HTTP instead of HTTPS: only on a loopback --listen address (behind a local
+    /// TLS proxy, or for a look on this machine).
+    #[arg(long, conflicts_with_all = ["http_cert", "http_key"])]
+    plain_http: bool,
+    /// INSECURE: serve plain HTTP on any address: passwords, session cookies and tokens cross
+    /// the network readable.
+    #[arg(long, conflicts_with_all = ["http_cert", "http_key"])]
+    insecure_http: bool,
     /// A session unused this long ends (the user signs in again).
     #[arg(long, default_value = "30m", value_name = "DURATION")]
     session_idle: humantime::Duration,
@@ -403,7 +418,18 @@ async fn run(data_dir: PathBuf, pki: Pki, args: Args) -> anyhow::Result<()> {
             })
         }
     };
+    let https = !(args.plain_http || args.insecure_http);
+    if !https && !args.listen.ip().is_loopback() && !args.insecure_http {
+        anyhow::bail!(
+            "--plain-http on {}: plain HTTP is only served on a loopback address (passwords and tokens would cross the network readable); serve HTTPS (the default), or give --insecure-http to accept the risk",
+            args.listen
+        );
+    }
+    if args.insecure_http {
+        tracing::warn!(listen = %args.listen, "INSECURE: --insecure-http: the console and API are plain HTTP; passwords, session cookies and tokens cross the network readable");
+    }
     let access_opts = AccessOptions {
+        https,
         sessions: outpost_cloud_sync::operators::SessionPolicy {
             idle_ms: args.session_idle.as_millis() as u64,
             max_ms: args.session_max.as_millis() as u64,
@@ -492,21 +518,51 @@ async fn run(data_dir: PathBuf, pki: Pki, args: Args) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let web_tls = if https {
+        let (cert, key) = match (&args.http_cert, &args.http_key) {
+            (Some(c), Some(k)) => (c.clone(), k.clone()),
+            _ => {
+                let mut names = vec![host_name()];
+                names.extend(args.console_hosts.iter().cloned());
+                if !args.listen.ip().is_unspecified() {
+                    names.push(args.listen.ip().to_string());
+                }
+                if outpost_cloud_sync::pki::ensure_console_cert(pki.dir(), &names)? {
+                    println!(
+                        "first start: console certificate {} made (self-signed; have browsers trust it, or give --http-cert/--http-key)",
+                        pki.file("console.crt").display()
+                    );
+                }
+                (pki.file("console.crt"), pki.file("console.key"))
+            }
+        };
+        Some(outpost_shared::tls::web_server_config(&cert, &key)?)
+    } else {
+        None
+    };
+    let web = if https { "https" } else { "http" };
     let mqtt_url = format!("{scheme}://{host}:{port}");
     println!(
-        "outpost-cloud: API on http://{}/v1/devices, MQTT at {mqtt_url}, store {}",
+        "outpost-cloud: API on {web}://{}/v1/devices, MQTT at {mqtt_url}, store {}",
         args.listen,
         store_path.display()
     );
-    println!("console: http://{}/", args.listen);
+    println!("console: {web}://{}/", args.listen);
     let mut demo = None;
     if args.demo {
         demo_users(&service.store)?;
-        demo = Some(start_demo(&data_dir, &pki, &args, &mqtt_url)?);
+        demo = Some(start_demo(&data_dir, &pki, &args, &mqtt_url, web)?);
         queue_demo_lot(&service).await?;
     }
     let app = api::router(service.clone(), access.clone());
-    let serve = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>());
+    let make = app.into_make_service_with_connect_info::<outpost_cloud_sync::access::PeerAddr>();
+    let serve: std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<()>> + Send>> = match web_tls {
+        Some(config) => {
+            let tls = outpost_cloud_sync::https::TlsListener::new(listener, config)?;
+            Box::pin(axum::serve(tls, make).into_future())
+        }
+        None => Box::pin(axum::serve(listener, make).into_future()),
+    };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("cannot watch for SIGTERM")?;
     let served = tokio::select! {
@@ -681,6 +737,7 @@ fn start_demo(
     pki: &Pki,
     args: &Args,
     mqtt_url: &str,
+    web: &str,
 ) -> anyhow::Result<std::process::Child> {
     let exe = std::env::var_os("OUTPOST_BIN")
         .map(PathBuf::from)
@@ -719,9 +776,11 @@ fn start_demo(
     let child = cmd.spawn().with_context(|| format!("cannot start {}", exe.display()))?;
     let api = args.listen;
     println!(
-        "demo gateway 'demo-gw' started (agent data in {}).\n  console:  http://{api}/ (sign in as alice or bob)\n  API:      TOKEN=$(outpost-cloud --data-dir {} tokens create --name me --role operator | grep ^opt_)\n            curl -H \"Authorization: Bearer $TOKEN\" http://{api}/v1/devices/demo-gw/runs\n  command:  curl -H \"Authorization: Bearer $TOKEN\" -H 'Content-Type: application/json' -X POST http://{api}/v1/devices/demo-gw/commands -d '{{\"type\":\"start\",\"workflow\":\"oven-plant\",\"input\":{{\"limit_celsius\":80}}}}'",
+        "demo gateway 'demo-gw' started (agent data in {}).\n  console:  {web}://{api}/ (sign in as alice or bob)\n  API:      TOKEN=$(outpost-cloud --data-dir {} tokens create --name me --role operator | grep ^opt_)\n            curl --cacert {} -H \"Authorization: Bearer $TOKEN\" {web}://{api}/v1/devices/demo-gw/runs\n  command:  curl --cacert {} -H \"Authorization: Bearer $TOKEN\" -H 'Content-Type: application/json' -X POST {web}://{api}/v1/devices/demo-gw/commands -d '{{\"type\":\"start\",\"workflow\":\"oven-plant\",\"input\":{{\"limit_celsius\":80}}}}'",
         agent_dir.display(),
-        data_dir.display()
+        data_dir.display(),
+        pki.file("console.crt").display(),
+        pki.file("console.crt").display()
     );
     Ok(child)
 }

@@ -400,6 +400,44 @@ impl Pki {
 }
 
 /// A leaf certificate and its new key (both PEM) signed by the CA.
+/// Makes `console.crt`/`console.key` if they are missing: the console's HTTPS certificate for
+/// `names` (plus localhost and 127.0.0.1). ECDSA P-256 and self-signed: browsers accept neither
+/// Ed25519 keys nor Ed25519-signed chains, so the fleet CA cannot vouch for it. Returns true
+/// when it made them.
+pub fn ensure_console_cert(dir: &Path, names: &[String]) -> Result<bool, PkiError> {
+    let (crt, key_file) = (dir.join("console.crt"), dir.join("console.key"));
+    if crt.exists() && key_file.exists() {
+        return Ok(false);
+    }
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(cert_err("console key"))?;
+    let mut all: Vec<String> = names.to_vec();
+    for n in ["localhost", "127.0.0.1", "::1"] {
+        if !all.iter().any(|x| x == n) {
+            all.push(n.to_string());
+        }
+    }
+    let mut params = CertificateParams::default();
+    params.distinguished_name.push(DnType::CommonName, "Outpost console");
+    params.subject_alt_names = all
+        .iter()
+        .map(|n| match n.parse::<std::net::IpAddr>() {
+            Ok(ip) => Ok(SanType::IpAddress(ip)),
+            Err(_) => n.clone().try_into().map(SanType::DnsName),
+        })
+        .collect::<Result<_, _>>()
+        .map_err(cert_err("console certificate"))?;
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.not_before = now() - time::Duration::hours(1);
+    params.not_after = now() + time::Duration::days(825);
+    params.serial_number = Some(serial());
+    let cert = params.self_signed(&key).map_err(cert_err("console certificate"))?;
+    write(&key_file, key.serialize_pem().as_bytes(), 0o600)?;
+    write(&crt, cert.pem().as_bytes(), 0o644)?;
+    Ok(true)
+}
+
 fn leaf(
     issuer: &Issuer<'_, KeyPair>,
     cn: &str,

@@ -122,6 +122,19 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
+/// A server configuration for browsers and API clients: no client certificate (they sign in),
+/// HTTP/1.1 by ALPN.
+pub fn web_server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(load_certs("HTTPS certificate", cert)?, load_key("HTTPS key", key)?)
+        .map_err(|e| file_err("HTTPS certificate", cert, e))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
 /// True for `localhost` and loopback addresses.
 pub fn is_loopback(host: &str) -> bool {
     host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())

@@ -143,7 +143,9 @@ impl Cloud {
         c
     }
 
-    /// Starts cloud-sync with its embedded broker and extra command-line arguments.
+    /// Starts cloud-sync with its embedded broker and extra command-line arguments; the API is
+    /// plain HTTP on loopback unless they hold `--https` (the harness's own marker: HTTPS, as
+    /// shipped).
     pub fn embedded_with_args(dir: &Path, args: &[&str]) -> Cloud {
         let mut c = Cloud {
             dir: dir.to_path_buf(),
@@ -281,8 +283,11 @@ impl Cloud {
             // The suites that are not about security keep their raw MQTT clients.
             cmd.args(["--insecure-plaintext", "--insecure-unsigned"]);
         }
+        if !self.args.iter().any(|a| a == "--https") {
+            cmd.arg("--plain-http");
+        }
         let child = cmd
-            .args(&self.args)
+            .args(self.args.iter().filter(|a| *a != "--https"))
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
@@ -290,7 +295,13 @@ impl Cloud {
             .expect("spawn outpost-cloud");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
-        while http("GET", self.api, "/v1/health", None).is_err() {
+        let https = self.args.iter().any(|a| a == "--https");
+        let up = |api: u16| match https {
+            // A plain request cannot talk to the TLS port: wait for it to accept.
+            true => TcpStream::connect(("127.0.0.1", api)).is_ok(),
+            false => http("GET", api, "/v1/health", None).is_ok(),
+        };
+        while !up(self.api) {
             assert!(Instant::now() < deadline, "cloud did not come up:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(30));
         }

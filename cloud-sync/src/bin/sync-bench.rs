@@ -160,10 +160,18 @@ fn free_port() -> u16 {
 }
 
 /// The body of a 200 answer to `GET path` (cloud-sync closes after each answer).
+/// The admin token of the cloud the bench runs now (made in its store before it starts).
+static TOKEN: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());
+
 fn http_body(port: u16, path: &str) -> Option<Vec<u8>> {
     use std::io::{Read, Write};
+    let token = TOKEN.lock().map(|t| t.clone()).unwrap_or_default();
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n").ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).ok()?;
     let head = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
@@ -186,9 +194,29 @@ fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> anyho
 }
 
 fn cloud(dir: &std::path::Path, api: u16, mqtt: u16, mode: Mode) -> anyhow::Result<std::process::Child> {
+    std::fs::create_dir_all(dir)?;
+    {
+        let store = outpost_cloud_sync::Store::open(&dir.join("cloud.redb"))?;
+        let req = outpost_cloud_sync::operators::admin::AdminRequest::TokensCreate {
+            name: format!("bench-{}", fastrand::u32(..)),
+            roles: vec!["admin".into()],
+            expires_ms: None,
+        };
+        let reply = outpost_cloud_sync::operators::admin::execute(&store, &req, "sync-bench", "local", 0)?;
+        let token = reply
+            .text
+            .lines()
+            .find(|l| l.starts_with("opt_"))
+            .unwrap_or_default()
+            .to_string();
+        if let Ok(mut t) = TOKEN.lock() {
+            *t = token;
+        }
+    }
     let mut cmd = Command::new(bin("outpost-cloud")?);
     cmd.arg("--data-dir")
         .arg(dir)
+        .arg("--plain-http")
         .args(["--listen", &format!("127.0.0.1:{api}")])
         .args(["--mqtt-listen", &format!("127.0.0.1:{mqtt}")]);
     if mode == Mode::Plain {

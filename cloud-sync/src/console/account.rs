@@ -1,6 +1,5 @@
 //! Sign-in, sign-out, the password page and the audit page.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::{ConnectInfo, Query};
@@ -11,7 +10,7 @@ use maud::Markup;
 use serde::Deserialize;
 
 use super::{Fields, PageError, audited, field, pages};
-use crate::access::{Access, Caller, SESSION_COOKIE, cookie};
+use crate::access::{Access, Caller, PeerAddr, SESSION_COOKIE, cookie};
 use crate::operators::Role;
 use crate::service::now_ms;
 use crate::store::{AuditFilter, AuditRow};
@@ -36,12 +35,12 @@ pub(super) async fn login_page(Query(q): Query<LoginQuery>) -> Markup {
 
 pub(super) async fn login(
     Extension(access): Extension<Arc<Access>>,
-    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    peer: Option<Extension<ConnectInfo<PeerAddr>>>,
     Form(f): Fields,
 ) -> Response {
     let (user, password) = (field(&f, "user").to_string(), field(&f, "password").to_string());
     let next = safe_next(field(&f, "next")).to_string();
-    let from = peer.map_or("unknown".to_string(), |p| p.0.0.ip().to_string());
+    let from = peer.map_or("unknown".to_string(), |p| p.0.0.0.ip().to_string());
     let a = access.clone();
     let (u, fr) = (user.clone(), from.clone());
     // argon2 takes tens of milliseconds of CPU: off the async threads.

@@ -392,3 +392,78 @@ fn cross_origin_posts_are_refused_approvals_are_bound_to_people_and_the_audit_tr
     );
     assert!(!b.all(r#"#audit tbody tr[data-who="bob"]"#).is_empty());
 }
+
+fn curl(args: &[&str]) -> (String, String) {
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--max-time", "20"])
+        .args(args)
+        .output()
+        .expect("curl (apt-get install curl)");
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn the_console_and_api_are_https_by_default_and_plain_http_only_on_loopback() {
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = Cloud::embedded_with_args(&dir.path().join("cloud"), &["--https"]);
+    let ca = cloud.pki().join("console.crt");
+    let ca = ca.to_str().unwrap();
+    let url = |path: &str| format!("https://127.0.0.1:{}{path}", cloud.api);
+
+    // The certificate made on first start verifies for 127.0.0.1; no token, no answer.
+    let (body, err) = curl(&["--cacert", ca, &url("/v1/health")]);
+    assert!(body.contains(r#""ok":true"#), "{body}{err}");
+    let (body, _) = curl(&["--cacert", ca, &url("/v1/devices")]);
+    assert!(body.contains("sign in first"), "{body}");
+    let token = cloud::create_token(&cloud.dir, "tls", &["viewer"]);
+    let (body, err) = curl(&[
+        "--cacert",
+        ca,
+        "-H",
+        &format!("Authorization: Bearer {token}"),
+        &url("/v1/devices"),
+    ]);
+    assert_eq!(body.trim(), "[]", "{err}");
+    // Without trusting it, a client refuses the connection; plain HTTP gets no answer.
+    let (body, err) = curl(&[&url("/v1/health")]);
+    assert!(body.is_empty() && err.contains("certificate"), "{body}{err}");
+    assert!(!matches!(
+        cloud::http("GET", cloud.api, "/v1/health", None),
+        Ok((200, _))
+    ));
+
+    // The session cookie is Secure, HttpOnly and SameSite=Strict under TLS.
+    let password = cloud.user("ada", &["viewer"]);
+    let (head, err) = curl(&[
+        "--cacert",
+        ca,
+        "-i",
+        "-H",
+        &format!("Origin: https://127.0.0.1:{}", cloud.api),
+        "--data-urlencode",
+        "user=ada",
+        "--data-urlencode",
+        &format!("password={password}"),
+        &url("/login"),
+    ]);
+    let cookie = head
+        .lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("set-cookie:"))
+        .unwrap_or_else(|| panic!("no cookie: {head}{err}"));
+    for part in ["HttpOnly", "SameSite=Strict", "Secure"] {
+        assert!(cookie.contains(part), "{cookie}");
+    }
+
+    // Plain HTTP is refused on an address other machines reach, unless the insecure flag says so.
+    let other = dir.path().join("other");
+    let mqtt = format!("127.0.0.1:{}", cloud::free_port());
+    let out = cloud::admin(
+        &other,
+        &["--plain-http", "--listen", "0.0.0.0:1", "--mqtt-listen", &mqtt],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--insecure-http"), "{err}");
+}

@@ -490,6 +490,7 @@ fn the_readme_demo_starts_cloud_sync_and_a_gateway_whose_run_is_mirrored() {
             &format!("127.0.0.1:{api}"),
             "--mqtt-listen",
             &format!("127.0.0.1:{mqtt}"),
+            "--plain-http",
             "--demo",
         ])
         .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
