@@ -573,7 +573,18 @@ pub async fn guard(State(access): State<Arc<Access>>, req: Request, next: Next) 
         // Health and metrics must answer even while the store (and so the token check) fails.
         return next.run(req).await;
     }
-    let scheme = if access.opts.https { "https" } else { "http" };
+    // Behind the sign-on proxy the browser sees the proxy's scheme (TLS ends there).
+    let forwarded = access
+        .opts
+        .proxy
+        .as_ref()
+        .filter(|p| peer.is_some_and(|a| p.from.contains(&a)))
+        .and_then(|_| req.headers().get("x-forwarded-proto"))
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| matches!(*v, "http" | "https"))
+        .map(str::to_string);
+    let scheme = forwarded.unwrap_or_else(|| if access.opts.https { "https" } else { "http" }.to_string());
+    let scheme = scheme.as_str();
     let (caller, must_change) = match identify(&access, req.headers(), peer) {
         Identified::Caller(c, m) => (Some(c), m),
         Identified::Anonymous => (None, false),

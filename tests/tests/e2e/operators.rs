@@ -467,3 +467,70 @@ fn the_console_and_api_are_https_by_default_and_plain_http_only_on_loopback() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("--insecure-http"), "{err}");
 }
+
+#[test]
+fn a_sign_on_proxys_header_is_believed_only_from_the_proxy_and_its_roles_file_decides() {
+    let dir = tempfile::tempdir().unwrap();
+    let roles = write(
+        dir.path(),
+        "roles.yaml",
+        "users:\n  alice: [approver]\n  olga: [operator]\ndefault: [viewer]\n",
+    );
+    let cloud = Cloud::embedded_with_args(
+        &dir.path().join("cloud"),
+        &[
+            "--auth-proxy-header",
+            "X-Remote-User",
+            "--auth-proxy-from",
+            "127.0.0.1",
+            "--auth-proxy-roles",
+            &roles,
+        ],
+    );
+    let url = |path: &str| format!("http://127.0.0.1:{}{path}", cloud.api);
+    let start = json!({"type": "start", "workflow": "w"}).to_string();
+    let as_user = |from: &str, user: &str, path: &str, body: Option<&str>| {
+        let mut args = vec!["--interface", from, "-H", "Content-Type: application/json"];
+        let header = format!("X-Remote-User: {user}");
+        // The proxy passes the browser's Origin on; it ends TLS, and says so.
+        let origin = format!("Origin: https://127.0.0.1:{}", cloud.api);
+        args.extend([
+            "-H",
+            &header,
+            "-H",
+            &origin,
+            "-H",
+            "X-Forwarded-Proto: https",
+            "-w",
+            "\n%{http_code}",
+        ]);
+        if let Some(b) = body {
+            args.extend(["-X", "POST", "-d", b]);
+        }
+        let target = url(path);
+        args.push(&target);
+        let (out, err) = curl(&args);
+        let (body, code) = out.rsplit_once('\n').unwrap_or_else(|| panic!("{out}{err}"));
+        (code.to_string(), body.to_string())
+    };
+    // From the proxy: the user it names, with the roles the file gives.
+    let (code, body) = as_user("127.0.0.1", "zed", "/v1/devices", None);
+    assert_eq!(code, "200", "{body}");
+    let (code, body) = as_user("127.0.0.1", "alice", "/v1/devices/gw/commands", Some(&start));
+    assert_eq!(code, "403", "{body}");
+    assert!(body.contains("alice (approver) may not start runs"), "{body}");
+    let (code, body) = as_user("127.0.0.1", "olga", "/v1/devices/gw/commands", Some(&start));
+    assert_ne!(code, "403", "an operator may start: {body}");
+    // The same header from anywhere else is refused, not believed.
+    let (code, body) = as_user("127.0.0.2", "olga", "/v1/devices", None);
+    assert_eq!(code, "401", "{body}");
+    assert!(body.contains("only believed from the sign-on proxy"), "{body}");
+    let who: Vec<String> = audit(&cloud)
+        .iter()
+        .map(|a| a["who"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert!(
+        who.contains(&"alice".to_string()) && who.contains(&"olga".to_string()),
+        "{who:?}"
+    );
+}
