@@ -468,13 +468,7 @@ fn local_name(peer: Option<Peer>) -> String {
     let Some(uid) = peer.and_then(|p| p.uid) else {
         return "local:unknown".into();
     };
-    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
-    let name = passwd
-        .lines()
-        .map(|l| l.split(':').collect::<Vec<_>>())
-        .find(|f| f.get(2).and_then(|u| u.parse::<u32>().ok()) == Some(uid))
-        .and_then(|f| f.first().map(|n| n.to_string()))
-        .unwrap_or_else(|| format!("uid{uid}"));
+    let name = outpost_shared::unix_user_name(uid);
     format!("local:{name}")
 }
 

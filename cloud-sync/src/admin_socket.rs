@@ -27,15 +27,9 @@ enum Answer {
 /// Most bytes of one request line.
 const MAX_LINE: usize = 64 * 1024;
 
-/// The user name of a uid, from /etc/passwd (the uid itself when it is not listed).
+/// The user name of a uid.
 pub fn user_name(uid: u32) -> String {
-    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
-    passwd
-        .lines()
-        .map(|l| l.split(':').collect::<Vec<_>>())
-        .find(|f| f.get(2).and_then(|u| u.parse::<u32>().ok()) == Some(uid))
-        .and_then(|f| f.first().map(|n| n.to_string()))
-        .unwrap_or_else(|| format!("uid{uid}"))
+    outpost_shared::unix_user_name(uid)
 }
 
 /// Listens on `path` (replacing a stale socket), answering admin commands until the runtime

@@ -15,4 +15,16 @@ pub mod signing;
 pub mod tls;
 
 pub use definition::{ActionCatalog, Definition, DefinitionError, Problem};
+
+/// The name of Unix user `uid` from /etc/passwd (`uidN` when it is not listed): how both sides
+/// record a local operator (`local:NAME`) from a socket's peer credentials.
+pub fn unix_user_name(uid: u32) -> String {
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    passwd
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .find(|f| f.get(2).and_then(|u| u.parse::<u32>().ok()) == Some(uid))
+        .and_then(|f| f.first().map(|n| n.to_string()))
+        .unwrap_or_else(|| format!("uid{uid}"))
+}
 pub use journal::{ErrorInfo, Event, Record};

@@ -99,16 +99,25 @@ impl Store {
         self.get_row(USERS, name, "user")
     }
 
-    /// Every user, by name.
-    pub fn users(&self) -> Result<Vec<(String, UserRow)>, StoreError> {
+    /// Every row of a table keyed by a string, in key order.
+    fn all_rows<T: for<'de> Deserialize<'de>>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        what: &'static str,
+    ) -> Result<Vec<(String, T)>, StoreError> {
         let txn = self.db()?.begin_read()?;
-        let t = txn.open_table(USERS)?;
+        let t = txn.open_table(table)?;
         let mut out = Vec::new();
         for row in t.iter()? {
             let (k, v) = row?;
-            out.push((k.value().to_string(), dec("user", v.value())?));
+            out.push((k.value().to_string(), dec(what, v.value())?));
         }
         Ok(out)
+    }
+
+    /// Every user, by name.
+    pub fn users(&self) -> Result<Vec<(String, UserRow)>, StoreError> {
+        self.all_rows(USERS, "user")
     }
 
     /// Creates or replaces a user.
@@ -137,14 +146,7 @@ impl Store {
 
     /// Every token, by id.
     pub fn tokens(&self) -> Result<Vec<(String, TokenRow)>, StoreError> {
-        let txn = self.db()?.begin_read()?;
-        let t = txn.open_table(API_TOKENS)?;
-        let mut out = Vec::new();
-        for row in t.iter()? {
-            let (k, v) = row?;
-            out.push((k.value().to_string(), dec("token", v.value())?));
-        }
-        Ok(out)
+        self.all_rows(API_TOKENS, "token")
     }
 
     /// Creates or replaces a token row.

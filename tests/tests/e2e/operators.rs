@@ -33,6 +33,20 @@ steps:
     end: succeed
 "#;
 
+/// cloud-sync and a gateway `device` holding ALICE_GATE, with run g1 of it started.
+fn gate_device(dir: &std::path::Path, device: &str) -> (Cloud, Agent) {
+    let cloud = Cloud::embedded(&dir.join("cloud"));
+    let gate = write(dir, "gate.yaml", ALICE_GATE);
+    let url = cloud.mqtt_url();
+    let agent = Agent::start(
+        &dir.join("agent"),
+        &["--cloud", &url, "--device-id", device, "--apply", &gate],
+    );
+    cloud.wait_presence(device, true, WAIT);
+    assert!(agent.cli(&["start", "gate", "--id", "g1"]).status.success());
+    (cloud, agent)
+}
+
 fn base(cloud: &Cloud) -> String {
     format!("http://127.0.0.1:{}", cloud.api)
 }
@@ -119,6 +133,40 @@ fn sign_in_wrong_password_sign_out_session_expiry_and_lock_out() {
         b.url().contains("/login").then_some(())
     });
 
+    // A generated password (first start, `users add` without one) is changed at first sign-in.
+    let out = cloud.admin(&["users", "add", "newbie", "--role", "viewer"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let first = text
+        .lines()
+        .find_map(|l| l.strip_prefix("password: "))
+        .unwrap_or_else(|| panic!("no password in: {text}"))
+        .to_string();
+    assert_eq!(try_sign_in(&b, &cloud, "newbie", &first), None);
+    b.wait_for("#must-change", WAIT);
+    b.goto(&format!("{}/devices/x", base(&cloud)));
+    eventually(WAIT, "the password page first", || {
+        b.url().ends_with("/account/password").then_some(())
+    });
+    for (field, value) in [
+        ("current", first.as_str()),
+        ("new", "newbie-chose-this"),
+        ("repeat", "newbie-chose-this"),
+    ] {
+        b.type_into(&b.wait_for(&format!("#password-form input[name={field}]"), WAIT), value);
+    }
+    b.click(&b.wait_for("#password-form button", WAIT));
+    eventually(WAIT, "the fleet page", || (!b.url().contains("/account")).then_some(()));
+    assert_eq!(b.text_of("#who"), "newbie");
+    // Disabled: the session ends at once, and so does signing in.
+    let out = cloud.admin(&["users", "disable", "newbie"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    b.goto(&format!("{}/", base(&cloud)));
+    eventually(WAIT, "the disabled user signed out", || {
+        b.url().contains("/login").then_some(())
+    });
+    let err = try_sign_in(&b, &cloud, "newbie", "newbie-chose-this").expect("refused");
+    assert!(err.contains("disabled"), "{err}");
+
     // Five wrong passwords lock the name out, even against the right password.
     for _ in 0..5 {
         assert!(try_sign_in(&b, &cloud, "ada", "guess").is_some());
@@ -129,22 +177,14 @@ fn sign_in_wrong_password_sign_out_session_expiry_and_lock_out() {
     let signs: Vec<Value> = audit(&cloud).into_iter().filter(|a| a["kind"] == "sign_in").collect();
     let ok = signs.iter().filter(|a| a["result"] == "ok").count();
     let refused = signs.iter().filter(|a| a["result"] == "refused").count();
-    assert_eq!((ok, refused), (2, 8), "{signs:?}");
+    assert_eq!((ok, refused), (3, 9), "{signs:?}");
     assert!(signs.iter().all(|a| a["from"] == "127.0.0.1"), "{signs:?}");
 }
 
 #[test]
 fn a_viewer_sees_no_actions_and_is_refused_every_post_and_tokens_carry_their_roles() {
     let dir = tempfile::tempdir().unwrap();
-    let cloud = Cloud::embedded(&dir.path().join("cloud"));
-    let gate = write(dir.path(), "gate.yaml", ALICE_GATE);
-    let url = cloud.mqtt_url();
-    let agent = Agent::start(
-        &dir.path().join("agent"),
-        &["--cloud", &url, "--device-id", "line-5", "--apply", &gate],
-    );
-    cloud.wait_presence("line-5", true, WAIT);
-    assert!(agent.cli(&["start", "gate", "--id", "g1"]).status.success());
+    let (cloud, agent) = gate_device(dir.path(), "line-5");
     eventually(WAIT, "the run in the cloud", || {
         cloud.device("line-5").filter(|d| d["runs"] == 1)
     });
@@ -263,15 +303,7 @@ fn serve_page(page: String) -> u16 {
 #[test]
 fn cross_origin_posts_are_refused_approvals_are_bound_to_people_and_the_audit_trail_has_it_all() {
     let dir = tempfile::tempdir().unwrap();
-    let cloud = Cloud::embedded(&dir.path().join("cloud"));
-    let gate = write(dir.path(), "gate.yaml", ALICE_GATE);
-    let url = cloud.mqtt_url();
-    let agent = Agent::start(
-        &dir.path().join("agent"),
-        &["--cloud", &url, "--device-id", "line-6", "--apply", &gate],
-    );
-    cloud.wait_presence("line-6", true, WAIT);
-    assert!(agent.cli(&["start", "gate", "--id", "g1"]).status.success());
+    let (cloud, agent) = gate_device(dir.path(), "line-6");
     assert!(agent.cli(&["signal", "g1", "lot-ready"]).status.success());
     eventually(WAIT, "the gate to wait", || {
         let r = agent.json(&["show", "g1"]);
