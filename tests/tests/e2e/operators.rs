@@ -184,7 +184,7 @@ fn sign_in_wrong_password_sign_out_session_expiry_and_lock_out() {
 #[test]
 fn a_viewer_sees_no_actions_and_is_refused_every_post_and_tokens_carry_their_roles() {
     let dir = tempfile::tempdir().unwrap();
-    let (cloud, agent) = gate_device(dir.path(), "line-5");
+    let (cloud, _agent) = gate_device(dir.path(), "line-5");
     eventually(WAIT, "the run in the cloud", || {
         cloud.device("line-5").filter(|d| d["runs"] == 1)
     });
