@@ -440,9 +440,15 @@ struct SignalBody {
     id: Option<String>,
 }
 
-async fn signal_run(State(rt): AppState, Path(id): Path<String>, body: String) -> ApiResult {
+async fn signal_run(
+    State(rt): AppState,
+    peer: Option<axum::Extension<axum::extract::ConnectInfo<Peer>>>,
+    Path(id): Path<String>,
+    body: String,
+) -> ApiResult {
     let b: SignalBody = body_or_default(&body)?;
-    let accepted = rt.signal(&id, &b.name, b.id, b.payload).await?;
+    let by = local_name(peer.map(|p| p.0.0));
+    let accepted = rt.signal_from(&id, &b.name, b.id, b.payload, Some(by)).await?;
     Ok(Json(
         json!({"run_id": id, "signal": b.name, "accepted": accepted, "duplicate": !accepted}),
     ))

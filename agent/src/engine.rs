@@ -512,6 +512,8 @@ impl RunState {
                 self.status = RunStatus::Continued;
                 self.output = Some(json!({ "continued_as": next_run }));
             }
+            // Who sent a signal: for people reading the history, no effect on the run.
+            Event::SignalFrom { .. } => {}
             Event::AttemptDeferred {
                 attempt,
                 target,

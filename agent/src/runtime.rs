@@ -674,6 +674,18 @@ impl Runtime {
         id: Option<String>,
         payload: Value,
     ) -> Result<bool, RuntimeError> {
+        self.signal_from(run_id, name, id, payload, None).await
+    }
+
+    /// `signal`, with who sent it journaled beside it (`Event::SignalFrom`).
+    pub async fn signal_from(
+        &self,
+        run_id: &str,
+        name: &str,
+        id: Option<String>,
+        payload: Value,
+        by: Option<String>,
+    ) -> Result<bool, RuntimeError> {
         if name.is_empty() || name.len() > 128 || name.starts_with("approval:") {
             return Err(RuntimeError::Invalid(format!(
                 "signal name '{name}' must be 1-128 characters and not start with 'approval:'"
@@ -685,6 +697,7 @@ impl Runtime {
             name,
             id,
             payload,
+            by,
             reply,
         })
         .await
@@ -928,6 +941,8 @@ pub(crate) enum Control {
         id: String,
         /// Payload.
         payload: Value,
+        /// Who sent it, when known.
+        by: Option<String>,
         /// Whether it was new, once durable.
         reply: oneshot::Sender<Result<bool, RuntimeError>>,
     },
@@ -1171,9 +1186,10 @@ impl Driver {
                 name,
                 id,
                 payload,
+                by,
                 reply,
             }) => {
-                let res = self.signal(name, id, payload, tasks).await;
+                let res = self.signal(name, id, payload, by, tasks).await;
                 let _ = reply.send(res);
             }
             Some(Control::Approve {
@@ -1190,7 +1206,8 @@ impl Driver {
                         let payload = serde_json::json!({
                             "approved": approved, "by": by, "comment": comment, "visit": visit,
                         });
-                        self.signal(engine::approval_signal(&step), id, payload, tasks).await
+                        self.signal(engine::approval_signal(&step), id, payload, None, tasks)
+                            .await
                     }
                     Err(e) => Err(e),
                 };
@@ -1205,6 +1222,7 @@ impl Driver {
         name: String,
         id: String,
         payload: Value,
+        by: Option<String>,
         tasks: &mut JoinSet<TaskResult>,
     ) -> Result<bool, RuntimeError> {
         if self.st.signals.iter().any(|s| s.id == id) {
@@ -1234,8 +1252,15 @@ impl Driver {
             )));
         }
         info!(signal = %name, id = %id, "signal received");
-        self.journal(vec![Event::SignalReceived { name, id, payload }], tasks)
-            .await;
+        let mut events = vec![Event::SignalReceived {
+            name,
+            id: id.clone(),
+            payload,
+        }];
+        if let Some(by) = by {
+            events.push(Event::SignalFrom { id, by });
+        }
+        self.journal(events, tasks).await;
         Ok(true)
     }
 

@@ -1059,8 +1059,16 @@ async fn apply(rt: &Runtime, policy: &crate::policy::Policy, cmd: &Command) -> O
                 let rec = rt.cancel(run_id, reason).await?;
                 Ok(json!({"run_id": run_id, "status": rec.status.as_str()}))
             }
-            CommandKind::Signal { run_id, name, payload } => {
-                let fresh = rt.signal(run_id, name, Some(cmd.id.clone()), json_of(payload)?).await?;
+            CommandKind::Signal {
+                run_id,
+                name,
+                payload,
+                by,
+            } => {
+                let by = Some(by.clone()).filter(|b| !b.is_empty());
+                let fresh = rt
+                    .signal_from(run_id, name, Some(cmd.id.clone()), json_of(payload)?, by)
+                    .await?;
                 Ok(json!({"run_id": run_id, "accepted": fresh}))
             }
             CommandKind::Approve {

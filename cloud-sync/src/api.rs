@@ -430,6 +430,7 @@ async fn command(State(s): S, caller: Caller, Path(device): Path<String>, body: 
                 run_id: run_id.clone(),
                 name,
                 payload: payload.to_string(),
+                by: caller.principal.name.clone(),
             },
             "signal",
             run_id,

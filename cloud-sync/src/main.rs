@@ -689,6 +689,7 @@ async fn queue_demo_lot(service: &Service) -> anyhow::Result<()> {
         run_id: "lot-7".into(),
         name: "lot-ready".into(),
         payload: r#"{"lot": 7, "kg": 120}"#.into(),
+        by: "outpost-cloud --demo".into(),
     };
     service
         .command("demo-gw", Some("demo-lot-7-start".into()), start)

@@ -248,6 +248,14 @@ pub enum Event {
         /// When the attempt may run.
         until_ms: u64,
     },
+    /// Who sent the signal journaled just before with this id: a console user, `token:NAME`, or
+    /// `local:UNIX_USER` (written in the same batch as its `SignalReceived`).
+    SignalFrom {
+        /// The signal's id.
+        id: String,
+        /// Who sent it.
+        by: String,
+    },
 }
 
 impl Event {
@@ -328,6 +336,7 @@ impl Event {
             Event::RunTerminated { .. } => "run_terminated",
             Event::RunContinued { .. } => "run_continued",
             Event::AttemptDeferred { .. } => "attempt_deferred",
+            Event::SignalFrom { .. } => "signal_from",
         }
     }
 }
@@ -609,6 +618,7 @@ mod tests {
                 target: t,
                 until_ms: u
             }),
+            (s, s).prop_map(|(i, b)| Event::SignalFrom { id: i, by: b }),
         ]
     }
 

@@ -156,6 +156,8 @@ pub enum CommandKind {
         name: String,
         /// Payload as JSON text.
         payload: String,
+        /// Who sent it (the signed-in user or token), journaled with it on the gateway.
+        by: String,
     },
     /// Decide an approval step.
     Approve {

@@ -186,6 +186,13 @@ fn sample() -> Vec<Record> {
                 until_ms: 1_700_000_010_023,
             },
         ),
+        ev(
+            1_700_000_000_024,
+            Event::SignalFrom {
+                id: "s-1".into(),
+                by: "alice".into(),
+            },
+        ),
     ]
 }
 

@@ -436,6 +436,7 @@ async fn signal(State(s): S, caller: Caller, Path((id, run)): Path<(String, Stri
         run_id: run.clone(),
         name,
         payload,
+        by: caller.principal.name.clone(),
     };
     queue(&s, &id, kind, None, &path).await
 }

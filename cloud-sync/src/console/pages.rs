@@ -683,6 +683,12 @@ fn describe(e: &Event) -> (&'static str, String, String, String) {
                 .map(|t| format!("times out at {}", rfc3339(t)))
                 .unwrap_or_default(),
         ),
+        Event::SignalFrom { id, by } => (
+            "signal",
+            String::new(),
+            format!("sent by {by}"),
+            format!("signal id {id}"),
+        ),
         Event::SignalReceived { name, payload, .. } => (
             "signal",
             String::new(),

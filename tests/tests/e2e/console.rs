@@ -255,6 +255,15 @@ fn signal_reject_cancel_and_desired_state_from_the_page() {
     assert!(timeline.contains("rejected by bob: too wet"), "{timeline}");
     let run = agent.json(&["show", "lot-8"]);
     assert_eq!(run["status"], "failed", "{run}");
+    // The signal sent from the page names its sender in the gateway's own history.
+    let from: Vec<&Value> = run["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == "signal_from")
+        .collect();
+    assert_eq!(from.len(), 1, "{run}");
+    assert_eq!(from[0]["by"], "bob", "{run}");
     assert!(
         run.to_string().contains(r#"\"kg\":95"#) || run.to_string().contains(r#""kg":95"#),
         "{run}"

@@ -127,6 +127,15 @@ fn early_signal_and_approval_survive_sigkill_and_repeats_are_ignored() {
     assert_eq!(signals.len(), 2, "one lot signal and one decision: {run}");
     assert_eq!(signals[1]["payload"]["comment"], "lot looks fine");
     assert_eq!(signals[1]["payload"]["by"], me.as_str());
+    // Signals sent through the socket name their sender too (one per distinct signal id).
+    let from: Vec<&Value> = run["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == "signal_from")
+        .collect();
+    assert_eq!(from.len(), 1, "{run}");
+    assert_eq!(from[0]["by"], me.as_str(), "{run}");
     // A finished run takes no more signals.
     let out = agent.cli(&["signal", "g1", "lot-ready"]);
     assert_eq!(code(&out), Some(7), "{}", String::from_utf8_lossy(&out.stderr));
