@@ -40,6 +40,12 @@ fn help_names_every_setting_and_the_demo() {
         "--mqtt-listen",
         "--prefix",
         "--demo",
+        "--plain-http",
+        "--insecure-http",
+        "--http-cert",
+        "--session-idle",
+        "--console-host",
+        "--auth-proxy-header",
     ] {
         assert!(text.contains(flag), "--help does not mention {flag}:\n{text}");
     }
