@@ -4,7 +4,7 @@
 //! (no TLS, unsigned: the `--insecure-*` flags) and as shipped (mutual TLS, every message
 //! signed). Prints figures; asserts nothing.
 //!
-//!   cargo build --release && ./target/release/outpost-sync-bench
+//!   cargo build --release && ./target/release/outpost-sync-bench [--operators: only those figures]
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -515,7 +515,59 @@ fn console_pages(api: u16, devices: usize, per_device: usize) -> anyhow::Result<
     Ok(())
 }
 
+/// What an operator's request costs: a sign-in (argon2id hash and verify) and the bearer-token
+/// check every API call makes, beside the plain store read it guards.
+fn operators() -> anyhow::Result<()> {
+    use outpost_cloud_sync::operators::{self, admin};
+    let dir = tempfile::tempdir()?;
+    let store = outpost_cloud_sync::Store::open(&dir.path().join("cloud.redb"))?;
+    let t = Instant::now();
+    let rounds = 5;
+    let mut hash = String::new();
+    for _ in 0..rounds {
+        hash = operators::hash_password("correct horse battery staple")?;
+    }
+    let hash_ms = t.elapsed().as_secs_f64() * 1000.0 / f64::from(rounds);
+    let t = Instant::now();
+    for _ in 0..rounds {
+        anyhow::ensure!(operators::verify_password("correct horse battery staple", &hash));
+    }
+    let verify_ms = t.elapsed().as_secs_f64() * 1000.0 / f64::from(rounds);
+    let req = admin::AdminRequest::TokensCreate {
+        name: "bench".into(),
+        roles: vec!["viewer".into()],
+        expires_ms: None,
+    };
+    let reply = admin::execute(&store, &req, "bench", "local", 0)?;
+    let token = reply
+        .text
+        .lines()
+        .find(|l| l.starts_with("opt_"))
+        .unwrap_or_default()
+        .to_string();
+    let n = 20_000u32;
+    let t = Instant::now();
+    for _ in 0..n {
+        let _ = store.device("bench-gw")?;
+    }
+    let read_us = t.elapsed().as_secs_f64() * 1e6 / f64::from(n);
+    let t = Instant::now();
+    for _ in 0..n {
+        anyhow::ensure!(operators::token_principal(&store, &token, 1).is_ok());
+    }
+    let token_us = t.elapsed().as_secs_f64() * 1e6 / f64::from(n);
+    println!("operators: sign-in hash {hash_ms:.1} ms, verify {verify_ms:.1} ms (argon2id, 19 MiB, 2 passes)");
+    println!(
+        "operators: per API call, bearer-token check {token_us:.2} us vs a plain store read {read_us:.2} us ({n} each)"
+    );
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
+    if std::env::args().any(|a| a == "--operators") {
+        return operators();
+    }
+    operators()?;
     wire_bytes();
     for mode in [Mode::Plain, Mode::Secure] {
         connect_setup(mode, 50)?;
