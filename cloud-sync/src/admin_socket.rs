@@ -44,6 +44,8 @@ pub async fn serve(path: &Path, access: Arc<Access>) -> std::io::Result<tokio::t
     Ok(tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
+                // Out of file descriptors and the like: wait rather than spin.
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 continue;
             };
             let access = access.clone();
