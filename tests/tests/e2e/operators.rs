@@ -565,4 +565,6 @@ fn a_sign_on_proxys_header_is_believed_only_from_the_proxy_and_its_roles_file_de
         who.contains(&"alice".to_string()) && who.contains(&"olga".to_string()),
         "{who:?}"
     );
+    // Colour codes only on a terminal: the harness's log file gets plain text (issue 19).
+    assert!(!cloud.log().contains('\u{1b}'), "{}", cloud.log());
 }
