@@ -144,9 +144,19 @@ impl Agent {
         c.wait().ok()
     }
 
-    /// Runs an `outpost` CLI command against this agent.
+    /// Runs an `outpost` CLI command against this agent. A command the agent answers with
+    /// "try again" (its journal is reopening after a storage error, a moment's state while a
+    /// disk is full) is run again for up to 10 s, as its user would.
     pub fn cli(&self, args: &[&str]) -> Output {
-        cli(&self.dir, args)
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let out = cli(&self.dir, args);
+            let transient = !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("; try again");
+            if !transient || Instant::now() > deadline {
+                return out;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// Runs a CLI command with `--json`, asserts success, returns the parsed output.
@@ -426,7 +436,7 @@ pub fn mqtt_try_publish(port: u16, topic: &str, payload: Vec<u8>) -> Result<(), 
     client
         .publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
         .map_err(|e| e.to_string())?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(10);
     let outcome = loop {
         match conn.recv_timeout(Duration::from_millis(200)) {
             Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)))) => break Ok(()),
