@@ -274,6 +274,14 @@ pub fn events<'a>(run: &'a Value, kind: &str, step: &str) -> Vec<&'a Value> {
         .unwrap_or_default()
 }
 
+/// A run's history events of type `kind`, whatever their step (or none).
+pub fn events_of<'a>(run: &'a Value, kind: &str) -> Vec<&'a Value> {
+    run["history"]
+        .as_array()
+        .map(|h| h.iter().filter(|e| e["type"] == kind).collect())
+        .unwrap_or_default()
+}
+
 /// Milliseconds since the epoch of an RFC 3339 timestamp as printed by the agent.
 pub fn ts_ms(v: &Value) -> u64 {
     let s = v.as_str().expect("timestamp string");

@@ -163,6 +163,19 @@ fn free_port() -> u16 {
 /// The admin token of the cloud the bench runs now (made in its store before it starts).
 static TOKEN: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());
 
+/// An API token with `role`, made in `store` as `outpost-cloud tokens create` would.
+fn new_token(store: &outpost_cloud_sync::Store, name: &str, role: &str) -> anyhow::Result<String> {
+    use outpost_cloud_sync::operators::admin;
+    let req = admin::AdminRequest::TokensCreate {
+        name: name.into(),
+        roles: vec![role.into()],
+        expires_ms: None,
+    };
+    let reply = admin::execute(store, &req, "sync-bench", "local", 0)?;
+    let token = reply.text.lines().find(|l| l.starts_with("opt_"));
+    Ok(token.unwrap_or_default().to_string())
+}
+
 fn http_body(port: u16, path: &str) -> Option<Vec<u8>> {
     use std::io::{Read, Write};
     let token = TOKEN.lock().map(|t| t.clone()).unwrap_or_default();
@@ -197,18 +210,7 @@ fn cloud(dir: &std::path::Path, api: u16, mqtt: u16, mode: Mode) -> anyhow::Resu
     std::fs::create_dir_all(dir)?;
     {
         let store = outpost_cloud_sync::Store::open(&dir.join("cloud.redb"))?;
-        let req = outpost_cloud_sync::operators::admin::AdminRequest::TokensCreate {
-            name: format!("bench-{}", fastrand::u32(..)),
-            roles: vec!["admin".into()],
-            expires_ms: None,
-        };
-        let reply = outpost_cloud_sync::operators::admin::execute(&store, &req, "sync-bench", "local", 0)?;
-        let token = reply
-            .text
-            .lines()
-            .find(|l| l.starts_with("opt_"))
-            .unwrap_or_default()
-            .to_string();
+        let token = new_token(&store, &format!("bench-{}", fastrand::u32(..)), "admin")?;
         if let Ok(mut t) = TOKEN.lock() {
             *t = token;
         }
@@ -518,7 +520,7 @@ fn console_pages(api: u16, devices: usize, per_device: usize) -> anyhow::Result<
 /// What an operator's request costs: a sign-in (argon2id hash and verify) and the bearer-token
 /// check every API call makes, beside the plain store read it guards.
 fn operators() -> anyhow::Result<()> {
-    use outpost_cloud_sync::operators::{self, admin};
+    use outpost_cloud_sync::operators;
     let dir = tempfile::tempdir()?;
     let store = outpost_cloud_sync::Store::open(&dir.path().join("cloud.redb"))?;
     let t = Instant::now();
@@ -533,18 +535,7 @@ fn operators() -> anyhow::Result<()> {
         anyhow::ensure!(operators::verify_password("correct horse battery staple", &hash));
     }
     let verify_ms = t.elapsed().as_secs_f64() * 1000.0 / f64::from(rounds);
-    let req = admin::AdminRequest::TokensCreate {
-        name: "bench".into(),
-        roles: vec!["viewer".into()],
-        expires_ms: None,
-    };
-    let reply = admin::execute(&store, &req, "bench", "local", 0)?;
-    let token = reply
-        .text
-        .lines()
-        .find(|l| l.starts_with("opt_"))
-        .unwrap_or_default()
-        .to_string();
+    let token = new_token(&store, "bench", "viewer")?;
     let n = 20_000u32;
     let t = Instant::now();
     for _ in 0..n {

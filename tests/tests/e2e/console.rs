@@ -256,12 +256,7 @@ fn signal_reject_cancel_and_desired_state_from_the_page() {
     let run = agent.json(&["show", "lot-8"]);
     assert_eq!(run["status"], "failed", "{run}");
     // The signal sent from the page names its sender in the gateway's own history.
-    let from: Vec<&Value> = run["history"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["type"] == "signal_from")
-        .collect();
+    let from = outpost_tests::events_of(&run, "signal_from");
     assert_eq!(from.len(), 1, "{run}");
     assert_eq!(from[0]["by"], "bob", "{run}");
     assert!(

@@ -118,22 +118,12 @@ fn early_signal_and_approval_survive_sigkill_and_repeats_are_ignored() {
     assert_eq!(ok["accepted"], true, "{ok}");
     let run = until(&agent, "g1", "the run to complete", |r| r["status"] == "completed");
     assert_eq!(run["output"], serde_json::json!({"lot": 42, "by": me}), "{run}");
-    let signals: Vec<&Value> = run["history"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["type"] == "signal_received")
-        .collect();
+    let signals = outpost_tests::events_of(&run, "signal_received");
     assert_eq!(signals.len(), 2, "one lot signal and one decision: {run}");
     assert_eq!(signals[1]["payload"]["comment"], "lot looks fine");
     assert_eq!(signals[1]["payload"]["by"], me.as_str());
     // Signals sent through the socket name their sender too (one per distinct signal id).
-    let from: Vec<&Value> = run["history"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["type"] == "signal_from")
-        .collect();
+    let from = outpost_tests::events_of(&run, "signal_from");
     assert_eq!(from.len(), 1, "{run}");
     assert_eq!(from[0]["by"], me.as_str(), "{run}");
     // A finished run takes no more signals.
