@@ -9,13 +9,12 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use outpost_shared::definition::{Definition, DefinitionError};
-use outpost_shared::journal::Record;
+use outpost_shared::definition::DefinitionError;
 use outpost_shared::{ErrorInfo, Event};
 use serde::Deserialize;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
-use crate::engine::{self, Phase, RunState, RunStatus};
+use crate::engine::{RunState, RunStatus};
 use crate::journal::{Applied, JournalError, RunRecord};
 use crate::runtime::{Decision, Runtime, RuntimeError, StartRequest};
 
@@ -499,16 +498,18 @@ async fn approve_run(
 pub fn run_detail(rt: &Runtime, id: &str, rec: &RunRecord) -> Result<Value, ApiError> {
     let history = rt.journal().history(id)?;
     let def = rt.definition(&rec.workflow, Some(rec.version))?;
-    let state = RunState::replay(&def, id, history.iter().map(|(_, r)| &r.event))
+    let state = RunState::replay_records(&def, id, &history)
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
     let mut out = run_summary(id, rec);
     out["events"] = history.len().into();
     out["input"] = state.input.clone();
     out["output"] = state.output.clone().unwrap_or(Value::Null);
     out["error"] = state.error.as_ref().map(error_json).unwrap_or(Value::Null);
-    out["steps"] = Value::Array(step_rows(&def, &state, &history));
+    out["steps"] = serde_json::to_value(state.step_rows(&def, now_ms())).unwrap_or_default();
     let held = rt.limits().held(id);
-    out["waiting"] = match (held, waiting(&def, &state)) {
+    let reasons = state.waiting_reasons(&def);
+    let waiting = (!reasons.is_empty()).then(|| reasons.join("; "));
+    out["waiting"] = match (held, waiting) {
         (Some(h), _) if h.starts_with("queued:") => h.into(),
         (Some(h), Some(w)) => format!("{h}; {w}").into(),
         (h, w) => h.or(w).map(Value::from).unwrap_or(Value::Null),
@@ -530,134 +531,4 @@ pub fn run_detail(rt: &Runtime, id: &str, rec: &RunRecord) -> Result<Value, ApiE
             .collect(),
     );
     Ok(out)
-}
-
-/// Why a running run is not progressing, in words.
-fn waiting(def: &Definition, st: &RunState) -> Option<String> {
-    if st.status.is_terminal() {
-        return None;
-    }
-    let mut reasons = Vec::new();
-    if st.status == RunStatus::Compensating
-        && let Some(c) = st.compensations.iter().rev().find(|c| c.phase != Phase::Completed)
-    {
-        let id = &def.doc.steps[c.step].id;
-        reasons.push(format!("compensating {id}: {}", engine::phase_name(&c.phase)));
-    }
-    for (i, s) in st.steps.iter().enumerate() {
-        let id = &def.doc.steps[i].id;
-        match &s.phase {
-            Phase::Running { attempt } => reasons.push(format!("{id}: attempt {attempt} running")),
-            Phase::Backoff { .. } if s.deferred.is_some() => {
-                if let Some((target, until)) = &s.deferred {
-                    reasons.push(format!(
-                        "{id}: held until {} by the open circuit breaker of '{target}'",
-                        rfc3339(*until)
-                    ));
-                }
-            }
-            Phase::Backoff { attempt, retry_at_ms } => reasons.push(format!(
-                "{id}: backing off until {} after {attempt} failed attempt(s){}",
-                rfc3339(*retry_at_ms),
-                s.error
-                    .as_ref()
-                    .map(|e| format!(" (last error: {e})"))
-                    .unwrap_or_default()
-            )),
-            Phase::Timer { fire_at_ms, .. } => reasons.push(format!("{id}: sleeping until {}", rfc3339(*fire_at_ms))),
-            Phase::Waiting { signal, fire_at_ms, .. } => {
-                let what = match signal.strip_prefix("approval:") {
-                    Some(_) => "waiting for approval".to_string(),
-                    None => format!("waiting for signal '{signal}'"),
-                };
-                let until = fire_at_ms
-                    .map(|t| format!(" (times out at {})", rfc3339(t)))
-                    .unwrap_or_default();
-                reasons.push(format!("{id}: {what}{until}"));
-            }
-            _ => {}
-        }
-    }
-    if reasons.is_empty() {
-        None
-    } else {
-        Some(reasons.join("; "))
-    }
-}
-
-fn step_rows(def: &Definition, st: &RunState, history: &[(u64, Record)]) -> Vec<Value> {
-    #[derive(Default)]
-    struct Row {
-        attempts: u32,
-        started: Option<u64>,
-        finished: Option<u64>,
-        key: Option<String>,
-        next_retry: Option<u64>,
-    }
-    let mut rows: Vec<Row> = (0..def.doc.steps.len()).map(|_| Row::default()).collect();
-    for (_, r) in history {
-        let Some(i) = r.event.step().and_then(|s| def.index.get(s).copied()) else {
-            continue;
-        };
-        let row = &mut rows[i];
-        match &r.event {
-            Event::AttemptStarted { key, .. } => {
-                row.attempts += 1;
-                row.started.get_or_insert(r.at_ms);
-                row.key = Some(key.clone());
-                row.finished = None;
-                row.next_retry = None;
-            }
-            Event::TimerSet { .. } => {
-                row.started.get_or_insert(r.at_ms);
-            }
-            Event::AttemptFailed { retry_at_ms, .. } => row.next_retry = *retry_at_ms,
-            Event::StepCompleted { .. } | Event::StepFailed { .. } | Event::StepSkipped { .. } => {
-                row.started.get_or_insert(r.at_ms);
-                row.finished = Some(r.at_ms);
-                row.next_retry = None;
-            }
-            _ => {}
-        }
-    }
-    def.doc
-        .steps
-        .iter()
-        .zip(rows)
-        .zip(&st.steps)
-        .enumerate()
-        .map(|(i, ((step, row), s))| {
-            let mut v = Map::new();
-            if let Some(c) = st.compensations.iter().rev().find(|c| c.step == i)
-                && (c.phase != Phase::Idle || st.status == RunStatus::Compensating)
-            {
-                let name = match c.phase {
-                    Phase::Completed => "compensated",
-                    Phase::Failed => "compensation failed",
-                    Phase::Idle => "compensation pending",
-                    _ => "compensating",
-                };
-                v.insert("compensation".into(), name.into());
-                if let Some(e) = &c.error {
-                    v.insert("compensation_error".into(), error_json(e));
-                }
-            }
-            v.insert("id".into(), step.id.clone().into());
-            v.insert("action".into(), step.action.clone().into());
-            v.insert("status".into(), engine::phase_name(&s.phase).into());
-            v.insert("visits".into(), s.visits.into());
-            v.insert("attempts".into(), row.attempts.into());
-            v.insert("started_at".into(), row.started.map(rfc3339).into());
-            v.insert("finished_at".into(), row.finished.map(rfc3339).into());
-            let end = row
-                .finished
-                .unwrap_or_else(|| if row.started.is_some() { now_ms() } else { 0 });
-            v.insert("duration_ms".into(), row.started.map(|s| end.saturating_sub(s)).into());
-            v.insert("next_retry_at".into(), row.next_retry.map(rfc3339).into());
-            v.insert("idempotency_key".into(), row.key.into());
-            v.insert("output".into(), s.output.clone().unwrap_or(Value::Null));
-            v.insert("error".into(), s.error.as_ref().map(error_json).unwrap_or(Value::Null));
-            Value::Object(v)
-        })
-        .collect()
 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use hyper::{Method, StatusCode};
+use outpost_shared::run::{CompensationStatus, StepRow};
 use serde_json::{Value, json};
 use tracing::{error, info, warn};
 
@@ -791,31 +792,8 @@ async fn remote(client: Client, cmd: Cmd, as_json: bool) -> Result<u8, Failure> 
                 println!("error:     {}: {}", s(&v["error"]["kind"]), s(&v["error"]["message"]));
             }
             println!();
-            let rows = rows_of(&v["steps"], |st| {
-                let detail = if !st["error"].is_null() {
-                    format!("{}: {}", s(&st["error"]["kind"]), s(&st["error"]["message"]))
-                } else if !st["output"].is_null() {
-                    st["output"].to_string()
-                } else {
-                    String::new()
-                };
-                let detail = match st["next_retry_at"].as_str() {
-                    Some(t) => format!("retry at {t}; {detail}"),
-                    None => detail,
-                };
-                let status = match st["compensation"].as_str() {
-                    Some(c) => format!("{}, {c}", s(&st["status"])),
-                    None => s(&st["status"]),
-                };
-                vec![
-                    s(&st["id"]),
-                    s(&st["action"]),
-                    status,
-                    st["attempts"].to_string(),
-                    ms(&st["duration_ms"]),
-                    detail,
-                ]
-            });
+            let steps: Vec<StepRow> = serde_json::from_value(v["steps"].clone()).unwrap_or_default();
+            let rows: Vec<Vec<String>> = steps.iter().map(step_line).collect();
             table(
                 &["STEP", "ACTION", "STATUS", "ATTEMPTS", "DURATION", "OUTPUT / ERROR"],
                 &rows,
@@ -1026,6 +1004,34 @@ async fn remote(client: Client, cmd: Cmd, as_json: bool) -> Result<u8, Failure> 
 }
 
 /// One table row per element of a JSON array.
+/// One row of `show`'s step table.
+fn step_line(st: &StepRow) -> Vec<String> {
+    let detail = match (&st.error, &st.output) {
+        (Some(e), _) => format!("{}: {}", e.kind, e.message),
+        (None, Value::Null) => String::new(),
+        (None, out) => out.to_string(),
+    };
+    let detail = match &st.next_retry_at {
+        Some(t) => format!("retry at {t}; {detail}"),
+        None => detail,
+    };
+    let status = match st.compensation {
+        Some(CompensationStatus::Compensated) => format!("{}, compensated", st.status.as_str()),
+        Some(CompensationStatus::Compensating) => format!("{}, compensating", st.status.as_str()),
+        Some(c) => format!("{}, compensation {}", st.status.as_str(), c.as_str()),
+        None => st.status.as_str().to_string(),
+    };
+    let duration = st.duration_ms.map(|d| ms(&Value::from(d))).unwrap_or_default();
+    vec![
+        st.id.clone(),
+        st.action.clone(),
+        status,
+        st.attempts.to_string(),
+        duration,
+        detail,
+    ]
+}
+
 fn rows_of(v: &Value, row: impl Fn(&Value) -> Vec<String>) -> Vec<Vec<String>> {
     v.as_array().map(|a| a.iter().map(row).collect()).unwrap_or_default()
 }

@@ -686,7 +686,7 @@ impl Runtime {
         payload: Value,
         by: Option<String>,
     ) -> Result<bool, RuntimeError> {
-        if name.is_empty() || name.len() > 128 || name.starts_with("approval:") {
+        if name.is_empty() || name.len() > 128 || engine::SignalName::is_reserved(name) {
             return Err(RuntimeError::Invalid(format!(
                 "signal name '{name}' must be 1-128 characters and not start with 'approval:'"
             )));

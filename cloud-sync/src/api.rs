@@ -303,6 +303,17 @@ async fn run(State(s): S, Path((id, run)): Path<(String, String)>) -> R {
             .run(&id, &run)?
             .ok_or_else(|| StoreError::NotFound(format!("device '{id}' has no run '{run}'")))?;
         let mut v = run_json(&run, &m);
+        // The same fold as the agent's `show`: both sides say the same of every step.
+        let document = store
+            .definition(&id, &m.workflow, m.version)?
+            .and_then(|text| outpost_shared::definition::parse_document(&text).ok());
+        if let Some((def, st)) =
+            outpost_shared::run::fold_mirrored(&m.workflow, m.version, document.as_ref(), &run, &history)
+        {
+            v["steps"] = serde_json::to_value(st.step_rows(&def, crate::service::now_ms())).unwrap_or_default();
+            let reasons = st.waiting_reasons(&def);
+            v["waiting"] = (!reasons.is_empty()).then(|| reasons.join("; ")).into();
+        }
         v["history"] = Value::Array(
             history
                 .iter()

@@ -392,6 +392,60 @@ impl Definition {
     pub fn to_json(&self) -> String {
         serde_json::to_string(&self.doc).unwrap_or_default()
     }
+
+    /// A definition of independent steps with default settings (a stand-in, never run).
+    pub fn from_parts(name: &str, version: u32, steps: Vec<Step>, index: HashMap<String, usize>) -> Definition {
+        let plans = steps
+            .iter()
+            .map(|_| StepPlan {
+                retry: RetryPolicy::none(),
+                timeout: None,
+                max_visits: u32::MAX,
+                deps: Vec::new(),
+                dependents: Vec::new(),
+                compensate: None,
+            })
+            .collect();
+        Definition {
+            doc: Document {
+                name: name.to_string(),
+                version,
+                description: None,
+                kind: Kind::Dag,
+                start: None,
+                steps,
+                output: None,
+                limits: None,
+                schedules: Vec::new(),
+                triggers: Vec::new(),
+            },
+            plans,
+            index,
+            start: 0,
+        }
+    }
+}
+
+impl Step {
+    /// A step known only by its id (its action is not known either).
+    pub fn outline(id: &str) -> Step {
+        Step {
+            id: id.to_string(),
+            action: String::new(),
+            args: Map::new(),
+            depends_on: Vec::new(),
+            when: None,
+            next: None,
+            choices: Vec::new(),
+            default: None,
+            end: None,
+            max_visits: None,
+            retry: None,
+            timeout: None,
+            compensate: None,
+            resource: None,
+        }
+    }
 }
 
 /// One thing wrong with a definition, and where.

@@ -4,79 +4,48 @@
 use std::collections::{BTreeMap, HashMap};
 
 use maud::{Markup, html};
-use outpost_shared::definition::{Document, Kind};
-use outpost_shared::journal::{Event, Record};
+use outpost_shared::definition::{Definition, Document, Kind};
+use outpost_shared::run::{CompensationStatus, RunState};
 
-/// What a step is doing, as far as the run's history tells.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StepState {
-    /// Not reached (yet).
-    Pending,
-    /// An attempt is running.
-    Running,
-    /// Failed an attempt and waits to retry.
-    Retrying,
-    /// Waits for a timer, a signal or an approval.
-    Waiting,
-    /// Succeeded.
-    Completed,
-    /// Failed for good.
-    Failed,
-    /// Skipped (condition false or an upstream step skipped).
-    Skipped,
-    /// Its compensation is running.
-    Compensating,
-    /// Undone by its compensation.
-    Compensated,
-}
+/// Every class a step can have on the graph, in the legend's order: the step's status as the
+/// agent's `show` names it, or its compensation's once the run is undoing.
+pub const LEGEND: [&str; 14] = [
+    "pending",
+    "running",
+    "retrying",
+    "sleeping",
+    "waiting",
+    "timed_out",
+    "completed",
+    "failed",
+    "skipped",
+    "cancelled",
+    "not_run",
+    "compensating",
+    "compensated",
+    "compensation_failed",
+];
 
-impl StepState {
-    /// The CSS class and legend word.
-    pub fn name(self) -> &'static str {
-        match self {
-            StepState::Pending => "pending",
-            StepState::Running => "running",
-            StepState::Retrying => "retrying",
-            StepState::Waiting => "waiting",
-            StepState::Completed => "completed",
-            StepState::Failed => "failed",
-            StepState::Skipped => "skipped",
-            StepState::Compensating => "compensating",
-            StepState::Compensated => "compensated",
-        }
-    }
-}
+/// Legend entries shown even when no step has them.
+pub const ALWAYS_IN_LEGEND: [&str; 5] = ["pending", "running", "waiting", "completed", "failed"];
 
-/// The state of every step the history mentions; the newest event about a step decides.
-pub fn step_states(history: &[(u64, Record)]) -> HashMap<String, StepState> {
-    let mut out = HashMap::new();
-    for (_, r) in history {
-        let (step, state) = match &r.event {
-            Event::AttemptStarted { step, .. } => (step, StepState::Running),
-            Event::AttemptFailed { step, retry_at_ms, .. } => (
-                step,
-                if retry_at_ms.is_some() {
-                    StepState::Retrying
-                } else {
-                    StepState::Failed
-                },
-            ),
-            Event::AttemptDeferred { step, .. } => (step, StepState::Retrying),
-            Event::StepCompleted { step, .. } => (step, StepState::Completed),
-            Event::StepFailed { step, .. } => (step, StepState::Failed),
-            Event::StepSkipped { step, .. } => (step, StepState::Skipped),
-            Event::TimerSet { step, .. } | Event::WaitStarted { step, .. } => (step, StepState::Waiting),
-            Event::TimerFired { step, .. } => (step, StepState::Running),
-            Event::CompensationAttemptStarted { step, .. } | Event::CompensationAttemptFailed { step, .. } => {
-                (step, StepState::Compensating)
-            }
-            Event::StepCompensated { step, .. } => (step, StepState::Compensated),
-            Event::CompensationFailed { step, .. } => (step, StepState::Failed),
-            _ => continue,
-        };
-        out.insert(step.clone(), state);
-    }
-    out
+/// The class of every step: the one fold of the run (`outpost_shared::run`), so the graph says
+/// what the agent's `show` says.
+pub fn step_classes(def: &Definition, st: &RunState) -> HashMap<String, &'static str> {
+    def.doc
+        .steps
+        .iter()
+        .enumerate()
+        .map(|(i, step)| {
+            let class = match st.compensation_status(i) {
+                Some((CompensationStatus::Compensated, _)) => "compensated",
+                Some((CompensationStatus::Failed, _)) => "compensation_failed",
+                Some((CompensationStatus::Compensating | CompensationStatus::Pending, _)) => "compensating",
+                None => st.step_status(i).as_str(),
+            };
+            (step.id.clone(), class)
+        })
+        .collect()
 }
 
 /// An edge between step indices, with an optional label (a choice's condition).
@@ -214,7 +183,7 @@ pub const MAX_GRAPH_STEPS: usize = 500;
 
 /// The graph as inline SVG; every node carries `data-step` and `data-state`. A definition with
 /// more than [`MAX_GRAPH_STEPS`] steps gets a note instead.
-pub fn svg(doc: &Document, states: &HashMap<String, StepState>) -> Markup {
+pub fn svg(doc: &Document, states: &HashMap<String, &'static str>) -> Markup {
     if doc.steps.len() > MAX_GRAPH_STEPS {
         return html! {
             p.note { (doc.steps.len()) " steps: too many to draw (the graph is drawn up to " (MAX_GRAPH_STEPS) "); the step table lists them." }
@@ -254,12 +223,12 @@ pub fn svg(doc: &Document, states: &HashMap<String, StepState>) -> Markup {
             }
             @for (i, step) in doc.steps.iter().enumerate() {
                 @let (x, y) = xy(lay.places[i]);
-                @let state = states.get(&step.id).copied().unwrap_or(StepState::Pending);
-                g class={"node " (state.name())} data-step=(step.id) data-state=(state.name()) {
-                    title { (step.id) " (" (step.action) "): " (state.name()) }
+                @let state = states.get(&step.id).copied().unwrap_or("pending");
+                g class={"node " (state)} data-step=(step.id) data-state=(state) {
+                    title { (step.id) " (" (step.action) "): " (state) }
                     rect x=(x) y=(y) width=(W) height=(H) rx="6" {}
                     text x=(x + 10) y=(y + 17) class="node-id" { (short(&step.id, 20)) }
-                    text x=(x + 10) y=(y + 32) class="node-action" { (short(&step.action, 14)) " · " (state.name()) }
+                    text x=(x + 10) y=(y + 32) class="node-action" { (short(&step.action, 14)) " · " (state) }
                 }
             }
         }
@@ -331,14 +300,22 @@ mod tests {
     }
 
     #[test]
-    fn the_newest_event_decides_a_steps_colour() {
-        use outpost_shared::journal::ErrorInfo;
+    fn a_step_is_coloured_by_the_one_fold_of_its_run() {
+        use outpost_shared::journal::{ErrorInfo, Event, Record};
         let rec = |event| Record {
             run_id: "r".into(),
             at_ms: 1,
             event,
         };
         let h = vec![
+            (
+                0,
+                rec(Event::RunStarted {
+                    workflow: "w".into(),
+                    version: 1,
+                    input: "{}".into(),
+                }),
+            ),
             (
                 1,
                 rec(Event::AttemptStarted {
@@ -369,13 +346,14 @@ mod tests {
                 }),
             ),
         ];
-        let s = step_states(&h);
-        assert_eq!(s["a"], StepState::Retrying);
-        assert_eq!(s["gate"], StepState::Waiting);
         let doc = parse_document(
             r#"{"name":"w","version":1,"steps":[{"id":"a","action":"set"},{"id":"gate","action":"approval","depends_on":["a"]},{"id":"<b>","action":"set"}]}"#,
         )
         .unwrap();
+        let (def, st) = outpost_shared::run::fold_mirrored("w", 1, Some(&doc), "r", &h).unwrap();
+        let s = step_classes(&def, &st);
+        assert_eq!(s["a"], "retrying");
+        assert_eq!(s["gate"], "waiting");
         let out = svg(&doc, &s).into_string();
         assert!(out.contains(r#"data-step="gate" data-state="waiting""#), "{out}");
         assert!(

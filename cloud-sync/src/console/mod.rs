@@ -103,8 +103,8 @@ async fn fleet(State(s): S, caller: Caller) -> Result<Markup, PageError> {
             let runs = store.runs(&id)?;
             let drift = pages::drift(store.desired(&id)?.as_ref(), store.reported(&id)?.as_ref());
             rows.push(pages::FleetRow {
-                active: runs.iter().filter(|(_, m)| pages::is_active(&m.status)).count(),
-                failed: runs.iter().filter(|(_, m)| pages::is_failed(&m.status)).count(),
+                active: runs.iter().filter(|(_, m)| pages::is_active(m.status)).count(),
+                failed: runs.iter().filter(|(_, m)| pages::is_failed(m.status)).count(),
                 total: runs.len(),
                 drift,
                 warnings: store.gateway_security(&id)?.warnings,

@@ -8,6 +8,7 @@ use maud::{DOCTYPE, Markup, html};
 use outpost_shared::definition::Document;
 use outpost_shared::journal::{Event, Record, rfc3339};
 use outpost_shared::protocol::CommandKind;
+use outpost_shared::run::{RunStatus, SignalName, fold_mirrored};
 
 use super::graph;
 use crate::store::{
@@ -39,13 +40,16 @@ pub fn enc(s: &str) -> String {
 }
 
 /// True while a run can still change.
-pub fn is_active(status: &str) -> bool {
-    matches!(status, "running" | "compensating" | "queued")
+pub fn is_active(status: RunStatus) -> bool {
+    !status.is_terminal()
 }
 
 /// True for runs that ended badly.
-pub fn is_failed(status: &str) -> bool {
-    matches!(status, "failed" | "compensation_failed" | "compensated")
+pub fn is_failed(status: RunStatus) -> bool {
+    matches!(
+        status,
+        RunStatus::Failed | RunStatus::CompensationFailed | RunStatus::Compensated
+    )
 }
 
 /// How far a device's reported state is from its desired state.
@@ -470,7 +474,7 @@ pub fn device(v: &DeviceView, viewer: &Viewer, f: &Flash, now: u64) -> Markup {
                                         tr data-run=(id) {
                                             td { a href={"/devices/" (enc(&v.id)) "/runs/" (enc(id))} { (id) } }
                                             td { (m.workflow) " v" (m.version) }
-                                            td { (badge(&m.status)) }
+                                            td { (badge(m.status.as_str())) }
                                             td { (ago(m.created_ms, now)) }
                                             td.num { (run_duration(m, now)) }
                                             td.num { (m.events) }
@@ -561,38 +565,6 @@ pub struct RunView {
     pub health: Option<GatewayHealth>,
 }
 
-/// Steps that wait for an approval now: (step, visit).
-pub fn open_approvals(history: &[(u64, Record)]) -> Vec<String> {
-    let mut open: Vec<String> = Vec::new();
-    for (_, r) in history {
-        match &r.event {
-            Event::WaitStarted { step, signal, .. } if signal.starts_with("approval:") && !open.contains(step) => {
-                open.push(step.clone())
-            }
-            Event::StepCompleted { step, .. } | Event::StepFailed { step, .. } => open.retain(|s| s != step),
-            e if e.is_terminal() => open.clear(),
-            _ => {}
-        }
-    }
-    open
-}
-
-/// Signals the run waits for now (not approvals).
-fn open_waits(history: &[(u64, Record)]) -> Vec<String> {
-    let mut open: Vec<(String, String)> = Vec::new();
-    for (_, r) in history {
-        match &r.event {
-            Event::WaitStarted { step, signal, .. } if !signal.starts_with("approval:") => {
-                open.push((step.clone(), signal.clone()))
-            }
-            Event::StepCompleted { step, .. } | Event::StepFailed { step, .. } => open.retain(|(s, _)| s != step),
-            e if e.is_terminal() => open.clear(),
-            _ => {}
-        }
-    }
-    open.into_iter().map(|(_, s)| s).collect()
-}
-
 fn short_json(text: &str, max: usize) -> String {
     let compact = serde_json::from_str::<serde_json::Value>(text)
         .map(|v| v.to_string())
@@ -675,9 +647,9 @@ fn describe(e: &Event) -> (&'static str, String, String, String) {
         } => (
             "wait",
             step.clone(),
-            match signal.strip_prefix("approval:") {
-                Some(_) => "waiting for approval".to_string(),
-                None => format!("waiting for signal {signal}"),
+            match SignalName::parse(signal) {
+                SignalName::Approval(_) => "waiting for approval".to_string(),
+                SignalName::User(name) => format!("waiting for signal {name}"),
             },
             fire_at_ms
                 .map(|t| format!("times out at {}", rfc3339(t)))
@@ -692,9 +664,9 @@ fn describe(e: &Event) -> (&'static str, String, String, String) {
         Event::SignalReceived { name, payload, .. } => (
             "signal",
             String::new(),
-            match name.strip_prefix("approval:") {
-                Some(step) => format!("decision for {step}"),
-                None => format!("signal {name}"),
+            match SignalName::parse(name) {
+                SignalName::Approval(step) => format!("decision for {step}"),
+                SignalName::User(name) => format!("signal {name}"),
             },
             short_json(payload, 200),
         ),
@@ -752,14 +724,34 @@ fn visit_text(visit: u32) -> String {
 
 /// The run page.
 pub fn run(v: &RunView, viewer: &Viewer, f: &Flash, now: u64) -> Markup {
-    let states = graph::step_states(&v.history);
-    let approvals = open_approvals(&v.history);
-    let waits = open_waits(&v.history);
+    let folded = fold_mirrored(
+        &v.mirror.workflow,
+        v.mirror.version,
+        v.document.as_ref(),
+        &v.run_id,
+        &v.history,
+    );
+    let states = folded
+        .as_ref()
+        .map(|(def, st)| graph::step_classes(def, st))
+        .unwrap_or_default();
+    let open = folded.as_ref().map(|(def, st)| st.open_waits(def)).unwrap_or_default();
+    let approvals: Vec<&str> = open
+        .iter()
+        .filter_map(|(step, s)| matches!(s, SignalName::Approval(_)).then_some(*step))
+        .collect();
+    let waits: Vec<&str> = open
+        .iter()
+        .filter_map(|(_, s)| match s {
+            SignalName::User(name) => Some(name.as_str()),
+            SignalName::Approval(_) => None,
+        })
+        .collect();
     let start = v.history.first().map(|(_, r)| r.at_ms).unwrap_or(v.mirror.created_ms);
-    let active = is_active(&v.mirror.status);
+    let active = is_active(v.mirror.status);
     let run_path = format!("/devices/{}/runs/{}", enc(&v.device), enc(&v.run_id));
     let summary: HashMap<&str, usize> = states.values().fold(HashMap::new(), |mut m, s| {
-        *m.entry(s.name()).or_default() += 1;
+        *m.entry(*s).or_default() += 1;
         m
     });
     layout(
@@ -769,7 +761,7 @@ pub fn run(v: &RunView, viewer: &Viewer, f: &Flash, now: u64) -> Markup {
         html! {
             p.crumbs { a href="/" { "Fleet" } " / " a href={"/devices/" (enc(&v.device))} { (v.device) } " / " (v.run_id) }
             div #run-head data-live {
-                h1 { (v.run_id) " " (badge(&v.mirror.status)) }
+                h1 { (v.run_id) " " (badge(v.mirror.status.as_str())) }
                 p.meta {
                     (v.mirror.workflow) " v" (v.mirror.version) " on " (v.device)
                     " · started " (ago(v.mirror.created_ms, now))
@@ -832,7 +824,7 @@ pub fn run(v: &RunView, viewer: &Viewer, f: &Flash, now: u64) -> Markup {
                         Some(doc) => {
                             (graph::svg(doc, &states))
                             p.legend {
-                                @for s in ["pending", "running", "retrying", "waiting", "completed", "failed", "skipped", "compensating", "compensated"] {
+                                @for s in graph::LEGEND.iter().filter(|s| graph::ALWAYS_IN_LEGEND.contains(s) || summary.contains_key(*s)) {
                                     span class={"key " (s)} { (s) @if let Some(n) = summary.get(s) { " " (n) } }
                                 }
                             }
@@ -1114,34 +1106,6 @@ mod tests {
         assert!(!html.contains("<script>alert"), "{html}");
         assert!(!html.contains("<img src=x>"), "{html}");
         assert!(html.contains("&lt;script&gt;"));
-    }
-
-    #[test]
-    fn approvals_open_while_waiting_and_close_when_decided() {
-        let rec = |event| {
-            (
-                1,
-                Record {
-                    run_id: "r".into(),
-                    at_ms: 1,
-                    event,
-                },
-            )
-        };
-        let wait = rec(Event::WaitStarted {
-            step: "gate".into(),
-            visit: 1,
-            signal: "approval:gate".into(),
-            fire_at_ms: None,
-            duration_ms: 0,
-        });
-        assert_eq!(open_approvals(std::slice::from_ref(&wait)), vec!["gate".to_string()]);
-        let done = rec(Event::StepCompleted {
-            step: "gate".into(),
-            visit: 1,
-            output: "{}".into(),
-        });
-        assert!(open_approvals(&[wait, done]).is_empty());
     }
 
     #[test]

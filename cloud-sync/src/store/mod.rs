@@ -9,6 +9,7 @@ use std::path::Path;
 
 use outpost_shared::journal::{self, Event};
 use outpost_shared::protocol::{Birth, CommandKind, CommandResult, Inventory, Outcome, WireEvent};
+use outpost_shared::run::RunStatus;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 
@@ -171,8 +172,9 @@ pub struct RunMirror {
     pub workflow: String,
     /// Version.
     pub version: u32,
-    /// Status name (`running`, `completed`, …).
-    pub status: String,
+    /// Where the run stands (stored as its name, `running`, `completed`, …).
+    #[serde(with = "outpost_shared::run::status_text")]
+    pub status: RunStatus,
     /// First event time.
     pub created_ms: u64,
     /// End time.
@@ -271,7 +273,7 @@ pub struct BirthOutcome {
 /// Folds one event into its run's mirror (created by the run's first event).
 fn fold(m: &mut Option<RunMirror>, rec: &journal::Record) {
     let m = m.get_or_insert_with(|| RunMirror {
-        status: "running".into(),
+        status: RunStatus::Running,
         created_ms: rec.at_ms,
         ..RunMirror::default()
     });
@@ -280,8 +282,8 @@ fn fold(m: &mut Option<RunMirror>, rec: &journal::Record) {
         m.version = *version;
         m.created_ms = rec.at_ms;
     }
-    if let Some(st) = status_of(&rec.event) {
-        m.status = st.to_string();
+    if let Some(st) = RunStatus::after(&rec.event) {
+        m.status = st;
         m.finished_ms = rec.event.is_terminal().then_some(rec.at_ms);
     }
     m.events += 1;
@@ -457,21 +459,6 @@ fn new_device(devices: &redb::Table<&str, &[u8]>, id: &str, max: u64) -> Result<
     Ok(Device {
         next_seq: 1,
         ..Device::default()
-    })
-}
-
-fn status_of(e: &Event) -> Option<&'static str> {
-    Some(match e {
-        Event::RunCompleted { .. } => "completed",
-        Event::RunFailed { .. } => "failed",
-        Event::RunCancelled { .. } => "cancelled",
-        Event::RunCompensated { .. } => "compensated",
-        Event::RunCompensationFailed { .. } => "compensation_failed",
-        Event::RunTerminated { .. } => "terminated",
-        Event::RunContinued { .. } => "continued",
-        Event::CompensationStarted { .. } => "compensating",
-        Event::RunRetried { .. } => "running",
-        _ => return None,
     })
 }
 
@@ -1276,10 +1263,10 @@ mod tests {
         assert_eq!((c.diverged_from, c.new, c.duplicates, c.next_seq), (Some(3), 1, 1, 4));
         assert_eq!(
             s.run("gw", "r1").unwrap().unwrap().0.status,
-            "running",
+            RunStatus::Running,
             "refolded without its end"
         );
-        assert_eq!(s.run("gw", "r2").unwrap().unwrap().0.status, "cancelled");
+        assert_eq!(s.run("gw", "r2").unwrap().unwrap().0.status, RunStatus::Cancelled);
         let lin = s.lineage("gw").unwrap();
         assert_eq!((lin.archives, lin.archived_events), (1, 2));
         assert_eq!(

@@ -15,6 +15,7 @@ mod limits;
 mod operators;
 mod patterns;
 mod recovery;
+mod run_model;
 mod saga;
 mod schedules;
 mod security;
