@@ -341,6 +341,7 @@ async fn list_runs(State(rt): AppState, Query(q): Query<ListQuery>) -> ApiResult
                     && let Ok(detail) = run_detail(&rt2, &id, &rec)
                 {
                     v["waiting"] = detail["waiting"].clone();
+                    v["status"] = detail["status"].clone();
                 }
                 v
             })
@@ -509,6 +510,10 @@ pub fn run_detail(rt: &Runtime, id: &str, rec: &RunRecord) -> Result<Value, ApiE
     let held = rt.limits().held(id);
     let reasons = state.waiting_reasons(&def);
     let waiting = (!reasons.is_empty()).then(|| reasons.join("; "));
+    if held.as_deref().is_some_and(|h| h.starts_with("queued:")) {
+        // Journaled as running, but admission holds it back: it has not begun.
+        out["status"] = "queued".into();
+    }
     out["waiting"] = match (held, waiting) {
         (Some(h), _) if h.starts_with("queued:") => h.into(),
         (Some(h), Some(w)) => format!("{h}; {w}").into(),

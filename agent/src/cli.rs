@@ -115,8 +115,8 @@ enum Cmd {
     Wait {
         /// Run id.
         run: String,
-        /// Give up after this many seconds (exit code 8).
-        #[arg(long, default_value_t = 3600.0)]
+        /// Give up after this long (exit code 8): `90s`, `5m`, or plain seconds.
+        #[arg(long, default_value = "1h", value_parser = seconds_arg)]
         timeout: f64,
     },
     /// Cancel a running run: stops its activities and records the cancellation.
@@ -381,8 +381,8 @@ struct StartArgs {
     /// Wait for the run to finish and print its result.
     #[arg(long)]
     wait: bool,
-    /// With --wait: give up after this many seconds (exit code 8).
-    #[arg(long, default_value_t = 3600.0)]
+    /// With --wait: give up after this long (exit code 8): `90s`, `5m`, or plain seconds.
+    #[arg(long, default_value = "1h", value_parser = seconds_arg)]
     timeout: f64,
 }
 
@@ -528,11 +528,11 @@ fn validate(files: &[PathBuf], equipment: Option<&Path>, as_json: bool) -> Resul
             Ok(def) => {
                 if !as_json {
                     println!(
-                        "ok: {} defines {} v{} ({} steps, {})",
+                        "ok: {} defines {} v{} ({}, {})",
                         f.display(),
                         def.name(),
                         def.version(),
-                        def.doc.steps.len(),
+                        outpost_shared::count(def.doc.steps.len() as u64, "step"),
                         match def.doc.kind {
                             outpost_shared::definition::Kind::Dag => "dag",
                             outpost_shared::definition::Kind::StateMachine => "state machine",
@@ -660,7 +660,7 @@ fn print_json(v: &Value) {
 fn run_exit(status: &str) -> u8 {
     match status {
         "completed" => exit::OK,
-        "running" => exit::STILL_RUNNING,
+        "running" | "queued" => exit::STILL_RUNNING,
         _ => exit::RUN_UNSUCCESSFUL,
     }
 }
@@ -694,10 +694,10 @@ async fn remote(client: Client, cmd: Cmd, as_json: bool) -> Result<u8, Failure> 
                         "unchanged"
                     };
                     println!(
-                        "{what}: {} v{} ({} steps) from {}",
+                        "{what}: {} v{} ({}) from {}",
                         s(&v["name"]),
                         v["version"],
-                        v["steps"],
+                        outpost_shared::count(v["steps"].as_u64().unwrap_or(0), "step"),
                         f.display()
                     );
                 }
@@ -780,7 +780,11 @@ async fn remote(client: Client, cmd: Cmd, as_json: bool) -> Result<u8, Failure> 
             if !v["finished_at"].is_null() {
                 println!("finished:  {}", s(&v["finished_at"]));
             }
-            println!("duration:  {} ({} events)", ms(&v["duration_ms"]), v["events"]);
+            println!(
+                "duration:  {} ({})",
+                ms(&v["duration_ms"]),
+                outpost_shared::count(v["events"].as_u64().unwrap_or(0), "event")
+            );
             println!("input:     {}", v["input"]);
             if !v["waiting"].is_null() {
                 println!("waiting:   {}", s(&v["waiting"]));
@@ -961,10 +965,10 @@ async fn remote(client: Client, cmd: Cmd, as_json: bool) -> Result<u8, Failure> 
                 }
                 if let Some(r) = v["retention"].as_object() {
                     println!(
-                        "retention:   last pass {}, deleted {} runs ({} events)",
+                        "retention:   last pass {}, deleted {} ({})",
                         s(&r["last_at"]),
-                        r["runs_deleted"],
-                        r["events_deleted"]
+                        outpost_shared::count(r["runs_deleted"].as_u64().unwrap_or(0), "run"),
+                        outpost_shared::count(r["events_deleted"].as_u64().unwrap_or(0), "event")
                     );
                 }
                 println!(
@@ -1004,6 +1008,20 @@ async fn remote(client: Client, cmd: Cmd, as_json: bool) -> Result<u8, Failure> 
 }
 
 /// One table row per element of a JSON array.
+/// A duration option in seconds: `5s`, `2m`, `1h30m` like every other duration, or a plain number.
+fn seconds_arg(text: &str) -> Result<f64, String> {
+    if let Ok(secs) = text.trim().parse::<f64>() {
+        return if secs.is_finite() && secs >= 0.0 {
+            Ok(secs)
+        } else {
+            Err(format!("'{text}' is not a duration (try 30s, 5m or 1h)"))
+        };
+    }
+    outpost_shared::definition::parse_duration(text)
+        .map(|d| d.as_secs_f64())
+        .map_err(|e| format!("{e} (try 30s, 5m or 1h)"))
+}
+
 /// One row of `show`'s step table.
 fn step_line(st: &StepRow) -> Vec<String> {
     let detail = match (&st.error, &st.output) {

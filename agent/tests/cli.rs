@@ -55,3 +55,44 @@ fn talking_to_no_agent_exits_5() {
     assert_eq!(out.status.code(), Some(5));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach the agent"));
 }
+
+#[test]
+fn a_wait_timeout_takes_a_duration_like_every_other_option() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    for t in ["5s", "2m", "1h30m", "90", "0.5"] {
+        let out = outpost(&["wait", "r1", "--timeout", t, "--data-dir", d]);
+        // Accepted: the command gets as far as looking for the agent.
+        assert_eq!(
+            out.status.code(),
+            Some(5),
+            "--timeout {t}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = outpost(&["start", "w", "--wait", "--timeout", t, "--data-dir", d]);
+        assert_eq!(
+            out.status.code(),
+            Some(5),
+            "--timeout {t}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = outpost(&["wait", "r1", "--timeout", "soon", "--data-dir", d]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--timeout") && err.contains("try 30s"), "{err}");
+}
+
+#[test]
+fn one_step_is_one_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let one = dir.path().join("one.yaml");
+    std::fs::write(
+        &one,
+        "name: one\nversion: 1\nsteps:\n  - {id: a, action: set, args: {x: 1}}\n",
+    )
+    .unwrap();
+    let out = outpost(&["validate", one.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("(1 step, dag)"), "{text}");
+}

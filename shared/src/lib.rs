@@ -29,3 +29,23 @@ pub fn unix_user_name(uid: u32) -> String {
         .unwrap_or_else(|| format!("uid{uid}"))
 }
 pub use journal::{ErrorInfo, Event, Record};
+
+/// `n` and the noun, singular for one: `1 step`, `3 steps` (nouns here take an `s`).
+pub fn count(n: impl Into<u64>, noun: &str) -> String {
+    let n = n.into();
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn one_is_singular() {
+        assert_eq!(super::count(1u32, "step"), "1 step");
+        assert_eq!(super::count(0u32, "device"), "0 devices");
+        assert_eq!(super::count(2u64, "event"), "2 events");
+    }
+}

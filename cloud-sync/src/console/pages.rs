@@ -766,7 +766,7 @@ pub fn run(v: &RunView, viewer: &Viewer, f: &Flash, now: u64) -> Markup {
                     (v.mirror.workflow) " v" (v.mirror.version) " on " (v.device)
                     " · started " (ago(v.mirror.created_ms, now))
                     " · " @if v.mirror.finished_ms.is_some() { "took " } @else { "running for " } (run_duration(&v.mirror, now))
-                    " · " (v.mirror.events) " events"
+                    " · " (outpost_shared::count(v.mirror.events, "event"))
                     @if !v.online { " · " span.badge.offline { "device offline" } }
                 }
             }
@@ -945,7 +945,7 @@ pub fn deployment(
         html! {
             p.crumbs { a href="/deployments" { "Deployments" } " / " (id) }
             h1 { "Deployment " (id) }
-            p.meta { (d.workflow) " v" (d.version) " · created " (ago(d.created_ms, now)) " · " (d.devices.len()) " devices" }
+            p.meta { (d.workflow) " v" (d.version) " · created " (ago(d.created_ms, now)) " · " (outpost_shared::count(d.devices.len() as u64, "device")) }
             div #deployment-states data-live {
                 table #deployment-devices {
                     thead { tr { th { "Device" } th { "State" } th { "Reason" } } }

@@ -55,12 +55,20 @@ fn run_limit_queues_durably_rejects_beyond_the_queue_and_shows_why() {
         .unwrap()
         .iter()
         .filter(|r| {
-            r["waiting"]
-                .as_str()
-                .is_some_and(|w| w.starts_with("queued: the agent is at its limit"))
+            r["status"] == "queued"
+                && r["waiting"]
+                    .as_str()
+                    .is_some_and(|w| w.starts_with("queued: the agent is at its limit"))
         })
         .count();
     assert_eq!(queued, 3, "{list}");
+    let running = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["status"] == "running")
+        .count();
+    assert_eq!(running, 2, "a queued run is not listed as running: {list}");
 
     // Queued runs are journaled: a SIGKILL loses none of them, and the limit holds after restart.
     assert_eq!(max_overlap(&log, 0), 2);
