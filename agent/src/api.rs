@@ -89,6 +89,7 @@ impl From<RuntimeError> for ApiError {
                 ApiError::new(StatusCode::NOT_FOUND, "not_found", msg)
             }
             RuntimeError::Finished { .. } => ApiError::new(StatusCode::CONFLICT, "finished", msg),
+            RuntimeError::WrongState(_) => ApiError::new(StatusCode::CONFLICT, "wrong_state", msg),
             RuntimeError::Busy(_) => ApiError::new(StatusCode::TOO_MANY_REQUESTS, "busy", msg),
             RuntimeError::Journal(JournalError::DefinitionConflict { .. }) => {
                 ApiError::new(StatusCode::CONFLICT, "conflict", msg)
@@ -219,8 +220,45 @@ async fn start(
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let req: StartRequest = serde_json::from_str(&body)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", format!("request body: {e}")))?;
+    let asked_workflow = req.workflow.clone();
+    let asked_input = req.input.clone().unwrap_or_else(|| json!({}));
     let resp = rt.start(req).await?;
     let mut out = serde_json::to_value(&resp).unwrap_or_default();
+    if !resp.created {
+        // Reusing an id is how a caller retries a start safely; reusing it for another start
+        // would silently hand back a run that is not the one asked for.
+        let rt2 = rt.clone();
+        let id = resp.run_id.clone();
+        let first = blocking(move || Ok(rt2.journal().first_event(&id)?)).await?;
+        let stored_input = match first.map(|r| r.event) {
+            Some(Event::RunStarted { input, .. }) => serde_json::from_str::<Value>(&input).ok(),
+            _ => None,
+        };
+        if resp.workflow != asked_workflow {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "id_reused",
+                format!(
+                    "run id '{}' already belongs to a run of workflow '{}'; choose another id",
+                    resp.run_id, resp.workflow
+                ),
+            ));
+        }
+        if let Some(stored) = &stored_input
+            && *stored != asked_input
+        {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "id_reused",
+                format!(
+                    "run id '{}' already exists with a different input ({stored}); choose another id, \
+                     or repeat the first input to get that run back",
+                    resp.run_id
+                ),
+            ));
+        }
+        out["same_input"] = json!(stored_input.is_some());
+    }
     if let Some(secs) = q.wait {
         let (rec, end) = rt.wait(&resp.run_id, Some(wait_limit(secs))).await?;
         merge_summary(&mut out, &resp.run_id, &rec, end.as_ref(), &rt)?;
@@ -438,6 +476,9 @@ struct SignalBody {
     payload: Value,
     #[serde(default)]
     id: Option<String>,
+    /// Refuse (and journal nothing) when no step of the run's workflow waits for this name.
+    #[serde(default)]
+    strict: bool,
 }
 
 async fn signal_run(
@@ -448,10 +489,44 @@ async fn signal_run(
 ) -> ApiResult {
     let b: SignalBody = body_or_default(&body)?;
     let by = local_name(peer.map(|p| p.0.0));
+    let rec = rt
+        .journal()
+        .run(&id)?
+        .ok_or_else(|| RuntimeError::NoSuchRun(id.clone()))?;
+    let (names, templated) = rt.definition(&rec.workflow, Some(rec.version))?.signal_names();
+    // A signal no step waits for is kept (a later version's step might) but is most often a
+    // typo, so the caller hears which names the run can receive.
+    let awaited = templated || names.iter().any(|n| *n == b.name);
+    if !awaited && b.strict {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "unknown_signal",
+            format!(
+                "no step of run '{id}' ({}@{}) waits for signal '{}'; it can receive: {}",
+                rec.workflow,
+                rec.version,
+                b.name,
+                names_or_none(&names)
+            ),
+        ));
+    }
     let accepted = rt.signal_from(&id, &b.name, b.id, b.payload, Some(by)).await?;
-    Ok(Json(
-        json!({"run_id": id, "signal": b.name, "accepted": accepted, "duplicate": !accepted}),
-    ))
+    Ok(Json(json!({
+        "run_id": id,
+        "signal": b.name,
+        "accepted": accepted,
+        "duplicate": !accepted,
+        "awaited": awaited,
+        "receivable": names,
+    })))
+}
+
+fn names_or_none(names: &[String]) -> String {
+    if names.is_empty() {
+        "no signals".into()
+    } else {
+        names.join(", ")
+    }
 }
 
 /// Who is on the other end of the API socket (its peer credentials).

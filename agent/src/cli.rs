@@ -155,6 +155,10 @@ enum Cmd {
         /// Signal id; a repeated id is ignored (safe to resend) [default: generated].
         #[arg(long)]
         id: Option<String>,
+        /// Refuse the signal (exit code 3, nothing recorded) when no step of the run waits for
+        /// this name; without it such a signal is kept, with a warning.
+        #[arg(long)]
+        strict: bool,
     },
     /// Approve (or reject with --reject) an approval step that is waiting.
     Approve {
@@ -372,7 +376,8 @@ struct StartArgs {
     /// Input read from a JSON file.
     #[arg(long, value_name = "FILE")]
     input_file: Option<PathBuf>,
-    /// Run id (an existing id returns that run instead of starting another).
+    /// Run id, to make the start safe to repeat: the same id and input again returns that run
+    /// instead of starting another; the same id with another input is refused (exit code 7).
     #[arg(long)]
     id: Option<String>,
     /// Definition version [default: latest].
@@ -591,8 +596,6 @@ fn parse_input(text: &str, what: &str) -> Result<Value, Failure> {
     serde_json::from_str(text).map_err(|e| Failure::new(exit::INVALID, format!("{what} is not valid JSON: {e}")))
 }
 
-/// Prints `v` as JSON with `--json`, otherwise in the command's own form.
-/// This machine's host name (`agent` when unknown).
 /// A broker address from an option.
 fn broker_url(url: &str, option: &str) -> Result<outpost_shared::broker::BrokerUrl, Failure> {
     outpost_shared::broker::BrokerUrl::parse(url, option).map_err(|e| Failure::new(exit::INVALID, e))
@@ -681,12 +684,38 @@ fn print_result(v: &Value) {
 async fn remote(client: Client, cmd: Cmd, as_json: bool) -> Result<u8, Failure> {
     match cmd {
         Cmd::Apply { files } => {
+            // Every file is tried, as `validate` does, so one run reports every bad file.
             let mut out = Vec::new();
+            let mut code = exit::OK;
             for f in &files {
-                let text = read_document(f)?;
-                let v = call(&client, Method::POST, "/v1/definitions", Some(text))
-                    .await
-                    .map_err(|e| Failure::new(e.code, format!("{}: {}", f.display(), e.message)))?;
+                let answer = match read_document(f) {
+                    Ok(text) => match client.request(Method::POST, "/v1/definitions", Some(text)).await {
+                        Ok((status, v)) if status.is_success() => Ok(v),
+                        Ok((status, v)) => {
+                            let problems = v["error"]["problems"].clone();
+                            let e = api_failure(status, &v);
+                            Err((
+                                Failure::new(e.code, format!("{}: {}", f.display(), e.message)),
+                                problems,
+                            ))
+                        }
+                        Err(e) => return Err(e.into()),
+                    },
+                    Err(e) => Err((e, Value::Array(Vec::new()))),
+                };
+                let v = match answer {
+                    Ok(v) => v,
+                    Err((e, problems)) => {
+                        code = code.max(e.code);
+                        if as_json {
+                            let message = e.message.lines().next().unwrap_or_default().to_string();
+                            out.push(json!({"file": f, "ok": false, "error": message, "problems": problems}));
+                        } else {
+                            eprintln!("error: {}", e.message);
+                        }
+                        continue;
+                    }
+                };
                 if !as_json {
                     let what = if v["created"].as_bool() == Some(true) {
                         "applied"
@@ -701,12 +730,15 @@ async fn remote(client: Client, cmd: Cmd, as_json: bool) -> Result<u8, Failure> 
                         f.display()
                     );
                 }
+                let mut v = v;
+                v["file"] = json!(f);
+                v["ok"] = json!(true);
                 out.push(v);
             }
             if as_json {
                 print_json(&Value::Array(out));
             }
-            Ok(exit::OK)
+            Ok(code)
         }
         Cmd::Start(a) => {
             let input = match (&a.input, &a.input_file) {
@@ -730,10 +762,10 @@ async fn remote(client: Client, cmd: Cmd, as_json: bool) -> Result<u8, Failure> 
             } else if a.wait {
                 print_result(&v);
             } else {
-                let note = if v["created"].as_bool() == Some(false) {
-                    " (already existed)"
-                } else {
-                    ""
+                let note = match (v["created"].as_bool(), v["same_input"].as_bool()) {
+                    (Some(false), Some(true)) => " (already existed, same input; nothing new started)",
+                    (Some(false), _) => " (already existed; nothing new started)",
+                    _ => "",
                 };
                 println!("{}{note}", s(&v["run_id"]));
             }
@@ -858,11 +890,32 @@ async fn remote(client: Client, cmd: Cmd, as_json: bool) -> Result<u8, Failure> 
             });
             Ok(exit::OK)
         }
-        Cmd::Signal { run, name, payload, id } => {
+        Cmd::Signal {
+            run,
+            name,
+            payload,
+            id,
+            strict,
+        } => {
             let payload: Value = serde_json::from_str(&payload)
                 .map_err(|e| Failure::new(exit::INVALID, format!("--payload is not JSON: {e}")))?;
-            let body = json!({"name": name, "payload": payload, "id": id}).to_string();
+            let body = json!({"name": name, "payload": payload, "id": id, "strict": strict}).to_string();
             let v = call(&client, Method::POST, &format!("/v1/runs/{run}/signal"), Some(body)).await?;
+            if v["awaited"] == false {
+                let names: Vec<&str> = v["receivable"]
+                    .as_array()
+                    .map(|a| a.iter().filter_map(Value::as_str).collect())
+                    .unwrap_or_default();
+                let can = if names.is_empty() {
+                    "no signals".to_string()
+                } else {
+                    names.join(", ")
+                };
+                eprintln!(
+                    "warning: no step of run {run} waits for signal '{name}' (it can receive: {can}); \
+                     it is kept in case one does. Use --strict to refuse such signals."
+                );
+            }
             show(&v, as_json, |v| {
                 let what = if v["accepted"] == true {
                     "delivered"
@@ -1423,8 +1476,11 @@ async fn daemon(data_dir: &Path, socket: &Path, args: RunArgs) -> Result<u8, Fai
                         }
                     }
                     Err(e) => {
-                        error!(error = %e, "cannot start the run");
-                        exit::INVALID
+                        error!(error = %e, "cannot start the --start run; stopping");
+                        // Keeping a daemon up whose one asked-for run never started would hide
+                        // the mistake behind a healthy-looking service.
+                        let _ = stop_tx.send(Some(start_error_exit(&e)));
+                        return;
                     }
                 };
                 if once {
@@ -1463,6 +1519,19 @@ async fn daemon(data_dir: &Path, socket: &Path, args: RunArgs) -> Result<u8, Fai
         warn!(error = %e, "cannot close the journal cleanly");
     }
     outcome
+}
+
+/// The exit code for a start the runtime refused: the same code `outpost start` gives when the
+/// API refuses it for that reason.
+fn start_error_exit(e: &crate::runtime::RuntimeError) -> u8 {
+    use crate::runtime::RuntimeError as E;
+    match e {
+        E::NoSuchWorkflow { .. } | E::NoSuchRun(_) => exit::NOT_FOUND,
+        E::Invalid(_) | E::Definition(_) => exit::INVALID,
+        E::Busy(_) => exit::BUSY,
+        E::Finished { .. } | E::WrongState(_) => exit::CONFLICT,
+        E::Journal(_) | E::DataDir { .. } => exit::FAILURE,
+    }
 }
 
 fn run_modbus_sim(args: ModbusSimArgs) -> Result<u8, Failure> {

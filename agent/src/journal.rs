@@ -542,6 +542,21 @@ impl Journal {
         Ok(out)
     }
 
+    /// A run's first event (its `RunStarted`, unless retention took the run).
+    pub fn first_event(&self, run_id: &str) -> Result<Option<Record>, JournalError> {
+        let txn = self.db()?.begin_read()?;
+        let idx = txn.open_table(RUN_EVENTS)?;
+        let events = txn.open_table(EVENTS)?;
+        let Some(row) = idx.range((run_id, 0u64)..=(run_id, u64::MAX))?.next() else {
+            return Ok(None);
+        };
+        let seq = row?.0.value().1;
+        match events.get(seq)? {
+            Some(bytes) => Ok(Some(codec::decode(bytes.value())?)),
+            None => Ok(None),
+        }
+    }
+
     /// Events with sequence numbers from `from` on, at most `limit` (the outbox view).
     pub fn events_since(&self, from: u64, limit: usize) -> Result<Vec<(u64, Record)>, JournalError> {
         let txn = self.db()?.begin_read()?;

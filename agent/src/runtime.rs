@@ -91,6 +91,9 @@ pub enum RuntimeError {
         /// Its final status.
         status: &'static str,
     },
+    /// The run is not in a state that allows this (a retry of a run that did not fail).
+    #[error("{0}")]
+    WrongState(String),
     /// A limit is full and the policy (or a full queue) rejects the start.
     #[error(transparent)]
     Busy(#[from] crate::limits::Rejected),
@@ -726,7 +729,7 @@ impl Runtime {
             .run(run_id)?
             .ok_or_else(|| RuntimeError::NoSuchRun(run_id.to_string()))?;
         if rec.status != RunStatus::Failed {
-            return Err(RuntimeError::Invalid(format!(
+            return Err(RuntimeError::WrongState(format!(
                 "run '{run_id}' is {}; only a failed run can be retried",
                 rec.status.as_str()
             )));

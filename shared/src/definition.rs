@@ -388,6 +388,21 @@ impl Definition {
     pub fn step(&self, id: &str) -> Option<(usize, &Step)> {
         self.index.get(id).map(|&i| (i, &self.doc.steps[i]))
     }
+    /// The signal names this workflow's `wait_signal` steps wait for, and whether some step
+    /// computes its name from a template (so any name may be awaited).
+    pub fn signal_names(&self) -> (Vec<String>, bool) {
+        let mut names = Vec::new();
+        let mut templated = false;
+        for step in self.doc.steps.iter().filter(|s| s.action == "wait_signal") {
+            match step.args.get("signal").and_then(Value::as_str) {
+                Some(n) if crate::expr::is_template(n) => templated = true,
+                Some(n) if !names.iter().any(|m| m == n) => names.push(n.to_string()),
+                _ => {}
+            }
+        }
+        (names, templated)
+    }
+
     /// The canonical JSON form, stored in the journal so a run can always re-read its version.
     pub fn to_json(&self) -> String {
         serde_json::to_string(&self.doc).unwrap_or_default()

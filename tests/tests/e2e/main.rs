@@ -9,6 +9,7 @@ mod crash;
 mod durable_sleep;
 mod equipment;
 mod examples;
+mod first_hour;
 mod history;
 mod hostile;
 mod limits;

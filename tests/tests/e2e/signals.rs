@@ -195,7 +195,11 @@ fn rejection_fails_the_run_and_retry_resumes_it_from_the_failed_step() {
     );
     // Only failed runs can be retried.
     let out = agent.cli(&["retry", "g2"]);
-    assert_eq!(code(&out), Some(3));
+    assert_eq!(
+        code(&out),
+        Some(7),
+        "a run that did not fail is a conflict, as approving a finished run is"
+    );
 }
 
 #[test]

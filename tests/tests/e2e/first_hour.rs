@@ -1,0 +1,169 @@
+//! The first hour's papercuts: what a new user's plausible mistakes get from the CLI, with the
+//! same exit code for the same condition in every command.
+
+use std::process::{Output, Stdio};
+use std::time::Duration;
+
+use outpost_tests::{Agent, eventually, outpost_command, write};
+
+const HELLO: &str = r#"
+name: hello
+version: 1
+steps:
+  - id: greet
+    action: set
+    args: {greeting: "hello {{ input.name }}"}
+"#;
+
+const GATE: &str = r#"
+name: gate
+version: 1
+kind: state_machine
+steps:
+  - id: lot
+    action: wait_signal
+    args: {signal: lot-ready}
+    next: release
+  - id: release
+    action: approval
+    next: done
+  - id: done
+    action: set
+    args: {ok: true}
+    end: succeed
+"#;
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[test]
+fn reusing_a_run_id_with_another_input_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(dir.path(), &[]);
+    let file = write(dir.path(), "hello.yaml", HELLO);
+    assert!(agent.cli(&["apply", &file]).status.success());
+
+    let first = agent.cli(&["start", "hello", "--input", r#"{"name": "Ada"}"#, "--id", "greet-1"]);
+    assert!(first.status.success(), "{}", text(&first));
+    assert_eq!(String::from_utf8_lossy(&first.stdout).trim(), "greet-1");
+
+    // The same start again is the safe retry it is meant to be, and says so.
+    let again = agent.cli(&["start", "hello", "--input", r#"{"name":"Ada"}"#, "--id", "greet-1"]);
+    assert!(again.status.success(), "{}", text(&again));
+    assert!(text(&again).contains("already existed, same input"), "{}", text(&again));
+
+    let other = agent.cli(&["start", "hello", "--input", r#"{"name": "Bob"}"#, "--id", "greet-1"]);
+    assert_eq!(other.status.code(), Some(7), "{}", text(&other));
+    let msg = text(&other);
+    assert!(msg.contains("greet-1") && msg.contains("different input"), "{msg}");
+
+    // Nothing new was started: the run still has Ada's input.
+    let run = agent.json(&["show", "greet-1"]);
+    assert_eq!(run["input"]["name"], "Ada");
+    assert_eq!(agent.json(&["list"]).as_array().map(Vec::len), Some(1));
+}
+
+#[test]
+fn a_signal_no_step_waits_for_warns_and_strict_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(dir.path(), &[]);
+    let file = write(dir.path(), "gate.yaml", GATE);
+    assert!(agent.cli(&["apply", &file]).status.success());
+    assert!(agent.cli(&["start", "gate", "--id", "g1"]).status.success());
+
+    let strict = agent.cli(&["signal", "g1", "lot-raedy", "--strict"]);
+    assert_eq!(strict.status.code(), Some(3), "{}", text(&strict));
+    assert!(text(&strict).contains("it can receive: lot-ready"), "{}", text(&strict));
+    let run = agent.json(&["show", "g1", "--history"]);
+    assert!(
+        !run.to_string().contains("lot-raedy"),
+        "a refused signal was journaled: {run}"
+    );
+
+    let typo = agent.cli(&["signal", "g1", "lot-raedy"]);
+    assert!(typo.status.success(), "{}", text(&typo));
+    let err = String::from_utf8_lossy(&typo.stderr);
+    assert!(
+        err.contains("warning") && err.contains("lot-raedy") && err.contains("lot-ready"),
+        "{err}"
+    );
+
+    let right = agent.cli(&["signal", "g1", "lot-ready", "--strict"]);
+    assert!(right.status.success(), "{}", text(&right));
+    assert!(
+        !String::from_utf8_lossy(&right.stderr).contains("warning"),
+        "{}",
+        text(&right)
+    );
+}
+
+#[test]
+fn the_same_condition_gets_the_same_exit_code_in_every_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(dir.path(), &[]);
+    let file = write(dir.path(), "hello.yaml", HELLO);
+    assert!(agent.cli(&["apply", &file]).status.success());
+    let done = agent.cli(&[
+        "start",
+        "hello",
+        "--id",
+        "h1",
+        "--input",
+        r#"{"name": "Ada"}"#,
+        "--wait",
+    ]);
+    assert!(done.status.success(), "{}", text(&done));
+
+    // A finished run: conflict (7) for retry and approve alike.
+    let retry = agent.cli(&["retry", "h1"]);
+    assert_eq!(retry.status.code(), Some(7), "retry: {}", text(&retry));
+    let approve = agent.cli(&["approve", "h1", "greet"]);
+    assert_eq!(approve.status.code(), Some(7), "approve: {}", text(&approve));
+
+    // An unknown workflow: not found (4) for `start` and for `run --start`, which also stops
+    // instead of running on with a run that never began.
+    let start = agent.cli(&["start", "nosuch"]);
+    assert_eq!(start.status.code(), Some(4), "start: {}", text(&start));
+    drop(agent);
+    let other = tempfile::tempdir().unwrap();
+    let mut daemon = outpost_command()
+        .args(["run", "--start", "nosuch", "--data-dir"])
+        .arg(other.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let code = eventually(Duration::from_secs(30), "run --start nosuch to exit", || {
+        daemon.try_wait().ok().flatten()
+    });
+    let out = daemon.wait_with_output().unwrap();
+    assert_eq!(code.code(), Some(4), "run --start: {}", text(&out));
+    assert!(text(&out).contains("'nosuch' is not defined"), "{}", text(&out));
+}
+
+#[test]
+fn apply_json_reports_every_bad_file_as_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(dir.path(), &[]);
+    let good = write(dir.path(), "hello.yaml", HELLO);
+    let bad = write(
+        dir.path(),
+        "bad.yaml",
+        "name: bad\nversion: 1\nsteps:\n  - {id: a, action: teleport}\n  - {id: a, action: set}\n",
+    );
+    let out = agent.cli(&["apply", &bad, &good, "--json"]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
+    let items = v.as_array().expect("an array, one item per file");
+    assert_eq!(items.len(), 2, "{v}");
+    assert_eq!(items[0]["ok"], false);
+    assert_eq!(items[0]["file"], bad.as_str());
+    assert!(items[0]["problems"].as_array().is_some_and(|p| p.len() >= 2), "{v}");
+    assert_eq!(items[1]["ok"], true);
+    assert_eq!(items[1]["name"], "hello");
+}
