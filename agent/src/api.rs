@@ -35,6 +35,7 @@ pub fn router(rt: Runtime) -> Router {
         .route("/v1/runs", post(start).get(list_runs))
         .route("/v1/runs/{id}", get(show_run))
         .route("/v1/runs/{id}/wait", get(wait_run))
+        .route("/v1/runs/{id}/events", get(run_events))
         .route("/v1/runs/{id}/cancel", post(cancel_run))
         .route("/v1/runs/{id}/terminate", post(terminate_run))
         .route("/v1/runs/{id}/retry", post(retry_run))
@@ -413,6 +414,59 @@ async fn wait_run(State(rt): AppState, Path(id): Path<String>, Query(q): Query<W
     Ok(Json(out))
 }
 
+#[derive(Deserialize)]
+struct EventsQuery {
+    /// Only events with a larger sequence number.
+    #[serde(default)]
+    after: u64,
+    /// Seconds to wait for a first new event when there is none yet (long poll).
+    wait: Option<f64>,
+}
+
+/// A run's events after a sequence number, waiting (long poll) for the next one when there is
+/// none yet: `start --wait` and `show --follow` follow a run with it.
+async fn run_events(State(rt): AppState, Path(id): Path<String>, Query(q): Query<EventsQuery>) -> ApiResult {
+    let limit = q.wait.map(wait_limit).unwrap_or(Duration::ZERO);
+    let deadline = tokio::time::Instant::now() + limit;
+    // Subscribed before the first read, so a commit between the read and the wait wakes it.
+    let mut commits = rt.journal().commits();
+    loop {
+        let (rt2, id2, after) = (rt.clone(), id.clone(), q.after);
+        let (rec, rows) = blocking(move || {
+            let rec = rt2
+                .journal()
+                .run(&id2)?
+                .ok_or_else(|| ApiError::from(RuntimeError::NoSuchRun(id2.clone())))?;
+            let rows: Vec<Value> = rt2
+                .journal()
+                .history(&id2)?
+                .iter()
+                .filter(|(seq, _)| *seq > after)
+                .map(|(seq, r)| outpost_shared::journal::history_row(*seq, r))
+                .collect();
+            Ok((rec, rows))
+        })
+        .await?;
+        let now = tokio::time::Instant::now();
+        if !rows.is_empty() || rec.status.is_terminal() || now >= deadline {
+            let last = rows.last().and_then(|r| r["seq"].as_u64()).unwrap_or(q.after);
+            return Ok(Json(json!({
+                "run_id": id,
+                "status": rec.status.as_str(),
+                "events": rows,
+                "last_seq": last,
+            })));
+        }
+        if tokio::time::timeout(deadline - now, commits.changed())
+            .await
+            .is_ok_and(|r| r.is_err())
+        {
+            // The journal is closing: answer with what there is.
+            tokio::time::sleep_until(deadline).await;
+        }
+    }
+}
+
 #[derive(Deserialize, Default)]
 struct ReasonBody {
     reason: Option<String>,
@@ -496,7 +550,7 @@ async fn signal_run(
     let (names, templated) = rt.definition(&rec.workflow, Some(rec.version))?.signal_names();
     // A signal no step waits for is kept (a later version's step might) but is most often a
     // typo, so the caller hears which names the run can receive.
-    let awaited = templated || names.iter().any(|n| *n == b.name);
+    let awaited = templated || names.contains(&b.name);
     if !awaited && b.strict {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,

@@ -110,6 +110,9 @@ enum Cmd {
         /// Also print the run's full event history.
         #[arg(long)]
         history: bool,
+        /// Then keep printing the run's new events as they happen, until it ends (Ctrl-C stops).
+        #[arg(long, short = 'f')]
+        follow: bool,
     },
     /// Wait for a run to finish.
     Wait {
@@ -668,6 +671,94 @@ fn run_exit(status: &str) -> u8 {
     }
 }
 
+/// Prints `run`'s events after `after` as progress lines until the run ends (or `deadline`).
+async fn follow_run(
+    client: &Client,
+    run: &str,
+    mut after: u64,
+    deadline: Option<tokio::time::Instant>,
+    out: &mut dyn std::io::Write,
+) -> Result<(), Failure> {
+    loop {
+        let wait = match deadline {
+            Some(d) => d
+                .saturating_duration_since(tokio::time::Instant::now())
+                .min(Duration::from_secs(30)),
+            None => Duration::from_secs(30),
+        };
+        let path = format!(
+            "/v1/runs/{run}/events?after={after}&wait={}",
+            wait.as_secs_f64().max(0.001)
+        );
+        let v = call(client, Method::GET, &path, None).await?;
+        for e in v["events"].as_array().into_iter().flatten() {
+            if let Some(line) = progress_line(e) {
+                let _ = writeln!(out, "{line}");
+            }
+        }
+        after = v["last_seq"].as_u64().unwrap_or(after);
+        let ended = !matches!(v["status"].as_str(), Some("running" | "queued"));
+        if ended || deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+            return Ok(());
+        }
+    }
+}
+
+/// `show --json --follow`: each new event as one JSON line until the run ends.
+async fn follow_json(client: &Client, run: &str, mut after: u64) -> Result<(), Failure> {
+    loop {
+        let v = call(
+            client,
+            Method::GET,
+            &format!("/v1/runs/{run}/events?after={after}&wait=30"),
+            None,
+        )
+        .await?;
+        for e in v["events"].as_array().into_iter().flatten() {
+            println!("{e}");
+        }
+        after = v["last_seq"].as_u64().unwrap_or(after);
+        if !matches!(v["status"].as_str(), Some("running" | "queued")) {
+            return Ok(());
+        }
+    }
+}
+
+/// One line for a human following a run, or `None` for events the final result covers.
+fn progress_line(e: &Value) -> Option<String> {
+    let step = s(&e["step"]);
+    let what = match s(&e["type"]).as_str() {
+        "attempt_started" => match e["attempt"].as_u64() {
+            Some(n) if n > 1 => format!("step {step} retrying (attempt {n})"),
+            _ => format!("step {step} started"),
+        },
+        "attempt_failed" => format!(
+            "step {step} attempt {} failed: {}",
+            e["attempt"],
+            s(&e["error"]["message"])
+        ),
+        "attempt_deferred" => format!("step {step} held back: {} is failing (circuit open)", s(&e["target"])),
+        "step_completed" => format!("step {step} completed"),
+        "step_failed" => format!("step {step} failed: {}", s(&e["error"]["message"])),
+        "step_skipped" => format!("step {step} skipped"),
+        "timer_set" => format!("step {step} sleeping"),
+        "wait_started" => match s(&e["signal"]) {
+            sig if sig.starts_with("approval:") => format!("step {step} waits for approval"),
+            sig => format!("step {step} waits for signal '{sig}'"),
+        },
+        "signal_received" => format!("signal '{}' received", s(&e["name"])),
+        "compensation_started" => format!("compensating: {}", s(&e["error"]["message"])),
+        "step_compensated" => format!("step {step} compensated"),
+        "compensation_failed" => format!("step {step} compensation failed"),
+        "run_retried" => format!("retried by {}", s(&e["by"])),
+        _ => return None,
+    };
+    // `at` is RFC 3339; the time of day is what a person following along wants.
+    let at = s(&e["at"]);
+    let clock = at.get(11..19).unwrap_or(&at);
+    Some(format!("{clock}  {what}"))
+}
+
 fn print_result(v: &Value) {
     println!("run {} {}", s(&v["run_id"]), s(&v["status"]));
     if !v["waiting"].is_null() {
@@ -751,7 +842,7 @@ async fn remote(client: Client, cmd: Cmd, as_json: bool) -> Result<u8, Failure> 
                 (None, None) => None,
             };
             let body = json!({"workflow": a.workflow, "version": a.version, "input": input, "id": a.id});
-            let path = if a.wait {
+            let path = if a.wait && as_json {
                 format!("/v1/runs?wait={}", a.timeout)
             } else {
                 "/v1/runs".into()
@@ -760,7 +851,16 @@ async fn remote(client: Client, cmd: Cmd, as_json: bool) -> Result<u8, Failure> 
             if as_json {
                 print_json(&v);
             } else if a.wait {
+                // The id at once, then each step as it goes (on stderr: stdout keeps the result
+                // scripts read), as `temporal workflow execute` does.
+                let id = s(&v["run_id"]).to_string();
+                eprintln!("run {id} started ({} v{})", s(&v["workflow"]), v["version"]);
+                let deadline =
+                    tokio::time::Instant::now() + Duration::try_from_secs_f64(a.timeout).unwrap_or(Duration::MAX / 4);
+                follow_run(&client, &id, 0, Some(deadline), &mut std::io::stderr()).await?;
+                let v = call(&client, Method::GET, &format!("/v1/runs/{id}/wait?timeout=0.001"), None).await?;
                 print_result(&v);
+                return Ok(run_exit(v["status"].as_str().unwrap_or("")));
             } else {
                 let note = match (v["created"].as_bool(), v["same_input"].as_bool()) {
                     (Some(false), Some(true)) => " (already existed, same input; nothing new started)",
@@ -799,10 +899,17 @@ async fn remote(client: Client, cmd: Cmd, as_json: bool) -> Result<u8, Failure> 
             });
             Ok(exit::OK)
         }
-        Cmd::Show { run, history } => {
+        Cmd::Show { run, history, follow } => {
             let v = call(&client, Method::GET, &format!("/v1/runs/{run}"), None).await?;
+            let last_seq = v["history"]
+                .as_array()
+                .and_then(|h| h.iter().filter_map(|e| e["seq"].as_u64()).max())
+                .unwrap_or(0);
             if as_json {
                 print_json(&v);
+                if follow {
+                    follow_json(&client, &run, last_seq).await?;
+                }
                 return Ok(exit::OK);
             }
             println!("run:       {}", s(&v["run_id"]));
@@ -852,6 +959,18 @@ async fn remote(client: Client, cmd: Cmd, as_json: bool) -> Result<u8, Failure> 
                     ]
                 });
                 table(&["SEQ", "AT", "EVENT", "STEP", "DETAIL"], &rows);
+            }
+            if follow && matches!(v["status"].as_str(), Some("running" | "queued")) {
+                println!("\nfollowing run {run} (Ctrl-C stops)…");
+                follow_run(&client, &run, last_seq, None, &mut std::io::stdout()).await?;
+                let v = call(
+                    &client,
+                    Method::GET,
+                    &format!("/v1/runs/{run}/wait?timeout=0.001"),
+                    None,
+                )
+                .await?;
+                print_result(&v);
             }
             Ok(exit::OK)
         }

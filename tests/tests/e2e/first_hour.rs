@@ -167,3 +167,58 @@ fn apply_json_reports_every_bad_file_as_json() {
     assert_eq!(items[1]["ok"], true);
     assert_eq!(items[1]["name"], "hello");
 }
+
+const STEPS: &str = r#"
+name: steps
+version: 1
+steps:
+  - id: first
+    action: set
+    args: {n: 1}
+  - id: nap
+    action: sleep
+    args: {duration: 1s}
+    depends_on: [first]
+  - id: last
+    action: set
+    args: {n: 2}
+    depends_on: [nap]
+"#;
+
+#[test]
+fn start_wait_prints_the_id_at_once_then_each_step_and_show_follow_streams() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(dir.path(), &[]);
+    let file = write(dir.path(), "steps.yaml", STEPS);
+    assert!(agent.cli(&["apply", &file]).status.success());
+
+    let out = agent.cli(&["start", "steps", "--id", "s1", "--wait"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = err.lines().collect();
+    assert!(
+        lines
+            .first()
+            .is_some_and(|l| l.starts_with("run s1 started (steps v1)")),
+        "{err}"
+    );
+    for want in ["step first completed", "step nap sleeping", "step last completed"] {
+        assert!(lines.iter().any(|l| l.ends_with(want)), "no '{want}' in:\n{err}");
+    }
+    // stdout still carries just the result, for scripts.
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("run s1 completed"),
+        "{}",
+        text(&out)
+    );
+
+    assert!(agent.cli(&["start", "steps", "--id", "s2"]).status.success());
+    let out = agent.cli(&["show", "s2", "--follow"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(shown.contains("step last completed"), "{shown}");
+    assert!(
+        shown.trim_end().ends_with("output: {\"n\":2}") || shown.contains("run s2 completed"),
+        "{shown}"
+    );
+}
