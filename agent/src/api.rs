@@ -143,6 +143,22 @@ async fn status(State(rt): AppState) -> ApiResult {
     let (next_seq, timers) = blocking(move || Ok((rt2.journal().next_seq()?, rt2.journal().timers()?))).await?;
     let s = rt.journal().stats();
     let ord = std::sync::atomic::Ordering::Relaxed;
+    let (mut schedules, mut mqtt, mut directories) = (0usize, 0usize, 0usize);
+    for def in rt.latest_definitions() {
+        schedules += def.doc.schedules.len();
+        mqtt += def.doc.triggers.iter().filter(|t| t.mqtt.is_some()).count();
+        directories += def.doc.triggers.iter().filter(|t| t.directory.is_some()).count();
+    }
+    let devices: Vec<Value> = rt
+        .registry()
+        .equipment()
+        .map(|eq| {
+            eq.names()
+                .into_iter()
+                .map(|n| json!({"name": n, "kind": eq.kind_of(&n).unwrap_or("device")}))
+                .collect()
+        })
+        .unwrap_or_default();
     Ok(Json(json!({
         "version": env!("CARGO_PKG_VERSION"),
         "pid": std::process::id(),
@@ -162,6 +178,8 @@ async fn status(State(rt): AppState) -> ApiResult {
             })),
         },
         "timers": {"pending": timers.len(), "next_at": timers.first().map(|t| rfc3339(t.0))},
+        "triggers": {"schedules": schedules, "mqtt": mqtt, "directories": directories},
+        "equipment": {"devices": devices},
         "retention": rt.last_prune().map(|(at, p)| json!({
             "last_at": rfc3339(at), "runs_deleted": p.runs, "events_deleted": p.events,
             "commands_forgotten": p.commands, "definitions_deleted": p.definitions,

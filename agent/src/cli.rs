@@ -704,6 +704,31 @@ async fn follow_run(
     }
 }
 
+/// The sync subsystem in one line: the link, the acknowledged sequence, the backlog, the last error.
+fn sync_line(sync: &Value) -> String {
+    if sync.is_null() {
+        return "off (no --cloud; runs are kept only here)".into();
+    }
+    let link = if sync["connected"] == true {
+        format!("connected to {}", s(&sync["broker"]))
+    } else {
+        format!("DISCONNECTED from {} (retrying)", s(&sync["broker"]))
+    };
+    let mut line = format!(
+        "{link}, acknowledged through seq {}, backlog {}",
+        sync["acked_seq"],
+        outpost_shared::count(sync["backlog_events"].as_u64().unwrap_or(0), "event")
+    );
+    if let Some(e) = sync["last_error"].as_object() {
+        line.push_str(&format!(
+            "; last error {}: {}",
+            e.get("at").map(s).unwrap_or_default(),
+            e.get("error").map(s).unwrap_or_default()
+        ));
+    }
+    line
+}
+
 /// `show --json --follow`: each new event as one JSON line until the run ends.
 async fn follow_json(client: &Client, run: &str, mut after: u64) -> Result<(), Failure> {
     loop {
@@ -1117,6 +1142,34 @@ async fn remote(client: Client, cmd: Cmd, as_json: bool) -> Result<u8, Failure> 
                         s(&e["since"]),
                         s(&e["error"]),
                         e["blocked_runs"]
+                    );
+                }
+                println!("sync:        {}", sync_line(&v["sync"]));
+                let t = &v["triggers"];
+                let n = |k: &str| t[k].as_u64().unwrap_or(0);
+                if n("schedules") + n("mqtt") + n("directories") == 0 {
+                    println!("triggers:    none (definitions declare schedules and triggers)");
+                } else {
+                    println!(
+                        "triggers:    {}, {}, {}",
+                        outpost_shared::count(n("schedules"), "schedule"),
+                        outpost_shared::count(n("mqtt"), "MQTT trigger"),
+                        outpost_shared::count(n("directories"), "watched directory")
+                    );
+                }
+                let devices: Vec<String> = v["equipment"]["devices"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|d| format!("{} ({})", s(&d["name"]), s(&d["kind"])))
+                    .collect();
+                if devices.is_empty() {
+                    println!("equipment:   none (--equipment FILE configures devices)");
+                } else {
+                    println!(
+                        "equipment:   {}: {}",
+                        outpost_shared::count(devices.len() as u64, "device"),
+                        devices.join(", ")
                     );
                 }
                 for b in v["breakers"].as_array().into_iter().flatten() {

@@ -128,6 +128,10 @@ pub struct SyncState {
     pub refusals: std::sync::Mutex<std::collections::VecDeque<String>>,
     /// Notified on every refusal, so the fleet hears of it.
     pub refused: tokio::sync::Notify,
+    /// The broker, as `host:port`, for `status`.
+    pub broker: std::sync::Mutex<String>,
+    /// Why the link last went down, and when (ms since the epoch), for `status`.
+    pub last_error: std::sync::Mutex<Option<(String, u64)>>,
 }
 
 impl SyncState {
@@ -161,7 +165,16 @@ impl SyncState {
     /// For `outpost status`.
     pub fn view(&self, next_seq: u64) -> Value {
         let o = Ordering::Relaxed;
+        let broker = self.broker.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let last_error = self
+            .last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|(e, at)| json!({"error": e, "at": outpost_shared::journal::rfc3339(*at)}));
         json!({
+            "broker": broker,
+            "last_error": last_error,
             "connected": self.connected.load(o),
             "epoch": self.epoch.load(o),
             "acked_seq": self.acked.load(o).saturating_sub(1),
@@ -425,6 +438,7 @@ pub async fn start(rt: Runtime, config: SyncConfig) -> Result<Arc<SyncState>, Ru
         }
     };
     let state = Arc::new(SyncState::default());
+    *state.broker.lock().unwrap_or_else(|p| p.into_inner()) = format!("{}:{}", config.host, config.port);
     state.journal_id.store(journal_id, Ordering::Relaxed);
     state.acked.store(acked, Ordering::Relaxed);
     state.sent.store(acked, Ordering::Relaxed);
@@ -735,6 +749,7 @@ async fn poll(
                 }
                 let wait = backoff.mul_f64(0.5 + fastrand::f64());
                 warn!(error = %e, retry_in = ?wait, "sync disconnected");
+                *state.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some((e.to_string(), rt.clock_ms()));
                 tokio::time::sleep(wait).await;
                 // Capped low: a gateway should be back within seconds of its link.
                 backoff = (backoff * 2).min(Duration::from_secs(10));

@@ -136,6 +136,7 @@ const ENGINE_ACTIONS: &[(&str, Signature)] = &[
 #[derive(Clone, Default)]
 pub struct Registry {
     actions: BTreeMap<String, Arc<dyn Action>>,
+    equipment: Option<Arc<crate::equipment::Equipment>>,
 }
 
 impl Registry {
@@ -155,7 +156,13 @@ impl Registry {
         for (name, op) in equipment::Op::ALL {
             self.register(name, equipment::EquipmentAction::new(op, equipment.clone()));
         }
+        self.equipment = equipment;
         self
+    }
+
+    /// The configured equipment, if any (for `status`).
+    pub fn equipment(&self) -> Option<&Arc<crate::equipment::Equipment>> {
+        self.equipment.as_ref()
     }
 
     /// Adds (or replaces) an action.

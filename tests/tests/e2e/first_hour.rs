@@ -222,3 +222,33 @@ fn start_wait_prints_the_id_at_once_then_each_step_and_show_follow_streams() {
         "{shown}"
     );
 }
+
+#[test]
+fn human_status_has_a_line_per_subsystem_with_the_sync_link_and_its_last_error() {
+    let dir = tempfile::tempdir().unwrap();
+    // Nothing listens on port 1: the link stays down and says why.
+    let agent = Agent::start(dir.path(), &["--cloud", "mqtt://127.0.0.1:1", "--device-id", "gw-s"]);
+    let file = write(dir.path(), "hello.yaml", HELLO);
+    assert!(agent.cli(&["apply", &file]).status.success());
+    let out = eventually(Duration::from_secs(20), "status to show the last sync error", || {
+        let out = agent.cli(&["status"]);
+        String::from_utf8_lossy(&out.stdout)
+            .contains("last error")
+            .then_some(out)
+    });
+    assert!(out.status.success(), "{}", text(&out));
+    let shown = String::from_utf8_lossy(&out.stdout);
+    for subsystem in ["journal:", "sync:", "triggers:", "equipment:", "timers:"] {
+        assert!(
+            shown.lines().any(|l| l.starts_with(subsystem)),
+            "no {subsystem} line:\n{shown}"
+        );
+    }
+    let sync = shown.lines().find(|l| l.starts_with("sync:")).unwrap_or_default();
+    assert!(
+        sync.contains("DISCONNECTED from 127.0.0.1:1")
+            && sync.contains("acknowledged through seq")
+            && sync.contains("backlog"),
+        "{sync}"
+    );
+}
