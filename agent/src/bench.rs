@@ -118,7 +118,11 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 }
 
 /// Runs the benchmark and prints its figures.
-pub async fn run(args: BenchArgs) -> anyhow::Result<u8> {
+pub async fn run(args: BenchArgs, json: bool) -> anyhow::Result<u8> {
+    let mut report = Report {
+        json,
+        figures: serde_json::Map::new(),
+    };
     let tmp;
     let dir = match &args.dir {
         Some(d) => d.clone(),
@@ -130,10 +134,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<u8> {
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut child = spawn_agent(&dir)?;
     let result = if args.footprint {
-        footprint(&args, &dir, &mut child).await
+        footprint(&args, &dir, &mut child, &mut report).await
     } else {
-        measure(&args, &dir.join("outpost.sock"), &mut child).await
+        measure(&args, &dir.join("outpost.sock"), &mut child, &mut report).await
     };
+    if json && result.is_ok() {
+        println!("{}", serde_json::Value::Object(report.figures));
+    }
     let _ = child.kill().await;
     if !args.keep && args.dir.is_none() {
         let _ = std::fs::remove_dir_all(&dir);
@@ -208,27 +215,53 @@ async fn drive(
     Ok(latencies)
 }
 
-fn fig(name: &str, value: String) {
-    println!("  {name:<34}{value}");
+/// The figures of one benchmark: printed as they come, or as one JSON object with `--json`.
+struct Report {
+    json: bool,
+    figures: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Report {
+    fn fig(&mut self, name: &str, value: String) {
+        if self.json {
+            self.figures.insert(name.to_string(), value.into());
+        } else {
+            println!("  {name:<34}{value}");
+        }
+    }
+
+    /// A line of context (a heading, progress); on stderr with `--json`, so stdout stays JSON.
+    fn say(&self, line: String) {
+        if self.json {
+            eprintln!("{line}");
+        } else {
+            println!("{line}");
+        }
+    }
 }
 
 fn mb(kib: u64) -> String {
     format!("{:.1} MB", kib as f64 / 1024.0)
 }
 
-async fn footprint(args: &BenchArgs, dir: &Path, child: &mut tokio::process::Child) -> anyhow::Result<()> {
+async fn footprint(
+    args: &BenchArgs,
+    dir: &Path,
+    child: &mut tokio::process::Child,
+    r: &mut Report,
+) -> anyhow::Result<()> {
     let socket = dir.join("outpost.sock");
     wait_for_socket(&socket, child).await?;
     let client = Client::new(&socket);
     let pid = child.id().context("agent pid")?;
     let exe = std::env::current_exe()?;
-    println!("Footprint of {} ({})", exe.display(), std::env::consts::ARCH);
-    fig(
+    r.say(format!("Footprint of {} ({})", exe.display(), std::env::consts::ARCH));
+    r.fig(
         "binary size",
         format!("{:.2} MB", std::fs::metadata(&exe)?.len() as f64 / 1e6),
     );
     tokio::time::sleep(Duration::from_secs(1)).await;
-    fig("idle RSS after start", mb(rss_kib(pid, "VmRSS:").unwrap_or(0)));
+    r.fig("idle RSS after start", mb(rss_kib(pid, "VmRSS:").unwrap_or(0)));
 
     apply(
         &client,
@@ -248,7 +281,7 @@ async fn footprint(args: &BenchArgs, dir: &Path, child: &mut tokio::process::Chi
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
-    fig(
+    r.fig(
         &format!("RSS with {} active runs", args.active_runs),
         format!(
             "{} (peak {})",
@@ -260,7 +293,7 @@ async fn footprint(args: &BenchArgs, dir: &Path, child: &mut tokio::process::Chi
     let cpu0 = cpu_secs(pid);
     tokio::time::sleep(Duration::from_secs(args.idle_secs)).await;
     let cpu = cpu_secs(pid) - cpu0;
-    fig(
+    r.fig(
         &format!("CPU over {} s idle ({} timers)", args.idle_secs, args.active_runs),
         format!("{:.3} s = {:.3} %", cpu, 100.0 * cpu / args.idle_secs as f64),
     );
@@ -270,10 +303,12 @@ async fn footprint(args: &BenchArgs, dir: &Path, child: &mut tokio::process::Chi
     let have = st["journal"]["next_seq"].as_u64().unwrap_or(1) - 1;
     // W1 runs journal 5 events each.
     let runs = args.journal_events.saturating_sub(have).div_ceil(5) as usize;
-    print!("  (filling the journal with {runs} runs ...");
     let t0 = Instant::now();
     drive(&socket, "bench-w1", runs, args.concurrency, true).await?;
-    println!(" {:.1} s)", t0.elapsed().as_secs_f64());
+    r.say(format!(
+        "  (filled the journal with {runs} runs in {:.1} s)",
+        t0.elapsed().as_secs_f64()
+    ));
     let (_, st) = client.request(Method::GET, "/v1/status", None).await?;
     let events = st["journal"]["next_seq"].as_u64().unwrap_or(1) - 1;
 
@@ -283,7 +318,7 @@ async fn footprint(args: &BenchArgs, dir: &Path, child: &mut tokio::process::Chi
     wait_for_socket(&socket, child).await?;
     let startup = t0.elapsed();
     let size = std::fs::metadata(dir.join("journal.redb"))?.len();
-    fig(
+    r.fig(
         &format!("start-up with {events} events"),
         format!(
             "{:.0} ms to a ready API, {} runs resumed (journal file {:.1} MB)",
@@ -293,11 +328,16 @@ async fn footprint(args: &BenchArgs, dir: &Path, child: &mut tokio::process::Chi
         ),
     );
     let pid = child.id().context("agent pid")?;
-    fig("RSS after that start-up", mb(rss_kib(pid, "VmRSS:").unwrap_or(0)));
+    r.fig("RSS after that start-up", mb(rss_kib(pid, "VmRSS:").unwrap_or(0)));
     Ok(())
 }
 
-async fn measure(args: &BenchArgs, socket: &Path, child: &mut tokio::process::Child) -> anyhow::Result<()> {
+async fn measure(
+    args: &BenchArgs,
+    socket: &Path,
+    child: &mut tokio::process::Child,
+    r: &mut Report,
+) -> anyhow::Result<()> {
     wait_for_socket(socket, child).await?;
     let pid = child.id().context("agent pid")?;
     let client = Client::new(socket);
@@ -306,10 +346,10 @@ async fn measure(args: &BenchArgs, socket: &Path, child: &mut tokio::process::Ch
     let idle_rss = rss_kib(pid, "VmRSS:").unwrap_or(0);
     let (_, before) = client.request(Method::GET, "/v1/status", None).await?;
 
-    println!(
+    r.say(format!(
         "W1: {} runs x {} sequential set steps, {} in flight, durable commits, through the local API",
         args.runs, args.steps, args.concurrency
-    );
+    ));
     let cpu_before = cpu_secs(pid);
     let started = Instant::now();
     let mut latencies = drive(socket, "bench-w1", args.runs, args.concurrency, true).await?;
@@ -324,27 +364,27 @@ async fn measure(args: &BenchArgs, socket: &Path, child: &mut tokio::process::Ch
     let (commits, ops, events) = (delta("commits"), delta("ops"), delta("events"));
     let secs = elapsed.as_secs_f64();
     let steps = (args.runs * args.steps) as f64;
-    fig("elapsed", format!("{secs:.2} s"));
-    fig("runs/s", format!("{:.0}", args.runs as f64 / secs));
-    fig("durable steps/s", format!("{:.0}", steps / secs));
-    fig(
+    r.fig("elapsed", format!("{secs:.2} s"));
+    r.fig("runs/s", format!("{:.0}", args.runs as f64 / secs));
+    r.fig("durable steps/s", format!("{:.0}", steps / secs));
+    r.fig(
         "run latency p50",
         format!("{:.2} ms", percentile(&latencies, 0.50).as_secs_f64() * 1000.0),
     );
-    fig(
+    r.fig(
         "run latency p99",
         format!("{:.2} ms", percentile(&latencies, 0.99).as_secs_f64() * 1000.0),
     );
-    fig("commits/s", format!("{:.0}", commits as f64 / secs));
-    fig(
+    r.fig("commits/s", format!("{:.0}", commits as f64 / secs));
+    r.fig(
         "appends per commit",
         format!("{:.1}", ops as f64 / commits.max(1) as f64),
     );
-    fig(
+    r.fig(
         "events per commit",
         format!("{:.1}", events as f64 / commits.max(1) as f64),
     );
-    fig(
+    r.fig(
         "daemon CPU",
         format!(
             "{:.0}% of one core, {:.0} us per step",
@@ -352,8 +392,8 @@ async fn measure(args: &BenchArgs, socket: &Path, child: &mut tokio::process::Ch
             1e6 * cpu / steps
         ),
     );
-    fig("idle RSS (daemon)", format!("{:.1} MB", idle_rss as f64 / 1024.0));
-    fig("peak RSS (daemon)", format!("{:.1} MB", peak_rss as f64 / 1024.0));
-    fig("RSS after run (daemon)", format!("{:.1} MB", rss_after as f64 / 1024.0));
+    r.fig("idle RSS (daemon)", format!("{:.1} MB", idle_rss as f64 / 1024.0));
+    r.fig("peak RSS (daemon)", format!("{:.1} MB", peak_rss as f64 / 1024.0));
+    r.fig("RSS after run (daemon)", format!("{:.1} MB", rss_after as f64 / 1024.0));
     Ok(())
 }

@@ -48,6 +48,18 @@ const EXIT_CODES_HELP: &str = "Exit codes: 0 ok, 1 error, 2 usage, 3 invalid inp
 5 agent unreachable, 6 run did not complete, 7 conflict, 8 still running after --timeout, \
 9 start rejected by run limits.";
 
+const RUN_EXAMPLES: &str = "Examples:
+  # try a workflow once, then exit with its result (0 completed, 6 otherwise)
+  outpost run --data-dir ./outpost-data --apply examples/oven-cooling.yaml \\
+    --start oven-cooling --input '{\"start_celsius\": 110}' --once
+  # the agent on a gateway, enrolled in a fleet (see `outpost keygen` and `outpost enroll`)
+  outpost run --data-dir /var/lib/outpost --cloud mqtts://broker.plant:8883 --device-id line3-gw1 \\
+    --label line=3 --equipment /etc/outpost/equipment.yaml --policy /etc/outpost/policy.yaml
+  # at most 4 runs at once, one Modbus write at a time
+  outpost run --max-runs 4 --limit modbus.write=1
+
+An option shown with [env: NAME] can also be set by that environment variable.";
+
 #[derive(Parser)]
 #[command(
     name = "outpost",
@@ -62,10 +74,12 @@ struct Cli {
     /// Data directory of the agent: the journal and the API socket live here.
     #[arg(long, global = true, env = "OUTPOST_DATA_DIR", default_value = "outpost-data")]
     data_dir: PathBuf,
-    /// Path of the API socket [default: DATA_DIR/outpost.sock].
+    /// Path of the running agent's API socket, for the commands that talk to it (`bench`
+    /// starts its own agent and ignores it) [default: DATA_DIR/outpost.sock].
     #[arg(long, global = true, env = "OUTPOST_SOCKET")]
     socket: Option<PathBuf>,
-    /// Print JSON instead of tables (for scripts).
+    /// Print JSON instead of tables and text (for scripts); `bench` prints its figures as one
+    /// JSON object.
     #[arg(long, global = true)]
     json: bool,
     #[command(subcommand)]
@@ -75,6 +89,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the agent (the daemon that owns the journal and runs workflows).
+    #[command(after_help = RUN_EXAMPLES)]
     Run(Box<RunArgs>),
     /// Check workflow definition files without an agent; prints every problem with its place.
     Validate {
@@ -239,9 +254,9 @@ struct ModbusSimArgs {
     /// Delay every answer by this many milliseconds.
     #[arg(long, default_value_t = 0)]
     delay_ms: u64,
-    /// Addresses at or above this are illegal (exception 0x02) [default: none].
-    #[arg(long, default_value_t = 0)]
-    limit: u16,
+    /// Addresses at or above this are illegal (exception 0x02) [default: every address is legal].
+    #[arg(long)]
+    limit: Option<u16>,
     /// Clamp writes to a holding register: ADDRESS=MAX (a PLC enforcing a limit).
     #[arg(long, value_name = "ADDRESS=MAX")]
     clamp: Vec<String>,
@@ -253,119 +268,182 @@ struct ModbusSimArgs {
 #[derive(Args)]
 struct RunArgs {
     /// Activities that may run at once, agent-wide.
-    #[arg(long, default_value_t = 32, env = "OUTPOST_MAX_ACTIVITIES")]
+    #[arg(
+        long,
+        default_value_t = 32,
+        env = "OUTPOST_MAX_ACTIVITIES",
+        help_heading = "Run limits"
+    )]
     max_activities: usize,
     /// Runs active at once, agent-wide (0: no limit); more wait in the admission queue.
-    #[arg(long, default_value_t = 0, env = "OUTPOST_MAX_RUNS")]
+    #[arg(long, default_value_t = 0, env = "OUTPOST_MAX_RUNS", help_heading = "Run limits")]
     max_runs: usize,
     /// Runs that may wait for a run slot before starts are rejected.
-    #[arg(long, default_value_t = 1000, env = "OUTPOST_QUEUE")]
+    #[arg(long, default_value_t = 1000, env = "OUTPOST_QUEUE", help_heading = "Run limits")]
     queue: usize,
     /// When no run slot is free: queue the start, or reject it at once.
-    #[arg(long, value_enum, default_value_t = WhenFull::Queue, env = "OUTPOST_WHEN_FULL")]
+    #[arg(long, value_enum, default_value_t = WhenFull::Queue, env = "OUTPOST_WHEN_FULL", help_heading = "Run limits")]
     when_full: WhenFull,
     /// Activities at once for one action kind, e.g. `--limit exec=4 --limit modbus.write=1`.
-    #[arg(long, value_name = "ACTION=N", value_parser = crate::limits::parse_pair)]
+    #[arg(long, value_name = "ACTION=N", value_parser = crate::limits::parse_pair, help_heading = "Run limits")]
     limit: Vec<(String, usize)>,
     /// Activities at once for a named resource that steps declare with `resource: NAME`,
     /// e.g. `--resource rs485=1` (an undeclared resource allows 1).
-    #[arg(long, value_name = "NAME=N", value_parser = crate::limits::parse_pair)]
+    #[arg(long, value_name = "NAME=N", value_parser = crate::limits::parse_pair, help_heading = "Run limits")]
     resource: Vec<(String, usize)>,
     /// Sync with cloud-sync through this MQTT broker, e.g. `mqtt://cloud.example:1883`
     /// (the agent works the same without it, and while it is unreachable).
-    #[arg(long, env = "OUTPOST_CLOUD", value_name = "URL")]
+    #[arg(long, env = "OUTPOST_CLOUD", value_name = "URL", help_heading = "Cloud sync")]
     cloud: Option<String>,
     /// This gateway's id in the fleet [default: the host name].
-    #[arg(long, env = "OUTPOST_DEVICE_ID")]
+    #[arg(long, env = "OUTPOST_DEVICE_ID", help_heading = "Cloud sync")]
     device_id: Option<String>,
     /// CA certificate (PEM) that signs the broker's certificate [default: DATA_DIR/identity/ca.crt].
-    #[arg(long, env = "OUTPOST_CA", value_name = "FILE")]
+    #[arg(long, env = "OUTPOST_CA", value_name = "FILE", help_heading = "Security")]
     ca: Option<PathBuf>,
     /// This gateway's certificate (PEM) [default: DATA_DIR/identity/device.crt].
-    #[arg(long, env = "OUTPOST_CERT", value_name = "FILE")]
+    #[arg(long, env = "OUTPOST_CERT", value_name = "FILE", help_heading = "Security")]
     cert: Option<PathBuf>,
     /// This gateway's Ed25519 private key (PEM); it also signs every message to the cloud
     /// [default: DATA_DIR/identity/device.key].
-    #[arg(long, env = "OUTPOST_KEY", value_name = "FILE")]
+    #[arg(long, env = "OUTPOST_KEY", value_name = "FILE", help_heading = "Security")]
     key: Option<PathBuf>,
     /// The fleet's public signing key (PEM); every order from the cloud must carry its
     /// signature [default: DATA_DIR/identity/fleet.pub].
-    #[arg(long, env = "OUTPOST_FLEET_KEY", value_name = "FILE")]
+    #[arg(long, env = "OUTPOST_FLEET_KEY", value_name = "FILE", help_heading = "Security")]
     fleet_key: Option<PathBuf>,
     /// What definitions deployed from the cloud may do: allowed exec commands, http hosts and
     /// equipment writes (YAML; see docs). Without it, deployed definitions may not use exec.
     /// Definitions applied locally are not checked.
-    #[arg(long, env = "OUTPOST_POLICY", value_name = "FILE")]
+    #[arg(long, env = "OUTPOST_POLICY", value_name = "FILE", help_heading = "Security")]
     policy: Option<PathBuf>,
     /// INSECURE: allow plain-text mqtt:// to a broker on another machine.
-    #[arg(long)]
+    #[arg(long, help_heading = "Security")]
     insecure_plaintext: bool,
     /// INSECURE: neither sign nor check messages (protocol v1); anyone who can publish on the
     /// broker can then command this gateway. For tests and old fleets only.
-    #[arg(long)]
+    #[arg(long, help_heading = "Security")]
     insecure_unsigned: bool,
     /// A label deployments can target, e.g. `--label line=3` (repeatable).
-    #[arg(long, value_name = "KEY=VALUE", value_parser = parse_label)]
+    #[arg(long, value_name = "KEY=VALUE", value_parser = parse_label, help_heading = "Cloud sync")]
     label: Vec<(String, String)>,
     /// Topic prefix shared with cloud-sync.
-    #[arg(long, default_value = outpost_shared::protocol::DEFAULT_PREFIX, env = "OUTPOST_SYNC_PREFIX")]
+    #[arg(long, default_value = outpost_shared::protocol::DEFAULT_PREFIX, env = "OUTPOST_SYNC_PREFIX", help_heading = "Cloud sync")]
     sync_prefix: String,
     /// Events not yet acknowledged by the cloud beyond which new runs are refused (nothing is dropped).
-    #[arg(long, default_value_t = 2_000_000, env = "OUTPOST_OUTBOX_MAX_EVENTS")]
+    #[arg(
+        long,
+        default_value_t = 2_000_000,
+        env = "OUTPOST_OUTBOX_MAX_EVENTS",
+        help_heading = "Cloud sync"
+    )]
     outbox_max_events: u64,
     /// Workflow that brings the device to the cloud's desired state; it gets `desired` as input and
     /// must output the state it verified (compared exactly before "in sync" is reported).
-    #[arg(long, env = "OUTPOST_REMEDIATION", value_name = "WORKFLOW")]
+    #[arg(
+        long,
+        env = "OUTPOST_REMEDIATION",
+        value_name = "WORKFLOW",
+        help_heading = "Cloud sync"
+    )]
     remediation: Option<String>,
     /// Backlog drain limit in events per second.
-    #[arg(long, default_value_t = 100_000, env = "OUTPOST_DRAIN_RATE")]
+    #[arg(
+        long,
+        default_value_t = 100_000,
+        env = "OUTPOST_DRAIN_RATE",
+        help_heading = "Cloud sync"
+    )]
     drain_rate: u64,
     /// Local MQTT broker for `mqtt` triggers, e.g. `mqtt://127.0.0.1:1883`.
-    #[arg(long, env = "OUTPOST_MQTT_BROKER", value_name = "URL")]
+    #[arg(
+        long,
+        env = "OUTPOST_MQTT_BROKER",
+        value_name = "URL",
+        help_heading = "Triggers and equipment"
+    )]
     mqtt_broker: Option<String>,
     /// MQTT client id for triggers; fixed so the broker keeps the session [default: outpost-HOSTNAME].
-    #[arg(long, env = "OUTPOST_MQTT_CLIENT_ID")]
+    #[arg(long, env = "OUTPOST_MQTT_CLIENT_ID", help_heading = "Triggers and equipment")]
     mqtt_client_id: Option<String>,
     /// Finished runs are deleted this long after they end (journal retention).
-    #[arg(long, default_value = "7d", env = "OUTPOST_RETENTION")]
+    #[arg(
+        long,
+        default_value = "7d",
+        env = "OUTPOST_RETENTION",
+        help_heading = "Journal and retention"
+    )]
     retention: humantime::Duration,
     /// Sooner, oldest first, while the journal holds more than this many MiB.
-    #[arg(long, default_value_t = 64, env = "OUTPOST_RETENTION_MAX_MB")]
+    #[arg(
+        long,
+        default_value_t = 64,
+        env = "OUTPOST_RETENTION_MAX_MB",
+        help_heading = "Journal and retention"
+    )]
     retention_max_mb: u64,
     /// How often retention runs.
-    #[arg(long, default_value = "60s", env = "OUTPOST_PRUNE_INTERVAL")]
+    #[arg(
+        long,
+        default_value = "60s",
+        env = "OUTPOST_PRUNE_INTERVAL",
+        help_heading = "Journal and retention"
+    )]
     prune_interval: humantime::Duration,
     /// Consecutive retryable failures against one target (host, device, resource) that open
     /// its circuit breaker.
-    #[arg(long, default_value_t = 5, env = "OUTPOST_BREAKER_THRESHOLD")]
+    #[arg(
+        long,
+        default_value_t = 5,
+        env = "OUTPOST_BREAKER_THRESHOLD",
+        help_heading = "Resilience"
+    )]
     breaker_threshold: u32,
     /// How long an open breaker holds attempts before one probes (doubles per failed probe, up to 5m).
-    #[arg(long, default_value = "5s", env = "OUTPOST_BREAKER_COOLDOWN")]
+    #[arg(
+        long,
+        default_value = "5s",
+        env = "OUTPOST_BREAKER_COOLDOWN",
+        help_heading = "Resilience"
+    )]
     breaker_cooldown: humantime::Duration,
     /// Also serve Prometheus metrics over TCP here, e.g. `127.0.0.1:9464` (always on the
     /// socket's `/metrics`).
-    #[arg(long, env = "OUTPOST_METRICS_LISTEN", value_name = "ADDR")]
+    #[arg(long, env = "OUTPOST_METRICS_LISTEN", value_name = "ADDR", help_heading = "Process")]
     metrics_listen: Option<std::net::SocketAddr>,
     /// Journal page cache in MiB.
-    #[arg(long, default_value_t = 4, env = "OUTPOST_CACHE_MB")]
+    #[arg(
+        long,
+        default_value_t = 4,
+        env = "OUTPOST_CACHE_MB",
+        help_heading = "Journal and retention"
+    )]
     cache_mb: usize,
     /// Tokio worker threads.
-    #[arg(long, default_value_t = 2, env = "OUTPOST_WORKER_THREADS")]
+    #[arg(long, default_value_t = 2, env = "OUTPOST_WORKER_THREADS", help_heading = "Process")]
     worker_threads: usize,
     /// Apply these definition files at start-up (fails on an invalid one).
-    #[arg(long = "apply", value_name = "FILE")]
+    #[arg(
+        long = "apply",
+        value_name = "FILE",
+        help_heading = "Start-up (for demos and one-shot jobs)"
+    )]
     apply: Vec<PathBuf>,
     /// Start a run of this workflow once the agent is up, and print its result.
-    #[arg(long = "start", value_name = "WORKFLOW")]
+    #[arg(
+        long = "start",
+        value_name = "WORKFLOW",
+        help_heading = "Start-up (for demos and one-shot jobs)"
+    )]
     start: Option<String>,
     /// Input (JSON) for --start.
-    #[arg(long, requires = "start")]
+    #[arg(long, requires = "start", help_heading = "Start-up (for demos and one-shot jobs)")]
     input: Option<String>,
     /// Exit when the --start run finishes (exit code 0 if it completed, 6 otherwise).
-    #[arg(long, requires = "start")]
+    #[arg(long, requires = "start", help_heading = "Start-up (for demos and one-shot jobs)")]
     once: bool,
     /// Equipment file: devices for the gpio/sensor/adc/modbus actions.
-    #[arg(long, env = "OUTPOST_EQUIPMENT")]
+    #[arg(long, env = "OUTPOST_EQUIPMENT", help_heading = "Triggers and equipment")]
     equipment: Option<PathBuf>,
 }
 
@@ -437,7 +515,7 @@ pub fn main() -> ExitCode {
         Cmd::JournalCheck { file } => {
             journal_check(&file.unwrap_or_else(|| cli.data_dir.join("journal.redb")), cli.json)
         }
-        Cmd::Bench(args) => block_on(async { crate::bench::run(args).await.map_err(Failure::from) }),
+        Cmd::Bench(args) => block_on(async { crate::bench::run(args, cli.json).await.map_err(Failure::from) }),
         Cmd::Keygen { device_id, rotate } => keygen(&cli.data_dir, &device_id, rotate),
         Cmd::Enroll { cert, ca, fleet_key } => {
             match crate::identity::enroll(&cli.data_dir, &cert, ca.as_deref(), fleet_key.as_deref()) {
@@ -1719,7 +1797,7 @@ fn run_modbus_sim(args: ModbusSimArgs) -> Result<u8, Failure> {
     let faults = crate::equipment::modbus::SimFaults {
         busy_first: args.busy_first,
         delay: Duration::from_millis(args.delay_ms),
-        limit: args.limit,
+        limit: args.limit.unwrap_or(0),
         clamps,
         short_reads: args.short_reads,
     };

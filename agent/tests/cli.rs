@@ -96,3 +96,59 @@ fn one_step_is_one_step() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("(1 step, dag)"), "{text}");
 }
+
+/// The subcommands `outpost --help` lists.
+fn subcommands() -> Vec<String> {
+    let out = outpost(&["--help"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.split("Commands:")
+        .nth(1)
+        .unwrap_or_default()
+        .split("\n\n")
+        .next()
+        .unwrap_or_default()
+        .lines()
+        // Continuation lines of a wrapped description are indented further.
+        .filter(|l| !l.starts_with("   "))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .filter(|c| c != "help")
+        .collect()
+}
+
+#[test]
+fn every_option_of_every_command_has_help_and_at_most_one_default() {
+    let commands = subcommands();
+    assert!(commands.len() > 10, "{commands:?}");
+    for cmd in &commands {
+        let out = outpost(&[cmd, "--help"]);
+        assert!(out.status.success(), "{cmd} --help");
+        let text = String::from_utf8_lossy(&out.stdout);
+        for block in text.split("\n\n") {
+            let lines: Vec<&str> = block.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+            let Some(first) = lines.first() else { continue };
+            if !first.starts_with('-') {
+                continue;
+            }
+            assert!(lines.len() >= 2, "`outpost {cmd}`: option {first} has no help text");
+            assert!(
+                block.matches("[default:").count() <= 1,
+                "`outpost {cmd}`: option {first} shows its default twice:\n{block}"
+            );
+        }
+    }
+}
+
+#[test]
+fn run_help_groups_its_options_and_has_examples() {
+    let out = outpost(&["run", "--help"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    for heading in [
+        "Run limits:",
+        "Cloud sync:",
+        "Security:",
+        "Journal and retention:",
+        "Examples:",
+    ] {
+        assert!(text.contains(heading), "no {heading} in run --help:\n{text}");
+    }
+}
