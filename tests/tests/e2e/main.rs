@@ -15,6 +15,7 @@ mod hostile;
 mod limits;
 mod operators;
 mod patterns;
+mod readme;
 mod recovery;
 mod run_model;
 mod saga;
