@@ -200,6 +200,10 @@ struct Args {
     /// in this service's certificate.
     #[arg(long, default_value = outpost_cloud_sync::pki::CLOUD_IDENTITY)]
     client_id: String,
+    /// Queue commands for devices that never connected and have no certificate from this
+    /// fleet (pre-provisioning); without it such commands are refused with 404.
+    #[arg(long)]
+    allow_unknown_devices: bool,
     /// Most devices the store takes; births and events of further new device ids are refused
     /// (counted as rejected.device_limit).
     #[arg(long, env = "OUTPOST_CLOUD_MAX_DEVICES", default_value_t = outpost_cloud_sync::store::DEFAULT_MAX_DEVICES)]
@@ -505,6 +509,7 @@ async fn run(data_dir: PathBuf, pki: Pki, args: Args) -> anyhow::Result<()> {
         client_id: args.client_id.clone(),
         tls,
         security,
+        allow_unknown_devices: args.allow_unknown_devices,
     };
     let service = Service::start(store, link);
     if let Some(stats) = gate {

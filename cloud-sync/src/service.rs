@@ -78,6 +78,9 @@ pub struct Link {
     pub tls: Option<Arc<rustls::ClientConfig>>,
     /// Signatures.
     pub security: Security,
+    /// Queue commands for devices never seen and never enrolled (pre-provisioning); without
+    /// it such a command is refused, since it would wait forever for a typo.
+    pub allow_unknown_devices: bool,
 }
 
 /// The cloud-sync service.
@@ -98,6 +101,7 @@ pub struct Service {
     unsaved_counts: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
     /// The embedded broker's gate, when there is one (its refusals are counters too).
     gate: std::sync::OnceLock<Arc<crate::acl::GateStats>>,
+    allow_unknown_devices: bool,
 }
 
 /// How often batched counters reach the store.
@@ -244,6 +248,7 @@ impl Service {
             retry: std::sync::atomic::AtomicBool::new(false),
             unsaved_counts: std::sync::Mutex::new(Default::default()),
             gate: std::sync::OnceLock::new(),
+            allow_unknown_devices: link.allow_unknown_devices,
         });
         tokio::spawn(flush_counts(Arc::downgrade(&service)));
         tokio::spawn(resend_pending(Arc::downgrade(&service), command_resend()));
@@ -555,6 +560,15 @@ impl Service {
     pub async fn command(&self, device: &str, id: Option<String>, kind: CommandKind) -> Result<String, StoreError> {
         if !protocol::valid_device_id(device) {
             return Err(StoreError::Invalid(format!("'{device}' is not a valid device id")));
+        }
+        if !self.allow_unknown_devices && self.certificate_expiry(device).is_none() {
+            let (store, d) = (self.store.clone(), device.to_string());
+            if blocking(move || store.device(&d)).await?.is_none() {
+                return Err(StoreError::NotFound(format!(
+                    "device '{device}' is not known: it never connected and no certificate was signed for it \
+                     (start outpost-cloud with --allow-unknown-devices to queue commands for devices not yet enrolled)"
+                )));
+            }
         }
         let id = id.unwrap_or_else(|| format!("c{:x}{:04x}", now_ms(), fastrand::u16(..)));
         fits(&Body::Command(Command {

@@ -453,6 +453,16 @@ pub fn history_row(seq: u64, r: &Record) -> serde_json::Value {
             fields.insert(k.to_string(), v);
         }
     }
+    // The API speaks RFC 3339 for points in time (durations stay `_ms` numbers).
+    for (ms_key, key) in [
+        ("fire_at_ms", "fire_at"),
+        ("retry_at_ms", "retry_at"),
+        ("until_ms", "until"),
+    ] {
+        if let Some(v) = fields.remove(ms_key) {
+            fields.insert(key.into(), v.as_u64().map_or(Value::Null, |ms| rfc3339(ms).into()));
+        }
+    }
     fields.insert("seq".into(), seq.into());
     fields.insert("at".into(), rfc3339(r.at_ms).into());
     fields.insert("type".into(), r.event.name().into());

@@ -261,6 +261,12 @@ fn a_viewer_sees_no_actions_and_is_refused_every_post_and_tokens_carry_their_rol
     assert_eq!(code, 201, "a deployer can: {v}");
     let (code, v) = post(&operator, "/v1/devices/line-5/commands", &start);
     assert_eq!(code, 202, "{v}");
+    // A device that never connected and was never enrolled: refused, not queued forever.
+    let (code, v) = post(&operator, "/v1/devices/nosuch/commands", &start);
+    assert_eq!(code, 404, "{v}");
+    assert!(v.to_string().contains("'nosuch' is not known"), "{v}");
+    let (_, pending) = cloud::http("GET", cloud.api, "/v1/devices/nosuch/commands", None).unwrap();
+    assert_eq!(pending, json!([]), "nothing queued for it");
     let out = cloud.admin(&["tokens", "revoke", "line-bot"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let (code, v) = post(&operator, "/v1/devices/line-5/commands", &start);

@@ -163,7 +163,8 @@ fn partition_then_drain_exactly_once_through_kills_and_a_broker_restart_mosquitt
 #[test]
 fn commands_issued_offline_are_applied_once_and_redeliveries_ignored() {
     let dir = tempfile::tempdir().unwrap();
-    let cloud = Cloud::embedded(&dir.path().join("cloud"));
+    // Pre-provisioning: commands for a device that has not connected yet are queued.
+    let cloud = Cloud::embedded_with_args(&dir.path().join("cloud"), &["--allow-unknown-devices"]);
     let def = "name: hello\nversion: 1\nsteps:\n  - {id: s, action: set, args: {hi: \"{{ input.who }}\"}}\n";
     // The device is offline (never connected yet): the commands wait in the store.
     let deploy = cloud.send("POST", "/v1/deployments", &json!({"document": def, "devices": ["gw2"]}));
