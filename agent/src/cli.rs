@@ -749,13 +749,14 @@ fn run_exit(status: &str) -> u8 {
     }
 }
 
-/// Prints `run`'s events after `after` as progress lines until the run ends (or `deadline`).
+/// Hands each of `run`'s events after `after` to `emit` as it is journaled, until the run ends
+/// (or `deadline`).
 async fn follow_run(
     client: &Client,
     run: &str,
     mut after: u64,
     deadline: Option<tokio::time::Instant>,
-    out: &mut dyn std::io::Write,
+    emit: &mut dyn FnMut(&Value),
 ) -> Result<(), Failure> {
     loop {
         let wait = match deadline {
@@ -770,9 +771,7 @@ async fn follow_run(
         );
         let v = call(client, Method::GET, &path, None).await?;
         for e in v["events"].as_array().into_iter().flatten() {
-            if let Some(line) = progress_line(e) {
-                let _ = writeln!(out, "{line}");
-            }
+            emit(e);
         }
         after = v["last_seq"].as_u64().unwrap_or(after);
         let ended = !matches!(v["status"].as_str(), Some("running" | "queued"));
@@ -805,26 +804,6 @@ fn sync_line(sync: &Value) -> String {
         ));
     }
     line
-}
-
-/// `show --json --follow`: each new event as one JSON line until the run ends.
-async fn follow_json(client: &Client, run: &str, mut after: u64) -> Result<(), Failure> {
-    loop {
-        let v = call(
-            client,
-            Method::GET,
-            &format!("/v1/runs/{run}/events?after={after}&wait=30"),
-            None,
-        )
-        .await?;
-        for e in v["events"].as_array().into_iter().flatten() {
-            println!("{e}");
-        }
-        after = v["last_seq"].as_u64().unwrap_or(after);
-        if !matches!(v["status"].as_str(), Some("running" | "queued")) {
-            return Ok(());
-        }
-    }
 }
 
 /// One line for a human following a run, or `None` for events the final result covers.
@@ -958,9 +937,16 @@ async fn remote(client: Client, cmd: Cmd, as_json: bool) -> Result<u8, Failure> 
                 // scripts read), as `temporal workflow execute` does.
                 let id = s(&v["run_id"]).to_string();
                 eprintln!("run {id} started ({} v{})", s(&v["workflow"]), v["version"]);
-                let deadline =
-                    tokio::time::Instant::now() + Duration::try_from_secs_f64(a.timeout).unwrap_or(Duration::MAX / 4);
-                follow_run(&client, &id, 0, Some(deadline), &mut std::io::stderr()).await?;
+                // Bounded, so no --timeout can overflow the clock's arithmetic.
+                let longest = Duration::from_secs(10 * 365 * 86_400);
+                let limit = Duration::try_from_secs_f64(a.timeout).map_or(longest, |d| d.min(longest));
+                let deadline = tokio::time::Instant::now() + limit;
+                let mut print = |e: &Value| {
+                    if let Some(line) = progress_line(e) {
+                        eprintln!("{line}");
+                    }
+                };
+                follow_run(&client, &id, 0, Some(deadline), &mut print).await?;
                 let v = call(&client, Method::GET, &format!("/v1/runs/{id}/wait?timeout=0.001"), None).await?;
                 print_result(&v);
                 return Ok(run_exit(v["status"].as_str().unwrap_or("")));
@@ -1011,7 +997,7 @@ async fn remote(client: Client, cmd: Cmd, as_json: bool) -> Result<u8, Failure> 
             if as_json {
                 print_json(&v);
                 if follow {
-                    follow_json(&client, &run, last_seq).await?;
+                    follow_run(&client, &run, last_seq, None, &mut |e| println!("{e}")).await?;
                 }
                 return Ok(exit::OK);
             }
@@ -1065,7 +1051,12 @@ async fn remote(client: Client, cmd: Cmd, as_json: bool) -> Result<u8, Failure> 
             }
             if follow && matches!(v["status"].as_str(), Some("running" | "queued")) {
                 println!("\nfollowing run {run} (Ctrl-C stops)…");
-                follow_run(&client, &run, last_seq, None, &mut std::io::stdout()).await?;
+                let mut print = |e: &Value| {
+                    if let Some(line) = progress_line(e) {
+                        println!("{line}");
+                    }
+                };
+                follow_run(&client, &run, last_seq, None, &mut print).await?;
                 let v = call(
                     &client,
                     Method::GET,
