@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -99,6 +100,7 @@ pub async fn start(listen: Listen) -> Result<Running, String> {
             // Fail early with a clear message if the port is taken (rumqttd would only log it).
             std::net::TcpListener::bind(addr).map_err(|e| format!("embedded broker cannot listen on {addr}: {e}"))?;
             spawn_rumqttd(rumqttd_config(addr, None))?;
+            wait_listening(addr).await?;
             Ok(Running {
                 addr,
                 stats: Arc::default(),
@@ -131,6 +133,7 @@ pub async fn start(listen: Listen) -> Result<Running, String> {
                 }
             }
             spawn_rumqttd(cfg)?;
+            wait_listening(inner).await?;
             let stats = Arc::new(GateStats::default());
             let gate = Gate {
                 acceptor: tokio_rustls::TlsAcceptor::from(config),
@@ -142,6 +145,21 @@ pub async fn start(listen: Listen) -> Result<Running, String> {
             };
             tokio::spawn(Arc::new(gate).serve(listener));
             Ok(Running { addr, stats })
+        }
+    }
+}
+
+/// Waits until rumqttd (started on its own thread) accepts connections, so this service's own
+/// first connect is not refused and logged as a lost connection on every start.
+async fn wait_listening(addr: SocketAddr) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match TcpStream::connect(addr).await {
+            Ok(_) => return Ok(()),
+            Err(e) if tokio::time::Instant::now() >= deadline => {
+                return Err(format!("embedded broker did not start listening on {addr}: {e}"));
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
         }
     }
 }

@@ -684,3 +684,17 @@ fn resend_requests_do_not_resend_the_inventory_and_a_new_definition_goes_alone()
         page.contains("inv").then_some(())
     });
 }
+
+#[test]
+fn cloud_sync_connects_to_its_embedded_broker_only_once_it_listens() {
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = Cloud::embedded(&dir.path().join("cloud"));
+    eventually(Duration::from_secs(20), "cloud-sync to connect to its broker", || {
+        cloud.log().contains("connected to the broker").then_some(())
+    });
+    let log = cloud.log();
+    assert!(
+        !log.contains("broker connection lost"),
+        "a clean start logged a lost connection:\n{log}"
+    );
+}
