@@ -514,7 +514,7 @@ async fn sync_reconnect(State(rt): AppState) -> ApiResult {
             Ok(Json(json!({"reconnecting": true})))
         }
         None => Ok(Json(
-            json!({"reconnecting": false, "reason": "sync is not configured (--cloud)"}),
+            json!({"reconnecting": false, "reason": "sync is not configured (--broker)"}),
         )),
     }
 }

@@ -53,7 +53,7 @@ const RUN_EXAMPLES: &str = "Examples:
   outpost run --data-dir ./outpost-data --apply examples/oven-cooling.yaml \\
     --start oven-cooling --input '{\"start_celsius\": 110}' --once
   # the agent on a gateway, enrolled in a fleet (see `outpost keygen` and `outpost enroll`)
-  outpost run --data-dir /var/lib/outpost --cloud mqtts://broker.plant:8883 --device-id line3-gw1 \\
+  outpost run --data-dir /var/lib/outpost --broker mqtts://broker.plant:8883 --device-id line3-gw1 \\
     --label line=3 --equipment /etc/outpost/equipment.yaml --policy /etc/outpost/policy.yaml
   # at most 4 runs at once, one Modbus write at a time
   outpost run --max-runs 4 --limit modbus.write=1
@@ -293,8 +293,8 @@ struct RunArgs {
     resource: Vec<(String, usize)>,
     /// Sync with cloud-sync through this MQTT broker, e.g. `mqtt://cloud.example:1883`
     /// (the agent works the same without it, and while it is unreachable).
-    #[arg(long, env = "OUTPOST_CLOUD", value_name = "URL", help_heading = "Cloud sync")]
-    cloud: Option<String>,
+    #[arg(long, env = "OUTPOST_BROKER", value_name = "URL", help_heading = "Cloud sync")]
+    broker: Option<String>,
     /// This gateway's id in the fleet [default: the host name].
     #[arg(long, env = "OUTPOST_DEVICE_ID", help_heading = "Cloud sync")]
     device_id: Option<String>,
@@ -784,7 +784,7 @@ async fn follow_run(
 /// The sync subsystem in one line: the link, the acknowledged sequence, the backlog, the last error.
 fn sync_line(sync: &Value) -> String {
     if sync.is_null() {
-        return "off (no --cloud; runs are kept only here)".into();
+        return "off (no --broker; runs are kept only here)".into();
     }
     let link = if sync["connected"] == true {
         format!("connected to {}", s(&sync["broker"]))
@@ -1614,7 +1614,7 @@ async fn daemon(data_dir: &Path, socket: &Path, args: RunArgs) -> Result<u8, Fai
             runtime.clone(),
             runtime.definitions_changed(),
         ));
-        if let Some(url) = &args.cloud {
+        if let Some(url) = &args.broker {
             let device = args.device_id.clone().unwrap_or_else(host_name);
             if !outpost_shared::protocol::valid_device_id(&device) {
                 return Err(Failure::new(
@@ -1622,7 +1622,7 @@ async fn daemon(data_dir: &Path, socket: &Path, args: RunArgs) -> Result<u8, Fai
                     format!("device id '{device}' must be 1-64 letters, digits, '-', '_' or '.' (--device-id)"),
                 ));
             }
-            let broker = broker_url(url, "--cloud")?;
+            let broker = broker_url(url, "--broker")?;
             let security = crate::identity::Security::resolve(data_dir, &identity_options(&args), &broker)
                 .map_err(|e| Failure::new(exit::INVALID, e))?;
             let mut config = crate::sync::SyncConfig::new(broker.host, broker.port, device);

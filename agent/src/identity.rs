@@ -70,7 +70,7 @@ fn modified(path: &Path) -> Option<SystemTime> {
 impl Security {
     /// Resolves the options against the identity directory for a link to `url`.
     pub fn resolve(data_dir: &Path, opts: &IdentityOptions, url: &BrokerUrl) -> Result<Security, IdentityError> {
-        outpost_shared::tls::check_plaintext(url, opts.insecure_plaintext, "--cloud")?;
+        outpost_shared::tls::check_plaintext(url, opts.insecure_plaintext, "--broker")?;
         let dir = identity_dir(data_dir);
         let pick = |given: &Option<PathBuf>, name: &str| given.clone().unwrap_or_else(|| dir.join(name));
         let files = Files {
@@ -357,13 +357,13 @@ mod tests {
     #[test]
     fn unenrolled_gateways_are_told_how_to_enroll() {
         let dir = tempfile::tempdir().unwrap();
-        let url = BrokerUrl::parse("mqtts://broker.plant", "--cloud").unwrap();
+        let url = BrokerUrl::parse("mqtts://broker.plant", "--broker").unwrap();
         let err = Security::resolve(dir.path(), &IdentityOptions::default(), &url).unwrap_err();
         assert!(err.contains("outpost keygen") && err.contains("device.key"), "{err}");
-        let plain = BrokerUrl::parse("mqtt://10.1.1.1", "--cloud").unwrap();
+        let plain = BrokerUrl::parse("mqtt://10.1.1.1", "--broker").unwrap();
         let err = Security::resolve(dir.path(), &IdentityOptions::default(), &plain).unwrap_err();
         assert!(err.contains("--insecure-plaintext"), "{err}");
-        let loopback = BrokerUrl::parse("mqtt://127.0.0.1", "--cloud").unwrap();
+        let loopback = BrokerUrl::parse("mqtt://127.0.0.1", "--broker").unwrap();
         let insecure = IdentityOptions {
             insecure_unsigned: true,
             ..Default::default()

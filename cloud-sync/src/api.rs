@@ -24,14 +24,14 @@ pub fn router(service: Arc<Service>, access: Arc<Access>) -> Router {
         .route("/v1/stats", get(stats))
         .route("/metrics", get(metrics))
         .route("/v1/devices", get(devices))
-        .route("/v1/devices/{id}", get(device))
+        .route("/v1/devices/{id}", get(device).delete(remove_device))
         .route("/v1/devices/{id}/runs", get(runs))
         .route("/v1/devices/{id}/runs/{run}", get(run))
         .route("/v1/devices/{id}/commands", post(command).get(pending))
         .route("/v1/devices/{id}/commands/{cid}", get(command_status))
         .route("/v1/devices/{id}/desired", axum::routing::put(desired))
         .route("/v1/devices/{id}/state", get(state))
-        .route("/v1/deployments", post(deploy))
+        .route("/v1/deployments", post(deploy).get(deployments))
         .route("/v1/deployments/{id}", get(deployment))
         .route("/v1/audit", get(audit))
         .merge(crate::console::router())
@@ -119,7 +119,8 @@ fn device_json(id: &str, d: &Device) -> Value {
         "id": id,
         "online": d.online(),
         "epoch": d.epoch,
-        "last_seen": rfc3339(d.last_seen_ms),
+        "last_seen": rfc3339(d.last_seen(crate::service::now_ms())),
+        "last_message_at": rfc3339(d.last_seen_ms),
         "stored_seq": d.next_seq.saturating_sub(1),
         "device_seq": d.reported_last_seq,
         "agent_version": d.agent_version,
@@ -153,15 +154,7 @@ async fn stats(State(s): S) -> R {
 async fn metrics(State(s): S) -> Result<impl IntoResponse, ApiError> {
     use std::fmt::Write as _;
     let store = s.store.clone();
-    let (devices, pending) = blocking(move || {
-        let devices = store.devices()?;
-        let mut pending = 0usize;
-        for (id, _) in &devices {
-            pending += store.pending(id)?.len();
-        }
-        Ok((devices, pending))
-    })
-    .await?;
+    let (devices, pending) = blocking(move || Ok((store.devices()?, store.pending_total()?))).await?;
     let counters = s.counters().await?;
     let o = std::sync::atomic::Ordering::Relaxed;
     let online = devices.iter().filter(|(_, d)| d.online()).count();
@@ -286,6 +279,22 @@ async fn device(State(s): S, Path(id): Path<String>) -> R {
         Ok(Json(v))
     })
     .await
+}
+
+/// Forgets an offline device and everything stored for it (admin).
+async fn remove_device(State(s): S, caller: Caller, Path(id): Path<String>) -> Response {
+    if let Err(e) = caller.need(Role::Admin, "remove devices") {
+        return e.into_response();
+    }
+    let r = match s.remove_device(&id).await {
+        Ok(Some(events)) => Ok(Json(json!({"removed": id, "events": events}))),
+        Ok(None) => Err(ApiError(
+            StatusCode::CONFLICT,
+            format!("device '{id}' is online: stop its agent (or revoke it) first"),
+        )),
+        Err(e) => Err(e.into()),
+    };
+    audited("remove_device", &id, &id, r)
 }
 
 async fn runs(State(s): S, Path(id): Path<String>) -> R {
@@ -581,6 +590,16 @@ async fn audit(
         out.push('\n');
     }
     Ok(([(axum::http::header::CONTENT_TYPE, "application/x-ndjson")], out).into_response())
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    limit: Option<usize>,
+}
+
+/// Deployments, newest first (`limit`, default 100).
+async fn deployments(State(s): S, axum::extract::Query(q): axum::extract::Query<ListQuery>) -> R {
+    Ok(Json(s.deployments_status(q.limit.unwrap_or(100)).await?))
 }
 
 async fn deployment(State(s): S, Path(id): Path<String>) -> R {

@@ -151,7 +151,7 @@ enum PkiCmd {
         out_dir: PathBuf,
         /// Topic prefix shared with the agents.
         #[arg(long, default_value = outpost_shared::protocol::DEFAULT_PREFIX)]
-        prefix: String,
+        sync_prefix: String,
     },
 }
 
@@ -195,7 +195,7 @@ struct Args {
     insecure_unsigned: bool,
     /// Topic prefix shared with the agents.
     #[arg(long, env = "OUTPOST_SYNC_PREFIX", default_value = outpost_shared::protocol::DEFAULT_PREFIX)]
-    prefix: String,
+    sync_prefix: String,
     /// MQTT client id (fixed, so the broker keeps this service's session); also the identity
     /// in this service's certificate.
     #[arg(long, default_value = outpost_cloud_sync::pki::CLOUD_IDENTITY)]
@@ -353,10 +353,10 @@ fn admin(data_dir: &std::path::Path, pki: &Pki, command: CloudCmd) -> anyhow::Re
             );
         }
         CloudCmd::Pki {
-            command: PkiCmd::Mosquitto { out_dir, prefix },
+            command: PkiCmd::Mosquitto { out_dir, sync_prefix },
         } => {
-            let acl =
-                outpost_cloud_sync::acl::Rules::new(&prefix).mosquitto_acl(outpost_cloud_sync::pki::CLOUD_IDENTITY);
+            let acl = outpost_cloud_sync::acl::Rules::new(&sync_prefix)
+                .mosquitto_acl(outpost_cloud_sync::pki::CLOUD_IDENTITY);
             let path = out_dir.join("outpost.acl");
             std::fs::write(&path, acl).with_context(|| format!("cannot write {}", path.display()))?;
             println!(
@@ -505,7 +505,7 @@ async fn run(data_dir: PathBuf, pki: Pki, args: Args) -> anyhow::Result<()> {
     let link = Link {
         host: host.clone(),
         port,
-        prefix: args.prefix.clone(),
+        prefix: args.sync_prefix.clone(),
         client_id: args.client_id.clone(),
         tls,
         security,
@@ -618,7 +618,7 @@ async fn start_embedded(
     let running = start(Listen::Tls {
         addr,
         config,
-        prefix: args.prefix.clone(),
+        prefix: args.sync_prefix.clone(),
         service: args.client_id.clone(),
     })
     .await
@@ -702,7 +702,19 @@ async fn queue_demo_lot(service: &Service) -> anyhow::Result<()> {
     service
         .command("demo-gw", Some("demo-lot-7-ready".into()), signal)
         .await?;
-    println!("  approve:  open the console, run lot-7 waits for your approval at step 'release'");
+    // A second start queues nothing new: say what lot-7 is doing now, not what it did first.
+    let store = service.store.clone();
+    let mirrored = tokio::task::spawn_blocking(move || store.run("demo-gw", "lot-7"))
+        .await
+        .map_err(anyhow::Error::from)?
+        .map_err(anyhow::Error::from)?;
+    match mirrored {
+        Some((m, _)) if m.status.is_terminal() => println!(
+            "  lot-7:    already {} (start another quality-gate run from the console)",
+            m.status.as_str()
+        ),
+        _ => println!("  approve:  open the console, run lot-7 waits for your approval at step 'release'"),
+    }
     Ok(())
 }
 
@@ -768,7 +780,7 @@ fn start_demo(
     cmd.arg("run")
         .arg("--data-dir")
         .arg(&agent_dir)
-        .args(["--cloud", mqtt_url, "--device-id", "demo-gw", "--label", "site=demo"])
+        .args(["--broker", mqtt_url, "--device-id", "demo-gw", "--label", "site=demo"])
         .arg("--equipment")
         .arg(examples.join("equipment/sim.yaml"))
         .arg("--apply")

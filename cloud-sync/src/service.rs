@@ -696,21 +696,46 @@ impl Service {
             let dep = store
                 .deployment(&i)?
                 .ok_or_else(|| StoreError::NotFound(format!("deployment '{i}' does not exist")))?;
-            let mut devices = Vec::new();
-            for d in &dep.devices {
-                let c = store.command(d, &format!("{i}.{d}"))?;
-                devices.push(json!({
-                    "device": d,
-                    "state": c.as_ref().map(|c| c.state.clone()).unwrap_or_else(|| "unknown".into()),
-                    "reason": c.as_ref().filter(|c| c.state != "applied").map(|c| c.message.clone()),
-                }));
-            }
-            Ok(json!({
-                "id": i, "workflow": dep.workflow, "version": dep.version,
-                "created_at": dep.created_ms, "devices": devices,
-            }))
+            deployment_json(&store, &i, &dep)
         })
         .await
+    }
+
+    /// The newest `limit` deployments, newest first, each with its devices' states.
+    pub async fn deployments_status(&self, limit: usize) -> Result<Value, StoreError> {
+        let store = self.store.clone();
+        blocking(move || {
+            let mut out = Vec::new();
+            for (id, dep) in store.deployments()?.into_iter().take(limit) {
+                out.push(deployment_json(&store, &id, &dep)?);
+            }
+            Ok(Value::Array(out))
+        })
+        .await
+    }
+
+    /// Forgets an offline device (`Store::remove_device`) and clears its retained desired
+    /// document on the broker, so a device enrolled again under that id starts afresh.
+    /// Returns how many events were removed, or `None` while the device is online: it would
+    /// reappear at once with a history the store no longer has.
+    pub async fn remove_device(&self, id: &str) -> Result<Option<u64>, StoreError> {
+        let store = self.store.clone();
+        let d = id.to_string();
+        let removed = blocking(move || match store.device(&d)? {
+            Some(dev) if dev.online() => Ok(None),
+            Some(_) => store.remove_device(&d).map(Some),
+            None => Err(StoreError::NotFound(format!("device '{d}' is not known"))),
+        })
+        .await?;
+        if removed.is_some() {
+            let topic = self.topics.topic(id, Channel::Desired);
+            if let Err(e) = self.client.publish(topic, QoS::AtLeastOnce, true, Vec::new()).await {
+                warn!(device = id, error = %e, "cannot clear the retained desired document");
+            }
+            info!(device = id, "device removed");
+            self.notify();
+        }
+        Ok(removed)
     }
 
     /// Sets a device's desired document and publishes it (retained, so a device that connects
@@ -739,6 +764,27 @@ impl Service {
 }
 
 /// Refuses, before it is stored, a message that could never be sent to its device.
+/// A deployment as the API shows it: what it deploys, each targeted device's state, and how
+/// many devices are in each state.
+fn deployment_json(store: &Store, id: &str, dep: &Deployment) -> Result<Value, StoreError> {
+    let mut devices = Vec::new();
+    let mut counts = std::collections::BTreeMap::<String, u64>::new();
+    for d in &dep.devices {
+        let c = store.command(d, &format!("{id}.{d}"))?;
+        let state = c.as_ref().map(|c| c.state.clone()).unwrap_or_else(|| "unknown".into());
+        *counts.entry(state.clone()).or_default() += 1;
+        devices.push(json!({
+            "device": d,
+            "state": state,
+            "reason": c.as_ref().filter(|c| c.state != "applied").map(|c| c.message.clone()),
+        }));
+    }
+    Ok(json!({
+        "id": id, "workflow": dep.workflow, "version": dep.version,
+        "created_at": outpost_shared::journal::rfc3339(dep.created_ms), "devices": devices, "counts": counts,
+    }))
+}
+
 fn fits(body: &Body) -> Result<(), StoreError> {
     let len = protocol::encode(body).len() + outpost_shared::signing::SIGNATURE_BYTES;
     if len > protocol::MAX_MESSAGE_BYTES {

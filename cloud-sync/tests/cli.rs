@@ -38,7 +38,7 @@ fn help_names_every_setting_and_the_demo() {
         "--listen",
         "--broker",
         "--mqtt-listen",
-        "--prefix",
+        "--sync-prefix",
         "--demo",
         "--plain-http",
         "--insecure-http",
@@ -71,12 +71,13 @@ fn a_data_dir_that_is_a_file_is_refused_by_name() {
 }
 
 #[test]
-fn a_broker_address_with_another_scheme_or_a_bad_port_is_refused() {
+fn a_broker_address_without_an_mqtt_scheme_or_with_a_bad_port_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     for (url, says) in [
         ("ws://example:8883", "'ws'"),
         ("mqtt://example:x", "'x'"),
         ("mqtt://example:1883", "--insecure-plaintext"),
+        ("example:8883", "no scheme"),
     ] {
         let data = dir.path().to_str().unwrap();
         let out = cloud(&["--data-dir", data, "--broker", url, "--listen", "127.0.0.1:0"]);

@@ -13,7 +13,7 @@ pub struct BrokerUrl {
 }
 
 impl BrokerUrl {
-    /// Parses `SCHEME://HOST[:PORT]` or `HOST[:PORT]`; `what` names the option in errors.
+    /// Parses `mqtt://HOST[:PORT]` or `mqtts://HOST[:PORT]`; `what` names the option in errors.
     pub fn parse(url: &str, what: &str) -> Result<BrokerUrl, String> {
         let (tls, rest) = match url.split_once("://") {
             Some(("mqtt" | "tcp", rest)) => (false, rest),
@@ -23,7 +23,13 @@ impl BrokerUrl {
                     "{what} {url}: scheme '{scheme}' is not an MQTT broker (use mqtt://HOST:PORT or mqtts://HOST:PORT)"
                 ));
             }
-            None => (false, url),
+            // A bare HOST:PORT used to mean mqtt://; it is refused so that a typo or an http://
+            // URL pasted without its scheme fails at start instead of being retried forever.
+            None => {
+                return Err(format!(
+                    "{what} {url}: no scheme (write mqtts://{url} for TLS, or mqtt://{url})"
+                ));
+            }
         };
         let default_port = if tls { 8883 } else { 1883 };
         let rest = rest.trim_end_matches('/');
@@ -59,27 +65,32 @@ mod tests {
 
     #[test]
     fn urls_parse_and_bad_ones_are_named() {
-        let u = BrokerUrl::parse("mqtt://10.0.0.2:1884", "--cloud").unwrap();
+        let u = BrokerUrl::parse("mqtt://10.0.0.2:1884", "--broker").unwrap();
         assert_eq!((u.host.as_str(), u.port, u.tls), ("10.0.0.2", 1884, false));
-        assert_eq!(BrokerUrl::parse("broker", "--cloud").unwrap().port, 1883);
-        let t = BrokerUrl::parse("mqtts://broker.plant", "--cloud").unwrap();
+        assert_eq!(BrokerUrl::parse("mqtt://broker", "--broker").unwrap().port, 1883);
+        assert!(
+            BrokerUrl::parse("broker:1883", "--broker")
+                .unwrap_err()
+                .contains("--broker broker:1883: no scheme (write mqtts://broker:1883")
+        );
+        let t = BrokerUrl::parse("mqtts://broker.plant", "--broker").unwrap();
         assert_eq!((t.host.as_str(), t.port, t.tls), ("broker.plant", 8883, true));
         assert_eq!(t.url(), "mqtts://broker.plant:8883");
         assert!(
-            BrokerUrl::parse("h:port", "--cloud")
+            BrokerUrl::parse("mqtt://h:port", "--broker")
                 .unwrap_err()
-                .contains("'port' in --cloud h:port is not a port")
+                .contains("'port' in --broker mqtt://h:port is not a port")
         );
         assert!(
-            BrokerUrl::parse("http://x:80", "--cloud")
+            BrokerUrl::parse("http://x:80", "--broker")
                 .unwrap_err()
                 .contains("scheme 'http'")
         );
         assert!(
-            BrokerUrl::parse("mqtt://:1883", "--cloud")
+            BrokerUrl::parse("mqtt://:1883", "--broker")
                 .unwrap_err()
                 .contains("names no host")
         );
-        assert_eq!(BrokerUrl::parse("[::1]:1884", "--broker").unwrap().host, "::1");
+        assert_eq!(BrokerUrl::parse("mqtt://[::1]:1884", "--broker").unwrap().host, "::1");
     }
 }

@@ -165,17 +165,17 @@ mod tests {
 
     #[test]
     fn plaintext_only_to_loopback_unless_insecure() {
-        let url = |u| BrokerUrl::parse(u, "--cloud").unwrap();
-        assert!(check_plaintext(&url("mqtt://127.0.0.1:1883"), false, "--cloud").is_ok());
-        assert!(check_plaintext(&url("mqtt://localhost"), false, "--cloud").is_ok());
-        assert!(check_plaintext(&url("mqtt://[::1]:1883"), false, "--cloud").is_ok());
-        let err = check_plaintext(&url("mqtt://10.0.0.2:1883"), false, "--cloud").unwrap_err();
+        let url = |u| BrokerUrl::parse(u, "--broker").unwrap();
+        assert!(check_plaintext(&url("mqtt://127.0.0.1:1883"), false, "--broker").is_ok());
+        assert!(check_plaintext(&url("mqtt://localhost"), false, "--broker").is_ok());
+        assert!(check_plaintext(&url("mqtt://[::1]:1883"), false, "--broker").is_ok());
+        let err = check_plaintext(&url("mqtt://10.0.0.2:1883"), false, "--broker").unwrap_err();
         assert!(
             err.contains("--insecure-plaintext") && err.contains("10.0.0.2"),
             "{err}"
         );
-        assert!(check_plaintext(&url("mqtt://10.0.0.2:1883"), true, "--cloud").is_ok());
-        assert!(check_plaintext(&url("mqtts://broker.plant"), false, "--cloud").is_ok());
+        assert!(check_plaintext(&url("mqtt://10.0.0.2:1883"), true, "--broker").is_ok());
+        assert!(check_plaintext(&url("mqtts://broker.plant"), false, "--broker").is_ok());
     }
 
     #[test]

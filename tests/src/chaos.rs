@@ -260,7 +260,7 @@ pub fn kills(work: &Path, kills: usize, seed: u64) -> Report {
     let device = "chaos-gw";
     let mut agent = Agent::start(
         &work.join("agent"),
-        &["--cloud", &cloud.mqtt_url(), "--device-id", device],
+        &["--broker", &cloud.mqtt_url(), "--device-id", device],
     );
     let log = work.join("effects.log");
     for (name, text) in mixed_definitions(&log) {
@@ -463,7 +463,7 @@ pub fn drain(work: &Path, events: u64, broker: Broker, seed: u64) -> Report {
     };
     let proxy = Proxy::start(cloud.mqtt);
     let device = "drain-gw";
-    let agent = Agent::start(&work.join("agent"), &["--cloud", &proxy.url(), "--device-id", device]);
+    let agent = Agent::start(&work.join("agent"), &["--broker", &proxy.url(), "--device-id", device]);
     agent.json(&["apply", &write(work, "burst.yaml", &burst_definition())]);
 
     let mut rng = fastrand::Rng::with_seed(seed);
@@ -571,7 +571,7 @@ pub fn full_disk(work: &Path, runs: usize) -> Report {
     let device = "disk-gw";
     let agent = Agent::start(
         &work.join("agent"),
-        &["--cloud", &cloud.mqtt_url(), "--device-id", device],
+        &["--broker", &cloud.mqtt_url(), "--device-id", device],
     );
     agent.json(&["apply", &write(work, "echo.yaml", ECHO)]);
     let start = |i: usize| {
@@ -879,7 +879,7 @@ pub fn hostile(work: &Path) -> Report {
     let cloud = Cloud::embedded(&work.join("cloud"));
     let agent = Agent::start(
         &work.join("agent"),
-        &["--cloud", &cloud.mqtt_url(), "--device-id", device],
+        &["--broker", &cloud.mqtt_url(), "--device-id", device],
     );
     cloud.wait_presence(device, true, Duration::from_secs(30));
     let inbox = work.join("inbox");

@@ -91,7 +91,7 @@ impl Agent {
         // Tests that are not about security sync unsigned over loopback; a gateway enrolled by
         // the test (it has identity/device.key) runs as shipped: signed, and TLS if its URL says.
         let mut extra = self.extra.clone();
-        if extra.iter().any(|a| a == "--cloud") && !self.dir.join("identity/device.key").exists() {
+        if extra.iter().any(|a| a == "--broker") && !self.dir.join("identity/device.key").exists() {
             extra.push("--insecure-unsigned".into());
         }
         let child = outpost_command()

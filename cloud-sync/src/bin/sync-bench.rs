@@ -284,7 +284,7 @@ fn drain(mode: Mode) -> anyhow::Result<()> {
     let mut agent = agent
         .arg("--data-dir")
         .arg(&data)
-        .args(["--cloud", &url, "--device-id", "bench-gw"])
+        .args(["--broker", &url, "--device-id", "bench-gw"])
         .args(["--drain-rate", "100000000"])
         .arg("--apply")
         .arg(dir.path().join("burst.yaml"))

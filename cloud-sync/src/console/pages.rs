@@ -310,7 +310,7 @@ pub fn fleet(rows: &[FleetRow], viewer: &Viewer, now: u64) -> Markup {
             div #fleet-table data-live {
                 @if rows.is_empty() {
                     p.empty { "No device has connected yet. Start an agent with "
-                        code { "outpost run --cloud mqtts://HOST:8883 --device-id NAME" } " (enrol it first: README, Securing a fleet)." }
+                        code { "outpost run --broker mqtts://HOST:8883 --device-id NAME" } " (enrol it first: README, Securing a fleet)." }
                 } @else {
                     table #fleet {
                         thead { tr { th { "Device" } th { "State" } th { "Last seen" } th { "Agent" } th { "Labels" }
@@ -323,7 +323,7 @@ pub fn fleet(rows: &[FleetRow], viewer: &Viewer, now: u64) -> Markup {
                                         @if r.device.online() { (badge("online")) } @else { (badge("offline")) }
                                         @if !r.warnings.is_empty() { " " span.badge.bad title=(r.warnings.join("; ")) { "insecure" } }
                                     }
-                                    td { (ago(r.device.last_seen_ms, now)) }
+                                    td { (ago(r.device.last_seen(now), now)) }
                                     td { (r.device.agent_version) }
                                     td { @for (k, v) in &r.device.labels { span.label { (k) "=" (v) } " " } }
                                     td.num { (backlog(&r.device)) }
@@ -440,7 +440,7 @@ pub fn device(v: &DeviceView, viewer: &Viewer, f: &Flash, now: u64) -> Markup {
             div #device-head data-live {
                 h1 { (v.id) " " @if v.device.online() { (badge("online")) } @else { (badge("offline")) } }
                 p.meta {
-                    "agent " (v.device.agent_version) " · last seen " (ago(v.device.last_seen_ms, now))
+                    "agent " (v.device.agent_version) " · last seen " (ago(v.device.last_seen(now), now))
                     " · " (v.device.next_seq.saturating_sub(1)) " events stored, " (backlog(&v.device)) " still to sync"
                     @for (k, val) in &v.device.labels { " " span.label { (k) "=" (val) } }
                 }

@@ -163,6 +163,17 @@ impl Device {
     pub fn online(&self) -> bool {
         self.epoch > self.death_epoch
     }
+
+    /// When the device was last known to be there: now while it is online (the broker keeps
+    /// its session alive with MQTT keepalives and publishes its death message when they stop,
+    /// so an idle device is still present), else its last message.
+    pub fn last_seen(&self, now_ms: u64) -> u64 {
+        if self.online() {
+            now_ms.max(self.last_seen_ms)
+        } else {
+            self.last_seen_ms
+        }
+    }
 }
 
 /// The mirror of one run.
@@ -1006,6 +1017,13 @@ impl Store {
         Ok(out)
     }
 
+    /// Commands waiting for any device, known to the store or not (queued for
+    /// pre-provisioning): what the `pending_commands` gauge shows.
+    pub fn pending_total(&self) -> Result<u64, StoreError> {
+        let txn = self.db()?.begin_read()?;
+        Ok(txn.open_table(OUTBOX)?.len()?)
+    }
+
     /// Records a command's result; false when the command is unknown for this device.
     pub fn answer(&self, device: &str, r: &CommandResult, now: u64) -> Result<bool, StoreError> {
         let txn = self.db()?.begin_write()?;
@@ -1186,6 +1204,43 @@ impl Store {
         out.sort_by_key(|c| std::cmp::Reverse(c.1.order));
         out.truncate(limit);
         Ok(out)
+    }
+
+    /// Forgets a device: its row and everything mirrored or queued for it (runs, events,
+    /// commands, desired and reported state, inventory, lineage, archive), in one transaction.
+    /// Deployments keep naming it. Returns how many events were removed.
+    pub fn remove_device(&self, id: &str) -> Result<u64, StoreError> {
+        const END: &str = "\u{10FFFF}";
+        let txn = self.db()?.begin_write()?;
+        let mut events = 0u64;
+        {
+            let mut t = txn.open_table(DEVICES)?;
+            if t.remove(id)?.is_none() {
+                return Err(StoreError::NotFound(format!("device '{id}' is not known")));
+            }
+            for table in [DESIRED, REPORTED, EQUIPMENT, LINEAGE, GATEWAY_SECURITY, GATEWAY_HEALTH] {
+                txn.open_table(table)?.remove(id)?;
+            }
+            txn.open_table(EVENTS)?.retain_in((id, 0)..=(id, u64::MAX), |_, _| {
+                events += 1;
+                false
+            })?;
+            txn.open_table(QUARANTINE)?
+                .retain_in((id, 0)..=(id, u64::MAX), |_, _| false)?;
+            txn.open_table(OUTBOX)?
+                .retain_in((id, 0)..=(id, u64::MAX), |_, _| false)?;
+            txn.open_table(RUN_EVENTS)?
+                .retain_in((id, "", 0)..=(id, END, u64::MAX), |_, _| false)?;
+            txn.open_table(RUNS)?.retain_in((id, "")..=(id, END), |_, _| false)?;
+            txn.open_table(COMMANDS)?
+                .retain_in((id, "")..=(id, END), |_, _| false)?;
+            txn.open_table(DEFINITIONS)?
+                .retain_in((id, "", 0)..=(id, END, u32::MAX), |_, _| false)?;
+            txn.open_table(ARCHIVE)?
+                .retain_in((id, 0, 0)..=(id, u64::MAX, u64::MAX), |_, _| false)?;
+        }
+        txn.commit()?;
+        Ok(events)
     }
 
     /// Every deployment, newest first.

@@ -78,16 +78,21 @@ fn broker_addresses_are_refused_by_name() {
     let data = data.to_str().unwrap();
     for (flag, url, says) in [
         (
-            "--cloud",
+            "--broker",
             "mqtts://broker.plant:8883",
             "this gateway is not enrolled: run `outpost keygen",
         ),
         (
-            "--cloud",
+            "--broker",
             "mqtt://broker.plant:1883",
             "plain-text MQTT to another machine is refused",
         ),
-        ("--cloud", "http://broker:1883", "scheme 'http' is not an MQTT broker"),
+        ("--broker", "http://broker:1883", "scheme 'http' is not an MQTT broker"),
+        (
+            "--broker",
+            "broker:1883",
+            "--broker broker:1883: no scheme (write mqtts://broker:1883",
+        ),
         (
             "--mqtt-broker",
             "mqtt://broker:x",
@@ -135,7 +140,7 @@ fn a_run_blocked_by_a_full_disk_says_so_everywhere_even_the_console_and_goes_on_
     let cloud = outpost_tests::cloud::Cloud::embedded(&dir.path().join("cloud"));
     let agent = Agent::start_with_env(
         &dir.path().join("data"),
-        &["--cloud", &cloud.mqtt_url(), "--device-id", "gw-full"],
+        &["--broker", &cloud.mqtt_url(), "--device-id", "gw-full"],
         &[("OUTPOST_JOURNAL_FULL_DISK_MARKER", &marker_s)],
     );
     cloud.wait_presence("gw-full", true, std::time::Duration::from_secs(20));

@@ -198,7 +198,7 @@ fn capped(dir: &std::path::Path, device: &str) -> (outpost_tests::cloud::Cloud, 
     let cloud = outpost_tests::cloud::Cloud::embedded(&dir.join("cloud"));
     let proxy = outpost_tests::cloud::Proxy::start(cloud.mqtt);
     let flags = [
-        "--cloud",
+        "--broker",
         &proxy.url(),
         "--device-id",
         device,

@@ -28,7 +28,7 @@ fn fleet_timeline_and_an_approval_from_the_page_complete_the_run_on_the_agent() 
     let mut agent = Agent::start(
         &dir.path().join("agent"),
         &[
-            "--cloud",
+            "--broker",
             &url,
             "--device-id",
             "line-1",
@@ -131,7 +131,7 @@ fn a_deployment_and_a_start_from_the_page_reach_the_device_also_after_it_was_off
     let url = cloud.mqtt_url();
     let mut agent = Agent::start(
         &dir.path().join("agent"),
-        &["--cloud", &url, "--device-id", "line-2", "--label", "line=2"],
+        &["--broker", &url, "--device-id", "line-2", "--label", "line=2"],
     );
     online(&cloud, "line-2", true);
     let file = write(dir.path(), "console-hello.yaml", HELLO);
@@ -212,7 +212,7 @@ fn signal_reject_cancel_and_desired_state_from_the_page() {
     let agent = Agent::start_with_env(
         &dir.path().join("agent"),
         &[
-            "--cloud",
+            "--broker",
             &url,
             "--device-id",
             "line-3",

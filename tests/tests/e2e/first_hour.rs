@@ -227,7 +227,7 @@ fn start_wait_prints_the_id_at_once_then_each_step_and_show_follow_streams() {
 fn human_status_has_a_line_per_subsystem_with_the_sync_link_and_its_last_error() {
     let dir = tempfile::tempdir().unwrap();
     // Nothing listens on port 1: the link stays down and says why.
-    let agent = Agent::start(dir.path(), &["--cloud", "mqtt://127.0.0.1:1", "--device-id", "gw-s"]);
+    let agent = Agent::start(dir.path(), &["--broker", "mqtt://127.0.0.1:1", "--device-id", "gw-s"]);
     let file = write(dir.path(), "hello.yaml", HELLO);
     assert!(agent.cli(&["apply", &file]).status.success());
     let out = eventually(Duration::from_secs(20), "status to show the last sync error", || {
@@ -251,4 +251,68 @@ fn human_status_has_a_line_per_subsystem_with_the_sync_link_and_its_last_error()
             && sync.contains("backlog"),
         "{sync}"
     );
+}
+
+#[test]
+fn deployments_are_listed_and_an_offline_device_can_be_removed() {
+    use outpost_tests::cloud::{Cloud, http};
+    use serde_json::json;
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = Cloud::embedded(&dir.path().join("cloud"));
+    let mut agent = Agent::start(
+        &dir.path().join("agent"),
+        &["--broker", &cloud.mqtt_url(), "--device-id", "gw-rm"],
+    );
+    cloud.wait_presence("gw-rm", true, Duration::from_secs(30));
+    let (code, d) = cloud.send(
+        "POST",
+        "/v1/deployments",
+        &json!({"document": HELLO, "devices": ["gw-rm"]}),
+    );
+    assert_eq!(code, 201, "{d}");
+    let listed = eventually(
+        Duration::from_secs(20),
+        "the deployment to be listed as applied",
+        || {
+            let list = cloud.get("/v1/deployments");
+            (list[0]["counts"]["applied"] == 1).then_some(list)
+        },
+    );
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
+    assert_eq!(listed[0]["id"], d["id"], "{listed}");
+    assert_eq!(listed[0]["workflow"], "hello");
+    assert!(
+        listed[0]["created_at"].as_str().is_some_and(|t| t.ends_with('Z')),
+        "created_at is RFC 3339: {listed}"
+    );
+
+    let start = json!({"type": "start", "workflow": "hello", "input": {"name": "x"}, "id": "c1", "run_id": "hello-1"});
+    assert_eq!(cloud.send("POST", "/v1/devices/gw-rm/commands", &start).0, 202);
+    eventually(Duration::from_secs(20), "the run to be mirrored", || {
+        let (_, r) = http("GET", cloud.api, "/v1/devices/gw-rm/runs/hello-1", None).ok()?;
+        (r["status"] == "completed").then_some(())
+    });
+
+    // An idle online device is still seen: its broker session stands for it.
+    let seen = |cloud: &Cloud| outpost_tests::ts_ms(&cloud.device("gw-rm").unwrap()["last_seen"]);
+    let before = seen(&cloud);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(seen(&cloud) >= before + 1000, "last_seen stood still while online");
+
+    // Online: refused, it would come straight back with a history the store forgot.
+    let (code, v) = http("DELETE", cloud.api, "/v1/devices/gw-rm", None).unwrap();
+    assert_eq!(code, 409, "{v}");
+    assert!(v.to_string().contains("is online"), "{v}");
+    agent.stop();
+    cloud.wait_presence("gw-rm", false, Duration::from_secs(30));
+    let (code, v) = http("DELETE", cloud.api, "/v1/devices/gw-rm", None).unwrap();
+    assert_eq!(code, 200, "{v}");
+    assert!(v["events"].as_u64().is_some_and(|n| n > 0), "{v}");
+    assert!(cloud.device("gw-rm").is_none(), "still listed after removal");
+    let (code, runs) = http("GET", cloud.api, "/v1/devices/gw-rm/runs", None).unwrap();
+    assert_eq!((code, runs.clone()), (200, json!([])), "{runs}");
+    let (code, _) = http("DELETE", cloud.api, "/v1/devices/gw-rm", None).unwrap();
+    assert_eq!(code, 404, "a second removal finds nothing");
+    let audit = outpost_tests::cloud::http_text(cloud.api, "/v1/audit");
+    assert!(audit.contains("\"remove_device\""), "{audit}");
 }

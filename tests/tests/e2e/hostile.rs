@@ -31,7 +31,7 @@ fn hostile_messages_are_refused_by_name_and_the_fleet_keeps_syncing() {
     let proxy = Proxy::start(cloud.mqtt);
     let agent = Agent::start(
         &dir.path().join("agent"),
-        &["--cloud", &proxy.url(), "--device-id", "gw1"],
+        &["--broker", &proxy.url(), "--device-id", "gw1"],
     );
     cloud.wait_presence("gw1", true, Duration::from_secs(20));
     let def = write(dir.path(), "echo.yaml", ECHO);
@@ -134,7 +134,7 @@ fn large_outputs_sync_in_batches_sized_by_bytes_and_presence_survives_reconnects
     let proxy = Proxy::start(cloud.mqtt);
     let agent = Agent::start(
         &dir.path().join("agent"),
-        &["--cloud", &proxy.url(), "--device-id", "gw2"],
+        &["--broker", &proxy.url(), "--device-id", "gw2"],
     );
     cloud.wait_presence("gw2", true, Duration::from_secs(20));
     let def = write(dir.path(), "echo.yaml", ECHO);

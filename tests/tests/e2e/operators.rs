@@ -40,7 +40,7 @@ fn gate_device(dir: &std::path::Path, device: &str) -> (Cloud, Agent) {
     let url = cloud.mqtt_url();
     let agent = Agent::start(
         &dir.join("agent"),
-        &["--cloud", &url, "--device-id", device, "--apply", &gate],
+        &["--broker", &url, "--device-id", device, "--apply", &gate],
     );
     cloud.wait_presence(device, true, WAIT);
     assert!(agent.cli(&["start", "gate", "--id", "g1"]).status.success());

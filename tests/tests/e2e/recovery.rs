@@ -56,7 +56,7 @@ fn a_cloud_store_restored_from_an_older_copy_gets_back_what_it_lost() {
     let port = cloud.mqtt;
     let agent = Agent::start(
         &dir.path().join("agent"),
-        &["--cloud", &cloud.mqtt_url(), "--device-id", "gw1"],
+        &["--broker", &cloud.mqtt_url(), "--device-id", "gw1"],
     );
     agent.json(&["apply", &write(dir.path(), "echo.yaml", ECHO)]);
     run_some(&agent, 3);
@@ -82,7 +82,7 @@ fn a_cloud_store_restored_from_an_older_copy_gets_back_what_it_lost() {
 fn a_wiped_gateway_under_the_same_id_syncs_again_and_the_old_history_is_set_aside() {
     let dir = tempfile::tempdir().unwrap();
     let cloud = Cloud::embedded(&dir.path().join("cloud"));
-    let args = ["--cloud", &cloud.mqtt_url(), "--device-id", "gw2"];
+    let args = ["--broker", &cloud.mqtt_url(), "--device-id", "gw2"];
     let def = write(dir.path(), "echo.yaml", ECHO);
     let mut old = Agent::start(&dir.path().join("old"), &args);
     old.json(&["apply", &def]);
@@ -108,7 +108,7 @@ fn a_gateway_journal_restored_from_a_backup_replaces_the_history_it_no_longer_ha
     let dir = tempfile::tempdir().unwrap();
     let cloud = Cloud::embedded(&dir.path().join("cloud"));
     let adir = dir.path().join("agent");
-    let mut agent = Agent::start(&adir, &["--cloud", &cloud.mqtt_url(), "--device-id", "gw3"]);
+    let mut agent = Agent::start(&adir, &["--broker", &cloud.mqtt_url(), "--device-id", "gw3"]);
     agent.json(&["apply", &write(dir.path(), "echo.yaml", ECHO)]);
     run_some(&agent, 2);
     in_step(&cloud, &agent, "gw3");
@@ -144,7 +144,7 @@ fn events_retention_deleted_before_a_restored_store_got_them_are_recorded_as_los
     let agent = Agent::start(
         &dir.path().join("agent"),
         &[
-            "--cloud",
+            "--broker",
             &cloud.mqtt_url(),
             "--device-id",
             "gw-lost",

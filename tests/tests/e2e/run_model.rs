@@ -90,7 +90,7 @@ fn the_agent_the_api_and_the_console_graph_show_the_same_steps() {
     );
     let agent = Agent::start(
         &dir.path().join("agent"),
-        &["--cloud", &cloud.mqtt_url(), "--device-id", "gw"],
+        &["--broker", &cloud.mqtt_url(), "--device-id", "gw"],
     );
     agent.json(&["apply", &saga]);
     agent.json(&["apply", &once]);

@@ -44,7 +44,7 @@ fn stored(cloud: &Cloud, device: &str) -> u64 {
 /// A gateway enrolled in `cloud` and connected to `url`, with one completed run mirrored.
 fn gateway(cloud: &Cloud, dir: &Path, id: &str, url: &str) -> Agent {
     cloud.enroll(dir, id);
-    let agent = Agent::start(dir, &["--cloud", url, "--device-id", id]);
+    let agent = Agent::start(dir, &["--broker", url, "--device-id", id]);
     cloud.wait_presence(id, true, Duration::from_secs(20));
     agent.json(&["apply", &write(dir, "hello.yaml", HELLO)]);
     agent.json(&["start", "hello", "--id", "first", "--wait"]);
@@ -185,7 +185,7 @@ fn the_embedded_broker_holds_each_certificate_to_its_own_subtree_and_refuses_bad
     // A revoked gateway: cloud-sync refuses what it sends from then on.
     let out = cloud.admin(&["devices", "revoke", "gw-a"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let _a = Agent::start(&a_dir, &["--cloud", &url, "--device-id", "gw-a"]);
+    let _a = Agent::start(&a_dir, &["--broker", &url, "--device-id", "gw-a"]);
     eventually(Duration::from_secs(20), "the revoked gateway's birth refused", || {
         (counter(&cloud, "rejected.revoked") >= 1).then_some(())
     });
@@ -529,7 +529,7 @@ fn deployed_exec_runs_only_as_the_gateway_policy_allows() {
     let agent = Agent::start(
         &gw,
         &[
-            "--cloud",
+            "--broker",
             &cloud.mqtts_url(),
             "--device-id",
             "gw-p",
@@ -588,7 +588,7 @@ fn a_gateway_rotates_its_certificate_while_its_backlog_drains_and_loses_nothing(
     let proxy = outpost_tests::cloud::Proxy::start(cloud.mqtt);
     let url = proxy.url().replace("mqtt://", "mqtts://");
     cloud.enroll(&gw, "gw-r");
-    let agent = Agent::start(&gw, &["--cloud", &url, "--device-id", "gw-r", "--drain-rate", "150"]);
+    let agent = Agent::start(&gw, &["--broker", &url, "--device-id", "gw-r", "--drain-rate", "150"]);
     cloud.wait_presence("gw-r", true, Duration::from_secs(20));
     proxy.cut();
     agent.json(&["apply", &write(dir.path(), "hello.yaml", HELLO)]);

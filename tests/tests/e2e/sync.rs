@@ -67,7 +67,7 @@ fn partition_scenario(mut broker: Broker) {
         }
         _ => proxy.url(),
     };
-    let flags = ["--cloud", &url, "--device-id", "gw1", "--drain-rate", "2500"];
+    let flags = ["--broker", &url, "--device-id", "gw1", "--drain-rate", "2500"];
     let mut agent = Agent::start(&dir.path().join("agent"), &flags);
     online(&cloud, "gw1");
 
@@ -176,11 +176,18 @@ fn commands_issued_offline_are_applied_once_and_redeliveries_ignored() {
     );
     assert_eq!(code, 202, "{c}");
     assert_eq!(cloud.get("/v1/devices/gw2/commands/start-1")["state"], "pending");
+    // The gauge counts them although the device was never seen (deployment + start).
+    let (_, text) = outpost_tests::cloud::http("GET", cloud.api, "/metrics", None).unwrap();
+    let text = text.as_str().unwrap_or_default().to_string();
+    assert!(
+        text.lines().any(|l| l == "outpost_cloud_pending_commands 2"),
+        "pending commands for a never-seen device are counted:\n{text}"
+    );
 
     let metrics_port = outpost_tests::cloud::free_port();
     let metrics_addr = format!("127.0.0.1:{metrics_port}");
     let flags = [
-        "--cloud",
+        "--broker",
         &cloud.mqtt_url(),
         "--device-id",
         "gw2",
@@ -254,7 +261,7 @@ fn a_deployment_reaches_online_devices_now_and_an_offline_one_on_return() {
     let mut agents: Vec<Agent> = (1..=3)
         .map(|i| {
             let flags = [
-                "--cloud",
+                "--broker",
                 &cloud.mqtt_url(),
                 "--device-id",
                 &format!("line1-gw{i}"),
@@ -338,7 +345,7 @@ fn malformed_unknown_version_and_wrong_device_messages_are_rejected_and_counted(
     let cloud = Cloud::embedded(&dir.path().join("cloud"));
     let agent = Agent::start(
         &dir.path().join("agent"),
-        &["--cloud", &cloud.mqtt_url(), "--device-id", "gw4"],
+        &["--broker", &cloud.mqtt_url(), "--device-id", "gw4"],
     );
     online(&cloud, "gw4");
     let p = cloud.mqtt;
@@ -417,7 +424,7 @@ output: "{{{{ steps.read_back.output.json }}}}"
     let (code, v) = cloud.send("PUT", "/v1/devices/gw6/desired", &json!({"document": {"setpoint": 42}}));
     assert_eq!((code, v["version"].as_u64()), (200, Some(1)), "{v}");
     let flags = [
-        "--cloud",
+        "--broker",
         &cloud.mqtt_url(),
         "--device-id",
         "gw6",
@@ -480,25 +487,28 @@ fn the_readme_demo_starts_cloud_sync_and_a_gateway_whose_run_is_mirrored() {
     let (api, mqtt) = (outpost_tests::cloud::free_port(), outpost_tests::cloud::free_port());
     let exe = outpost_tests::outpost_bin().with_file_name("outpost-cloud");
     // As the demo's own hint says: a token from `tokens create` for the API.
-    let token = outpost_tests::cloud::create_token(dir.path(), "readme", &["viewer"]);
+    let token = outpost_tests::cloud::create_token(dir.path(), "readme", &["viewer", "operator"]);
     let auth = format!("Authorization: Bearer {token}\r\n");
     let get = |path: &str| outpost_tests::cloud::http_raw("GET", api, path, None, &auth, "application/json");
-    let mut child = std::process::Command::new(exe)
-        .arg("--data-dir")
-        .arg(dir.path())
-        .args([
-            "--listen",
-            &format!("127.0.0.1:{api}"),
-            "--mqtt-listen",
-            &format!("127.0.0.1:{mqtt}"),
-            "--plain-http",
-            "--demo",
-        ])
-        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let demo = || {
+        std::process::Command::new(&exe)
+            .arg("--data-dir")
+            .arg(dir.path())
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{api}"),
+                "--mqtt-listen",
+                &format!("127.0.0.1:{mqtt}"),
+                "--plain-http",
+                "--demo",
+            ])
+            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut child = demo();
     // The oven run completes; the quality-gate lot the demo queues waits for an approval.
     eventually(Duration::from_secs(60), "the demo runs to be mirrored", || {
         let (code, runs) = get("/v1/devices/demo-gw/runs").ok()?;
@@ -534,6 +544,42 @@ fn the_readme_demo_starts_cloud_sync_and_a_gateway_whose_run_is_mirrored() {
         "{out}"
     );
     assert!(out.contains(&format!("console: http://127.0.0.1:{api}/")), "{out}");
+    assert!(out.contains("lot-7 waits for your approval"), "{out}");
+
+    // lot-7 finished: a second demo start says so instead of "waits".
+    let mut child = demo();
+    // Cancelled (as an operator may, where approving needs one of the gate's approvers).
+    let cancel = r#"{"type": "cancel", "run_id": "lot-7", "id": "demo-cancel"}"#;
+    let (code, v) = eventually(Duration::from_secs(60), "the cancel to be queued", || {
+        outpost_tests::cloud::http_raw(
+            "POST",
+            api,
+            "/v1/devices/demo-gw/commands",
+            Some(cancel),
+            &auth,
+            "application/json",
+        )
+        .ok()
+    });
+    assert_eq!(code, 202, "{v}");
+    eventually(Duration::from_secs(60), "lot-7 to be cancelled", || {
+        let (_, lot) = get("/v1/devices/demo-gw/runs/lot-7").ok()?;
+        (lot["status"] == "cancelled").then_some(())
+    });
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    child.wait().unwrap();
+    let mut third = demo();
+    eventually(Duration::from_secs(60), "the demo API", || get("/v1/health").ok());
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &third.id().to_string()])
+        .status();
+    third.wait().unwrap();
+    let mut out = String::new();
+    third.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    assert!(out.contains("lot-7:    already cancelled"), "{out}");
+    assert!(!out.contains("waits for your approval"), "{out}");
 }
 
 #[test]
@@ -544,7 +590,7 @@ fn a_full_outbox_refuses_new_runs_and_retention_waits_for_the_cloud() {
     // No cloud yet: everything stays in the outbox. Retention would delete finished runs at once,
     // but not before the cloud has them.
     let flags = [
-        "--cloud",
+        "--broker",
         &format!("mqtt://127.0.0.1:{port}"),
         "--device-id",
         "gw7",
@@ -616,7 +662,7 @@ fn a_command_the_gateway_could_not_record_is_sent_again_without_a_reconnect() {
     let marker_s = marker.display().to_string();
     let agent = Agent::start_with_env(
         &dir.path().join("agent"),
-        &["--cloud", &cloud.mqtt_url(), "--device-id", "gw3"],
+        &["--broker", &cloud.mqtt_url(), "--device-id", "gw3"],
         &[("OUTPOST_JOURNAL_FULL_DISK_MARKER", &marker_s)],
     );
     online(&cloud, "gw3");
@@ -655,7 +701,7 @@ fn resend_requests_do_not_resend_the_inventory_and_a_new_definition_goes_alone()
     let cloud = Cloud::embedded(&dir.path().join("cloud"));
     let agent = Agent::start(
         &dir.path().join("agent"),
-        &["--cloud", &cloud.mqtt_url(), "--device-id", "gw4"],
+        &["--broker", &cloud.mqtt_url(), "--device-id", "gw4"],
     );
     online(&cloud, "gw4");
     let def = |v: u32| format!("name: inv\nversion: {v}\nsteps:\n  - {{id: s, action: set, args: {{v: {v}}}}}\n");
