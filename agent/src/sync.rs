@@ -945,7 +945,9 @@ async fn drain(
             }
             continue;
         }
-        let limit = config.batch.min((acked + config.window - sent) as usize).max(1);
+        let limit = paced_batch(config.batch, config.drain_rate)
+            .min((acked + config.window - sent) as usize)
+            .max(1);
         let events = match rt
             .journal()
             .raw_events_since(sent, limit, protocol::MAX_BATCH_RAW_BYTES)
@@ -985,6 +987,18 @@ async fn drain(
             tokio::time::sleep(ahead).await;
         }
     }
+}
+
+/// Batches a second the drain aims for at most: a low `--drain-rate` then goes out as a steady
+/// trickle of small batches instead of one full batch followed by a long pause.
+const PACE_PER_SECOND: u64 = 10;
+
+/// Events per batch at `drain_rate` events per second: a tenth of a second's worth, at least
+/// one and at most `batch`.
+fn paced_batch(batch: usize, drain_rate: u64) -> usize {
+    usize::try_from(drain_rate / PACE_PER_SECOND)
+        .unwrap_or(usize::MAX)
+        .clamp(1, batch.max(1))
 }
 
 /// Applies cloud commands once each, persisting every result before reporting it.
@@ -1140,6 +1154,26 @@ async fn apply(rt: &Runtime, policy: &crate::policy::Policy, cmd: &Command) -> O
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_low_drain_rate_sends_small_batches_often_instead_of_a_full_one_then_a_long_pause() {
+        // 10 events/s: one event per batch, ten batches a second (was 500 then 50 s of nothing).
+        assert_eq!(paced_batch(500, 10), 1);
+        assert_eq!(paced_batch(500, 150), 15);
+        // Slower than one batch per tenth of a second still sends one event at a time.
+        assert_eq!(paced_batch(500, 1), 1);
+        // Fast drains keep full batches.
+        assert_eq!(paced_batch(500, 100_000), 500);
+        assert_eq!(paced_batch(0, 100_000), 1);
+        // The longest pause after a batch is its share of the rate: at most about 0.1 s.
+        for rate in [1u64, 7, 10, 150, 4999, 100_000] {
+            let pause = paced_batch(500, rate) as f64 / rate as f64;
+            assert!(pause <= 1.0, "rate {rate}: {pause} s between batches");
+            if rate >= PACE_PER_SECOND {
+                assert!(pause <= 0.1 + 1e-9, "rate {rate}: {pause} s between batches");
+            }
+        }
+    }
 
     #[test]
     fn resends_are_served_inside_the_journal_and_announced_outside_it() {

@@ -201,9 +201,12 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
 }
 
 /// Paths anyone may GET: health and metrics (for load balancers and Prometheus, documented as
-/// open), the sign-in page and the console's static files.
+/// open), the API's description, the sign-in page and the console's static files.
 fn is_public(method: &Method, path: &str) -> bool {
-    matches!(path, "/v1/health" | "/metrics" | "/console/app.css" | "/console/app.js") && method == Method::GET
+    matches!(
+        path,
+        "/v1/health" | "/v1/openapi.json" | "/metrics" | "/console/app.css" | "/console/app.js"
+    ) && method == Method::GET
         || path == "/login"
 }
 

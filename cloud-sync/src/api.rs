@@ -21,6 +21,7 @@ use crate::store::{Device, RunMirror, StoreError};
 pub fn router(service: Arc<Service>, access: Arc<Access>) -> Router {
     Router::new()
         .route("/v1/health", get(health))
+        .route("/v1/openapi.json", get(openapi))
         .route("/v1/stats", get(stats))
         .route("/metrics", get(metrics))
         .route("/v1/devices", get(devices))
@@ -60,6 +61,14 @@ async fn health(State(s): S) -> (axum::http::StatusCode, Json<Value>) {
         code,
         Json(json!({"ok": ok, "store": store, "version": env!("CARGO_PKG_VERSION")})),
     )
+}
+
+/// The API's OpenAPI 3 document (`cloud-sync/openapi.json`; a test checks it against the
+/// routes and request types here).
+pub const OPENAPI: &str = include_str!("../openapi.json");
+
+async fn openapi() -> impl IntoResponse {
+    ([(axum::http::header::CONTENT_TYPE, "application/json")], OPENAPI)
 }
 
 /// An API error.
@@ -604,4 +613,109 @@ async fn deployments(State(s): S, axum::extract::Query(q): axum::extract::Query<
 
 async fn deployment(State(s): S, Path(id): Path<String>) -> R {
     Ok(Json(s.deployment_status(&id).await?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    fn document() -> Value {
+        serde_json::from_str(OPENAPI).expect("openapi.json is JSON")
+    }
+
+    /// Every `.route(PATH, METHOD(..).METHOD(..))` of the router above, as (method, path).
+    fn routes_in_source() -> BTreeSet<(String, String)> {
+        let src = include_str!("api.rs");
+        let router = &src[..src.find("type S =").expect("router comes first")];
+        let mut out = BTreeSet::new();
+        for line in router.lines().map(str::trim).filter(|l| l.starts_with(".route(\"")) {
+            let rest = &line[".route(\"".len()..];
+            let (path, handlers) = rest.split_once('"').expect("quoted path");
+            for m in ["get", "post", "put", "delete"] {
+                let call = format!("{m}(");
+                let found = handlers
+                    .match_indices(&call)
+                    .any(|(i, _)| i == 0 || matches!(handlers.as_bytes()[i - 1], b' ' | b'.' | b',' | b':'));
+                if found {
+                    out.insert((m.to_string(), path.to_string()));
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_openapi_document_has_exactly_the_routes_of_the_router() {
+        let doc = document();
+        let mut documented = BTreeSet::new();
+        for (path, ops) in doc["paths"].as_object().expect("paths") {
+            for method in ops.as_object().expect("operations").keys() {
+                documented.insert((method.clone(), path.clone()));
+            }
+        }
+        let routed = routes_in_source();
+        assert!(routed.len() > 15, "the route scan found too few: {routed:?}");
+        let undocumented: Vec<_> = routed.difference(&documented).collect();
+        let stale: Vec<_> = documented.difference(&routed).collect();
+        assert!(
+            undocumented.is_empty(),
+            "routes missing from openapi.json: {undocumented:?}"
+        );
+        assert!(
+            stale.is_empty(),
+            "openapi.json documents routes that do not exist: {stale:?}"
+        );
+    }
+
+    #[test]
+    fn the_openapi_examples_are_what_the_api_accepts() {
+        let doc = document();
+        let commands = &doc["paths"]["/v1/devices/{id}/commands"]["post"]["requestBody"]["content"]["application/json"];
+        let examples = commands["examples"].as_object().expect("command examples");
+        let mut kinds = std::collections::HashSet::new();
+        for (name, ex) in examples {
+            let body: CommandBody = serde_json::from_value(ex["value"].clone())
+                .unwrap_or_else(|e| panic!("example {name} is refused: {e}"));
+            kinds.insert(std::mem::discriminant(&body));
+        }
+        assert_eq!(kinds.len(), 4, "one example per command type");
+        // Each command schema lists exactly the fields the API takes: an example with every
+        // documented field parses, and an undocumented one is refused.
+        for variant in doc["components"]["schemas"]["Command"]["oneOf"]
+            .as_array()
+            .expect("oneOf")
+        {
+            let props = variant["properties"].as_object().expect("properties");
+            let mut full = serde_json::Map::new();
+            for (k, schema) in props {
+                let v = match (k.as_str(), schema["type"].as_str()) {
+                    ("type", _) => schema["enum"][0].clone(),
+                    (_, Some("integer")) => json!(1),
+                    (_, Some("boolean")) => json!(true),
+                    (_, Some("object")) | (_, None) => json!({}),
+                    _ => json!("x"),
+                };
+                full.insert(k.clone(), v);
+            }
+            let body = Value::Object(full.clone());
+            assert!(
+                serde_json::from_value::<CommandBody>(body.clone()).is_ok(),
+                "the documented fields are refused: {body}"
+            );
+            full.insert("by".into(), json!("someone"));
+            assert!(
+                serde_json::from_value::<CommandBody>(Value::Object(full)).is_err(),
+                "an undocumented field is accepted"
+            );
+        }
+        let deploy = &doc["paths"]["/v1/deployments"]["post"]["requestBody"]["content"]["application/json"]["example"];
+        assert!(serde_json::from_value::<DeployBody>(deploy.clone()).is_ok(), "{deploy}");
+        let desired =
+            &doc["paths"]["/v1/devices/{id}/desired"]["put"]["requestBody"]["content"]["application/json"]["example"];
+        assert!(
+            serde_json::from_value::<DesiredBody>(desired.clone()).is_ok(),
+            "{desired}"
+        );
+    }
 }

@@ -254,7 +254,7 @@ fn human_status_has_a_line_per_subsystem_with_the_sync_link_and_its_last_error()
 }
 
 #[test]
-fn deployments_are_listed_and_an_offline_device_can_be_removed() {
+fn deployments_are_listed_an_offline_device_can_be_removed_and_the_api_describes_itself() {
     use outpost_tests::cloud::{Cloud, http};
     use serde_json::json;
     let dir = tempfile::tempdir().unwrap();
@@ -315,4 +315,10 @@ fn deployments_are_listed_and_an_offline_device_can_be_removed() {
     assert_eq!(code, 404, "a second removal finds nothing");
     let audit = outpost_tests::cloud::http_text(cloud.api, "/v1/audit");
     assert!(audit.contains("\"remove_device\""), "{audit}");
+    // The API describes itself, to anyone (no token).
+    let (code, doc) =
+        outpost_tests::cloud::http_raw("GET", cloud.api, "/v1/openapi.json", None, "", "application/json").unwrap();
+    assert_eq!(code, 200, "{doc}");
+    assert!(doc["openapi"].as_str().is_some_and(|v| v.starts_with("3.")), "{doc}");
+    assert!(doc["paths"]["/v1/deployments"]["get"].is_object(), "{doc}");
 }
