@@ -65,12 +65,18 @@ impl ApiError {
             problems: Vec::new(),
         }
     }
+
+    /// The HTTP status and JSON body the API answers with (the CLI reads the same offline).
+    pub fn answer(&self) -> (StatusCode, Value) {
+        let body = json!({"error": {"code": self.code, "message": self.message, "problems": self.problems}});
+        (self.status, body)
+    }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({"error": {"code": self.code, "message": self.message, "problems": self.problems}});
-        (self.status, Json(body)).into_response()
+        let (status, body) = self.answer();
+        (status, Json(body)).into_response()
     }
 }
 
@@ -371,41 +377,55 @@ struct ListQuery {
 }
 
 async fn list_runs(State(rt): AppState, Query(q): Query<ListQuery>) -> ApiResult {
-    let status = match q.status.as_deref() {
-        None | Some("") | Some("all") => None,
-        Some(name) => match RunStatus::ALL.iter().find(|s| s.as_str() == name) {
-            Some(s) => Some(*s),
-            None => {
+    let status = parse_status(q.status.as_deref())?;
+    let limit = q.limit.unwrap_or(100).clamp(1, 100_000);
+    let rt2 = rt.clone();
+    let rows = blocking(move || list_rows(rt2.journal(), status, limit, |id, rec| run_detail(&rt2, id, rec))).await?;
+    Ok(Json(rows))
+}
+
+/// A `status` filter as the list takes it (a run status, `all`, or none).
+pub fn parse_status(name: Option<&str>) -> Result<Option<RunStatus>, ApiError> {
+    match name {
+        None | Some("") | Some("all") => Ok(None),
+        Some(name) => RunStatus::ALL
+            .iter()
+            .find(|s| s.as_str() == name)
+            .copied()
+            .map(Some)
+            .ok_or_else(|| {
                 let names: Vec<&str> = RunStatus::ALL.iter().map(|s| s.as_str()).collect();
-                return Err(ApiError::new(
+                ApiError::new(
                     StatusCode::BAD_REQUEST,
                     "invalid_request",
                     format!("status '{name}' is not one of {}, all", names.join(", ")),
-                ));
-            }
-        },
-    };
-    let limit = q.limit.unwrap_or(100).clamp(1, 100_000);
-    let rt2 = rt.clone();
-    let rows = blocking(move || {
-        let rows = rt2.journal().runs(status, limit)?;
-        // Running runs also say what they are waiting for.
-        Ok(rows
-            .into_iter()
+                )
+            }),
+    }
+}
+
+/// The run list, newest first; running runs also say what they wait for (from `detail`).
+pub fn list_rows(
+    journal: &crate::journal::Journal,
+    status: Option<RunStatus>,
+    limit: usize,
+    detail: impl Fn(&str, &RunRecord) -> Result<Value, ApiError>,
+) -> Result<Value, ApiError> {
+    let rows = journal.runs(status, limit)?;
+    Ok(Value::Array(
+        rows.into_iter()
             .map(|(id, rec)| {
                 let mut v = run_summary(&id, &rec);
                 if rec.status == RunStatus::Running
-                    && let Ok(detail) = run_detail(&rt2, &id, &rec)
+                    && let Ok(d) = detail(&id, &rec)
                 {
-                    v["waiting"] = detail["waiting"].clone();
-                    v["status"] = detail["status"].clone();
+                    v["waiting"] = d["waiting"].clone();
+                    v["status"] = d["status"].clone();
                 }
                 v
             })
-            .collect::<Vec<_>>())
-    })
-    .await?;
-    Ok(Json(Value::Array(rows)))
+            .collect(),
+    ))
 }
 
 async fn show_run(State(rt): AppState, Path(id): Path<String>) -> ApiResult {
@@ -642,20 +662,33 @@ async fn approve_run(
     ))
 }
 
-/// Everything about one run: summary, per-step table, why it waits, and its full history.
+/// A run as `show` and the API show it: its summary, the fold of its history, what it waits
+/// for, and the history itself.
 pub fn run_detail(rt: &Runtime, id: &str, rec: &RunRecord) -> Result<Value, ApiError> {
-    let history = rt.journal().history(id)?;
     let def = rt.definition(&rec.workflow, Some(rec.version))?;
-    let state = RunState::replay_records(&def, id, &history)
+    run_view(rt.journal(), &def, id, rec, rt.limits().held(id), rt.storage_block(id))
+}
+
+/// `run_detail` from the journal alone, plus what the runtime holds the run back for
+/// (admission, a failing journal): none when the journal is read without an agent.
+pub fn run_view(
+    journal: &crate::journal::Journal,
+    def: &outpost_shared::definition::Definition,
+    id: &str,
+    rec: &RunRecord,
+    held: Option<String>,
+    block: Option<crate::runtime::StorageBlock>,
+) -> Result<Value, ApiError> {
+    let history = journal.history(id)?;
+    let state = RunState::replay_records(def, id, &history)
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
     let mut out = run_summary(id, rec);
     out["events"] = history.len().into();
     out["input"] = state.input.clone();
     out["output"] = state.output.clone().unwrap_or(Value::Null);
     out["error"] = state.error.as_ref().map(error_json).unwrap_or(Value::Null);
-    out["steps"] = serde_json::to_value(state.step_rows(&def, now_ms())).unwrap_or_default();
-    let held = rt.limits().held(id);
-    let reasons = state.waiting_reasons(&def);
+    out["steps"] = serde_json::to_value(state.step_rows(def, now_ms())).unwrap_or_default();
+    let reasons = state.waiting_reasons(def);
     let waiting = (!reasons.is_empty()).then(|| reasons.join("; "));
     if held.as_deref().is_some_and(|h| h.starts_with("queued:")) {
         // Journaled as running, but admission holds it back: it has not begun.
@@ -667,7 +700,7 @@ pub fn run_detail(rt: &Runtime, id: &str, rec: &RunRecord) -> Result<Value, ApiE
         (h, w) => h.or(w).map(Value::from).unwrap_or(Value::Null),
     };
     // A run held up by the journal's storage says so first: nothing else moves until it can write.
-    if let Some(b) = rt.storage_block(id) {
+    if let Some(b) = block {
         let text = format!(
             "blocked: the journal cannot be written since {} ({}); the run goes on by itself once it can",
             rfc3339(b.since_ms),

@@ -79,12 +79,30 @@ struct Cli {
     #[arg(long, global = true, env = "OUTPOST_SOCKET")]
     socket: Option<PathBuf>,
     /// Print JSON instead of tables and text (for scripts); `bench` prints its figures as one
-    /// JSON object.
+    /// JSON object. Same as `-o json`.
     #[arg(long, global = true)]
     json: bool,
+    /// Output format: `table` (cells cut at 80 characters on a terminal), `wide` (nothing cut),
+    /// `json`. Piped output is never cut.
+    #[arg(long, short = 'o', global = true, value_enum, default_value_t = Output::Table)]
+    output: Output,
     #[command(subcommand)]
     command: Cmd,
 }
+
+/// How commands print what they get.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Output {
+    /// Tables and text for a person.
+    Table,
+    /// Tables with nothing cut.
+    Wide,
+    /// JSON for scripts.
+    Json,
+}
+
+/// Set once at start: tables cut long cells only for a person at a terminal with `-o table`.
+static CUT_CELLS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 #[derive(Subcommand)]
 enum Cmd {
@@ -117,6 +135,10 @@ enum Cmd {
         /// At most this many.
         #[arg(long, default_value_t = 50)]
         limit: usize,
+        /// Read the journal file itself (read-only) instead of asking the agent: for a gateway
+        /// whose agent is stopped or will not start.
+        #[arg(long)]
+        offline: bool,
     },
     /// Show one run: status, each step with attempts, errors, outputs and timings.
     Show {
@@ -128,6 +150,10 @@ enum Cmd {
         /// Then keep printing the run's new events as they happen, until it ends (Ctrl-C stops).
         #[arg(long, short = 'f')]
         follow: bool,
+        /// Read the journal file itself (read-only) instead of asking the agent: for a gateway
+        /// whose agent is stopped or will not start.
+        #[arg(long, conflicts_with = "follow")]
+        offline: bool,
     },
     /// Wait for a run to finish.
     Wait {
@@ -506,7 +532,12 @@ impl From<anyhow::Error> for Failure {
 
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    cli.json |= cli.output == Output::Json;
+    CUT_CELLS.store(
+        cli.output == Output::Table && std::io::stdout().is_terminal(),
+        std::sync::atomic::Ordering::Relaxed,
+    );
     let socket = cli.socket.clone().unwrap_or_else(|| cli.data_dir.join("outpost.sock"));
     let result = match cli.command {
         Cmd::Run(args) => run_daemon(&cli.data_dir, &socket, *args),
@@ -540,7 +571,7 @@ pub fn main() -> ExitCode {
                 Err(e) => Err(Failure::new(exit::INVALID, e)),
             }
         }
-        other => block_on(remote(Client::new(socket), other, cli.json)),
+        other => block_on(remote(Client::new(socket), other, cli.json, &cli.data_dir)),
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -854,7 +885,34 @@ fn print_result(v: &Value) {
     }
 }
 
-async fn remote(client: Client, cmd: Cmd, as_json: bool) -> Result<u8, Failure> {
+/// The journal of `data_dir`, opened read-only for `--offline`.
+fn open_offline(data_dir: &Path) -> Result<crate::offline::Offline, Failure> {
+    let path = data_dir.join("journal.redb");
+    let note = || {
+        eprintln!(
+            "note: {} was not closed cleanly (the agent was killed or lost power); reading a repaired copy, the file itself is untouched",
+            path.display()
+        )
+    };
+    crate::offline::Offline::open(&path, note).map_err(|e| match e {
+        crate::journal::JournalError::Locked(_) => Failure::new(
+            exit::BUSY,
+            format!(
+                "{} is open in the running agent: ask it instead (drop --offline)",
+                path.display()
+            ),
+        ),
+        other => Failure::new(exit::FAILURE, format!("cannot read {}: {other}", path.display())),
+    })
+}
+
+/// An offline read's error, with the exit code the agent's API answer would give.
+fn offline_failure(e: crate::api::ApiError) -> Failure {
+    let (status, body) = e.answer();
+    api_failure(status, &body)
+}
+
+async fn remote(client: Client, cmd: Cmd, as_json: bool, data_dir: &Path) -> Result<u8, Failure> {
     match cmd {
         Cmd::Apply { files } => {
             // Every file is tried, as `validate` does, so one run reports every bad file.
@@ -964,12 +1022,18 @@ async fn remote(client: Client, cmd: Cmd, as_json: bool) -> Result<u8, Failure> 
                 exit::OK
             })
         }
-        Cmd::List { status, limit } => {
-            let mut path = format!("/v1/runs?limit={limit}");
-            if let Some(st) = status {
-                path.push_str(&format!("&status={st}"));
-            }
-            let v = call(&client, Method::GET, &path, None).await?;
+        Cmd::List { status, limit, offline } => {
+            let v = if offline {
+                open_offline(data_dir)?
+                    .list(status.as_deref(), limit)
+                    .map_err(offline_failure)?
+            } else {
+                let mut path = format!("/v1/runs?limit={limit}");
+                if let Some(st) = status {
+                    path.push_str(&format!("&status={st}"));
+                }
+                call(&client, Method::GET, &path, None).await?
+            };
             show(&v, as_json, |v| {
                 let rows = rows_of(v, |r| {
                     vec![
@@ -988,8 +1052,17 @@ async fn remote(client: Client, cmd: Cmd, as_json: bool) -> Result<u8, Failure> 
             });
             Ok(exit::OK)
         }
-        Cmd::Show { run, history, follow } => {
-            let v = call(&client, Method::GET, &format!("/v1/runs/{run}"), None).await?;
+        Cmd::Show {
+            run,
+            history,
+            follow,
+            offline,
+        } => {
+            let v = if offline {
+                open_offline(data_dir)?.show(&run).map_err(offline_failure)?
+            } else {
+                call(&client, Method::GET, &format!("/v1/runs/{run}"), None).await?
+            };
             let last_seq = v["history"]
                 .as_array()
                 .and_then(|h| h.iter().filter_map(|e| e["seq"].as_u64()).max())
@@ -1368,9 +1441,10 @@ fn ms(v: &Value) -> String {
 /// Prints an aligned table; long cells are cut so rows stay on one line.
 fn table(headers: &[&str], rows: &[Vec<String>]) {
     const MAX_CELL: usize = 80;
+    let cut_cells = CUT_CELLS.load(std::sync::atomic::Ordering::Relaxed);
     let cut = |c: &str| -> String {
         let one_line = c.replace('\n', " ");
-        if one_line.chars().count() > MAX_CELL {
+        if cut_cells && one_line.chars().count() > MAX_CELL {
             one_line.chars().take(MAX_CELL - 1).collect::<String>() + "…"
         } else {
             one_line

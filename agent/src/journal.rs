@@ -84,6 +84,9 @@ pub enum JournalError {
     /// The file reads, but what it holds does not decode.
     #[error("journal damaged: {0}")]
     Damaged(String),
+    /// The file was not closed cleanly and needs the repair only a writer does.
+    #[error("journal {0} was not closed cleanly and needs the repair the agent does when it opens it")]
+    NeedsRepair(String),
     /// The journal is being reopened after a storage error; try again shortly.
     #[error("journal is reopening after a storage error; try again")]
     Reopening,
@@ -271,8 +274,9 @@ pub struct Stats {
 /// Opens the database again; redb must be reopened after an I/O error.
 type Opener = Box<dyn Fn() -> Result<Database, JournalError> + Send>;
 
-/// The current database handle, shared by readers and swapped by the writer after a reopen.
-type Slot = Arc<RwLock<Option<Arc<Database>>>>;
+/// The current database handle, shared by readers and swapped by the writer after a reopen
+/// (read-only for `open_read_only`).
+type Slot = Arc<RwLock<Option<Arc<dyn ReadableDatabase + Send + Sync>>>>;
 
 /// Handle to the journal; cheap to clone.
 #[derive(Clone)]
@@ -324,7 +328,7 @@ impl Journal {
     fn start(opener: Opener, clock: Arc<dyn Clock>) -> Result<Journal, JournalError> {
         let db = Arc::new(opener()?);
         let (next_seq, active) = prepare(&db)?;
-        let slot: Slot = Arc::new(RwLock::new(Some(db.clone())));
+        let slot: Slot = Arc::new(RwLock::new(Some(db.clone() as Arc<dyn ReadableDatabase + Send + Sync>)));
         let stats = Arc::new(Stats::default());
         let (tx, rx) = mpsc::channel(MAX_BATCH);
         let (committed_tx, committed) = tokio::sync::watch::channel(next_seq);
@@ -352,8 +356,55 @@ impl Journal {
         })
     }
 
+    /// Opens the journal at `path` for reading only, with no writer (`outpost list --offline`):
+    /// every write fails with `Closed`. Refused while an agent holds the file, and when the file
+    /// needs the repair that only a writer may do (the agent was killed: start it once).
+    pub fn open_read_only(path: &Path) -> Result<Journal, JournalError> {
+        let db = redb::Builder::new()
+            .set_cache_size(4 * 1024 * 1024)
+            .open_read_only(path)
+            .map_err(|e| match e {
+                redb::DatabaseError::DatabaseAlreadyOpen => JournalError::Locked(path.display().to_string()),
+                redb::DatabaseError::RepairAborted => JournalError::NeedsRepair(path.display().to_string()),
+                redb::DatabaseError::Storage(redb::StorageError::Io(io))
+                    if io.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    JournalError::Damaged(format!("{} does not exist (wrong --data-dir?)", path.display()))
+                }
+                other => other.into(),
+            })?;
+        let format = db
+            .begin_read()?
+            .open_table(META)
+            .ok()
+            .and_then(|t| t.get("format").ok().flatten().map(|v| v.value()));
+        if let Some(found) = format.filter(|f| *f != FORMAT) {
+            return Err(JournalError::Format { found });
+        }
+        Ok(Self::reader(Arc::new(db)))
+    }
+
+    /// Reads a journal that needs repair without touching it: copies `path` to `copy`, repairs
+    /// the copy and opens that with no writer (every write fails with `Closed`).
+    pub fn open_repaired_copy(path: &Path, copy: &Path) -> Result<Journal, JournalError> {
+        std::fs::copy(path, copy).map_err(|e| JournalError::Storage(redb::StorageError::Io(e).into()))?;
+        let db = Database::builder().set_cache_size(4 * 1024 * 1024).create(copy)?;
+        Ok(Self::reader(Arc::new(db)))
+    }
+
+    fn reader(db: Arc<dyn ReadableDatabase + Send + Sync>) -> Journal {
+        let (tx, _) = mpsc::channel(1);
+        let (_, committed) = tokio::sync::watch::channel(0);
+        Journal {
+            db: Arc::new(RwLock::new(Some(db))),
+            tx,
+            stats: Arc::new(Stats::default()),
+            committed,
+        }
+    }
+
     /// The current database, or an error while the writer is reopening it.
-    fn db(&self) -> Result<Arc<Database>, JournalError> {
+    fn db(&self) -> Result<Arc<dyn ReadableDatabase + Send + Sync>, JournalError> {
         self.db
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -828,7 +879,8 @@ impl Writer {
         let (next_seq, active) = load_state(&db)?;
         self.next_seq = next_seq;
         self.active = active;
-        *self.slot.write().unwrap_or_else(|p| p.into_inner()) = Some(db.clone());
+        *self.slot.write().unwrap_or_else(|p| p.into_inner()) =
+            Some(db.clone() as Arc<dyn ReadableDatabase + Send + Sync>);
         self.db = Some(db);
         tracing::info!(next_seq, "journal reopened after a storage error");
         Ok(())

@@ -20,6 +20,7 @@ pub mod identity;
 pub mod journal;
 pub mod limits;
 pub mod metrics;
+pub mod offline;
 pub mod policy;
 pub mod retention;
 pub mod runtime;

@@ -46,6 +46,21 @@ fn validate_examples_and_reject_bad_documents() {
     assert_eq!(out.status.code(), Some(3));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("steps[0] (a).action: unknown action 'teleport'"), "{err}");
+
+    // A syntax error names the parser's error and every other line it would stop at next.
+    let tabs = dir.path().join("tabs.yaml");
+    std::fs::write(
+        &tabs,
+        "name: t\nversion: 1\nsteps:\n  - id: a\n\taction: set\n  - id: b\n\taction: set\n",
+    )
+    .unwrap();
+    let out = outpost(&["validate", tabs.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(3));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("YAML error") && err.contains("also line 5: a tab") && err.contains("also line 7: a tab"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -100,7 +100,7 @@ pub async fn start(listen: Listen) -> Result<Running, String> {
             // Fail early with a clear message if the port is taken (rumqttd would only log it).
             std::net::TcpListener::bind(addr).map_err(|e| format!("embedded broker cannot listen on {addr}: {e}"))?;
             spawn_rumqttd(rumqttd_config(addr, None))?;
-            wait_listening(addr).await?;
+            wait_listening(addr, None).await?;
             Ok(Running {
                 addr,
                 stats: Arc::default(),
@@ -133,7 +133,7 @@ pub async fn start(listen: Listen) -> Result<Running, String> {
                 }
             }
             spawn_rumqttd(cfg)?;
-            wait_listening(inner).await?;
+            wait_listening(inner, Some(&auth.0)).await?;
             let stats = Arc::new(GateStats::default());
             let gate = Gate {
                 acceptor: tokio_rustls::TlsAcceptor::from(config),
@@ -150,18 +150,55 @@ pub async fn start(listen: Listen) -> Result<Running, String> {
 }
 
 /// Waits until rumqttd (started on its own thread) accepts connections, so this service's own
-/// first connect is not refused and logged as a lost connection on every start.
-async fn wait_listening(addr: SocketAddr) -> Result<(), String> {
+/// first connect is not refused and logged as a lost connection on every start. The probe is a
+/// whole MQTT session (CONNECT, CONNACK, close): a bare TCP connect that closes at once is
+/// logged by rumqttd as a failed connect.
+async fn wait_listening(addr: SocketAddr, password: Option<&str>) -> Result<(), String> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        match TcpStream::connect(addr).await {
-            Ok(_) => return Ok(()),
-            Err(e) if tokio::time::Instant::now() >= deadline => {
-                return Err(format!("embedded broker did not start listening on {addr}: {e}"));
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        let e = match tokio::time::timeout(Duration::from_secs(2), probe(addr, password)).await {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "no CONNACK within 2 s".to_string(),
+        };
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!("embedded broker did not start listening on {addr}: {e}"));
         }
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// One MQTT 3.1.1 session that connects and leaves at once.
+async fn probe(addr: SocketAddr, password: Option<&str>) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let field = |out: &mut Vec<u8>, s: &[u8]| {
+        out.extend_from_slice(&u16::try_from(s.len()).unwrap_or(u16::MAX).to_be_bytes());
+        out.extend_from_slice(s);
+    };
+    let mut body = Vec::new();
+    field(&mut body, b"MQTT");
+    // Level 4; clean session, plus user name and password when rumqttd checks them.
+    body.push(4);
+    body.push(if password.is_some() { 0xC2 } else { 0x02 });
+    body.extend_from_slice(&10u16.to_be_bytes());
+    field(&mut body, b"outpost-cloud-probe");
+    if let Some(p) = password {
+        field(&mut body, b"outpost-cloud-probe");
+        field(&mut body, p.as_bytes());
+    }
+    let len = u8::try_from(body.len()).map_err(|_| std::io::Error::other("probe too long"))?;
+    let mut packet = vec![0x10, len];
+    packet.extend_from_slice(&body);
+    let mut tcp = TcpStream::connect(addr).await?;
+    tcp.write_all(&packet).await?;
+    let mut ack = [0u8; 4];
+    tcp.read_exact(&mut ack).await?;
+    if ack[0] != 0x20 || ack[3] != 0 {
+        return Err(std::io::Error::other(format!("CONNACK {ack:02x?}")));
+    }
+    // Leaves by closing the connection: rumqttd 0.20 logs a DISCONNECT followed by the close as
+    // an error about a connection already gone.
+    Ok(())
 }
 
 struct Secret(String);

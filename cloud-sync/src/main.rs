@@ -210,10 +210,10 @@ struct Args {
     max_devices: u64,
     /// The console's and API's HTTPS certificate (PEM) [default: PKI/console.crt, made on first
     /// start: self-signed ECDSA for localhost, this host and every --console-host].
-    #[arg(long, value_name = "FILE", requires = "http_key")]
+    #[arg(long, env = "OUTPOST_CLOUD_HTTP_CERT", value_name = "FILE", requires = "http_key")]
     http_cert: Option<PathBuf>,
     /// Its key (PEM).
-    #[arg(long, value_name = "FILE", requires = "http_cert")]
+    #[arg(long, env = "OUTPOST_CLOUD_HTTP_KEY", value_name = "FILE", requires = "http_cert")]
     http_key: Option<PathBuf>,
     /// Serve plain HTTP instead of HTTPS: only on a loopback --listen address (behind a local
     /// TLS proxy, or for a look on this machine).
@@ -229,9 +229,15 @@ struct Args {
     /// A session ends this long after sign-in, used or not.
     #[arg(long, default_value = "12h", value_name = "DURATION")]
     session_max: humantime::Duration,
-    /// A host name the console is reached by (repeatable). Requests naming another host are
-    /// refused (DNS rebinding); IP addresses and localhost are always accepted.
-    #[arg(long = "console-host", value_name = "NAME")]
+    /// A host name the console is reached by (repeatable, or comma-separated in the environment).
+    /// Requests naming another host are refused (DNS rebinding); IP addresses and localhost are
+    /// always accepted.
+    #[arg(
+        long = "console-host",
+        env = "OUTPOST_CLOUD_CONSOLE_HOSTS",
+        value_name = "NAME",
+        value_delimiter = ','
+    )]
     console_hosts: Vec<String>,
     /// Single sign-on behind a proxy: the header that names the signed-in user, e.g.
     /// X-Remote-User (believed only from --auth-proxy-from).
@@ -623,7 +629,7 @@ async fn start_embedded(
     })
     .await
     .map_err(anyhow::Error::msg)?;
-    info!(mqtt = %addr, "embedded MQTT broker started: TLS, client certificates from the fleet CA, topic rules per identity (in-memory; use --broker for production)");
+    info!(mqtt = %addr, "embedded MQTT broker started: TLS, client certificates from the fleet CA, topic rules per identity (sessions in memory: after a restart gateways resend what was not acknowledged; --broker for a broker of its own)");
     let files = TlsFiles {
         ca: pki.file("ca.crt"),
         cert: Some(pki.file("cloud.crt")),

@@ -561,11 +561,72 @@ pub fn parse_document(text: &str) -> Result<Document, DefinitionError> {
             message: e.to_string(),
         })
     } else {
-        serde_saphyr::from_str(text).map_err(|e| DefinitionError::Syntax {
-            format: "YAML",
-            message: e.to_string(),
+        serde_saphyr::from_str(text).map_err(|e| {
+            // The parser stops at its first error; the lines it would trip on next are found
+            // here, so one `validate` names all of them.
+            let mut message = e.to_string();
+            for p in yaml_lint(text) {
+                message.push_str(&format!("\n  - also {p}"));
+            }
+            DefinitionError::Syntax {
+                format: "YAML",
+                message,
+            }
         })
     }
+}
+
+/// Mistakes a YAML parser reports one at a time, found on every line at once: tabs in the
+/// indentation (YAML indents with spaces only) and a `key:value` with no space after the colon
+/// where a mapping key is meant.
+pub fn yaml_lint(text: &str) -> Vec<String> {
+    // The definition's own keys: elsewhere `a:b` is a fine scalar (a URL, a time).
+    const KEYS: [&str; 21] = [
+        "id",
+        "action",
+        "args",
+        "depends_on",
+        "when",
+        "next",
+        "choices",
+        "default",
+        "end",
+        "max_visits",
+        "retry",
+        "timeout",
+        "compensate",
+        "resource",
+        "name",
+        "version",
+        "description",
+        "kind",
+        "start",
+        "steps",
+        "output",
+    ];
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let n = i + 1;
+        let indent: String = line.chars().take_while(|c| c.is_whitespace()).collect();
+        if indent.contains('\t') {
+            out.push(format!("line {n}: a tab in the indentation (YAML indents with spaces)"));
+        }
+        let body = line.trim_start().trim_start_matches("- ");
+        if body.starts_with('#') {
+            continue;
+        }
+        if let Some((key, value)) = body.split_once(':')
+            && !key.is_empty()
+            && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            && value.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+            && KEYS.contains(&key)
+        {
+            out.push(format!(
+                "line {n}: '{key}:{value}' needs a space after the colon to be a key"
+            ));
+        }
+    }
+    out
 }
 
 /// Parses and validates a document.
@@ -1050,6 +1111,26 @@ fn check_state_machine(doc: &Document, index: &HashMap<String, usize>, c: &mut C
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_yaml_syntax_error_also_names_every_line_a_parser_would_trip_on_next() {
+        let text = "name: bad\nversion: 1\nsteps:\n  - id: a\n    action: set\n\targs: {x: 1}\n  - id: b\n    action:set\n  - id: c\n\taction: set\n    args: {url: 'http://x:80'}\n";
+        let Err(err) = super::parse_document(text) else {
+            panic!("a syntax error was accepted");
+        };
+        let err = err.to_string();
+        assert!(err.contains("YAML error"), "{err}");
+        assert!(err.contains("also line 6: a tab in the indentation"), "{err}");
+        assert!(
+            err.contains("also line 8: 'action:set' needs a space after the colon"),
+            "{err}"
+        );
+        assert!(err.contains("also line 10: a tab"), "{err}");
+        assert!(!err.contains("line 11"), "a URL is not a key: {err}");
+        // A well-formed document gets none of this.
+        assert!(
+            super::yaml_lint("name: ok\nsteps:\n  - {id: a, action: set}\n  - id: b\n    action: set\n").is_empty()
+        );
+    }
     use super::*;
 
     struct Cat;

@@ -322,3 +322,83 @@ fn deployments_are_listed_an_offline_device_can_be_removed_and_the_api_describes
     assert!(doc["openapi"].as_str().is_some_and(|v| v.starts_with("3.")), "{doc}");
     assert!(doc["paths"]["/v1/deployments"]["get"].is_object(), "{doc}");
 }
+
+#[test]
+fn list_and_show_read_the_journal_offline_and_piped_tables_are_not_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = Agent::start(dir.path(), &[]);
+    agent.json(&["apply", &write(dir.path(), "hello.yaml", HELLO)]);
+    let name = "Ada ".repeat(30);
+    let input = serde_json::json!({"name": name}).to_string();
+    let out = agent.cli(&["start", "hello", "--id", "long-1", "--input", &input, "--wait"]);
+    assert!(out.status.success(), "{}", text(&out));
+
+    // Piped (as here): the 120-character greeting is printed whole, in every table format.
+    for format in [&[][..], &["-o", "wide"][..], &["-o", "table"][..]] {
+        let mut args = vec!["show", "long-1"];
+        args.extend_from_slice(format);
+        let shown = agent.cli(&args);
+        let t = text(&shown);
+        assert!(t.contains(&format!("hello {name}")), "{format:?}: {t}");
+        assert!(!t.contains('…'), "{format:?}: {t}");
+    }
+    let listed = agent.cli(&["list", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&listed.stdout).expect("-o json is JSON");
+    assert_eq!(v[0]["run_id"], "long-1", "{v}");
+
+    // While the agent runs, it owns the file: --offline says to ask it.
+    let busy = agent.cli(&["list", "--offline"]);
+    assert_eq!(busy.status.code(), Some(9), "{}", text(&busy));
+    assert!(text(&busy).contains("drop --offline"), "{}", text(&busy));
+
+    // Stopped: the journal is read as the agent would answer.
+    let online_view = agent.json(&["show", "long-1"]);
+    agent.stop();
+    let offline = agent.json(&["list", "--offline"]);
+    assert_eq!(offline[0]["run_id"], "long-1", "{offline}");
+    assert_eq!(offline[0]["status"], "completed", "{offline}");
+    let shown = agent.json(&["show", "long-1", "--offline"]);
+    for key in ["status", "input", "output", "steps", "history", "events"] {
+        assert_eq!(shown[key], online_view[key], "{key} differs offline");
+    }
+    let human = agent.cli(&["show", "long-1", "--offline", "--history"]);
+    assert!(
+        human.status.success() && text(&human).contains("completed"),
+        "{}",
+        text(&human)
+    );
+    let missing = agent.cli(&["show", "nosuch", "--offline"]);
+    assert_eq!(missing.status.code(), Some(4), "{}", text(&missing));
+    // Nothing was written: the agent starts on the same journal as before.
+    let mut again = Agent::start(dir.path(), &[]);
+    assert_eq!(again.json(&["show", "long-1"])["events"], online_view["events"]);
+    // Killed (power cut): the file needs a repair only the agent may do; --offline reads a
+    // repaired copy and leaves the file as it was.
+    again.kill9();
+    let file = dir.path().join("journal.redb");
+    let before = std::fs::read(&file).unwrap();
+    let after_crash = again.cli(&["list", "--offline", "--json"]);
+    assert!(after_crash.status.success(), "{}", text(&after_crash));
+    let v: serde_json::Value = serde_json::from_slice(&after_crash.stdout).unwrap();
+    assert_eq!(v[0]["run_id"], "long-1", "{v}");
+    assert!(
+        text(&after_crash).contains("not closed cleanly") && text(&after_crash).contains("repaired copy"),
+        "{}",
+        text(&after_crash)
+    );
+    assert!(
+        std::fs::read(&file).unwrap() == before,
+        "--offline wrote to the journal"
+    );
+    let empty = tempfile::tempdir().unwrap();
+    let none = outpost_command()
+        .args(["list", "--offline", "--data-dir"])
+        .arg(empty.path())
+        .output()
+        .unwrap();
+    assert!(
+        text(&none).contains("journal.redb") && text(&none).contains("does not exist"),
+        "{}",
+        text(&none)
+    );
+}

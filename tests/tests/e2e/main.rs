@@ -14,6 +14,7 @@ mod history;
 mod hostile;
 mod limits;
 mod operators;
+mod packaging;
 mod patterns;
 mod readme;
 mod recovery;
