@@ -31,12 +31,22 @@ fn find(bins: &[&str]) -> Option<PathBuf> {
 impl Browser {
     /// Starts chromedriver and a headless Chromium session with a 1400×`height` window.
     pub fn start(height: u32) -> Browser {
+        Self::start_in(height, None)
+    }
+
+    /// As `start`, with the browser's time zone set (`TZ`, e.g. `Asia/Tokyo`).
+    pub fn start_in(height: u32, time_zone: Option<&str>) -> Browser {
         let driver_bin = find(&["/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver"])
             .expect("chromedriver is missing: apt-get install chromium chromium-driver (.ci/run does)");
         let chromium = find(&["/usr/bin/chromium", "/usr/lib/chromium/chromium"])
             .expect("chromium is missing: apt-get install chromium chromium-driver (.ci/run does)");
         let port = free_port();
-        let driver = Command::new(driver_bin)
+        let mut driver = Command::new(driver_bin);
+        if let Some(tz) = time_zone {
+            // Chromium inherits it from chromedriver.
+            driver.env("TZ", tz);
+        }
+        let driver = driver
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())

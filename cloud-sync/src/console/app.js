@@ -27,6 +27,7 @@
         });
         document.body.dataset.refreshed = String(Date.now());
         remember();
+        clock();
       }
     } catch (e) {
       state("down", "offline");
@@ -72,5 +73,36 @@
       });
     });
   }
-  document.addEventListener("DOMContentLoaded", () => { remember(); files(); connect(); });
+  // Times are written in UTC; shown in the browser's time zone unless the operator chose UTC.
+  // The other form is in the tooltip either way.
+  const pad = (n) => String(n).padStart(2, "0");
+  function local(d) {
+    const off = -d.getTimezoneOffset();
+    const zone = (off >= 0 ? "+" : "-") + pad(Math.floor(Math.abs(off) / 60)) + ":" + pad(Math.abs(off) % 60);
+    return d.getFullYear() + "-" + pad(d.getMonth() + 1) + "-" + pad(d.getDate()) + " " +
+      pad(d.getHours()) + ":" + pad(d.getMinutes()) + ":" + pad(d.getSeconds()) + " " + zone;
+  }
+  function clock() {
+    const utc = localStorage.getItem("outpost.clock") === "utc";
+    const b = document.getElementById("clock");
+    if (b) b.textContent = utc ? "times: UTC" : "times: local";
+    document.querySelectorAll("time[datetime]").forEach((t) => {
+      const iso = t.getAttribute("datetime");
+      const d = new Date(iso);
+      if (isNaN(d.getTime())) return;
+      const shown = utc ? iso : local(d);
+      t.title = utc ? local(d) : iso;
+      if (t.classList.contains("at")) t.textContent = shown;
+    });
+  }
+  function clockButton() {
+    const b = document.getElementById("clock");
+    if (!b) return;
+    b.addEventListener("click", () => {
+      const utc = localStorage.getItem("outpost.clock") === "utc";
+      localStorage.setItem("outpost.clock", utc ? "local" : "utc");
+      clock();
+    });
+  }
+  document.addEventListener("DOMContentLoaded", () => { remember(); files(); clockButton(); clock(); connect(); });
 })();

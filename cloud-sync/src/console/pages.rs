@@ -136,6 +136,12 @@ fn ago(ms: u64, now: u64) -> Markup {
     html! { time datetime=(rfc3339(ms)) title=(rfc3339(ms)) { (text) } }
 }
 
+/// A point in time, written in UTC; the page's script shows it in the browser's time zone
+/// unless the operator chose UTC (the header's clock button).
+fn at(ms: u64) -> Markup {
+    html! { time.at datetime=(rfc3339(ms)) title=(rfc3339(ms)) { (rfc3339(ms)) } }
+}
+
 /// A duration in the largest sensible units.
 pub fn duration(ms: u64) -> String {
     match ms {
@@ -222,6 +228,7 @@ fn layout(title: &str, section: &str, viewer: Option<&Viewer>, body: Markup) -> 
                             }
                         }
                     }
+                    button.link.clock #clock type="button" title="Show times in this browser's time zone or in UTC" { "times: UTC" }
                     span #live .live data-state="connecting" title="Live updates" { "connecting…" }
                 }
                 main { (body) }
@@ -266,8 +273,8 @@ fn cert_cell(expires: Option<u64>, now: u64) -> Markup {
     html! {
         @match expires {
             None => span.muted { "—" },
-            Some(e) if e <= now => span.bad title="the broker refuses it; sign a new one" { "expired " (rfc3339(e)) },
-            Some(e) if e - now < MONTH => span.warn title="rotate it soon" { "expires " (rfc3339(e)) },
+            Some(e) if e <= now => span.bad title="the broker refuses it; sign a new one" { "expired " (at(e)) },
+            Some(e) if e - now < MONTH => span.warn title="rotate it soon" { "expires " (at(e)) },
             Some(e) => span { (rfc3339(e).get(..10).unwrap_or("")) },
         }
     }
@@ -1048,7 +1055,7 @@ pub fn audit(rows: &[(u64, AuditRow)], filter: &AuditFilter, viewer: &Viewer, li
                         @for (n, a) in rows {
                             tr data-kind=(a.kind) data-result=(a.result) data-who=(a.who) {
                                 td.num.muted { (n) }
-                                td { (rfc3339(a.at_ms)) }
+                                td { (at(a.at_ms)) }
                                 td { (a.who) }
                                 td.muted { (a.from) }
                                 td { (a.kind) }

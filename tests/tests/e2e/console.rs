@@ -291,3 +291,39 @@ fn signal_reject_cancel_and_desired_state_from_the_page() {
     b.goto(&format!("{base}/"));
     b.wait_for(r#"tr[data-device="line-3"] [data-drift="in_sync"]"#, WAIT);
 }
+
+#[test]
+fn times_show_in_the_browsers_time_zone_or_in_utc_as_the_operator_chooses() {
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = Cloud::embedded(&dir.path().join("cloud"));
+    let password = cloud.user("tz-admin", &["admin"]);
+    // Tokyo: +09:00 all year, so the test does not depend on daylight saving.
+    let b = Browser::start_in(900, Some("Asia/Tokyo"));
+    cloud.sign_in(&b, "tz-admin", &password);
+    b.goto(&format!("http://127.0.0.1:{}/audit", cloud.api));
+    b.wait_for("#audit time.at", WAIT);
+    // The sign-in is audited: its time is written in UTC and shown in Tokyo time.
+    let (utc, shown) = eventually(WAIT, "the time in local form", || {
+        let v = b.js(
+            "const t = document.querySelector('#audit time.at'); return [t.getAttribute('datetime'), t.textContent];",
+        );
+        let utc = v[0].as_str()?.to_string();
+        let shown = v[1].as_str()?.to_string();
+        shown.ends_with("+09:00").then_some((utc, shown))
+    });
+    let hour = |t: &str, at: usize| t.get(at..at + 2).and_then(|h| h.parse::<u32>().ok()).unwrap();
+    assert_eq!(hour(&shown, 11), (hour(&utc, 11) + 9) % 24, "{utc} shown as {shown}");
+    assert_eq!(b.text_of("#clock"), "times: local");
+    b.screenshot("audit-local-time");
+
+    // UTC, chosen on the page, is remembered across pages.
+    b.click(&b.wait_for("#clock", WAIT));
+    eventually(WAIT, "the time in UTC", || {
+        (b.text_of("#audit time.at") == utc).then_some(())
+    });
+    b.goto(&format!("http://127.0.0.1:{}/audit", cloud.api));
+    b.wait_for("#audit time.at", WAIT);
+    eventually(WAIT, "UTC after a reload", || {
+        (b.text_of("#clock") == "times: UTC" && b.text_of("#audit time.at").ends_with('Z')).then_some(())
+    });
+}
