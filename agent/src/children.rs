@@ -6,7 +6,6 @@
 //! history, resumed at start-up like any other.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use outpost_shared::{ErrorInfo, Event};
 use serde_json::{Value, json};
@@ -98,32 +97,25 @@ async fn await_child(
         id: Some(id.clone()),
     };
     rt.start_child(req).await.map_err(start_error)?;
-    loop {
-        let (rec, end) = rt.wait(&id, None).await.map_err(start_error)?;
-        if !rec.status.is_terminal() {
-            // Loaded but its driver is not running yet (start-up resumes runs one by one).
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
+    let (rec, end) = rt.wait_until_ended(&id).await.map_err(start_error)?;
+    let end = match end {
+        Some(e) => e,
+        None => rt.final_event(&id).map_err(start_error)?,
+    };
+    match end {
+        Event::RunCompleted { output } => Ok(serde_json::from_str(&output).unwrap_or(Value::Null)),
+        other => {
+            let why = match &other {
+                Event::RunFailed { error } | Event::RunCompensated { error } => error.to_string(),
+                Event::RunCompensationFailed { step, error } => format!("compensation of '{step}': {error}"),
+                Event::RunCancelled { reason } | Event::RunTerminated { reason } => reason.clone(),
+                _ => String::new(),
+            };
+            Err(ActionError::permanent(
+                "child.failed",
+                format!("child run {id} ended {}: {why}", rec.status.as_str()),
+            ))
         }
-        let end = match end {
-            Some(e) => e,
-            None => rt.final_event(&id).map_err(start_error)?,
-        };
-        return match end {
-            Event::RunCompleted { output } => Ok(serde_json::from_str(&output).unwrap_or(Value::Null)),
-            other => {
-                let why = match &other {
-                    Event::RunFailed { error } | Event::RunCompensated { error } => error.to_string(),
-                    Event::RunCompensationFailed { step, error } => format!("compensation of '{step}': {error}"),
-                    Event::RunCancelled { reason } | Event::RunTerminated { reason } => reason.clone(),
-                    _ => String::new(),
-                };
-                Err(ActionError::permanent(
-                    "child.failed",
-                    format!("child run {id} ended {}: {why}", rec.status.as_str()),
-                ))
-            }
-        };
     }
 }
 

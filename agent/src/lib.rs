@@ -21,6 +21,7 @@ pub mod journal;
 pub mod limits;
 pub mod metrics;
 pub mod offline;
+pub mod outbox;
 pub mod policy;
 pub mod retention;
 pub mod runtime;

@@ -176,6 +176,8 @@ struct Inner {
     /// Latest version per name, for names looked up since start (this process owns the journal).
     latest: Mutex<HashMap<String, u32>>,
     runs: Mutex<HashMap<String, RunHandle>>,
+    /// Bumped whenever a run's driver registers, so `wait_until_ended` need not poll for one.
+    drivers: watch::Sender<u64>,
     /// Notified when a definition is applied (schedules and triggers reload).
     changed: watch::Sender<u64>,
     /// The journal file, for its size in `status`.
@@ -310,6 +312,7 @@ impl Runtime {
                 definitions: Mutex::new(HashMap::new()),
                 latest: Mutex::new(HashMap::new()),
                 runs: Mutex::new(HashMap::new()),
+                drivers: watch::channel(0).0,
                 changed: watch::channel(0).0,
                 journal_path,
                 pruned: Mutex::new(None),
@@ -605,6 +608,20 @@ impl Runtime {
         Ok((rec, end))
     }
 
+    /// Waits until the run has ended, also one whose driver has not started yet (start-up
+    /// resumes runs one by one): woken when a driver registers, never polling.
+    pub async fn wait_until_ended(&self, run_id: &str) -> Result<(RunRecord, Option<Event>), RuntimeError> {
+        let mut drivers = self.inner.drivers.subscribe();
+        loop {
+            // Seen before looking, so a driver registering meanwhile wakes the wait below.
+            drivers.borrow_and_update();
+            let (rec, end) = self.wait(run_id, None).await?;
+            if rec.status.is_terminal() || drivers.changed().await.is_err() {
+                return Ok((rec, end));
+            }
+        }
+    }
+
     /// Cancels a run: stops its activities and child runs and journals `RunCancelled`.
     pub async fn cancel(&self, run_id: &str, reason: &str) -> Result<RunRecord, RuntimeError> {
         self.stop(run_id, reason, false).await
@@ -832,6 +849,7 @@ impl Runtime {
                 done: done_rx,
             },
         );
+        self.inner.drivers.send_modify(|n| *n = n.wrapping_add(1));
         let inner = self.inner.clone();
         // A root span: a run started by another (continue-as-new, a child) is not nested in it.
         let span = info_span!(parent: None, "run", run_id = %run_id, workflow = def.name());

@@ -23,6 +23,7 @@ use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
+use crate::outbox::{Next, Outbox};
 use crate::runtime::{Decision, Runtime, RuntimeError, StartRequest};
 
 /// Sync settings.
@@ -121,6 +122,8 @@ pub struct SyncState {
     pub connects: AtomicU64,
     /// Inventory messages published.
     pub inventories: AtomicU64,
+    /// Notified when the acknowledged cursor moves or the link goes down: the drain sleeps on it.
+    pub wake: tokio::sync::Notify,
     /// Asked (by `outpost enroll`) to reconnect, so a newly installed certificate and key are
     /// used now rather than at the next outage.
     pub reconnect: tokio::sync::Notify,
@@ -196,8 +199,6 @@ impl SyncState {
 
 const ACKED: &str = "sync/acked";
 const JOURNAL_ID: &str = "sync/journal_id";
-/// With events in flight and no acknowledgement for this long, send again from the cursor.
-const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 const DESIRED: &str = "sync/desired";
 const REPORTED: &str = "sync/reported";
 
@@ -275,16 +276,13 @@ async fn remediate(rt: &Runtime, config: &SyncConfig, d: &Desired) -> Reported {
     if let Err(e) = rt.start(req).await {
         return report("null".into(), false, format!("cannot start {workflow}: {e}"));
     }
-    let output = loop {
-        match rt.wait(&run_id, None).await {
-            Ok((rec, _)) if !rec.status.is_terminal() => tokio::time::sleep(Duration::from_millis(100)).await,
-            Ok(_) => match rt.final_event(&run_id) {
-                Ok(outpost_shared::Event::RunCompleted { output }) => break Ok(output),
-                Ok(other) => break Err(format!("run {run_id} ended {}", other.name())),
-                Err(e) => break Err(e.to_string()),
-            },
-            Err(e) => break Err(e.to_string()),
-        }
+    let output = match rt.wait_until_ended(&run_id).await {
+        Ok(_) => match rt.final_event(&run_id) {
+            Ok(outpost_shared::Event::RunCompleted { output }) => Ok(output),
+            Ok(other) => Err(format!("run {run_id} ended {}", other.name())),
+            Err(e) => Err(e.to_string()),
+        },
+        Err(e) => Err(e.to_string()),
     };
     match output {
         Err(why) => report("null".into(), false, format!("remediation failed: {why}")),
@@ -717,6 +715,7 @@ async fn poll(
             Ok(_) => {}
             Err(e) => {
                 let was_connected = state.connected.swap(false, Ordering::Relaxed);
+                state.wake.notify_one();
                 if was_connected {
                     // Every connection has its own epoch (Sparkplug's bdSeq): the broker may
                     // publish this connection's will after the next connection's birth, and a
@@ -893,10 +892,13 @@ async fn acked(rt: &Runtime, state: &SyncState, next_seq: u64) {
         }
         // A resend may have moved `sent` below the new ack.
         state.sent.fetch_max(next_seq, Ordering::Relaxed);
+        state.wake.notify_one();
     }
 }
 
-/// Publishes the journal from `sent` on, in order, in batches, under the rate limit and window.
+/// Publishes the journal from the acknowledged cursor on, in order, in batches, doing what the
+/// pure `Outbox` decides; between decisions it sleeps until an event (a commit, an ack, a new
+/// session, the link going down) or the one deadline the outbox names, never on a polling timer.
 async fn drain(
     rt: Runtime,
     config: SyncConfig,
@@ -906,52 +908,61 @@ async fn drain(
 ) {
     let topic = Topics::new(&config.prefix).topic(&config.device, Channel::Events);
     let mut commits = rt.journal().commits();
-    // The rate limit counts from the start of the current burst, so idle time earns no credit.
-    let mut started = Instant::now();
-    let mut sent_events = 0u64;
-    // Safety net: batches sent while nobody listened are lost without an error; with no
-    // acknowledgement progress for a while, send again from the acknowledged cursor.
-    let mut progress = (state.acked.load(Ordering::Relaxed), Instant::now());
+    let mut outbox = Outbox::new(
+        state.acked.load(Ordering::Relaxed),
+        crate::outbox::Limits {
+            window: config.window,
+            batch: config.batch,
+            drain_rate: config.drain_rate,
+        },
+    );
     loop {
-        let next_seq = *commits.borrow_and_update();
-        let (mut sent, acked) = (state.sent.load(Ordering::Relaxed), state.acked.load(Ordering::Relaxed));
-        if acked != progress.0 || sent <= acked {
-            progress = (acked, Instant::now());
-        } else if progress.1.elapsed() > ACK_TIMEOUT {
-            info!(from = acked, "no acknowledgement for a while; sending again");
-            state.sent.store(acked, Ordering::Relaxed);
-            sent = acked;
-            progress.1 = Instant::now();
+        // The poll task moves these; the outbox decides from them.
+        outbox.set_connected(state.connected.load(Ordering::Relaxed));
+        outbox.on_ack(state.acked.load(Ordering::Relaxed), Instant::now());
+        if session.has_changed().unwrap_or(false) {
+            session.borrow_and_update();
+            // New session or a resend request: from the cursor, or from before it when the
+            // cloud lost what it had acknowledged.
+            let acked = outbox.acked();
+            let rewind = state.rewind.swap(0, Ordering::Relaxed);
+            outbox.on_session(if rewind > 0 { rewind.min(acked) } else { acked });
         }
-        let can_send = state.connected.load(Ordering::Relaxed) && sent < next_seq && sent < acked + config.window;
-        if !can_send {
-            if sent >= next_seq || !state.connected.load(Ordering::Relaxed) {
-                // Idle or offline: the next burst starts a fresh rate window.
-                started = Instant::now();
-                sent_events = 0;
-            }
-            tokio::select! {
-                _ = commits.changed() => {}
-                _ = session.changed() => {
-                    // New session or a resend request: start again from the acknowledged cursor,
-                    // or from before it when the cloud lost what it had acknowledged.
-                    let acked = state.acked.load(Ordering::Relaxed);
-                    let rewind = state.rewind.swap(0, Ordering::Relaxed);
-                    let from = if rewind > 0 { rewind.min(acked) } else { acked };
-                    state.sent.store(from, Ordering::Relaxed);
+        let journal_end = *commits.borrow_and_update();
+        let before = outbox.sent();
+        let (from, max) = match outbox.next(Instant::now(), journal_end) {
+            Next::Send { from, max } => (from, max),
+            decided => {
+                state.sent.store(outbox.sent(), Ordering::Relaxed);
+                let deadline = match decided {
+                    Next::WaitUntil(t) => Some(tokio::time::Instant::from_std(t)),
+                    _ => None,
+                };
+                tokio::select! {
+                    // Closed: the journal or the poll task has stopped, and so does the drain.
+                    r = commits.changed() => if r.is_err() { return },
+                    r = session.changed() => {
+                        if r.is_err() {
+                            return;
+                        }
+                        // Seen at the top of the loop.
+                        session.mark_changed();
+                    }
+                    _ = state.wake.notified() => {}
+                    _ = async {
+                        match deadline {
+                            Some(d) => tokio::time::sleep_until(d).await,
+                            None => std::future::pending().await,
+                        }
+                    } => {}
                 }
-                // Acks arrive through the poll task; look again shortly.
-                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                continue;
             }
-            continue;
+        };
+        if outbox.sent() < before {
+            info!(from, "no acknowledgement for a while; sending again");
         }
-        let limit = paced_batch(config.batch, config.drain_rate)
-            .min((acked + config.window - sent) as usize)
-            .max(1);
-        let events = match rt
-            .journal()
-            .raw_events_since(sent, limit, protocol::MAX_BATCH_RAW_BYTES)
-        {
+        let events = match rt.journal().raw_events_since(from, max, protocol::MAX_BATCH_RAW_BYTES) {
             Ok(e) => e,
             Err(e) => {
                 warn!(error = %e, "cannot read the outbox; retrying");
@@ -959,8 +970,9 @@ async fn drain(
                 continue;
             }
         };
-        // Retention may have removed acknowledged events only, so the first is `sent` itself.
+        // Retention may have removed acknowledged events only, so the first is `from` itself.
         let Some(&(first, _)) = events.first() else {
+            // Committed but not readable yet (a reopen): look again shortly.
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
@@ -978,27 +990,10 @@ async fn drain(
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         }
-        state.sent.store(first + count, Ordering::Relaxed);
+        outbox.on_sent(first, count, Instant::now());
+        state.sent.store(outbox.sent(), Ordering::Relaxed);
         state.batches.fetch_add(1, Ordering::Relaxed);
-        sent_events += count;
-        // Rate limit: never ahead of drain_rate events per second since start.
-        let due = Duration::from_secs_f64(sent_events as f64 / config.drain_rate.max(1) as f64);
-        if let Some(ahead) = due.checked_sub(started.elapsed()) {
-            tokio::time::sleep(ahead).await;
-        }
     }
-}
-
-/// Batches a second the drain aims for at most: a low `--drain-rate` then goes out as a steady
-/// trickle of small batches instead of one full batch followed by a long pause.
-const PACE_PER_SECOND: u64 = 10;
-
-/// Events per batch at `drain_rate` events per second: a tenth of a second's worth, at least
-/// one and at most `batch`.
-fn paced_batch(batch: usize, drain_rate: u64) -> usize {
-    usize::try_from(drain_rate / PACE_PER_SECOND)
-        .unwrap_or(usize::MAX)
-        .clamp(1, batch.max(1))
 }
 
 /// Applies cloud commands once each, persisting every result before reporting it.
@@ -1154,26 +1149,6 @@ async fn apply(rt: &Runtime, policy: &crate::policy::Policy, cmd: &Command) -> O
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_low_drain_rate_sends_small_batches_often_instead_of_a_full_one_then_a_long_pause() {
-        // 10 events/s: one event per batch, ten batches a second (was 500 then 50 s of nothing).
-        assert_eq!(paced_batch(500, 10), 1);
-        assert_eq!(paced_batch(500, 150), 15);
-        // Slower than one batch per tenth of a second still sends one event at a time.
-        assert_eq!(paced_batch(500, 1), 1);
-        // Fast drains keep full batches.
-        assert_eq!(paced_batch(500, 100_000), 500);
-        assert_eq!(paced_batch(0, 100_000), 1);
-        // The longest pause after a batch is its share of the rate: at most about 0.1 s.
-        for rate in [1u64, 7, 10, 150, 4999, 100_000] {
-            let pause = paced_batch(500, rate) as f64 / rate as f64;
-            assert!(pause <= 1.0, "rate {rate}: {pause} s between batches");
-            if rate >= PACE_PER_SECOND {
-                assert!(pause <= 0.1 + 1e-9, "rate {rate}: {pause} s between batches");
-            }
-        }
-    }
 
     #[test]
     fn resends_are_served_inside_the_journal_and_announced_outside_it() {

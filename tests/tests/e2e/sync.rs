@@ -747,3 +747,49 @@ fn cloud_sync_connects_to_its_embedded_broker_only_once_it_listens() {
     // close, is logged by rumqttd as an ERROR).
     assert!(!log.contains(" ERROR "), "a clean start logged an error:\n{log}");
 }
+
+/// Voluntary context switches of every thread of `pid` (each is a wake-up after sleeping) and
+/// the CPU time it used, in clock ticks.
+fn wakeups_and_cpu(pid: u32) -> (u64, u64) {
+    let mut switches = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        switches += status
+            .lines()
+            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces): utime and stime are 14 and 15.
+    let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or_default();
+    let fields: Vec<&str> = rest.split(' ').collect();
+    let tick = |i: usize| fields.get(i - 3).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    (switches, tick(14) + tick(15))
+}
+
+#[test]
+fn an_idle_agent_connected_to_cloud_sync_does_not_wake_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = Cloud::embedded(&dir.path().join("cloud"));
+    let agent = Agent::start(
+        &dir.path().join("agent"),
+        &["--broker", &cloud.mqtt_url(), "--device-id", "gw-idle"],
+    );
+    cloud.wait_presence("gw-idle", true, Duration::from_secs(30));
+    // Its birth and inventory are acknowledged, then nothing happens.
+    eventually(Duration::from_secs(20), "the backlog to drain", || {
+        (agent.json(&["status"])["sync"]["backlog_events"] == 0).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let (w0, c0) = wakeups_and_cpu(agent.pid());
+    std::thread::sleep(Duration::from_secs(30));
+    let (w1, c1) = wakeups_and_cpu(agent.pid());
+    let (wakeups, ticks) = (w1 - w0, c1 - c0);
+    eprintln!("idle 30 s, connected: {wakeups} wake-ups, {ticks} CPU ticks");
+    // What is left is the MQTT keepalive (every 15 s) and retention's once-a-minute look; a
+    // 50 ms poll alone was 600.
+    assert!(wakeups <= 60, "{wakeups} wake-ups in 30 s of idling");
+    // 0.1 % of one CPU over 30 s is 3 ticks at 100 Hz.
+    assert!(ticks <= 3, "{ticks} CPU ticks in 30 s of idling");
+}
