@@ -1662,6 +1662,7 @@ async fn daemon(data_dir: &Path, socket: &Path, args: RunArgs) -> Result<u8, Fai
         };
         let resumed = runtime
             .resume_all()
+            .await
             .map_err(|e| Failure::new(exit::FAILURE, e.to_string()))?;
         tokio::spawn(crate::schedule::run(runtime.clone(), runtime.definitions_changed()));
         if let Some(addr) = args.metrics_listen {

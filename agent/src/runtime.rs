@@ -358,13 +358,18 @@ impl Runtime {
         lock(&self.inner.runs).len()
     }
 
-    /// Resumes every unfinished run from its journaled history. Returns how many resumed.
-    pub fn resume_all(&self) -> Result<usize, RuntimeError> {
+    /// Resumes every unfinished run from its journaled history, each with a `RunResumed` marker
+    /// in it (journaled together, so group commit makes few commits of many markers). Returns
+    /// how many resumed.
+    pub async fn resume_all(&self) -> Result<usize, RuntimeError> {
         let ids = self.inner.journal.active_runs()?;
-        let mut resumed = 0;
+        let mut ready = Vec::new();
         for id in ids {
-            match self.resume(&id) {
-                Ok(()) => resumed += 1,
+            if lock(&self.inner.runs).contains_key(&id) {
+                continue;
+            }
+            match self.prepare_resume(&id) {
+                Ok(r) => ready.push((id, r)),
                 Err(e) => {
                     error!(run_id = %id, error = %e, "cannot resume run; failing it");
                     let rt = self.clone();
@@ -379,13 +384,41 @@ impl Runtime {
                 }
             }
         }
+        let markers: Vec<_> = ready
+            .iter()
+            .map(|(id, (_, _, _, replayed))| {
+                let journal = self.inner.journal.clone();
+                let (id, replayed) = (id.clone(), *replayed);
+                tokio::spawn(async move { journal.append(&id, vec![Event::RunResumed { replayed }]).await })
+            })
+            .collect();
+        for (marker, (id, _)) in markers.into_iter().zip(&ready) {
+            // Only a marker: a run whose marker cannot be written still resumes.
+            if let Ok(Err(e)) = marker.await {
+                warn!(run_id = %id, error = %e, "cannot journal the resume marker");
+            }
+        }
+        let resumed = ready.len();
+        for (_, (def, st, child, _)) in ready {
+            self.spawn_driver(def, st, child);
+        }
         Ok(resumed)
     }
 
+    /// Starts a driver for a run the journal holds as active (a retried run, the next run of a
+    /// continue-as-new), unless one is running.
     fn resume(&self, run_id: &str) -> Result<(), RuntimeError> {
         if lock(&self.inner.runs).contains_key(run_id) {
             return Ok(());
         }
+        let (def, st, child, _) = self.prepare_resume(run_id)?;
+        self.spawn_driver(def, st, child);
+        Ok(())
+    }
+
+    /// A run's definition and state, replayed from its history, to resume it; whether it is a
+    /// child run, and how many events were replayed.
+    fn prepare_resume(&self, run_id: &str) -> Result<(Arc<Definition>, RunState, bool, u64), RuntimeError> {
         let history = self.inner.journal.history(run_id)?;
         let Some((_, first)) = history.first() else {
             return Err(RuntimeError::NoSuchRun(run_id.to_string()));
@@ -401,8 +434,7 @@ impl Runtime {
         info!(run_id, workflow = %workflow, version, events = history.len(), "resuming run");
         let child =
             crate::children::parent_of(run_id, |p| self.inner.journal.run(p).ok().flatten().is_some()).is_some();
-        self.spawn_driver(def, st, child);
-        Ok(())
+        Ok((def, st, child, history.len() as u64))
     }
 
     /// Parses and validates a document without storing it.

@@ -256,6 +256,12 @@ pub enum Event {
         /// Who sent it.
         by: String,
     },
+    /// The agent started again (after a crash, a power cut or a restart) and resumed this run
+    /// from its history: a marker for people reading it, no effect on the run.
+    RunResumed {
+        /// Events replayed to resume it.
+        replayed: u64,
+    },
 }
 
 impl Event {
@@ -337,6 +343,7 @@ impl Event {
             Event::RunContinued { .. } => "run_continued",
             Event::AttemptDeferred { .. } => "attempt_deferred",
             Event::SignalFrom { .. } => "signal_from",
+            Event::RunResumed { .. } => "run_resumed",
         }
     }
 }

@@ -537,8 +537,8 @@ impl RunState {
                 self.status = RunStatus::Continued;
                 self.output = Some(json!({ "continued_as": next_run }));
             }
-            // Who sent a signal: for people reading the history, no effect on the run.
-            Event::SignalFrom { .. } => {}
+            // Who sent a signal, and restarts: for people reading the history, no effect on the run.
+            Event::SignalFrom { .. } | Event::RunResumed { .. } => {}
             Event::AttemptDeferred {
                 attempt,
                 target,

@@ -193,6 +193,7 @@ fn sample() -> Vec<Record> {
                 by: "alice".into(),
             },
         ),
+        ev(1_700_000_000_025, Event::RunResumed { replayed: 12 }),
     ]
 }
 

@@ -662,6 +662,12 @@ fn describe(e: &Event) -> (&'static str, String, String, String) {
                 .map(|t| format!("times out at {}", rfc3339(t)))
                 .unwrap_or_default(),
         ),
+        Event::RunResumed { replayed } => (
+            "run",
+            String::new(),
+            "resumed after the agent restarted".into(),
+            format!("{replayed} events replayed"),
+        ),
         Event::SignalFrom { id, by } => (
             "signal",
             String::new(),

@@ -22,6 +22,28 @@ fn blocks(readme: &str, heading: &str) -> Vec<String> {
         .collect()
 }
 
+fn readme() -> String {
+    std::fs::read_to_string(repo().join("README.md")).expect("README.md")
+}
+
+/// The blocks of a README section, which must be `count` (a new one needs a walk-through).
+fn section_blocks(heading: &str, count: usize) -> Vec<String> {
+    let blocks = blocks(&readme(), heading);
+    assert_eq!(
+        blocks.len(),
+        count,
+        "the section's blocks changed; update this walk-through: {blocks:?}"
+    );
+    blocks
+}
+
+/// A fresh directory to run blocks in, with the examples where the README expects them.
+fn workdir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(repo().join("examples"), dir.path().join("examples")).unwrap();
+    dir
+}
+
 /// Runs a README block with bash as a reader's shell would (aliases on, stop at the first
 /// failing command), `cargo run … -p outpost-agent --` being the binary under test.
 fn run_block(dir: &Path, block: &str) -> String {
@@ -52,15 +74,8 @@ fn run_block(dir: &Path, block: &str) -> String {
 
 #[test]
 fn the_agent_quickstart_runs_as_written() {
-    let readme = std::fs::read_to_string(repo().join("README.md")).expect("README.md");
-    let blocks = blocks(&readme, "Quickstart: the agent alone");
-    assert_eq!(
-        blocks.len(),
-        2,
-        "the section's blocks changed; update this walk-through: {blocks:?}"
-    );
-    let dir = tempfile::tempdir().unwrap();
-    std::os::unix::fs::symlink(repo().join("examples"), dir.path().join("examples")).unwrap();
+    let blocks = section_blocks("Quickstart: the agent alone", 2);
+    let dir = workdir();
 
     let first = run_block(dir.path(), &blocks[0]);
     assert!(first.contains(r#""status":"completed""#), "{first}");
@@ -81,15 +96,8 @@ fn the_agent_quickstart_runs_as_written() {
 
 #[test]
 fn the_cloud_quickstart_runs_as_written() {
-    let readme = std::fs::read_to_string(repo().join("README.md")).expect("README.md");
-    let blocks = blocks(&readme, "Quickstart: a gateway and its cloud");
-    assert_eq!(
-        blocks.len(),
-        2,
-        "the section's blocks changed; update this walk-through: {blocks:?}"
-    );
-    let dir = tempfile::tempdir().unwrap();
-    std::os::unix::fs::symlink(repo().join("examples"), dir.path().join("examples")).unwrap();
+    let blocks = section_blocks("Quickstart: a gateway and its cloud", 2);
+    let dir = workdir();
     // `./target/release/…` is the build under test; `cargo build` has been done.
     std::fs::create_dir(dir.path().join("target")).unwrap();
     std::os::unix::fs::symlink(outpost_bin().parent().unwrap(), dir.path().join("target/release")).unwrap();
@@ -299,8 +307,7 @@ const WHERE_RUN: &[(&str, &str)] = &[
 
 #[test]
 fn every_readme_block_is_run_somewhere_or_says_why_not() {
-    let readme = std::fs::read_to_string(repo().join("README.md")).expect("README.md");
-    let blocks = all_blocks(&readme);
+    let blocks = all_blocks(&readme());
     for b in &blocks {
         let first = b.lines().next().unwrap_or_default();
         assert!(
@@ -318,15 +325,14 @@ fn every_readme_block_is_run_somewhere_or_says_why_not() {
 
 #[test]
 fn the_fleet_blocks_run_as_written() {
-    let readme = std::fs::read_to_string(repo().join("README.md")).expect("README.md");
+    let readme = readme();
     let block = |start: &str| {
         all_blocks(&readme)
             .into_iter()
             .find(|b| b.starts_with(start))
             .unwrap_or_else(|| panic!("no README block starts with {start}"))
     };
-    let dir = tempfile::tempdir().unwrap();
-    std::os::unix::fs::symlink(repo().join("examples"), dir.path().join("examples")).unwrap();
+    let dir = workdir();
 
     // Enrolment: the fleet's PKI exists (the first start makes it; `pki init` here), the
     // gateway got ca.crt and fleet.pub from it.

@@ -157,3 +157,36 @@ fn the_agent_the_api_and_the_console_graph_show_the_same_steps() {
         [("first", "completed"), ("untaken", "skipped"), ("last", "completed")]
     );
 }
+
+#[test]
+fn a_restart_leaves_a_marker_in_the_history_of_every_run_it_resumed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = Agent::start(dir.path(), &[]);
+    let def = "name: gate\nversion: 1\nsteps:\n  - {id: lot, action: wait_signal, args: {signal: lot-ready}}\n";
+    agent.json(&["apply", &write(dir.path(), "gate.yaml", def)]);
+    agent.json(&["start", "gate", "--id", "g-1"]);
+    eventually(Duration::from_secs(10), "the run to wait", || {
+        (agent.json(&["show", "g-1"])["steps"][0]["status"] == "waiting").then_some(())
+    });
+    // A power cut, then the agent comes back and resumes the run.
+    agent.kill9();
+    agent.restart();
+    let history = eventually(Duration::from_secs(10), "the resume marker", || {
+        let h = agent.json(&["show", "g-1"])["history"].clone();
+        h.as_array()?.iter().any(|e| e["type"] == "run_resumed").then_some(h)
+    });
+    let marker = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["type"] == "run_resumed")
+        .unwrap();
+    assert!(marker["replayed"].as_u64().is_some_and(|n| n >= 2), "{marker}");
+    let human = agent.cli(&["show", "g-1", "--history"]);
+    assert!(String::from_utf8_lossy(&human.stdout).contains("run_resumed"));
+    // The marker changes nothing: the run still waits, and the signal completes it.
+    agent.json(&["signal", "g-1", "lot-ready"]);
+    eventually(Duration::from_secs(10), "the run to complete", || {
+        (agent.json(&["show", "g-1"])["status"] == "completed").then_some(())
+    });
+}
