@@ -537,7 +537,7 @@ fn continue_visit(def: &Definition, st: &RunState, i: usize, ctx: &mut Ctx) -> V
             duration_ms,
         } => {
             let args = expr::render(&Value::Object(step.args.clone()), ctx.get()).unwrap_or(Value::Null);
-            if let Some(cmd) = deliver(def, st, i, visit, signal, &args) {
+            if let Some(cmd) = deliver(def, st, i, visit, &signal.wire(), &args) {
                 return vec![cmd];
             }
             match fire_at_ms {

@@ -111,8 +111,8 @@ pub enum Phase {
     },
     /// Waiting for a signal or an approval.
     Waiting {
-        /// The signal awaited.
-        signal: String,
+        /// The signal awaited: an approval step's decision or a user's signal.
+        signal: SignalName,
         /// Deadline, if the wait has a timeout.
         fire_at_ms: Option<u64>,
         /// Timeout length.
@@ -513,7 +513,7 @@ impl RunState {
                 ..
             } => {
                 self.steps[i].phase = Phase::Waiting {
-                    signal: signal.clone(),
+                    signal: SignalName::parse(signal),
                     fire_at_ms: *fire_at_ms,
                     duration_ms: *duration_ms,
                 };
@@ -833,7 +833,7 @@ impl RunState {
             .iter()
             .zip(&def.doc.steps)
             .filter_map(|(s, step)| match &s.phase {
-                Phase::Waiting { signal, .. } => Some((step.id.as_str(), SignalName::parse(signal))),
+                Phase::Waiting { signal, .. } => Some((step.id.as_str(), signal.clone())),
                 _ => None,
             })
             .collect()
@@ -875,7 +875,7 @@ impl RunState {
                     reasons.push(format!("{id}: sleeping until {}", rfc3339(*fire_at_ms)))
                 }
                 Phase::Waiting { signal, fire_at_ms, .. } => {
-                    let what = match SignalName::parse(signal) {
+                    let what = match signal {
                         SignalName::Approval(_) => "waiting for approval".to_string(),
                         SignalName::User(name) => format!("waiting for signal '{name}'"),
                     };
