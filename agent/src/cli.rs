@@ -373,6 +373,27 @@ struct RunArgs {
         help_heading = "Cloud sync"
     )]
     remediation: Option<String>,
+    /// Re-read the equipment points the desired document sets this often, and on every
+    /// reconnect, reporting drift as soon as it is seen (`off`: only on reconnect).
+    #[arg(
+        long,
+        default_value = "5m",
+        env = "OUTPOST_VERIFY_EVERY",
+        value_name = "DURATION|off",
+        value_parser = verify_every_arg,
+        help_heading = "Cloud sync"
+    )]
+    verify_every: Duration,
+    /// What a drift from a verified desired state leads to: `report` it, or also `remediate`
+    /// (the remediation workflow runs again, once per drift).
+    #[arg(
+        long,
+        value_enum,
+        default_value = "report",
+        env = "OUTPOST_ON_DRIFT",
+        help_heading = "Cloud sync"
+    )]
+    on_drift: crate::desired::OnDrift,
     /// Backlog drain limit in events per second.
     #[arg(
         long,
@@ -1389,6 +1410,14 @@ fn seconds_arg(text: &str) -> Result<f64, String> {
         .map_err(|e| format!("{e} (try 30s, 5m or 1h)"))
 }
 
+/// `--verify-every`: a duration, or `off` (zero).
+fn verify_every_arg(text: &str) -> Result<Duration, String> {
+    if matches!(text.trim(), "off" | "0") {
+        return Ok(Duration::ZERO);
+    }
+    outpost_shared::definition::parse_duration(text).map_err(|e| format!("{e} (try 30s, 5m, 1h or off)"))
+}
+
 /// One row of `show`'s step table.
 fn step_line(st: &StepRow) -> Vec<String> {
     let detail = match (&st.error, &st.output) {
@@ -1607,7 +1636,7 @@ async fn daemon(data_dir: &Path, socket: &Path, args: RunArgs) -> Result<u8, Fai
                 .collect()
         })
         .unwrap_or_default();
-    let registry = Registry::builtin().with_equipment(equipment);
+    let registry = Registry::builtin().with_equipment(equipment.clone());
     // Tests reset a running agent's wall clock through this file (see `FileOffsetClock`).
     #[cfg(feature = "test-clock")]
     let clock: Arc<dyn crate::clock::Clock> = match std::env::var_os("OUTPOST_CLOCK_OFFSET_FILE") {
@@ -1711,7 +1740,12 @@ async fn daemon(data_dir: &Path, socket: &Path, args: RunArgs) -> Result<u8, Fai
             config.labels = args.label.clone();
             config.outbox_max_events = args.outbox_max_events;
             config.drain_rate = args.drain_rate;
-            config.remediation = args.remediation.clone();
+            config.desired = crate::desired::DesiredConfig {
+                remediation: args.remediation.clone(),
+                equipment: equipment.clone(),
+                verify_every: Some(args.verify_every).filter(|d| !d.is_zero()),
+                on_drift: args.on_drift,
+            };
             config.equipment = equipment_list;
             crate::sync::start(runtime.clone(), config)
                 .await

@@ -14,6 +14,7 @@ pub mod children;
 pub mod cli;
 pub mod client;
 pub mod clock;
+pub mod desired;
 pub mod engine;
 pub mod equipment;
 pub mod identity;

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use outpost_shared::protocol::{
     self, Ack, Birth, Body, Channel, Command, CommandKind, CommandResult, Death, DefinitionInfo, Desired, Inventory,
-    Outcome, Reported, Resend, Topics,
+    Outcome, Resend, StateReport, Topics,
 };
 use rumqttc::{AsyncClient, Event as MqttEvent, LastWill, MqttOptions, Packet, QoS};
 use serde_json::{Value, json};
@@ -47,8 +47,8 @@ pub struct SyncConfig {
     pub batch: usize,
     /// Events in flight (sent, not acknowledged) at most.
     pub window: u64,
-    /// The workflow that brings the device to its desired state and outputs the state it verified.
-    pub remediation: Option<String>,
+    /// How desired state is applied and verified (`--remediation`, `--verify-every`, `--on-drift`).
+    pub desired: crate::desired::DesiredConfig,
     /// Equipment devices as (name, kind), reported in the inventory.
     pub equipment: Vec<(String, String)>,
     /// TLS, this gateway's signing key and the fleet's key.
@@ -70,7 +70,7 @@ impl SyncConfig {
             drain_rate: 100_000,
             batch: 500,
             window: 4_000,
-            remediation: None,
+            desired: crate::desired::DesiredConfig::default(),
             equipment: Vec::new(),
             security: Arc::new(crate::identity::Security::unsigned_plaintext()),
             policy: Arc::new(crate::policy::Policy::default()),
@@ -209,96 +209,98 @@ fn stored_desired(rt: &Runtime) -> Option<Desired> {
     }
 }
 
-fn stored_reported(rt: &Runtime) -> Option<Reported> {
+fn stored_reported(rt: &Runtime) -> Option<StateReport> {
     match protocol::decode(&rt.journal().kv(REPORTED).ok()??) {
-        Ok(Body::Reported(r)) => Some(r),
+        Ok(Body::StateReport(r)) => Some(r),
+        // Stored by an agent from before per-point verdicts.
+        Ok(Body::Reported(r)) => Some(r.into()),
         _ => None,
     }
 }
 
-/// Brings the device to each new desired state: runs the remediation workflow, which must
-/// output the state it verified; only an exact match is reported "in sync".
+/// Brings the device to each new desired state (`desired::DesiredConfig::remediate`), then
+/// keeps checking it is still there: on every reconnect and every `--verify-every`, a drift is
+/// reported as soon as it is seen. Sleeps without a timer when the document sets no points.
 async fn reconcile(
     rt: Runtime,
     config: SyncConfig,
     state: Arc<SyncState>,
     client: AsyncClient,
     mut desired: watch::Receiver<Option<Desired>>,
+    mut session: watch::Receiver<u64>,
 ) {
     let topic = Topics::new(&config.prefix).topic(&config.device, Channel::Reported);
+    let cfg = &config.desired;
+    let mut reverify = false;
     loop {
         let want = desired.borrow_and_update().clone();
+        let mut has_points = false;
         if let Some(d) = want {
-            let done = stored_reported(&rt).is_some_and(|r| r.desired_version >= d.version);
-            if !done {
-                let report = remediate(&rt, &config, &d).await;
-                info!(version = d.version, in_sync = report.in_sync, message = %report.message, "desired state reconciled");
-                if let Err(e) = rt
-                    .journal()
-                    .put_kv(REPORTED, protocol::encode(&Body::Reported(report.clone())))
-                    .await
-                {
-                    warn!(error = %e, "cannot store reported state");
+            has_points = cfg.plan(&d).is_some_and(|p| !p.targets.is_empty());
+            let prev = stored_reported(&rt).filter(|r| r.desired_version >= d.version);
+            let mut next = match &prev {
+                None => Some(cfg.remediate(&rt, &d, &format!("remediate-{}", d.version)).await),
+                Some(prev) if reverify => cfg.reverify(&d, prev, rt.clock_ms()).await,
+                Some(_) => None,
+            };
+            // Once per drift: the run id names the drift, so neither a restart nor the next
+            // check runs it twice; a drift that outlives its run is reported as such.
+            let current = next.as_ref().or(prev.as_ref());
+            if let (crate::desired::OnDrift::Remediate, Some(since)) =
+                (cfg.on_drift, current.and_then(|r| r.drift_since_ms))
+            {
+                let run = format!("remediate-{}-drift-{since}", d.version);
+                if rt.journal().run(&run).ok().flatten().is_none() {
+                    if let Some(r) = next.take() {
+                        save_report(&rt, &config, &state, &client, &topic, r).await;
+                    }
+                    let mut fixed = cfg.remediate(&rt, &d, &run).await;
+                    if !fixed.in_sync {
+                        fixed.drift_since_ms = Some(since);
+                        fixed.message = format!("drift persists after run {run}: {}", fixed.message);
+                    }
+                    next = Some(fixed);
                 }
-                publish(&client, &config, &state, &topic, &Body::Reported(report), true).await;
+            }
+            if let Some(report) = next {
+                info!(version = d.version, in_sync = report.in_sync, message = %report.message, "desired state reconciled");
+                save_report(&rt, &config, &state, &client, &topic, report).await;
             }
         }
-        if desired.changed().await.is_err() {
-            return;
+        reverify = false;
+        let every = cfg.verify_every.filter(|_| has_points);
+        tokio::select! {
+            r = desired.changed() => if r.is_err() { return },
+            r = session.changed() => {
+                if r.is_err() { return }
+                reverify = true;
+            }
+            () = sleep_or_forever(every) => reverify = true,
         }
     }
 }
 
-async fn remediate(rt: &Runtime, config: &SyncConfig, d: &Desired) -> Reported {
-    let report = |document: String, in_sync: bool, message: String| Reported {
-        desired_version: d.version,
-        document,
-        in_sync,
-        message,
-    };
-    let Ok(want) = serde_json::from_str::<Value>(&d.document) else {
-        return report("null".into(), false, "the desired document is not JSON".into());
-    };
-    let Some(workflow) = &config.remediation else {
-        return report(
-            "null".into(),
-            false,
-            "no remediation workflow is configured (--remediation)".into(),
-        );
-    };
-    let run_id = format!("remediate-{}", d.version);
-    let req = StartRequest {
-        workflow: workflow.clone(),
-        version: None,
-        input: Some(json!({"desired": want, "version": d.version})),
-        id: Some(run_id.clone()),
-    };
-    if let Err(e) = rt.start(req).await {
-        return report("null".into(), false, format!("cannot start {workflow}: {e}"));
+async fn sleep_or_forever(d: Option<Duration>) {
+    match d {
+        Some(d) => tokio::time::sleep(d).await,
+        None => std::future::pending().await,
     }
-    let output = match rt.wait_until_ended(&run_id).await {
-        Ok(_) => match rt.final_event(&run_id) {
-            Ok(outpost_shared::Event::RunCompleted { output }) => Ok(output),
-            Ok(other) => Err(format!("run {run_id} ended {}", other.name())),
-            Err(e) => Err(e.to_string()),
-        },
-        Err(e) => Err(e.to_string()),
-    };
-    match output {
-        Err(why) => report("null".into(), false, format!("remediation failed: {why}")),
-        Ok(text) => {
-            let got: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
-            if got == want {
-                report(text, true, format!("verified by run {run_id}"))
-            } else {
-                report(
-                    text,
-                    false,
-                    format!("run {run_id} verified a state that differs from the desired one"),
-                )
-            }
-        }
+}
+
+/// Keeps a report (so a restart neither remediates again nor forgets a drift) and publishes it, retained.
+async fn save_report(
+    rt: &Runtime,
+    config: &SyncConfig,
+    state: &SyncState,
+    client: &AsyncClient,
+    topic: &str,
+    report: StateReport,
+) {
+    let body = Body::StateReport(report);
+    if let Err(e) = rt.journal().put_kv(REPORTED, protocol::encode(&body)).await {
+        warn!(error = %e, "cannot store reported state");
     }
+    publish(client, config, state, topic, &body, true).await;
 }
 const EPOCH: &str = "sync/epoch";
 
@@ -484,6 +486,7 @@ pub async fn start(rt: Runtime, config: SyncConfig) -> Result<Arc<SyncState>, Ru
         state.clone(),
         client.clone(),
         desired_rx,
+        session_rx.clone(),
     ));
     tokio::spawn(inventory(
         rt.clone(),

@@ -532,6 +532,16 @@ async fn desired(State(s): S, caller: Caller, Path(device): Path<String>, body: 
     audited("desired", &device, "", r)
 }
 
+/// One point's verdict as the API shows it.
+fn point_json(p: &outpost_shared::protocol::PointCheck) -> Value {
+    let doc = |t: &str| serde_json::from_str::<Value>(t).unwrap_or(Value::Null);
+    json!({
+        "device": p.device, "point": p.point, "desired": doc(&p.desired), "found": doc(&p.found),
+        "desired_raw": p.desired_raw, "found_raw": p.found_raw,
+        "verdict": p.verdict.name(), "reason": p.verdict.reason(),
+    })
+}
+
 async fn state(State(s): S, Path(device): Path<String>) -> R {
     let store = s.store.clone();
     blocking(move || {
@@ -540,11 +550,26 @@ async fn state(State(s): S, Path(device): Path<String>) -> R {
         let doc = |t: &str| serde_json::from_str::<Value>(t).unwrap_or(Value::Null);
         Ok(Json(json!({
             "device": device,
-            "desired": d.map(|d| json!({"version": d.version, "document": doc(&d.document), "updated_at": rfc3339(d.updated_ms)})),
-            "reported": r.map(|r| json!({
-                "desired_version": r.desired_version, "document": doc(&r.document), "in_sync": r.in_sync,
-                "message": r.message, "updated_at": rfc3339(r.updated_ms),
-            })),
+            "desired": d.as_ref().map(|d| json!({"version": d.version, "document": doc(&d.document), "updated_at": rfc3339(d.updated_ms)})),
+            // `in_sync` answers for the current desired version; `verified_in_sync` for the
+            // version the report answers (an offline device's report is of an older one).
+            "reported": r.map(|r| {
+                let current = d.as_ref().map_or(r.desired_version, |d| d.version);
+                let verified = if r.verified_ms == 0 { r.updated_ms } else { r.verified_ms };
+                let message = if r.desired_version < current {
+                    format!("desired v{current} not applied yet; v{} was verified at {} ({})", r.desired_version, rfc3339(verified), r.message)
+                } else {
+                    r.message.clone()
+                };
+                json!({
+                    "desired_version": r.desired_version, "document": doc(&r.document),
+                    "in_sync": r.in_sync_with(current), "verified_in_sync": r.in_sync,
+                    "verified_version": r.desired_version, "verified_at": rfc3339(verified),
+                    "drift_since": r.drift_since_ms.map(rfc3339),
+                    "points": r.points.iter().map(point_json).collect::<Vec<_>>(),
+                    "message": message, "updated_at": rfc3339(r.updated_ms),
+                })
+            }),
         })))
     })
     .await

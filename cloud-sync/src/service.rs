@@ -369,6 +369,26 @@ impl Service {
         }
     }
 
+    /// Stores a device's report (older agents' `Reported` arrives converted, without points).
+    async fn on_reported(&self, device: &str, r: protocol::StateReport, now: u64) {
+        let row = ReportedRow {
+            desired_version: r.desired_version,
+            document: r.document,
+            in_sync: r.in_sync,
+            message: r.message,
+            updated_ms: now,
+            points: r.points,
+            verified_ms: if r.verified_ms == 0 { now } else { r.verified_ms },
+            drift_since_ms: r.drift_since_ms,
+        };
+        let (store, d) = (self.store.clone(), device.to_string());
+        match blocking(move || store.set_reported(&d, &row)).await {
+            Ok(true) => {}
+            Ok(false) => info!(device = %device, "report for an older desired version ignored"),
+            Err(e) => self.store_failed(device, "reported state", &e),
+        }
+    }
+
     async fn handle_message(&self, topic: &str, payload: &[u8]) {
         self.stats.messages.fetch_add(1, Ordering::Relaxed);
         let Some((device, channel)) = self.topics.parse(topic) else {
@@ -470,21 +490,8 @@ impl Service {
                     Err(e) => self.store_failed(&device, "a command result", &e),
                 }
             }
-            (Channel::Reported, Body::Reported(r)) => {
-                let row = ReportedRow {
-                    desired_version: r.desired_version,
-                    document: r.document,
-                    in_sync: r.in_sync,
-                    message: r.message,
-                    updated_ms: now,
-                };
-                let d = device.clone();
-                match blocking(move || store.set_reported(&d, &row)).await {
-                    Ok(true) => {}
-                    Ok(false) => info!(device = %device, "report for an older desired version ignored"),
-                    Err(e) => self.store_failed(&device, "reported state", &e),
-                }
-            }
+            (Channel::Reported, Body::Reported(r)) => self.on_reported(&device, r.into(), now).await,
+            (Channel::Reported, Body::StateReport(r)) => self.on_reported(&device, r, now).await,
             (Channel::Inventory, Body::Inventory(inv)) => {
                 let d = device.clone();
                 let n = inv.definitions.len();

@@ -236,6 +236,94 @@ pub struct Reported {
     pub message: String,
 }
 
+/// Agent → cloud (retained): the reported state with the verdict of every equipment point it
+/// names. Replaces [`Reported`] (which older agents still send) on the same channel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateReport {
+    /// The desired version this report answers (0: none yet).
+    pub desired_version: u64,
+    /// The state found, as JSON text: the remediation workflow's output with every equipment
+    /// point replaced by the value read back from the device.
+    pub document: String,
+    /// True when every point matched exactly on the wire and the rest equals the desired document.
+    pub in_sync: bool,
+    /// Why not, or what is in progress; names every point that is not a match.
+    pub message: String,
+    /// One entry per equipment point of the desired document.
+    pub points: Vec<PointCheck>,
+    /// When the device last read its points back (epoch ms).
+    pub verified_ms: u64,
+    /// When a state that had been verified was first seen to have drifted from it, while it stays so.
+    pub drift_since_ms: Option<u64>,
+}
+
+/// One equipment point compared on the wire's terms: the desired value encoded with the point's
+/// type, scale and word order against the raw words read back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PointCheck {
+    /// Equipment device.
+    pub device: String,
+    /// Point of that device.
+    pub point: String,
+    /// The desired value, as JSON text.
+    pub desired: String,
+    /// The value read back, as JSON text (empty when it could not be read).
+    pub found: String,
+    /// The desired value's raw words (Modbus registers or bits); empty when it cannot be encoded.
+    pub desired_raw: Vec<u16>,
+    /// The raw words read back.
+    pub found_raw: Vec<u16>,
+    /// The verdict.
+    pub verdict: Verdict,
+}
+
+/// How a point compares.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Verdict {
+    /// The raw words read back are the desired ones.
+    Match,
+    /// The device holds other raw words.
+    Differs,
+    /// The point could not be read (the reason: exception, timeout, …).
+    Unreadable(String),
+    /// The desired value cannot be held exactly by the point, or names no such point; never written.
+    Refused(String),
+}
+
+impl Verdict {
+    /// A short name: `match`, `differs`, `unreadable`, `refused`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Verdict::Match => "match",
+            Verdict::Differs => "differs",
+            Verdict::Unreadable(_) => "unreadable",
+            Verdict::Refused(_) => "refused",
+        }
+    }
+
+    /// The reason of an unreadable or refused point.
+    pub fn reason(&self) -> Option<&str> {
+        match self {
+            Verdict::Unreadable(r) | Verdict::Refused(r) => Some(r),
+            _ => None,
+        }
+    }
+}
+
+impl From<Reported> for StateReport {
+    fn from(r: Reported) -> Self {
+        StateReport {
+            desired_version: r.desired_version,
+            document: r.document,
+            in_sync: r.in_sync,
+            message: r.message,
+            points: Vec::new(),
+            verified_ms: 0,
+            drift_since_ms: None,
+        }
+    }
+}
+
 /// A workflow definition the agent holds, so the console can draw its runs' graphs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DefinitionInfo {
@@ -280,6 +368,8 @@ pub enum Body {
     Reported(Reported),
     /// Equipment and definitions up (appended: older decoders call it malformed).
     Inventory(Inventory),
+    /// Reported state with per-point verdicts up (appended: older decoders call it malformed).
+    StateReport(StateReport),
 }
 
 /// Why bytes are not a message.
@@ -378,6 +468,7 @@ impl Body {
             Body::Desired(_) => "desired",
             Body::Reported(_) => "reported",
             Body::Inventory(_) => "inventory",
+            Body::StateReport(_) => "reported",
         }
     }
 }
@@ -913,6 +1004,42 @@ mod tests {
             if let Ok(Body::Events(b)) = decode(&bytes) {
                 let _ = unpack(&b);
             }
+        }
+
+        #[test]
+        fn state_reports_round_trip(
+            version in any::<u64>(),
+            doc in ".{0,64}",
+            points in proptest::collection::vec((".{0,8}", ".{0,8}", proptest::collection::vec(any::<u16>(), 0..3), proptest::collection::vec(any::<u16>(), 0..3), 0u8..4, ".{0,16}"), 0..6),
+            since in proptest::option::of(any::<u64>()),
+        ) {
+            let r = StateReport {
+                desired_version: version,
+                document: doc.clone(),
+                in_sync: points.is_empty(),
+                message: doc,
+                points: points
+                    .into_iter()
+                    .map(|(device, point, desired_raw, found_raw, v, why)| PointCheck {
+                        device,
+                        point,
+                        desired: "1".into(),
+                        found: "2".into(),
+                        desired_raw,
+                        found_raw,
+                        verdict: match v {
+                            0 => Verdict::Match,
+                            1 => Verdict::Differs,
+                            2 => Verdict::Unreadable(why),
+                            _ => Verdict::Refused(why),
+                        },
+                    })
+                    .collect(),
+                verified_ms: version / 2,
+                drift_since_ms: since,
+            };
+            let bytes = encode(&Body::StateReport(r.clone()));
+            prop_assert_eq!(decode(&bytes).unwrap(), Body::StateReport(r));
         }
 
         #[test]

@@ -6,6 +6,7 @@
 #[cfg(feature = "linux-hal")]
 mod linux;
 pub mod modbus;
+pub mod state;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};

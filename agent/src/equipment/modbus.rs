@@ -195,12 +195,8 @@ impl Point {
         } else {
             raw * self.scale
         };
-        // An f32 reads as the shortest decimal that round-trips (72.3, not 72.30000305175781).
-        let v = if self.data_type == DataType::F32 {
-            format!("{}", v as f32).parse().unwrap_or(v)
-        } else {
-            v
-        };
+        // An f32 reads as exactly what it holds (72.30000305175781, not 72.3): desired values
+        // are compared on the registers, and a rounded decimal would hide a difference.
         // Integers stay integers in JSON when the scale keeps them whole.
         if v.fract() == 0.0 && v.abs() < 9.0e15 {
             json!(v as i64)
@@ -217,7 +213,15 @@ impl Point {
                 .map(|b| vec![u16::from(b)])
                 .ok_or_else(|| format!("{v} is not true or false"));
         }
-        let x = v.as_f64().ok_or_else(|| format!("{v} is not a number"))? / self.scale;
+        let v_f = v.as_f64().ok_or_else(|| format!("{v} is not a number"))?;
+        // Dividing by a whole reciprocal (0.1 → ×10), as `decode` multiplies, keeps 250.5 at
+        // scale 0.1 exactly 2505.
+        let inv = 1.0 / self.scale;
+        let x = if self.scale.abs() < 1.0 && (inv - inv.round()).abs() < 1e-9 {
+            v_f * inv.round()
+        } else {
+            v_f / self.scale
+        };
         let int = |lo: f64, hi: f64| -> Result<i64, String> {
             let r = x.round();
             if (x - r).abs() > 1e-9 || r < lo || r > hi {
@@ -243,10 +247,38 @@ impl Point {
                 }
                 // JSON has one zero: write +0.0, which is what a read of -0.0 would verify as.
                 let f = if f == 0.0 { 0.0f32 } else { f };
-                self.split(f.to_bits())
+                let raw = self.split(f.to_bits());
+                // Exact means exact: the value must be what these registers read as. 72.1 would
+                // be stored as 72.09999847…, which is not what was asked.
+                if self.decode(&raw).as_f64() != Some(v_f) && !(v_f == 0.0 && f == 0.0) {
+                    let (lo, hi) = neighbours(f, x);
+                    let near = |g: f32| self.decode(&self.split(g.to_bits()));
+                    return Err(format!(
+                        "{v} is not exactly representable as f32 with scale {} (nearest: {} or {})",
+                        self.scale,
+                        near(lo),
+                        near(hi)
+                    ));
+                }
+                raw
             }
             DataType::Bool => return Err(format!("{v} is not true or false")),
         })
+    }
+}
+
+/// The two f32 values either side of `x`, given `f`, the one nearest to it.
+fn neighbours(f: f32, x: f64) -> (f32, f32) {
+    let step = |f: f32, up: bool| {
+        let b = f.to_bits();
+        // Away from zero is one more in the bit pattern's magnitude, whatever the sign.
+        let away = up == (f >= 0.0);
+        f32::from_bits(if away { b + 1 } else { b - 1 })
+    };
+    if f64::from(f) < x {
+        (f, step(f, true))
+    } else {
+        (step(f, false), f)
     }
 }
 
@@ -488,17 +520,18 @@ impl ModbusDevice {
     /// Compares points with expected values exactly, without writing. With `report`, a mismatch
     /// is an output (`matched: false` and the points) instead of an error, for workflows that branch.
     pub async fn verify(&self, expected: &Map<String, Value>, report: bool) -> Result<Value, EquipmentError> {
+        let mut wanted = Vec::new();
+        for (name, v) in expected {
+            wanted.push((name, v, self.encode_point(name, v)?));
+        }
         let names: Vec<String> = expected.keys().cloned().collect();
-        let found = self.read(&names).await?;
         let mut mismatches = Vec::new();
-        for (name, wanted) in expected {
-            let p = self.point(name)?;
-            let raw = p
-                .encode(wanted)
-                .map_err(|e| EquipmentError::Invalid(format!("point '{name}': {e}")))?;
-            let got = found.get(name).cloned().unwrap_or(Value::Null);
-            if p.encode(&got).ok() != Some(raw) {
-                mismatches.push(json!({"point": name, "wanted": wanted, "found": got, "unit": p.unit}));
+        // Raw words against raw words: a decoded f32 is a rounded decimal, not the register.
+        for (name, v, raw) in wanted {
+            let (found_raw, found) = self.read_point(name).await?;
+            if found_raw != raw {
+                let unit = self.points.get(name).and_then(|p| p.unit.clone());
+                mismatches.push(json!({"point": name, "wanted": v, "found": found, "unit": unit}));
             }
         }
         if mismatches.is_empty() || report {
@@ -508,6 +541,28 @@ impl ModbusDevice {
         } else {
             Err(EquipmentError::Mismatch(mismatches))
         }
+    }
+
+    /// A point's desired value as the raw words it must hold (exact, or refused with the point named).
+    pub fn encode_point(&self, name: &str, value: &Value) -> Result<Vec<u16>, EquipmentError> {
+        self.point(name)?
+            .encode(value)
+            .map_err(|e| EquipmentError::Invalid(format!("point '{name}' of device '{}': {e}", self.name)))
+    }
+
+    /// Reads one point: its raw words and engineering value.
+    pub async fn read_point(&self, name: &str) -> Result<(Vec<u16>, Value), EquipmentError> {
+        let p = self.point(name)?.clone();
+        let mut conn = self.conn.lock().await;
+        let mut words = self
+            .transact(&mut conn, |ctx| Box::pin(read_raw(ctx, p.clone())))
+            .await?;
+        let value = p.decode_response(&words).map_err(|e| self.bad_response(name, e))?;
+        // A coil read comes in whole bytes: the point is the first bit.
+        if matches!(p.table, Table::Coil | Table::DiscreteInput) {
+            words.truncate(1);
+        }
+        Ok((words, value))
     }
 
     fn bad_response(&self, point: &str, why: String) -> EquipmentError {
@@ -709,19 +764,22 @@ impl Simulator {
             }
             Request::WriteSingleRegister(a, v) => {
                 check(a, 1)?;
+                let asked = v;
                 let v = self.faults.clamps.get(&a).map_or(v, |&max| v.min(max));
                 s.holding.insert(a, v);
-                (self.log)(json!({"write": "holding", "address": a, "values": [v]}));
+                (self.log)(register_write(a, &[v], &[asked]));
                 Response::WriteSingleRegister(a, v)
             }
             Request::WriteMultipleRegisters(a, vs) => {
                 check(a, vs.len() as u16)?;
+                let mut stored = Vec::with_capacity(vs.len());
                 for (i, v) in vs.iter().enumerate() {
                     let at = a + i as u16;
                     let v = self.faults.clamps.get(&at).map_or(*v, |&max| (*v).min(max));
                     s.holding.insert(at, v);
+                    stored.push(v);
                 }
-                (self.log)(json!({"write": "holding", "address": a, "values": vs.to_vec()}));
+                (self.log)(register_write(a, &stored, vs.as_ref()));
                 Response::WriteMultipleRegisters(a, vs.len() as u16)
             }
             Request::WriteMultipleCoils(a, vs) => {
@@ -735,6 +793,19 @@ impl Simulator {
             _ => return Err(ExceptionCode::IllegalFunction),
         })
     }
+}
+
+/// A simulator log line for a register write: what the unit now holds and, when a clamp
+/// changed it, what was asked.
+fn register_write(address: u16, stored: &[u16], asked: &[u16]) -> Value {
+    let mut line = Map::new();
+    line.insert("write".into(), json!("holding"));
+    line.insert("address".into(), json!(address));
+    line.insert("values".into(), json!(stored));
+    if stored != asked {
+        line.insert("requested".into(), json!(asked));
+    }
+    Value::Object(line)
 }
 
 impl tokio_modbus::server::Service for Simulator {
@@ -788,7 +859,24 @@ mod tests {
         );
         assert_eq!(f.encode(&json!(-0.0)).unwrap(), vec![0, 0]);
         assert_eq!(f.decode_response(&[0x4291, 0]).unwrap(), json!(72.5));
-        assert_eq!(f.decode(&f.encode(&json!(72.3)).unwrap()), json!(72.3));
+        // Exact means exact: 72.3 has no f32; the f32 nearest it is written as itself.
+        let e = f.encode(&json!(72.3)).unwrap_err();
+        assert!(
+            e.contains("not exactly representable as f32") && e.contains("72.30000305175781"),
+            "{e}"
+        );
+        assert_eq!(
+            f.decode(&f.encode(&json!(72.30000305175781)).unwrap()),
+            json!(72.30000305175781)
+        );
+        let scaled = point("{table: holding, address: 0, type: f32, scale: 0.001}");
+        let raw = scaled.encode(&json!(7.5)).unwrap();
+        assert_eq!(scaled.decode(&raw), json!(7.5));
+        assert!(
+            scaled.encode(&json!(7.66e-42)).is_err(),
+            "found by fuzz/modbus_response: no f32 reads back as it"
+        );
+        assert!(f.encode(&json!(-72.1)).unwrap_err().contains("-72.0999984741211"));
         let l = point("{table: holding, address: 0, type: u32, word_order: little, scale: 0.1}");
         assert_eq!(l.encode(&json!(250.5)).unwrap(), vec![2505, 0]);
         assert_eq!(l.decode(&[2505, 0]), json!(250.5));

@@ -60,8 +60,9 @@ pub enum Drift {
     Pending(u64),
     /// Reported equals desired exactly.
     InSync(u64),
-    /// Reported differs.
-    Drifted(String),
+    /// Reported for the current version, not in sync: why, and since when a verified state
+    /// has drifted (`None`: it never was in sync).
+    Drifted(String, Option<u64>),
 }
 
 /// Compares a device's desired and reported rows.
@@ -69,7 +70,7 @@ pub fn drift(desired: Option<&DesiredRow>, reported: Option<&ReportedRow>) -> Dr
     match (desired, reported) {
         (None, _) => Drift::Unmanaged,
         (Some(d), Some(r)) if r.desired_version == d.version && r.in_sync => Drift::InSync(d.version),
-        (Some(d), Some(r)) if r.desired_version == d.version => Drift::Drifted(r.message.clone()),
+        (Some(d), Some(r)) if r.desired_version == d.version => Drift::Drifted(r.message.clone(), r.drift_since_ms),
         (Some(d), _) => Drift::Pending(d.version),
     }
 }
@@ -81,7 +82,10 @@ fn drift_cell(d: &Drift) -> Markup {
             html! { span.badge.pending data-drift="pending" title={"desired v" (v) " not reported yet"} { "pending v" (v) } }
         }
         Drift::InSync(v) => html! { span.badge.completed data-drift="in_sync" { "in sync v" (v) } },
-        Drift::Drifted(m) => html! { span.badge.failed data-drift="drift" title=(m) { "drift" } },
+        Drift::Drifted(m, None) => html! { span.badge.failed data-drift="drift" title=(m) { "not in sync" } },
+        Drift::Drifted(m, Some(since)) => html! {
+            span.badge.failed data-drift="drift" data-drift-since=(rfc3339(*since)) title=(m) { "drift since " (at(*since)) }
+        },
     }
 }
 
@@ -394,6 +398,42 @@ fn storage_banner(h: &GatewayHealth, now: u64) -> Markup {
     }
 }
 
+/// Every equipment point of the reported state: desired, found, raw words and the verdict.
+fn points_table(r: &ReportedRow, now: u64) -> Markup {
+    let verified = if r.verified_ms == 0 {
+        r.updated_ms
+    } else {
+        r.verified_ms
+    };
+    html! {
+        p.muted { "Points read back " (ago(verified, now)) " (" (at(verified)) ")"
+            @if let Some(since) = r.drift_since_ms { "; drifted since " (at(since)) } }
+        table #points {
+            thead { tr { th { "Point" } th { "Desired" } th { "Found" } th title="registers: desired → found" { "Raw" } th { "Verdict" } } }
+            tbody {
+                @for p in &r.points {
+                    @let name = if p.point.is_empty() { p.device.clone() } else { format!("{}.{}", p.device, p.point) };
+                    tr data-point=(name) data-verdict=(p.verdict.name()) {
+                        td { code { (name) } }
+                        td { code { (p.desired) } }
+                        td { code { (p.found) } }
+                        td.muted { code { (words(&p.desired_raw)) } @if p.desired_raw != p.found_raw { " → " code { (words(&p.found_raw)) } } }
+                        td {
+                            span.badge.(if p.verdict == outpost_shared::protocol::Verdict::Match { "completed" } else { "failed" }) { (p.verdict.name()) }
+                            @if let Some(why) = p.verdict.reason() { " " span.muted { (why) } }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Raw words as the PLC's manual writes them.
+fn words(w: &[u16]) -> String {
+    w.iter().map(|x| format!("0x{x:04X}")).collect::<Vec<_>>().join(" ")
+}
+
 fn pretty(json_text: &str) -> String {
     serde_json::from_str::<serde_json::Value>(json_text)
         .ok()
@@ -515,13 +555,17 @@ pub fn device(v: &DeviceView, viewer: &Viewer, f: &Flash, now: u64) -> Markup {
                         table #equipment { tbody { @for (n, k) in &v.equipment { tr { td { (n) } td.muted { (k) } } } } }
                     }
                 }
-                section {
+                // A points table needs the width.
+                section.wide[v.reported.as_ref().is_some_and(|r| !r.points.is_empty())] {
                     h2 { "Desired and reported state" }
                     div #state data-live {
                         @let d = drift(v.desired.as_ref(), v.reported.as_ref());
                         p { (drift_cell(&d))
                             @if let Some(r) = &v.reported { " " span.muted { (r.message) " (" (ago(r.updated_ms, now)) ")" } } }
-                        @if let Some(r) = &v.reported { h3 { "Reported" } pre { (pretty(&r.document)) } }
+                        @if let Some(r) = &v.reported {
+                            @if !r.points.is_empty() { (points_table(r, now)) }
+                            h3 { "Reported" } pre { (pretty(&r.document)) }
+                        }
                         @if let Some(d) = &v.desired { h3 { "Desired v" (d.version) } pre { (pretty(&d.document)) } }
                     }
                     @if viewer.deploy {

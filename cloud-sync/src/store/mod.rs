@@ -244,12 +244,35 @@ pub struct ReportedRow {
     pub desired_version: u64,
     /// JSON text.
     pub document: String,
-    /// Equal to desired.
+    /// Equal to the desired version it answers (not necessarily the current one).
     pub in_sync: bool,
     /// Why not.
     pub message: String,
     /// Received at.
     pub updated_ms: u64,
+    /// Per equipment point: desired, found, raw words, verdict (empty from older agents).
+    pub points: Vec<outpost_shared::protocol::PointCheck>,
+    /// When the device read its points back (epoch ms; 0 from older agents: use `updated_ms`).
+    pub verified_ms: u64,
+    /// Since when a verified state has drifted, while it stays so.
+    pub drift_since_ms: Option<u64>,
+}
+
+/// A reported row as stored before per-point verdicts, still read from older stores.
+#[derive(Deserialize)]
+struct ReportedRowV1 {
+    desired_version: u64,
+    document: String,
+    in_sync: bool,
+    message: String,
+    updated_ms: u64,
+}
+
+impl ReportedRow {
+    /// True when it answers `desired_version` and was in sync with it.
+    pub fn in_sync_with(&self, desired_version: u64) -> bool {
+        self.in_sync && self.desired_version == desired_version
+    }
 }
 
 /// What storing a batch did.
@@ -1129,7 +1152,27 @@ impl Store {
 
     /// A device's reported document.
     pub fn reported(&self, device: &str) -> Result<Option<ReportedRow>, StoreError> {
-        self.get_row(REPORTED, device, "reported")
+        let txn = self.db()?.begin_read()?;
+        let t = txn.open_table(REPORTED)?;
+        let Some(v) = t.get(device)? else { return Ok(None) };
+        let bytes = v.value();
+        match dec::<ReportedRow>("reported", bytes) {
+            Ok(r) => Ok(Some(r)),
+            // Rows written before per-point verdicts are a prefix of today's layout.
+            Err(e) => match postcard::from_bytes::<Row<ReportedRowV1>>(bytes) {
+                Ok(Row::V1(o)) => Ok(Some(ReportedRow {
+                    desired_version: o.desired_version,
+                    document: o.document,
+                    in_sync: o.in_sync,
+                    message: o.message,
+                    updated_ms: o.updated_ms,
+                    points: Vec::new(),
+                    verified_ms: 0,
+                    drift_since_ms: None,
+                })),
+                Err(_) => Err(e),
+            },
+        }
     }
 
     /// Stores a device's inventory: its equipment list when given, and its definitions (upserted).
@@ -1261,6 +1304,32 @@ impl Store {
 mod tests {
     use super::*;
     use outpost_shared::journal::Record;
+
+    #[test]
+    fn reported_rows_written_before_point_verdicts_still_read() {
+        #[derive(Serialize)]
+        struct Old(u64, String, bool, String, u64);
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("c.redb")).unwrap();
+        let old = postcard::to_allocvec(&Row::V1(Old(2, "{}".into(), true, "ok".into(), 77))).unwrap();
+        let txn = s.db().unwrap().begin_write().unwrap();
+        txn.open_table(REPORTED).unwrap().insert("gw", old.as_slice()).unwrap();
+        txn.commit().unwrap();
+        let r = s.reported("gw").unwrap().unwrap();
+        assert_eq!(
+            (r.desired_version, r.in_sync, r.updated_ms, r.points.len()),
+            (2, true, 77, 0)
+        );
+        assert!(
+            r.in_sync_with(2) && !r.in_sync_with(3),
+            "in sync only with the version it answers"
+        );
+        let mut new = r.clone();
+        new.desired_version = 3;
+        new.drift_since_ms = Some(5);
+        assert!(s.set_reported("gw", &new).unwrap());
+        assert_eq!(s.reported("gw").unwrap().unwrap(), new);
+    }
 
     fn rec(run: &str, event: Event) -> Vec<u8> {
         journal::encode(&Record {

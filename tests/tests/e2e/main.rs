@@ -6,6 +6,7 @@ mod chaos;
 mod children;
 mod console;
 mod crash;
+mod desired_state;
 mod durable_sleep;
 mod equipment;
 mod examples;
