@@ -186,7 +186,7 @@ pub fn target_of(action: &str, args: &Value, resource: Option<&str>) -> Option<S
             None => host.to_string(),
         });
     }
-    let equipment = ["gpio.", "sensor.", "adc.", "modbus."];
+    let equipment = ["gpio.", "sensor.", "adc.", "modbus.", "opcua."];
     if equipment.iter().any(|p| action.starts_with(p)) {
         return args.get("device")?.as_str().map(str::to_string);
     }

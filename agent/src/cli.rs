@@ -228,6 +228,9 @@ enum Cmd {
     Bench(crate::bench::BenchArgs),
     /// Run a Modbus TCP simulator (an in-memory PLC) for recipes and tests; logs writes as JSON.
     ModbusSim(ModbusSimArgs),
+    /// Run an OPC UA server simulator (nodes from --node) for recipes and tests; logs writes as JSON.
+    #[cfg(feature = "opcua")]
+    OpcuaSim(OpcuaSimArgs),
     /// Read every row of the journal file (DATA_DIR/journal.redb) and say whether it is whole.
     /// `outpost run` does this in a child process before it opens the journal, so a damaged
     /// file is refused by name instead of crashing the agent.
@@ -289,6 +292,30 @@ struct ModbusSimArgs {
     /// Answer register reads with one register fewer than asked (a faulty unit).
     #[arg(long)]
     short_reads: bool,
+}
+
+#[cfg(feature = "opcua")]
+#[derive(Args)]
+struct OpcuaSimArgs {
+    /// Address to listen on (OPC UA binary, opc.tcp).
+    #[arg(long, default_value = "127.0.0.1:4840")]
+    listen: String,
+    /// A node: NAME=TYPE[=VALUE], e.g. `Speed=UInt16=900`, `Setpoint=Float=72.5`, `Mode=String=auto`;
+    /// its node id is `ns=2;s=NAME`. Repeat for more.
+    #[arg(long, value_name = "NAME=TYPE[=VALUE]")]
+    node: Vec<String>,
+    /// Cap writes to a numeric node: NAME=MAX (a PLC enforcing a limit).
+    #[arg(long, value_name = "NAME=MAX")]
+    clamp: Vec<String>,
+    /// Require this user (NAME:PASSWORD) instead of anonymous sessions. Repeat for more.
+    #[arg(long, value_name = "NAME:PASSWORD")]
+    user: Vec<String>,
+    /// Offer only Basic256Sha256 with SignAndEncrypt (no unsecured endpoint).
+    #[arg(long)]
+    only_secure: bool,
+    /// The server's certificate, key and trusted client certificates [default: a temporary directory].
+    #[arg(long, value_name = "DIR")]
+    pki_dir: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -564,6 +591,8 @@ pub fn main() -> ExitCode {
         Cmd::Run(args) => run_daemon(&cli.data_dir, &socket, *args),
         Cmd::Validate { files, equipment } => validate(&files, equipment.as_deref(), cli.json),
         Cmd::ModbusSim(args) => run_modbus_sim(args),
+        #[cfg(feature = "opcua")]
+        Cmd::OpcuaSim(args) => run_opcua_sim(args),
         Cmd::JournalCheck { file } => {
             journal_check(&file.unwrap_or_else(|| cli.data_dir.join("journal.redb")), cli.json)
         }
@@ -1392,6 +1421,8 @@ async fn remote(client: Client, cmd: Cmd, as_json: bool, data_dir: &Path) -> Res
         | Cmd::JournalCheck { .. }
         | Cmd::Keygen { .. }
         | Cmd::Enroll { .. } => Ok(exit::OK),
+        #[cfg(feature = "opcua")]
+        Cmd::OpcuaSim(_) => Ok(exit::OK),
     }
 }
 
@@ -1929,6 +1960,62 @@ fn run_modbus_sim(args: ModbusSimArgs) -> Result<u8, Failure> {
             .serve(listener)
             .await
             .map_err(|e| Failure::new(exit::FAILURE, format!("modbus simulator: {e}")))?;
+        Ok(exit::OK)
+    })
+}
+
+#[cfg(feature = "opcua")]
+fn run_opcua_sim(args: OpcuaSimArgs) -> Result<u8, Failure> {
+    use crate::equipment::opcua_sim;
+    let invalid = |m: String| Failure::new(exit::INVALID, m);
+    let nodes = args
+        .node
+        .iter()
+        .map(|n| opcua_sim::SimNode::parse(n))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(invalid)?;
+    if nodes.is_empty() {
+        return Err(invalid("give at least one --node NAME=TYPE[=VALUE]".into()));
+    }
+    let mut clamps = std::collections::HashMap::new();
+    for c in &args.clamp {
+        let parsed = c
+            .split_once('=')
+            .and_then(|(n, m)| Some((n.trim().to_string(), m.trim().parse::<f64>().ok()?)));
+        let (n, m) = parsed.ok_or_else(|| invalid(format!("--clamp '{c}' is not NAME=MAX")))?;
+        clamps.insert(n, m);
+    }
+    let users = args
+        .user
+        .iter()
+        .map(|u| {
+            u.split_once(':')
+                .map(|(n, p)| (n.to_string(), p.to_string()))
+                .ok_or_else(|| invalid(format!("--user '{u}' is not NAME:PASSWORD")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let scratch = tempfile::tempdir().map_err(|e| Failure::new(exit::FAILURE, e.to_string()))?;
+    let pki_dir = args.pki_dir.clone().unwrap_or_else(|| scratch.path().to_path_buf());
+    let log: Arc<dyn Fn(Value) + Send + Sync> = Arc::new(|v: Value| {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{v}");
+        let _ = out.flush();
+    });
+    block_on(async move {
+        let listener = tokio::net::TcpListener::bind(&args.listen)
+            .await
+            .map_err(|e| Failure::new(exit::FAILURE, format!("binding {}: {e}", args.listen)))?;
+        let opts = opcua_sim::SimOptions {
+            nodes,
+            clamps,
+            users,
+            only_secure: args.only_secure,
+            pki_dir,
+        };
+        opcua_sim::serve(listener, opts, log)
+            .await
+            .map_err(|e| Failure::new(exit::FAILURE, format!("opcua simulator: {e}")))?;
         Ok(exit::OK)
     })
 }

@@ -181,7 +181,7 @@ pub fn describe(points: &[PointCheck]) -> String {
             };
             match &p.verdict {
                 Verdict::Differs => format!(
-                    "{name} wanted {} found {} (raw {:?}, wanted {:?})",
+                    "{name} wanted {} found {} (raw {}, wanted {})",
                     p.desired, p.found, p.found_raw, p.desired_raw
                 ),
                 Verdict::Unreadable(why) => format!("{name} unreadable: {why}"),
@@ -332,8 +332,8 @@ mod tests {
             point: point.into(),
             desired: desired.to_string(),
             found: found.to_string(),
-            desired_raw: vec![desired],
-            found_raw: vec![found],
+            desired_raw: format!("0x{desired:04X}"),
+            found_raw: format!("0x{found:04X}"),
             verdict: if desired == found {
                 Verdict::Match
             } else {
@@ -350,7 +350,7 @@ mod tests {
                     device: "mixer".into(),
                     point: (*p).into(),
                     desired: json!(v),
-                    raw: vec![*v],
+                    raw: format!("0x{v:04X}"),
                 })
                 .collect(),
             refused: Vec::new(),

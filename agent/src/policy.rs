@@ -8,7 +8,7 @@
 //!   - /usr/local/bin/line-report *
 //! http_hosts:           # host names (`*.plant.local`), default: any
 //!   - mes.plant.local
-//! equipment_writes:     # devices gpio.write / modbus.write may drive, default: any
+//! equipment_writes:     # devices gpio.write / modbus.write / opcua.write may drive, default: any
 //!   - vent
 //! ```
 //!
@@ -195,7 +195,7 @@ impl Policy {
                     );
                 }
             }
-            "gpio.write" | "modbus.write" => {
+            "gpio.write" | "modbus.write" | "opcua.write" => {
                 let device = text("device");
                 if !allowed(&self.equipment_writes, device) {
                     return refuse(

@@ -269,10 +269,12 @@ pub struct PointCheck {
     pub desired: String,
     /// The value read back, as JSON text (empty when it could not be read).
     pub found: String,
-    /// The desired value's raw words (Modbus registers or bits); empty when it cannot be encoded.
-    pub desired_raw: Vec<u16>,
-    /// The raw words read back.
-    pub found_raw: Vec<u16>,
+    /// The desired value as it goes on the wire: Modbus registers (`0x4291 0x0000`) or an OPC UA
+    /// variant (`Float 0x42910000`, `UInt16 900`); empty when it cannot be encoded. Two values are
+    /// a match exactly when these texts are equal.
+    pub desired_raw: String,
+    /// What was read back, in the same form.
+    pub found_raw: String,
     /// The verdict.
     pub verdict: Verdict,
 }
@@ -1010,7 +1012,7 @@ mod tests {
         fn state_reports_round_trip(
             version in any::<u64>(),
             doc in ".{0,64}",
-            points in proptest::collection::vec((".{0,8}", ".{0,8}", proptest::collection::vec(any::<u16>(), 0..3), proptest::collection::vec(any::<u16>(), 0..3), 0u8..4, ".{0,16}"), 0..6),
+            points in proptest::collection::vec((".{0,8}", ".{0,8}", ".{0,12}", ".{0,12}", 0u8..4, ".{0,16}"), 0..6),
             since in proptest::option::of(any::<u64>()),
         ) {
             let r = StateReport {

@@ -198,35 +198,87 @@ pub struct ModbusSim {
     log: std::sync::Arc<std::sync::Mutex<Vec<Value>>>,
 }
 
+/// Starts an `outpost` simulator subcommand; returns it, its first (listening) line and a log
+/// of every later JSON line it prints.
+fn spawn_sim(args: &[&str]) -> (Child, Value, std::sync::Arc<std::sync::Mutex<Vec<Value>>>) {
+    use std::io::BufRead;
+    let mut child = outpost_command()
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn simulator");
+    let mut lines = std::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let first: Value = serde_json::from_str(&lines.next().expect("listening line").expect("read")).expect("JSON");
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                sink.lock().unwrap().push(v);
+            }
+        }
+    });
+    (child, first, log)
+}
+
 impl ModbusSim {
     /// Starts the simulator with extra flags (`--busy-first`, `--delay-ms`, `--limit`, `--clamp`).
     pub fn start(flags: &[&str]) -> ModbusSim {
-        use std::io::BufRead;
-        let mut child = outpost_command()
-            .args(["modbus-sim", "--listen", "127.0.0.1:0"])
-            .args(flags)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn modbus-sim");
-        let mut lines = std::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
-        let first: Value = serde_json::from_str(&lines.next().expect("listening line").expect("read")).expect("JSON");
+        let mut args = vec!["modbus-sim", "--listen", "127.0.0.1:0"];
+        args.extend_from_slice(flags);
+        let (child, first, log) = spawn_sim(&args);
         let addr = first["listening"].as_str().expect("listening address").to_string();
-        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in lines.map_while(Result::ok) {
-                if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                    sink.lock().unwrap().push(v);
-                }
-            }
-        });
         ModbusSim { child, addr, log }
     }
 
     /// Every write so far, in order.
     pub fn writes(&self) -> Vec<Value> {
         self.log.lock().unwrap().clone()
+    }
+}
+
+/// A running `outpost opcua-sim` (an OPC UA server) with its write log.
+pub struct OpcuaSim {
+    child: Child,
+    /// `opc.tcp://127.0.0.1:PORT/`.
+    pub url: String,
+    /// The port, to start it again on the same one.
+    pub port: u16,
+    log: std::sync::Arc<std::sync::Mutex<Vec<Value>>>,
+}
+
+impl OpcuaSim {
+    /// Starts the simulator on `port` (0: a free one) with its flags (`--node`, `--clamp`, `--user`).
+    pub fn start(port: u16, flags: &[&str]) -> OpcuaSim {
+        let listen = format!("127.0.0.1:{port}");
+        let mut args = vec!["opcua-sim", "--listen", &listen];
+        args.extend_from_slice(flags);
+        let (child, first, log) = spawn_sim(&args);
+        let url = first["listening"].as_str().expect("listening url").to_string();
+        let port = url
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.trim_end_matches('/').parse().ok())
+            .expect("port");
+        OpcuaSim { child, url, port, log }
+    }
+
+    /// Every write so far, in order.
+    pub fn writes(&self) -> Vec<Value> {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Kills the server (SIGKILL).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for OpcuaSim {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 

@@ -1,5 +1,6 @@
-//! Equipment actions: `gpio.read`, `gpio.write`, `sensor.read`, `adc.read`, `modbus.read`,
-//! `modbus.write` (idempotent, verified by exact read-back) and `modbus.verify`.
+//! Equipment actions: `gpio.read`, `gpio.write`, `sensor.read`, `adc.read`, and for devices with
+//! typed points `modbus.read`/`opcua.read`, `modbus.write`/`opcua.write` (idempotent, verified by
+//! exact read-back) and `modbus.verify`/`opcua.verify`.
 
 use std::sync::Arc;
 
@@ -26,11 +27,17 @@ pub enum Op {
     ModbusWrite,
     /// `modbus.verify`
     ModbusVerify,
+    /// `opcua.read`
+    OpcuaRead,
+    /// `opcua.write`
+    OpcuaWrite,
+    /// `opcua.verify`
+    OpcuaVerify,
 }
 
 impl Op {
     /// Every operation with its action name.
-    pub const ALL: [(&'static str, Op); 7] = [
+    pub const ALL: [(&'static str, Op); 10] = [
         ("gpio.read", Op::GpioRead),
         ("gpio.write", Op::GpioWrite),
         ("sensor.read", Op::SensorRead),
@@ -38,6 +45,9 @@ impl Op {
         ("modbus.read", Op::ModbusRead),
         ("modbus.write", Op::ModbusWrite),
         ("modbus.verify", Op::ModbusVerify),
+        ("opcua.read", Op::OpcuaRead),
+        ("opcua.write", Op::OpcuaWrite),
+        ("opcua.verify", Op::OpcuaVerify),
     ];
 
     fn device_kinds(self) -> &'static [&'static str] {
@@ -47,6 +57,7 @@ impl Op {
             Op::SensorRead => &["sht3x"],
             Op::AdcRead => &["mcp3008"],
             Op::ModbusRead | Op::ModbusWrite | Op::ModbusVerify => &["modbus"],
+            Op::OpcuaRead | Op::OpcuaWrite | Op::OpcuaVerify => &["opcua"],
         }
     }
 }
@@ -96,15 +107,15 @@ impl Action for EquipmentAction {
                 required: &["device", "channel"],
                 optional: &[],
             },
-            Op::ModbusRead => Signature {
+            Op::ModbusRead | Op::OpcuaRead => Signature {
                 required: &["device", "points"],
                 optional: &[],
             },
-            Op::ModbusWrite => Signature {
+            Op::ModbusWrite | Op::OpcuaWrite => Signature {
                 required: &["device", "values"],
                 optional: &["verify"],
             },
-            Op::ModbusVerify => Signature {
+            Op::ModbusVerify | Op::OpcuaVerify => Signature {
                 required: &["device", "expect"],
                 optional: &["on_mismatch"],
             },
@@ -165,33 +176,38 @@ impl Action for EquipmentAction {
                     let ch = ch.ok_or_else(|| invalid("'channel' must be a channel number"))?;
                     eq.read_adc(&device, ch).await
                 }
-                Op::ModbusRead => {
+                Op::ModbusRead | Op::OpcuaRead => {
                     let names: Vec<String> = match call.args.get("points") {
                         Some(Value::Array(a)) => a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect(),
                         Some(Value::String(s)) => vec![s.clone()],
                         _ => return Err(invalid("'points' must be a list of point names")),
                     };
-                    let m = eq.modbus(&device).map_err(to_action_error)?;
-                    m.read(&names)
+                    let d = eq
+                        .points_device(&device, op.device_kinds()[0])
+                        .map_err(to_action_error)?;
+                    d.read(&names)
                         .await
                         .map(|values| serde_json::json!({"device": device, "values": values}))
                 }
-                Op::ModbusWrite => {
+                Op::ModbusWrite | Op::OpcuaWrite => {
                     let values = point_map(&call.args, "values")?;
                     let verify = call.args.get("verify").and_then(Value::as_bool).unwrap_or(true);
-                    eq.modbus(&device).map_err(to_action_error)?.write(values, verify).await
+                    let d = eq
+                        .points_device(&device, op.device_kinds()[0])
+                        .map_err(to_action_error)?;
+                    d.write(values, verify).await
                 }
-                Op::ModbusVerify => {
+                Op::ModbusVerify | Op::OpcuaVerify => {
                     let expect = point_map(&call.args, "expect")?;
                     let report = match call.args.get("on_mismatch").and_then(Value::as_str) {
                         None | Some("fail") => false,
                         Some("report") => true,
                         Some(other) => return Err(invalid(&format!("on_mismatch '{other}' is not fail or report"))),
                     };
-                    eq.modbus(&device)
-                        .map_err(to_action_error)?
-                        .verify(expect, report)
-                        .await
+                    let d = eq
+                        .points_device(&device, op.device_kinds()[0])
+                        .map_err(to_action_error)?;
+                    d.verify(expect, report).await
                 }
             };
             result.map_err(to_action_error)

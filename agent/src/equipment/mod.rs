@@ -6,6 +6,10 @@
 #[cfg(feature = "linux-hal")]
 mod linux;
 pub mod modbus;
+#[cfg(feature = "opcua")]
+pub mod opcua;
+#[cfg(feature = "opcua")]
+pub mod opcua_sim;
 pub mod state;
 
 use std::collections::{BTreeMap, HashMap};
@@ -57,6 +61,47 @@ pub enum EquipmentError {
     /// Values read back differ from those wanted; one entry per point.
     #[error("read-back differs from the desired values: {}", describe(.0))]
     Mismatch(Vec<Value>),
+    /// An OPC UA server refused or failed a request (the status names why).
+    #[error("{message}")]
+    Opcua {
+        /// The journaled kind (`opcua.unknown_node`, `opcua.timeout`, …).
+        kind: &'static str,
+        /// Whether retrying can help.
+        retryable: bool,
+        /// The device, what was asked and the status.
+        message: String,
+    },
+}
+
+/// An engineering value to the raw number a device holds (`raw × scale = value`). Dividing by a
+/// whole reciprocal (0.1 → ×10) keeps 250.5 at scale 0.1 exactly 2505.
+pub(crate) fn unscale(value: f64, scale: f64) -> f64 {
+    let inv = 1.0 / scale;
+    if scale.abs() < 1.0 && (inv - inv.round()).abs() < 1e-9 {
+        value * inv.round()
+    } else {
+        value / scale
+    }
+}
+
+/// A raw number to its engineering value, the inverse of [`unscale`] (2505 × 0.1 reads 250.5,
+/// not 250.50000000000003).
+pub(crate) fn rescale(raw: f64, scale: f64) -> f64 {
+    let inv = 1.0 / scale;
+    if scale.abs() < 1.0 && (inv - inv.round()).abs() < 1e-9 {
+        raw / inv.round()
+    } else {
+        raw * scale
+    }
+}
+
+/// A number as JSON: whole numbers stay integers.
+pub(crate) fn number(v: f64) -> Value {
+    if v.fract() == 0.0 && v.abs() < 9.0e15 {
+        json!(v as i64)
+    } else {
+        json!(v)
+    }
 }
 
 fn describe(points: &[Value]) -> String {
@@ -89,6 +134,7 @@ impl EquipmentError {
             EquipmentError::Exception(_) => "modbus.exception",
             EquipmentError::Mismatch(_) => "equipment.mismatch",
             EquipmentError::BadResponse(_) => "modbus.bad_response",
+            EquipmentError::Opcua { kind, .. } => kind,
         }
     }
 
@@ -99,6 +145,7 @@ impl EquipmentError {
             self,
             EquipmentError::Invalid(_)
                 | EquipmentError::Exception(E::IllegalDataAddress | E::IllegalFunction | E::IllegalDataValue)
+                | EquipmentError::Opcua { retryable: false, .. }
         )
     }
 }
@@ -207,6 +254,77 @@ struct HalDevice {
 enum Device {
     Hal(HalDevice),
     Modbus(Arc<modbus::ModbusDevice>),
+    #[cfg(feature = "opcua")]
+    Opcua(Arc<opcua::OpcuaDevice>),
+}
+
+/// A device whose points are typed (Modbus registers, OPC UA nodes): what desired state sets.
+pub enum PointDevice {
+    /// A Modbus unit.
+    Modbus(Arc<modbus::ModbusDevice>),
+    /// An OPC UA server.
+    #[cfg(feature = "opcua")]
+    Opcua(Arc<opcua::OpcuaDevice>),
+}
+
+impl PointDevice {
+    /// `modbus` or `opcua`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            PointDevice::Modbus(_) => "modbus",
+            #[cfg(feature = "opcua")]
+            PointDevice::Opcua(_) => "opcua",
+        }
+    }
+
+    /// A point's desired value in its wire form (`PointCheck::desired_raw`), or refused.
+    pub fn encode_point(&self, point: &str, value: &Value) -> Result<String, EquipmentError> {
+        match self {
+            PointDevice::Modbus(d) => d.encode_point(point, value).map(|w| modbus::words_text(&w)),
+            #[cfg(feature = "opcua")]
+            PointDevice::Opcua(d) => d.encode_point(point, value),
+        }
+    }
+
+    /// Reads points by name.
+    pub async fn read(&self, names: &[String]) -> Result<serde_json::Map<String, Value>, EquipmentError> {
+        match self {
+            PointDevice::Modbus(d) => d.read(names).await,
+            #[cfg(feature = "opcua")]
+            PointDevice::Opcua(d) => d.read(names).await,
+        }
+    }
+
+    /// Writes points idempotently (read first, write what differs, with `verify` read back exactly).
+    pub async fn write(&self, values: &serde_json::Map<String, Value>, verify: bool) -> Result<Value, EquipmentError> {
+        match self {
+            PointDevice::Modbus(d) => d.write(values, verify).await,
+            #[cfg(feature = "opcua")]
+            PointDevice::Opcua(d) => d.write(values, verify).await,
+        }
+    }
+
+    /// Compares points with expected values exactly; with `report` a mismatch is an output.
+    pub async fn verify(
+        &self,
+        expected: &serde_json::Map<String, Value>,
+        report: bool,
+    ) -> Result<Value, EquipmentError> {
+        match self {
+            PointDevice::Modbus(d) => d.verify(expected, report).await,
+            #[cfg(feature = "opcua")]
+            PointDevice::Opcua(d) => d.verify(expected, report).await,
+        }
+    }
+
+    /// Reads a point: its wire form and engineering value.
+    pub async fn read_point(&self, point: &str) -> Result<(String, Value), EquipmentError> {
+        match self {
+            PointDevice::Modbus(d) => d.read_point(point).await.map(|(w, v)| (modbus::words_text(&w), v)),
+            #[cfg(feature = "opcua")]
+            PointDevice::Opcua(d) => d.read_point(point).await,
+        }
+    }
 }
 
 /// Settings of the simulated plant.
@@ -294,6 +412,10 @@ pub struct DeviceSpec {
     /// Modbus: the register map.
     #[serde(default)]
     pub points: BTreeMap<String, modbus::PointSpec>,
+    /// OPC UA: the server, its security and the node map (`kind: opcua`).
+    #[cfg(feature = "opcua")]
+    #[serde(default)]
+    pub opcua: Option<opcua::OpcuaSpec>,
 }
 
 /// The equipment file.
@@ -396,6 +518,22 @@ impl Equipment {
                         points,
                     )))
                 }
+                #[cfg(feature = "opcua")]
+                "opcua" => {
+                    let Some(o) = &d.opcua else {
+                        problems.push(format!(
+                            "{at}: an opcua device needs an opcua: block (endpoint, points, …)"
+                        ));
+                        continue;
+                    };
+                    match opcua::OpcuaDevice::new(name, o, timeout) {
+                        Ok(dev) => Device::Opcua(Arc::new(dev)),
+                        Err(p) => {
+                            problems.extend(p.into_iter().map(|p| format!("{at}.{p}")));
+                            continue;
+                        }
+                    }
+                }
                 kind @ ("output" | "input" | "sht3x" | "mcp3008") => {
                     let opened = match (d.backend.as_deref(), plant.as_ref()) {
                         (Some("sim"), Some(plant)) => sim_driver(plant, kind, d).map(|drv| {
@@ -481,7 +619,26 @@ impl Equipment {
         self.devices.get(name).map(|d| match d {
             Device::Hal(h) => h.kind,
             Device::Modbus(_) => "modbus",
+            #[cfg(feature = "opcua")]
+            Device::Opcua(_) => "opcua",
         })
+    }
+
+    /// A device with typed points of the wanted kind (`modbus` or `opcua`).
+    pub fn points_device(&self, name: &str, want: &str) -> Result<PointDevice, EquipmentError> {
+        self.device(name, want)?;
+        self.typed_points(name)
+            .ok_or_else(|| EquipmentError::Invalid(format!("device '{name}' has no typed points")))
+    }
+
+    /// The device as one with typed points, if it is one.
+    pub fn typed_points(&self, name: &str) -> Option<PointDevice> {
+        match self.devices.get(name)? {
+            Device::Modbus(m) => Some(PointDevice::Modbus(m.clone())),
+            #[cfg(feature = "opcua")]
+            Device::Opcua(o) => Some(PointDevice::Opcua(o.clone())),
+            Device::Hal(_) => None,
+        }
     }
 
     fn device(&self, name: &str, want: &str) -> Result<&Device, EquipmentError> {
@@ -586,8 +743,19 @@ impl Equipment {
     pub fn modbus(&self, name: &str) -> Result<Arc<modbus::ModbusDevice>, EquipmentError> {
         match self.device(name, "modbus")? {
             Device::Modbus(m) => Ok(m.clone()),
-            Device::Hal(_) => Err(EquipmentError::Invalid(format!(
+            _ => Err(EquipmentError::Invalid(format!(
                 "device '{name}' is not a modbus device"
+            ))),
+        }
+    }
+
+    /// An OPC UA device.
+    #[cfg(feature = "opcua")]
+    pub fn opcua(&self, name: &str) -> Result<Arc<opcua::OpcuaDevice>, EquipmentError> {
+        match self.device(name, "opcua")? {
+            Device::Opcua(o) => Ok(o.clone()),
+            _ => Err(EquipmentError::Invalid(format!(
+                "device '{name}' is not an opcua device"
             ))),
         }
     }

@@ -188,21 +188,9 @@ impl Point {
             DataType::I32 => f64::from(self.join(pair) as i32),
             DataType::F32 => f64::from(f32::from_bits(self.join(pair))),
         };
-        // Dividing by a whole reciprocal (0.1 → 10) keeps 2505 × 0.1 from reading 250.50000000000003.
-        let inv = 1.0 / self.scale;
-        let v = if self.scale.abs() < 1.0 && (inv - inv.round()).abs() < 1e-9 {
-            raw / inv.round()
-        } else {
-            raw * self.scale
-        };
         // An f32 reads as exactly what it holds (72.30000305175781, not 72.3): desired values
         // are compared on the registers, and a rounded decimal would hide a difference.
-        // Integers stay integers in JSON when the scale keeps them whole.
-        if v.fract() == 0.0 && v.abs() < 9.0e15 {
-            json!(v as i64)
-        } else {
-            json!(v)
-        }
+        super::number(super::rescale(raw, self.scale))
     }
 
     /// An engineering value to raw registers; refuses values the point cannot hold exactly.
@@ -214,14 +202,7 @@ impl Point {
                 .ok_or_else(|| format!("{v} is not true or false"));
         }
         let v_f = v.as_f64().ok_or_else(|| format!("{v} is not a number"))?;
-        // Dividing by a whole reciprocal (0.1 → ×10), as `decode` multiplies, keeps 250.5 at
-        // scale 0.1 exactly 2505.
-        let inv = 1.0 / self.scale;
-        let x = if self.scale.abs() < 1.0 && (inv - inv.round()).abs() < 1e-9 {
-            v_f * inv.round()
-        } else {
-            v_f / self.scale
-        };
+        let x = super::unscale(v_f, self.scale);
         let int = |lo: f64, hi: f64| -> Result<i64, String> {
             let r = x.round();
             if (x - r).abs() > 1e-9 || r < lo || r > hi {
@@ -265,6 +246,11 @@ impl Point {
             DataType::Bool => return Err(format!("{v} is not true or false")),
         })
     }
+}
+
+/// Registers as a PLC's manual writes them: `0x4291 0x0000`.
+pub fn words_text(w: &[u16]) -> String {
+    w.iter().map(|x| format!("0x{x:04X}")).collect::<Vec<_>>().join(" ")
 }
 
 /// The two f32 values either side of `x`, given `f`, the one nearest to it.

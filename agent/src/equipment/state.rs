@@ -1,12 +1,13 @@
 //! Desired state on equipment, compared on the wire's terms: a desired document's entry
-//! `{"mixer": {"setpoint_temp": 72.5}}` names a typed point of a Modbus device; its value is
-//! encoded with the point's type, scale and word order, and the point is in sync only when the
-//! raw words read back are exactly those. Planning (encoding) is pure; verifying reads.
+//! `{"mixer": {"setpoint_temp": 72.5}}` names a typed point of a Modbus or OPC UA device; its
+//! value is encoded with the point's type, scale and word order (or as the OPC UA variant of the
+//! point's data type), and the point is in sync only when what is read back is exactly that.
+//! Planning (encoding) is pure; verifying reads.
 
 use outpost_shared::protocol::{PointCheck, Verdict};
 use serde_json::{Map, Value};
 
-use super::Equipment;
+use super::{Equipment, EquipmentError};
 
 /// A point the desired document sets, with the raw words it must hold.
 #[derive(Debug, Clone, PartialEq)]
@@ -17,8 +18,8 @@ pub struct Target {
     pub point: String,
     /// The desired value.
     pub desired: Value,
-    /// Its raw words.
-    pub raw: Vec<u16>,
+    /// Its wire form (`PointCheck::desired_raw`).
+    pub raw: String,
 }
 
 /// A desired document split into typed equipment points and the rest.
@@ -47,12 +48,9 @@ pub fn plan(equipment: Option<&Equipment>, doc: &Value) -> Plan {
         return plan;
     };
     for (key, value) in entries {
-        let device = match equipment
-            .filter(|e| e.kind_of(key) == Some("modbus"))
-            .map(|e| e.modbus(key))
-        {
-            Some(Ok(d)) => d,
-            _ => {
+        let device = match equipment.and_then(|e| e.typed_points(key)) {
+            Some(d) => d,
+            None => {
                 plan.rest.insert(key.clone(), value.clone());
                 continue;
             }
@@ -62,7 +60,10 @@ pub fn plan(equipment: Option<&Equipment>, doc: &Value) -> Plan {
                 key,
                 "",
                 value,
-                format!("desired '{key}' names a Modbus device: it must be a map of its point names to values"),
+                format!(
+                    "desired '{key}' names a {} device: it must be a map of its point names to values",
+                    device.kind()
+                ),
             ));
             continue;
         };
@@ -87,8 +88,8 @@ fn refused(device: &str, point: &str, desired: &Value, why: String) -> PointChec
         point: point.to_string(),
         desired: desired.to_string(),
         found: String::new(),
-        desired_raw: Vec::new(),
-        found_raw: Vec::new(),
+        desired_raw: String::new(),
+        found_raw: String::new(),
         verdict: Verdict::Refused(why),
     }
 }
@@ -97,9 +98,9 @@ fn refused(device: &str, point: &str, desired: &Value, why: String) -> PointChec
 pub async fn verify(equipment: &Equipment, plan: &Plan) -> Vec<PointCheck> {
     let mut out = plan.refused.clone();
     for t in &plan.targets {
-        let read = match equipment.modbus(&t.device) {
-            Ok(d) => d.read_point(&t.point).await,
-            Err(e) => Err(e),
+        let read = match equipment.typed_points(&t.device) {
+            Some(d) => d.read_point(&t.point).await,
+            None => Err(EquipmentError::Invalid(format!("no device '{}'", t.device))),
         };
         let (found, found_raw, verdict) = match read {
             Ok((raw, value)) => {
@@ -108,7 +109,7 @@ pub async fn verify(equipment: &Equipment, plan: &Plan) -> Vec<PointCheck> {
             }
             Err(e) => (
                 String::new(),
-                Vec::new(),
+                String::new(),
                 Verdict::Unreadable(format!("{} ({})", e, e.kind())),
             ),
         };
@@ -139,13 +140,13 @@ mod tests {
             Some(&eq),
             &json!({"mixer": {"speed": 900.0, "temp": 72.5, "dose": 250.5}, "mode": "auto"}),
         );
-        let raw: Vec<(&str, &[u16])> = p.targets.iter().map(|t| (t.point.as_str(), t.raw.as_slice())).collect();
+        let raw: Vec<(&str, &str)> = p.targets.iter().map(|t| (t.point.as_str(), t.raw.as_str())).collect();
         assert_eq!(
             raw,
             vec![
-                ("dose", &[2505u16, 0][..]),
-                ("speed", &[900][..]),
-                ("temp", &[0x4291, 0][..])
+                ("dose", "0x09C9 0x0000"),
+                ("speed", "0x0384"),
+                ("temp", "0x4291 0x0000")
             ],
             "900.0 is the register value 900"
         );

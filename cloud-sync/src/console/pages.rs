@@ -417,7 +417,7 @@ fn points_table(r: &ReportedRow, now: u64) -> Markup {
                         td { code { (name) } }
                         td { code { (p.desired) } }
                         td { code { (p.found) } }
-                        td.muted { code { (words(&p.desired_raw)) } @if p.desired_raw != p.found_raw { " → " code { (words(&p.found_raw)) } } }
+                        td.muted { code { (p.desired_raw) } @if p.desired_raw != p.found_raw { " → " code { (p.found_raw) } } }
                         td {
                             span.badge.(if p.verdict == outpost_shared::protocol::Verdict::Match { "completed" } else { "failed" }) { (p.verdict.name()) }
                             @if let Some(why) = p.verdict.reason() { " " span.muted { (why) } }
@@ -427,11 +427,6 @@ fn points_table(r: &ReportedRow, now: u64) -> Markup {
             }
         }
     }
-}
-
-/// Raw words as the PLC's manual writes them.
-fn words(w: &[u16]) -> String {
-    w.iter().map(|x| format!("0x{x:04X}")).collect::<Vec<_>>().join(" ")
 }
 
 fn pretty(json_text: &str) -> String {

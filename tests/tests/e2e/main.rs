@@ -14,6 +14,7 @@ mod first_hour;
 mod history;
 mod hostile;
 mod limits;
+mod opcua;
 mod operators;
 mod packaging;
 mod patterns;

@@ -276,6 +276,10 @@ const WHERE_RUN: &[(&str, &str)] = &[
         "readme::the_fleet_blocks_run_as_written",
     ),
     (
+        "# A recipe on an OPC UA press",
+        "opcua:: runs examples/opcua-recipe.yaml with examples/equipment/opcua.yaml against opcua-sim on a free port",
+    ),
+    (
         "cargo run --release -p outpost-agent -- bench",
         "a benchmark (figures, minutes); bench --json is tested short",
     ),

@@ -1,0 +1,787 @@
+//! OPC UA devices (async-opcua): a typed point map (node id → name, data type, scale, unit),
+//! one session per server shared by every step that uses it, reads, idempotent writes verified
+//! by exact read-back, status codes classified for the retry policy, and a simulator (an OPC UA
+//! server from the same crate) so recipes run without a PLC.
+
+// Decodes untrusted values: no panics, no unchecked indexing (ARCHITECTURE.md, "Input").
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)
+)]
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use opcua::client::{ClientBuilder, IdentityToken, Session};
+use opcua::crypto::SecurityPolicy;
+use opcua::types::{
+    AttributeId, DataValue, DateTime, MessageSecurityMode, NodeId, NumericRange, ReadValueId, StatusCode,
+    TimestampsToReturn, UAString, Variant, WriteValue,
+};
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+
+use super::EquipmentError;
+use outpost_shared::definition::{DurationText, parse_duration};
+
+/// A point's OPC UA data type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum DataType {
+    /// `Boolean`
+    Boolean,
+    /// `SByte`
+    SByte,
+    /// `Byte`
+    Byte,
+    /// `Int16`
+    Int16,
+    /// `UInt16`
+    UInt16,
+    /// `Int32`
+    Int32,
+    /// `UInt32`
+    UInt32,
+    /// `Int64`
+    Int64,
+    /// `UInt64`
+    UInt64,
+    /// `Float` (IEEE 754 single)
+    Float,
+    /// `Double`
+    Double,
+    /// `String`
+    String,
+    /// `DateTime` (RFC 3339 in JSON)
+    DateTime,
+}
+
+/// A named point as written in the equipment file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PointSpec {
+    /// Node id, e.g. `ns=2;s=Mixer.Speed`.
+    pub node: String,
+    /// Data type of the node's value.
+    #[serde(rename = "type")]
+    pub data_type: DataType,
+    /// Engineering value = raw × scale (numeric types; default 1).
+    #[serde(default)]
+    pub scale: Option<f64>,
+    /// Unit, for people.
+    #[serde(default)]
+    pub unit: Option<String>,
+}
+
+/// A validated point.
+#[derive(Debug, Clone)]
+pub struct Point {
+    node: NodeId,
+    data_type: DataType,
+    scale: f64,
+    unit: Option<String>,
+}
+
+impl Point {
+    /// Validates a point spec.
+    pub fn new(spec: &PointSpec) -> Result<Point, String> {
+        let node: NodeId = spec.node.parse().map_err(|_| {
+            format!(
+                "node: '{}' is not a node id (write ns=2;s=Name or ns=2;i=1001)",
+                spec.node
+            )
+        })?;
+        let scale = spec.scale.unwrap_or(1.0);
+        if !(scale.is_finite() && scale != 0.0) {
+            return Err(format!("scale {scale} must be a non-zero number"));
+        }
+        if scale != 1.0
+            && matches!(
+                spec.data_type,
+                DataType::Boolean | DataType::String | DataType::DateTime
+            )
+        {
+            return Err(format!("scale applies to numeric types, not {:?}", spec.data_type));
+        }
+        Ok(Point {
+            node,
+            data_type: spec.data_type,
+            scale,
+            unit: spec.unit.clone(),
+        })
+    }
+
+    /// An engineering value to the variant the node must hold; refuses values the type cannot
+    /// hold exactly (the variant must read back as exactly that value).
+    pub fn encode(&self, v: &Value) -> Result<Variant, String> {
+        let t = self.data_type;
+        let variant = match t {
+            DataType::Boolean => Variant::Boolean(v.as_bool().ok_or_else(|| format!("{v} is not true or false"))?),
+            DataType::String => Variant::String(UAString::from(
+                v.as_str().ok_or_else(|| format!("{v} is not a string"))?,
+            )),
+            DataType::DateTime => {
+                let s = v.as_str().ok_or_else(|| format!("{v} is not an RFC 3339 time"))?;
+                let d = DateTime::parse_from_rfc3339(s).map_err(|e| format!("'{s}' is not an RFC 3339 time: {e}"))?;
+                Variant::DateTime(Box::new(d))
+            }
+            _ => {
+                let x = v.as_f64().ok_or_else(|| format!("{v} is not a number"))?;
+                let raw = super::unscale(x, self.scale);
+                let whole = |lo: f64, hi: f64| -> Result<f64, String> {
+                    let r = raw.round();
+                    if (raw - r).abs() > 1e-9 || r < lo || r > hi {
+                        Err(format!("{v} is not representable as {t:?} with scale {}", self.scale))
+                    } else {
+                        Ok(r)
+                    }
+                };
+                match t {
+                    DataType::SByte => Variant::SByte(whole(-128.0, 127.0)? as i8),
+                    DataType::Byte => Variant::Byte(whole(0.0, 255.0)? as u8),
+                    DataType::Int16 => Variant::Int16(whole(-32768.0, 32767.0)? as i16),
+                    DataType::UInt16 => Variant::UInt16(whole(0.0, 65535.0)? as u16),
+                    DataType::Int32 => Variant::Int32(whole(-2_147_483_648.0, 2_147_483_647.0)? as i32),
+                    DataType::UInt32 => Variant::UInt32(whole(0.0, 4_294_967_295.0)? as u32),
+                    // Beyond 2^53 a JSON number is not exact: take the integer JSON holds, unscaled.
+                    DataType::Int64 => match v.as_i64().filter(|_| self.scale == 1.0) {
+                        Some(i) => Variant::Int64(i),
+                        None => Variant::Int64(whole(-9.007_199_254_740_992e15, 9.007_199_254_740_992e15)? as i64),
+                    },
+                    DataType::UInt64 => match v.as_u64().filter(|_| self.scale == 1.0) {
+                        Some(i) => Variant::UInt64(i),
+                        None => Variant::UInt64(whole(0.0, 9.007_199_254_740_992e15)? as u64),
+                    },
+                    DataType::Float => {
+                        let f = raw as f32;
+                        if !f.is_finite() || (f == 0.0 && raw != 0.0) {
+                            return Err(format!("{v} is out of range for Float with scale {}", self.scale));
+                        }
+                        Variant::Float(if f == 0.0 { 0.0 } else { f })
+                    }
+                    _ => {
+                        if !raw.is_finite() {
+                            return Err(format!("{v} is out of range for Double with scale {}", self.scale));
+                        }
+                        Variant::Double(if raw == 0.0 { 0.0 } else { raw })
+                    }
+                }
+            }
+        };
+        // Exact means exact: 72.1 as a Float is 72.09999847…, which is not what was asked.
+        if let (Some(want), Ok(back)) = (v.as_f64(), self.decode(&variant))
+            && back.as_f64() != Some(want)
+            && !(want == 0.0 && back.as_f64() == Some(0.0))
+            && v.as_i64().is_none_or(|i| back.as_i64() != Some(i))
+            && v.as_u64().is_none_or(|i| back.as_u64() != Some(i))
+        {
+            return Err(format!(
+                "{v} is not exactly representable as {t:?} with scale {} (it would read back as {back})",
+                self.scale
+            ));
+        }
+        Ok(variant)
+    }
+
+    /// A variant read from the node to an engineering value; a variant of another type than the
+    /// point's is an error (the equipment file and the server disagree).
+    pub fn decode(&self, v: &Variant) -> Result<Value, String> {
+        let num = |raw: f64| super::number(super::rescale(raw, self.scale));
+        let int = |raw: i64| {
+            if self.scale == 1.0 { json!(raw) } else { num(raw as f64) }
+        };
+        Ok(match (self.data_type, v) {
+            (DataType::Boolean, Variant::Boolean(b)) => json!(b),
+            (DataType::SByte, Variant::SByte(x)) => int(i64::from(*x)),
+            (DataType::Byte, Variant::Byte(x)) => int(i64::from(*x)),
+            (DataType::Int16, Variant::Int16(x)) => int(i64::from(*x)),
+            (DataType::UInt16, Variant::UInt16(x)) => int(i64::from(*x)),
+            (DataType::Int32, Variant::Int32(x)) => int(i64::from(*x)),
+            (DataType::UInt32, Variant::UInt32(x)) => int(i64::from(*x)),
+            (DataType::Int64, Variant::Int64(x)) => int(*x),
+            (DataType::UInt64, Variant::UInt64(x)) if self.scale == 1.0 => json!(x),
+            (DataType::UInt64, Variant::UInt64(x)) => num(*x as f64),
+            (DataType::Float, Variant::Float(f)) => num(f64::from(*f)),
+            (DataType::Double, Variant::Double(f)) => num(*f),
+            (DataType::String, Variant::String(s)) => s.value().as_ref().map_or(Value::Null, |s| json!(s)),
+            (DataType::DateTime, Variant::DateTime(d)) => json!(d.to_rfc3339()),
+            (t, other) => {
+                return Err(format!(
+                    "holds {}, not the {t:?} the equipment file says",
+                    type_name(other)
+                ));
+            }
+        })
+    }
+}
+
+fn type_name(v: &Variant) -> String {
+    let text = format!("{v:?}");
+    text.split(['(', ' ']).next().unwrap_or("a value").to_string()
+}
+
+/// A variant as it is on the wire, exactly: two values match when these texts are equal
+/// (`Float 0x42910000`, `UInt16 900`, `String "auto"`).
+pub fn variant_text(v: &Variant) -> String {
+    match v {
+        Variant::Boolean(b) => format!("Boolean {b}"),
+        Variant::SByte(x) => format!("SByte {x}"),
+        Variant::Byte(x) => format!("Byte {x}"),
+        Variant::Int16(x) => format!("Int16 {x}"),
+        Variant::UInt16(x) => format!("UInt16 {x}"),
+        Variant::Int32(x) => format!("Int32 {x}"),
+        Variant::UInt32(x) => format!("UInt32 {x}"),
+        Variant::Int64(x) => format!("Int64 {x}"),
+        Variant::UInt64(x) => format!("UInt64 {x}"),
+        Variant::Float(f) => format!("Float 0x{:08X}", f.to_bits()),
+        Variant::Double(f) => format!("Double 0x{:016X}", f.to_bits()),
+        Variant::String(s) => format!("String {:?}", s.value().as_deref().unwrap_or("")),
+        Variant::DateTime(d) => format!("DateTime {}", d.checked_ticks()),
+        other => format!("{other:?}"),
+    }
+}
+
+/// How an OPC UA status maps onto the journal's error kinds and the retry policy.
+pub fn classify(code: StatusCode) -> (&'static str, bool) {
+    let c = StatusCode::from(code.bits() & 0xFFFF_0000);
+    let is = |list: &[StatusCode]| list.contains(&c);
+    if is(&[StatusCode::BadTimeout, StatusCode::BadRequestTimeout]) {
+        ("opcua.timeout", true)
+    } else if is(&[
+        StatusCode::BadSessionClosed,
+        StatusCode::BadSessionIdInvalid,
+        StatusCode::BadServerNotConnected,
+        StatusCode::BadNotConnected,
+        StatusCode::BadConnectionClosed,
+        StatusCode::BadConnectionRejected,
+        StatusCode::BadCommunicationError,
+        StatusCode::BadSecureChannelClosed,
+        StatusCode::BadServerHalted,
+        StatusCode::BadTooManySessions,
+    ]) {
+        ("opcua.not_connected", true)
+    } else if is(&[StatusCode::BadNodeIdUnknown, StatusCode::BadNodeIdInvalid]) {
+        ("opcua.unknown_node", false)
+    } else if is(&[StatusCode::BadTypeMismatch]) {
+        ("opcua.type_mismatch", false)
+    } else if is(&[
+        StatusCode::BadUserAccessDenied,
+        StatusCode::BadNotWritable,
+        StatusCode::BadNotReadable,
+    ]) {
+        ("opcua.access_denied", false)
+    } else if is(&[
+        StatusCode::BadIdentityTokenRejected,
+        StatusCode::BadIdentityTokenInvalid,
+    ]) {
+        ("opcua.identity_rejected", false)
+    } else if is(&[
+        StatusCode::BadSecurityPolicyRejected,
+        StatusCode::BadSecurityModeRejected,
+        StatusCode::BadSecurityChecksFailed,
+        StatusCode::BadCertificateUntrusted,
+        StatusCode::BadCertificateInvalid,
+    ]) {
+        ("opcua.security", false)
+    } else if is(&[StatusCode::BadOutOfRange]) {
+        ("opcua.out_of_range", false)
+    } else {
+        ("opcua.bad_status", true)
+    }
+}
+
+/// Connection settings of an OPC UA server, as written in the equipment file (`opcua:`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpcuaSpec {
+    /// `opc.tcp://HOST:PORT/PATH`.
+    pub endpoint: String,
+    /// `None` (default), `Basic256Sha256`, `Aes128Sha256RsaOaep` or `Aes256Sha256RsaPss`.
+    #[serde(default)]
+    pub security_policy: Option<String>,
+    /// `None` (default with policy None), `Sign` or `SignAndEncrypt` (default otherwise).
+    #[serde(default)]
+    pub security_mode: Option<String>,
+    /// User name (with `password_file`); anonymous without.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// File holding the user's password (first line).
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// The gateway's application certificate and key (`own/`, `private/`, made on first use)
+    /// and the server certificates it trusts (`trusted/`). Default: `/var/lib/outpost/opcua-pki`.
+    #[serde(default)]
+    pub pki_dir: Option<PathBuf>,
+    /// Trust any server certificate (tests and commissioning only; logged as a warning).
+    #[serde(default)]
+    pub trust_any_server: bool,
+    /// Session timeout asked of the server (default 60s).
+    #[serde(default)]
+    pub session_timeout: Option<DurationText>,
+    /// The point map.
+    pub points: BTreeMap<String, PointSpec>,
+}
+
+const DEFAULT_PKI: &str = "/var/lib/outpost/opcua-pki";
+
+enum Identity {
+    Anonymous,
+    User(String, String),
+}
+
+/// A session and the task that drives it.
+struct Live {
+    session: Arc<Session>,
+    task: tokio::task::JoinHandle<StatusCode>,
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// An OPC UA server with its point map; one session, opened on first use and again after the
+/// connection is lost.
+pub struct OpcuaDevice {
+    name: String,
+    endpoint: String,
+    policy: SecurityPolicy,
+    mode: MessageSecurityMode,
+    identity: Identity,
+    pki_dir: PathBuf,
+    trust_any_server: bool,
+    session_timeout: Duration,
+    timeout: Duration,
+    points: BTreeMap<String, Point>,
+    live: tokio::sync::Mutex<Option<Live>>,
+}
+
+impl OpcuaDevice {
+    /// Validates the settings and the point map; opens nothing. Errors name the field.
+    pub fn new(name: &str, spec: &OpcuaSpec, timeout: Duration) -> Result<OpcuaDevice, Vec<String>> {
+        let mut problems = Vec::new();
+        if !spec.endpoint.starts_with("opc.tcp://") {
+            problems.push(format!(
+                "opcua.endpoint: '{}' is not opc.tcp://HOST:PORT/PATH",
+                spec.endpoint
+            ));
+        }
+        let policy = match spec.security_policy.as_deref().unwrap_or("None") {
+            "None" => SecurityPolicy::None,
+            "Basic256Sha256" => SecurityPolicy::Basic256Sha256,
+            "Aes128Sha256RsaOaep" => SecurityPolicy::Aes128Sha256RsaOaep,
+            "Aes256Sha256RsaPss" => SecurityPolicy::Aes256Sha256RsaPss,
+            other => {
+                problems.push(format!(
+                    "opcua.security_policy: '{other}' is not None, Basic256Sha256, Aes128Sha256RsaOaep or Aes256Sha256RsaPss"
+                ));
+                SecurityPolicy::None
+            }
+        };
+        let default_mode = if policy == SecurityPolicy::None {
+            "None"
+        } else {
+            "SignAndEncrypt"
+        };
+        let mode = match spec.security_mode.as_deref().unwrap_or(default_mode) {
+            "None" => MessageSecurityMode::None,
+            "Sign" => MessageSecurityMode::Sign,
+            "SignAndEncrypt" => MessageSecurityMode::SignAndEncrypt,
+            other => {
+                problems.push(format!(
+                    "opcua.security_mode: '{other}' is not None, Sign or SignAndEncrypt"
+                ));
+                MessageSecurityMode::None
+            }
+        };
+        if (policy == SecurityPolicy::None) != (mode == MessageSecurityMode::None) {
+            problems
+                .push("opcua.security_mode: None goes with security_policy None only, and the other way round".into());
+        }
+        let identity = match (&spec.user, &spec.password_file) {
+            (None, None) => Identity::Anonymous,
+            (Some(u), Some(f)) => match std::fs::read_to_string(f) {
+                Ok(p) => Identity::User(u.clone(), p.lines().next().unwrap_or("").to_string()),
+                Err(e) => {
+                    problems.push(format!("opcua.password_file: cannot read {}: {e}", f.display()));
+                    Identity::Anonymous
+                }
+            },
+            _ => {
+                problems.push("opcua.user and opcua.password_file go together".into());
+                Identity::Anonymous
+            }
+        };
+        let session_timeout = match &spec.session_timeout {
+            Some(t) => parse_duration(&t.0).unwrap_or_else(|e| {
+                problems.push(format!("opcua.session_timeout: {e}"));
+                Duration::from_secs(60)
+            }),
+            None => Duration::from_secs(60),
+        };
+        let mut points = BTreeMap::new();
+        for (pname, p) in &spec.points {
+            match Point::new(p) {
+                Ok(pt) => {
+                    points.insert(pname.clone(), pt);
+                }
+                Err(e) => problems.push(format!("opcua.points.{pname}: {e}")),
+            }
+        }
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        Ok(OpcuaDevice {
+            name: name.to_string(),
+            endpoint: spec.endpoint.clone(),
+            policy,
+            mode,
+            identity,
+            pki_dir: spec.pki_dir.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_PKI)),
+            trust_any_server: spec.trust_any_server,
+            session_timeout,
+            timeout,
+            points,
+            live: tokio::sync::Mutex::new(None),
+        })
+    }
+
+    /// Names of the points.
+    pub fn point_names(&self) -> Vec<String> {
+        self.points.keys().cloned().collect()
+    }
+
+    fn point(&self, name: &str) -> Result<&Point, EquipmentError> {
+        self.points.get(name).ok_or_else(|| {
+            EquipmentError::Invalid(format!(
+                "device '{}' has no point '{name}' (points: {})",
+                self.name,
+                self.point_names().join(", ")
+            ))
+        })
+    }
+
+    fn fail(&self, what: &str, code: StatusCode) -> EquipmentError {
+        let (kind, retryable) = classify(code);
+        EquipmentError::Opcua {
+            kind,
+            retryable,
+            message: format!("device '{}' ({}): {what}: {code}", self.name, self.endpoint),
+        }
+    }
+
+    async fn connect(&self) -> Result<Live, EquipmentError> {
+        if self.trust_any_server {
+            tracing::warn!(device = %self.name, "opcua.trust_any_server: any server certificate is accepted");
+        }
+        let mut client = ClientBuilder::new()
+            .application_name("Outpost gateway")
+            .application_uri(format!("urn:outpost:gateway:{}", self.name))
+            .product_uri("urn:outpost")
+            .pki_dir(&self.pki_dir)
+            .create_sample_keypair(true)
+            .trust_server_certs(self.trust_any_server)
+            .session_retry_limit(0)
+            .session_timeout(u32::try_from(self.session_timeout.as_millis()).unwrap_or(u32::MAX))
+            .request_timeout(self.timeout)
+            .client()
+            .map_err(|e| EquipmentError::Invalid(format!("device '{}': opcua client: {}", self.name, e.join("; "))))?;
+        let identity = match &self.identity {
+            Identity::Anonymous => IdentityToken::Anonymous,
+            Identity::User(u, p) => IdentityToken::UserName(u.clone(), opcua::client::Password(p.clone())),
+        };
+        let endpoint = (self.endpoint.as_str(), self.policy.to_str(), self.mode);
+        let (session, event_loop) = client
+            .connect_to_matching_endpoint(endpoint, identity)
+            .await
+            .map_err(|e| {
+                let what = format!(
+                    "no session on an endpoint with security_policy {} and security_mode {:?}",
+                    self.policy, self.mode
+                );
+                self.fail(&format!("{what} ({e})"), e.status())
+            })?;
+        let mut task = event_loop.spawn();
+        let refused = "the session did not activate (identity, certificate or policy refused)";
+        // A loop that ends (the server refused the session) never marks it connected.
+        tokio::select! {
+            up = session.wait_for_connection() => if !up {
+                task.abort();
+                return Err(self.fail(refused, StatusCode::BadConnectionClosed));
+            },
+            ended = &mut task => {
+                return Err(self.fail(refused, ended.unwrap_or(StatusCode::BadConnectionClosed)));
+            }
+        }
+        Ok(Live { session, task })
+    }
+
+    /// One request on the device's session (opened if need be), under the device's timeout;
+    /// a connection-level failure drops the session so the next request opens a new one.
+    async fn call<T, F>(&self, what: &str, op: impl FnOnce(Arc<Session>) -> F) -> Result<T, EquipmentError>
+    where
+        F: std::future::Future<Output = Result<T, opcua::types::Error>>,
+    {
+        let mut live = self.live.lock().await;
+        if live.as_ref().is_none_or(|l| l.task.is_finished()) {
+            *live = None;
+            let opened = tokio::time::timeout(self.timeout.max(Duration::from_secs(5)), self.connect()).await;
+            *live = Some(match opened {
+                Ok(r) => r?,
+                Err(_) => return Err(self.fail("no session within the connect timeout", StatusCode::BadTimeout)),
+            });
+        }
+        let Some(session) = live.as_ref().map(|l| l.session.clone()) else {
+            return Err(self.fail(what, StatusCode::BadNotConnected));
+        };
+        match tokio::time::timeout(self.timeout, op(session)).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => {
+                let err = self.fail(what, e.status());
+                if matches!(classify(e.status()).0, "opcua.not_connected" | "opcua.timeout") {
+                    *live = None;
+                }
+                Err(err)
+            }
+            Err(_) => {
+                *live = None;
+                Err(EquipmentError::Timeout(self.timeout))
+            }
+        }
+    }
+
+    async fn read_variants(&self, names: &[&str]) -> Result<Vec<Variant>, EquipmentError> {
+        let mut ids = Vec::new();
+        for n in names {
+            ids.push(ReadValueId::from(self.point(n)?.node.clone()));
+        }
+        let values: Vec<DataValue> = self
+            .call("read", |s| async move {
+                s.read(&ids, TimestampsToReturn::Neither, 0.0).await
+            })
+            .await?;
+        if values.len() != names.len() {
+            return Err(EquipmentError::BadResponse(format!(
+                "device '{}' answered {} values for {} nodes",
+                self.name,
+                values.len(),
+                names.len()
+            )));
+        }
+        let mut out = Vec::new();
+        for (n, dv) in names.iter().zip(values) {
+            if let Some(code) = dv.status.filter(|c| !c.is_good()) {
+                return Err(self.fail(&format!("read of point '{n}'"), code));
+            }
+            out.push(dv.value.unwrap_or(Variant::Empty));
+        }
+        Ok(out)
+    }
+
+    fn decoded(&self, name: &str, v: &Variant) -> Result<Value, EquipmentError> {
+        self.point(name)?.decode(v).map_err(|e| EquipmentError::Opcua {
+            kind: "opcua.type_mismatch",
+            retryable: false,
+            message: format!("device '{}' point '{name}' {e}", self.name),
+        })
+    }
+
+    /// Reads points by name.
+    pub async fn read(&self, names: &[String]) -> Result<Map<String, Value>, EquipmentError> {
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let values = self.read_variants(&refs).await?;
+        let mut out = Map::new();
+        for (n, v) in names.iter().zip(&values) {
+            out.insert(n.clone(), self.decoded(n, v)?);
+        }
+        Ok(out)
+    }
+
+    fn encode_all(&self, values: &Map<String, Value>) -> Result<Vec<(String, Variant)>, EquipmentError> {
+        values
+            .iter()
+            .map(|(n, v)| {
+                let variant = self
+                    .point(n)?
+                    .encode(v)
+                    .map_err(|e| EquipmentError::Invalid(format!("point '{n}' of device '{}': {e}", self.name)))?;
+                Ok((n.clone(), variant))
+            })
+            .collect()
+    }
+
+    /// Every point whose variant read back is not the wanted one, as `modbus.write` lists them.
+    fn mismatches(&self, plan: &[(String, Variant)], found: &[Variant], wanted: &Map<String, Value>) -> Vec<Value> {
+        plan.iter()
+            .zip(found)
+            .filter(|((_, want), got)| variant_text(want) != variant_text(got))
+            .map(|((n, _), got)| {
+                json!({
+                    "point": n, "wanted": wanted.get(n), "found": self.decoded(n, got).unwrap_or(Value::Null),
+                    "unit": self.points.get(n).and_then(|p| p.unit.clone()),
+                })
+            })
+            .collect()
+    }
+
+    /// Writes points idempotently: reads first and writes only what differs, then (with
+    /// `verify`) reads everything back and compares the variants exactly.
+    pub async fn write(&self, values: &Map<String, Value>, verify: bool) -> Result<Value, EquipmentError> {
+        let plan = self.encode_all(values)?;
+        let names: Vec<&str> = plan.iter().map(|(n, _)| n.as_str()).collect();
+        let current = self.read_variants(&names).await?;
+        let (mut written, mut unchanged, mut writes) = (Vec::new(), Vec::new(), Vec::new());
+        for ((n, want), now) in plan.iter().zip(&current) {
+            if variant_text(want) == variant_text(now) {
+                unchanged.push(n.clone());
+                continue;
+            }
+            writes.push(WriteValue {
+                node_id: self.point(n)?.node.clone(),
+                attribute_id: AttributeId::Value as u32,
+                index_range: NumericRange::None,
+                value: DataValue::value_only(want.clone()),
+            });
+            written.push(n.clone());
+        }
+        if !writes.is_empty() {
+            let statuses = self.call("write", |s| async move { s.write(&writes).await }).await?;
+            for (n, code) in written.iter().zip(statuses) {
+                if !code.is_good() {
+                    return Err(self.fail(&format!("write of point '{n}'"), code));
+                }
+            }
+        }
+        if verify {
+            let back = self.read_variants(&names).await?;
+            let mismatches = self.mismatches(&plan, &back, values);
+            if !mismatches.is_empty() {
+                return Err(EquipmentError::Mismatch(mismatches));
+            }
+        }
+        Ok(json!({"device": self.name, "written": written, "unchanged": unchanged, "verified": verify}))
+    }
+
+    /// Compares points with expected values exactly, without writing; with `report`, a mismatch
+    /// is an output (`matched: false`) instead of an error.
+    pub async fn verify(&self, expected: &Map<String, Value>, report: bool) -> Result<Value, EquipmentError> {
+        let plan = self.encode_all(expected)?;
+        let names: Vec<&str> = plan.iter().map(|(n, _)| n.as_str()).collect();
+        let found = self.read_variants(&names).await?;
+        let mismatches = self.mismatches(&plan, &found, expected);
+        if mismatches.is_empty() || report {
+            Ok(
+                json!({"device": self.name, "matched": mismatches.is_empty(), "points": names, "mismatches": mismatches}),
+            )
+        } else {
+            Err(EquipmentError::Mismatch(mismatches))
+        }
+    }
+
+    /// A point's desired value in its wire form (exact, or refused with the point named).
+    pub fn encode_point(&self, name: &str, value: &Value) -> Result<String, EquipmentError> {
+        let p = self.point(name)?;
+        p.encode(value)
+            .map(|v| variant_text(&v))
+            .map_err(|e| EquipmentError::Invalid(format!("point '{name}' of device '{}': {e}", self.name)))
+    }
+
+    /// Reads one point: its wire form and engineering value.
+    pub async fn read_point(&self, name: &str) -> Result<(String, Value), EquipmentError> {
+        let v = self.read_variants(&[name]).await?;
+        let v = v.into_iter().next().unwrap_or(Variant::Empty);
+        Ok((variant_text(&v), self.decoded(name, &v)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn point(t: &str, scale: Option<f64>) -> Point {
+        let spec: PointSpec = serde_json::from_value(json!({"node": "ns=2;s=X", "type": t, "scale": scale})).unwrap();
+        Point::new(&spec).unwrap()
+    }
+
+    #[test]
+    fn every_type_encodes_exactly_or_refuses() {
+        let f = point("Float", None);
+        assert_eq!(variant_text(&f.encode(&json!(72.5)).unwrap()), "Float 0x42910000");
+        let e = f.encode(&json!(72.1)).unwrap_err();
+        assert!(
+            e.contains("not exactly representable as Float") && e.contains("72.0999984741211"),
+            "{e}"
+        );
+        assert_eq!(f.decode(&Variant::Float(72.5)).unwrap(), json!(72.5));
+        let u = point("UInt16", None);
+        assert_eq!(variant_text(&u.encode(&json!(900.0)).unwrap()), "UInt16 900");
+        assert!(u.encode(&json!(900.5)).is_err());
+        assert!(u.encode(&json!(70000)).is_err());
+        let s = point("Int16", Some(0.1));
+        assert_eq!(variant_text(&s.encode(&json!(-25.5)).unwrap()), "Int16 -255");
+        assert_eq!(s.decode(&Variant::Int16(-255)).unwrap(), json!(-25.5));
+        let big = point("UInt64", None);
+        assert_eq!(
+            variant_text(&big.encode(&json!(u64::MAX)).unwrap()),
+            format!("UInt64 {}", u64::MAX)
+        );
+        let d = point("Double", None);
+        assert_eq!(d.decode(&d.encode(&json!(0.1)).unwrap()).unwrap(), json!(0.1));
+        let b = point("Boolean", None);
+        assert_eq!(variant_text(&b.encode(&json!(true)).unwrap()), "Boolean true");
+        let t = point("String", None);
+        assert_eq!(variant_text(&t.encode(&json!("auto")).unwrap()), "String \"auto\"");
+        let when = point("DateTime", None);
+        let v = when.encode(&json!("2026-12-03T10:00:00Z")).unwrap();
+        assert_eq!(
+            when.decode(&v).unwrap().as_str().unwrap().get(..19),
+            Some("2026-12-03T10:00:00")
+        );
+        assert!(when.encode(&json!("yesterday")).is_err());
+        // The server holding another type than the equipment file says is named.
+        assert!(
+            u.decode(&Variant::Double(1.0))
+                .unwrap_err()
+                .contains("holds Double, not the UInt16")
+        );
+    }
+
+    #[test]
+    fn statuses_map_onto_the_retry_policy() {
+        for (code, kind, retry) in [
+            (StatusCode::BadTimeout, "opcua.timeout", true),
+            (StatusCode::BadSessionClosed, "opcua.not_connected", true),
+            (StatusCode::BadServerNotConnected, "opcua.not_connected", true),
+            (StatusCode::BadNodeIdUnknown, "opcua.unknown_node", false),
+            (StatusCode::BadTypeMismatch, "opcua.type_mismatch", false),
+            (StatusCode::BadUserAccessDenied, "opcua.access_denied", false),
+            (StatusCode::BadIdentityTokenRejected, "opcua.identity_rejected", false),
+            (StatusCode::BadCertificateUntrusted, "opcua.security", false),
+        ] {
+            assert_eq!(classify(code), (kind, retry), "{code}");
+        }
+    }
+
+    #[test]
+    fn settings_are_checked_with_the_field_named() {
+        let spec: OpcuaSpec = serde_json::from_value(json!({
+            "endpoint": "tcp://x", "security_policy": "Basic128", "user": "op",
+            "points": {"p": {"node": "nonsense", "type": "UInt16"}}
+        }))
+        .unwrap();
+        let problems = OpcuaDevice::new("press", &spec, Duration::from_secs(1))
+            .err()
+            .unwrap()
+            .join("\n");
+        for field in [
+            "opcua.endpoint",
+            "opcua.security_policy",
+            "opcua.user and opcua.password_file",
+            "opcua.points.p: node",
+        ] {
+            assert!(problems.contains(field), "{field}: {problems}");
+        }
+    }
+}

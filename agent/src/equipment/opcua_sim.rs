@@ -1,0 +1,205 @@
+//! `outpost opcua-sim`: a small OPC UA server (async-opcua's, with an in-memory node manager)
+//! whose address space is the points given on the command line, so examples and tests run
+//! without a PLC. Writes are logged as JSON lines (what the node now holds, and what was asked
+//! when a clamp changed it); a clamp caps a numeric node like a PLC enforcing limits.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use opcua::crypto::SecurityPolicy;
+use opcua::nodes::AccessLevel;
+use opcua::server::address_space::Variable;
+use opcua::server::diagnostics::NamespaceMetadata;
+use opcua::server::node_manager::memory::{SimpleNodeManager, simple_node_manager};
+use opcua::server::{ANONYMOUS_USER_TOKEN_ID, ServerBuilder, ServerUserToken};
+use opcua::types::{DataValue, MessageSecurityMode, NodeId, StatusCode, Variant};
+use serde_json::{Value, json};
+
+use super::opcua::{DataType, Point, PointSpec};
+
+/// The namespace the simulated nodes live in (`ns=2;s=NAME`).
+pub const NAMESPACE_URI: &str = "urn:outpost:opcua-sim:nodes";
+
+/// One node of the simulator: `NAME=TYPE[=VALUE]`.
+#[derive(Debug, Clone)]
+pub struct SimNode {
+    /// Name, also the string node id.
+    pub name: String,
+    /// Data type.
+    pub data_type: DataType,
+    /// Initial value (JSON; the type's zero when absent).
+    pub initial: Option<Value>,
+}
+
+impl SimNode {
+    /// Parses `NAME=TYPE[=VALUE]`.
+    pub fn parse(text: &str) -> Result<SimNode, String> {
+        let mut parts = text.splitn(3, '=');
+        let (Some(name), Some(ty)) = (parts.next(), parts.next()) else {
+            return Err(format!("--node '{text}' is not NAME=TYPE[=VALUE]"));
+        };
+        let data_type: DataType = serde_json::from_value(json!(ty)).map_err(|_| {
+            format!("--node '{text}': '{ty}' is not an OPC UA type (Boolean, UInt16, Float, Double, String, …)")
+        })?;
+        let initial = parts
+            .next()
+            .map(|v| serde_json::from_str(v).unwrap_or_else(|_| json!(v)));
+        Ok(SimNode {
+            name: name.to_string(),
+            data_type,
+            initial,
+        })
+    }
+}
+
+/// What the simulator serves.
+pub struct SimOptions {
+    /// Nodes.
+    pub nodes: Vec<SimNode>,
+    /// Numeric nodes whose writes are capped at a maximum.
+    pub clamps: HashMap<String, f64>,
+    /// Users (`NAME:PASSWORD`); with any, anonymous sessions are refused.
+    pub users: Vec<(String, String)>,
+    /// Offer only Basic256Sha256 / SignAndEncrypt (no unsecured endpoint).
+    pub only_secure: bool,
+    /// The server's certificate and key, and client certificates.
+    pub pki_dir: PathBuf,
+}
+
+fn zero(t: DataType) -> Value {
+    match t {
+        DataType::Boolean => json!(false),
+        DataType::String => json!(""),
+        DataType::DateTime => json!("2000-01-01T00:00:00Z"),
+        _ => json!(0),
+    }
+}
+
+/// Serves until the task is dropped; `log` gets the listening line first, then one line per write.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    opts: SimOptions,
+    log: Arc<dyn Fn(Value) + Send + Sync>,
+) -> Result<(), String> {
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let url = format!("opc.tcp://{}:{}/", addr.ip(), addr.port());
+    let mut tokens: Vec<String> = Vec::new();
+    if opts.users.is_empty() {
+        tokens.push(ANONYMOUS_USER_TOKEN_ID.to_string());
+    }
+    let mut builder = ServerBuilder::new()
+        .application_name("Outpost OPC UA simulator")
+        .application_uri("urn:outpost:opcua-sim")
+        .product_uri("urn:outpost:opcua-sim")
+        .create_sample_keypair(true)
+        .pki_dir(&opts.pki_dir)
+        .host(addr.ip().to_string())
+        .port(addr.port())
+        .discovery_urls(vec![url.clone()])
+        .trust_client_certs(true)
+        .with_node_manager(simple_node_manager(
+            NamespaceMetadata {
+                namespace_uri: NAMESPACE_URI.to_owned(),
+                ..Default::default()
+            },
+            "sim",
+        ));
+    for (u, p) in &opts.users {
+        builder = builder.add_user_token(u.clone(), ServerUserToken::user_pass(u.clone(), p.clone()));
+        tokens.push(u.clone());
+    }
+    let ids: Vec<&str> = tokens.iter().map(String::as_str).collect();
+    if !opts.only_secure {
+        builder = builder.add_endpoint("none", ("/", SecurityPolicy::None, MessageSecurityMode::None, &ids[..]));
+    }
+    builder = builder.add_endpoint(
+        "basic256sha256",
+        (
+            "/",
+            SecurityPolicy::Basic256Sha256,
+            MessageSecurityMode::SignAndEncrypt,
+            &ids[..],
+        ),
+    );
+    let (server, handle) = builder.build()?;
+    let manager = handle
+        .node_managers()
+        .get_of_type::<SimpleNodeManager>()
+        .ok_or("no node manager")?;
+    let ns = handle
+        .get_namespace_index(NAMESPACE_URI)
+        .ok_or("no namespace for the simulated nodes")?;
+
+    let store: Arc<Mutex<HashMap<NodeId, Variant>>> = Arc::default();
+    {
+        let mut space = manager.address_space().write();
+        let folder = NodeId::new(ns, "outpost-sim");
+        space.add_folder(&folder, "Simulator", "Simulator", &NodeId::objects_folder_id());
+        let mut vars = Vec::new();
+        for n in &opts.nodes {
+            let point = sim_point(n, ns)?;
+            let initial = n.initial.clone().unwrap_or_else(|| zero(n.data_type));
+            let value = point.encode(&initial).map_err(|e| format!("--node {}: {e}", n.name))?;
+            let id = NodeId::new(ns, n.name.as_str());
+            let mut v = Variable::new(&id, n.name.as_str(), n.name.as_str(), value.clone());
+            v.set_writable(true);
+            v.set_user_access_level(AccessLevel::CURRENT_READ | AccessLevel::CURRENT_WRITE);
+            vars.push(v);
+            store.lock().unwrap_or_else(|p| p.into_inner()).insert(id, value);
+        }
+        let _ = space.add_variables(vars, &folder);
+    }
+    for n in &opts.nodes {
+        let id = NodeId::new(ns, n.name.as_str());
+        let point = sim_point(n, ns)?;
+        let (read_store, read_id) = (store.clone(), id.clone());
+        manager.inner().add_read_callback(id.clone(), move |_, _, _| {
+            let v = read_store
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&read_id)
+                .cloned();
+            Ok(DataValue::new_now(v.unwrap_or(Variant::Empty)))
+        });
+        let (write_store, write_id, log, name) = (store.clone(), id.clone(), log.clone(), n.name.clone());
+        let clamp = opts.clamps.get(&n.name).copied();
+        manager.inner().add_write_callback(id, move |dv, _| {
+            let Some(asked) = dv.value else {
+                return StatusCode::BadNothingToDo;
+            };
+            let Ok(asked_json) = point.decode(&asked) else {
+                return StatusCode::BadTypeMismatch;
+            };
+            let stored = match (clamp, asked_json.as_f64()) {
+                (Some(max), Some(x)) if x > max => match point.encode(&json!(max)) {
+                    Ok(v) => v,
+                    Err(_) => return StatusCode::BadOutOfRange,
+                },
+                _ => asked.clone(),
+            };
+            let stored_json = point.decode(&stored).unwrap_or(Value::Null);
+            let mut line = json!({"write": name, "value": stored_json});
+            if stored_json != asked_json {
+                line["requested"] = asked_json;
+            }
+            write_store
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(write_id.clone(), stored);
+            log(line);
+            StatusCode::Good
+        });
+    }
+    log(json!({"listening": url, "namespace": ns}));
+    server.run_with(listener).await
+}
+
+fn sim_point(n: &SimNode, ns: u16) -> Result<Point, String> {
+    Point::new(&PointSpec {
+        node: format!("ns={ns};s={}", n.name),
+        data_type: n.data_type,
+        scale: None,
+        unit: None,
+    })
+}

@@ -1,0 +1,324 @@
+//! OPC UA end to end: the agent against `outpost opcua-sim` (a real OPC UA server over TCP):
+//! every data type read, written and verified exactly; a clamped write rolled back by the recipe
+//! saga; a server restart in the middle of a run; refused connections and unknown nodes named;
+//! desired state on OPC UA points.
+
+use std::time::Duration;
+
+use outpost_tests::cloud::Cloud;
+use outpost_tests::{Agent, OpcuaSim, eventually, outpost_command, write};
+use serde_json::{Value, json};
+
+const EXAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/");
+const RECIPE: &str = r#"{"recipe": {"speed": 950, "setpoint": 80.25, "mode": "manual", "enabled": true}}"#;
+
+fn press_nodes() -> Vec<&'static str> {
+    vec![
+        "--node",
+        "Speed=UInt16=900",
+        "--node",
+        "Setpoint=Float=72.5",
+        "--node",
+        "Mode=String=auto",
+        "--node",
+        "Enabled=Boolean=false",
+    ]
+}
+
+/// The example equipment file pointed at `sim`, with `extra` lines in its `opcua:` block.
+fn equipment(dir: &std::path::Path, sim: &OpcuaSim, extra: &str) -> String {
+    let text = std::fs::read_to_string(format!("{EXAMPLES}equipment/opcua.yaml")).unwrap();
+    let pki = dir.join("pki");
+    let text = text
+        .replace("opc.tcp://127.0.0.1:4840/", &sim.url)
+        .replace("/tmp/outpost-opcua-pki", pki.to_str().unwrap())
+        .replace("      points:\n", &format!("{extra}      points:\n"));
+    write(dir, "opcua.yaml", &text)
+}
+
+fn run_once(dir: &std::path::Path, equipment: &str, workflow: &str, input: &str) -> (Option<i32>, Value) {
+    let out = outpost_command()
+        .args(["run", "--data-dir"])
+        .arg(dir.join("data"))
+        .args(["--equipment", equipment, "--apply", workflow, "--start"])
+        .arg(std::path::Path::new(workflow).file_stem().unwrap().to_str().unwrap())
+        .args(["--input", input, "--once"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let v = serde_json::from_str(stdout.lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("{e}: {stdout}{}", String::from_utf8_lossy(&out.stderr)));
+    (out.status.code(), v)
+}
+
+#[test]
+fn every_opcua_data_type_is_read_written_and_verified_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let types = [
+        ("b", "Boolean", "false", json!(true)),
+        ("sb", "SByte", "0", json!(-5)),
+        ("by", "Byte", "0", json!(200)),
+        ("i16", "Int16", "0", json!(-300)),
+        ("u16", "UInt16", "0", json!(65535)),
+        ("i32", "Int32", "0", json!(-70000)),
+        ("u32", "UInt32", "0", json!(4_000_000_000u64)),
+        ("i64", "Int64", "0", json!(-9_000_000_000_000i64)),
+        ("u64", "UInt64", "0", json!(18_000_000_000_000_000_000u64)),
+        ("f", "Float", "0", json!(72.5)),
+        ("d", "Double", "0", json!(0.1)),
+        ("s", "String", "x", json!("manual")),
+        (
+            "t",
+            "DateTime",
+            "\"2000-01-01T00:00:00Z\"",
+            json!("2026-12-03T10:00:00Z"),
+        ),
+    ];
+    let nodes: Vec<String> = types.iter().map(|(n, t, v, _)| format!("{n}={t}={v}")).collect();
+    let mut flags = Vec::new();
+    for n in &nodes {
+        flags.extend(["--node", n.as_str()]);
+    }
+    let sim = OpcuaSim::start(0, &flags);
+    let points: String = types
+        .iter()
+        .map(|(n, t, _, _)| format!("        {n}: {{node: \"ns=2;s={n}\", type: {t}}}\n"))
+        .collect();
+    let eq = write(
+        dir.path(),
+        "eq-types.yaml",
+        &format!(
+            "devices:\n  plc:\n    kind: opcua\n    opcua:\n      endpoint: {}\n      trust_any_server: true\n      pki_dir: {}\n      points:\n{points}",
+            sim.url,
+            dir.path().join("pki").display()
+        ),
+    );
+    let values: serde_json::Map<String, Value> = types.iter().map(|(n, _, _, v)| (n.to_string(), v.clone())).collect();
+    let wf = write(
+        dir.path(),
+        "types.yaml",
+        "name: types\nversion: 1\nsteps:\n  - id: w\n    action: opcua.write\n    args: {device: plc, values: \"{{ input }}\"}\n  - id: v\n    action: opcua.verify\n    depends_on: [w]\n    args: {device: plc, expect: \"{{ input }}\"}\n  - id: r\n    action: opcua.read\n    depends_on: [v]\n    args: {device: plc, points: \"{{ input | list }}\"}\noutput: \"{{ steps.r.output.values }}\"\n",
+    );
+    let (code, v) = run_once(dir.path(), &eq, &wf, &Value::Object(values).to_string());
+    assert_eq!(code, Some(0), "{v}");
+    for (n, _, _, want) in &types {
+        let got = &v["output"][n];
+        if *n == "t" {
+            assert!(got.as_str().unwrap().starts_with("2026-12-03T10:00:00"), "{n}: {got}");
+        } else {
+            assert_eq!(got, want, "{n}: {v}");
+        }
+    }
+    assert_eq!(
+        sim.writes().len(),
+        types.len(),
+        "each node written once: {:?}",
+        sim.writes()
+    );
+}
+
+#[test]
+fn a_clamped_opcua_write_is_a_mismatch_and_the_recipe_rolls_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut flags = press_nodes();
+    flags.extend(["--clamp", "Speed=920"]);
+    let sim = OpcuaSim::start(0, &flags);
+    let eq = equipment(dir.path(), &sim, "");
+    let (code, v) = run_once(dir.path(), &eq, &format!("{EXAMPLES}opcua-recipe.yaml"), RECIPE);
+    assert_eq!(code, Some(6), "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("recipe.mismatch") && msg.contains("speed") && msg.contains("920"),
+        "{msg}"
+    );
+    let speed: Vec<Value> = sim.writes().into_iter().filter(|w| w["write"] == "Speed").collect();
+    assert_eq!(
+        speed.first().map(|w| (w["value"].clone(), w["requested"].clone())),
+        Some((json!(920), json!(950))),
+        "{speed:?}"
+    );
+    assert_eq!(
+        speed.last().map(|w| w["value"].clone()),
+        Some(json!(900)),
+        "the previous speed was restored: {speed:?}"
+    );
+}
+
+#[test]
+fn an_opcua_server_restart_mid_recipe_is_retried_and_the_recipe_completes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sim = OpcuaSim::start(0, &press_nodes());
+    let eq = equipment(dir.path(), &sim, "");
+    let agent = Agent::start(&dir.path().join("data"), &["--equipment", &eq]);
+    agent.json(&["apply", &format!("{EXAMPLES}opcua-recipe.yaml")]);
+    // A first session, then the server goes away before the recipe starts writing.
+    agent.json(&[
+        "start",
+        "opcua-recipe",
+        "--id",
+        "warm",
+        "--input",
+        r#"{"recipe": {"speed": 900}}"#,
+        "--wait",
+    ]);
+    let port = sim.port;
+    sim.kill();
+    agent.json(&["start", "opcua-recipe", "--id", "r1", "--input", RECIPE]);
+    std::thread::sleep(Duration::from_millis(1500));
+    let sim = OpcuaSim::start(port, &press_nodes());
+    let run = eventually(Duration::from_secs(60), "the recipe to finish", || {
+        let r = agent.json(&["show", "r1"]);
+        (r["status"] != "running").then_some(r)
+    });
+    assert_eq!(run["status"], "completed", "{run}");
+    let snapshot = run["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == "snapshot")
+        .cloned()
+        .unwrap();
+    assert!(
+        snapshot["attempts"].as_u64().unwrap() >= 2,
+        "the read was retried: {snapshot}"
+    );
+    let written: Vec<Value> = sim.writes().into_iter().map(|w| w["write"].clone()).collect();
+    assert_eq!(
+        written.len(),
+        4,
+        "every node written once on the new server: {written:?}"
+    );
+}
+
+#[test]
+fn refused_opcua_connections_and_unknown_nodes_name_the_device_and_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let read = |eq: &str| {
+        let wf = write(
+            dir.path(),
+            "probe.yaml",
+            "name: probe\nversion: 1\nsteps:\n  - id: r\n    action: opcua.read\n    args: {device: press, points: [speed]}\n    retry: {max_attempts: 1}\n",
+        );
+        let d = tempfile::tempdir().unwrap();
+        let (code, v) = run_once(d.path(), eq, &wf, "{}");
+        assert_eq!(code, Some(6), "{v}");
+        v["error"]["message"].as_str().unwrap().to_string()
+    };
+    // The server offers only Basic256Sha256; the equipment file asks for no security.
+    let secure = OpcuaSim::start(0, &["--node", "Speed=UInt16=1", "--only-secure"]);
+    let msg = read(&equipment(dir.path(), &secure, ""));
+    assert!(msg.contains("press") && msg.contains("security_policy None"), "{msg}");
+    // Secure, but the server's certificate is not trusted.
+    let strict = std::fs::read_to_string(equipment(dir.path(), &secure, ""))
+        .unwrap()
+        .replace(
+            "security_policy: None",
+            "security_policy: Basic256Sha256\n      security_mode: SignAndEncrypt",
+        )
+        .replace("      trust_any_server: true\n", "");
+    let msg = read(&write(dir.path(), "strict.yaml", &strict));
+    assert!(
+        msg.contains("press") && (msg.contains("Certificate") || msg.contains("certificate")),
+        "{msg}"
+    );
+    // A wrong password.
+    let users = OpcuaSim::start(0, &["--node", "Speed=UInt16=1", "--user", "operator:right"]);
+    let pw = write(dir.path(), "pw", "wrong\n");
+    let msg = read(&equipment(
+        dir.path(),
+        &users,
+        &format!("      user: operator\n      password_file: {pw}\n"),
+    ));
+    assert!(
+        msg.contains("press") && (msg.contains("Identity") || msg.contains("UserAccessDenied")),
+        "{msg}"
+    );
+    // An unknown node: named, and not retried.
+    let sim = OpcuaSim::start(0, &["--node", "Other=UInt16=1"]);
+    let msg = read(&equipment(dir.path(), &sim, ""));
+    assert!(
+        msg.contains("press") && msg.contains("speed") && msg.contains("BadNodeIdUnknown"),
+        "{msg}"
+    );
+    // A bad equipment file names the field before anything connects.
+    let bad = write(
+        dir.path(),
+        "bad.yaml",
+        "devices:\n  press:\n    kind: opcua\n    opcua:\n      endpoint: tcp://x\n      security_mode: Loud\n      points: {speed: {node: \"nope\", type: UInt16}}\n",
+    );
+    let out = outpost_command()
+        .args(["validate", "--equipment", &bad, &format!("{EXAMPLES}opcua-recipe.yaml")])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    for field in [
+        "devices.press.opcua.endpoint",
+        "devices.press.opcua.security_mode",
+        "devices.press.opcua.points.speed",
+    ] {
+        assert!(err.contains(field), "{field}: {err}");
+    }
+}
+
+#[test]
+fn desired_state_on_opcua_points_is_exact_on_the_variant() {
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = Cloud::embedded(&dir.path().join("cloud"));
+    let sim = OpcuaSim::start(0, &press_nodes());
+    let eq = equipment(dir.path(), &sim, "");
+    let remediation = write(
+        dir.path(),
+        "apply-press.yaml",
+        "name: apply-press\nversion: 1\nsteps:\n  - id: w\n    action: opcua.write\n    args: {device: press, values: \"{{ input.desired.press }}\", verify: false}\n",
+    );
+    let (code, v) = cloud.send(
+        "PUT",
+        "/v1/devices/press-gw/desired",
+        &json!({"document": {"press": {"speed": 950.0, "setpoint": 80.25, "mode": "manual"}}}),
+    );
+    assert_eq!(code, 200, "{v}");
+    let _agent = Agent::start(
+        &dir.path().join("agent"),
+        &[
+            "--broker",
+            &cloud.mqtt_url(),
+            "--device-id",
+            "press-gw",
+            "--equipment",
+            &eq,
+            "--remediation",
+            "apply-press",
+            "--apply",
+            &remediation,
+        ],
+    );
+    let r = eventually(Duration::from_secs(30), "the report", || {
+        let s = cloud.get("/v1/devices/press-gw/state");
+        (s["reported"]["desired_version"] == 1).then_some(s["reported"].clone())
+    });
+    assert_eq!(r["in_sync"], true, "{r}");
+    let raw: Vec<Value> = r["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["found_raw"].clone())
+        .collect();
+    assert!(
+        raw.contains(&json!("UInt16 950")) && raw.contains(&json!("Float 0x42A08000")),
+        "{r}"
+    );
+    // 72.1 cannot be a Float exactly: refused, the point named, nothing written.
+    let writes = sim.writes().len();
+    cloud.send(
+        "PUT",
+        "/v1/devices/press-gw/desired",
+        &json!({"document": {"press": {"setpoint": 72.1}}}),
+    );
+    let r = eventually(Duration::from_secs(30), "the refusal", || {
+        let s = cloud.get("/v1/devices/press-gw/state");
+        (s["reported"]["desired_version"] == 2).then_some(s["reported"].clone())
+    });
+    assert_eq!(r["in_sync"], false);
+    assert!(r["message"].as_str().unwrap().contains("press.setpoint refused"), "{r}");
+    assert_eq!(sim.writes().len(), writes);
+}
