@@ -215,11 +215,25 @@ impl Point {
                 Ok(r as i64)
             }
         };
+        let exact_int = |raw: Vec<u16>| -> Result<Vec<u16>, String> {
+            // 250.50000000001 at scale 0.1 rounds to 2505, which reads back as 250.5: not it.
+            if self.decode(&raw).as_f64() == Some(v_f) || v_f == 0.0 {
+                Ok(raw)
+            } else {
+                Err(format!(
+                    "{v} is not exactly representable as {:?} with scale {} (it would read back as {})",
+                    self.data_type,
+                    self.scale,
+                    self.decode(&raw)
+                )
+                .to_lowercase())
+            }
+        };
         Ok(match self.data_type {
-            DataType::U16 => vec![int(0.0, 65535.0)? as u16],
-            DataType::I16 => vec![int(-32768.0, 32767.0)? as i16 as u16],
-            DataType::U32 => self.split(int(0.0, 4_294_967_295.0)? as u32),
-            DataType::I32 => self.split(int(-2_147_483_648.0, 2_147_483_647.0)? as i32 as u32),
+            DataType::U16 => exact_int(vec![int(0.0, 65535.0)? as u16])?,
+            DataType::I16 => exact_int(vec![int(-32768.0, 32767.0)? as i16 as u16])?,
+            DataType::U32 => exact_int(self.split(int(0.0, 4_294_967_295.0)? as u32))?,
+            DataType::I32 => exact_int(self.split(int(-2_147_483_648.0, 2_147_483_647.0)? as i32 as u32))?,
             DataType::F32 => {
                 // `as` saturates to infinity: 5e115 would be written as +inf (found by fuzzing).
                 let f = x as f32;
@@ -259,7 +273,7 @@ fn neighbours(f: f32, x: f64) -> (f32, f32) {
         let b = f.to_bits();
         // Away from zero is one more in the bit pattern's magnitude, whatever the sign.
         let away = up == (f >= 0.0);
-        f32::from_bits(if away { b + 1 } else { b - 1 })
+        f32::from_bits(if away { b.wrapping_add(1) } else { b.wrapping_sub(1) })
     };
     if f64::from(f) < x {
         (f, step(f, true))
@@ -875,6 +889,14 @@ mod tests {
 
     #[test]
     fn refuses_values_a_point_cannot_hold() {
+        let scaled = point("{table: holding, address: 0, type: u16, scale: 0.1}");
+        assert_eq!(scaled.encode(&json!(250.5)).unwrap(), vec![2505]);
+        assert!(
+            scaled
+                .encode(&json!(250.50000000001))
+                .unwrap_err()
+                .contains("read back as 250.5")
+        );
         let u = point("{table: holding, address: 0, type: u16}");
         assert!(u.encode(&json!(70000)).is_err());
         assert!(u.encode(&json!(1.5)).is_err());
