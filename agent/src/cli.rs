@@ -229,7 +229,7 @@ enum Cmd {
     /// Run a Modbus TCP simulator (an in-memory PLC) for recipes and tests; logs writes as JSON.
     ModbusSim(ModbusSimArgs),
     /// Run an OPC UA server simulator (nodes from --node) for recipes and tests; logs writes as JSON.
-    #[cfg(feature = "opcua")]
+    #[cfg(feature = "opcua-sim")]
     OpcuaSim(OpcuaSimArgs),
     /// Read every row of the journal file (DATA_DIR/journal.redb) and say whether it is whole.
     /// `outpost run` does this in a child process before it opens the journal, so a damaged
@@ -294,7 +294,7 @@ struct ModbusSimArgs {
     short_reads: bool,
 }
 
-#[cfg(feature = "opcua")]
+#[cfg(feature = "opcua-sim")]
 #[derive(Args)]
 struct OpcuaSimArgs {
     /// Address to listen on (OPC UA binary, opc.tcp).
@@ -313,6 +313,14 @@ struct OpcuaSimArgs {
     /// Offer only Basic256Sha256 with SignAndEncrypt (no unsecured endpoint).
     #[arg(long)]
     only_secure: bool,
+    /// A method `ns=2;s=NAME` on the `ns=2;s=outpost-sim` object taking inputs of these types,
+    /// e.g. `StartJob=String,UInt32`: logs each call and returns one UInt32 (the number of calls
+    /// so far). Repeat for more.
+    #[arg(long, value_name = "NAME[=TYPE,...]")]
+    method: Vec<String>,
+    /// Take this long over each node written (a slow PLC).
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    delay_ms: u64,
     /// The server's certificate, key and trusted client certificates [default: a temporary directory].
     #[arg(long, value_name = "DIR")]
     pki_dir: Option<PathBuf>,
@@ -591,7 +599,7 @@ pub fn main() -> ExitCode {
         Cmd::Run(args) => run_daemon(&cli.data_dir, &socket, *args),
         Cmd::Validate { files, equipment } => validate(&files, equipment.as_deref(), cli.json),
         Cmd::ModbusSim(args) => run_modbus_sim(args),
-        #[cfg(feature = "opcua")]
+        #[cfg(feature = "opcua-sim")]
         Cmd::OpcuaSim(args) => run_opcua_sim(args),
         Cmd::JournalCheck { file } => {
             journal_check(&file.unwrap_or_else(|| cli.data_dir.join("journal.redb")), cli.json)
@@ -1421,7 +1429,7 @@ async fn remote(client: Client, cmd: Cmd, as_json: bool, data_dir: &Path) -> Res
         | Cmd::JournalCheck { .. }
         | Cmd::Keygen { .. }
         | Cmd::Enroll { .. } => Ok(exit::OK),
-        #[cfg(feature = "opcua")]
+        #[cfg(feature = "opcua-sim")]
         Cmd::OpcuaSim(_) => Ok(exit::OK),
     }
 }
@@ -1964,7 +1972,7 @@ fn run_modbus_sim(args: ModbusSimArgs) -> Result<u8, Failure> {
     })
 }
 
-#[cfg(feature = "opcua")]
+#[cfg(feature = "opcua-sim")]
 fn run_opcua_sim(args: OpcuaSimArgs) -> Result<u8, Failure> {
     use crate::equipment::opcua_sim;
     let invalid = |m: String| Failure::new(exit::INVALID, m);
@@ -2012,6 +2020,13 @@ fn run_opcua_sim(args: OpcuaSimArgs) -> Result<u8, Failure> {
             users,
             only_secure: args.only_secure,
             pki_dir,
+            methods: args
+                .method
+                .iter()
+                .map(|m| opcua_sim::SimMethod::parse(m))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(invalid)?,
+            write_delay: std::time::Duration::from_millis(args.delay_ms),
         };
         opcua_sim::serve(listener, opts, log)
             .await

@@ -266,7 +266,17 @@ impl OpcuaSim {
 
     /// Every write so far, in order.
     pub fn writes(&self) -> Vec<Value> {
-        self.log.lock().unwrap().clone()
+        self.lines("write")
+    }
+
+    /// Every method call so far (`--method`), in order.
+    pub fn calls(&self) -> Vec<Value> {
+        self.lines("call")
+    }
+
+    fn lines(&self, key: &str) -> Vec<Value> {
+        let log = self.log.lock().unwrap();
+        log.iter().filter(|l| l.get(key).is_some()).cloned().collect()
     }
 
     /// Kills the server (SIGKILL).

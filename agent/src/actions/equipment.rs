@@ -1,6 +1,6 @@
 //! Equipment actions: `gpio.read`, `gpio.write`, `sensor.read`, `adc.read`, and for devices with
 //! typed points `modbus.read`/`opcua.read`, `modbus.write`/`opcua.write` (idempotent, verified by
-//! exact read-back) and `modbus.verify`/`opcua.verify`.
+//! exact read-back), `modbus.verify`/`opcua.verify` and `opcua.call` (a method of the server).
 
 use std::sync::Arc;
 
@@ -33,11 +33,13 @@ pub enum Op {
     OpcuaWrite,
     /// `opcua.verify`
     OpcuaVerify,
+    /// `opcua.call`
+    OpcuaCall,
 }
 
 impl Op {
     /// Every operation with its action name.
-    pub const ALL: [(&'static str, Op); 10] = [
+    pub const ALL: [(&'static str, Op); 11] = [
         ("gpio.read", Op::GpioRead),
         ("gpio.write", Op::GpioWrite),
         ("sensor.read", Op::SensorRead),
@@ -48,6 +50,7 @@ impl Op {
         ("opcua.read", Op::OpcuaRead),
         ("opcua.write", Op::OpcuaWrite),
         ("opcua.verify", Op::OpcuaVerify),
+        ("opcua.call", Op::OpcuaCall),
     ];
 
     fn device_kinds(self) -> &'static [&'static str] {
@@ -57,7 +60,7 @@ impl Op {
             Op::SensorRead => &["sht3x"],
             Op::AdcRead => &["mcp3008"],
             Op::ModbusRead | Op::ModbusWrite | Op::ModbusVerify => &["modbus"],
-            Op::OpcuaRead | Op::OpcuaWrite | Op::OpcuaVerify => &["opcua"],
+            Op::OpcuaRead | Op::OpcuaWrite | Op::OpcuaVerify | Op::OpcuaCall => &["opcua"],
         }
     }
 }
@@ -77,12 +80,9 @@ impl EquipmentAction {
 
 /// A `{point: value}` argument.
 fn point_map<'a>(args: &'a Value, name: &str) -> Result<&'a Map<String, Value>, ActionError> {
-    args.get(name).and_then(Value::as_object).ok_or_else(|| {
-        ActionError::permanent(
-            "invalid_argument",
-            format!("'{name}' must be a map of point names to values"),
-        )
-    })
+    args.get(name)
+        .and_then(Value::as_object)
+        .ok_or_else(|| ActionError::permanent("invalid_argument", format!("'{name}' must be a map of names to values")))
 }
 
 fn to_action_error(e: EquipmentError) -> ActionError {
@@ -118,6 +118,10 @@ impl Action for EquipmentAction {
             Op::ModbusVerify | Op::OpcuaVerify => Signature {
                 required: &["device", "expect"],
                 optional: &["on_mismatch"],
+            },
+            Op::OpcuaCall => Signature {
+                required: &["device", "method"],
+                optional: &["args"],
             },
         }
     }
@@ -208,6 +212,15 @@ impl Action for EquipmentAction {
                         .points_device(&device, op.device_kinds()[0])
                         .map_err(to_action_error)?;
                     d.verify(expect, report).await
+                }
+                Op::OpcuaCall => {
+                    let method = str_arg(&call.args, "method")?;
+                    let empty = Map::new();
+                    let args = match call.args.get("args") {
+                        None | Some(Value::Null) => &empty,
+                        Some(_) => point_map(&call.args, "args")?,
+                    };
+                    eq.call_method(&device, method, args).await
                 }
             };
             result.map_err(to_action_error)

@@ -8,7 +8,7 @@ mod linux;
 pub mod modbus;
 #[cfg(feature = "opcua")]
 pub mod opcua;
-#[cfg(feature = "opcua")]
+#[cfg(feature = "opcua-sim")]
 pub mod opcua_sim;
 pub mod state;
 
@@ -746,6 +746,27 @@ impl Equipment {
             _ => Err(EquipmentError::Invalid(format!(
                 "device '{name}' is not a modbus device"
             ))),
+        }
+    }
+
+    /// Calls a method of an OPC UA device (`opcua.call`).
+    pub async fn call_method(
+        &self,
+        device: &str,
+        method: &str,
+        args: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<serde_json::Value, EquipmentError> {
+        #[cfg(feature = "opcua")]
+        {
+            self.opcua(device)?.call_method(method, args).await
+        }
+        #[cfg(not(feature = "opcua"))]
+        {
+            let _ = (method, args);
+            self.device(device, "opcua")?;
+            Err(EquipmentError::Invalid(format!(
+                "device '{device}': this agent was built without OPC UA (cargo feature opcua)"
+            )))
         }
     }
 

@@ -17,8 +17,8 @@ use std::time::Duration;
 use opcua::client::{ClientBuilder, IdentityToken, Session};
 use opcua::crypto::SecurityPolicy;
 use opcua::types::{
-    AttributeId, DataValue, DateTime, MessageSecurityMode, NodeId, NumericRange, ReadValueId, StatusCode,
-    TimestampsToReturn, UAString, Variant, WriteValue,
+    AttributeId, CallMethodRequest, DataValue, DateTime, MessageSecurityMode, NodeId, NumericRange, ReadValueId,
+    StatusCode, TimestampsToReturn, UAString, Variant, WriteValue,
 };
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
@@ -286,6 +286,13 @@ pub fn classify(code: StatusCode) -> (&'static str, bool) {
         ("opcua.security", false)
     } else if is(&[StatusCode::BadOutOfRange]) {
         ("opcua.out_of_range", false)
+    } else if is(&[
+        StatusCode::BadMethodInvalid,
+        StatusCode::BadArgumentsMissing,
+        StatusCode::BadTooManyArguments,
+        StatusCode::BadInvalidArgument,
+    ]) {
+        ("opcua.bad_call", false)
     } else {
         ("opcua.bad_status", true)
     }
@@ -321,6 +328,106 @@ pub struct OpcuaSpec {
     pub session_timeout: Option<DurationText>,
     /// The point map.
     pub points: BTreeMap<String, PointSpec>,
+    /// Methods `opcua.call` may call, by name.
+    #[serde(default)]
+    pub methods: BTreeMap<String, MethodSpec>,
+}
+
+/// A method of the server, as written in the equipment file (`opcua.methods`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MethodSpec {
+    /// Node id of the object the method belongs to.
+    pub object: String,
+    /// Node id of the method.
+    pub method: String,
+    /// Input arguments, in the method's order.
+    #[serde(default)]
+    pub inputs: Vec<ArgSpec>,
+    /// Output arguments, in the method's order.
+    #[serde(default)]
+    pub outputs: Vec<ArgSpec>,
+}
+
+/// One argument of a method.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArgSpec {
+    /// Name in the step's `args` (inputs) or output (outputs).
+    pub name: String,
+    /// Data type.
+    #[serde(rename = "type")]
+    pub data_type: DataType,
+}
+
+/// A validated method: its nodes and typed arguments.
+#[derive(Debug, Clone)]
+struct Method {
+    object: NodeId,
+    method: NodeId,
+    inputs: Vec<(String, Point)>,
+    outputs: Vec<(String, Point)>,
+}
+
+impl Method {
+    fn new(spec: &MethodSpec) -> Result<Method, String> {
+        let node = |field: &str, text: &str| -> Result<NodeId, String> {
+            text.parse()
+                .map_err(|_| format!("{field}: '{text}' is not a node id (write ns=2;s=Name or ns=2;i=1001)"))
+        };
+        let (object, method) = (node("object", &spec.object)?, node("method", &spec.method)?);
+        let args = |list: &[ArgSpec]| -> Result<Vec<(String, Point)>, String> {
+            list.iter()
+                .map(|a| {
+                    let p = Point::new(&PointSpec {
+                        node: spec.method.clone(),
+                        data_type: a.data_type,
+                        scale: None,
+                        unit: None,
+                    })?;
+                    Ok((a.name.clone(), p))
+                })
+                .collect()
+        };
+        Ok(Method {
+            object,
+            method,
+            inputs: args(&spec.inputs)?,
+            outputs: args(&spec.outputs)?,
+        })
+    }
+
+    /// The step's named arguments as the method's input variants, in order; every input must be
+    /// given and held exactly by its type, and no other name is accepted.
+    fn encode_inputs(&self, args: &Map<String, Value>) -> Result<Vec<Variant>, String> {
+        if let Some(extra) = args.keys().find(|k| !self.inputs.iter().any(|(n, _)| n == *k)) {
+            let names: Vec<&str> = self.inputs.iter().map(|(n, _)| n.as_str()).collect();
+            return Err(format!("'{extra}' is not an input (inputs: {})", names.join(", ")));
+        }
+        self.inputs
+            .iter()
+            .map(|(n, p)| {
+                let v = args.get(n).ok_or_else(|| format!("input '{n}' is missing"))?;
+                p.encode(v).map_err(|e| format!("input '{n}': {e}"))
+            })
+            .collect()
+    }
+
+    /// The method's output variants as named values; the count and each type must match.
+    fn decode_outputs(&self, outputs: &[Variant]) -> Result<Map<String, Value>, String> {
+        if outputs.len() != self.outputs.len() {
+            return Err(format!(
+                "the method returned {} outputs, the equipment file declares {}",
+                outputs.len(),
+                self.outputs.len()
+            ));
+        }
+        self.outputs
+            .iter()
+            .zip(outputs)
+            .map(|((n, p), v)| Ok((n.clone(), p.decode(v).map_err(|e| format!("output '{n}' {e}"))?)))
+            .collect()
+    }
 }
 
 const DEFAULT_PKI: &str = "/var/lib/outpost/opcua-pki";
@@ -355,7 +462,29 @@ pub struct OpcuaDevice {
     session_timeout: Duration,
     timeout: Duration,
     points: BTreeMap<String, Point>,
-    live: tokio::sync::Mutex<Option<Live>>,
+    methods: BTreeMap<String, Method>,
+    live: tokio::sync::Mutex<Link>,
+}
+
+/// The session, if open, and how the last attempts to open one went.
+#[derive(Default)]
+struct Link {
+    live: Option<Live>,
+    /// Connection attempts that failed in a row.
+    failures: u32,
+    /// No new attempt before this.
+    next_attempt: Option<tokio::time::Instant>,
+}
+
+/// How long to wait before the next connection attempt after `failures` failed in a row:
+/// nothing after a success, then 0.5 s doubling to at most 10 s, so a server that is down
+/// is not hammered by every step that needs it, and one that comes back is found soon.
+pub fn reconnect_delay(failures: u32) -> Duration {
+    if failures == 0 {
+        return Duration::ZERO;
+    }
+    let ms = 500u64.saturating_mul(1u64 << (failures - 1).min(16));
+    Duration::from_millis(ms.min(10_000))
 }
 
 impl OpcuaDevice {
@@ -430,6 +559,15 @@ impl OpcuaDevice {
                 Err(e) => problems.push(format!("opcua.points.{pname}: {e}")),
             }
         }
+        let mut methods = BTreeMap::new();
+        for (mname, m) in &spec.methods {
+            match Method::new(m) {
+                Ok(m) => {
+                    methods.insert(mname.clone(), m);
+                }
+                Err(e) => problems.push(format!("opcua.methods.{mname}: {e}")),
+            }
+        }
         if !problems.is_empty() {
             return Err(problems);
         }
@@ -444,7 +582,8 @@ impl OpcuaDevice {
             session_timeout,
             timeout,
             points,
-            live: tokio::sync::Mutex::new(None),
+            methods,
+            live: tokio::sync::Mutex::new(Link::default()),
         })
     }
 
@@ -524,16 +663,37 @@ impl OpcuaDevice {
     where
         F: std::future::Future<Output = Result<T, opcua::types::Error>>,
     {
-        let mut live = self.live.lock().await;
-        if live.as_ref().is_none_or(|l| l.task.is_finished()) {
-            *live = None;
+        let mut link = self.live.lock().await;
+        if link.live.as_ref().is_none_or(|l| l.task.is_finished()) {
+            link.live = None;
+            if let Some(at) = link.next_attempt {
+                tokio::time::sleep_until(at).await;
+            }
             let opened = tokio::time::timeout(self.timeout.max(Duration::from_secs(5)), self.connect()).await;
-            *live = Some(match opened {
-                Ok(r) => r?,
-                Err(_) => return Err(self.fail("no session within the connect timeout", StatusCode::BadTimeout)),
-            });
+            let opened = match opened {
+                Ok(r) => r,
+                Err(_) => Err(self.fail("no session within the connect timeout", StatusCode::BadTimeout)),
+            };
+            match opened {
+                Ok(live) => {
+                    if link.failures > 0 {
+                        tracing::info!(device = %self.name, failed = link.failures, "opcua session open again");
+                    }
+                    *link = Link {
+                        live: Some(live),
+                        ..Link::default()
+                    };
+                }
+                Err(e) => {
+                    link.failures = link.failures.saturating_add(1);
+                    let wait = reconnect_delay(link.failures);
+                    link.next_attempt = Some(tokio::time::Instant::now() + wait);
+                    tracing::warn!(device = %self.name, failed = link.failures, next_in = ?wait, error = %e, "opcua connection failed");
+                    return Err(e);
+                }
+            }
         }
-        let Some(session) = live.as_ref().map(|l| l.session.clone()) else {
+        let Some(session) = link.live.as_ref().map(|l| l.session.clone()) else {
             return Err(self.fail(what, StatusCode::BadNotConnected));
         };
         match tokio::time::timeout(self.timeout, op(session)).await {
@@ -541,12 +701,12 @@ impl OpcuaDevice {
             Ok(Err(e)) => {
                 let err = self.fail(what, e.status());
                 if matches!(classify(e.status()).0, "opcua.not_connected" | "opcua.timeout") {
-                    *live = None;
+                    link.live = None;
                 }
                 Err(err)
             }
             Err(_) => {
-                *live = None;
+                link.live = None;
                 Err(EquipmentError::Timeout(self.timeout))
             }
         }
@@ -680,6 +840,66 @@ impl OpcuaDevice {
         }
     }
 
+    /// Calls a method declared in the equipment file with named, typed inputs; returns its
+    /// named outputs. Not idempotent: a call interrupted by a crash is made again on resume.
+    pub async fn call_method(&self, name: &str, args: &Map<String, Value>) -> Result<Value, EquipmentError> {
+        let m = self.methods.get(name).ok_or_else(|| {
+            let names: Vec<&str> = self.methods.keys().map(String::as_str).collect();
+            EquipmentError::Invalid(format!(
+                "device '{}' has no method '{name}' (methods: {})",
+                self.name,
+                if names.is_empty() {
+                    "none".to_string()
+                } else {
+                    names.join(", ")
+                }
+            ))
+        })?;
+        let inputs = m
+            .encode_inputs(args)
+            .map_err(|e| EquipmentError::Invalid(format!("method '{name}' of device '{}': {e}", self.name)))?;
+        let request = CallMethodRequest {
+            object_id: m.object.clone(),
+            method_id: m.method.clone(),
+            input_arguments: Some(inputs),
+        };
+        let results = self
+            .call(&format!("call of method '{name}'"), |s| async move {
+                s.call(vec![request]).await
+            })
+            .await?;
+        let Some(result) = results.into_iter().next() else {
+            return Err(EquipmentError::BadResponse(format!(
+                "device '{}' answered no result for method '{name}'",
+                self.name
+            )));
+        };
+        if !result.status_code.is_good() {
+            let detail = result
+                .input_argument_results
+                .iter()
+                .flatten()
+                .zip(&m.inputs)
+                .filter(|(c, _)| !c.is_good())
+                .map(|(c, (n, _))| format!("input '{n}': {c}"))
+                .collect::<Vec<_>>();
+            let what = if detail.is_empty() {
+                format!("call of method '{name}'")
+            } else {
+                format!("call of method '{name}' ({})", detail.join(", "))
+            };
+            return Err(self.fail(&what, result.status_code));
+        }
+        let outputs = m
+            .decode_outputs(result.output_arguments.as_deref().unwrap_or_default())
+            .map_err(|e| EquipmentError::Opcua {
+                kind: "opcua.type_mismatch",
+                retryable: false,
+                message: format!("device '{}' method '{name}': {e}", self.name),
+            })?;
+        Ok(json!({"device": self.name, "method": name, "outputs": outputs}))
+    }
+
     /// A point's desired value in its wire form (exact, or refused with the point named).
     pub fn encode_point(&self, name: &str, value: &Value) -> Result<String, EquipmentError> {
         let p = self.point(name)?;
@@ -746,6 +966,42 @@ mod tests {
                 .unwrap_err()
                 .contains("holds Double, not the UInt16")
         );
+    }
+
+    #[test]
+    fn reconnects_back_off_from_half_a_second_to_ten() {
+        let ms: Vec<u128> = (0..8).map(|f| reconnect_delay(f).as_millis()).collect();
+        assert_eq!(ms, [0, 500, 1000, 2000, 4000, 8000, 10_000, 10_000]);
+        assert_eq!(reconnect_delay(u32::MAX), Duration::from_secs(10));
+    }
+
+    #[test]
+    fn method_arguments_are_typed_exactly_and_named() {
+        let spec: MethodSpec = serde_saphyr::from_str(
+            "{object: \"ns=2;s=Press\", method: \"ns=2;s=Start\", inputs: [{name: recipe, type: String}, {name: count, type: UInt32}], outputs: [{name: job, type: UInt32}]}",
+        )
+        .unwrap();
+        let m = Method::new(&spec).unwrap();
+        let args = |v: Value| v.as_object().unwrap().clone();
+        assert_eq!(
+            m.encode_inputs(&args(json!({"count": 3, "recipe": "A"}))).unwrap(),
+            vec![Variant::String("A".into()), Variant::UInt32(3)],
+            "in the method's order, whatever the order of the step's map"
+        );
+        let err = m
+            .encode_inputs(&args(json!({"recipe": "A", "count": 3.5})))
+            .unwrap_err();
+        assert!(err.contains("input 'count'"), "{err}");
+        let err = m.encode_inputs(&args(json!({"recipe": "A"}))).unwrap_err();
+        assert!(err.contains("'count' is missing"), "{err}");
+        let err = m
+            .encode_inputs(&args(json!({"recipe": "A", "count": 1, "x": 1})))
+            .unwrap_err();
+        assert!(err.contains("'x' is not an input"), "{err}");
+        assert_eq!(m.decode_outputs(&[Variant::UInt32(7)]).unwrap()["job"], json!(7));
+        let err = m.decode_outputs(&[Variant::String("7".into())]).unwrap_err();
+        assert!(err.contains("output 'job'"), "{err}");
+        assert!(m.decode_outputs(&[]).unwrap_err().contains("returned 0 outputs"));
     }
 
     #[test]

@@ -8,12 +8,12 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use opcua::crypto::SecurityPolicy;
-use opcua::nodes::AccessLevel;
+use opcua::nodes::{AccessLevel, MethodBuilder};
 use opcua::server::address_space::Variable;
 use opcua::server::diagnostics::NamespaceMetadata;
 use opcua::server::node_manager::memory::{SimpleNodeManager, simple_node_manager};
 use opcua::server::{ANONYMOUS_USER_TOKEN_ID, ServerBuilder, ServerUserToken};
-use opcua::types::{DataValue, MessageSecurityMode, NodeId, StatusCode, Variant};
+use opcua::types::{DataTypeId, DataValue, MessageSecurityMode, NodeId, StatusCode, Variant};
 use serde_json::{Value, json};
 
 use super::opcua::{DataType, Point, PointSpec};
@@ -53,6 +53,52 @@ impl SimNode {
     }
 }
 
+/// One method of the simulator: `NAME[=TYPE,...]` (its input types).
+#[derive(Debug, Clone)]
+pub struct SimMethod {
+    /// Name, also the string node id.
+    pub name: String,
+    /// Input argument types, in order.
+    pub inputs: Vec<DataType>,
+}
+
+impl SimMethod {
+    /// Parses `NAME[=TYPE,...]`.
+    pub fn parse(text: &str) -> Result<SimMethod, String> {
+        let (name, types) = text.split_once('=').unwrap_or((text, ""));
+        let inputs = types
+            .split(',')
+            .filter(|t| !t.trim().is_empty())
+            .map(|t| {
+                serde_json::from_value(json!(t.trim()))
+                    .map_err(|_| format!("--method '{text}': '{t}' is not an OPC UA type (Boolean, UInt16, String, …)"))
+            })
+            .collect::<Result<Vec<DataType>, String>>()?;
+        Ok(SimMethod {
+            name: name.to_string(),
+            inputs,
+        })
+    }
+}
+
+fn type_id(t: DataType) -> DataTypeId {
+    match t {
+        DataType::Boolean => DataTypeId::Boolean,
+        DataType::SByte => DataTypeId::SByte,
+        DataType::Byte => DataTypeId::Byte,
+        DataType::Int16 => DataTypeId::Int16,
+        DataType::UInt16 => DataTypeId::UInt16,
+        DataType::Int32 => DataTypeId::Int32,
+        DataType::UInt32 => DataTypeId::UInt32,
+        DataType::Int64 => DataTypeId::Int64,
+        DataType::UInt64 => DataTypeId::UInt64,
+        DataType::Float => DataTypeId::Float,
+        DataType::Double => DataTypeId::Double,
+        DataType::String => DataTypeId::String,
+        DataType::DateTime => DataTypeId::DateTime,
+    }
+}
+
 /// What the simulator serves.
 pub struct SimOptions {
     /// Nodes.
@@ -65,6 +111,10 @@ pub struct SimOptions {
     pub only_secure: bool,
     /// The server's certificate and key, and client certificates.
     pub pki_dir: PathBuf,
+    /// Methods (`ns=2;s=NAME`) on the simulator's object.
+    pub methods: Vec<SimMethod>,
+    /// Time taken over each node written.
+    pub write_delay: std::time::Duration,
 }
 
 fn zero(t: DataType) -> Value {
@@ -149,6 +199,38 @@ pub async fn serve(
             store.lock().unwrap_or_else(|p| p.into_inner()).insert(id, value);
         }
         let _ = space.add_variables(vars, &folder);
+        for m in &opts.methods {
+            let id = NodeId::new(ns, m.name.as_str());
+            let names: Vec<String> = (1..=m.inputs.len()).map(|i| format!("In{i}")).collect();
+            let inputs: Vec<_> = names
+                .iter()
+                .zip(&m.inputs)
+                .map(|(n, t)| (n.as_str(), type_id(*t)).into())
+                .collect();
+            MethodBuilder::new(&id, m.name.as_str(), m.name.as_str())
+                .component_of(folder.clone())
+                .input_args(&mut *space, &NodeId::new(ns, format!("{}.Inputs", m.name)), &inputs)
+                .output_args(
+                    &mut *space,
+                    &NodeId::new(ns, format!("{}.Outputs", m.name)),
+                    &[("Calls", DataTypeId::UInt32).into()],
+                )
+                .executable(true)
+                .user_executable(true)
+                .insert(&mut *space);
+        }
+    }
+    for m in &opts.methods {
+        let (log, name) = (log.clone(), m.name.clone());
+        let calls = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        manager
+            .inner()
+            .add_method_callback(NodeId::new(ns, m.name.as_str()), move |args| {
+                let n = calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                let args: Vec<Value> = args.iter().map(variant_json).collect();
+                log(json!({"call": name, "args": args, "calls": n}));
+                Ok(vec![Variant::UInt32(n)])
+            });
     }
     for n in &opts.nodes {
         let id = NodeId::new(ns, n.name.as_str());
@@ -164,7 +246,10 @@ pub async fn serve(
         });
         let (write_store, write_id, log, name) = (store.clone(), id.clone(), log.clone(), n.name.clone());
         let clamp = opts.clamps.get(&n.name).copied();
+        let delay = opts.write_delay;
         manager.inner().add_write_callback(id, move |dv, _| {
+            // A slow PLC holds up the request (the sim serves nothing else meanwhile, as one would).
+            std::thread::sleep(delay);
             let Some(asked) = dv.value else {
                 return StatusCode::BadNothingToDo;
             };
@@ -193,6 +278,25 @@ pub async fn serve(
     }
     log(json!({"listening": url, "namespace": ns}));
     server.run_with(listener).await
+}
+
+/// A method argument as JSON for the call log.
+fn variant_json(v: &Variant) -> Value {
+    match v {
+        Variant::Boolean(b) => json!(b),
+        Variant::SByte(x) => json!(x),
+        Variant::Byte(x) => json!(x),
+        Variant::Int16(x) => json!(x),
+        Variant::UInt16(x) => json!(x),
+        Variant::Int32(x) => json!(x),
+        Variant::UInt32(x) => json!(x),
+        Variant::Int64(x) => json!(x),
+        Variant::UInt64(x) => json!(x),
+        Variant::Float(x) => json!(x),
+        Variant::Double(x) => json!(x),
+        Variant::String(s) => json!(s.as_ref()),
+        other => json!(super::opcua::variant_text(other)),
+    }
 }
 
 fn sim_point(n: &SimNode, ns: u16) -> Result<Point, String> {

@@ -1,7 +1,8 @@
 //! OPC UA end to end: the agent against `outpost opcua-sim` (a real OPC UA server over TCP):
 //! every data type read, written and verified exactly; a clamped write rolled back by the recipe
-//! saga; a server restart in the middle of a run; refused connections and unknown nodes named;
-//! desired state on OPC UA points.
+//! saga; a server restart in the middle of a run; a SIGKILL of the agent mid-recipe; methods
+//! called with typed arguments; refused connections and unknown nodes named; desired state on
+//! OPC UA points.
 
 use std::time::Duration;
 
@@ -321,4 +322,115 @@ fn desired_state_on_opcua_points_is_exact_on_the_variant() {
     assert_eq!(r["in_sync"], false);
     assert!(r["message"].as_str().unwrap().contains("press.setpoint refused"), "{r}");
     assert_eq!(sim.writes().len(), writes);
+}
+
+#[test]
+fn sigkill_mid_opcua_recipe_leaves_every_node_at_its_value_written_once() {
+    let dir = tempfile::tempdir().unwrap();
+    // A slow press: each node written takes 400 ms, so the write step takes over a second.
+    let mut flags = press_nodes();
+    flags.extend(["--delay-ms", "400"]);
+    let sim = OpcuaSim::start(0, &flags);
+    let eq = equipment(dir.path(), &sim, "");
+    let text = std::fs::read_to_string(&eq)
+        .unwrap()
+        .replace("timeout: 2s", "timeout: 10s");
+    let eq = write(dir.path(), "slow.yaml", &text);
+    let mut agent = Agent::start(&dir.path().join("data"), &["--equipment", &eq]);
+    agent.json(&["apply", &format!("{EXAMPLES}opcua-recipe.yaml")]);
+    agent.json(&["start", "opcua-recipe", "--id", "r1", "--input", RECIPE]);
+    eventually(Duration::from_secs(30), "the first node written", || {
+        (!sim.writes().is_empty()).then_some(())
+    });
+    agent.kill9();
+    let before = sim.writes().len();
+    agent.restart();
+    let run = eventually(Duration::from_secs(60), "the recipe to finish", || {
+        let r = agent.json(&["show", "r1"]);
+        (r["status"] != "running").then_some(r)
+    });
+    assert_eq!(run["status"], "completed", "{run}");
+    let apply_started = run["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == "attempt_started" && e["step"] == "apply")
+        .count();
+    assert!(
+        apply_started >= 2,
+        "the kill landed in the write step, which ran again: {run}"
+    );
+    let writes = sim.writes();
+    let mut names: Vec<String> = writes
+        .iter()
+        .map(|w| w["write"].as_str().unwrap().to_string())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["Enabled", "Mode", "Setpoint", "Speed"],
+        "each node written exactly once ({before} before the kill): {writes:?}"
+    );
+    let values: serde_json::Map<String, Value> = writes
+        .iter()
+        .map(|w| (w["write"].as_str().unwrap().to_string(), w["value"].clone()))
+        .collect();
+    assert_eq!(
+        Value::Object(values),
+        json!({"Speed": 950, "Setpoint": 80.25, "Mode": "manual", "Enabled": true})
+    );
+}
+
+#[test]
+fn an_opcua_method_is_called_with_typed_arguments_or_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut flags = press_nodes();
+    flags.extend(["--method", "StartJob=String,UInt32"]);
+    let sim = OpcuaSim::start(0, &flags);
+    let eq = equipment(dir.path(), &sim, "");
+    let wf = write(
+        dir.path(),
+        "job.yaml",
+        "name: job\nversion: 1\nsteps:\n  - id: start\n    action: opcua.call\n    args: {device: press, method: \"{{ input.method }}\", args: \"{{ input.args }}\"}\n    retry: {max_attempts: 1}\noutput: \"{{ steps.start.output }}\"\n",
+    );
+    let (code, v) = run_once(
+        dir.path(),
+        &eq,
+        &wf,
+        r#"{"method": "start_job", "args": {"recipe": "A-17", "count": 3}}"#,
+    );
+    assert_eq!(code, Some(0), "{v}");
+    assert_eq!(v["output"]["outputs"], json!({"job": 1}), "{v}");
+    assert_eq!(
+        sim.calls(),
+        vec![json!({"call": "StartJob", "args": ["A-17", 3], "calls": 1})]
+    );
+
+    for (input, kind, words) in [
+        (
+            r#"{"method": "start_job", "args": {"recipe": "A-17", "count": -1}}"#,
+            "equipment.invalid",
+            vec!["start_job", "input 'count'", "press"],
+        ),
+        (
+            r#"{"method": "start_job", "args": {"recipe": "A-17"}}"#,
+            "equipment.invalid",
+            vec!["input 'count' is missing"],
+        ),
+        (
+            r#"{"method": "stop", "args": {}}"#,
+            "equipment.invalid",
+            vec!["no method 'stop'", "start_job"],
+        ),
+    ] {
+        let (code, v) = run_once(dir.path(), &eq, &wf, input);
+        assert_eq!(code, Some(6), "{input}: {v}");
+        let err = &v["error"];
+        let text = err.to_string();
+        assert!(
+            text.contains(kind) && words.iter().all(|w| text.contains(w)),
+            "{input}: {err}"
+        );
+    }
+    assert_eq!(sim.calls().len(), 1, "a refused call reaches no machine");
 }
