@@ -313,11 +313,19 @@ struct OpcuaSimArgs {
     /// Offer only Basic256Sha256 with SignAndEncrypt (no unsecured endpoint).
     #[arg(long)]
     only_secure: bool,
+    /// Require a user who signs in with this certificate (NAME:CERT_FILE, DER or PEM) instead of
+    /// anonymous sessions. Repeat for more.
+    #[arg(long, value_name = "NAME:CERT_FILE")]
+    user_cert: Vec<String>,
     /// A method `ns=2;s=NAME` on the `ns=2;s=outpost-sim` object taking inputs of these types,
     /// e.g. `StartJob=String,UInt32`: logs each call and returns one UInt32 (the number of calls
     /// so far). Repeat for more.
     #[arg(long, value_name = "NAME[=TYPE,...]")]
     method: Vec<String>,
+    /// Count a numeric node up by one every interval, as a PLC's part counter does:
+    /// NAME=DURATION, e.g. `Parts=2s`. Its source timestamp is when it last changed.
+    #[arg(long, value_name = "NAME=DURATION")]
+    tick: Vec<String>,
     /// Take this long over each node written (a slow PLC).
     #[arg(long, value_name = "MS", default_value_t = 0)]
     delay_ms: u64,
@@ -1757,6 +1765,12 @@ async fn daemon(data_dir: &Path, socket: &Path, args: RunArgs) -> Result<u8, Fai
             runtime.clone(),
             runtime.definitions_changed(),
         ));
+        #[cfg(feature = "opcua")]
+        tokio::spawn(crate::trigger::opcua::run(
+            runtime.clone(),
+            runtime.definitions_changed(),
+            equipment.clone(),
+        ));
         if let Some(url) = &args.broker {
             let device = args.device_id.clone().unwrap_or_else(host_name);
             if !outpost_shared::protocol::valid_device_id(&device) {
@@ -2002,6 +2016,25 @@ fn run_opcua_sim(args: OpcuaSimArgs) -> Result<u8, Failure> {
                 .ok_or_else(|| invalid(format!("--user '{u}' is not NAME:PASSWORD")))
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let cert_users = args
+        .user_cert
+        .iter()
+        .map(|u| {
+            u.split_once(':')
+                .map(|(n, p)| (n.to_string(), PathBuf::from(p)))
+                .ok_or_else(|| invalid(format!("--user-cert '{u}' is not NAME:CERT_FILE")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let ticks = args
+        .tick
+        .iter()
+        .map(|t| {
+            t.split_once('=')
+                .and_then(|(n, d)| Some((n.to_string(), outpost_shared::definition::parse_duration(d).ok()?)))
+                .filter(|(_, d)| !d.is_zero())
+                .ok_or_else(|| invalid(format!("--tick '{t}' is not NAME=DURATION (e.g. Parts=2s)")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let scratch = tempfile::tempdir().map_err(|e| Failure::new(exit::FAILURE, e.to_string()))?;
     let pki_dir = args.pki_dir.clone().unwrap_or_else(|| scratch.path().to_path_buf());
     let log: Arc<dyn Fn(Value) + Send + Sync> = Arc::new(|v: Value| {
@@ -2019,6 +2052,7 @@ fn run_opcua_sim(args: OpcuaSimArgs) -> Result<u8, Failure> {
             clamps,
             users,
             only_secure: args.only_secure,
+            cert_users,
             pki_dir,
             methods: args
                 .method
@@ -2027,6 +2061,7 @@ fn run_opcua_sim(args: OpcuaSimArgs) -> Result<u8, Failure> {
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(invalid)?,
             write_delay: std::time::Duration::from_millis(args.delay_ms),
+            ticks,
         };
         opcua_sim::serve(listener, opts, log)
             .await

@@ -301,6 +301,25 @@ pub struct TriggerSpec {
     /// Directory watched for `*.json` files; each file's content is the input of one run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub directory: Option<String>,
+    /// A point of an OPC UA device watched for data changes; each change starts one run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub opcua: Option<OpcuaTrigger>,
+}
+
+/// An OPC UA data-change trigger: a monitored item on a point of a `kind: opcua` device.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpcuaTrigger {
+    /// Device name in the equipment file.
+    pub device: String,
+    /// Point name in the device's `points`.
+    pub point: String,
+    /// Absolute deadband: a numeric change smaller than this starts nothing (default 0: any).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadband: Option<f64>,
+    /// How often the server samples the value (default 500ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sampling: Option<String>,
 }
 
 /// A definition document as written.
@@ -904,13 +923,35 @@ pub fn validate(doc: Document, catalog: &dyn ActionCatalog) -> Result<Definition
     check_schedules(&doc, &mut c);
     for (i, t) in doc.triggers.iter().enumerate() {
         let at = format!("triggers[{i}]");
-        match (&t.mqtt, &t.directory) {
-            (Some(_), Some(_)) | (None, None) => c.push(&at, "give exactly one of mqtt or directory"),
-            (Some(topic), None) if topic.is_empty() || topic.len() > 256 => {
-                c.push(format!("{at}.mqtt"), "a topic filter is 1-256 characters")
+        let given = [t.mqtt.is_some(), t.directory.is_some(), t.opcua.is_some()];
+        if given.iter().filter(|g| **g).count() != 1 {
+            c.push(&at, "give exactly one of mqtt, directory or opcua");
+        }
+        if let Some(topic) = &t.mqtt
+            && (topic.is_empty() || topic.len() > 256)
+        {
+            c.push(format!("{at}.mqtt"), "a topic filter is 1-256 characters");
+        }
+        if t.directory.as_ref().is_some_and(|d| d.is_empty()) {
+            c.push(format!("{at}.directory"), "must not be empty");
+        }
+        if let Some(o) = &t.opcua {
+            for (field, name) in [("device", &o.device), ("point", &o.point)] {
+                if !valid_ident(name) {
+                    c.push(format!("{at}.opcua.{field}"), format!("'{name}' is not a valid name"));
+                }
             }
-            (None, Some(dir)) if dir.is_empty() => c.push(format!("{at}.directory"), "must not be empty"),
-            _ => {}
+            if let Some(d) = o.deadband
+                && !(d.is_finite() && d >= 0.0)
+            {
+                c.push(
+                    format!("{at}.opcua.deadband"),
+                    format!("{d} must be a number of at least 0"),
+                );
+            }
+            if let Some(e) = o.sampling.as_deref().and_then(|s| parse_duration(s).err()) {
+                c.push(format!("{at}.opcua.sampling"), e);
+            }
         }
     }
     if doc.limits.as_ref().and_then(|l| l.max_runs) == Some(0) {

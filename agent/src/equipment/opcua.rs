@@ -14,11 +14,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use opcua::client::{ClientBuilder, IdentityToken, Session};
+use opcua::client::{ClientBuilder, DataChangeCallback, IdentityToken, MonitoredItem, Session};
 use opcua::crypto::SecurityPolicy;
 use opcua::types::{
-    AttributeId, CallMethodRequest, DataValue, DateTime, MessageSecurityMode, NodeId, NumericRange, ReadValueId,
-    StatusCode, TimestampsToReturn, UAString, Variant, WriteValue,
+    AttributeId, CallMethodRequest, DataChangeFilter, DataChangeTrigger, DataValue, DateTime, DeadbandType,
+    ExtensionObject, MessageSecurityMode, MonitoredItemCreateRequest, MonitoringMode, MonitoringParameters, NodeId,
+    NumericRange, ReadValueId, StatusCode, TimestampsToReturn, UAString, Variant, WriteValue,
 };
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
@@ -316,10 +317,23 @@ pub struct OpcuaSpec {
     /// File holding the user's password (first line).
     #[serde(default)]
     pub password_file: Option<PathBuf>,
+    /// A user certificate (DER or PEM) to sign in with instead of a user name (X509 identity).
+    #[serde(default)]
+    pub identity_certificate: Option<PathBuf>,
+    /// The identity certificate's private key (PEM).
+    #[serde(default)]
+    pub identity_key: Option<PathBuf>,
     /// The gateway's application certificate and key (`own/`, `private/`, made on first use)
     /// and the server certificates it trusts (`trusted/`). Default: `/var/lib/outpost/opcua-pki`.
     #[serde(default)]
     pub pki_dir: Option<PathBuf>,
+    /// An application certificate issued by the plant's PKI (DER or PEM; relative to `pki_dir`
+    /// or absolute) instead of the one the gateway makes itself.
+    #[serde(default)]
+    pub certificate: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[serde(default)]
+    pub private_key: Option<PathBuf>,
     /// Trust any server certificate (tests and commissioning only; logged as a warning).
     #[serde(default)]
     pub trust_any_server: bool,
@@ -435,6 +449,7 @@ const DEFAULT_PKI: &str = "/var/lib/outpost/opcua-pki";
 enum Identity {
     Anonymous,
     User(String, String),
+    Certificate(PathBuf, PathBuf),
 }
 
 /// A session and the task that drives it.
@@ -458,6 +473,8 @@ pub struct OpcuaDevice {
     mode: MessageSecurityMode,
     identity: Identity,
     pki_dir: PathBuf,
+    /// A plant-issued application certificate and key, instead of the generated pair.
+    own: Option<(PathBuf, PathBuf)>,
     trust_any_server: bool,
     session_timeout: Duration,
     timeout: Duration,
@@ -474,6 +491,45 @@ struct Link {
     failures: u32,
     /// No new attempt before this.
     next_attempt: Option<tokio::time::Instant>,
+    /// Sessions opened so far: a subscription belongs to the session it was made on.
+    generation: u64,
+}
+
+/// One watched point of a data-change subscription.
+#[derive(Debug, Clone)]
+pub struct Watch {
+    /// Point name.
+    pub point: String,
+    /// Absolute deadband (0: every change).
+    pub deadband: f64,
+    /// Sampling interval asked of the server.
+    pub sampling: Duration,
+}
+
+/// A subscription on one session of a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Subscription {
+    /// The server's subscription id.
+    pub id: u32,
+    /// The session it lives on.
+    pub generation: u64,
+}
+
+/// A data change of a watched point, as the server reported it.
+#[derive(Debug, Clone)]
+pub struct Change {
+    /// Point name.
+    pub point: String,
+    /// The engineering value (or why it could not be decoded).
+    pub value: Result<Value, String>,
+    /// The value's wire form, exact.
+    pub raw: String,
+    /// When the value changed at its source (server ticks, 100 ns since 1601), if reported.
+    pub source_ticks: Option<i64>,
+    /// The same as RFC 3339.
+    pub source_timestamp: Option<String>,
+    /// When the server saw it.
+    pub server_timestamp: Option<String>,
 }
 
 /// How long to wait before the next connection attempt after `failures` failed in a row:
@@ -529,8 +585,28 @@ impl OpcuaDevice {
             problems
                 .push("opcua.security_mode: None goes with security_policy None only, and the other way round".into());
         }
+        let readable = |field: &str, f: &PathBuf, problems: &mut Vec<String>| {
+            if let Err(e) = std::fs::metadata(f) {
+                problems.push(format!("opcua.{field}: cannot read {}: {e}", f.display()));
+            }
+        };
         let identity = match (&spec.user, &spec.password_file) {
-            (None, None) => Identity::Anonymous,
+            (None, None) => match (&spec.identity_certificate, &spec.identity_key) {
+                (None, None) => Identity::Anonymous,
+                (Some(c), Some(k)) => {
+                    readable("identity_certificate", c, &mut problems);
+                    readable("identity_key", k, &mut problems);
+                    Identity::Certificate(c.clone(), k.clone())
+                }
+                _ => {
+                    problems.push("opcua.identity_certificate and opcua.identity_key go together".into());
+                    Identity::Anonymous
+                }
+            },
+            (Some(_), Some(_)) if spec.identity_certificate.is_some() => {
+                problems.push("opcua: give user and password_file, or identity_certificate, not both".into());
+                Identity::Anonymous
+            }
             (Some(u), Some(f)) => match std::fs::read_to_string(f) {
                 Ok(p) => Identity::User(u.clone(), p.lines().next().unwrap_or("").to_string()),
                 Err(e) => {
@@ -541,6 +617,19 @@ impl OpcuaDevice {
             _ => {
                 problems.push("opcua.user and opcua.password_file go together".into());
                 Identity::Anonymous
+            }
+        };
+        let pki_dir = spec.pki_dir.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_PKI));
+        let own = match (&spec.certificate, &spec.private_key) {
+            (None, None) => None,
+            (Some(c), Some(k)) => {
+                readable("certificate", &pki_dir.join(c), &mut problems);
+                readable("private_key", &pki_dir.join(k), &mut problems);
+                Some((c.clone(), k.clone()))
+            }
+            _ => {
+                problems.push("opcua.certificate and opcua.private_key go together".into());
+                None
             }
         };
         let session_timeout = match &spec.session_timeout {
@@ -577,7 +666,8 @@ impl OpcuaDevice {
             policy,
             mode,
             identity,
-            pki_dir: spec.pki_dir.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_PKI)),
+            pki_dir,
+            own,
             trust_any_server: spec.trust_any_server,
             session_timeout,
             timeout,
@@ -615,12 +705,16 @@ impl OpcuaDevice {
         if self.trust_any_server {
             tracing::warn!(device = %self.name, "opcua.trust_any_server: any server certificate is accepted");
         }
-        let mut client = ClientBuilder::new()
+        let mut builder = ClientBuilder::new()
             .application_name("Outpost gateway")
             .application_uri(format!("urn:outpost:gateway:{}", self.name))
             .product_uri("urn:outpost")
             .pki_dir(&self.pki_dir)
-            .create_sample_keypair(true)
+            .create_sample_keypair(self.own.is_none());
+        if let Some((cert, key)) = &self.own {
+            builder = builder.certificate_path(cert).private_key_path(key);
+        }
+        let mut client = builder
             .trust_server_certs(self.trust_any_server)
             .session_retry_limit(0)
             .session_timeout(u32::try_from(self.session_timeout.as_millis()).unwrap_or(u32::MAX))
@@ -630,6 +724,14 @@ impl OpcuaDevice {
         let identity = match &self.identity {
             Identity::Anonymous => IdentityToken::Anonymous,
             Identity::User(u, p) => IdentityToken::UserName(u.clone(), opcua::client::Password(p.clone())),
+            Identity::Certificate(cert, key) => IdentityToken::new_x509_path(cert, key).map_err(|e| {
+                EquipmentError::Invalid(format!(
+                    "device '{}': opcua.identity_certificate {} / identity_key {}: {e}",
+                    self.name,
+                    cert.display(),
+                    key.display()
+                ))
+            })?,
         };
         let endpoint = (self.endpoint.as_str(), self.policy.to_str(), self.mode);
         let (session, event_loop) = client
@@ -663,6 +765,18 @@ impl OpcuaDevice {
     where
         F: std::future::Future<Output = Result<T, opcua::types::Error>>,
     {
+        self.call_on_session(what, op).await.map(|(v, _)| v)
+    }
+
+    /// `call`, also saying which session (generation) the request went on.
+    async fn call_on_session<T, F>(
+        &self,
+        what: &str,
+        op: impl FnOnce(Arc<Session>) -> F,
+    ) -> Result<(T, u64), EquipmentError>
+    where
+        F: std::future::Future<Output = Result<T, opcua::types::Error>>,
+    {
         let mut link = self.live.lock().await;
         if link.live.as_ref().is_none_or(|l| l.task.is_finished()) {
             link.live = None;
@@ -681,6 +795,7 @@ impl OpcuaDevice {
                     }
                     *link = Link {
                         live: Some(live),
+                        generation: link.generation.wrapping_add(1),
                         ..Link::default()
                     };
                 }
@@ -697,7 +812,7 @@ impl OpcuaDevice {
             return Err(self.fail(what, StatusCode::BadNotConnected));
         };
         match tokio::time::timeout(self.timeout, op(session)).await {
-            Ok(Ok(v)) => Ok(v),
+            Ok(Ok(v)) => Ok((v, link.generation)),
             Ok(Err(e)) => {
                 let err = self.fail(what, e.status());
                 if matches!(classify(e.status()).0, "opcua.not_connected" | "opcua.timeout") {
@@ -709,6 +824,97 @@ impl OpcuaDevice {
                 link.live = None;
                 Err(EquipmentError::Timeout(self.timeout))
             }
+        }
+    }
+
+    /// The generation of the open session, if one is open and alive.
+    pub async fn session_generation(&self) -> Option<u64> {
+        let link = self.live.lock().await;
+        link.live
+            .as_ref()
+            .filter(|l| !l.task.is_finished())
+            .map(|_| link.generation)
+    }
+
+    /// Watches points for data changes on the device's session (opened if need be): each
+    /// change the server reports goes to `on_change`. The subscription lives as long as that
+    /// session; its generation tells the caller when to subscribe again on a new one.
+    pub async fn subscribe(
+        &self,
+        watches: &[Watch],
+        on_change: impl Fn(Change) + Send + Sync + 'static,
+    ) -> Result<Subscription, EquipmentError> {
+        let mut items = Vec::new();
+        let mut by_handle = BTreeMap::new();
+        for (handle, w) in (1u32..).zip(watches) {
+            let p = self.point(&w.point)?.clone();
+            let filter = DataChangeFilter {
+                trigger: DataChangeTrigger::StatusValue,
+                deadband_type: if w.deadband > 0.0 {
+                    DeadbandType::Absolute as u32
+                } else {
+                    DeadbandType::None as u32
+                },
+                deadband_value: w.deadband,
+            };
+            items.push(MonitoredItemCreateRequest::new(
+                ReadValueId::from(p.node.clone()),
+                MonitoringMode::Reporting,
+                MonitoringParameters {
+                    client_handle: handle,
+                    sampling_interval: w.sampling.as_secs_f64() * 1000.0,
+                    filter: ExtensionObject::from_message(filter),
+                    queue_size: 100,
+                    discard_oldest: false,
+                },
+            ));
+            by_handle.insert(handle, (w.point.clone(), p));
+        }
+        let callback = DataChangeCallback::new(move |dv: DataValue, item: &MonitoredItem| {
+            let Some((name, p)) = by_handle.get(&item.client_handle()) else {
+                return;
+            };
+            let v = dv.value.clone().unwrap_or(Variant::Empty);
+            on_change(Change {
+                point: name.clone(),
+                value: match dv.status.filter(|c| !c.is_good()) {
+                    Some(c) => Err(format!("status {c}")),
+                    None => p.decode(&v),
+                },
+                raw: variant_text(&v),
+                source_ticks: dv.source_timestamp.map(|t| t.checked_ticks()),
+                source_timestamp: dv.source_timestamp.map(|t| t.to_rfc3339()),
+                server_timestamp: dv.server_timestamp.map(|t| t.to_rfc3339()),
+            });
+        });
+        let points: Vec<String> = watches.iter().map(|w| w.point.clone()).collect();
+        let ((id, created), generation) = self
+            .call_on_session("subscribe", |s| async move {
+                let publishing = Duration::from_millis(250);
+                let id = s.create_subscription(publishing, 240, 20, 0, 0, true, callback).await?;
+                Ok((id, s.create_monitored_items(id, TimestampsToReturn::Both, items).await?))
+            })
+            .await?;
+        let sub = Subscription { id, generation };
+        for (item, point) in created.iter().zip(&points) {
+            if !item.result.status_code.is_good() {
+                self.unsubscribe(sub).await;
+                return Err(self.fail(&format!("monitoring point '{point}'"), item.result.status_code));
+            }
+        }
+        Ok(sub)
+    }
+
+    /// Ends a subscription if its session is still the open one (else it ended with it).
+    pub async fn unsubscribe(&self, sub: Subscription) {
+        if self.session_generation().await != Some(sub.generation) {
+            return;
+        }
+        if let Err(e) = self
+            .call("unsubscribe", |s| async move { s.delete_subscription(sub.id).await })
+            .await
+        {
+            tracing::debug!(device = %self.name, error = %e, "cannot delete a subscription");
         }
     }
 

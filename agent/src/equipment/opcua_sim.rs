@@ -13,7 +13,7 @@ use opcua::server::address_space::Variable;
 use opcua::server::diagnostics::NamespaceMetadata;
 use opcua::server::node_manager::memory::{SimpleNodeManager, simple_node_manager};
 use opcua::server::{ANONYMOUS_USER_TOKEN_ID, ServerBuilder, ServerUserToken};
-use opcua::types::{DataTypeId, DataValue, MessageSecurityMode, NodeId, StatusCode, Variant};
+use opcua::types::{DataTypeId, DataValue, DateTime, MessageSecurityMode, NodeId, StatusCode, Variant};
 use serde_json::{Value, json};
 
 use super::opcua::{DataType, Point, PointSpec};
@@ -107,6 +107,8 @@ pub struct SimOptions {
     pub clamps: HashMap<String, f64>,
     /// Users (`NAME:PASSWORD`); with any, anonymous sessions are refused.
     pub users: Vec<(String, String)>,
+    /// Users who sign in with a certificate (`NAME:CERT_FILE`); with any, anonymous sessions are refused.
+    pub cert_users: Vec<(String, PathBuf)>,
     /// Offer only Basic256Sha256 / SignAndEncrypt (no unsecured endpoint).
     pub only_secure: bool,
     /// The server's certificate and key, and client certificates.
@@ -115,6 +117,8 @@ pub struct SimOptions {
     pub methods: Vec<SimMethod>,
     /// Time taken over each node written.
     pub write_delay: std::time::Duration,
+    /// Numeric nodes the simulator itself counts up by one at an interval (a part counter).
+    pub ticks: Vec<(String, std::time::Duration)>,
 }
 
 fn zero(t: DataType) -> Value {
@@ -135,7 +139,7 @@ pub async fn serve(
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let url = format!("opc.tcp://{}:{}/", addr.ip(), addr.port());
     let mut tokens: Vec<String> = Vec::new();
-    if opts.users.is_empty() {
+    if opts.users.is_empty() && opts.cert_users.is_empty() {
         tokens.push(ANONYMOUS_USER_TOKEN_ID.to_string());
     }
     let mut builder = ServerBuilder::new()
@@ -157,6 +161,10 @@ pub async fn serve(
         ));
     for (u, p) in &opts.users {
         builder = builder.add_user_token(u.clone(), ServerUserToken::user_pass(u.clone(), p.clone()));
+        tokens.push(u.clone());
+    }
+    for (u, cert) in &opts.cert_users {
+        builder = builder.add_user_token(u.clone(), ServerUserToken::x509(u.clone(), cert));
         tokens.push(u.clone());
     }
     let ids: Vec<&str> = tokens.iter().map(String::as_str).collect();
@@ -181,7 +189,8 @@ pub async fn serve(
         .get_namespace_index(NAMESPACE_URI)
         .ok_or("no namespace for the simulated nodes")?;
 
-    let store: Arc<Mutex<HashMap<NodeId, Variant>>> = Arc::default();
+    // Each value with its source timestamp: when it last changed, as a PLC reports it.
+    let store: Arc<Mutex<HashMap<NodeId, (Variant, DateTime)>>> = Arc::default();
     {
         let mut space = manager.address_space().write();
         let folder = NodeId::new(ns, "outpost-sim");
@@ -196,7 +205,10 @@ pub async fn serve(
             v.set_writable(true);
             v.set_user_access_level(AccessLevel::CURRENT_READ | AccessLevel::CURRENT_WRITE);
             vars.push(v);
-            store.lock().unwrap_or_else(|p| p.into_inner()).insert(id, value);
+            store
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(id, (value, DateTime::now()));
         }
         let _ = space.add_variables(vars, &folder);
         for m in &opts.methods {
@@ -242,7 +254,16 @@ pub async fn serve(
                 .unwrap_or_else(|p| p.into_inner())
                 .get(&read_id)
                 .cloned();
-            Ok(DataValue::new_now(v.unwrap_or(Variant::Empty)))
+            Ok(match v {
+                Some((value, changed)) => DataValue {
+                    value: Some(value),
+                    status: Some(StatusCode::Good),
+                    source_timestamp: Some(changed),
+                    server_timestamp: Some(DateTime::now()),
+                    ..Default::default()
+                },
+                None => DataValue::new_now(Variant::Empty),
+            })
         });
         let (write_store, write_id, log, name) = (store.clone(), id.clone(), log.clone(), n.name.clone());
         let clamp = opts.clamps.get(&n.name).copied();
@@ -271,9 +292,35 @@ pub async fn serve(
             write_store
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .insert(write_id.clone(), stored);
+                .insert(write_id.clone(), (stored, DateTime::now()));
             log(line);
             StatusCode::Good
+        });
+    }
+    for (name, every) in &opts.ticks {
+        let id = NodeId::new(ns, name.as_str());
+        let node = opts
+            .nodes
+            .iter()
+            .find(|n| &n.name == name)
+            .ok_or_else(|| format!("--tick {name}: no such --node"))?;
+        let point = sim_point(node, ns)?;
+        let (store, log, name, every) = (store.clone(), log.clone(), name.clone(), *every);
+        tokio::spawn(async move {
+            let mut timer = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            loop {
+                timer.tick().await;
+                let mut values = store.lock().unwrap_or_else(|p| p.into_inner());
+                let Some((v, changed)) = values.get_mut(&id) else {
+                    return;
+                };
+                let next = point.decode(v).ok().and_then(|j| j.as_f64()).map(|x| json!(x + 1.0));
+                if let Some(Ok(n)) = next.map(|j| point.encode(&j)) {
+                    *v = n;
+                    *changed = DateTime::now();
+                    log(json!({"tick": name, "value": point.decode(v).unwrap_or(Value::Null)}));
+                }
+            }
         });
     }
     log(json!({"listening": url, "namespace": ns}));

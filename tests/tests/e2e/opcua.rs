@@ -116,6 +116,10 @@ fn every_opcua_data_type_is_read_written_and_verified_exactly() {
         "each node written once: {:?}",
         sim.writes()
     );
+    assert!(
+        dir.path().join("pki/own/cert.der").exists(),
+        "the gateway made its own application certificate"
+    );
 }
 
 #[test]
@@ -433,4 +437,142 @@ fn an_opcua_method_is_called_with_typed_arguments_or_refused_by_name() {
         );
     }
     assert_eq!(sim.calls().len(), 1, "a refused call reaches no machine");
+}
+
+/// The parts value of every run the `count` workflow has, by run id.
+fn counted(agent: &Agent) -> Vec<(String, Value)> {
+    let list = agent.json(&["list", "--limit", "1000"]);
+    let mut out: Vec<(String, Value)> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["workflow"] == "count")
+        .map(|r| {
+            let id = r["run_id"].as_str().unwrap().to_string();
+            let run = agent.json(&["show", &id]);
+            (id, run["input"]["value"].clone())
+        })
+        .collect();
+    out.sort_by_key(|(_, v)| v.as_u64());
+    out
+}
+
+#[test]
+fn a_data_change_trigger_starts_one_run_per_change_across_an_agent_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    // A part counter the PLC counts up every 2 s.
+    let sim = OpcuaSim::start(0, &["--node", "Parts=UInt32=0", "--tick", "Parts=2s"]);
+    let eq = write(
+        dir.path(),
+        "counter.yaml",
+        &format!(
+            "devices:\n  press:\n    kind: opcua\n    opcua:\n      endpoint: {}\n      trust_any_server: true\n      pki_dir: {}\n      points:\n        parts: {{node: \"ns=2;s=Parts\", type: UInt32}}\n",
+            sim.url,
+            dir.path().join("pki").display()
+        ),
+    );
+    let wf = write(
+        dir.path(),
+        "count.yaml",
+        "name: count\nversion: 1\ntriggers:\n  - opcua: {device: press, point: parts, sampling: 100ms}\nsteps:\n  - id: note\n    action: set\n    args: {parts: \"{{ input.value }}\", changed_at: \"{{ input.source_timestamp }}\"}\n",
+    );
+    let mut agent = Agent::start(&dir.path().join("data"), &["--equipment", &eq]);
+    agent.json(&["apply", &wf]);
+    // Kill the agent just after a change started its run: the restarted agent subscribes
+    // again and is sent that same value again (the counter has not moved on yet).
+    let seen = eventually(Duration::from_secs(30), "runs for two changes", || {
+        let runs = counted(&agent);
+        (runs.iter().filter(|(_, v)| v.as_u64().unwrap_or(0) >= 1).count() >= 2).then_some(runs)
+    });
+    agent.kill9();
+    let at_kill = seen.last().unwrap().1.as_u64().unwrap();
+    agent.restart();
+    let runs = eventually(Duration::from_secs(30), "runs for two more changes", || {
+        let runs = counted(&agent);
+        runs.iter()
+            .any(|(_, v)| v.as_u64().unwrap_or(0) >= at_kill + 2)
+            .then_some(runs)
+    });
+    let values: Vec<u64> = runs.iter().map(|(_, v)| v.as_u64().unwrap()).collect();
+    let mut distinct = values.clone();
+    distinct.dedup();
+    assert_eq!(values, distinct, "a value started two runs: {runs:?}");
+    assert!(
+        values.contains(&(at_kill + 1)) && values.contains(&(at_kill + 2)),
+        "every change after the restart started a run: {runs:?}"
+    );
+    for (id, _) in &runs {
+        assert!(id.starts_with("opcua:count:press.parts:"), "{id}");
+    }
+}
+
+/// An RSA certificate and key made with openssl: `(cert.der, key.pem)`.
+fn rsa_certificate(dir: &std::path::Path, name: &str, subject_alt: &str) -> (String, String) {
+    let (cert, key) = (dir.join(format!("{name}.der")), dir.join(format!("{name}.pem")));
+    let out = std::process::Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "30", "-outform", "DER",
+        ])
+        .args(["-subj", &format!("/CN={name}")])
+        .args(["-addext", &format!("subjectAltName={subject_alt}")])
+        .args([
+            "-addext",
+            "keyUsage=critical,digitalSignature,nonRepudiation,keyEncipherment,dataEncipherment",
+        ])
+        .args(["-addext", "extendedKeyUsage=serverAuth,clientAuth"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    (cert.display().to_string(), key.display().to_string())
+}
+
+#[test]
+fn a_secure_session_signs_in_with_a_user_certificate_and_a_plant_issued_application_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let (user_cert, user_key) = rsa_certificate(dir.path(), "operator", "URI:urn:plant:operator");
+    let (other_cert, other_key) = rsa_certificate(dir.path(), "intruder", "URI:urn:plant:intruder");
+    let (app_cert, app_key) = rsa_certificate(dir.path(), "gateway", "URI:urn:outpost:gateway:press,DNS:localhost");
+    let sim = OpcuaSim::start(
+        0,
+        &[
+            "--node",
+            "Speed=UInt16=900",
+            "--only-secure",
+            "--user-cert",
+            &format!("operator:{user_cert}"),
+        ],
+    );
+    let secure = |cert: &str, key: &str| {
+        let text = std::fs::read_to_string(equipment(dir.path(), &sim, "")).unwrap().replace(
+            "security_policy: None",
+            &format!(
+                "security_policy: Basic256Sha256\n      security_mode: SignAndEncrypt\n      identity_certificate: {cert}\n      identity_key: {key}\n      certificate: {app_cert}\n      private_key: {app_key}"
+            ),
+        );
+        write(dir.path(), "secure.yaml", &text)
+    };
+    let wf = write(
+        dir.path(),
+        "probe.yaml",
+        "name: probe\nversion: 1\nsteps:\n  - id: r\n    action: opcua.read\n    args: {device: press, points: [speed]}\n    retry: {max_attempts: 1}\noutput: \"{{ steps.r.output.values }}\"\n",
+    );
+    let d = tempfile::tempdir().unwrap();
+    let (code, v) = run_once(d.path(), &secure(&user_cert, &user_key), &wf, "{}");
+    assert_eq!(code, Some(0), "{v}");
+    assert_eq!(v["output"], json!({"speed": 900}), "{v}");
+    // The plant-issued application certificate was used, not a generated one.
+    assert!(
+        !dir.path().join("pki/own/cert.der").exists(),
+        "no certificate was generated"
+    );
+
+    let d = tempfile::tempdir().unwrap();
+    let (code, v) = run_once(d.path(), &secure(&other_cert, &other_key), &wf, "{}");
+    assert_eq!(code, Some(6), "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("press") && msg.contains("Identity"), "{msg}");
 }

@@ -1,5 +1,6 @@
-//! Triggers: start runs from files dropped in a watched directory and from MQTT messages on a
-//! local broker. (The local API and CLI are the third trigger.)
+//! Triggers: start runs from files dropped in a watched directory, from MQTT messages on a
+//! local broker and (feature `opcua`) from data changes of OPC UA points. (The local API and
+//! CLI are one more.)
 //!
 //! Every trigger maps what it received to a deterministic run id (its dedupe key), and starting
 //! a run with an existing id starts nothing, so a file seen again after a crash or a message
@@ -18,6 +19,9 @@ use tracing::{info, warn};
 
 use crate::runtime::{MAX_INPUT_BYTES, Runtime, RuntimeError, StartRequest};
 
+#[cfg(feature = "opcua")]
+pub mod opcua;
+
 /// How often watched directories are scanned.
 pub const POLL: Duration = Duration::from_secs(1);
 
@@ -34,7 +38,7 @@ pub struct MqttTriggerConfig {
     pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
-fn fnv1a(parts: &[&[u8]]) -> u64 {
+pub(crate) fn fnv1a(parts: &[&[u8]]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for p in parts {
         for b in p.iter().chain(&[0u8]) {
@@ -65,7 +69,7 @@ fn load(rt: &Runtime) -> (TopicFilters, Vec<(String, PathBuf)>) {
 }
 
 /// Outcome of one trigger delivery.
-enum Delivery {
+pub(crate) enum Delivery {
     /// Started now, or already started earlier (a duplicate).
     Done,
     /// Rejected by run limits: try again later.
@@ -74,7 +78,7 @@ enum Delivery {
     Refused(String),
 }
 
-async fn deliver(rt: &Runtime, workflow: &str, run_id: String, input: Value, source: &str) -> Delivery {
+pub(crate) async fn deliver(rt: &Runtime, workflow: &str, run_id: String, input: Value, source: &str) -> Delivery {
     let req = StartRequest {
         workflow: workflow.to_string(),
         version: None,
