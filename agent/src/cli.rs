@@ -2007,24 +2007,21 @@ fn run_opcua_sim(args: OpcuaSimArgs) -> Result<u8, Failure> {
         let (n, m) = parsed.ok_or_else(|| invalid(format!("--clamp '{c}' is not NAME=MAX")))?;
         clamps.insert(n, m);
     }
-    let users = args
-        .user
-        .iter()
-        .map(|u| {
-            u.split_once(':')
-                .map(|(n, p)| (n.to_string(), p.to_string()))
-                .ok_or_else(|| invalid(format!("--user '{u}' is not NAME:PASSWORD")))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let cert_users = args
-        .user_cert
-        .iter()
-        .map(|u| {
-            u.split_once(':')
-                .map(|(n, p)| (n.to_string(), PathBuf::from(p)))
-                .ok_or_else(|| invalid(format!("--user-cert '{u}' is not NAME:CERT_FILE")))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    // `NAME:VALUE` options, refused by flag and form.
+    let named = |list: &[String], flag: &str, form: &str| {
+        list.iter()
+            .map(|u| {
+                u.split_once(':')
+                    .map(|(n, v)| (n.to_string(), v.to_string()))
+                    .ok_or_else(|| invalid(format!("{flag} '{u}' is not {form}")))
+            })
+            .collect::<Result<Vec<_>, _>>()
+    };
+    let users = named(&args.user, "--user", "NAME:PASSWORD")?;
+    let cert_users = named(&args.user_cert, "--user-cert", "NAME:CERT_FILE")?
+        .into_iter()
+        .map(|(n, f)| (n, PathBuf::from(f)))
+        .collect();
     let ticks = args
         .tick
         .iter()

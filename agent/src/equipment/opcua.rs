@@ -837,12 +837,12 @@ impl OpcuaDevice {
     }
 
     /// Watches points for data changes on the device's session (opened if need be): each
-    /// change the server reports goes to `on_change`. The subscription lives as long as that
+    /// change the server reports goes to `on_change` with the index of its watch. The subscription lives as long as that
     /// session; its generation tells the caller when to subscribe again on a new one.
     pub async fn subscribe(
         &self,
         watches: &[Watch],
-        on_change: impl Fn(Change) + Send + Sync + 'static,
+        on_change: impl Fn(usize, Change) + Send + Sync + 'static,
     ) -> Result<Subscription, EquipmentError> {
         let mut items = Vec::new();
         let mut by_handle = BTreeMap::new();
@@ -868,24 +868,27 @@ impl OpcuaDevice {
                     discard_oldest: false,
                 },
             ));
-            by_handle.insert(handle, (w.point.clone(), p));
+            by_handle.insert(handle, (by_handle.len(), w.point.clone(), p));
         }
         let callback = DataChangeCallback::new(move |dv: DataValue, item: &MonitoredItem| {
-            let Some((name, p)) = by_handle.get(&item.client_handle()) else {
+            let Some((index, name, p)) = by_handle.get(&item.client_handle()) else {
                 return;
             };
             let v = dv.value.clone().unwrap_or(Variant::Empty);
-            on_change(Change {
-                point: name.clone(),
-                value: match dv.status.filter(|c| !c.is_good()) {
-                    Some(c) => Err(format!("status {c}")),
-                    None => p.decode(&v),
+            on_change(
+                *index,
+                Change {
+                    point: name.clone(),
+                    value: match dv.status.filter(|c| !c.is_good()) {
+                        Some(c) => Err(format!("status {c}")),
+                        None => p.decode(&v),
+                    },
+                    raw: variant_text(&v),
+                    source_ticks: dv.source_timestamp.map(|t| t.checked_ticks()),
+                    source_timestamp: dv.source_timestamp.map(|t| t.to_rfc3339()),
+                    server_timestamp: dv.server_timestamp.map(|t| t.to_rfc3339()),
                 },
-                raw: variant_text(&v),
-                source_ticks: dv.source_timestamp.map(|t| t.checked_ticks()),
-                source_timestamp: dv.source_timestamp.map(|t| t.to_rfc3339()),
-                server_timestamp: dv.server_timestamp.map(|t| t.to_rfc3339()),
-            });
+            );
         });
         let points: Vec<String> = watches.iter().map(|w| w.point.clone()).collect();
         let ((id, created), generation) = self

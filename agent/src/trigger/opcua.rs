@@ -6,7 +6,7 @@
 //! agent restarts) maps to the run it already started: one run per change, never two.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use outpost_shared::definition::{OpcuaTrigger, parse_duration};
@@ -40,25 +40,30 @@ pub fn plan<'a>(defs: impl IntoIterator<Item = (&'a str, &'a [outpost_shared::de
     plan
 }
 
-/// One monitored item per point: the smallest deadband and sampling interval asked for it.
-pub fn watches(entries: &[(String, OpcuaTrigger)]) -> Vec<Watch> {
-    let mut by_point: BTreeMap<&str, Watch> = BTreeMap::new();
-    for (_, t) in entries {
+/// One monitored item per point and settings (deadband, sampling), with the workflows it starts.
+pub fn watches(entries: &[(String, OpcuaTrigger)]) -> Vec<(Watch, Vec<String>)> {
+    let mut out: Vec<(Watch, Vec<String>)> = Vec::new();
+    for (workflow, t) in entries {
         let sampling = t
             .sampling
             .as_deref()
             .and_then(|s| parse_duration(s).ok())
             .unwrap_or(DEFAULT_SAMPLING);
         let deadband = t.deadband.unwrap_or(0.0);
-        let w = by_point.entry(&t.point).or_insert(Watch {
-            point: t.point.clone(),
-            deadband,
-            sampling,
-        });
-        w.deadband = w.deadband.min(deadband);
-        w.sampling = w.sampling.min(sampling);
+        let same = |w: &Watch| w.point == t.point && w.deadband == deadband && w.sampling == sampling;
+        match out.iter_mut().find(|(w, _)| same(w)) {
+            Some((_, workflows)) => workflows.push(workflow.clone()),
+            None => out.push((
+                Watch {
+                    point: t.point.clone(),
+                    deadband,
+                    sampling,
+                },
+                vec![workflow.clone()],
+            )),
+        }
     }
-    by_point.into_values().collect()
+    out
 }
 
 /// The run id of a change: workflow, device, point and the value's source timestamp (the
@@ -97,14 +102,14 @@ fn load(rt: &Runtime) -> Plan {
 /// Keeps a subscription per device named by `opcua:` triggers and starts runs from the changes
 /// until the process ends.
 pub async fn run(rt: Runtime, mut changed: watch::Receiver<u64>, equipment: Option<Arc<Equipment>>) {
-    let current = Arc::new(Mutex::new(load(&rt)));
-    let (tx, mut rx) = mpsc::unbounded_channel::<(String, Change)>();
+    let mut current = load(&rt);
+    let (tx, mut rx) = mpsc::unbounded_channel::<(String, Arc<Vec<String>>, Change)>();
 
     // Handler: starts runs off the subscription callbacks (which must not block).
     let handler = {
-        let (rt, current) = (rt.clone(), current.clone());
+        let rt = rt.clone();
         tokio::spawn(async move {
-            while let Some((device, change)) = rx.recv().await {
+            while let Some((device, workflows, change)) = rx.recv().await {
                 let value = match &change.value {
                     Ok(v) => v.clone(),
                     Err(e) => {
@@ -112,21 +117,12 @@ pub async fn run(rt: Runtime, mut changed: watch::Receiver<u64>, equipment: Opti
                         continue;
                     }
                 };
-                let workflows: Vec<String> = {
-                    let plan = current.lock().unwrap_or_else(|e| e.into_inner());
-                    plan.get(&device)
-                        .into_iter()
-                        .flatten()
-                        .filter(|(_, t)| t.point == change.point)
-                        .map(|(w, _)| w.clone())
-                        .collect()
-                };
-                for w in workflows {
-                    let id = change_run_id(&w, &device, &change);
+                for w in workflows.iter() {
+                    let id = change_run_id(w, &device, &change);
                     let source = format!("opcua {device}.{}", change.point);
                     let mut delay = Duration::from_millis(500);
                     while let Delivery::Deferred =
-                        deliver(&rt, &w, id.clone(), change_input(&device, &change, &value), &source).await
+                        deliver(&rt, w, id.clone(), change_input(&device, &change, &value), &source).await
                     {
                         tokio::time::sleep(delay).await;
                         delay = (delay * 2).min(Duration::from_secs(30));
@@ -139,16 +135,15 @@ pub async fn run(rt: Runtime, mut changed: watch::Receiver<u64>, equipment: Opti
     let mut subscribed: HashMap<String, Subscription> = HashMap::new();
     let mut warned: HashSet<String> = HashSet::new();
     loop {
-        let plan = current.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        if plan.is_empty() {
+        if current.is_empty() {
             // Nothing to watch: no timer, so an idle agent stays idle.
             if changed.changed().await.is_err() {
                 break;
             }
-            *current.lock().unwrap_or_else(|e| e.into_inner()) = load(&rt);
+            current = load(&rt);
             continue;
         }
-        for (device, entries) in &plan {
+        for (device, entries) in &current {
             let dev = match equipment.as_ref().map(|e| e.opcua(device)) {
                 Some(Ok(d)) => d,
                 Some(Err(e)) => {
@@ -171,9 +166,15 @@ pub async fn run(rt: Runtime, mut changed: watch::Receiver<u64>, equipment: Opti
             if alive.is_some() && alive == subscribed.get(device).map(|s| s.generation) {
                 continue;
             }
-            let watches = watches(entries);
+            let (watches, workflows): (Vec<Watch>, Vec<Arc<Vec<String>>>) =
+                watches(entries).into_iter().map(|(w, wf)| (w, Arc::new(wf))).unzip();
             let (tx, name) = (tx.clone(), device.clone());
-            match dev.subscribe(&watches, move |c| drop(tx.send((name.clone(), c)))).await {
+            let on_change = move |i: usize, c: Change| {
+                if let Some(wf) = workflows.get(i) {
+                    let _ = tx.send((name.clone(), wf.clone(), c));
+                }
+            };
+            match dev.subscribe(&watches, on_change).await {
                 Ok(sub) => {
                     info!(device, points = watches.len(), "opcua trigger subscribed");
                     warned.remove(device);
@@ -198,7 +199,7 @@ pub async fn run(rt: Runtime, mut changed: watch::Receiver<u64>, equipment: Opti
                     }
                 }
                 warned.clear();
-                *current.lock().unwrap_or_else(|e| e.into_inner()) = next;
+                current = next;
             }
         }
         if handler.is_finished() {
@@ -237,7 +238,7 @@ mod tests {
     }
 
     #[test]
-    fn one_monitored_item_per_point_with_the_finest_settings() {
+    fn one_monitored_item_per_point_and_settings() {
         let t = |point: &str, deadband: Option<f64>, sampling: Option<&str>| OpcuaTrigger {
             device: "press".into(),
             point: point.into(),
@@ -245,17 +246,27 @@ mod tests {
             sampling: sampling.map(str::to_string),
         };
         let entries = vec![
-            ("a".to_string(), t("speed", Some(5.0), Some("2s"))),
-            ("b".to_string(), t("speed", Some(1.0), None)),
-            ("c".to_string(), t("parts", None, Some("100ms"))),
+            ("a".to_string(), t("speed", Some(5.0), None)),
+            ("b".to_string(), t("speed", None, None)),
+            ("c".to_string(), t("speed", Some(5.0), Some("500ms"))),
+            ("d".to_string(), t("parts", None, Some("100ms"))),
         ];
         let w = watches(&entries);
-        assert_eq!(w.len(), 2);
+        let summary: Vec<(&str, f64, u128, Vec<&str>)> = w
+            .iter()
+            .map(|(w, wf)| {
+                let wf = wf.iter().map(String::as_str).collect();
+                (w.point.as_str(), w.deadband, w.sampling.as_millis(), wf)
+            })
+            .collect();
+        // A workflow with a deadband never gets the changes another one's finer item reports.
         assert_eq!(
-            (w[0].point.as_str(), w[0].sampling),
-            ("parts", Duration::from_millis(100))
+            summary,
+            vec![
+                ("speed", 5.0, 500, vec!["a", "c"]),
+                ("speed", 0.0, 500, vec!["b"]),
+                ("parts", 0.0, 100, vec!["d"]),
+            ]
         );
-        assert_eq!((w[1].point.as_str(), w[1].deadband), ("speed", 1.0));
-        assert_eq!(w[1].sampling, DEFAULT_SAMPLING);
     }
 }

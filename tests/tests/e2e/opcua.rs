@@ -441,12 +441,16 @@ fn an_opcua_method_is_called_with_typed_arguments_or_refused_by_name() {
 
 /// The parts value of every run the `count` workflow has, by run id.
 fn counted(agent: &Agent) -> Vec<(String, Value)> {
+    counted_by(agent, "count")
+}
+
+fn counted_by(agent: &Agent, workflow: &str) -> Vec<(String, Value)> {
     let list = agent.json(&["list", "--limit", "1000"]);
     let mut out: Vec<(String, Value)> = list
         .as_array()
         .unwrap()
         .iter()
-        .filter(|r| r["workflow"] == "count")
+        .filter(|r| r["workflow"] == workflow)
         .map(|r| {
             let id = r["run_id"].as_str().unwrap().to_string();
             let run = agent.json(&["show", &id]);
@@ -476,13 +480,22 @@ fn a_data_change_trigger_starts_one_run_per_change_across_an_agent_restart() {
         "count.yaml",
         "name: count\nversion: 1\ntriggers:\n  - opcua: {device: press, point: parts, sampling: 100ms}\nsteps:\n  - id: note\n    action: set\n    args: {parts: \"{{ input.value }}\", changed_at: \"{{ input.source_timestamp }}\"}\n",
     );
+    // The same point with a deadband: a change of less than 1.5 parts starts nothing.
+    let coarse = write(
+        dir.path(),
+        "coarse.yaml",
+        "name: coarse\nversion: 1\ntriggers:\n  - opcua: {device: press, point: parts, sampling: 100ms, deadband: 1.5}\nsteps:\n  - id: note\n    action: set\n    args: {parts: \"{{ input.value }}\"}\n",
+    );
     let mut agent = Agent::start(&dir.path().join("data"), &["--equipment", &eq]);
     agent.json(&["apply", &wf]);
+    agent.json(&["apply", &coarse]);
     // Kill the agent just after a change started its run: the restarted agent subscribes
     // again and is sent that same value again (the counter has not moved on yet).
     let seen = eventually(Duration::from_secs(30), "runs for two changes", || {
         let runs = counted(&agent);
-        (runs.iter().filter(|(_, v)| v.as_u64().unwrap_or(0) >= 1).count() >= 2).then_some(runs)
+        let coarse = counted_by(&agent, "coarse");
+        let two = |r: &[(String, Value)]| r.iter().any(|(_, v)| v.as_u64().unwrap_or(0) >= 2);
+        (two(&runs) && two(&coarse)).then_some(runs)
     });
     agent.kill9();
     let at_kill = seen.last().unwrap().1.as_u64().unwrap();
@@ -504,6 +517,23 @@ fn a_data_change_trigger_starts_one_run_per_change_across_an_agent_restart() {
     for (id, _) in &runs {
         assert!(id.starts_with("opcua:count:press.parts:"), "{id}");
     }
+    // A new subscription reports the current value once (the restart's first run may be one
+    // part after the last); within one subscription, only changes beyond the deadband.
+    let coarse: Vec<u64> = counted_by(&agent, "coarse")
+        .iter()
+        .map(|(_, v)| v.as_u64().unwrap())
+        .collect();
+    let (before, after): (Vec<u64>, Vec<u64>) = coarse.iter().partition(|v| **v <= at_kill);
+    for part in [&before, &after[1.min(after.len())..].to_vec()] {
+        assert!(
+            part.windows(2).all(|w| w[1] >= w[0] + 2),
+            "no run for a change inside the deadband: {coarse:?} (every change: {values:?})"
+        );
+    }
+    assert!(
+        before.len() >= 2 && before.last() == Some(&(before[0] + 2 * (before.len() as u64 - 1))),
+        "the deadband let every second change through: {coarse:?}"
+    );
 }
 
 /// An RSA certificate and key made with openssl: `(cert.der, key.pem)`.
