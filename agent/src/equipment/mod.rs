@@ -416,6 +416,11 @@ pub struct DeviceSpec {
     #[cfg(feature = "opcua")]
     #[serde(default)]
     pub opcua: Option<opcua::OpcuaSpec>,
+    /// Without OPC UA built in, the block is read (so the file is not refused for it) and the
+    /// device is refused by its kind, saying how to build an agent that has it.
+    #[cfg(not(feature = "opcua"))]
+    #[serde(default)]
+    pub opcua: Option<serde::de::IgnoredAny>,
 }
 
 /// The equipment file.
@@ -579,9 +584,16 @@ impl Equipment {
                         }
                     }
                 }
+                #[cfg(not(feature = "opcua"))]
+                "opcua" => {
+                    problems.push(format!(
+                        "{at}.kind: this agent was built without OPC UA (build it with cargo build --release -p outpost-agent --features opcua)"
+                    ));
+                    continue;
+                }
                 other => {
                     problems.push(format!(
-                        "{at}.kind: unknown kind '{other}' (output, input, sht3x, mcp3008, modbus)"
+                        "{at}.kind: unknown kind '{other}' (output, input, sht3x, mcp3008, modbus, opcua)"
                     ));
                     continue;
                 }
@@ -820,4 +832,24 @@ fn sim_driver(plant: &Arc<Plant>, kind: &str, d: &DeviceSpec) -> Result<Driver, 
         "sht3x" => Driver::Sht3x(Box::new(Sht3x::new(plant.i2c(), sht3x::ADDRESS_LOW))),
         _ => Driver::Mcp3008(Box::new(Mcp3008::new(plant.spi())), d.vref.unwrap_or(3.3)),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_opcua_device_is_refused_by_name_when_opcua_is_not_built_in() {
+        let text = "devices:\n  press:\n    kind: opcua\n    opcua: {endpoint: \"opc.tcp://x:4840/\", points: {}}\n";
+        let result = Equipment::from_yaml(text);
+        if cfg!(feature = "opcua") {
+            assert!(result.is_ok(), "{:?}", result.err());
+        } else {
+            let err = result.err().unwrap_or_default();
+            assert!(
+                err.contains("devices.press.kind") && err.contains("--features opcua"),
+                "{err}"
+            );
+        }
+    }
 }
