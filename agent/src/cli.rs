@@ -1780,8 +1780,9 @@ async fn daemon(data_dir: &Path, socket: &Path, args: RunArgs) -> Result<u8, Fai
                 ));
             }
             let broker = broker_url(url, "--broker")?;
-            let security = crate::identity::Security::resolve(data_dir, &identity_options(&args), &broker)
-                .map_err(|e| Failure::new(exit::INVALID, e))?;
+            let security =
+                crate::identity::Security::resolve(data_dir, &identity_options(&args), &broker, runtime.clock())
+                    .map_err(|e| Failure::new(exit::INVALID, e))?;
             let mut config = crate::sync::SyncConfig::new(broker.host, broker.port, device);
             config.security = Arc::new(security);
             if let Some(p) = &args.policy {

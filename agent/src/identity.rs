@@ -15,7 +15,9 @@ use std::time::SystemTime;
 use outpost_shared::broker::BrokerUrl;
 use outpost_shared::protocol::Seal;
 use outpost_shared::signing::{SigningKey, VerifyingKey, pem_block};
-use outpost_shared::tls::{TlsFiles, client_config};
+use outpost_shared::tls::{TlsFiles, client_config_at};
+
+use crate::clock::Clock;
 
 /// Where the identity files live by default.
 pub fn identity_dir(data_dir: &Path) -> PathBuf {
@@ -48,6 +50,24 @@ struct Files {
     fleet: PathBuf,
 }
 
+/// The agent's clock as rustls' time source: certificate dates are checked against the same
+/// clock the journal stamps events with (and that tests can set to 1970).
+struct AgentTime(Arc<dyn Clock>);
+
+impl std::fmt::Debug for AgentTime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AgentTime")
+    }
+}
+
+impl rustls::time_provider::TimeProvider for AgentTime {
+    fn current_time(&self) -> Option<rustls::pki_types::UnixTime> {
+        Some(rustls::pki_types::UnixTime::since_unix_epoch(
+            std::time::Duration::from_millis(self.0.now_ms()),
+        ))
+    }
+}
+
 /// What sync uses to talk securely; shared by its tasks, swapped on rotation.
 #[derive(Debug)]
 pub struct Security {
@@ -58,6 +78,7 @@ pub struct Security {
     /// The fleet's key; `None` under `--insecure-unsigned`.
     pub fleet: Option<VerifyingKey>,
     loaded: RwLock<Option<SystemTime>>,
+    time: Arc<AgentTime>,
 }
 
 /// Why the identity cannot be used.
@@ -69,7 +90,13 @@ fn modified(path: &Path) -> Option<SystemTime> {
 
 impl Security {
     /// Resolves the options against the identity directory for a link to `url`.
-    pub fn resolve(data_dir: &Path, opts: &IdentityOptions, url: &BrokerUrl) -> Result<Security, IdentityError> {
+    /// Certificates are checked against `clock`.
+    pub fn resolve(
+        data_dir: &Path,
+        opts: &IdentityOptions,
+        url: &BrokerUrl,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Security, IdentityError> {
         outpost_shared::tls::check_plaintext(url, opts.insecure_plaintext, "--broker")?;
         let dir = identity_dir(data_dir);
         let pick = |given: &Option<PathBuf>, name: &str| given.clone().unwrap_or_else(|| dir.join(name));
@@ -125,6 +152,7 @@ impl Security {
             seal: RwLock::new(seal),
             fleet,
             loaded: RwLock::new(None),
+            time: Arc::new(AgentTime(clock)),
         };
         if url.tls {
             security.tls_config()?;
@@ -142,6 +170,7 @@ impl Security {
             seal: RwLock::new(Seal::Unsigned),
             fleet: None,
             loaded: RwLock::new(None),
+            time: Arc::new(AgentTime(Arc::new(crate::clock::SystemClock))),
         }
     }
 
@@ -185,7 +214,9 @@ impl Security {
             cert: Some(f.cert.clone()),
             key: Some(f.key.clone()),
         };
-        client_config(&files).map(Some).map_err(|e| e.to_string())
+        client_config_at(&files, self.time.clone())
+            .map(Some)
+            .map_err(|e| e.to_string())
     }
 
     /// After a rotation installed a new certificate and key: the new TLS configuration to
@@ -354,21 +385,25 @@ mod tests {
         assert!(keygen(dir.path(), "bad/id", false).unwrap_err().contains("bad/id"));
     }
 
+    fn system() -> Arc<dyn Clock> {
+        Arc::new(crate::clock::SystemClock)
+    }
+
     #[test]
     fn unenrolled_gateways_are_told_how_to_enroll() {
         let dir = tempfile::tempdir().unwrap();
         let url = BrokerUrl::parse("mqtts://broker.plant", "--broker").unwrap();
-        let err = Security::resolve(dir.path(), &IdentityOptions::default(), &url).unwrap_err();
+        let err = Security::resolve(dir.path(), &IdentityOptions::default(), &url, system()).unwrap_err();
         assert!(err.contains("outpost keygen") && err.contains("device.key"), "{err}");
         let plain = BrokerUrl::parse("mqtt://10.1.1.1", "--broker").unwrap();
-        let err = Security::resolve(dir.path(), &IdentityOptions::default(), &plain).unwrap_err();
+        let err = Security::resolve(dir.path(), &IdentityOptions::default(), &plain, system()).unwrap_err();
         assert!(err.contains("--insecure-plaintext"), "{err}");
         let loopback = BrokerUrl::parse("mqtt://127.0.0.1", "--broker").unwrap();
         let insecure = IdentityOptions {
             insecure_unsigned: true,
             ..Default::default()
         };
-        let s = Security::resolve(dir.path(), &insecure, &loopback).unwrap();
+        let s = Security::resolve(dir.path(), &insecure, &loopback, system()).unwrap();
         assert!(!s.seal().signs() && s.fleet.is_none());
     }
 }

@@ -850,6 +850,11 @@ impl Runtime {
             .unwrap_or(0)
     }
 
+    /// The runtime's clock (what certificates are checked against too).
+    pub fn clock(&self) -> Arc<dyn Clock> {
+        self.inner.clock.clone()
+    }
+
     /// Now, by the runtime's clock.
     pub fn clock_ms(&self) -> u64 {
         self.inner.clock.now_ms()

@@ -304,14 +304,6 @@ async fn save_report(
 }
 const EPOCH: &str = "sync/epoch";
 
-/// True once the wall clock can be trusted to check certificates.
-fn wall_clock_plausible() -> bool {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    outpost_shared::tls::clock_plausible(now)
-}
-
 /// Publishes a message unless it exceeds the protocol's limit: an oversized QoS 1 publish would
 /// be refused by the broker and replayed by the client on every reconnect, wedging the link.
 async fn publish(
@@ -584,13 +576,14 @@ async fn poll(
     let mut backoff = Duration::from_millis(250);
     let mut clock_warned = false;
     loop {
-        if config.security.uses_tls() && !wall_clock_plausible() {
+        // The agent's clock, the one certificates are checked against (see `Security`).
+        if config.security.uses_tls() && !outpost_shared::tls::clock_plausible(rt.clock_ms() / 1000) {
             // Every certificate looks not yet valid at 1970: wait for NTP (or GPS, or an
             // operator) instead of failing handshakes; runs go on offline meanwhile.
             if !clock_warned {
-                warn!(
-                    "the wall clock is before 2026-01-01: not connecting until it is set (certificates cannot be checked)"
-                );
+                let why = "the wall clock is before 2026-01-01: not connecting until it is set (certificates cannot be checked)";
+                warn!("{why}");
+                *state.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some((why.to_string(), rt.clock_ms()));
                 clock_warned = true;
             }
             tokio::time::sleep(Duration::from_secs(5)).await;

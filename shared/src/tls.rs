@@ -80,7 +80,16 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 /// A client configuration: the broker's certificate must chain to `files.ca` and name the host
 /// dialled; with `cert` and `key`, this side authenticates with them.
 pub fn client_config(files: &TlsFiles) -> Result<Arc<rustls::ClientConfig>, TlsError> {
-    let builder = rustls::ClientConfig::builder_with_provider(provider())
+    client_config_at(files, Arc::new(rustls::time_provider::DefaultTimeProvider))
+}
+
+/// [`client_config`] checking certificate dates against `time` instead of the system clock:
+/// the agent passes its own clock, so what it journals and what it trusts agree.
+pub fn client_config_at(
+    files: &TlsFiles,
+    time: Arc<dyn rustls::time_provider::TimeProvider>,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let builder = rustls::ClientConfig::builder_with_details(provider(), time)
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Config(e.to_string()))?
         .with_root_certificates(roots(&files.ca)?);
@@ -183,6 +192,67 @@ mod tests {
         assert!(!clock_plausible(0));
         assert!(!clock_plausible(PLAUSIBLE_CLOCK_SECS - 1));
         assert!(clock_plausible(PLAUSIBLE_CLOCK_SECS));
+    }
+
+    /// A TLS 1.3 handshake in memory between a server with `cert` and a client built by
+    /// `client_config_at(time)`; the client's error, if any.
+    fn handshake_at(dir: &Path, secs: u64) -> Result<(), rustls::Error> {
+        let time = Arc::new(Fixed(rustls::pki_types::UnixTime::since_unix_epoch(
+            std::time::Duration::from_secs(secs),
+        )));
+        let files = TlsFiles {
+            ca: dir.join("ca.crt"),
+            cert: None,
+            key: None,
+        };
+        let client = client_config_at(&files, time).unwrap();
+        let server = web_server_config(&dir.join("ca.crt"), &dir.join("ca.key")).unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let mut c = rustls::ClientConnection::new(client, name).unwrap();
+        let mut s = rustls::ServerConnection::new(server).unwrap();
+        for _ in 0..10 {
+            let mut buf = Vec::new();
+            c.write_tls(&mut buf).unwrap();
+            s.read_tls(&mut buf.as_slice()).unwrap();
+            if s.process_new_packets().is_err() {
+                break;
+            }
+            let mut buf = Vec::new();
+            s.write_tls(&mut buf).unwrap();
+            c.read_tls(&mut buf.as_slice()).unwrap();
+            c.process_new_packets()?;
+            if !c.is_handshaking() {
+                return Ok(());
+            }
+        }
+        panic!("the handshake did not finish");
+    }
+
+    #[derive(Debug)]
+    struct Fixed(rustls::pki_types::UnixTime);
+
+    impl rustls::time_provider::TimeProvider for Fixed {
+        fn current_time(&self) -> Option<rustls::pki_types::UnixTime> {
+            Some(self.0)
+        }
+    }
+
+    #[test]
+    fn certificate_dates_are_checked_against_the_clock_given() {
+        // rcgen's default validity: 1975-01-01 to 4096-01-01.
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        std::fs::write(dir.path().join("ca.crt"), cert.pem()).unwrap();
+        std::fs::write(dir.path().join("ca.key"), key.serialize_pem()).unwrap();
+        assert!(handshake_at(dir.path(), PLAUSIBLE_CLOCK_SECS).is_ok());
+        let at_1970 = handshake_at(dir.path(), 86_400).unwrap_err();
+        assert!(format!("{at_1970:?}").contains("NotValidYet"), "{at_1970:?}");
+        let expired = handshake_at(dir.path(), 130_000_000_000).unwrap_err(); // year 6089
+        assert!(format!("{expired:?}").contains("Expired"), "{expired:?}");
     }
 
     #[test]

@@ -5,6 +5,9 @@
 //! signed). Prints figures; asserts nothing.
 //!
 //!   cargo build --release && ./target/release/outpost-sync-bench [--operators: only those figures]
+//!   outpost-sync-bench --connect [--client qemu-aarch64 -L /usr/aarch64-linux-gnu BIN]: only
+//!   connection set-up, also with the connecting side run by that command (BIN: this bench
+//!   built for the gateway's target), as a gateway on that CPU pays it
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -446,8 +449,10 @@ fn ingest(mode: Mode) -> anyhow::Result<()> {
 }
 
 /// Connection set-up: from TCP connect to CONNACK, mean of `n` fresh connections of one
-/// device to the embedded broker.
-fn connect_setup(mode: Mode, n: u32) -> anyhow::Result<()> {
+/// device to the embedded broker. With `client` (a runner and an `outpost-sync-bench` built for
+/// another target, e.g. `qemu-aarch64 -L /usr/aarch64-linux-gnu target/aarch64-…/release/outpost-sync-bench`),
+/// the connecting side runs there (`--connect-client`), as a gateway's does.
+fn connect_setup(mode: Mode, n: u32, client: Option<&[String]>) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let (api, mqtt) = (free_port(), free_port());
     let identity = match mode {
@@ -463,37 +468,87 @@ fn connect_setup(mode: Mode, n: u32) -> anyhow::Result<()> {
         http_get(api, "/v1/health").is_some()
     })?;
     std::thread::sleep(Duration::from_millis(300));
+    let files = identity.as_ref().map(|(f, _)| f);
+    let mean = match client {
+        None => connect_client(mqtt, files, n),
+        Some(cmd) => remote_connect_client(cmd, mqtt, files, n),
+    };
+    let _ = cloud.kill();
+    let where_ = client.map_or_else(|| "this machine".to_string(), |c| c.join(" "));
+    println!(
+        "connection set-up, {}, client on {where_}: {:.2} ms from connect to CONNACK (mean of {n})",
+        mode.name(),
+        mean?.as_secs_f64() * 1000.0
+    );
+    Ok(())
+}
+
+/// The client side of [`connect_setup`]: mean time from connect to CONNACK.
+fn connect_client(port: u16, files: Option<&TlsFiles>, n: u32) -> anyhow::Result<Duration> {
+    let tls = files.map(outpost_shared::tls::client_config).transpose()?;
     let mut total = Duration::ZERO;
     for _ in 0..n {
-        let mut opts = rumqttc::MqttOptions::new("conn-bench", "127.0.0.1", mqtt);
-        if let Some((files, _)) = &identity {
-            let tls = outpost_shared::tls::client_config(files)?;
+        let mut opts = rumqttc::MqttOptions::new("conn-bench", "127.0.0.1", port);
+        if let Some(tls) = &tls {
             opts.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(
-                tls,
+                tls.clone(),
             )));
         }
         let (client, mut conn) = rumqttc::Client::new(opts, 4);
         let t = Instant::now();
         loop {
-            match conn.recv_timeout(Duration::from_secs(10)) {
+            match conn.recv_timeout(Duration::from_secs(30)) {
                 Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_)))) => break,
                 Ok(Ok(_)) => {}
-                other => {
-                    let _ = cloud.kill();
-                    bail!("no CONNACK: {other:?}");
-                }
+                other => bail!("no CONNACK: {other:?}"),
             }
         }
         total += t.elapsed();
         let _ = client.disconnect();
         let _ = conn.recv_timeout(Duration::from_millis(50));
     }
-    let _ = cloud.kill();
-    println!(
-        "connection set-up, {}: {:.2} ms from connect to CONNACK (mean of {n})",
-        mode.name(),
-        total.as_secs_f64() * 1000.0 / f64::from(n)
-    );
+    Ok(total / n.max(1))
+}
+
+/// Runs [`connect_client`] in `cmd` (`--connect-client PORT N [CA CERT KEY]`), which prints
+/// the mean in microseconds.
+fn remote_connect_client(cmd: &[String], port: u16, files: Option<&TlsFiles>, n: u32) -> anyhow::Result<Duration> {
+    let (program, pre) = cmd.split_first().context("--client needs a command")?;
+    let mut c = Command::new(program);
+    c.args(pre)
+        .arg("--connect-client")
+        .arg(port.to_string())
+        .arg(n.to_string());
+    if let Some(f) = files {
+        c.arg(&f.ca);
+        c.args(f.cert.iter().chain(f.key.iter()));
+    }
+    let out = c
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| program.to_string())?;
+    anyhow::ensure!(out.status.success(), "{program}: {}", out.status);
+    let us: u64 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .context("--connect-client printed no figure")?;
+    Ok(Duration::from_micros(us))
+}
+
+/// `--connect-client PORT N [CA CERT KEY]`: the remote side of [`remote_connect_client`].
+fn connect_client_main(args: &[String]) -> anyhow::Result<()> {
+    let port: u16 = args.first().context("PORT")?.parse()?;
+    let n: u32 = args.get(1).context("N")?.parse()?;
+    let files = match args.get(2..5) {
+        Some([ca, cert, key]) => Some(TlsFiles {
+            ca: ca.into(),
+            cert: Some(cert.into()),
+            key: Some(key.into()),
+        }),
+        _ => None,
+    };
+    let mean = connect_client(port, files.as_ref(), n)?;
+    println!("{}", mean.as_micros());
     Ok(())
 }
 
@@ -555,13 +610,31 @@ fn operators() -> anyhow::Result<()> {
 }
 
 fn main() -> anyhow::Result<()> {
-    if std::env::args().any(|a| a == "--operators") {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("--connect-client") {
+        return connect_client_main(args.get(1..).unwrap_or_default());
+    }
+    if args.iter().any(|a| a == "--operators") {
         return operators();
+    }
+    // `--connect [--client RUNNER… BIN]`: only the connection set-up figures.
+    let client = args
+        .iter()
+        .position(|a| a == "--client")
+        .map(|i| args.get(i + 1..).unwrap_or_default().to_vec());
+    if args.iter().any(|a| a == "--connect") {
+        for mode in [Mode::Plain, Mode::Secure] {
+            connect_setup(mode, 50, None)?;
+            if let Some(c) = &client {
+                connect_setup(mode, 20, Some(c))?;
+            }
+        }
+        return Ok(());
     }
     operators()?;
     wire_bytes();
     for mode in [Mode::Plain, Mode::Secure] {
-        connect_setup(mode, 50)?;
+        connect_setup(mode, 50, None)?;
     }
     for mode in [Mode::Plain, Mode::Secure] {
         drain(mode)?;

@@ -388,6 +388,47 @@ fn signatures_hold_where_the_broker_checks_nothing_and_replays_have_no_second_ef
         "a replayed command started another run"
     );
 
+    // A replayed deployment: version 2 is captured, version 3 deployed after it, then the
+    // captured order sent again. It is the same signed command (same id), so the gateway
+    // reports its first result again and does not go back to version 2.
+    let deploy = |version: u32| {
+        let doc = HELLO.replace("version: 1", &format!("version: {version}"));
+        let (code, body) = cloud.send(
+            "POST",
+            "/v1/deployments",
+            &json!({"document": doc, "devices": ["gw-b"]}),
+        );
+        assert_eq!(code, 201, "{body}");
+        let id = body["id"].as_str().unwrap().to_string();
+        eventually(Duration::from_secs(20), "the deployment to be applied", || {
+            let d = cloud.get(&format!("/v1/deployments/{id}"));
+            (d["devices"][0]["state"] == "applied").then_some(())
+        });
+    };
+    let captured = capture(mosquitto.port, &cmd_topic, Duration::from_secs(30), || deploy(2));
+    assert!(!captured.is_empty(), "the spy saw the deployment");
+    deploy(3);
+    let defs = b.json(&["definitions"]);
+    let dup_before = b.json(&["status"])["sync"]["duplicate_commands"].as_u64().unwrap();
+    for bytes in &captured {
+        outpost_tests::mqtt_publish(mosquitto.port, &cmd_topic, bytes.clone());
+    }
+    eventually(
+        Duration::from_secs(10),
+        "the replayed deployment seen as a repeat",
+        || {
+            let d = b.json(&["status"])["sync"]["duplicate_commands"].as_u64()?;
+            (d > dup_before).then_some(())
+        },
+    );
+    assert_eq!(
+        b.json(&["definitions"]),
+        defs,
+        "a replayed deployment changed the definitions"
+    );
+    let run = b.json(&["start", "hello", "--id", "after-deploy-replay", "--wait"]);
+    assert_eq!(run["version"], 3, "{run}");
+
     let captured = capture(mosquitto.port, &desired_topic, Duration::from_secs(20), || {
         let (code, body) = cloud.send(
             "PUT",
@@ -456,7 +497,7 @@ fn mosquitto_with_the_shipped_tls_config_and_acl_keeps_each_gateway_in_its_subtr
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let mosquitto = Mosquitto::start_tls(&cloud_dir.join("pki"), &cloud_dir.join("outpost.acl"));
+    let mut mosquitto = Mosquitto::start_tls(&cloud_dir.join("pki"), &cloud_dir.join("outpost.acl"));
     let url = format!("mqtts://127.0.0.1:{}", mosquitto.port);
     let cloud = Cloud::secure_external(&cloud_dir, &url, mosquitto.port);
     let (a_dir, b_dir) = (dir.path().join("a"), dir.path().join("b"));
@@ -517,6 +558,70 @@ fn mosquitto_with_the_shipped_tls_config_and_acl_keeps_each_gateway_in_its_subtr
         mqtt_connects(&mut conn, Duration::from_secs(5)).is_err(),
         "plain text connected"
     );
+
+    // Revoked: `devices revoke` rewrites crl.pem; Mosquitto, restarted on it, refuses A's
+    // certificate in the handshake with a certificate_revoked alert. B reconnects as before.
+    let out = outpost_tests::cloud::admin(&cloud_dir, &["devices", "revoke", "gw-a"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    drop((client, spy));
+    mosquitto.stop();
+    mosquitto.restart();
+    let (_c, mut conn) = mqtt_session(mosquitto.port, "gw-a", Some(&a)).unwrap();
+    let refused = mqtt_connects(&mut conn, Duration::from_secs(10)).expect_err("a revoked certificate connected");
+    // Mosquitto 2.0 logs nothing for it; the alert it sends is the message.
+    assert!(refused.contains("CertificateRevoked"), "{refused}");
+    cloud.wait_presence("gw-b", true, Duration::from_secs(30));
+}
+
+#[test]
+fn a_gateway_booted_at_1970_runs_offline_and_connects_once_its_clock_is_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = Cloud::secure(&dir.path().join("cloud"));
+    let gw = dir.path().join("gw");
+    cloud.enroll(&gw, "gw-1970");
+    // A board without a battery: its clock reads 1970-01-02 at boot.
+    let offset = dir.path().join("clock-offset");
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    std::fs::write(&offset, (86_400_000 - now_ms).to_string()).unwrap();
+    let agent = Agent::start_with_env(
+        &gw,
+        &["--broker", &cloud.mqtts_url(), "--device-id", "gw-1970"],
+        &[("OUTPOST_CLOCK_OFFSET_FILE", offset.to_str().unwrap())],
+    );
+    agent.json(&["apply", &write(&gw, "hello.yaml", HELLO)]);
+    agent.json(&["start", "hello", "--id", "at-1970", "--wait"]);
+    eventually(Duration::from_secs(10), "the gateway to say why it waits", || {
+        agent
+            .log()
+            .contains("the wall clock is before 2026-01-01: not connecting")
+            .then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        cloud.device("gw-1970").is_none_or(|d| d["online"] != true),
+        "connected with a 1970 clock"
+    );
+    let sync = agent.json(&["status"])["sync"].clone();
+    assert_eq!(sync["connected"], false, "{sync}");
+    assert!(
+        sync["last_error"]["error"].to_string().contains("before 2026-01-01"),
+        "status says why: {sync}"
+    );
+
+    // NTP answers: the gateway connects (its certificates are checked against this clock
+    // now) and its run from 1970 is mirrored.
+    std::fs::write(&offset, "0").unwrap();
+    cloud.wait_presence("gw-1970", true, Duration::from_secs(30));
+    eventually(Duration::from_secs(20), "the 1970 run mirrored", || {
+        let runs = cloud.get("/v1/devices/gw-1970/runs");
+        runs.as_array()?
+            .iter()
+            .any(|r| r["run_id"] == "at-1970" && r["status"] == "completed")
+            .then_some(())
+    });
 }
 
 #[test]
