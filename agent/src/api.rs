@@ -123,7 +123,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, ApiError> + S
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
 }
 
-pub use outpost_shared::journal::rfc3339;
+use outpost_shared::journal::rfc3339;
 
 fn now_ms() -> u64 {
     SystemTime::now()

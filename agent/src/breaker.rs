@@ -163,7 +163,7 @@ impl Breakers {
                     "target": target,
                     "state": state,
                     "consecutive_failures": b.failures,
-                    "open_until": until.map(crate::api::rfc3339),
+                    "open_until": until.map(outpost_shared::journal::rfc3339),
                     "last_error": b.last_error,
                 })
             })

@@ -185,9 +185,9 @@ struct Inner {
     /// The latest retention pass.
     pruned: Mutex<Option<(u64, crate::journal::Pruned)>>,
     /// Cloud sync, when configured.
-    sync: std::sync::OnceLock<Arc<crate::sync::SyncState>>,
+    sync: std::sync::OnceLock<Arc<crate::sync_state::SyncState>>,
     /// How long step attempts take.
-    step_latency: crate::metrics::Histogram,
+    step_latency: crate::histogram::Histogram,
     /// Runs whose driver waits for the journal to take a write, and the storage's latest failure.
     storage: StorageHealth,
 }
@@ -317,7 +317,7 @@ impl Runtime {
                 journal_path,
                 pruned: Mutex::new(None),
                 sync: std::sync::OnceLock::new(),
-                step_latency: crate::metrics::Histogram::default(),
+                step_latency: crate::histogram::Histogram::default(),
                 storage: StorageHealth::default(),
             }),
         })
@@ -819,17 +819,17 @@ impl Runtime {
     }
 
     /// Connects cloud sync: its cursor bounds retention and its backlog gates new runs.
-    pub fn attach_sync(&self, state: Arc<crate::sync::SyncState>) {
+    pub fn attach_sync(&self, state: Arc<crate::sync_state::SyncState>) {
         let _ = self.inner.sync.set(state);
     }
 
     /// The step attempt latency histogram.
-    pub fn step_latency(&self) -> &crate::metrics::Histogram {
+    pub fn step_latency(&self) -> &crate::histogram::Histogram {
         &self.inner.step_latency
     }
 
     /// Cloud sync's state, when configured.
-    pub fn sync(&self) -> Option<&Arc<crate::sync::SyncState>> {
+    pub fn sync(&self) -> Option<&Arc<crate::sync_state::SyncState>> {
         self.inner.sync.get()
     }
 
@@ -1541,7 +1541,7 @@ async fn activity(
                         to_journal: Vec::new(),
                     };
                 }
-                info!(target = %t, until = %crate::api::rfc3339(until), "attempt held by an open circuit breaker");
+                info!(target = %t, until = %outpost_shared::journal::rfc3339(until), "attempt held by an open circuit breaker");
                 journaled.push(deferred);
                 held_until = Some(until);
             }
@@ -1616,7 +1616,7 @@ async fn activity(
             Ok(_) => inner.breakers.success(t),
             Err(e) if e.retryable => {
                 if let Some(until) = inner.breakers.failure(t, inner.clock.now_ms(), &e.info.to_string()) {
-                    warn!(target = %t, until = %crate::api::rfc3339(until), "circuit breaker opened");
+                    warn!(target = %t, until = %outpost_shared::journal::rfc3339(until), "circuit breaker opened");
                 }
             }
             Err(_) => {}

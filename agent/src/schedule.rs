@@ -111,8 +111,8 @@ pub fn plan(every: &Every, catch_up: CatchUp, max_catch_up: u32, cursor: Option<
     if now < MIN_PLAUSIBLE_MS || now + 1000 < floor {
         p.paused = Some(format!(
             "wall clock reads {} which is before {}; schedules wait until it is set",
-            crate::api::rfc3339(now),
-            crate::api::rfc3339(floor.max(MIN_PLAUSIBLE_MS))
+            outpost_shared::journal::rfc3339(now),
+            outpost_shared::journal::rfc3339(floor.max(MIN_PLAUSIBLE_MS))
         ));
         p.next_ms = Some(now + MAX_SLEEP.as_millis() as u64);
         return p;
@@ -268,7 +268,7 @@ pub async fn run(rt: Runtime, mut changed: watch::Receiver<u64>) {
                         }
                     }
                     (Overlap::Skip, true) => {
-                        info!(workflow = %e.workflow, schedule = %e.id, slot = %crate::api::rfc3339(slot), "previous run still active; slot skipped");
+                        info!(workflow = %e.workflow, schedule = %e.id, slot = %outpost_shared::journal::rfc3339(slot), "previous run still active; slot skipped");
                     }
                     (Overlap::QueueOne, true) => {
                         if queued.insert(qkey.clone(), slot).is_some_and(|old| old != slot) {
@@ -342,8 +342,8 @@ impl ClockBehind {
         }
         if !self.warned {
             warn!(
-                clock = %crate::api::rfc3339(now),
-                newest_event = %crate::api::rfc3339(newest),
+                clock = %outpost_shared::journal::rfc3339(now),
+                newest_event = %outpost_shared::journal::rfc3339(newest),
                 "the wall clock has read earlier than the newest journaled event for {grace:?}; trusting it (it had jumped ahead before) and running schedules again"
             );
             self.warned = true;
@@ -378,7 +378,7 @@ async fn start(rt: &Runtime, e: &Entry, slot: u64, catch_up: bool) -> Start {
     let mut input = e.spec.input.clone().unwrap_or_else(|| json!({}));
     if let Value::Object(m) = &mut input {
         m.insert("schedule".into(), json!(e.id));
-        m.insert("slot".into(), json!(crate::api::rfc3339(slot)));
+        m.insert("slot".into(), json!(outpost_shared::journal::rfc3339(slot)));
         m.insert("catch_up".into(), json!(catch_up));
     }
     let req = StartRequest {
@@ -394,7 +394,7 @@ async fn start(rt: &Runtime, e: &Entry, slot: u64, catch_up: bool) -> Start {
         }
         Ok(_) => Start::Handled,
         Err(err @ (RuntimeError::Busy(_) | RuntimeError::Journal(_))) => {
-            warn!(workflow = %e.workflow, schedule = %e.id, slot = %crate::api::rfc3339(slot), error = %err, "scheduled run refused for now; the slot is tried again");
+            warn!(workflow = %e.workflow, schedule = %e.id, slot = %outpost_shared::journal::rfc3339(slot), error = %err, "scheduled run refused for now; the slot is tried again");
             Start::Later
         }
         Err(err) => {

@@ -11,7 +11,7 @@
 //! the command handler (applies each command once, persists its result, reports it).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use outpost_shared::protocol::{
@@ -78,124 +78,7 @@ impl SyncConfig {
     }
 }
 
-/// Live sync counters, shared with the runtime (outbox gate, retention) and `status`.
-#[derive(Debug, Default)]
-pub struct SyncState {
-    /// First sequence the cloud has not acknowledged.
-    pub acked: AtomicU64,
-    /// Next sequence to send.
-    pub sent: AtomicU64,
-    /// Connected to the broker now.
-    pub connected: AtomicBool,
-    /// This start's epoch.
-    pub epoch: AtomicU64,
-    /// Outbox cap.
-    pub max_events: AtomicU64,
-    /// Starts refused because the outbox was full.
-    pub refused_starts: AtomicU64,
-    /// Batches published.
-    pub batches: AtomicU64,
-    /// Commands applied / ignored as repeats.
-    pub commands: AtomicU64,
-    /// Repeated commands ignored.
-    pub duplicate_commands: AtomicU64,
-    /// Messages from the cloud that did not decode.
-    pub bad_messages: AtomicU64,
-    /// Messages from the cloud refused for their signature: unsigned, or not the fleet key's
-    /// for this topic (forged, altered, or meant for another gateway).
-    pub bad_signatures: AtomicU64,
-    /// Messages not sent because they would exceed the protocol's message limit.
-    pub oversized_messages: AtomicU64,
-    /// Acknowledgements refused because they claim events this journal never wrote.
-    pub bad_acks: AtomicU64,
-    /// This journal's random id (see `Birth::journal_id`).
-    pub journal_id: AtomicU64,
-    /// A resend asked from before the acknowledged cursor (the cloud lost events): the drain
-    /// starts there instead of at the cursor; 0 when none is pending.
-    pub rewind: AtomicU64,
-    /// Resend requests the journal could not serve from where they asked, answered with a birth
-    /// that says where it can.
-    pub reannounced: AtomicU64,
-    /// Births published in this epoch.
-    pub announcements: AtomicU64,
-    /// Connections made (each gets the full inventory once).
-    pub connects: AtomicU64,
-    /// Inventory messages published.
-    pub inventories: AtomicU64,
-    /// Notified when the acknowledged cursor moves or the link goes down: the drain sleeps on it.
-    pub wake: tokio::sync::Notify,
-    /// Asked (by `outpost enroll`) to reconnect, so a newly installed certificate and key are
-    /// used now rather than at the next outage.
-    pub reconnect: tokio::sync::Notify,
-    /// The newest messages refused for their signature, for the birth (`Birth::refused`).
-    pub refusals: std::sync::Mutex<std::collections::VecDeque<String>>,
-    /// Notified on every refusal, so the fleet hears of it.
-    pub refused: tokio::sync::Notify,
-    /// The broker, as `host:port`, for `status`.
-    pub broker: std::sync::Mutex<String>,
-    /// Why the link last went down, and when (ms since the epoch), for `status`.
-    pub last_error: std::sync::Mutex<Option<(String, u64)>>,
-}
-
-impl SyncState {
-    fn note_refusal(&self, topic: &str, why: &str) {
-        let channel = topic.rsplit('/').next().unwrap_or(topic);
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        let line = format!(
-            "{}: {}: {}",
-            outpost_shared::journal::rfc3339(now),
-            protocol::quote(channel),
-            protocol::clip(why, 200)
-        );
-        let mut r = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
-        r.push_back(line);
-        while r.len() > protocol::MAX_REFUSALS_LISTED {
-            r.pop_front();
-        }
-        drop(r);
-        self.refused.notify_one();
-    }
-}
-
-impl SyncState {
-    /// Events written but not acknowledged, given the journal's next sequence.
-    pub fn backlog(&self, next_seq: u64) -> u64 {
-        next_seq.saturating_sub(self.acked.load(Ordering::Relaxed).max(1))
-    }
-
-    /// For `outpost status`.
-    pub fn view(&self, next_seq: u64) -> Value {
-        let o = Ordering::Relaxed;
-        let broker = self.broker.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let last_error = self
-            .last_error
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .map(|(e, at)| json!({"error": e, "at": outpost_shared::journal::rfc3339(*at)}));
-        json!({
-            "broker": broker,
-            "last_error": last_error,
-            "connected": self.connected.load(o),
-            "epoch": self.epoch.load(o),
-            "acked_seq": self.acked.load(o).saturating_sub(1),
-            "backlog_events": self.backlog(next_seq),
-            "outbox_max_events": self.max_events.load(o),
-            "refused_starts": self.refused_starts.load(o),
-            "batches_sent": self.batches.load(o),
-            "commands_applied": self.commands.load(o),
-            "duplicate_commands": self.duplicate_commands.load(o),
-            "bad_messages": self.bad_messages.load(o),
-            "bad_signatures": self.bad_signatures.load(o),
-            "oversized_messages": self.oversized_messages.load(o),
-            "bad_acks": self.bad_acks.load(o),
-            "reannounced": self.reannounced.load(o),
-            "inventory_messages": self.inventories.load(o),
-        })
-    }
-}
+pub use crate::sync_state::SyncState;
 
 const ACKED: &str = "sync/acked";
 const JOURNAL_ID: &str = "sync/journal_id";
@@ -407,7 +290,12 @@ fn will(topics: &Topics, config: &SyncConfig, epoch: u64) -> LastWill {
 
 /// Starts sync; returns its shared state. The agent runs the same whether or not the broker is
 /// reachable: sync only reads the journal and moves its own cursor.
-pub async fn start(rt: Runtime, config: SyncConfig) -> Result<Arc<SyncState>, RuntimeError> {
+/// Its tasks are spawned into `tasks`, which the daemon stops on shutdown.
+pub async fn start(
+    rt: Runtime,
+    config: SyncConfig,
+    tasks: &mut crate::tasks::Tasks,
+) -> Result<Arc<SyncState>, RuntimeError> {
     let journal = rt.journal();
     // Past every epoch this journal used, and past the wall clock: a journal restored from a
     // backup would otherwise reuse epochs the cloud has seen die, and show offline.
@@ -464,50 +352,52 @@ pub async fn start(rt: Runtime, config: SyncConfig) -> Result<Arc<SyncState>, Ru
         commands: cmd_tx,
         desired: desired_tx,
     };
-    tokio::spawn(poll(
-        eventloop,
-        rt.clone(),
-        config.clone(),
-        state.clone(),
-        routes,
-        client.clone(),
-    ));
-    tokio::spawn(reconcile(
-        rt.clone(),
-        config.clone(),
-        state.clone(),
-        client.clone(),
-        desired_rx,
-        session_rx.clone(),
-    ));
-    tokio::spawn(inventory(
-        rt.clone(),
-        config.clone(),
-        state.clone(),
-        client.clone(),
-        session_rx.clone(),
-    ));
-    tokio::spawn(drain(
-        rt.clone(),
-        config.clone(),
-        state.clone(),
-        client.clone(),
-        session_rx,
-    ));
-    tokio::spawn(storage_announcements(
-        rt.clone(),
-        config.clone(),
-        state.clone(),
-        client.clone(),
-    ));
-    tokio::spawn(reconnect_on_request(state.clone(), client.clone()));
-    tokio::spawn(refusal_announcements(
-        rt.clone(),
-        config.clone(),
-        state.clone(),
-        client.clone(),
-    ));
-    tokio::spawn(commands(rt, config, state.clone(), client, cmd_rx));
+    tasks.spawn(
+        "sync.poll",
+        poll(
+            eventloop,
+            rt.clone(),
+            config.clone(),
+            state.clone(),
+            routes,
+            client.clone(),
+        ),
+    );
+    tasks.spawn(
+        "sync.reconcile",
+        reconcile(
+            rt.clone(),
+            config.clone(),
+            state.clone(),
+            client.clone(),
+            desired_rx,
+            session_rx.clone(),
+        ),
+    );
+    tasks.spawn(
+        "sync.inventory",
+        inventory(
+            rt.clone(),
+            config.clone(),
+            state.clone(),
+            client.clone(),
+            session_rx.clone(),
+        ),
+    );
+    tasks.spawn(
+        "sync.drain",
+        drain(rt.clone(), config.clone(), state.clone(), client.clone(), session_rx),
+    );
+    tasks.spawn(
+        "sync.storage_announcements",
+        storage_announcements(rt.clone(), config.clone(), state.clone(), client.clone()),
+    );
+    tasks.spawn("sync.reconnect", reconnect_on_request(state.clone(), client.clone()));
+    tasks.spawn(
+        "sync.refusals",
+        refusal_announcements(rt.clone(), config.clone(), state.clone(), client.clone()),
+    );
+    tasks.spawn("sync.commands", commands(rt, config, state.clone(), client, cmd_rx));
     Ok(state)
 }
 
