@@ -279,17 +279,28 @@ impl Limits {
         (!v.is_empty()).then(|| v.join("; "))
     }
 
+    /// Runs holding a slot and runs queued for one, given the runtime's live-run count (which
+    /// includes the queued ones).
+    pub fn run_slots(&self, active_runs: usize) -> RunSlots {
+        let queued = self.queued.load(Ordering::Relaxed);
+        RunSlots {
+            active: active_runs.saturating_sub(queued),
+            queued,
+        }
+    }
+
     /// Limits, counts and queue depths for `outpost status`.
     pub fn view(&self, active_runs: usize) -> Value {
+        let slots = self.run_slots(active_runs);
         let mut workflows: Vec<Value> = lock(&self.workflows).iter().map(|(n, l)| l.view(n)).collect();
         workflows.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
         let mut resources: Vec<Value> = lock(&self.resources).iter().map(|(n, l)| l.view(n)).collect();
         resources.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
         json!({
             "runs": {
-                "active": active_runs.saturating_sub(self.queued.load(Ordering::Relaxed)),
+                "active": slots.active,
                 "limit": (self.config.max_runs > 0).then_some(self.config.max_runs),
-                "queued": self.queued.load(Ordering::Relaxed),
+                "queued": slots.queued,
                 "queue_limit": self.config.queue,
                 "when_full": match self.config.when_full { WhenFull::Queue => "queue", WhenFull::Reject => "reject" },
             },
@@ -298,6 +309,15 @@ impl Limits {
             "resources": resources,
         })
     }
+}
+
+/// Run-slot counts, for `status` and `/metrics` alike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunSlots {
+    /// Runs with a live driver, queued ones excluded.
+    pub active: usize,
+    /// Runs waiting for a slot.
+    pub queued: usize,
 }
 
 /// Parses `NAME=N` pairs from the command line.

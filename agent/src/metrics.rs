@@ -36,21 +36,20 @@ pub fn render(rt: &Runtime) -> String {
         "Runs in the journal by status.",
         &runs,
     );
-    let limits = rt.limits().view(rt.active_count());
-    let g = |v: &serde_json::Value| v.as_f64().unwrap_or(0.0);
+    let slots = rt.limits().run_slots(rt.active_count());
     metric(
         &mut out,
         "outpost_runs_active",
         "gauge",
         "Runs with a live driver, queued ones excluded.",
-        &[(String::new(), g(&limits["runs"]["active"]))],
+        &[(String::new(), slots.active as f64)],
     );
     metric(
         &mut out,
         "outpost_runs_queued",
         "gauge",
         "Runs waiting for a run slot.",
-        &[(String::new(), g(&limits["runs"]["queued"]))],
+        &[(String::new(), slots.queued as f64)],
     );
     metric(
         &mut out,
