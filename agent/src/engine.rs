@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use outpost_shared::definition::{Definition, End, Kind, StepPlan};
+use outpost_shared::definition::{Definition, End, Kind, Step, StepKind, StepPlan};
 use outpost_shared::expr;
 use outpost_shared::{ErrorInfo, Event};
 use serde_json::{Map, Value, json};
@@ -71,6 +71,88 @@ pub enum Command {
     Record(Event),
 }
 
+impl Command {
+    /// The record this command journals at once, deadlines placed from `now_ms`: a pure
+    /// decision, a timer set, a wait begun. A command with an effect (an attempt, waiting for a
+    /// timer) comes back as it is. The runtime and the engine's simulator both journal through
+    /// this, so what a command means in the journal is said once.
+    pub fn into_record(self, def: &Definition, now_ms: u64) -> Result<Event, Command> {
+        match self {
+            Command::Record(e) => Ok(e),
+            Command::StartTimer {
+                step,
+                visit,
+                duration_ms,
+            } => Ok(Event::TimerSet {
+                step: def.doc.steps[step].id.clone(),
+                visit,
+                fire_at_ms: now_ms.saturating_add(duration_ms),
+                duration_ms,
+            }),
+            Command::StartWait {
+                step,
+                visit,
+                signal,
+                duration_ms,
+            } => Ok(Event::WaitStarted {
+                step: def.doc.steps[step].id.clone(),
+                visit,
+                signal,
+                fire_at_ms: duration_ms.map(|d| now_ms.saturating_add(d)),
+                duration_ms: duration_ms.unwrap_or(0),
+            }),
+            other => Err(other),
+        }
+    }
+}
+
+/// What an attempt journals before its effect (write-ahead).
+pub fn attempt_started(step: &str, visit: u32, attempt: u32, key: String, compensation: bool) -> Event {
+    let step = step.to_string();
+    if compensation {
+        Event::CompensationAttemptStarted {
+            step,
+            visit,
+            attempt,
+            key,
+        }
+    } else {
+        Event::AttemptStarted {
+            step,
+            visit,
+            attempt,
+            key,
+        }
+    }
+}
+
+/// What a successful attempt journals: the step's completion, or its compensation's.
+pub fn attempt_succeeded(step: &str, visit: u32, output: String, compensation: bool) -> Event {
+    let step = step.to_string();
+    if compensation {
+        Event::StepCompensated { step, visit, output }
+    } else {
+        Event::StepCompleted { step, visit, output }
+    }
+}
+
+/// What a timer journals when it fires; a `sleep`'s timer also completes its step.
+pub fn timer_fired(step: &str, visit: u32, fire_at_ms: u64, completes: bool) -> Vec<Event> {
+    let mut events = vec![Event::TimerFired {
+        step: step.to_string(),
+        visit,
+        fire_at_ms,
+    }];
+    if completes {
+        events.push(Event::StepCompleted {
+            step: step.to_string(),
+            visit,
+            output: "null".into(),
+        });
+    }
+    events
+}
+
 /// The idempotency key of one visit of one step: stable across attempts and restarts.
 pub fn idempotency_key(run_id: &str, step: &str, visit: u32) -> String {
     format!("{run_id}/{step}/{visit}")
@@ -119,7 +201,7 @@ fn decide_compensation(def: &Definition, st: &RunState, ctx: &mut Ctx) -> Vec<Co
         return vec![Command::Record(Event::RunCompensated { error })];
     };
     let step = &def.doc.steps[c.step];
-    let Some(comp) = &step.compensate else {
+    let (Some(comp), Some(plan)) = (&step.compensate, &def.plans[c.step].compensate) else {
         return Vec::new();
     };
     let (attempt, not_before_ms) = match c.phase {
@@ -144,13 +226,13 @@ fn decide_compensation(def: &Definition, st: &RunState, ctx: &mut Ctx) -> Vec<Co
             })];
         }
     };
-    match comp.action.as_str() {
-        "set" => vec![Command::Record(Event::StepCompensated {
+    match plan.kind {
+        StepKind::Set => vec![Command::Record(Event::StepCompensated {
             step: step.id.clone(),
             visit: c.visit,
             output: args.to_string(),
         })],
-        "fail" => vec![Command::Record(Event::CompensationFailed {
+        StepKind::Fail => vec![Command::Record(Event::CompensationFailed {
             step: step.id.clone(),
             visit: c.visit,
             error: fail_error(&args, &step.id),
@@ -311,26 +393,26 @@ fn start_visit(def: &Definition, st: &RunState, i: usize, visit: u32, ctx: &mut 
         Ok(a) => a,
         Err(e) => return expression_failure(step.id.clone(), visit, "args", &e),
     };
-    match step.action.as_str() {
-        "set" => Command::Record(Event::StepCompleted {
+    match def.plans[i].kind {
+        StepKind::Set => Command::Record(Event::StepCompleted {
             step: step.id.clone(),
             visit,
             output: args.to_string(),
         }),
-        "fail" => Command::Record(Event::StepFailed {
+        StepKind::Fail => Command::Record(Event::StepFailed {
             step: step.id.clone(),
             visit,
             error: fail_error(&args, &step.id),
         }),
-        "continue_as_new" => {
+        StepKind::ContinueAsNew => {
             let input = args.get("input").cloned().unwrap_or_else(|| st.input.clone());
             Command::Record(Event::RunContinued {
                 next_run: next_in_chain(&st.run_id),
                 input: input.to_string(),
             })
         }
-        "wait_signal" | "approval" => {
-            let signal = wait_signal_name(step, &args);
+        kind @ (StepKind::WaitSignal | StepKind::Approval) => {
+            let signal = wait_signal_name(step, kind, &args);
             match wait_timeout(&args) {
                 Ok(duration_ms) => match deliver(def, st, i, visit, &signal, &args) {
                     Some(cmd) => cmd,
@@ -348,7 +430,7 @@ fn start_visit(def: &Definition, st: &RunState, i: usize, visit: u32, ctx: &mut 
                 }),
             }
         }
-        "sleep" => match sleep_duration(&args) {
+        StepKind::Sleep => match sleep_duration(&args) {
             Ok(ms) => Command::StartTimer {
                 step: i,
                 visit,
@@ -360,7 +442,7 @@ fn start_visit(def: &Definition, st: &RunState, i: usize, visit: u32, ctx: &mut 
                 error: ErrorInfo::new("invalid_argument", msg),
             }),
         },
-        _ => Command::RunActivity {
+        StepKind::Workflow | StepKind::Map | StepKind::Activity => Command::RunActivity {
             step: i,
             visit,
             attempt: 1,
@@ -393,8 +475,8 @@ fn fail_error(args: &Value, step: &str) -> ErrorInfo {
 }
 
 /// The signal a waiting step consumes: its `signal` argument, or `approval:STEP` for approvals.
-pub fn wait_signal_name(step: &outpost_shared::definition::Step, args: &Value) -> String {
-    if step.action == "approval" {
+pub fn wait_signal_name(step: &Step, kind: StepKind, args: &Value) -> String {
+    if kind == StepKind::Approval {
         approval_signal(&step.id)
     } else {
         args.get("signal")
@@ -425,7 +507,7 @@ fn wait_timeout(args: &Value) -> Result<Option<u64>, String> {
 fn deliver(def: &Definition, st: &RunState, i: usize, visit: u32, signal: &str, args: &Value) -> Option<Command> {
     let step = &def.doc.steps[i];
     let id = step.id.clone();
-    if step.action == "approval" {
+    if def.plans[i].kind == StepKind::Approval {
         let sig = st
             .signals
             .iter()
@@ -465,7 +547,8 @@ fn deliver(def: &Definition, st: &RunState, i: usize, visit: u32, signal: &str, 
 fn wait_timed_out(def: &Definition, i: usize, visit: u32, ctx: &mut Ctx) -> Command {
     let step = &def.doc.steps[i];
     let args = expr::render(&Value::Object(step.args.clone()), ctx.get()).unwrap_or(Value::Null);
-    let signal = wait_signal_name(step, &args);
+    let kind = def.plans[i].kind;
+    let signal = wait_signal_name(step, kind, &args);
     if args.get("on_timeout").and_then(Value::as_str) == Some("continue") {
         return Command::Record(Event::StepCompleted {
             step: step.id.clone(),
@@ -473,7 +556,7 @@ fn wait_timed_out(def: &Definition, i: usize, visit: u32, ctx: &mut Ctx) -> Comm
             output: json!({"timed_out": true, "signal": signal}).to_string(),
         });
     }
-    let kind = if step.action == "approval" {
+    let kind = if kind == StepKind::Approval {
         "approval.timeout"
     } else {
         "signal.timeout"
@@ -695,8 +778,14 @@ mod tests {
             }
             let mut events = Vec::new();
             for c in cmds {
+                let c = match c.into_record(d, now) {
+                    Ok(e) => {
+                        events.push(e);
+                        continue;
+                    }
+                    Err(c) => c,
+                };
                 match c {
-                    Command::Record(e) => events.push(e),
                     Command::RunActivity {
                         step,
                         visit,
@@ -715,32 +804,9 @@ mod tests {
                         };
                         assert_eq!(key, expected_key);
                         now = now.max(not_before_ms.unwrap_or(0));
-                        events.push(if compensation {
-                            Event::CompensationAttemptStarted {
-                                step: id.clone(),
-                                visit,
-                                attempt,
-                                key,
-                            }
-                        } else {
-                            Event::AttemptStarted {
-                                step: id.clone(),
-                                visit,
-                                attempt,
-                                key,
-                            }
-                        });
+                        events.push(attempt_started(&id, visit, attempt, key, compensation));
                         match outcome(&name, attempt) {
-                            Ok(v) if compensation => events.push(Event::StepCompensated {
-                                step: id,
-                                visit,
-                                output: v.to_string(),
-                            }),
-                            Ok(v) => events.push(Event::StepCompleted {
-                                step: id,
-                                visit,
-                                output: v.to_string(),
-                            }),
+                            Ok(v) => events.push(attempt_succeeded(&id, visit, v.to_string(), compensation)),
                             Err(e) => {
                                 let f = FailedAttempt {
                                     step: &id,
@@ -754,19 +820,6 @@ mod tests {
                             }
                         }
                     }
-                    Command::StartTimer {
-                        step,
-                        visit,
-                        duration_ms,
-                    } => {
-                        let id = d.doc.steps[step].id.clone();
-                        events.push(Event::TimerSet {
-                            step: id,
-                            visit,
-                            fire_at_ms: now + duration_ms,
-                            duration_ms,
-                        });
-                    }
                     Command::AwaitTimer {
                         step,
                         visit,
@@ -774,33 +827,12 @@ mod tests {
                         completes,
                         ..
                     } => {
-                        let id = d.doc.steps[step].id.clone();
                         now = fire_at_ms;
-                        events.push(Event::TimerFired {
-                            step: id.clone(),
-                            visit,
-                            fire_at_ms,
-                        });
-                        if completes {
-                            events.push(Event::StepCompleted {
-                                step: id,
-                                visit,
-                                output: "null".into(),
-                            });
-                        }
+                        events.extend(timer_fired(&d.doc.steps[step].id, visit, fire_at_ms, completes));
                     }
-                    Command::StartWait {
-                        step,
-                        visit,
-                        signal,
-                        duration_ms,
-                    } => events.push(Event::WaitStarted {
-                        step: d.doc.steps[step].id.clone(),
-                        visit,
-                        signal,
-                        fire_at_ms: duration_ms.map(|ms| now + ms),
-                        duration_ms: duration_ms.unwrap_or(0),
-                    }),
+                    Command::Record(_) | Command::StartTimer { .. } | Command::StartWait { .. } => {
+                        unreachable!("journaled by into_record")
+                    }
                 }
             }
             for e in &events {

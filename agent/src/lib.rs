@@ -10,7 +10,6 @@ pub mod actions;
 pub mod api;
 pub mod bench;
 pub mod breaker;
-pub mod children;
 pub mod cli;
 pub mod client;
 pub mod clock;

@@ -355,9 +355,63 @@ pub struct Document {
     pub triggers: Vec<TriggerSpec>,
 }
 
+/// What a step's action is to the engine and the runtime, resolved from its name once, at
+/// validation, so no module matches action names as strings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepKind {
+    /// `set`: the rendered arguments are the output; a journal record, no effect.
+    Set,
+    /// `fail`: fails the step (or the compensation) with the arguments' error.
+    Fail,
+    /// `continue_as_new`: ends the run and starts the next of its chain in the same commit.
+    ContinueAsNew,
+    /// `wait_signal`: waits for a named signal.
+    WaitSignal,
+    /// `approval`: waits for a person's decision (a signal bound to the step's visit).
+    Approval,
+    /// `sleep`: a durable timer.
+    Sleep,
+    /// `workflow`: one child run.
+    Workflow,
+    /// `map`: a child run per item.
+    Map,
+    /// Anything else: an action from the agent's registry, run as an attempt with side effects.
+    Activity,
+}
+
+impl StepKind {
+    /// The kind of the action named `action`.
+    pub fn of(action: &str) -> StepKind {
+        match action {
+            "set" => StepKind::Set,
+            "fail" => StepKind::Fail,
+            "continue_as_new" => StepKind::ContinueAsNew,
+            "wait_signal" => StepKind::WaitSignal,
+            "approval" => StepKind::Approval,
+            "sleep" => StepKind::Sleep,
+            "workflow" => StepKind::Workflow,
+            "map" => StepKind::Map,
+            _ => StepKind::Activity,
+        }
+    }
+
+    /// Whether an attempt of this step starts child runs (a parent's cancel must reach them).
+    pub fn starts_children(self) -> bool {
+        matches!(self, StepKind::Workflow | StepKind::Map)
+    }
+
+    /// Whether this action may undo a step: it must be an effect (or a record), not a wait or a
+    /// new run.
+    pub fn can_compensate(self) -> bool {
+        matches!(self, StepKind::Set | StepKind::Fail | StepKind::Activity)
+    }
+}
+
 /// Per-step settings resolved at validation.
 #[derive(Debug, Clone)]
 pub struct StepPlan {
+    /// What the step's action is.
+    pub kind: StepKind,
     /// Parsed retry policy.
     pub retry: RetryPolicy,
     /// Parsed per-attempt timeout.
@@ -375,6 +429,8 @@ pub struct StepPlan {
 /// Resolved settings of a step's compensation.
 #[derive(Debug, Clone)]
 pub struct CompensationPlan {
+    /// What the compensation's action is.
+    pub kind: StepKind,
     /// Retry policy of the compensation.
     pub retry: RetryPolicy,
     /// Per-attempt timeout.
@@ -412,7 +468,8 @@ impl Definition {
     pub fn signal_names(&self) -> (Vec<String>, bool) {
         let mut names = Vec::new();
         let mut templated = false;
-        for step in self.doc.steps.iter().filter(|s| s.action == "wait_signal") {
+        let waits = self.doc.steps.iter().zip(&self.plans);
+        for (step, _) in waits.filter(|(_, p)| p.kind == StepKind::WaitSignal) {
             match step.args.get("signal").and_then(Value::as_str) {
                 Some(n) if crate::expr::is_template(n) => templated = true,
                 Some(n) if !names.iter().any(|m| m == n) => names.push(n.to_string()),
@@ -431,7 +488,8 @@ impl Definition {
     pub fn from_parts(name: &str, version: u32, steps: Vec<Step>, index: HashMap<String, usize>) -> Definition {
         let plans = steps
             .iter()
-            .map(|_| StepPlan {
+            .map(|s: &Step| StepPlan {
+                kind: StepKind::of(&s.action),
                 retry: RetryPolicy::none(),
                 timeout: None,
                 max_visits: u32::MAX,
@@ -836,10 +894,6 @@ fn check_schedules(doc: &Document, c: &mut Checker) {
     }
 }
 
-/// Actions that wait or start runs; a compensation must be a plain effect.
-const COMPENSATION_ACTIONS_EXCLUDED: &[&str] =
-    &["sleep", "wait_signal", "approval", "workflow", "map", "continue_as_new"];
-
 /// Validates a parsed document into a [`Definition`].
 pub fn validate(doc: Document, catalog: &dyn ActionCatalog) -> Result<Definition, DefinitionError> {
     let mut c = Checker { problems: Vec::new() };
@@ -876,7 +930,8 @@ pub fn validate(doc: Document, catalog: &dyn ActionCatalog) -> Result<Definition
         let compensate = s.compensate.as_ref().map(|comp| {
             let cat = format!("{at}.compensate");
             c.action(&cat, &comp.action, &comp.args, catalog);
-            if COMPENSATION_ACTIONS_EXCLUDED.contains(&comp.action.as_str()) {
+            let kind = StepKind::of(&comp.action);
+            if !kind.can_compensate() {
                 c.push(
                     format!("{cat}.action"),
                     format!(
@@ -887,6 +942,7 @@ pub fn validate(doc: Document, catalog: &dyn ActionCatalog) -> Result<Definition
             }
             c.templates(&format!("{cat}.args"), &Value::Object(comp.args.clone()), &index);
             CompensationPlan {
+                kind,
                 retry: c.retry(&format!("{cat}.retry"), &comp.retry),
                 timeout: c.duration(&format!("{cat}.timeout"), &comp.timeout),
             }
@@ -903,6 +959,7 @@ pub fn validate(doc: Document, catalog: &dyn ActionCatalog) -> Result<Definition
             }
         }
         plans.push(StepPlan {
+            kind: StepKind::of(&s.action),
             retry,
             timeout,
             max_visits: s.max_visits.unwrap_or(DEFAULT_MAX_VISITS),

@@ -11,6 +11,7 @@ pub mod expr;
 pub mod fault;
 pub mod journal;
 pub mod protocol;
+pub mod row;
 pub mod run;
 pub mod signing;
 pub mod tls;

@@ -23,6 +23,8 @@ pub struct Call {
     pub run_id: String,
     /// Step id.
     pub step: String,
+    /// Visit of the step (loops revisit steps), from 1.
+    pub visit: u32,
     /// Attempt number, from 1.
     pub attempt: u32,
     /// Idempotency key: the same for every attempt and every re-run after a crash.
@@ -131,6 +133,11 @@ const ENGINE_ACTIONS: &[(&str, Signature)] = &[
         },
     ),
 ];
+
+/// The signature of an engine-level action (`set`, `sleep`, `workflow`, …).
+pub(crate) fn engine_signature(name: &str) -> Option<Signature> {
+    ENGINE_ACTIONS.iter().find(|(n, _)| *n == name).map(|(_, sig)| *sig)
+}
 
 /// Actions by name.
 #[derive(Clone, Default)]
@@ -245,6 +252,7 @@ pub(crate) fn test_call(args: Value) -> Call {
     Call {
         run_id: "r".into(),
         step: "s".into(),
+        visit: 1,
         attempt: 1,
         key: "r/s/1".into(),
         args,

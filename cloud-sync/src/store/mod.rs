@@ -9,6 +9,7 @@ use std::path::Path;
 
 use outpost_shared::journal::{self, Event};
 use outpost_shared::protocol::{Birth, CommandKind, CommandResult, Inventory, Outcome, WireEvent};
+use outpost_shared::row;
 use outpost_shared::run::RunStatus;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -98,27 +99,7 @@ pub enum StoreError {
     Task(String),
 }
 
-macro_rules! storage_from {
-    ($($t:ty),*) => {$(
-        impl From<$t> for StoreError {
-            fn from(e: $t) -> Self { StoreError::Storage(e.into()) }
-        }
-    )*};
-}
-storage_from!(
-    redb::DatabaseError,
-    redb::TransactionError,
-    redb::TableError,
-    redb::StorageError,
-    redb::CommitError,
-    redb::SetDurabilityError
-);
-
-/// Versioned row envelope: variants are only appended.
-#[derive(Serialize, Deserialize)]
-enum Row<T> {
-    V1(T),
-}
+outpost_shared::redb_errors_into!(StoreError, StoreError::Storage);
 
 /// A device's own words kept short (it is shown on every page of that device).
 fn protocol_clip(text: &str) -> String {
@@ -126,17 +107,14 @@ fn protocol_clip(text: &str) -> String {
 }
 
 fn enc<T: Serialize>(v: &T) -> Vec<u8> {
-    postcard::to_allocvec(&Row::V1(v)).unwrap_or_default()
+    row::encode(v)
 }
 
 fn dec<T: for<'de> Deserialize<'de>>(what: &'static str, bytes: &[u8]) -> Result<T, StoreError> {
-    match postcard::from_bytes::<Row<T>>(bytes) {
-        Ok(Row::V1(v)) => Ok(v),
-        Err(e) => Err(StoreError::Corrupt {
-            what,
-            reason: e.to_string(),
-        }),
-    }
+    row::decode(bytes).map_err(|e| StoreError::Corrupt {
+        what,
+        reason: e.to_string(),
+    })
 }
 
 /// What the cloud knows about a device.
@@ -1159,8 +1137,8 @@ impl Store {
         match dec::<ReportedRow>("reported", bytes) {
             Ok(r) => Ok(Some(r)),
             // Rows written before per-point verdicts are a prefix of today's layout.
-            Err(e) => match postcard::from_bytes::<Row<ReportedRowV1>>(bytes) {
-                Ok(Row::V1(o)) => Ok(Some(ReportedRow {
+            Err(e) => match row::decode::<ReportedRowV1>(bytes) {
+                Ok(o) => Ok(Some(ReportedRow {
                     desired_version: o.desired_version,
                     document: o.document,
                     in_sync: o.in_sync,
@@ -1311,7 +1289,7 @@ mod tests {
         struct Old(u64, String, bool, String, u64);
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(&dir.path().join("c.redb")).unwrap();
-        let old = postcard::to_allocvec(&Row::V1(Old(2, "{}".into(), true, "ok".into(), 77))).unwrap();
+        let old = postcard::to_allocvec(&row::Row::V1(Old(2, "{}".into(), true, "ok".into(), 77))).unwrap();
         let txn = s.db().unwrap().begin_write().unwrap();
         txn.open_table(REPORTED).unwrap().insert("gw", old.as_slice()).unwrap();
         txn.commit().unwrap();

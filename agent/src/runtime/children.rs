@@ -1,4 +1,6 @@
 //! Child workflows and parallel map: steps that start other runs and complete with their results.
+//! They are actions like any other ([`ChildRuns`] implements [`Action`]); they live in the
+//! runtime because what they act on is the runtime itself.
 //!
 //! A child's run id is derived from the parent's step visit, so re-running the step after a crash
 //! finds the child already started instead of starting it again (`Runtime::start` is idempotent
@@ -12,8 +14,10 @@ use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use crate::actions::{ActionError, Call, str_arg};
-use crate::runtime::{MAX_RUN_ID_LEN, Runtime, RuntimeError, StartRequest};
+use outpost_shared::definition::{Signature, StepKind};
+
+use super::{MAX_RUN_ID_LEN, Runtime, RuntimeError, StartRequest};
+use crate::actions::{Action, ActionError, ActionFuture, Call, str_arg};
 
 /// Most items one map step fans out to.
 pub const MAX_MAP_ITEMS: usize = 10_000;
@@ -73,12 +77,49 @@ fn version_arg(args: &Value) -> Result<Option<u32>, ActionError> {
     }
 }
 
+/// The `workflow` (one child run) and `map` (a child run per item) actions, bound to the runtime
+/// whose runs they start.
+pub(super) struct ChildRuns {
+    rt: Runtime,
+    map: bool,
+}
+
+impl ChildRuns {
+    /// The action for a step of kind `kind`, when it starts child runs.
+    pub(super) fn for_kind(rt: Runtime, kind: StepKind) -> Option<ChildRuns> {
+        match kind {
+            StepKind::Workflow => Some(ChildRuns { rt, map: false }),
+            StepKind::Map => Some(ChildRuns { rt, map: true }),
+            _ => None,
+        }
+    }
+}
+
+impl Action for ChildRuns {
+    fn signature(&self) -> Signature {
+        let name = if self.map { "map" } else { "workflow" };
+        crate::actions::engine_signature(name).unwrap_or(Signature {
+            required: &[],
+            optional: &[],
+        })
+    }
+
+    fn execute(&self, call: Call) -> ActionFuture {
+        let rt = self.rt.clone();
+        if self.map {
+            Box::pin(run_map(rt, call))
+        } else {
+            Box::pin(run_child(rt, call))
+        }
+    }
+}
+
 /// Runs one child workflow to its end and returns its output.
-pub async fn run_child(rt: Runtime, call: Call, visit: u32) -> Result<Value, ActionError> {
+async fn run_child(rt: Runtime, call: Call) -> Result<Value, ActionError> {
     let workflow = str_arg(&call.args, "workflow")?.to_string();
     let version = version_arg(&call.args)?;
     let input = call.args.get("input").cloned().unwrap_or_else(|| json!({}));
-    let id = child_id(&call.run_id, &call.step, visit);
+    let id = child_id(&call.run_id, &call.step, call.visit);
     await_child(&rt, id, workflow, version, input).await
 }
 
@@ -127,7 +168,7 @@ fn start_error(e: RuntimeError) -> ActionError {
 }
 
 /// Runs a child workflow per item with a concurrency cap; outputs come back in item order.
-pub async fn run_map(rt: Runtime, call: Call, visit: u32) -> Result<Value, ActionError> {
+async fn run_map(rt: Runtime, call: Call) -> Result<Value, ActionError> {
     let args = &call.args;
     let workflow = str_arg(args, "workflow")?.to_string();
     let version = version_arg(args)?;
@@ -159,7 +200,7 @@ pub async fn run_map(rt: Runtime, call: Call, visit: u32) -> Result<Value, Actio
         .and_then(Value::as_object)
         .cloned()
         .unwrap_or_default();
-    let base = child_id(&call.run_id, &call.step, visit);
+    let base = child_id(&call.run_id, &call.step, call.visit);
 
     let slots = Arc::new(Semaphore::new(concurrency));
     let mut set: JoinSet<(usize, Result<Value, ActionError>)> = JoinSet::new();

@@ -1,0 +1,176 @@
+//! The journal's tables and their rows: the layout on disk, versioned rows, and the set-up and
+//! read of the writer's starting state.
+
+use std::collections::HashSet;
+
+use outpost_shared::journal::CodecError;
+use outpost_shared::row;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use serde::{Deserialize, Serialize};
+
+use super::{Applied, JournalError};
+use crate::engine::RunStatus;
+
+/// seq → encoded [`Record`]. The journal proper and the sync outbox.
+pub(super) const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+/// (run id, seq) → (): a run's history in order.
+pub(super) const RUN_EVENTS: TableDefinition<(&str, u64), ()> = TableDefinition::new("run_events");
+/// run id → encoded [`RunRecord`]: one summary row per run.
+pub(super) const RUNS: TableDefinition<&str, &[u8]> = TableDefinition::new("runs");
+/// run id → (): runs that are not finished, resumed at start-up.
+pub(super) const ACTIVE: TableDefinition<&str, ()> = TableDefinition::new("active_runs");
+/// (name, version) → encoded [`DefinitionRecord`].
+pub(super) const DEFINITIONS: TableDefinition<(&str, u32), &[u8]> = TableDefinition::new("definitions");
+/// (deadline ms, run id, step) → (): pending durable timers by deadline.
+pub(super) const TIMERS: TableDefinition<(u64, &str, &str), ()> = TableDefinition::new("timers");
+/// Counters: `next_seq`, `format`.
+pub(super) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Named positions kept by agent services: schedule slots, trigger marks, sync acks.
+pub(super) const CURSORS: TableDefinition<&str, u64> = TableDefinition::new("cursors");
+/// Small named records kept by agent services (applied cloud commands, desired state).
+pub(super) const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
+/// Cursor: the newest sequence retention has deleted.
+pub(super) const PRUNED_THROUGH: &str = "journal/pruned_through";
+
+/// Version of the table layout above; bumped on any incompatible change.
+pub const FORMAT: u64 = 1;
+/// Summary row of one run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunRecord {
+    /// Workflow name.
+    pub workflow: String,
+    /// Workflow version.
+    pub version: u32,
+    /// Status.
+    pub status: RunStatus,
+    /// Created (ms since epoch).
+    pub created_ms: u64,
+    /// Finished (ms since epoch); the row is written only at start and at the end, so appends
+    /// in between touch just the event tables.
+    pub finished_ms: Option<u64>,
+}
+
+/// A stored definition version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DefinitionRecord {
+    /// Canonical JSON of the document.
+    pub json: String,
+    /// When it was applied (ms since epoch).
+    pub applied_ms: u64,
+}
+
+pub(super) fn encode_run(r: &RunRecord) -> Vec<u8> {
+    row::encode(r)
+}
+
+pub(super) fn decode_run(b: &[u8]) -> Result<RunRecord, JournalError> {
+    row::decode(b).map_err(|source| CodecError::Corrupt { len: b.len(), source }.into())
+}
+
+pub(super) fn decode_definition(b: &[u8]) -> Result<DefinitionRecord, JournalError> {
+    row::decode(b).map_err(|source| CodecError::Corrupt { len: b.len(), source }.into())
+}
+
+/// Every table, opened in one write transaction.
+pub(super) struct Tables<'txn> {
+    pub(super) events: redb::Table<'txn, u64, &'static [u8]>,
+    pub(super) run_events: redb::Table<'txn, (&'static str, u64), ()>,
+    pub(super) runs: redb::Table<'txn, &'static str, &'static [u8]>,
+    pub(super) active: redb::Table<'txn, &'static str, ()>,
+    pub(super) definitions: redb::Table<'txn, (&'static str, u32), &'static [u8]>,
+    pub(super) timers: redb::Table<'txn, (u64, &'static str, &'static str), ()>,
+    pub(super) cursors: redb::Table<'txn, &'static str, u64>,
+    pub(super) kv: redb::Table<'txn, &'static str, &'static [u8]>,
+}
+
+impl<'txn> Tables<'txn> {
+    /// Opens every table in `txn`.
+    pub(super) fn open(txn: &'txn WriteTransaction) -> Result<Tables<'txn>, JournalError> {
+        Ok(Tables {
+            events: txn.open_table(EVENTS)?,
+            run_events: txn.open_table(RUN_EVENTS)?,
+            runs: txn.open_table(RUNS)?,
+            active: txn.open_table(ACTIVE)?,
+            definitions: txn.open_table(DEFINITIONS)?,
+            timers: txn.open_table(TIMERS)?,
+            cursors: txn.open_table(CURSORS)?,
+            kv: txn.open_table(KV)?,
+        })
+    }
+}
+
+/// Checks the format, creates missing tables, and reads the writer's starting state.
+pub(super) fn prepare(db: &Database) -> Result<(u64, HashSet<String>), JournalError> {
+    let txn = db.begin_write()?;
+    let next = {
+        let mut meta = txn.open_table(META)?;
+        let format = meta.get("format")?.map(|v| v.value());
+        match format {
+            Some(f) if f != FORMAT => return Err(JournalError::Format { found: f }),
+            Some(_) => {}
+            None => {
+                meta.insert("format", FORMAT)?;
+            }
+        }
+        // Create every table so readers never see "table does not exist".
+        txn.open_table(EVENTS)?;
+        txn.open_table(RUN_EVENTS)?;
+        txn.open_table(RUNS)?;
+        txn.open_table(ACTIVE)?;
+        txn.open_table(DEFINITIONS)?;
+        txn.open_table(TIMERS)?;
+        txn.open_table(CURSORS)?;
+        txn.open_table(KV)?;
+        meta.get("next_seq")?.map(|v| v.value()).unwrap_or(1)
+    };
+    let mut active = HashSet::new();
+    for row in txn.open_table(ACTIVE)?.iter()? {
+        active.insert(row?.0.value().to_string());
+    }
+    txn.commit()?;
+    Ok((next, active))
+}
+
+/// Reads the writer's state without writing (the disk may still be full).
+pub(super) fn load_state(db: &Database) -> Result<(u64, HashSet<String>), JournalError> {
+    let txn = db.begin_read()?;
+    let next = txn.open_table(META)?.get("next_seq")?.map(|v| v.value()).unwrap_or(1);
+    let mut active = HashSet::new();
+    for row in txn.open_table(ACTIVE)?.iter()? {
+        active.insert(row?.0.value().to_string());
+    }
+    Ok((next, active))
+}
+
+/// Stores a definition version, unless the same version is there (the same: unchanged;
+/// different: a conflict).
+pub(super) fn put_definition(
+    t: &mut Tables,
+    name: &str,
+    version: u32,
+    json: String,
+    now: u64,
+) -> Result<Applied, JournalError> {
+    if let Some(existing) = t.definitions.get((name, version))? {
+        let existing = decode_definition(existing.value())?;
+        return if existing.json == json {
+            Ok(Applied::Unchanged)
+        } else {
+            Err(JournalError::DefinitionConflict {
+                name: name.to_string(),
+                version,
+            })
+        };
+    }
+    let bytes = row::encode(&DefinitionRecord { json, applied_ms: now });
+    t.definitions.insert((name, version), bytes.as_slice())?;
+    Ok(Applied::Created)
+}
+
+/// Index of applied commands by time: `cmdat/{ms:020}/{id}`, written beside `cmd/{id}`.
+pub const COMMAND_INDEX: &str = "cmdat/";
+
+/// The index key of command `id` applied at `ms`.
+pub fn command_index_key(ms: u64, id: &str) -> String {
+    format!("{COMMAND_INDEX}{ms:020}/{id}")
+}

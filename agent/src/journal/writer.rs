@@ -1,0 +1,303 @@
+//! The writer thread: group commit. It takes everything queued, runs each write in one
+//! transaction, commits once (one fsync with `Durability::Immediate`), and only then answers
+//! every waiter; a failed commit fails every waiter of the batch and hands its sequence numbers
+//! out again. After a storage error it reopens the file (redb refuses further transactions
+//! until then), every second while idle.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use redb::{Database, Durability, ReadableDatabase, WriteTransaction};
+use tokio::sync::{mpsc, oneshot};
+
+use super::lifecycle::Runs;
+use super::tables::{META, Tables, load_state};
+use super::{JournalError, Opener, Slot, Stats};
+use crate::clock::Clock;
+
+/// Most operations folded into one transaction.
+pub(super) const MAX_BATCH: usize = 4096;
+
+/// A waiter's reply channel.
+pub(super) type Reply<T> = oneshot::Sender<Result<T, JournalError>>;
+
+/// What the writer is asked to do.
+pub(super) enum Op {
+    /// A write, done in the next batch's transaction and answered after its commit.
+    Write(Box<dyn Job>),
+    /// Close the database cleanly and stop (taken out of a batch before it commits).
+    Close(Reply<()>),
+}
+
+/// What a write may touch inside the batch's transaction.
+pub(super) struct Txn<'a, 'txn> {
+    /// Every table.
+    pub(super) tables: &'a mut Tables<'txn>,
+    /// Sequence numbers and the run lifecycle.
+    pub(super) runs: &'a mut Runs,
+    /// The transaction itself (for its statistics).
+    pub(super) txn: &'txn WriteTransaction,
+    /// Wall-clock time of the batch.
+    pub(super) now: u64,
+}
+
+/// One queued write: its work, and its waiter.
+pub(super) trait Job: Send {
+    /// Does the work inside the transaction; the answer waits for the commit.
+    fn run(self: Box<Self>, txn: &mut Txn) -> Box<dyn Answer>;
+    /// Fails the waiter without doing the work (the batch failed before reaching it).
+    fn fail(self: Box<Self>, error: JournalError);
+}
+
+/// A write's result, held until the commit.
+pub(super) trait Answer: Send {
+    /// The redb error the work ran into, which poisons the whole transaction.
+    fn storage_error(&self) -> Option<&redb::Error>;
+    /// The commit succeeded: the waiter gets the result.
+    fn send(self: Box<Self>);
+    /// The commit failed: the waiter gets `error` instead.
+    fn fail(self: Box<Self>, error: JournalError);
+}
+
+/// A write as a closure and its reply channel.
+pub(super) struct Write<T, F> {
+    pub(super) work: F,
+    pub(super) reply: Reply<T>,
+}
+
+struct Answered<T> {
+    result: Result<T, JournalError>,
+    reply: Reply<T>,
+}
+
+impl<T, F> Job for Write<T, F>
+where
+    T: Send + 'static,
+    F: FnOnce(&mut Txn) -> Result<T, JournalError> + Send,
+{
+    fn run(self: Box<Self>, txn: &mut Txn) -> Box<dyn Answer> {
+        let Write { work, reply } = *self;
+        Box::new(Answered {
+            result: work(txn),
+            reply,
+        })
+    }
+
+    fn fail(self: Box<Self>, error: JournalError) {
+        let _ = self.reply.send(Err(error));
+    }
+}
+
+impl<T: Send + 'static> Answer for Answered<T> {
+    fn storage_error(&self) -> Option<&redb::Error> {
+        match &self.result {
+            Err(JournalError::Storage(e)) => Some(e),
+            _ => None,
+        }
+    }
+
+    fn send(self: Box<Self>) {
+        let _ = self.reply.send(self.result);
+    }
+
+    fn fail(self: Box<Self>, error: JournalError) {
+        let _ = self.reply.send(Err(error));
+    }
+}
+
+pub(super) struct Writer {
+    /// Told the next sequence after every successful commit.
+    pub(super) committed: tokio::sync::watch::Sender<u64>,
+    /// The writer's own handle; `None` while a reopen has not yet succeeded.
+    pub(super) db: Option<Arc<Database>>,
+    pub(super) slot: Slot,
+    pub(super) opener: Opener,
+    pub(super) runs: Runs,
+    pub(super) clock: Arc<dyn Clock>,
+    pub(super) stats: Arc<Stats>,
+}
+
+impl Writer {
+    pub(super) fn run(mut self, mut rx: mpsc::Receiver<Op>) {
+        let mut batch = Vec::with_capacity(256);
+        let mut close = Vec::new();
+        while let Some(first) = self.next_op(&mut rx) {
+            let mut next = Some(first);
+            while let Some(op) = next.take() {
+                match op {
+                    Op::Write(job) => batch.push(job),
+                    Op::Close(reply) => close.push(reply),
+                }
+                if batch.len() < MAX_BATCH {
+                    next = rx.try_recv().ok();
+                }
+            }
+            if !batch.is_empty() {
+                self.commit_batch(&mut batch);
+            }
+            if !close.is_empty() {
+                self.close();
+                for reply in close.drain(..) {
+                    let _ = reply.send(Ok(()));
+                }
+                return;
+            }
+        }
+        self.close();
+    }
+
+    /// The next operation. While the database is closed after a storage error, it is reopened
+    /// every second meanwhile: readers get `Reopening` until then, and an idle agent may write
+    /// nothing for hours after the disk has space again.
+    fn next_op(&mut self, rx: &mut mpsc::Receiver<Op>) -> Option<Op> {
+        let mut last_try = std::time::Instant::now();
+        while self.db.is_none() {
+            match rx.try_recv() {
+                Ok(op) => return Some(op),
+                Err(mpsc::error::TryRecvError::Disconnected) => return None,
+                Err(mpsc::error::TryRecvError::Empty) => {}
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            if last_try.elapsed() >= std::time::Duration::from_secs(1) {
+                last_try = std::time::Instant::now();
+                if let Err(e) = self.reopen() {
+                    tracing::debug!(error = %e, "journal still cannot be reopened");
+                }
+            }
+        }
+        rx.blocking_recv()
+    }
+
+    /// Takes the database out of the readers' slot and waits (up to 5 s) until no reader holds
+    /// it, so dropping it closes the file. Gives it back when a reader still holds it.
+    fn release(&mut self) -> Result<(), Arc<Database>> {
+        *self.slot.write().unwrap_or_else(|p| p.into_inner()) = None;
+        let Some(mut db) = self.db.take() else { return Ok(()) };
+        for _ in 0..1000 {
+            match Arc::try_unwrap(db) {
+                Ok(db) => {
+                    drop(db);
+                    return Ok(());
+                }
+                Err(shared) => {
+                    db = shared;
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+            }
+        }
+        Err(db)
+    }
+
+    /// Drops the database once no reader holds it, so redb writes its clean-shutdown state and
+    /// the next open needs no repair. Readers get `Reopening` from here on.
+    fn close(&mut self) {
+        match self.release() {
+            Ok(()) => tracing::debug!("journal closed"),
+            Err(_) => tracing::warn!("journal still in use after 5 s; closing without a clean shutdown"),
+        }
+    }
+
+    /// Closes and reopens the database: after an I/O error redb refuses further transactions
+    /// until it is reopened. Readers briefly get `Reopening`.
+    fn reopen(&mut self) -> Result<(), JournalError> {
+        // The file stays locked until every reader has dropped its handle.
+        if let Err(still_shared) = self.release() {
+            self.db = Some(still_shared);
+            return Err(JournalError::Reopening);
+        }
+        let db = Arc::new((self.opener)()?);
+        let (next_seq, active) = load_state(&db)?;
+        self.runs = Runs::new(next_seq, active);
+        *self.slot.write().unwrap_or_else(|p| p.into_inner()) =
+            Some(db.clone() as Arc<dyn ReadableDatabase + Send + Sync>);
+        self.db = Some(db);
+        tracing::info!(next_seq, "journal reopened after a storage error");
+        Ok(())
+    }
+
+    fn commit_batch(&mut self, batch: &mut Vec<Box<dyn Job>>) {
+        let n = batch.len() as u64;
+        let start_seq = self.runs.next_seq;
+        let mut answers: Vec<Box<dyn Answer>> = Vec::with_capacity(batch.len());
+        if self.db.is_none()
+            && let Err(e) = self.reopen()
+        {
+            tracing::error!(error = %e, "journal is still unavailable");
+        }
+        let now = self.clock.now_ms();
+        let result = (|| -> Result<u64, JournalError> {
+            let db = self.db.clone().ok_or(JournalError::Reopening)?;
+            let mut txn = db.begin_write()?;
+            txn.set_durability(Durability::Immediate)?;
+            {
+                let mut tables = Tables::open(&txn)?;
+                let mut w = Txn {
+                    tables: &mut tables,
+                    runs: &mut self.runs,
+                    txn: &txn,
+                    now,
+                };
+                for job in batch.drain(..) {
+                    let answer = job.run(&mut w);
+                    // A storage error mid-operation poisons the transaction: abort it whole.
+                    if let Some(e) = answer.storage_error() {
+                        let e = storage_failure(&io_text(e));
+                        answers.push(answer);
+                        return Err(e);
+                    }
+                    answers.push(answer);
+                }
+                let mut meta = txn.open_table(META)?;
+                meta.insert("next_seq", self.runs.next_seq)?;
+            }
+            txn.commit()?;
+            Ok(self.runs.next_seq - start_seq)
+        })();
+        match result {
+            Ok(events) => {
+                self.runs.committed();
+                self.stats.commits.fetch_add(1, Ordering::Relaxed);
+                self.committed.send_replace(self.runs.next_seq);
+                self.stats.ops.fetch_add(n, Ordering::Relaxed);
+                self.stats.events.fetch_add(events, Ordering::Relaxed);
+                for a in answers {
+                    a.send();
+                }
+            }
+            Err(e) => {
+                // Nothing of this batch is durable: roll the sequence back and fail every waiter.
+                tracing::error!(error = %e, ops = n, "journal commit failed; nothing in this batch was written");
+                self.runs.rolled_back(start_seq);
+                if matches!(e, JournalError::Storage(_))
+                    && let Err(e) = self.reopen()
+                {
+                    tracing::error!(error = %e, "cannot reopen the journal yet; will retry with the next write");
+                }
+                // The waiters' errors carry the cause once, not wrapped in this error's own text.
+                let msg = match &e {
+                    JournalError::Storage(inner) => io_text(inner),
+                    other => other.to_string(),
+                };
+                for a in answers {
+                    a.fail(storage_failure(&msg));
+                }
+                for job in batch.drain(..) {
+                    job.fail(storage_failure(&msg));
+                }
+            }
+        }
+    }
+}
+
+/// The cause of a redb error without redb's `I/O error: ` wrapper (`storage_failure` adds it back).
+fn io_text(e: &redb::Error) -> String {
+    match e {
+        redb::Error::Io(io) => io.to_string(),
+        other => other.to_string(),
+    }
+}
+
+/// A storage error for a waiter of a failed batch; redb's errors are not `Clone`, so the text travels.
+fn storage_failure(msg: &str) -> JournalError {
+    JournalError::Storage(redb::StorageError::Io(std::io::Error::other(msg.to_string())).into())
+}

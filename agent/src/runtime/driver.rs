@@ -1,0 +1,507 @@
+//! The per-run driver: one task per active run owns the run's folded state, asks the engine what
+//! to do, journals pure decisions and spawns activity and timer tasks, and answers the requests
+//! that reach the run over its control channel (stop, signal, approve).
+//!
+//! Order within one step of the driver: fold the batch and chain the pure decisions that follow
+//! from it (the look-ahead needs the folded state), append the whole batch durably, and only then
+//! act — spawn tasks, answer requests, start the next run of a chain. The fold is the driver's
+//! private state; nothing outside sees it before the append returned. The one thing done before
+//! the append is stopping what still runs when the batch ends the run (or turns it to undoing):
+//! tasks are aborted and child runs cancelled first, so a crash in between re-runs an aborted
+//! attempt with the same key rather than leaving a child running under an ended parent.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use outpost_shared::definition::{Definition, StepKind};
+use outpost_shared::{ErrorInfo, Event};
+use serde_json::Value;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
+use tracing::{Instrument, error, info, info_span, warn};
+
+use super::activity::{self, append_durably};
+use super::{Inner, MAX_INPUT_BYTES, MAX_PENDING_SIGNALS, MAX_SIGNALS_PER_RUN, Runtime, RuntimeError, max_runs};
+use crate::clock::remaining_ms;
+use crate::engine::{self, Command, FailedAttempt, RunState, RunStatus};
+
+/// Identifies an activity or timer task: (step, visit, attempt, compensation); timers use attempt 0.
+pub(super) type Slot = (usize, u32, u32, bool);
+
+/// What a finished task hands back: events already journaled, then events to journal.
+pub(super) struct TaskResult {
+    pub(super) journaled: Vec<Event>,
+    pub(super) to_journal: Vec<Event>,
+}
+
+impl TaskResult {
+    /// A task whose run ended before it could finish: only what it journaled itself.
+    pub(super) fn ended(journaled: Vec<Event>) -> TaskResult {
+        TaskResult {
+            journaled,
+            to_journal: Vec::new(),
+        }
+    }
+}
+
+/// A request to a run's driver from outside: operators, the API, parent runs.
+pub(crate) enum Control {
+    /// Stop the run: cancel (`terminate` false) or terminate.
+    Stop {
+        /// Why.
+        reason: String,
+        /// Record `RunTerminated` instead of `RunCancelled`.
+        terminate: bool,
+    },
+    /// Deliver a signal; the reply says whether it was new (false: a repeated id).
+    Signal {
+        /// The signal as it will be journaled.
+        name: String,
+        /// Sender's id.
+        id: String,
+        /// Payload.
+        payload: Value,
+        /// Who sent it, when known.
+        by: Option<String>,
+        /// Whether it was new, once durable.
+        reply: oneshot::Sender<Result<bool, RuntimeError>>,
+    },
+    /// Decide an approval step that is waiting.
+    Approve {
+        /// The approval step.
+        step: String,
+        /// Decision.
+        approved: bool,
+        /// Who decided.
+        by: String,
+        /// The fleet vouches that `by` may decide.
+        vouched: bool,
+        /// Free text.
+        comment: String,
+        /// Request id (repeats are ignored).
+        id: String,
+        /// Whether it was new, once durable.
+        reply: oneshot::Sender<Result<bool, RuntimeError>>,
+    },
+}
+
+pub(super) struct Driver {
+    inner: Arc<Inner>,
+    def: Arc<Definition>,
+    st: RunState,
+    /// Decisions already made for the current state (by the look-ahead in `journal`).
+    next: Option<Vec<Command>>,
+    /// The run's final event, once journaled.
+    end: Option<Event>,
+}
+
+impl Driver {
+    /// A driver for a run whose history folds to `st`.
+    pub(super) fn new(inner: Arc<Inner>, def: Arc<Definition>, st: RunState) -> Driver {
+        Driver {
+            inner,
+            def,
+            st,
+            next: None,
+            end: None,
+        }
+    }
+}
+
+impl Driver {
+    /// Drives the run to its end; returns the final event. A run that is not a child first
+    /// waits for its run slots (answering stop and signal requests meanwhile).
+    pub(super) async fn run(mut self, mut control: mpsc::Receiver<Control>, child: bool) -> Event {
+        let mut tasks: JoinSet<TaskResult> = JoinSet::new();
+        let inner = self.inner.clone();
+        let mut _slots = Vec::new();
+        if !child && !self.st.status.is_terminal() {
+            let (run_id, def) = (self.st.run_id.clone(), self.def.clone());
+            let admit = inner.limits.admit(&run_id, def.name(), max_runs(&def));
+            tokio::pin!(admit);
+            loop {
+                tokio::select! {
+                    permits = &mut admit => {
+                        _slots = permits;
+                        break;
+                    }
+                    msg = control.recv() => {
+                        self.control(msg, &mut tasks).await;
+                        if self.st.status.is_terminal() {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        let mut slots: HashMap<tokio::task::Id, Slot> = HashMap::new();
+        while !self.st.status.is_terminal() {
+            let mut records = Vec::new();
+            let decided = self.next.take().unwrap_or_else(|| engine::decide(&self.def, &self.st));
+            for cmd in decided {
+                self.command(cmd, &mut records, &mut tasks, &mut slots);
+            }
+            if !records.is_empty() {
+                self.journal(records, &mut tasks).await;
+                continue;
+            }
+            if tasks.is_empty() && !self.st.is_waiting() {
+                // Nothing to run, nothing running, nothing awaited: the run cannot make progress.
+                let err = ErrorInfo::new("engine.stuck", "no step can run and none is running");
+                self.journal(vec![Event::RunFailed { error: err }], &mut tasks).await;
+                break;
+            }
+            tokio::select! {
+                Some(joined) = tasks.join_next_with_id(), if !tasks.is_empty() => match joined {
+                    Ok((id, res)) => {
+                        slots.remove(&id);
+                        self.absorb(res.journaled);
+                        if !res.to_journal.is_empty() {
+                            self.journal(res.to_journal, &mut tasks).await;
+                        }
+                    }
+                    Err(e) => {
+                        let slot = slots.remove(&e.id());
+                        if e.is_panic() {
+                            error!(?slot, "activity task panicked");
+                            if let Some((step, visit, attempt, compensation)) = slot {
+                                let id = self.def.doc.steps[step].id.clone();
+                                let failed = FailedAttempt {
+                                    step: &id,
+                                    visit,
+                                    attempt,
+                                    error: ErrorInfo::new("internal", "the action panicked"),
+                                    retryable: false,
+                                    compensation,
+                                };
+                                let events = engine::attempt_failed(
+                                    &self.def.plans[step],
+                                    failed,
+                                    self.inner.clock.now_ms(),
+                                    0.0,
+                                );
+                                self.journal(events, &mut tasks).await;
+                            }
+                        }
+                    }
+                },
+                msg = control.recv() => self.control(msg, &mut tasks).await,
+            }
+        }
+        match self.st.status {
+            RunStatus::Completed => info!("run completed"),
+            RunStatus::Continued => info!("run continued as new"),
+            status => {
+                let error = self.st.error.as_ref().map(|e| e.to_string()).unwrap_or_default();
+                warn!(status = status.as_str(), %error, "run ended");
+            }
+        }
+        self.end.take().unwrap_or_else(|| Event::RunCancelled {
+            reason: "the driver stopped".into(),
+        })
+    }
+
+    /// Turns one decision into records to journal or a task to run.
+    fn command(
+        &self,
+        cmd: Command,
+        records: &mut Vec<Event>,
+        tasks: &mut JoinSet<TaskResult>,
+        slots: &mut HashMap<tokio::task::Id, Slot>,
+    ) {
+        let cmd = match cmd.into_record(&self.def, self.inner.clock.now_ms()) {
+            Ok(record) => return records.push(record),
+            Err(cmd) => cmd,
+        };
+        match cmd {
+            Command::Record(_) | Command::StartTimer { .. } | Command::StartWait { .. } => {
+                error!("a journal record came back from into_record");
+            }
+            Command::AwaitTimer {
+                step,
+                visit,
+                fire_at_ms,
+                duration_ms,
+                completes,
+            } => {
+                let slot = (step, visit, 0, false);
+                if slots.values().any(|s| *s == slot) {
+                    return;
+                }
+                let clock = self.inner.clock.clone();
+                let id = self.def.doc.steps[step].id.clone();
+                let h = tasks.spawn(
+                    async move {
+                        let wait = remaining_ms(clock.now_ms(), fire_at_ms, duration_ms);
+                        tokio::time::sleep(Duration::from_millis(wait)).await;
+                        TaskResult {
+                            journaled: Vec::new(),
+                            to_journal: engine::timer_fired(&id, visit, fire_at_ms, completes),
+                        }
+                    }
+                    .in_current_span(),
+                );
+                slots.insert(h.id(), slot);
+            }
+            Command::RunActivity {
+                step,
+                visit,
+                attempt,
+                args,
+                key,
+                not_before_ms,
+                compensation,
+            } => {
+                let slot = (step, visit, attempt, compensation);
+                if slots.values().any(|s| *s == slot) {
+                    return;
+                }
+                let fut = activity::run(
+                    self.inner.clone(),
+                    self.def.clone(),
+                    self.st.run_id.clone(),
+                    slot,
+                    args,
+                    key,
+                    not_before_ms,
+                );
+                let span = info_span!("step", step = %self.def.doc.steps[step].id, attempt, compensation);
+                let h = tasks.spawn(fut.instrument(span));
+                slots.insert(h.id(), slot);
+            }
+        }
+    }
+
+    /// Handles a request from outside the run.
+    async fn control(&mut self, msg: Option<Control>, tasks: &mut JoinSet<TaskResult>) {
+        match msg {
+            None => {}
+            Some(Control::Stop { reason, terminate }) => {
+                tasks.abort_all();
+                self.stop_children().await;
+                info!(%reason, terminate, "run stopped by request");
+                let end = if terminate {
+                    Event::RunTerminated { reason }
+                } else {
+                    Event::RunCancelled { reason }
+                };
+                self.journal(vec![end], tasks).await;
+            }
+            Some(Control::Signal {
+                name,
+                id,
+                payload,
+                by,
+                reply,
+            }) => {
+                let res = self.signal(name, id, payload, by, tasks).await;
+                let _ = reply.send(res);
+            }
+            Some(Control::Approve {
+                step,
+                approved,
+                by,
+                vouched,
+                comment,
+                id,
+                reply,
+            }) => {
+                let res = match self.check_approval(&step, &by, vouched) {
+                    Ok(visit) => {
+                        let payload = serde_json::json!({
+                            "approved": approved, "by": by, "comment": comment, "visit": visit,
+                        });
+                        self.signal(engine::approval_signal(&step), id, payload, None, tasks)
+                            .await
+                    }
+                    Err(e) => Err(e),
+                };
+                let _ = reply.send(res);
+            }
+        }
+    }
+
+    /// Journals a signal unless its id was seen before; true when it was new.
+    async fn signal(
+        &mut self,
+        name: String,
+        id: String,
+        payload: Value,
+        by: Option<String>,
+        tasks: &mut JoinSet<TaskResult>,
+    ) -> Result<bool, RuntimeError> {
+        if self.st.signals.iter().any(|s| s.id == id) {
+            info!(signal = %name, id = %id, "repeated signal ignored");
+            return Ok(false);
+        }
+        let payload = payload.to_string();
+        if payload.len() > MAX_INPUT_BYTES {
+            return Err(RuntimeError::Invalid(format!(
+                "signal payload is {} bytes; the limit is {MAX_INPUT_BYTES} bytes",
+                payload.len()
+            )));
+        }
+        // Every signal is journaled and kept (for dedupe) for the run's life: bound both what
+        // waits unconsumed and what one run can ever take, or a sender in a loop fills the disk.
+        let pending = self.st.signals.iter().filter(|s| !s.consumed).count();
+        if pending >= MAX_PENDING_SIGNALS {
+            return Err(RuntimeError::Invalid(format!(
+                "run '{}' already holds {pending} signals no step has taken (the limit is {MAX_PENDING_SIGNALS}); signal '{name}' refused",
+                self.st.run_id
+            )));
+        }
+        if self.st.signals.len() >= MAX_SIGNALS_PER_RUN {
+            return Err(RuntimeError::Invalid(format!(
+                "run '{}' has received {MAX_SIGNALS_PER_RUN} signals, the most one run takes; signal '{name}' refused (continue as new to reset)",
+                self.st.run_id
+            )));
+        }
+        info!(signal = %name, id = %id, "signal received");
+        let mut events = vec![Event::SignalReceived {
+            name,
+            id: id.clone(),
+            payload,
+        }];
+        if let Some(by) = by {
+            events.push(Event::SignalFrom { id, by });
+        }
+        self.journal(events, tasks).await;
+        Ok(true)
+    }
+
+    /// The visit of approval step `step` that is waiting for a decision `by` may make.
+    fn check_approval(&self, step: &str, by: &str, vouched: bool) -> Result<u32, RuntimeError> {
+        let Some((i, s)) = self.def.step(step) else {
+            return Err(RuntimeError::Invalid(format!(
+                "workflow {} has no step '{step}'",
+                self.def.name()
+            )));
+        };
+        if self.def.plans[i].kind != StepKind::Approval {
+            return Err(RuntimeError::Invalid(format!(
+                "step '{step}' is a {} step, not an approval",
+                s.action
+            )));
+        }
+        let state = &self.st.steps[i];
+        if !matches!(state.phase, engine::Phase::Waiting { .. }) {
+            return Err(RuntimeError::Invalid(format!(
+                "step '{step}' is not waiting for approval (it is {})",
+                engine::phase_name(&state.phase)
+            )));
+        }
+        if let Some(list) = s.args.get("approvers").and_then(Value::as_array)
+            && !vouched
+            && !list.iter().any(|a| a.as_str() == Some(by))
+        {
+            let names: Vec<String> = list
+                .iter()
+                .map(|a| a.as_str().unwrap_or_default().to_string())
+                .collect();
+            return Err(RuntimeError::Invalid(format!(
+                "'{by}' may not decide step '{step}' (approvers: {})",
+                names.join(", ")
+            )));
+        }
+        Ok(state.visits)
+    }
+
+    /// Cancels the child runs of steps in flight (a parent's cancel reaches its children).
+    async fn stop_children(&self) {
+        let rt = Runtime {
+            inner: self.inner.clone(),
+        };
+        for (i, s) in self.st.steps.iter().enumerate() {
+            let step = &self.def.doc.steps[i];
+            if !self.def.plans[i].kind.starts_children() {
+                continue;
+            }
+            // An attempt in flight may not be folded in yet: its visit is the current or the next.
+            for visit in [s.visits, s.visits + 1] {
+                let base = super::children::child_id(&self.st.run_id, &step.id, visit);
+                for id in rt.children_of(&base) {
+                    if let Err(e) = rt.stop(&id, "parent run stopped", false).await {
+                        warn!(child = %id, error = %e, "cannot cancel child run");
+                    }
+                }
+            }
+        }
+    }
+
+    fn absorb(&mut self, events: Vec<Event>) {
+        self.next = None;
+        for e in events {
+            if let Err(err) = self.st.apply(&self.def, &e) {
+                error!(error = %err, "journaled event does not fit the definition");
+            }
+            if e.is_terminal() {
+                self.end = Some(e);
+            }
+        }
+    }
+
+    /// Journals events (retrying while storage fails: nothing is lost, the run just waits) and
+    /// folds them into the state. When these events make the run's end certain, the end is
+    /// journaled in the same commit: it is a pure consequence, so no effect depends on it early.
+    async fn journal(&mut self, mut events: Vec<Event>, tasks: &mut JoinSet<TaskResult>) {
+        let was_compensating = self.st.status == RunStatus::Compensating;
+        self.absorb(events.clone());
+        // Decisions that are only records (a `set`, a skip, a choice, the run's end) follow
+        // purely from these events and have no effect, so they join this commit; a loop of pure
+        // steps then costs one fsync per batch instead of one per step.
+        while !self.st.status.is_terminal() {
+            let next = engine::decide(&self.def, &self.st);
+            let pure = !next.is_empty() && next.iter().all(|c| matches!(c, Command::Record(_)));
+            if !pure || events.len() >= MAX_PURE_BATCH {
+                // The state will not change before the driver decides again: keep the decision.
+                self.next = Some(next);
+                break;
+            }
+            let records: Vec<Event> = next
+                .into_iter()
+                .filter_map(|c| match c {
+                    Command::Record(e) => Some(e),
+                    _ => None,
+                })
+                .collect();
+            self.absorb(records.clone());
+            events.extend(records);
+        }
+        let starts_compensating = !was_compensating && self.st.status == RunStatus::Compensating;
+        if self.st.status.is_terminal() || starts_compensating {
+            // The run ends (or turns to undoing) with this commit: what still runs must stop first.
+            tasks.abort_all();
+            self.stop_children().await;
+        }
+        if events.iter().any(|e| matches!(e, Event::RunContinued { .. })) {
+            // The next run is a new run in the sync outbox like any start: wait for room (this
+            // run waits with it) rather than slip past the cap.
+            let rt = Runtime {
+                inner: self.inner.clone(),
+            };
+            // Only `exists` can fail, and there is none here.
+            let _ = rt.wait_for_outbox_room("continue-as-new", || Ok(false)).await;
+        }
+        if !append_durably(&self.inner, &self.st.run_id, events).await {
+            // Finished elsewhere (cannot happen with one driver per run); stop deciding.
+            self.st.status = RunStatus::Cancelled;
+            self.next = None;
+            return;
+        }
+        if let Some(Event::RunContinued { next_run, .. }) = &self.end {
+            // The next run was created in the same commit; give it a driver.
+            let rt = Runtime {
+                inner: self.inner.clone(),
+            };
+            if let Err(e) = rt.resume(next_run) {
+                error!(next_run = %next_run, error = %e, "cannot start the continued run; it resumes at restart");
+            } else {
+                info!(next_run = %next_run, "continued as new");
+            }
+        }
+    }
+}
+
+/// Most events one driver journals in a single commit when it chains pure decisions.
+const MAX_PURE_BATCH: usize = 512;
