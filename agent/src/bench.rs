@@ -1,8 +1,10 @@
 //! `outpost bench`: workloads against a fresh agent process, through the same local API the CLI
 //! uses, so the figures include that path.
 //!
-//! - W1 (default): many short runs; prints throughput, latency, commit batching, the daemon's
-//!   CPU and memory.
+//! - W1 (default): many short runs of sequential `set` steps, then W2: the same with `http`
+//!   steps against a local HTTP server the bench starts (user code outside the engine); for
+//!   each, throughput, latency, commit batching, bytes the daemon wrote to disk per durable step
+//!   (`/proc/PID/io` `write_bytes`), the daemon's CPU and memory.
 //! - `--footprint`: the gateway budget: binary size, idle RSS, RSS with many active runs, CPU
 //!   while idle with timers pending, and start-up time with a large journal.
 
@@ -17,6 +19,7 @@ use clap::Args;
 use hyper::Method;
 use serde_json::json;
 
+use crate::api::types::StatusView;
 use crate::client::{Client, Connection};
 
 /// Options of `outpost bench`.
@@ -28,9 +31,13 @@ pub struct BenchArgs {
     /// Runs in flight at a time.
     #[arg(long, default_value_t = 32)]
     concurrency: usize,
-    /// Sequential `set` steps per run.
+    /// Sequential steps per run.
     #[arg(long, default_value_t = 3)]
     steps: usize,
+    /// Workloads to run, in order: `set` (W1: engine-only steps) and `http` (W2: each step an
+    /// HTTP call to a local server the bench starts).
+    #[arg(long, value_delimiter = ',', default_value = "set,http")]
+    workloads: Vec<Workload>,
     /// Directory for the benchmark agent's data [default: a fresh temporary directory].
     #[arg(long)]
     dir: Option<PathBuf>,
@@ -49,6 +56,25 @@ pub struct BenchArgs {
     /// Footprint: journal size, in events, for the start-up measurement.
     #[arg(long, default_value_t = 100_000)]
     journal_events: u64,
+}
+
+/// A benchmark workload: what each step of the runs does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Workload {
+    /// `set` steps: the engine and the journal alone.
+    Set,
+    /// `http` steps against a local HTTP server.
+    Http,
+}
+
+/// Bytes the process caused to be written to storage (`/proc/PID/io` `write_bytes`).
+fn write_bytes(pid: u32) -> Option<u64> {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
+    io.lines()
+        .find_map(|l| l.strip_prefix("write_bytes:"))?
+        .trim()
+        .parse()
+        .ok()
 }
 
 fn rss_kib(pid: u32, field: &str) -> Option<u64> {
@@ -72,6 +98,58 @@ fn cpu_secs(pid: u32) -> f64 {
     let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     // utime and stime are fields 14 and 15 of /proc/PID/stat; the kernel's USER_HZ is 100.
     (ticks(11) + ticks(12)) / 100.0
+}
+
+/// W2: `steps` sequential `http` calls to `port` on loopback.
+fn w2_definition(steps: usize, port: u16) -> String {
+    let mut doc = String::from("name: bench-w2\nversion: 1\nsteps:\n");
+    for i in 1..=steps {
+        doc.push_str(&format!(
+            "  - id: s{i}\n    action: http\n    args: {{url: 'http://127.0.0.1:{port}/step/{i}?run={{{{ run.id }}}}'}}\n"
+        ));
+        if i > 1 {
+            doc.push_str(&format!("    depends_on: [s{}]\n", i - 1));
+        }
+    }
+    doc
+}
+
+/// A minimal HTTP/1.1 server on loopback answering every request `200 {"ok":true}`: W2's
+/// "user code outside the engine". Runs until the bench ends.
+async fn http_server() -> anyhow::Result<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let mut have = 0;
+                loop {
+                    let Ok(n) = sock.read(&mut buf[have..]).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    have += n;
+                    // Requests have no body here: answer at the end of each header block.
+                    while let Some(end) = buf[..have].windows(4).position(|w| w == b"\r\n\r\n") {
+                        let reply = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 11\r\n\r\n{\"ok\":true}";
+                        if sock.write_all(reply).await.is_err() {
+                            return;
+                        }
+                        buf.copy_within(end + 4..have, 0);
+                        have -= end + 4;
+                    }
+                    if have == buf.len() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    Ok(port)
 }
 
 fn w1_definition(steps: usize) -> String {
@@ -164,6 +242,12 @@ fn spawn_agent(dir: &Path) -> anyhow::Result<tokio::process::Child> {
         .kill_on_drop(true)
         .spawn()
         .context("starting the benchmark agent")
+}
+
+/// The agent's `status`.
+async fn status(client: &Client) -> anyhow::Result<StatusView> {
+    let (_, v) = client.request(Method::GET, "/v1/status", None).await?;
+    Ok(serde_json::from_value(v)?)
 }
 
 async fn apply(client: &Client, doc: String) -> anyhow::Result<()> {
@@ -271,12 +355,15 @@ async fn footprint(
     drive(&socket, "footprint-wait", args.active_runs, args.concurrency, false).await?;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let (_, st) = client.request(Method::GET, "/v1/status", None).await?;
-        if st["timers"]["pending"].as_u64().unwrap_or(0) >= args.active_runs as u64 {
+        let pending = status(&client).await?.timers.pending;
+        if pending >= args.active_runs {
             break;
         }
         if Instant::now() > deadline {
-            bail!("the {} runs did not all reach their timer: {st}", args.active_runs);
+            bail!(
+                "the {} runs did not all reach their timer ({pending} did)",
+                args.active_runs
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -299,8 +386,7 @@ async fn footprint(
     );
 
     apply(&client, w1_definition(3)).await?;
-    let (_, st) = client.request(Method::GET, "/v1/status", None).await?;
-    let have = st["journal"]["next_seq"].as_u64().unwrap_or(1) - 1;
+    let have = status(&client).await?.journal.next_seq.saturating_sub(1);
     // W1 runs journal 5 events each.
     let runs = args.journal_events.saturating_sub(have).div_ceil(5) as usize;
     let t0 = Instant::now();
@@ -309,8 +395,7 @@ async fn footprint(
         "  (filled the journal with {runs} runs in {:.1} s)",
         t0.elapsed().as_secs_f64()
     ));
-    let (_, st) = client.request(Method::GET, "/v1/status", None).await?;
-    let events = st["journal"]["next_seq"].as_u64().unwrap_or(1) - 1;
+    let events = status(&client).await?.journal.next_seq.saturating_sub(1);
 
     child.kill().await?;
     let t0 = Instant::now();
@@ -342,49 +427,92 @@ async fn measure(
     let pid = child.id().context("agent pid")?;
     let client = Client::new(socket);
     apply(&client, w1_definition(args.steps)).await?;
+    if args.workloads.contains(&Workload::Http) {
+        apply(&client, w2_definition(args.steps, http_server().await?)).await?;
+    }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let idle_rss = rss_kib(pid, "VmRSS:").unwrap_or(0);
-    let (_, before) = client.request(Method::GET, "/v1/status", None).await?;
+    r.fig(
+        "idle RSS (daemon)",
+        format!("{:.1} MB", rss_kib(pid, "VmRSS:").unwrap_or(0) as f64 / 1024.0),
+    );
+    for w in &args.workloads {
+        let (name, workflow, what) = match w {
+            Workload::Set => ("W1", "bench-w1", "sequential set steps"),
+            Workload::Http => ("W2", "bench-w2", "sequential http steps against a local server"),
+        };
+        r.say(format!(
+            "{name}: {} runs x {} {what}, {} in flight, durable commits, through the local API",
+            args.runs, args.steps, args.concurrency
+        ));
+        workload(args, socket, &client, pid, name, workflow, r).await?;
+    }
+    Ok(())
+}
 
-    r.say(format!(
-        "W1: {} runs x {} sequential set steps, {} in flight, durable commits, through the local API",
-        args.runs, args.steps, args.concurrency
-    ));
+/// One workload's runs and its figures, each named `NAME figure`.
+async fn workload(
+    args: &BenchArgs,
+    socket: &Path,
+    client: &Client,
+    pid: u32,
+    name: &str,
+    workflow: &'static str,
+    r: &mut Report,
+) -> anyhow::Result<()> {
+    let before = status(client).await?.journal;
     let cpu_before = cpu_secs(pid);
+    let written_before = write_bytes(pid);
     let started = Instant::now();
-    let mut latencies = drive(socket, "bench-w1", args.runs, args.concurrency, true).await?;
+    let mut latencies = drive(socket, workflow, args.runs, args.concurrency, true).await?;
     let elapsed = started.elapsed();
-    let (_, after) = client.request(Method::GET, "/v1/status", None).await?;
+    let after = status(client).await?.journal;
     let cpu = cpu_secs(pid) - cpu_before;
+    let written = write_bytes(pid).zip(written_before).map(|(a, b)| a.saturating_sub(b));
     let peak_rss = rss_kib(pid, "VmHWM:").unwrap_or(0);
     let rss_after = rss_kib(pid, "VmRSS:").unwrap_or(0);
 
     latencies.sort();
-    let delta = |k: &str| after["journal"][k].as_u64().unwrap_or(0) - before["journal"][k].as_u64().unwrap_or(0);
-    let (commits, ops, events) = (delta("commits"), delta("ops"), delta("events"));
+    let (commits, ops, events) = (
+        after.commits - before.commits,
+        after.ops - before.ops,
+        after.events - before.events,
+    );
     let secs = elapsed.as_secs_f64();
     let steps = (args.runs * args.steps) as f64;
-    r.fig("elapsed", format!("{secs:.2} s"));
-    r.fig("runs/s", format!("{:.0}", args.runs as f64 / secs));
-    r.fig("durable steps/s", format!("{:.0}", steps / secs));
-    r.fig(
+    let mut fig = |what: &str, value: String| r.fig(&format!("{name} {what}"), value);
+    fig("elapsed", format!("{secs:.2} s"));
+    fig("runs/s", format!("{:.0}", args.runs as f64 / secs));
+    fig("durable steps/s", format!("{:.0}", steps / secs));
+    fig(
         "run latency p50",
         format!("{:.2} ms", percentile(&latencies, 0.50).as_secs_f64() * 1000.0),
     );
-    r.fig(
+    fig(
         "run latency p99",
         format!("{:.2} ms", percentile(&latencies, 0.99).as_secs_f64() * 1000.0),
     );
-    r.fig("commits/s", format!("{:.0}", commits as f64 / secs));
-    r.fig(
+    fig("commits/s", format!("{:.0}", commits as f64 / secs));
+    fig(
         "appends per commit",
         format!("{:.1}", ops as f64 / commits.max(1) as f64),
     );
-    r.fig(
+    fig(
         "events per commit",
         format!("{:.1}", events as f64 / commits.max(1) as f64),
     );
-    r.fig(
+    fig(
+        "bytes written per durable step",
+        match written {
+            Some(b) => format!(
+                "{:.0} B ({:.1} MB in all, {:.0} B per commit)",
+                b as f64 / steps,
+                b as f64 / 1e6,
+                b as f64 / commits.max(1) as f64
+            ),
+            None => "unknown (no /proc/PID/io)".into(),
+        },
+    );
+    fig(
         "daemon CPU",
         format!(
             "{:.0}% of one core, {:.0} us per step",
@@ -392,8 +520,7 @@ async fn measure(
             1e6 * cpu / steps
         ),
     );
-    r.fig("idle RSS (daemon)", format!("{:.1} MB", idle_rss as f64 / 1024.0));
-    r.fig("peak RSS (daemon)", format!("{:.1} MB", peak_rss as f64 / 1024.0));
-    r.fig("RSS after run (daemon)", format!("{:.1} MB", rss_after as f64 / 1024.0));
+    fig("peak RSS (daemon)", format!("{:.1} MB", peak_rss as f64 / 1024.0));
+    fig("RSS after run (daemon)", format!("{:.1} MB", rss_after as f64 / 1024.0));
     Ok(())
 }

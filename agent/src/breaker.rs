@@ -12,7 +12,8 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 /// Breaker settings.
 #[derive(Debug, Clone, Copy)]
@@ -148,10 +149,9 @@ impl Breakers {
     }
 
     /// Every breaker, for `outpost status`.
-    pub fn view(&self, now_ms: u64) -> Value {
+    pub fn view(&self, now_ms: u64) -> Vec<BreakerView> {
         let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        let list: Vec<Value> = map
-            .iter()
+        map.iter()
             .map(|(target, b)| {
                 let (state, until) = match b.state {
                     State::Closed => ("closed", None),
@@ -159,17 +159,31 @@ impl Breakers {
                     State::Open { .. } => ("half_open", None),
                     State::HalfOpen { .. } => ("half_open", None),
                 };
-                json!({
-                    "target": target,
-                    "state": state,
-                    "consecutive_failures": b.failures,
-                    "open_until": until.map(outpost_shared::journal::rfc3339),
-                    "last_error": b.last_error,
-                })
+                BreakerView {
+                    target: target.clone(),
+                    state: state.to_string(),
+                    consecutive_failures: b.failures,
+                    open_until: until.map(outpost_shared::journal::rfc3339),
+                    last_error: b.last_error.clone(),
+                }
             })
-            .collect();
-        Value::Array(list)
+            .collect()
     }
+}
+
+/// One breaker as `status` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BreakerView {
+    /// The target (resource, HTTP host, device).
+    pub target: String,
+    /// `closed`, `open` or `half_open`.
+    pub state: String,
+    /// Failures in a row.
+    pub consecutive_failures: u32,
+    /// Open until (RFC 3339).
+    pub open_until: Option<String>,
+    /// The latest failure.
+    pub last_error: Option<String>,
 }
 
 /// The target an attempt talks to: the step's `resource`, an HTTP host, or an equipment device.
@@ -196,6 +210,7 @@ pub fn target_of(action: &str, args: &Value, resource: Option<&str>) -> Option<S
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn breakers() -> Breakers {
         Breakers::new(BreakerConfig {
@@ -231,8 +246,8 @@ mod tests {
         assert_eq!(b.gate("plc", 3002), Gate::Probe);
         assert_eq!(b.failure("plc", 3002, "x"), Some(6002), "capped at 3 s");
         let v = b.view(4000);
-        assert_eq!(v[0]["state"], "open");
-        assert_eq!(v[0]["consecutive_failures"], 5);
+        assert_eq!(v[0].state, "open");
+        assert_eq!(v[0].consecutive_failures, 5);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// What happens to a start when no run slot is free.
@@ -82,13 +82,13 @@ impl Limit {
         self.sem.clone().acquire_owned().await.ok()
     }
 
-    fn view(&self, name: &str) -> Value {
-        json!({
-            "name": name,
-            "limit": self.limit,
-            "in_use": self.limit - self.sem.available_permits().min(self.limit),
-            "waiting": self.waiting.load(Ordering::Relaxed),
-        })
+    fn view(&self, name: &str) -> LimitView {
+        LimitView {
+            name: name.to_string(),
+            limit: self.limit,
+            in_use: self.limit - self.sem.available_permits().min(self.limit),
+            waiting: self.waiting.load(Ordering::Relaxed),
+        }
     }
 }
 
@@ -290,25 +290,70 @@ impl Limits {
     }
 
     /// Limits, counts and queue depths for `outpost status`.
-    pub fn view(&self, active_runs: usize) -> Value {
+    pub fn view(&self, active_runs: usize) -> LimitsView {
         let slots = self.run_slots(active_runs);
-        let mut workflows: Vec<Value> = lock(&self.workflows).iter().map(|(n, l)| l.view(n)).collect();
-        workflows.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
-        let mut resources: Vec<Value> = lock(&self.resources).iter().map(|(n, l)| l.view(n)).collect();
-        resources.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
-        json!({
-            "runs": {
-                "active": slots.active,
-                "limit": (self.config.max_runs > 0).then_some(self.config.max_runs),
-                "queued": slots.queued,
-                "queue_limit": self.config.queue,
-                "when_full": match self.config.when_full { WhenFull::Queue => "queue", WhenFull::Reject => "reject" },
+        let mut workflows: Vec<LimitView> = lock(&self.workflows).iter().map(|(n, l)| l.view(n)).collect();
+        workflows.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut resources: Vec<LimitView> = lock(&self.resources).iter().map(|(n, l)| l.view(n)).collect();
+        resources.sort_by(|a, b| a.name.cmp(&b.name));
+        LimitsView {
+            runs: RunLimitsView {
+                active: slots.active,
+                limit: (self.config.max_runs > 0).then_some(self.config.max_runs),
+                queued: slots.queued,
+                queue_limit: self.config.queue,
+                when_full: match self.config.when_full {
+                    WhenFull::Queue => "queue",
+                    WhenFull::Reject => "reject",
+                }
+                .into(),
             },
-            "workflows": workflows,
-            "actions": self.actions.iter().map(|(n, l)| l.view(n)).collect::<Vec<_>>(),
-            "resources": resources,
-        })
+            workflows,
+            actions: self.actions.iter().map(|(n, l)| l.view(n)).collect(),
+            resources,
+        }
     }
+}
+
+/// Limits, counts and queue depths, as `status` shows them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LimitsView {
+    /// Agent-wide run slots and the admission queue.
+    pub runs: RunLimitsView,
+    /// Per-workflow run limits.
+    pub workflows: Vec<LimitView>,
+    /// Per-action activity limits.
+    pub actions: Vec<LimitView>,
+    /// Per-resource activity limits.
+    pub resources: Vec<LimitView>,
+}
+
+/// Agent-wide run slots and the admission queue.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunLimitsView {
+    /// Runs holding a slot.
+    pub active: usize,
+    /// The limit, if any.
+    pub limit: Option<usize>,
+    /// Runs waiting for a slot.
+    pub queued: usize,
+    /// Most runs that may wait.
+    pub queue_limit: usize,
+    /// `queue` or `reject`.
+    pub when_full: String,
+}
+
+/// One counting limit.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LimitView {
+    /// Workflow, action or resource name.
+    pub name: String,
+    /// The limit.
+    pub limit: usize,
+    /// Taken now.
+    pub in_use: usize,
+    /// Waiting for one.
+    pub waiting: usize,
 }
 
 /// Run-slot counts, for `status` and `/metrics` alike.
@@ -348,7 +393,7 @@ mod tests {
         let l2 = l.clone();
         let waiting = tokio::spawn(async move { l2.admit("r2", "w", None).await.len() });
         tokio::task::yield_now().await;
-        while l.view(1)["runs"]["queued"] != 1 {
+        while l.view(1).runs.queued != 1 {
             tokio::task::yield_now().await;
         }
         assert_eq!(

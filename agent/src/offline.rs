@@ -5,9 +5,9 @@
 use std::path::Path;
 
 use outpost_shared::definition::{self, Definition};
-use serde_json::Value;
 
 use crate::actions::Registry;
+use crate::api::types::{RunDetail, RunReply};
 use crate::api::{self, ApiError};
 use crate::journal::{Journal, JournalError, RunRecord};
 use crate::runtime::RuntimeError;
@@ -47,7 +47,7 @@ impl Offline {
     }
 
     /// Runs as `GET /v1/runs?status=…&limit=…` lists them.
-    pub fn list(&self, status: Option<&str>, limit: usize) -> Result<Value, ApiError> {
+    pub fn list(&self, status: Option<&str>, limit: usize) -> Result<Vec<RunReply>, ApiError> {
         let status = api::parse_status(status)?;
         api::list_rows(&self.journal, status, limit.clamp(1, 100_000), |id, rec| {
             self.detail(id, rec)
@@ -55,7 +55,7 @@ impl Offline {
     }
 
     /// A run as `GET /v1/runs/{id}` shows it.
-    pub fn show(&self, id: &str) -> Result<Value, ApiError> {
+    pub fn show(&self, id: &str) -> Result<RunDetail, ApiError> {
         let rec = self
             .journal
             .run(id)?
@@ -63,7 +63,7 @@ impl Offline {
         self.detail(id, &rec)
     }
 
-    fn detail(&self, id: &str, rec: &RunRecord) -> Result<Value, ApiError> {
+    fn detail(&self, id: &str, rec: &RunRecord) -> Result<RunDetail, ApiError> {
         let def = self.definition(&rec.workflow, rec.version)?;
         // No runtime: nothing holds the run back but what its own history says.
         api::run_view(&self.journal, &def, id, rec, None, None)

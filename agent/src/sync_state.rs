@@ -5,7 +5,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use outpost_shared::protocol;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
 
 /// Live sync counters, shared with the runtime (outbox gate, retention) and `status`.
 #[derive(Debug, Default)]
@@ -96,7 +96,7 @@ impl SyncState {
     }
 
     /// For `outpost status`.
-    pub fn view(&self, next_seq: u64) -> Value {
+    pub fn view(&self, next_seq: u64) -> SyncView {
         let o = Ordering::Relaxed;
         let broker = self.broker.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let last_error = self
@@ -104,25 +104,76 @@ impl SyncState {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .as_ref()
-            .map(|(e, at)| json!({"error": e, "at": outpost_shared::journal::rfc3339(*at)}));
-        json!({
-            "broker": broker,
-            "last_error": last_error,
-            "connected": self.connected.load(o),
-            "epoch": self.epoch.load(o),
-            "acked_seq": self.acked.load(o).saturating_sub(1),
-            "backlog_events": self.backlog(next_seq),
-            "outbox_max_events": self.max_events.load(o),
-            "refused_starts": self.refused_starts.load(o),
-            "batches_sent": self.batches.load(o),
-            "commands_applied": self.commands.load(o),
-            "duplicate_commands": self.duplicate_commands.load(o),
-            "bad_messages": self.bad_messages.load(o),
-            "bad_signatures": self.bad_signatures.load(o),
-            "oversized_messages": self.oversized_messages.load(o),
-            "bad_acks": self.bad_acks.load(o),
-            "reannounced": self.reannounced.load(o),
-            "inventory_messages": self.inventories.load(o),
-        })
+            .map(|(e, at)| SyncErrorView {
+                error: e.clone(),
+                at: outpost_shared::journal::rfc3339(*at),
+            });
+        SyncView {
+            broker,
+            last_error,
+            connected: self.connected.load(o),
+            epoch: self.epoch.load(o),
+            acked_seq: self.acked.load(o).saturating_sub(1),
+            backlog_events: self.backlog(next_seq),
+            outbox_max_events: self.max_events.load(o),
+            refused_starts: self.refused_starts.load(o),
+            batches_sent: self.batches.load(o),
+            commands_applied: self.commands.load(o),
+            duplicate_commands: self.duplicate_commands.load(o),
+            bad_messages: self.bad_messages.load(o),
+            bad_signatures: self.bad_signatures.load(o),
+            oversized_messages: self.oversized_messages.load(o),
+            bad_acks: self.bad_acks.load(o),
+            reannounced: self.reannounced.load(o),
+            inventory_messages: self.inventories.load(o),
+        }
     }
+}
+
+/// Sync as `status` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SyncView {
+    /// The broker's address.
+    pub broker: String,
+    /// The latest link error and when.
+    pub last_error: Option<SyncErrorView>,
+    /// Connected now.
+    pub connected: bool,
+    /// This start's birth epoch.
+    pub epoch: u64,
+    /// The newest sequence the cloud acknowledged.
+    pub acked_seq: u64,
+    /// Events the cloud has not acknowledged.
+    pub backlog_events: u64,
+    /// The outbox cap.
+    pub outbox_max_events: u64,
+    /// Starts refused because the outbox was full.
+    pub refused_starts: u64,
+    /// Batches published.
+    pub batches_sent: u64,
+    /// Commands applied.
+    pub commands_applied: u64,
+    /// Repeated commands ignored.
+    pub duplicate_commands: u64,
+    /// Messages that did not decode.
+    pub bad_messages: u64,
+    /// Messages whose signature did not verify.
+    pub bad_signatures: u64,
+    /// Messages over the size limit.
+    pub oversized_messages: u64,
+    /// Acks refused (beyond what was sent).
+    pub bad_acks: u64,
+    /// Births sent again.
+    pub reannounced: u64,
+    /// Inventory messages sent.
+    pub inventory_messages: u64,
+}
+
+/// A link error and when it happened.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SyncErrorView {
+    /// The error.
+    pub error: String,
+    /// When (RFC 3339).
+    pub at: String,
 }

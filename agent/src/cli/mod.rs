@@ -120,9 +120,10 @@ pub fn main() -> ExitCode {
                             .await
                             .map_err(Failure::from)
                     });
-                    if let Ok((_, v)) = asked
-                        && v["reconnecting"] == true
-                    {
+                    let reply = asked
+                        .ok()
+                        .and_then(|(_, v)| serde_json::from_value::<crate::api::types::ReconnectReply>(v).ok());
+                    if reply.is_some_and(|r| r.reconnecting) {
                         println!("the running agent reconnects with them now");
                     }
                     Ok(exit::OK)

@@ -2,6 +2,13 @@
 //! and how their replies are printed.
 
 use super::*;
+use serde::Deserialize;
+
+use crate::api::types::{
+    AppliedReply, ApproveReply, DefinitionRow, ErrorReply, EventsPage, HistoryRow, RunDetail, RunReply, ShownStatus,
+    SignalReply, StartReply, StatusView,
+};
+use crate::sync_state::SyncView;
 
 /// Turns an error answer of the API into a failure with the matching exit code.
 pub(super) fn api_failure(status: StatusCode, body: &Value) -> Failure {
@@ -12,15 +19,14 @@ pub(super) fn api_failure(status: StatusCode, body: &Value) -> Failure {
         429 => exit::BUSY,
         _ => exit::FAILURE,
     };
-    let err = &body["error"];
-    let mut msg = err["message"]
-        .as_str()
-        .map(str::to_string)
-        .unwrap_or_else(|| format!("{status}: {body}"));
-    if let Some(problems) = err["problems"].as_array() {
-        for p in problems {
-            msg.push_str(&format!("\n  - {}", p.as_str().unwrap_or_default()));
-        }
+    let reply = ErrorReply::deserialize(body).unwrap_or_default();
+    let mut msg = if reply.error.message.is_empty() {
+        format!("{status}: {body}")
+    } else {
+        reply.error.message
+    };
+    for p in &reply.error.problems {
+        msg.push_str(&format!("\n  - {p}"));
     }
     Failure::new(code, msg)
 }
@@ -34,11 +40,27 @@ pub(super) async fn call(client: &Client, method: Method, path: &str, body: Opti
     }
 }
 
+/// [`call`], with the reply read as the API's type for it.
+pub(super) async fn call_as<T: serde::de::DeserializeOwned>(
+    client: &Client,
+    method: Method,
+    path: &str,
+    body: Option<String>,
+) -> Result<T, Failure> {
+    let v = call(client, method, path, body).await?;
+    T::deserialize(&v).map_err(|e| {
+        Failure::new(
+            exit::FAILURE,
+            format!("the agent's answer to {path} is not what this outpost reads (is the agent another version?): {e}"),
+        )
+    })
+}
+
 /// Exit code for a finished (or not) run.
-pub(super) fn run_exit(status: &str) -> u8 {
+pub(super) fn run_exit(status: ShownStatus) -> u8 {
     match status {
-        "completed" => exit::OK,
-        "running" | "queued" => exit::STILL_RUNNING,
+        ShownStatus::Completed => exit::OK,
+        s if s.is_pending() => exit::STILL_RUNNING,
         _ => exit::RUN_UNSUCCESSFUL,
     }
 }
@@ -50,7 +72,7 @@ pub(super) async fn follow_run(
     run: &str,
     mut after: u64,
     deadline: Option<tokio::time::Instant>,
-    emit: &mut dyn FnMut(&Value),
+    emit: &mut dyn FnMut(&HistoryRow),
 ) -> Result<(), Failure> {
     loop {
         let wait = match deadline {
@@ -63,12 +85,12 @@ pub(super) async fn follow_run(
             "/v1/runs/{run}/events?after={after}&wait={}",
             wait.as_secs_f64().max(0.001)
         );
-        let v = call(client, Method::GET, &path, None).await?;
-        for e in v["events"].as_array().into_iter().flatten() {
+        let page: EventsPage = call_as(client, Method::GET, &path, None).await?;
+        for e in &page.events {
             emit(e);
         }
-        after = v["last_seq"].as_u64().unwrap_or(after);
-        let ended = !matches!(v["status"].as_str(), Some("running" | "queued"));
+        after = page.last_seq;
+        let ended = !page.status.is_pending();
         if ended || deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
             return Ok(());
         }
@@ -76,75 +98,65 @@ pub(super) async fn follow_run(
 }
 
 /// The sync subsystem in one line: the link, the acknowledged sequence, the backlog, the last error.
-pub(super) fn sync_line(sync: &Value) -> String {
-    if sync.is_null() {
+pub(super) fn sync_line(sync: Option<&SyncView>) -> String {
+    let Some(sync) = sync else {
         return "off (no --broker; runs are kept only here)".into();
-    }
-    let link = if sync["connected"] == true {
-        format!("connected to {}", s(&sync["broker"]))
+    };
+    let link = if sync.connected {
+        format!("connected to {}", sync.broker)
     } else {
-        format!("DISCONNECTED from {} (retrying)", s(&sync["broker"]))
+        format!("DISCONNECTED from {} (retrying)", sync.broker)
     };
     let mut line = format!(
         "{link}, acknowledged through seq {}, backlog {}",
-        sync["acked_seq"],
-        outpost_shared::count(sync["backlog_events"].as_u64().unwrap_or(0), "event")
+        sync.acked_seq,
+        outpost_shared::count(sync.backlog_events, "event")
     );
-    if let Some(e) = sync["last_error"].as_object() {
-        line.push_str(&format!(
-            "; last error {}: {}",
-            e.get("at").map(s).unwrap_or_default(),
-            e.get("error").map(s).unwrap_or_default()
-        ));
+    if let Some(e) = &sync.last_error {
+        line.push_str(&format!("; last error {}: {}", e.at, e.error));
     }
     line
 }
 
 /// One line for a human following a run, or `None` for events the final result covers.
-pub(super) fn progress_line(e: &Value) -> Option<String> {
-    let step = s(&e["step"]);
-    let what = match s(&e["type"]).as_str() {
-        "attempt_started" => match e["attempt"].as_u64() {
-            Some(n) if n > 1 => format!("step {step} retrying (attempt {n})"),
-            _ => format!("step {step} started"),
-        },
-        "attempt_failed" => format!(
-            "step {step} attempt {} failed: {}",
-            e["attempt"],
-            s(&e["error"]["message"])
-        ),
-        "attempt_deferred" => format!("step {step} held back: {} is failing (circuit open)", s(&e["target"])),
+pub(super) fn progress_line(e: &HistoryRow) -> Option<String> {
+    let step = e.step.as_deref().unwrap_or_default();
+    let attempt = e.detail.get("attempt").and_then(Value::as_u64).unwrap_or(0);
+    let what = match e.kind.as_str() {
+        "attempt_started" if attempt > 1 => format!("step {step} retrying (attempt {attempt})"),
+        "attempt_started" => format!("step {step} started"),
+        "attempt_failed" => format!("step {step} attempt {attempt} failed: {}", e.error_message()),
+        "attempt_deferred" => format!("step {step} held back: {} is failing (circuit open)", e.text("target")),
         "step_completed" => format!("step {step} completed"),
-        "step_failed" => format!("step {step} failed: {}", s(&e["error"]["message"])),
+        "step_failed" => format!("step {step} failed: {}", e.error_message()),
         "step_skipped" => format!("step {step} skipped"),
         "timer_set" => format!("step {step} sleeping"),
-        "wait_started" => match s(&e["signal"]) {
-            sig if sig.starts_with("approval:") => format!("step {step} waits for approval"),
-            sig => format!("step {step} waits for signal '{sig}'"),
+        "wait_started" => match outpost_shared::run::SignalName::parse(e.text("signal")) {
+            outpost_shared::run::SignalName::Approval(_) => format!("step {step} waits for approval"),
+            outpost_shared::run::SignalName::User(sig) => format!("step {step} waits for signal '{sig}'"),
         },
-        "signal_received" => format!("signal '{}' received", s(&e["name"])),
-        "compensation_started" => format!("compensating: {}", s(&e["error"]["message"])),
+        "signal_received" => format!("signal '{}' received", e.text("name")),
+        "compensation_started" => format!("compensating: {}", e.error_message()),
         "step_compensated" => format!("step {step} compensated"),
         "compensation_failed" => format!("step {step} compensation failed"),
-        "run_retried" => format!("retried by {}", s(&e["by"])),
+        "run_retried" => format!("retried by {}", e.text("by")),
         _ => return None,
     };
     // `at` is RFC 3339; the time of day is what a person following along wants.
-    let at = s(&e["at"]);
-    let clock = at.get(11..19).unwrap_or(&at);
+    let clock = e.at.get(11..19).unwrap_or(&e.at);
     Some(format!("{clock}  {what}"))
 }
 
-pub(super) fn print_result(v: &Value) {
-    println!("run {} {}", s(&v["run_id"]), s(&v["status"]));
-    if !v["waiting"].is_null() {
-        println!("waiting: {}", s(&v["waiting"]));
+pub(super) fn print_result(v: &RunReply) {
+    println!("run {} {}", v.run_id, v.status.as_str());
+    if let Some(w) = &v.waiting {
+        println!("waiting: {w}");
     }
-    if !v["output"].is_null() {
-        println!("output: {}", v["output"]);
+    if let Some(out) = v.output.as_ref().filter(|o| !o.is_null()) {
+        println!("output: {out}");
     }
-    if !v["error"].is_null() {
-        println!("error: {}: {}", s(&v["error"]["kind"]), s(&v["error"]["message"]));
+    if let Some(e) = &v.error {
+        println!("error: {}: {}", e.kind, e.message);
     }
 }
 
@@ -172,7 +184,7 @@ pub(super) fn open_offline(data_dir: &Path) -> Result<crate::offline::Offline, F
 /// An offline read's error, with the exit code the agent's API answer would give.
 pub(super) fn offline_failure(e: crate::api::ApiError) -> Failure {
     let (status, body) = e.answer();
-    api_failure(status, &body)
+    api_failure(status, &serde_json::to_value(body).unwrap_or_default())
 }
 
 pub(super) async fn remote(client: Client, cmd: Cmd, as_json: bool, data_dir: &Path) -> Result<u8, Failure> {
@@ -197,7 +209,14 @@ pub(super) async fn remote(client: Client, cmd: Cmd, as_json: bool, data_dir: &P
                     },
                     Err(e) => Err((e, Value::Array(Vec::new()))),
                 };
-                let v = match answer {
+                let v = match answer.and_then(|v| {
+                    AppliedReply::deserialize(&v).map_err(|e| {
+                        (
+                            Failure::new(exit::FAILURE, format!("{}: {e}", f.display())),
+                            Value::Null,
+                        )
+                    })
+                }) {
                     Ok(v) => v,
                     Err((e, problems)) => {
                         code = code.max(e.code);
@@ -211,26 +230,22 @@ pub(super) async fn remote(client: Client, cmd: Cmd, as_json: bool, data_dir: &P
                     }
                 };
                 if !as_json {
-                    let what = if v["created"].as_bool() == Some(true) {
-                        "applied"
-                    } else {
-                        "unchanged"
-                    };
+                    let what = if v.created { "applied" } else { "unchanged" };
                     println!(
                         "{what}: {} v{} ({}) from {}",
-                        s(&v["name"]),
-                        v["version"],
-                        outpost_shared::count(v["steps"].as_u64().unwrap_or(0), "step"),
+                        v.name,
+                        v.version,
+                        outpost_shared::count(v.steps as u64, "step"),
                         f.display()
                     );
                 }
-                let mut v = v;
+                let mut v = serde_json::to_value(v).unwrap_or_default();
                 v["file"] = json!(f);
                 v["ok"] = json!(true);
                 out.push(v);
             }
             if as_json {
-                print_json(&Value::Array(out));
+                print_json(&out);
             }
             Ok(code)
         }
@@ -250,39 +265,39 @@ pub(super) async fn remote(client: Client, cmd: Cmd, as_json: bool, data_dir: &P
             } else {
                 "/v1/runs".into()
             };
-            let v = call(&client, Method::POST, &path, Some(body.to_string())).await?;
+            let v: StartReply = call_as(&client, Method::POST, &path, Some(body.to_string())).await?;
             if as_json {
                 print_json(&v);
             } else if a.wait {
                 // The id at once, then each step as it goes (on stderr: stdout keeps the result
                 // scripts read), as `temporal workflow execute` does.
-                let id = s(&v["run_id"]).to_string();
-                eprintln!("run {id} started ({} v{})", s(&v["workflow"]), v["version"]);
+                let id = v.run_id.clone();
+                eprintln!("run {id} started ({} v{})", v.workflow, v.version);
                 // Bounded, so no --timeout can overflow the clock's arithmetic.
                 let longest = Duration::from_secs(10 * 365 * 86_400);
                 let limit = Duration::try_from_secs_f64(a.timeout).map_or(longest, |d| d.min(longest));
                 let deadline = tokio::time::Instant::now() + limit;
-                let mut print = |e: &Value| {
+                let mut print = |e: &HistoryRow| {
                     if let Some(line) = progress_line(e) {
                         eprintln!("{line}");
                     }
                 };
                 follow_run(&client, &id, 0, Some(deadline), &mut print).await?;
-                let v = call(&client, Method::GET, &format!("/v1/runs/{id}/wait?timeout=0.001"), None).await?;
+                let path = format!("/v1/runs/{id}/wait?timeout=0.001");
+                let v: RunReply = call_as(&client, Method::GET, &path, None).await?;
                 print_result(&v);
-                return Ok(run_exit(v["status"].as_str().unwrap_or("")));
+                return Ok(run_exit(v.status));
             } else {
-                let note = match (v["created"].as_bool(), v["same_input"].as_bool()) {
-                    (Some(false), Some(true)) => " (already existed, same input; nothing new started)",
-                    (Some(false), _) => " (already existed; nothing new started)",
+                let note = match (v.created, v.same_input) {
+                    (false, Some(true)) => " (already existed, same input; nothing new started)",
+                    (false, _) => " (already existed; nothing new started)",
                     _ => "",
                 };
-                println!("{}{note}", s(&v["run_id"]));
+                println!("{}{note}", v.run_id);
             }
-            Ok(if a.wait {
-                run_exit(v["status"].as_str().unwrap_or(""))
-            } else {
-                exit::OK
+            Ok(match v.status {
+                Some(status) if a.wait => run_exit(status),
+                _ => exit::OK,
             })
         }
         Cmd::List { status, limit, offline } => {
@@ -295,19 +310,22 @@ pub(super) async fn remote(client: Client, cmd: Cmd, as_json: bool, data_dir: &P
                 if let Some(st) = status {
                     path.push_str(&format!("&status={st}"));
                 }
-                call(&client, Method::GET, &path, None).await?
+                call_as(&client, Method::GET, &path, None).await?
             };
-            show(&v, as_json, |v| {
-                let rows = rows_of(v, |r| {
-                    vec![
-                        s(&r["run_id"]),
-                        format!("{}@{}", s(&r["workflow"]), r["version"]),
-                        s(&r["status"]),
-                        s(&r["created_at"]),
-                        ms(&r["duration_ms"]),
-                        s(&r["waiting"]),
-                    ]
-                });
+            show(&v, as_json, |v: &Vec<RunReply>| {
+                let rows: Vec<Vec<String>> = v
+                    .iter()
+                    .map(|r| {
+                        vec![
+                            r.run_id.clone(),
+                            format!("{}@{}", r.workflow, r.version),
+                            r.status.as_str().to_string(),
+                            r.created_at.clone(),
+                            ms(r.duration_ms),
+                            r.waiting.clone().unwrap_or_default(),
+                        ]
+                    })
+                    .collect();
                 table(
                     &["RUN", "WORKFLOW", "STATUS", "STARTED", "DURATION", "WAITING ON"],
                     &rows,
@@ -324,118 +342,100 @@ pub(super) async fn remote(client: Client, cmd: Cmd, as_json: bool, data_dir: &P
             let v = if offline {
                 open_offline(data_dir)?.show(&run).map_err(offline_failure)?
             } else {
-                call(&client, Method::GET, &format!("/v1/runs/{run}"), None).await?
+                call_as::<RunDetail>(&client, Method::GET, &format!("/v1/runs/{run}"), None).await?
             };
-            let last_seq = v["history"]
-                .as_array()
-                .and_then(|h| h.iter().filter_map(|e| e["seq"].as_u64()).max())
-                .unwrap_or(0);
+            let last_seq = v.history.iter().map(|e| e.seq).max().unwrap_or(0);
             if as_json {
                 print_json(&v);
                 if follow {
-                    follow_run(&client, &run, last_seq, None, &mut |e| println!("{e}")).await?;
+                    let mut print = |e: &HistoryRow| println!("{}", serde_json::to_string(e).unwrap_or_default());
+                    follow_run(&client, &run, last_seq, None, &mut print).await?;
                 }
                 return Ok(exit::OK);
             }
-            println!("run:       {}", s(&v["run_id"]));
-            println!("workflow:  {} v{}", s(&v["workflow"]), v["version"]);
-            println!("status:    {}", s(&v["status"]));
-            println!("started:   {}", s(&v["created_at"]));
-            if !v["finished_at"].is_null() {
-                println!("finished:  {}", s(&v["finished_at"]));
+            println!("run:       {}", v.run_id);
+            println!("workflow:  {} v{}", v.workflow, v.version);
+            println!("status:    {}", v.status.as_str());
+            println!("started:   {}", v.created_at);
+            if let Some(t) = &v.finished_at {
+                println!("finished:  {t}");
             }
             println!(
                 "duration:  {} ({})",
-                ms(&v["duration_ms"]),
-                outpost_shared::count(v["events"].as_u64().unwrap_or(0), "event")
+                ms(v.duration_ms),
+                outpost_shared::count(v.events as u64, "event")
             );
-            println!("input:     {}", v["input"]);
-            if !v["waiting"].is_null() {
-                println!("waiting:   {}", s(&v["waiting"]));
+            println!("input:     {}", v.input);
+            if let Some(w) = &v.waiting {
+                println!("waiting:   {w}");
             }
-            if !v["output"].is_null() {
-                println!("output:    {}", v["output"]);
+            if !v.output.is_null() {
+                println!("output:    {}", v.output);
             }
-            if !v["error"].is_null() {
-                println!("error:     {}: {}", s(&v["error"]["kind"]), s(&v["error"]["message"]));
+            if let Some(e) = &v.error {
+                println!("error:     {}: {}", e.kind, e.message);
             }
             println!();
-            let steps: Vec<StepRow> = serde_json::from_value(v["steps"].clone()).unwrap_or_default();
-            let rows: Vec<Vec<String>> = steps.iter().map(step_line).collect();
+            let rows: Vec<Vec<String>> = v.steps.iter().map(step_line).collect();
             table(
                 &["STEP", "ACTION", "STATUS", "ATTEMPTS", "DURATION", "OUTPUT / ERROR"],
                 &rows,
             );
             if history {
                 println!();
-                let rows = rows_of(&v["history"], |e| {
-                    let mut rest = e.clone();
-                    if let Some(o) = rest.as_object_mut() {
-                        for k in ["seq", "at", "type", "step"] {
-                            o.remove(k);
-                        }
-                    }
-                    vec![
-                        e["seq"].to_string(),
-                        s(&e["at"]),
-                        s(&e["type"]),
-                        s(&e["step"]),
-                        rest.to_string(),
-                    ]
-                });
+                let rows: Vec<Vec<String>> = v
+                    .history
+                    .iter()
+                    .map(|e| {
+                        vec![
+                            e.seq.to_string(),
+                            e.at.clone(),
+                            e.kind.clone(),
+                            e.step.clone().unwrap_or_default(),
+                            Value::Object(e.detail.clone()).to_string(),
+                        ]
+                    })
+                    .collect();
                 table(&["SEQ", "AT", "EVENT", "STEP", "DETAIL"], &rows);
             }
-            if follow && matches!(v["status"].as_str(), Some("running" | "queued")) {
+            if follow && v.status.is_pending() {
                 println!("\nfollowing run {run} (Ctrl-C stops)…");
-                let mut print = |e: &Value| {
+                let mut print = |e: &HistoryRow| {
                     if let Some(line) = progress_line(e) {
                         println!("{line}");
                     }
                 };
                 follow_run(&client, &run, last_seq, None, &mut print).await?;
-                let v = call(
-                    &client,
-                    Method::GET,
-                    &format!("/v1/runs/{run}/wait?timeout=0.001"),
-                    None,
-                )
-                .await?;
+                let path = format!("/v1/runs/{run}/wait?timeout=0.001");
+                let v: RunReply = call_as(&client, Method::GET, &path, None).await?;
                 print_result(&v);
             }
             Ok(exit::OK)
         }
         Cmd::Wait { run, timeout } => {
-            let v = call(
-                &client,
-                Method::GET,
-                &format!("/v1/runs/{run}/wait?timeout={timeout}"),
-                None,
-            )
-            .await?;
-            show(&v, as_json, |v| {
-                print_result(v);
-            });
-            Ok(run_exit(v["status"].as_str().unwrap_or("")))
+            let path = format!("/v1/runs/{run}/wait?timeout={timeout}");
+            let v: RunReply = call_as(&client, Method::GET, &path, None).await?;
+            show(&v, as_json, print_result);
+            Ok(run_exit(v.status))
         }
         Cmd::Cancel { run, reason } => {
             let body = json!({"reason": reason}).to_string();
-            let v = call(&client, Method::POST, &format!("/v1/runs/{run}/cancel"), Some(body)).await?;
-            show(&v, as_json, |v| {
-                println!("run {} {}", s(&v["run_id"]), s(&v["status"]));
-            });
+            let v: RunReply = call_as(&client, Method::POST, &format!("/v1/runs/{run}/cancel"), Some(body)).await?;
+            show(&v, as_json, |v| println!("run {} {}", v.run_id, v.status.as_str()));
             Ok(exit::OK)
         }
         Cmd::Terminate { run, reason } => {
             let body = json!({"reason": reason}).to_string();
-            let v = call(&client, Method::POST, &format!("/v1/runs/{run}/terminate"), Some(body)).await?;
-            show(&v, as_json, |v| println!("run {} {}", s(&v["run_id"]), s(&v["status"])));
+            let path = format!("/v1/runs/{run}/terminate");
+            let v: RunReply = call_as(&client, Method::POST, &path, Some(body)).await?;
+            show(&v, as_json, |v| println!("run {} {}", v.run_id, v.status.as_str()));
             Ok(exit::OK)
         }
         Cmd::Retry { run, by } => {
             let body = json!({"by": by.unwrap_or_else(current_user)}).to_string();
-            let v = call(&client, Method::POST, &format!("/v1/runs/{run}/retry"), Some(body)).await?;
+            let v: RunReply = call_as(&client, Method::POST, &format!("/v1/runs/{run}/retry"), Some(body)).await?;
             show(&v, as_json, |v| {
-                println!("run {} {} (retried)", s(&v["run_id"]), s(&v["status"]))
+                println!("run {} {} (retried)", v.run_id, v.status.as_str())
             });
             Ok(exit::OK)
         }
@@ -449,16 +449,12 @@ pub(super) async fn remote(client: Client, cmd: Cmd, as_json: bool, data_dir: &P
             let payload: Value = serde_json::from_str(&payload)
                 .map_err(|e| Failure::new(exit::INVALID, format!("--payload is not JSON: {e}")))?;
             let body = json!({"name": name, "payload": payload, "id": id, "strict": strict}).to_string();
-            let v = call(&client, Method::POST, &format!("/v1/runs/{run}/signal"), Some(body)).await?;
-            if v["awaited"] == false {
-                let names: Vec<&str> = v["receivable"]
-                    .as_array()
-                    .map(|a| a.iter().filter_map(Value::as_str).collect())
-                    .unwrap_or_default();
-                let can = if names.is_empty() {
+            let v: SignalReply = call_as(&client, Method::POST, &format!("/v1/runs/{run}/signal"), Some(body)).await?;
+            if !v.awaited {
+                let can = if v.receivable.is_empty() {
                     "no signals".to_string()
                 } else {
-                    names.join(", ")
+                    v.receivable.join(", ")
                 };
                 eprintln!(
                     "warning: no step of run {run} waits for signal '{name}' (it can receive: {can}); \
@@ -466,12 +462,12 @@ pub(super) async fn remote(client: Client, cmd: Cmd, as_json: bool, data_dir: &P
                 );
             }
             show(&v, as_json, |v| {
-                let what = if v["accepted"] == true {
+                let what = if v.accepted {
                     "delivered"
                 } else {
                     "already received (ignored)"
                 };
-                println!("signal '{}' to run {}: {what}", s(&v["signal"]), s(&v["run_id"]));
+                println!("signal '{}' to run {}: {what}", v.signal, v.run_id);
             });
             Ok(exit::OK)
         }
@@ -484,145 +480,34 @@ pub(super) async fn remote(client: Client, cmd: Cmd, as_json: bool, data_dir: &P
         } => {
             // The agent records the decision as local:<the Unix user calling its socket>.
             let body = json!({"step": step, "approved": !reject, "comment": comment, "id": id}).to_string();
-            let v = call(&client, Method::POST, &format!("/v1/runs/{run}/approve"), Some(body)).await?;
+            let v: ApproveReply =
+                call_as(&client, Method::POST, &format!("/v1/runs/{run}/approve"), Some(body)).await?;
             show(&v, as_json, |v| {
-                let what = if v["approved"] == true { "approved" } else { "rejected" };
-                let dup = if v["duplicate"] == true {
-                    " (repeat ignored)"
-                } else {
-                    ""
-                };
-                println!("step '{}' of run {}: {what}{dup}", s(&v["step"]), s(&v["run_id"]));
+                let what = if v.approved { "approved" } else { "rejected" };
+                let dup = if v.duplicate { " (repeat ignored)" } else { "" };
+                println!("step '{}' of run {}: {what}{dup}", v.step, v.run_id);
             });
             Ok(exit::OK)
         }
         Cmd::Status => {
-            let v = call(&client, Method::GET, "/v1/status", None).await?;
-            show(&v, as_json, |v| {
-                println!("agent:       outpost {} (pid {})", s(&v["version"]), v["pid"]);
-                let runs = &v["limits"]["runs"];
-                println!(
-                    "runs:        {} active (limit {}), {} queued (queue {}, when full: {})",
-                    v["active_runs"],
-                    runs["limit"]
-                        .as_u64()
-                        .map(|n| n.to_string())
-                        .unwrap_or_else(|| "none".into()),
-                    runs["queued"],
-                    runs["queue_limit"],
-                    s(&runs["when_full"])
-                );
-                println!(
-                    "activities:  {} running, limit {}",
-                    v["activities"]["running"], v["activities"]["limit"]
-                );
-                for (what, key) in [
-                    ("workflow", "workflows"),
-                    ("action", "actions"),
-                    ("resource", "resources"),
-                ] {
-                    for l in v["limits"][key].as_array().into_iter().flatten() {
-                        println!(
-                            "  {what} {}: {} of {} in use, {} waiting",
-                            s(&l["name"]),
-                            l["in_use"],
-                            l["limit"],
-                            l["waiting"]
-                        );
-                    }
-                }
-                let j = &v["journal"];
-                println!(
-                    "journal:     {:.1} MB file, next seq {}, {} commits, {} events, {} appends since start",
-                    j["file_bytes"].as_f64().unwrap_or(0.0) / 1e6,
-                    j["next_seq"],
-                    j["commits"],
-                    j["events"],
-                    j["ops"]
-                );
-                let e = &j["storage_error"];
-                if !e.is_null() {
-                    println!(
-                        "journal:     CANNOT WRITE since {}: {} ({} runs blocked; they go on once the journal can be written — free disk space)",
-                        s(&e["since"]),
-                        s(&e["error"]),
-                        e["blocked_runs"]
-                    );
-                }
-                println!("sync:        {}", sync_line(&v["sync"]));
-                let t = &v["triggers"];
-                let n = |k: &str| t[k].as_u64().unwrap_or(0);
-                if n("schedules") + n("mqtt") + n("directories") == 0 {
-                    println!("triggers:    none (definitions declare schedules and triggers)");
-                } else {
-                    println!(
-                        "triggers:    {}, {}, {}",
-                        outpost_shared::count(n("schedules"), "schedule"),
-                        outpost_shared::count(n("mqtt"), "MQTT trigger"),
-                        outpost_shared::count(n("directories"), "watched directory")
-                    );
-                }
-                let devices: Vec<String> = v["equipment"]["devices"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(|d| format!("{} ({})", s(&d["name"]), s(&d["kind"])))
-                    .collect();
-                if devices.is_empty() {
-                    println!("equipment:   none (--equipment FILE configures devices)");
-                } else {
-                    println!(
-                        "equipment:   {}: {}",
-                        outpost_shared::count(devices.len() as u64, "device"),
-                        devices.join(", ")
-                    );
-                }
-                for b in v["breakers"].as_array().into_iter().flatten() {
-                    println!(
-                        "breaker:     {} {}{} ({} consecutive failures{})",
-                        s(&b["target"]),
-                        s(&b["state"]),
-                        b["open_until"]
-                            .as_str()
-                            .map(|t| format!(" until {t}"))
-                            .unwrap_or_default(),
-                        b["consecutive_failures"],
-                        b["last_error"]
-                            .as_str()
-                            .map(|e| format!("; last: {e}"))
-                            .unwrap_or_default()
-                    );
-                }
-                if let Some(r) = v["retention"].as_object() {
-                    println!(
-                        "retention:   last pass {}, deleted {} ({})",
-                        s(&r["last_at"]),
-                        outpost_shared::count(r["runs_deleted"].as_u64().unwrap_or(0), "run"),
-                        outpost_shared::count(r["events_deleted"].as_u64().unwrap_or(0), "event")
-                    );
-                }
-                println!(
-                    "timers:      {} pending{}",
-                    v["timers"]["pending"],
-                    v["timers"]["next_at"]
-                        .as_str()
-                        .map(|t| format!(", next at {t}"))
-                        .unwrap_or_default()
-                );
-            });
+            let v: StatusView = call_as(&client, Method::GET, "/v1/status", None).await?;
+            show(&v, as_json, print_status);
             Ok(exit::OK)
         }
         Cmd::Definitions => {
-            let v = call(&client, Method::GET, "/v1/definitions", None).await?;
-            show(&v, as_json, |v| {
-                let rows = rows_of(v, |d| {
-                    vec![
-                        s(&d["name"]),
-                        d["version"].to_string(),
-                        d["steps"].to_string(),
-                        s(&d["applied_at"]),
-                    ]
-                });
+            let v: Vec<DefinitionRow> = call_as(&client, Method::GET, "/v1/definitions", None).await?;
+            show(&v, as_json, |v: &Vec<DefinitionRow>| {
+                let rows: Vec<Vec<String>> = v
+                    .iter()
+                    .map(|d| {
+                        vec![
+                            d.name.clone(),
+                            d.version.to_string(),
+                            d.steps.to_string(),
+                            d.applied_at.clone(),
+                        ]
+                    })
+                    .collect();
                 table(&["NAME", "VERSION", "STEPS", "APPLIED"], &rows);
             });
             Ok(exit::OK)
@@ -656,7 +541,7 @@ pub(super) fn step_line(st: &StepRow) -> Vec<String> {
         Some(c) => format!("{}, compensation {}", st.status.as_str(), c.as_str()),
         None => st.status.as_str().to_string(),
     };
-    let duration = st.duration_ms.map(|d| ms(&Value::from(d))).unwrap_or_default();
+    let duration = st.duration_ms.map(ms).unwrap_or_default();
     vec![
         st.id.clone(),
         st.action.clone(),
@@ -665,4 +550,106 @@ pub(super) fn step_line(st: &StepRow) -> Vec<String> {
         duration,
         detail,
     ]
+}
+
+/// `outpost status` for a person: a line per subsystem.
+fn print_status(v: &StatusView) {
+    println!("agent:       outpost {} (pid {})", v.version, v.pid);
+    let runs = &v.limits.runs;
+    println!(
+        "runs:        {} active (limit {}), {} queued (queue {}, when full: {})",
+        v.active_runs,
+        runs.limit.map(|n| n.to_string()).unwrap_or_else(|| "none".into()),
+        runs.queued,
+        runs.queue_limit,
+        runs.when_full
+    );
+    println!(
+        "activities:  {} running, limit {}",
+        v.activities.running, v.activities.limit
+    );
+    for (what, list) in [
+        ("workflow", &v.limits.workflows),
+        ("action", &v.limits.actions),
+        ("resource", &v.limits.resources),
+    ] {
+        for l in list {
+            println!(
+                "  {what} {}: {} of {} in use, {} waiting",
+                l.name, l.in_use, l.limit, l.waiting
+            );
+        }
+    }
+    let j = &v.journal;
+    println!(
+        "journal:     {:.1} MB file, next seq {}, {} commits, {} events, {} appends since start",
+        j.file_bytes as f64 / 1e6,
+        j.next_seq,
+        j.commits,
+        j.events,
+        j.ops
+    );
+    if let Some(e) = &j.storage_error {
+        println!(
+            "journal:     CANNOT WRITE since {}: {} ({} runs blocked; they go on once the journal can be written — free disk space)",
+            e.since, e.error, e.blocked_runs
+        );
+    }
+    println!("sync:        {}", sync_line(v.sync.as_ref()));
+    let t = &v.triggers;
+    if t.schedules + t.mqtt + t.directories == 0 {
+        println!("triggers:    none (definitions declare schedules and triggers)");
+    } else {
+        println!(
+            "triggers:    {}, {}, {}",
+            outpost_shared::count(t.schedules as u64, "schedule"),
+            outpost_shared::count(t.mqtt as u64, "MQTT trigger"),
+            outpost_shared::count(t.directories as u64, "watched directory")
+        );
+    }
+    let devices: Vec<String> = v
+        .equipment
+        .devices
+        .iter()
+        .map(|d| format!("{} ({})", d.name, d.kind))
+        .collect();
+    if devices.is_empty() {
+        println!("equipment:   none (--equipment FILE configures devices)");
+    } else {
+        println!(
+            "equipment:   {}: {}",
+            outpost_shared::count(devices.len() as u64, "device"),
+            devices.join(", ")
+        );
+    }
+    for b in &v.breakers {
+        println!(
+            "breaker:     {} {}{} ({} consecutive failures{})",
+            b.target,
+            b.state,
+            b.open_until.as_ref().map(|t| format!(" until {t}")).unwrap_or_default(),
+            b.consecutive_failures,
+            b.last_error
+                .as_ref()
+                .map(|e| format!("; last: {e}"))
+                .unwrap_or_default()
+        );
+    }
+    if let Some(r) = &v.retention {
+        println!(
+            "retention:   last pass {}, deleted {} ({})",
+            r.last_at,
+            outpost_shared::count(r.runs_deleted, "run"),
+            outpost_shared::count(r.events_deleted, "event")
+        );
+    }
+    println!(
+        "timers:      {} pending{}",
+        v.timers.pending,
+        v.timers
+            .next_at
+            .as_ref()
+            .map(|t| format!(", next at {t}"))
+            .unwrap_or_default()
+    );
 }

@@ -124,11 +124,11 @@ pub(super) async fn daemon(data_dir: &Path, socket: &Path, args: RunArgs) -> Res
                             let out = json!({
                                 "run_id": r.run_id,
                                 "status": rec.status.as_str(),
-                                "output": detail.as_ref().map(|d| d["output"].clone()),
-                                "error": detail.as_ref().map(|d| d["error"].clone()),
+                                "output": detail.as_ref().map(|d| d.output.clone()),
+                                "error": detail.as_ref().map(|d| d.error.clone()),
                             });
                             println!("{out}");
-                            run_exit(rec.status.as_str())
+                            run_exit(rec.status.into())
                         }
                         Err(e) => {
                             error!(error = %e, "waiting for the run");

@@ -5,32 +5,21 @@ use super::*;
 /// Set once at start: tables cut long cells only for a person at a terminal with `-o table`.
 pub(super) static CUT_CELLS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-pub(super) fn show(v: &Value, as_json: bool, human: impl FnOnce(&Value)) {
+/// A reply as JSON (`--json`), or as `human` prints it.
+pub(super) fn show<T: serde::Serialize>(v: &T, as_json: bool, human: impl FnOnce(&T)) {
     if as_json { print_json(v) } else { human(v) }
 }
 
-pub(super) fn print_json(v: &Value) {
+pub(super) fn print_json<T: serde::Serialize + ?Sized>(v: &T) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
-pub(super) fn rows_of(v: &Value, row: impl Fn(&Value) -> Vec<String>) -> Vec<Vec<String>> {
-    v.as_array().map(|a| a.iter().map(row).collect()).unwrap_or_default()
-}
-
-/// A JSON string's text, or its JSON form; null is empty.
-pub(super) fn s(v: &Value) -> String {
-    match v {
-        Value::Null => String::new(),
-        Value::String(t) => t.clone(),
-        other => other.to_string(),
-    }
-}
-
-pub(super) fn ms(v: &Value) -> String {
-    match v.as_u64() {
-        Some(n) if n < 10_000 => format!("{n}ms"),
-        Some(n) => humantime::format_duration(Duration::from_secs(n / 1000)).to_string(),
-        None => String::new(),
+/// A duration for a person: milliseconds when short, else the largest units.
+pub(super) fn ms(n: u64) -> String {
+    if n < 10_000 {
+        format!("{n}ms")
+    } else {
+        humantime::format_duration(Duration::from_secs(n / 1000)).to_string()
     }
 }
 

@@ -361,7 +361,7 @@ impl Runtime {
     }
 
     /// Circuit breakers and their states, for `status`.
-    pub fn breakers_view(&self) -> Value {
+    pub fn breakers_view(&self) -> Vec<crate::breaker::BreakerView> {
         self.inner.breakers.view(self.clock_ms())
     }
 

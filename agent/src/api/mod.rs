@@ -18,6 +18,14 @@ use crate::engine::{RunState, RunStatus};
 use crate::journal::{Applied, JournalError, RunRecord};
 use crate::runtime::{Decision, Runtime, RuntimeError, StartRequest};
 
+pub mod types;
+
+use types::{
+    ActivitiesView, AppliedReply, ApproveReply, Blocked, DefinitionRow, DeviceView, EquipmentView, ErrorDetail,
+    ErrorReply, EventsPage, HistoryRow, JournalView, ReconnectReply, RetentionView, RunDetail, RunError, RunReply,
+    ShownStatus, SignalReply, StartReply, StatusView, StorageErrorView, TimersView, TriggersView,
+};
+
 /// Largest request body, in bytes (definitions are capped at 1 MiB, inputs at 256 KiB).
 pub const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
 /// Longest a single `wait` request blocks.
@@ -67,8 +75,14 @@ impl ApiError {
     }
 
     /// The HTTP status and JSON body the API answers with (the CLI reads the same offline).
-    pub fn answer(&self) -> (StatusCode, Value) {
-        let body = json!({"error": {"code": self.code, "message": self.message, "problems": self.problems}});
+    pub fn answer(&self) -> (StatusCode, ErrorReply) {
+        let body = ErrorReply {
+            error: ErrorDetail {
+                code: self.code.to_string(),
+                message: self.message.clone(),
+                problems: self.problems.clone(),
+            },
+        };
         (self.status, body)
     }
 }
@@ -114,7 +128,7 @@ impl From<JournalError> for ApiError {
     }
 }
 
-type ApiResult = Result<Json<Value>, ApiError>;
+type ApiResult<T> = Result<Json<T>, ApiError>;
 
 /// Runs blocking journal reads off the async workers.
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, ApiError> + Send + 'static) -> Result<T, ApiError> {
@@ -144,80 +158,110 @@ async fn health() -> Json<Value> {
     Json(json!({"ok": true, "version": env!("CARGO_PKG_VERSION")}))
 }
 
-async fn status(State(rt): AppState) -> ApiResult {
+async fn status(State(rt): AppState) -> ApiResult<StatusView> {
     let rt2 = rt.clone();
     let (next_seq, timers) = blocking(move || Ok((rt2.journal().next_seq()?, rt2.journal().timers()?))).await?;
     let s = rt.journal().stats();
     let ord = std::sync::atomic::Ordering::Relaxed;
-    let (mut schedules, mut mqtt, mut directories) = (0usize, 0usize, 0usize);
+    let mut triggers = TriggersView {
+        schedules: 0,
+        mqtt: 0,
+        directories: 0,
+    };
     for def in rt.latest_definitions() {
-        schedules += def.doc.schedules.len();
-        mqtt += def.doc.triggers.iter().filter(|t| t.mqtt.is_some()).count();
-        directories += def.doc.triggers.iter().filter(|t| t.directory.is_some()).count();
+        triggers.schedules += def.doc.schedules.len();
+        triggers.mqtt += def.doc.triggers.iter().filter(|t| t.mqtt.is_some()).count();
+        triggers.directories += def.doc.triggers.iter().filter(|t| t.directory.is_some()).count();
     }
-    let devices: Vec<Value> = rt
+    let devices: Vec<DeviceView> = rt
         .registry()
         .equipment()
         .map(|eq| {
             eq.names()
                 .into_iter()
-                .map(|n| json!({"name": n, "kind": eq.kind_of(&n).unwrap_or("device")}))
+                .map(|n| DeviceView {
+                    kind: eq.kind_of(&n).unwrap_or("device").to_string(),
+                    name: n,
+                })
                 .collect()
         })
         .unwrap_or_default();
-    Ok(Json(json!({
-        "version": env!("CARGO_PKG_VERSION"),
-        "pid": std::process::id(),
-        "active_runs": rt.active_count(),
-        "activities": {"running": rt.activities_running(), "limit": rt.max_activities()},
-        "limits": rt.limits().view(rt.active_count()),
-        "breakers": rt.breakers_view(),
-        "sync": rt.sync().map(|s| s.view(next_seq)),
-        "journal": {
-            "next_seq": next_seq,
-            "file_bytes": rt.journal_file_bytes(),
-            "commits": s.commits.load(ord),
-            "events": s.events.load(ord),
-            "ops": s.ops.load(ord),
-            "storage_error": rt.storage_failure().map(|(error, since, runs)| json!({
-                "error": error, "since": rfc3339(since), "blocked_runs": runs,
-            })),
+    Ok(Json(StatusView {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        pid: std::process::id(),
+        active_runs: rt.active_count(),
+        activities: ActivitiesView {
+            running: rt.activities_running(),
+            limit: rt.max_activities(),
         },
-        "timers": {"pending": timers.len(), "next_at": timers.first().map(|t| rfc3339(t.0))},
-        "triggers": {"schedules": schedules, "mqtt": mqtt, "directories": directories},
-        "equipment": {"devices": devices},
-        "retention": rt.last_prune().map(|(at, p)| json!({
-            "last_at": rfc3339(at), "runs_deleted": p.runs, "events_deleted": p.events,
-            "commands_forgotten": p.commands, "definitions_deleted": p.definitions,
-            "bytes_in_use_before": p.bytes_before,
-        })),
-    })))
+        limits: rt.limits().view(rt.active_count()),
+        breakers: rt.breakers_view(),
+        sync: rt.sync().map(|s| s.view(next_seq)),
+        journal: JournalView {
+            next_seq,
+            file_bytes: rt.journal_file_bytes(),
+            commits: s.commits.load(ord),
+            events: s.events.load(ord),
+            ops: s.ops.load(ord),
+            storage_error: rt
+                .storage_failure()
+                .map(|(error, since, blocked_runs)| StorageErrorView {
+                    error,
+                    since: rfc3339(since),
+                    blocked_runs,
+                }),
+        },
+        timers: TimersView {
+            pending: timers.len(),
+            next_at: timers.first().map(|t| rfc3339(t.0)),
+        },
+        triggers,
+        equipment: EquipmentView { devices },
+        retention: rt.last_prune().map(|(at, p)| RetentionView {
+            last_at: rfc3339(at),
+            runs_deleted: p.runs,
+            events_deleted: p.events,
+            commands_forgotten: p.commands,
+            definitions_deleted: p.definitions,
+            bytes_in_use_before: p.bytes_before,
+        }),
+    }))
 }
 
-async fn apply(State(rt): AppState, body: String) -> Result<(StatusCode, Json<Value>), ApiError> {
+async fn apply(State(rt): AppState, body: String) -> Result<(StatusCode, Json<AppliedReply>), ApiError> {
     let (def, applied) = rt.apply(&body).await?;
     let created = applied == Applied::Created;
     let code = if created { StatusCode::CREATED } else { StatusCode::OK };
     Ok((
         code,
-        Json(json!({"name": def.name(), "version": def.version(), "created": created, "steps": def.doc.steps.len()})),
+        Json(AppliedReply {
+            name: def.name().to_string(),
+            version: def.version(),
+            created,
+            steps: def.doc.steps.len(),
+        }),
     ))
 }
 
-async fn list_definitions(State(rt): AppState) -> ApiResult {
+async fn list_definitions(State(rt): AppState) -> ApiResult<Vec<DefinitionRow>> {
     let rt2 = rt.clone();
     let defs = blocking(move || Ok(rt2.journal().definitions()?)).await?;
-    let list: Vec<Value> = defs
+    let list = defs
         .into_iter()
         .map(|(name, version, rec)| {
             let steps = serde_json::from_str::<Value>(&rec.json)
                 .ok()
                 .and_then(|d| d.get("steps").and_then(Value::as_array).map(Vec::len))
                 .unwrap_or(0);
-            json!({"name": name, "version": version, "applied_at": rfc3339(rec.applied_ms), "steps": steps})
+            DefinitionRow {
+                name,
+                version,
+                applied_at: rfc3339(rec.applied_ms),
+                steps,
+            }
         })
         .collect();
-    Ok(Json(Value::Array(list)))
+    Ok(Json(list))
 }
 
 #[derive(Deserialize)]
@@ -225,7 +269,11 @@ struct VersionQuery {
     version: Option<u32>,
 }
 
-async fn get_definition(State(rt): AppState, Path(name): Path<String>, Query(q): Query<VersionQuery>) -> ApiResult {
+async fn get_definition(
+    State(rt): AppState,
+    Path(name): Path<String>,
+    Query(q): Query<VersionQuery>,
+) -> ApiResult<Value> {
     let def = rt.definition(&name, q.version)?;
     Ok(Json(
         json!({"name": def.name(), "version": def.version(), "document": def.doc}),
@@ -242,13 +290,26 @@ async fn start(
     State(rt): AppState,
     Query(q): Query<StartQuery>,
     body: String,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<StartReply>), ApiError> {
     let req: StartRequest = serde_json::from_str(&body)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", format!("request body: {e}")))?;
     let asked_workflow = req.workflow.clone();
     let asked_input = req.input.clone().unwrap_or_else(|| json!({}));
     let resp = rt.start(req).await?;
-    let mut out = serde_json::to_value(&resp).unwrap_or_default();
+    let mut out = StartReply {
+        run_id: resp.run_id.clone(),
+        created: resp.created,
+        workflow: resp.workflow.clone(),
+        version: resp.version,
+        same_input: None,
+        status: None,
+        created_at: None,
+        finished_at: None,
+        duration_ms: None,
+        waiting: None,
+        output: None,
+        error: None,
+    };
     if !resp.created {
         // Reusing an id is how a caller retries a start safely; reusing it for another start
         // would silently hand back a run that is not the one asked for.
@@ -282,11 +343,18 @@ async fn start(
                 ),
             ));
         }
-        out["same_input"] = json!(stored_input.is_some());
+        out.same_input = Some(stored_input.is_some());
     }
     if let Some(secs) = q.wait {
         let (rec, end) = rt.wait(&resp.run_id, Some(wait_limit(secs))).await?;
-        merge_summary(&mut out, &resp.run_id, &rec, end.as_ref(), &rt)?;
+        let run = run_reply(&resp.run_id, &rec, end.as_ref(), &rt)?;
+        out.status = Some(run.status);
+        out.created_at = Some(run.created_at);
+        out.finished_at = run.finished_at;
+        out.duration_ms = Some(run.duration_ms);
+        out.waiting = run.waiting;
+        out.output = run.output;
+        out.error = run.error;
     }
     Ok((
         if resp.created {
@@ -306,68 +374,77 @@ fn wait_limit(secs: f64) -> Duration {
     }
 }
 
-/// Adds status/output/error of a run to `out`; `end` is its final event when already known.
-fn merge_summary(
-    out: &mut Value,
-    run_id: &str,
-    rec: &RunRecord,
-    end: Option<&Event>,
-    rt: &Runtime,
-) -> Result<(), ApiError> {
-    let summary = run_summary(run_id, rec);
-    if let (Value::Object(o), Value::Object(s)) = (&mut *out, summary) {
-        o.extend(s);
-    }
+/// A run's summary, and once it ended its output or error; `end` is its final event when
+/// already known.
+fn run_reply(run_id: &str, rec: &RunRecord, end: Option<&Event>, rt: &Runtime) -> Result<RunReply, ApiError> {
+    let mut out = run_summary(run_id, rec);
     if rec.status.is_terminal() {
         let (output, error) = match end {
             Some(e) => outcome_of(Some(e)),
             None => outcome(rt, run_id)?,
         };
-        out["output"] = output;
-        out["error"] = error;
+        out.output = Some(output);
+        out.error = error;
     } else if let Some(b) = rt.storage_block(run_id) {
         // `start --wait` that times out on a run held up by a full disk says why.
-        out["waiting"] = format!("blocked: the journal cannot be written ({})", b.error).into();
+        out.waiting = Some(format!("blocked: the journal cannot be written ({})", b.error));
     }
-    Ok(())
+    Ok(out)
 }
 
 /// The output and error of a finished run, from its last event.
-fn outcome(rt: &Runtime, run_id: &str) -> Result<(Value, Value), ApiError> {
+fn outcome(rt: &Runtime, run_id: &str) -> Result<(Value, Option<RunError>), ApiError> {
     let history = rt.journal().history(run_id)?;
     Ok(outcome_of(history.last().map(|(_, r)| &r.event)))
 }
 
-fn outcome_of(end: Option<&Event>) -> (Value, Value) {
+fn outcome_of(end: Option<&Event>) -> (Value, Option<RunError>) {
+    let error = |kind: &str, message: String| {
+        Some(RunError {
+            kind: kind.to_string(),
+            message,
+            step: None,
+        })
+    };
     match end {
-        Some(Event::RunCompleted { output }) => (serde_json::from_str(output).unwrap_or(Value::Null), Value::Null),
-        Some(Event::RunFailed { error }) => (Value::Null, error_json(error)),
-        Some(Event::RunCancelled { reason }) => (Value::Null, json!({"kind": "cancelled", "message": reason})),
-        Some(Event::RunTerminated { reason }) => (Value::Null, json!({"kind": "terminated", "message": reason})),
-        Some(Event::RunCompensated { error }) => (Value::Null, error_json(error)),
-        Some(Event::RunCompensationFailed { step, error }) => (
+        Some(Event::RunCompleted { output }) => (serde_json::from_str(output).unwrap_or(Value::Null), None),
+        Some(Event::RunFailed { error: e } | Event::RunCompensated { error: e }) => (Value::Null, Some(run_error(e))),
+        Some(Event::RunCancelled { reason }) => (Value::Null, error("cancelled", reason.clone())),
+        Some(Event::RunTerminated { reason }) => (Value::Null, error("terminated", reason.clone())),
+        Some(Event::RunCompensationFailed { step, error: e }) => (
             Value::Null,
-            json!({"kind": error.kind, "message": format!("compensation of step '{step}' failed: {}", error.message), "step": step}),
+            Some(RunError {
+                kind: e.kind.clone(),
+                message: format!("compensation of step '{step}' failed: {}", e.message),
+                step: Some(step.clone()),
+            }),
         ),
-        Some(Event::RunContinued { next_run, .. }) => (json!({"continued_as": next_run}), Value::Null),
-        _ => (Value::Null, Value::Null),
+        Some(Event::RunContinued { next_run, .. }) => (json!({"continued_as": next_run}), None),
+        _ => (Value::Null, None),
     }
 }
 
-fn error_json(e: &ErrorInfo) -> Value {
-    json!({"kind": e.kind, "message": e.message})
+fn run_error(e: &ErrorInfo) -> RunError {
+    RunError {
+        kind: e.kind.clone(),
+        message: e.message.clone(),
+        step: None,
+    }
 }
 
-fn run_summary(run_id: &str, r: &RunRecord) -> Value {
-    json!({
-        "run_id": run_id,
-        "workflow": r.workflow,
-        "version": r.version,
-        "status": r.status.as_str(),
-        "created_at": rfc3339(r.created_ms),
-        "finished_at": r.finished_ms.map(rfc3339),
-        "duration_ms": r.finished_ms.unwrap_or_else(now_ms).saturating_sub(r.created_ms),
-    })
+fn run_summary(run_id: &str, r: &RunRecord) -> RunReply {
+    RunReply {
+        run_id: run_id.to_string(),
+        workflow: r.workflow.clone(),
+        version: r.version,
+        status: r.status.into(),
+        created_at: rfc3339(r.created_ms),
+        finished_at: r.finished_ms.map(rfc3339),
+        duration_ms: r.finished_ms.unwrap_or_else(now_ms).saturating_sub(r.created_ms),
+        waiting: None,
+        output: None,
+        error: None,
+    }
 }
 
 #[derive(Deserialize)]
@@ -376,7 +453,7 @@ struct ListQuery {
     limit: Option<usize>,
 }
 
-async fn list_runs(State(rt): AppState, Query(q): Query<ListQuery>) -> ApiResult {
+async fn list_runs(State(rt): AppState, Query(q): Query<ListQuery>) -> ApiResult<Vec<RunReply>> {
     let status = parse_status(q.status.as_deref())?;
     let limit = q.limit.unwrap_or(100).clamp(1, 100_000);
     let rt2 = rt.clone();
@@ -409,26 +486,25 @@ pub fn list_rows(
     journal: &crate::journal::Journal,
     status: Option<RunStatus>,
     limit: usize,
-    detail: impl Fn(&str, &RunRecord) -> Result<Value, ApiError>,
-) -> Result<Value, ApiError> {
+    detail: impl Fn(&str, &RunRecord) -> Result<RunDetail, ApiError>,
+) -> Result<Vec<RunReply>, ApiError> {
     let rows = journal.runs(status, limit)?;
-    Ok(Value::Array(
-        rows.into_iter()
-            .map(|(id, rec)| {
-                let mut v = run_summary(&id, &rec);
-                if rec.status == RunStatus::Running
-                    && let Ok(d) = detail(&id, &rec)
-                {
-                    v["waiting"] = d["waiting"].clone();
-                    v["status"] = d["status"].clone();
-                }
-                v
-            })
-            .collect(),
-    ))
+    Ok(rows
+        .into_iter()
+        .map(|(id, rec)| {
+            let mut v = run_summary(&id, &rec);
+            if rec.status == RunStatus::Running
+                && let Ok(d) = detail(&id, &rec)
+            {
+                v.waiting = d.waiting;
+                v.status = d.status;
+            }
+            v
+        })
+        .collect())
 }
 
-async fn show_run(State(rt): AppState, Path(id): Path<String>) -> ApiResult {
+async fn show_run(State(rt): AppState, Path(id): Path<String>) -> ApiResult<RunDetail> {
     let rt2 = rt.clone();
     blocking(move || {
         let rec = rt2
@@ -445,11 +521,9 @@ struct WaitQuery {
     timeout: Option<f64>,
 }
 
-async fn wait_run(State(rt): AppState, Path(id): Path<String>, Query(q): Query<WaitQuery>) -> ApiResult {
+async fn wait_run(State(rt): AppState, Path(id): Path<String>, Query(q): Query<WaitQuery>) -> ApiResult<RunReply> {
     let (rec, end) = rt.wait(&id, Some(wait_limit(q.timeout.unwrap_or(0.0)))).await?;
-    let mut out = json!({});
-    merge_summary(&mut out, &id, &rec, end.as_ref(), &rt)?;
-    Ok(Json(out))
+    Ok(Json(run_reply(&id, &rec, end.as_ref(), &rt)?))
 }
 
 #[derive(Deserialize)]
@@ -463,7 +537,11 @@ struct EventsQuery {
 
 /// A run's events after a sequence number, waiting (long poll) for the next one when there is
 /// none yet: `start --wait` and `show --follow` follow a run with it.
-async fn run_events(State(rt): AppState, Path(id): Path<String>, Query(q): Query<EventsQuery>) -> ApiResult {
+async fn run_events(
+    State(rt): AppState,
+    Path(id): Path<String>,
+    Query(q): Query<EventsQuery>,
+) -> ApiResult<EventsPage> {
     let limit = q.wait.map(wait_limit).unwrap_or(Duration::ZERO);
     let deadline = tokio::time::Instant::now() + limit;
     // Subscribed before the first read, so a commit between the read and the wait wakes it.
@@ -475,25 +553,25 @@ async fn run_events(State(rt): AppState, Path(id): Path<String>, Query(q): Query
                 .journal()
                 .run(&id2)?
                 .ok_or_else(|| ApiError::from(RuntimeError::NoSuchRun(id2.clone())))?;
-            let rows: Vec<Value> = rt2
+            let rows: Vec<HistoryRow> = rt2
                 .journal()
                 .history(&id2)?
                 .iter()
                 .filter(|(seq, _)| *seq > after)
-                .map(|(seq, r)| outpost_shared::journal::history_row(*seq, r))
+                .map(|(seq, r)| HistoryRow::of(*seq, r))
                 .collect();
             Ok((rec, rows))
         })
         .await?;
         let now = tokio::time::Instant::now();
         if !rows.is_empty() || rec.status.is_terminal() || now >= deadline {
-            let last = rows.last().and_then(|r| r["seq"].as_u64()).unwrap_or(q.after);
-            return Ok(Json(json!({
-                "run_id": id,
-                "status": rec.status.as_str(),
-                "events": rows,
-                "last_seq": last,
-            })));
+            let last = rows.last().map_or(q.after, |r| r.seq);
+            return Ok(Json(EventsPage {
+                run_id: id,
+                status: rec.status.into(),
+                events: rows,
+                last_seq: last,
+            }));
         }
         if tokio::time::timeout(deadline - now, commits.changed())
             .await
@@ -520,26 +598,28 @@ fn body_or_default<T: Default + serde::de::DeserializeOwned>(body: &str) -> Resu
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", format!("request body: {e}")))
 }
 
-async fn summary_of(rt: &Runtime, id: &str, rec: RunRecord) -> ApiResult {
-    let mut out = json!({});
-    merge_summary(&mut out, id, &rec, None, rt)?;
-    Ok(Json(out))
+async fn summary_of(rt: &Runtime, id: &str, rec: RunRecord) -> ApiResult<RunReply> {
+    Ok(Json(run_reply(id, &rec, None, rt)?))
 }
 
 /// Asks sync to reconnect (after `outpost enroll` installed a new certificate and key).
-async fn sync_reconnect(State(rt): AppState) -> ApiResult {
-    match rt.sync() {
+async fn sync_reconnect(State(rt): AppState) -> ApiResult<ReconnectReply> {
+    Ok(Json(match rt.sync() {
         Some(s) => {
             s.reconnect.notify_one();
-            Ok(Json(json!({"reconnecting": true})))
+            ReconnectReply {
+                reconnecting: true,
+                reason: None,
+            }
         }
-        None => Ok(Json(
-            json!({"reconnecting": false, "reason": "sync is not configured (--broker)"}),
-        )),
-    }
+        None => ReconnectReply {
+            reconnecting: false,
+            reason: Some("sync is not configured (--broker)".into()),
+        },
+    }))
 }
 
-async fn cancel_run(State(rt): AppState, Path(id): Path<String>, body: String) -> ApiResult {
+async fn cancel_run(State(rt): AppState, Path(id): Path<String>, body: String) -> ApiResult<RunReply> {
     let b: ReasonBody = body_or_default(&body)?;
     let rec = rt
         .cancel(&id, b.reason.as_deref().unwrap_or("cancelled by operator"))
@@ -547,7 +627,7 @@ async fn cancel_run(State(rt): AppState, Path(id): Path<String>, body: String) -
     summary_of(&rt, &id, rec).await
 }
 
-async fn terminate_run(State(rt): AppState, Path(id): Path<String>, body: String) -> ApiResult {
+async fn terminate_run(State(rt): AppState, Path(id): Path<String>, body: String) -> ApiResult<RunReply> {
     let b: ReasonBody = body_or_default(&body)?;
     let rec = rt
         .terminate(&id, b.reason.as_deref().unwrap_or("terminated by operator"))
@@ -555,7 +635,7 @@ async fn terminate_run(State(rt): AppState, Path(id): Path<String>, body: String
     summary_of(&rt, &id, rec).await
 }
 
-async fn retry_run(State(rt): AppState, Path(id): Path<String>, body: String) -> ApiResult {
+async fn retry_run(State(rt): AppState, Path(id): Path<String>, body: String) -> ApiResult<RunReply> {
     let b: ReasonBody = body_or_default(&body)?;
     let rec = rt.retry(&id, b.by.as_deref().unwrap_or("operator")).await?;
     summary_of(&rt, &id, rec).await
@@ -578,7 +658,7 @@ async fn signal_run(
     peer: Option<axum::Extension<axum::extract::ConnectInfo<Peer>>>,
     Path(id): Path<String>,
     body: String,
-) -> ApiResult {
+) -> ApiResult<SignalReply> {
     let b: SignalBody = body_or_default(&body)?;
     let by = local_name(peer.map(|p| p.0.0));
     let rec = rt
@@ -603,14 +683,14 @@ async fn signal_run(
         ));
     }
     let accepted = rt.signal_from(&id, &b.name, b.id, b.payload, Some(by)).await?;
-    Ok(Json(json!({
-        "run_id": id,
-        "signal": b.name,
-        "accepted": accepted,
-        "duplicate": !accepted,
-        "awaited": awaited,
-        "receivable": names,
-    })))
+    Ok(Json(SignalReply {
+        run_id: id,
+        signal: b.name,
+        accepted,
+        duplicate: !accepted,
+        awaited,
+        receivable: names,
+    }))
 }
 
 fn names_or_none(names: &[String]) -> String {
@@ -650,21 +730,25 @@ async fn approve_run(
     peer: Option<axum::Extension<axum::extract::ConnectInfo<Peer>>>,
     Path(id): Path<String>,
     body: String,
-) -> ApiResult {
+) -> ApiResult<ApproveReply> {
     let mut d: Decision = body_or_default(&body)?;
     // Whoever holds the socket decides as themselves: a name in the body would let anyone with
     // access pass a gate as anyone.
     d.by = local_name(peer.map(|p| p.0.0));
     let (step, approved) = (d.step.clone(), d.approved);
     let accepted = rt.approve(&id, d).await?;
-    Ok(Json(
-        json!({"run_id": id, "step": step, "approved": approved, "accepted": accepted, "duplicate": !accepted}),
-    ))
+    Ok(Json(ApproveReply {
+        run_id: id,
+        step,
+        approved,
+        accepted,
+        duplicate: !accepted,
+    }))
 }
 
 /// A run as `show` and the API show it: its summary, the fold of its history, what it waits
 /// for, and the history itself.
-pub fn run_detail(rt: &Runtime, id: &str, rec: &RunRecord) -> Result<Value, ApiError> {
+pub fn run_detail(rt: &Runtime, id: &str, rec: &RunRecord) -> Result<RunDetail, ApiError> {
     let def = rt.definition(&rec.workflow, Some(rec.version))?;
     run_view(rt.journal(), &def, id, rec, rt.limits().held(id), rt.storage_block(id))
 }
@@ -678,42 +762,48 @@ pub fn run_view(
     rec: &RunRecord,
     held: Option<String>,
     block: Option<crate::runtime::StorageBlock>,
-) -> Result<Value, ApiError> {
+) -> Result<RunDetail, ApiError> {
     let history = journal.history(id)?;
     let state = RunState::replay_records(def, id, &history)
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
-    let mut out = run_summary(id, rec);
-    out["events"] = history.len().into();
-    out["input"] = state.input.clone();
-    out["output"] = state.output.clone().unwrap_or(Value::Null);
-    out["error"] = state.error.as_ref().map(error_json).unwrap_or(Value::Null);
-    out["steps"] = serde_json::to_value(state.step_rows(def, now_ms())).unwrap_or_default();
+    let summary = run_summary(id, rec);
     let reasons = state.waiting_reasons(def);
     let waiting = (!reasons.is_empty()).then(|| reasons.join("; "));
-    if held.as_deref().is_some_and(|h| h.starts_with("queued:")) {
-        // Journaled as running, but admission holds it back: it has not begun.
-        out["status"] = "queued".into();
-    }
-    out["waiting"] = match (held, waiting) {
-        (Some(h), _) if h.starts_with("queued:") => h.into(),
-        (Some(h), Some(w)) => format!("{h}; {w}").into(),
-        (h, w) => h.or(w).map(Value::from).unwrap_or(Value::Null),
+    let queued = held.as_deref().is_some_and(|h| h.starts_with("queued:"));
+    let mut waiting = match (held, waiting) {
+        (Some(h), _) if queued => Some(h),
+        (Some(h), Some(w)) => Some(format!("{h}; {w}")),
+        (h, w) => h.or(w),
     };
     // A run held up by the journal's storage says so first: nothing else moves until it can write.
-    if let Some(b) = block {
-        let text = format!(
+    let blocked = block.map(|b| {
+        waiting = Some(format!(
             "blocked: the journal cannot be written since {} ({}); the run goes on by itself once it can",
             rfc3339(b.since_ms),
             b.error
-        );
-        out["blocked"] = json!({"reason": "journal_storage", "error": b.error, "since": rfc3339(b.since_ms)});
-        out["waiting"] = text.into();
-    }
-    out["history"] = Value::Array(
-        history
-            .iter()
-            .map(|(seq, r)| outpost_shared::journal::history_row(*seq, r))
-            .collect(),
-    );
-    Ok(out)
+        ));
+        Blocked {
+            reason: "journal_storage".into(),
+            error: b.error,
+            since: rfc3339(b.since_ms),
+        }
+    });
+    Ok(RunDetail {
+        run_id: summary.run_id,
+        workflow: summary.workflow,
+        version: summary.version,
+        // Journaled as running, but admission holds it back: it has not begun.
+        status: if queued { ShownStatus::Queued } else { summary.status },
+        created_at: summary.created_at,
+        finished_at: summary.finished_at,
+        duration_ms: summary.duration_ms,
+        events: history.len(),
+        input: state.input.clone(),
+        output: state.output.clone().unwrap_or(Value::Null),
+        error: state.error.as_ref().map(run_error),
+        steps: state.step_rows(def, now_ms()),
+        waiting,
+        blocked,
+        history: history.iter().map(|(seq, r)| HistoryRow::of(*seq, r)).collect(),
+    })
 }
