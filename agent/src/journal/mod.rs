@@ -67,7 +67,9 @@ pub enum JournalError {
     #[error("journal {0} is already open in another process (is another `outpost run` using this data directory?)")]
     Locked(String),
     /// The file was written by an incompatible version.
-    #[error("journal format {found} is not supported (this build reads format {FORMAT})")]
+    #[error(
+        "journal format {found} is not supported (this build reads formats 1 and {FORMAT}; a newer agent wrote this file)"
+    )]
     Format {
         /// Format found.
         found: u64,
@@ -263,7 +265,7 @@ impl Journal {
             .open_table(META)
             .ok()
             .and_then(|t| t.get("format").ok().flatten().map(|v| v.value()));
-        if let Some(found) = format.filter(|f| *f != FORMAT) {
+        if let Some(found) = format.filter(|f| !tables::format_supported(*f)) {
             return Err(JournalError::Format { found });
         }
         Ok(Self::reader(Arc::new(db)))
@@ -547,8 +549,11 @@ impl Journal {
     /// The next sequence number to be assigned (one past the newest event).
     pub fn next_seq(&self) -> Result<u64, JournalError> {
         let txn = self.db()?.begin_read()?;
-        let meta = txn.open_table(META)?;
-        Ok(meta.get("next_seq")?.map(|v| v.value()).unwrap_or(1))
+        tables::next_seq(
+            &txn.open_table(META)?,
+            &txn.open_table(EVENTS)?,
+            &txn.open_table(CURSORS)?,
+        )
     }
 }
 
@@ -810,6 +815,65 @@ mod tests {
             "sequence numbers stay gap-free across the failed commits"
         );
         assert_eq!(j.run("a").unwrap().unwrap().status, RunStatus::Completed);
+    }
+
+    #[tokio::test]
+    async fn sequences_never_go_back_across_reopens_even_when_retention_took_the_newest_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j.redb");
+        let open = || Journal::open(&path, &JournalConfig::default(), Arc::new(SystemClock)).unwrap();
+        let j = open();
+        j.start_run("a", started("w")).await.unwrap();
+        j.append("a", vec![Event::RunCompleted { output: "null".into() }])
+            .await
+            .unwrap();
+        j.close().await.unwrap();
+        let j = open();
+        assert_eq!(j.next_seq().unwrap(), 3, "derived from the newest event");
+        let policy = Retention {
+            finished_before_ms: u64::MAX,
+            max_bytes: u64::MAX,
+            keep_from_seq: u64::MAX,
+            max_runs: 100,
+        };
+        assert_eq!(j.prune(policy).await.unwrap().events, 2);
+        j.close().await.unwrap();
+        let j = open();
+        assert_eq!(j.next_seq().unwrap(), 3, "derived from what retention deleted");
+        j.start_run("b", started("w")).await.unwrap();
+        assert_eq!(j.history("b").unwrap()[0].0, 3);
+        j.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_format_1_file_keeps_its_stored_sequence_and_is_upgraded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j.redb");
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut meta = txn.open_table(META).unwrap();
+                meta.insert("format", 1).unwrap();
+                meta.insert("next_seq", 10).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let j = Journal::open(&path, &JournalConfig::default(), Arc::new(SystemClock)).unwrap();
+        assert_eq!(j.next_seq().unwrap(), 10);
+        j.start_run("a", started("w")).await.unwrap();
+        assert_eq!(j.history("a").unwrap()[0].0, 10);
+        j.close().await.unwrap();
+        let db = Database::create(&path).unwrap();
+        let format = db
+            .begin_read()
+            .unwrap()
+            .open_table(META)
+            .unwrap()
+            .get("format")
+            .unwrap()
+            .map(|v| v.value());
+        assert_eq!(format, Some(FORMAT), "upgraded, so a format-1-only build refuses it");
     }
 
     #[tokio::test]

@@ -23,7 +23,7 @@ pub(super) const ACTIVE: TableDefinition<&str, ()> = TableDefinition::new("activ
 pub(super) const DEFINITIONS: TableDefinition<(&str, u32), &[u8]> = TableDefinition::new("definitions");
 /// (deadline ms, run id, step) → (): pending durable timers by deadline.
 pub(super) const TIMERS: TableDefinition<(u64, &str, &str), ()> = TableDefinition::new("timers");
-/// Counters: `next_seq`, `format`.
+/// Counters: `format`; `next_seq` only as format-1 files left it (see [`next_seq`]).
 pub(super) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// Named positions kept by agent services: schedule slots, trigger marks, sync acks.
 pub(super) const CURSORS: TableDefinition<&str, u64> = TableDefinition::new("cursors");
@@ -33,7 +33,15 @@ pub(super) const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
 pub(super) const PRUNED_THROUGH: &str = "journal/pruned_through";
 
 /// Version of the table layout above; bumped on any incompatible change.
-pub const FORMAT: u64 = 1;
+/// Format 2 no longer stores `meta.next_seq` in every commit: a build that reads only format 1
+/// would take the stale stored value and hand out sequence numbers again, so it must refuse a
+/// format-2 file rather than open it. A format-1 file is upgraded in place when opened.
+pub const FORMAT: u64 = 2;
+
+/// Whether this build reads a file of table-layout version `format`.
+pub fn format_supported(format: u64) -> bool {
+    format == 1 || format == FORMAT
+}
 /// Summary row of one run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunRecord {
@@ -106,9 +114,9 @@ pub(super) fn prepare(db: &Database) -> Result<(u64, HashSet<String>), JournalEr
         let mut meta = txn.open_table(META)?;
         let format = meta.get("format")?.map(|v| v.value());
         match format {
-            Some(f) if f != FORMAT => return Err(JournalError::Format { found: f }),
-            Some(_) => {}
-            None => {
+            Some(f) if !format_supported(f) => return Err(JournalError::Format { found: f }),
+            Some(FORMAT) => {}
+            _ => {
                 meta.insert("format", FORMAT)?;
             }
         }
@@ -121,7 +129,7 @@ pub(super) fn prepare(db: &Database) -> Result<(u64, HashSet<String>), JournalEr
         txn.open_table(TIMERS)?;
         txn.open_table(CURSORS)?;
         txn.open_table(KV)?;
-        meta.get("next_seq")?.map(|v| v.value()).unwrap_or(1)
+        next_seq(&meta, &txn.open_table(EVENTS)?, &txn.open_table(CURSORS)?)?
     };
     let mut active = HashSet::new();
     for row in txn.open_table(ACTIVE)?.iter()? {
@@ -131,10 +139,30 @@ pub(super) fn prepare(db: &Database) -> Result<(u64, HashSet<String>), JournalEr
     Ok((next, active))
 }
 
+/// The next sequence number to assign: one past the newest event ever committed. Commits do
+/// not store it (that would rewrite the `meta` table's pages in every commit, on flash): the
+/// newest event is the last row of `events`, or, when retention deleted it, the
+/// `journal/pruned_through` cursor written in the same transaction as the deletion. A
+/// `meta.next_seq` left by older builds counts too, so sequences never go back.
+pub(super) fn next_seq(
+    meta: &impl ReadableTable<&'static str, u64>,
+    events: &impl ReadableTable<u64, &'static [u8]>,
+    cursors: &impl ReadableTable<&'static str, u64>,
+) -> Result<u64, JournalError> {
+    let stored = meta.get("next_seq")?.map_or(1, |v| v.value());
+    let newest = events.last()?.map_or(0, |(k, _)| k.value());
+    let pruned = cursors.get(PRUNED_THROUGH)?.map_or(0, |v| v.value());
+    Ok(stored.max(newest.max(pruned).saturating_add(1)))
+}
+
 /// Reads the writer's state without writing (the disk may still be full).
 pub(super) fn load_state(db: &Database) -> Result<(u64, HashSet<String>), JournalError> {
     let txn = db.begin_read()?;
-    let next = txn.open_table(META)?.get("next_seq")?.map(|v| v.value()).unwrap_or(1);
+    let next = next_seq(
+        &txn.open_table(META)?,
+        &txn.open_table(EVENTS)?,
+        &txn.open_table(CURSORS)?,
+    )?;
     let mut active = HashSet::new();
     for row in txn.open_table(ACTIVE)?.iter()? {
         active.insert(row?.0.value().to_string());

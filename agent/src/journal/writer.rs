@@ -11,7 +11,7 @@ use redb::{Database, Durability, ReadableDatabase, WriteTransaction};
 use tokio::sync::{mpsc, oneshot};
 
 use super::lifecycle::Runs;
-use super::tables::{META, Tables, load_state};
+use super::tables::{Tables, load_state};
 use super::{JournalError, Opener, Slot, Stats};
 use crate::clock::Clock;
 
@@ -247,8 +247,6 @@ impl Writer {
                     }
                     answers.push(answer);
                 }
-                let mut meta = txn.open_table(META)?;
-                meta.insert("next_seq", self.runs.next_seq)?;
             }
             txn.commit()?;
             Ok(self.runs.next_seq - start_seq)
