@@ -1173,7 +1173,7 @@ fn check_state_machine(doc: &Document, index: &HashMap<String, usize>, c: &mut C
         }
         let transitions =
             usize::from(s.next.is_some()) + usize::from(!s.choices.is_empty()) + usize::from(s.end.is_some());
-        let terminal_action = s.action == "fail";
+        let terminal_action = StepKind::of(&s.action) == StepKind::Fail;
         if transitions == 0 && !terminal_action {
             c.push(
                 &at,

@@ -395,7 +395,7 @@ impl RunState {
                 s.finished_ms = at_ms;
                 let output: Value = serde_json::from_str(output).unwrap_or(Value::Null);
                 // A wait_signal step's output names the signal it consumed.
-                if def.doc.steps[i].action == "wait_signal"
+                if def.plans[i].kind == crate::definition::StepKind::WaitSignal
                     && let Some(id) = output.get("signal_id").and_then(Value::as_str)
                     && let Some(sig) = self.signals.iter_mut().find(|s| s.id == id)
                 {
