@@ -19,6 +19,7 @@ pub mod https;
 pub mod lineage;
 pub mod operators;
 pub mod pki;
+pub mod rollout;
 pub mod service;
 pub mod store;
 
