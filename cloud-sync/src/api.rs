@@ -34,6 +34,7 @@ pub fn router(service: Arc<Service>, access: Arc<Access>) -> Router {
         .route("/v1/devices/{id}/state", get(state))
         .route("/v1/deployments", post(deploy).get(deployments))
         .route("/v1/deployments/{id}", get(deployment))
+        .route("/v1/deployments/{id}/{order}", post(rollout_order))
         .route("/v1/audit", get(audit))
         .merge(crate::console::router())
         .layer(DefaultBodyLimit::max(2 * 1024 * 1024))
@@ -583,6 +584,9 @@ struct DeployBody {
     devices: Vec<String>,
     #[serde(default)]
     labels: std::collections::BTreeMap<String, String>,
+    /// Send it wave by wave (`crate::rollout::PlanRequest`); without it, to every device at once.
+    #[serde(default)]
+    rollout: Option<crate::rollout::PlanRequest>,
 }
 
 async fn deploy(State(s): S, caller: Caller, body: String) -> Response {
@@ -592,7 +596,7 @@ async fn deploy(State(s): S, caller: Caller, body: String) -> Response {
     let mut target = String::new();
     let r = async {
         let b: DeployBody = serde_json::from_str(&body).map_err(bad)?;
-        let (id, _) = s.deploy(b.document, b.devices, b.labels.into_iter().collect()).await?;
+        let (id, _) = s.deploy(b.document, b.devices, b.labels.into_iter().collect(), b.rollout).await?;
         target = id.clone();
         Ok((StatusCode::CREATED, Json(s.deployment_status(&id).await?)))
     }
@@ -634,6 +638,26 @@ struct ListQuery {
 /// Deployments, newest first (`limit`, default 100).
 async fn deployments(State(s): S, axum::extract::Query(q): axum::extract::Query<ListQuery>) -> R {
     Ok(Json(s.deployments_status(q.limit.unwrap_or(100)).await?))
+}
+
+/// `pause`, `resume`, `promote` or `abort` a staged rollout; answers the deployment.
+async fn rollout_order(State(s): S, caller: Caller, Path((id, order)): Path<(String, String)>) -> Response {
+    let kind = format!("rollout.{order}");
+    if let Err(e) = caller.need(Role::Deployer, "steer rollouts") {
+        return e.into_response();
+    }
+    let r = async {
+        let o = crate::rollout::Order::parse(&order).ok_or_else(|| {
+            ApiError(
+                StatusCode::NOT_FOUND,
+                format!("'{order}' is not a rollout order: pause, resume, promote or abort"),
+            )
+        })?;
+        s.rollout_order(&id, o, &caller.principal.name).await?;
+        Ok(Json(s.deployment_status(&id).await?))
+    }
+    .await;
+    audited(&kind, "", &id, r)
 }
 
 async fn deployment(State(s): S, Path(id): Path<String>) -> R {

@@ -43,6 +43,7 @@ pub fn router() -> Router<Arc<Service>> {
         .route("/devices/{id}/runs/{run}/approve", post(approve))
         .route("/deployments", get(deployments).post(deploy))
         .route("/deployments/{id}", get(deployment))
+        .route("/deployments/{id}/{order}", post(rollout_order))
         .route("/audit", get(account::audit))
         .route("/login", get(account::login_page).post(account::login))
         .route("/logout", post(account::logout))
@@ -237,38 +238,108 @@ fn deployment_states(
     Ok(out)
 }
 
-async fn deployment(State(s): S, caller: Caller, Path(id): Path<String>) -> Result<Markup, PageError> {
+async fn deployment(
+    State(s): S,
+    caller: Caller,
+    Path(id): Path<String>,
+    Query(flash): Query<Flash>,
+) -> Result<Markup, PageError> {
     let store = s.store.clone();
-    let (dep, states, document) = blocking(move || {
+    let (view, document) = blocking(move || {
         let d = store
             .deployment(&id)?
             .ok_or_else(|| StoreError::NotFound(format!("deployment '{id}' does not exist")))?;
-        let states = deployment_states(&store, &id, &d.devices)?;
-        // Every device got the same document; the first one's command holds it.
-        let document = match d.devices.first() {
-            Some(dev) => match store.command(dev, &format!("{id}.{dev}"))?.map(|c| c.kind) {
-                Some(CommandKind::Deploy { document, .. }) => {
-                    outpost_shared::definition::parse_document(&document).ok()
-                }
-                _ => None,
-            },
-            None => None,
-        };
-        Ok(((id, d), states, document))
+        let view = crate::service::deployment_view(&store, &id, &d)?;
+        // Every device gets the same document: the rollout holds it, or any device's command.
+        let mut text = store.rollout(&id)?.map(|r| r.document);
+        for dev in &d.devices {
+            if text.is_some() {
+                break;
+            }
+            if let Some(CommandKind::Deploy { document, .. }) = store.command(dev, &format!("{id}.{dev}"))?.map(|c| c.kind) {
+                text = Some(document);
+            }
+        }
+        let document = text.and_then(|t| outpost_shared::definition::parse_document(&t).ok());
+        Ok((view, document))
     })
     .await?;
     Ok(pages::deployment(
-        &dep.0,
-        &dep.1,
-        &states,
+        &view,
         document.as_ref(),
         &pages::Viewer::of(&caller),
+        &flash.view(),
         now_ms(),
     ))
 }
 
+/// Pause, resume, promote or abort a staged rollout from its page.
+async fn rollout_order(
+    State(s): S,
+    caller: Caller,
+    Path((id, order)): Path<(String, String)>,
+    Form(_f): Fields,
+) -> Response {
+    let path = format!("/deployments/{}", pages::enc(&id));
+    let kind = format!("rollout.{order}");
+    if let Err(e) = caller.need(Role::Deployer, "steer rollouts") {
+        return e.into_page();
+    }
+    let Some(o) = crate::rollout::Order::parse(&order) else {
+        return refused(&path, &kind, "", &id, &format!("'{order}' is not a rollout order"));
+    };
+    match s.rollout_order(&id, o, &caller.principal.name).await {
+        Ok(r) => audited(
+            &kind,
+            "",
+            &id,
+            Ok(String::new()),
+            back(&path, "note", &format!("{}: {}", o.as_str(), r.reason)),
+        ),
+        Err(e) => refused(&path, &kind, "", &id, &e.to_string()),
+    }
+}
+
 /// Form fields as pairs: repeated keys (device checkboxes) stay.
 type Fields = Form<Vec<(String, String)>>;
+
+/// The deployment form's rollout fields, when "wave by wave" is ticked.
+fn plan_from_form(f: &[(String, String)]) -> Result<Option<crate::rollout::PlanRequest>, String> {
+    use crate::rollout::plan::{Amount, Canary, GateRequest, OfflinePolicy, OnFailure};
+    use outpost_shared::definition::DurationText;
+    if field(f, "staged").is_empty() {
+        return Ok(None);
+    }
+    let text = |name: &str| Some(field(f, name)).filter(|v| !v.is_empty()).map(str::to_string);
+    let number = |name: &str| -> Result<Option<u32>, String> {
+        text(name)
+            .map(|v| v.parse::<u32>().map_err(|_| format!("{}: '{v}' is not a whole number", name.replace('_', " "))))
+            .transpose()
+    };
+    let canary = match text("canary") {
+        None => None,
+        Some(v) => Some(match Amount::parse(&v) {
+            Ok(a) => Canary::Amount(a),
+            Err(_) => Canary::Devices(v.split(',').map(|d| d.trim().to_string()).filter(|d| !d.is_empty()).collect()),
+        }),
+    };
+    Ok(Some(crate::rollout::PlanRequest {
+        canary,
+        wave: text("wave").map(|v| Amount::parse(&v)).transpose().map_err(|e| format!("wave size: {e}"))?,
+        wave_by_label: text("wave_by_label"),
+        pace: text("pace").map(DurationText),
+        bake: text("bake").map(DurationText),
+        gate: GateRequest {
+            min_completed_percent: number("min_completed_percent")?,
+            max_failed_runs: number("max_failed_runs")?,
+            min_runs: number("min_runs")?,
+            workflow: text("gate_workflow"),
+        },
+        on_failure: if field(f, "on_failure") == "rollback" { OnFailure::Rollback } else { OnFailure::Halt },
+        device_deadline: text("device_deadline").map(DurationText),
+        offline: if field(f, "offline") == "skip" { OfflinePolicy::Skip } else { OfflinePolicy::Wait },
+    }))
+}
 
 fn field<'a>(f: &'a [(String, String)], name: &str) -> &'a str {
     f.iter().find(|(k, _)| k == name).map(|(_, v)| v.trim()).unwrap_or("")
@@ -511,12 +582,16 @@ async fn deploy(State(s): S, caller: Caller, Form(f): Fields) -> Response {
             }
         }
     }
+    let plan = match plan_from_form(&f) {
+        Ok(p) => p,
+        Err(e) => return refused("/deployments", "deploy", "", "", &e),
+    };
     let outcome = if document.is_empty() {
         Err("paste a definition or choose a file".to_string())
     } else if devices.is_empty() && labels.is_empty() {
         Err("pick devices or give labels to deploy to".to_string())
     } else {
-        s.deploy(document.clone(), devices, labels)
+        s.deploy(document.clone(), devices, labels, plan)
             .await
             .map_err(|e| e.to_string())
     };

@@ -11,6 +11,7 @@ use outpost_shared::protocol::CommandKind;
 use outpost_shared::run::{RunStatus, SignalName, fold_mirrored};
 
 use super::graph;
+use crate::service::{DeploymentView, RolloutView};
 use crate::store::{
     AuditFilter, AuditRow, CommandRecord, Deployment, DesiredRow, Device, GatewayHealth, ReportedRow, RunMirror,
 };
@@ -952,6 +953,22 @@ pub fn deployments(
                             }
                         }
                         label { "…and/or devices with labels" input name="labels" placeholder="line=3, site=north"; }
+                        fieldset #rollout-plan {
+                            legend { "Rollout" }
+                            label.check { input type="checkbox" name="staged" value="on"; " Wave by wave, with a health gate between waves (otherwise to every device at once)" }
+                            label { "Canaries: a count, a percentage or device ids" input name="canary" placeholder="2, 10% or gw1, gw2"; }
+                            label { "Each wave after them: a count or a percentage" input name="wave" placeholder="25% (default: the rest at once)"; }
+                            label { "…or one wave per value of label" input name="wave_by_label" placeholder="site"; }
+                            label { "Pace: least time between wave starts" input name="pace" placeholder="15m"; }
+                            label { "Bake: how long a wave's runs are watched" input name="bake" placeholder="5m"; }
+                            label { "Gate: least % of ended runs completed" input name="min_completed_percent" inputmode="numeric" placeholder="90"; }
+                            label { "Gate: most failed runs" input name="max_failed_runs" inputmode="numeric" placeholder="0"; }
+                            label { "Gate: least runs ended before judging" input name="min_runs" inputmode="numeric" placeholder="0"; }
+                            label { "Gate: health workflow (its output says healthy: true)" input name="gate_workflow" placeholder="optional"; }
+                            label { "A device holds its wave for at most" input name="device_deadline" placeholder="1h"; }
+                            label { "When a gate fails" select name="on_failure" { option value="halt" { "halt" } option value="rollback" { "halt and roll back the updated devices" } } }
+                            label { "Devices offline when their wave starts" select name="offline" { option value="wait" { "update them when they return" } option value="skip" { "skip them" } } }
+                        }
                         button type="submit" { "Deploy" }
                     }
                 }
@@ -982,31 +999,36 @@ pub fn deployments(
 }
 
 /// One deployment with its per-device state.
-pub fn deployment(
-    id: &str,
-    d: &Deployment,
-    states: &[(String, String, String)],
-    document: Option<&Document>,
-    viewer: &Viewer,
-    now: u64,
-) -> Markup {
+pub fn deployment(v: &DeploymentView, document: Option<&Document>, viewer: &Viewer, f: &Flash, now: u64) -> Markup {
     layout(
-        id,
+        &v.id,
         "deployments",
         Some(viewer),
         html! {
-            p.crumbs { a href="/deployments" { "Deployments" } " / " (id) }
-            h1 { "Deployment " (id) }
-            p.meta { (d.workflow) " v" (d.version) " · created " (ago(d.created_ms, now)) " · " (outpost_shared::count(d.devices.len() as u64, "device")) }
+            p.crumbs { a href="/deployments" { "Deployments" } " / " (v.id) }
+            h1 { "Deployment " (v.id) }
+            (flash(f))
+            p.meta { (v.workflow) " v" (v.version) " · created " (ago(v.created_ms, now)) " · " (outpost_shared::count(v.devices.len() as u64, "device")) }
             div #deployment-states data-live {
+                @if let Some(r) = &v.rollout { (rollout_section(&v.id, r, viewer)) }
+                @if !v.active_runs.is_empty() {
+                    p.meta #active-runs { "Runs still active on these devices: "
+                        @for (i, (version, n)) in v.active_runs.iter().enumerate() {
+                            @if i > 0 { ", " }
+                            span data-version=(version) { "v" (version) ": " (n) }
+                        }
+                        " (a run keeps the version it started on)"
+                    }
+                }
                 table #deployment-devices {
-                    thead { tr { th { "Device" } th { "State" } th { "Reason" } } }
+                    thead { tr { th { "Device" } @if v.rollout.is_some() { th { "Wave" } } th { "State" } th { "Reason" } } }
                     tbody {
-                        @for (dev, st, why) in states {
-                            tr data-device=(dev) data-state=(st) {
-                                td { a href={"/devices/" (enc(dev))} { (dev) } }
-                                td { (badge(st)) }
-                                td { @if st != "applied" { (why) } }
+                        @for d in &v.devices {
+                            tr data-device=(d.device) data-state=(d.state) {
+                                td { a href={"/devices/" (enc(&d.device))} { (d.device) } }
+                                @if v.rollout.is_some() { td { (d.wave.as_deref().unwrap_or("")) } }
+                                td { (badge(&d.state)) }
+                                td { (d.reason.as_deref().unwrap_or("")) }
                             }
                         }
                     }
@@ -1022,6 +1044,70 @@ pub fn deployment(
             }
         },
     )
+}
+
+/// A rollout's state, reason, waves, gate evidence, history and (for deployers) its controls.
+fn rollout_section(id: &str, r: &RolloutView, viewer: &Viewer) -> Markup {
+    let e = &r.evidence;
+    let running = r.state == "running";
+    let paused = r.state == "paused";
+    html! {
+        section #rollout data-rollout-state=(r.state) {
+            h2 { "Rollout " (badge(r.state)) }
+            p #rollout-reason { (r.reason) }
+            p.meta { (r.plan) }
+            @if viewer.deploy && (running || paused) {
+                div.actions #rollout-actions {
+                    @for (order, label, show) in [("pause", "Pause", running), ("resume", "Resume", paused), ("promote", "Promote (skip the bake)", running || paused), ("abort", "Abort", true)] {
+                        @if show {
+                            form method="post" action={"/deployments/" (enc(id)) "/" (order)} {
+                                (csrf(viewer))
+                                button type="submit" id={"rollout-" (order)} { (label) }
+                            }
+                        }
+                    }
+                }
+            }
+            table #rollout-waves {
+                thead { tr { th { "Wave" } th { "Devices" } th { "" } } }
+                tbody {
+                    @for w in &r.waves {
+                        tr data-wave=(w.name) data-sent=(w.sent) {
+                            td { (w.name) }
+                            td { (w.devices.join(", ")) }
+                            td { @if w.sent { "sent" } @else { "not yet" } }
+                        }
+                    }
+                }
+            }
+            h3 { "Health gate evidence" }
+            dl.facts #rollout-evidence {
+                dt { "Devices updated" } dd data-applied=(e.applied) { (e.applied) }
+                dt { "Still to answer" } dd { (e.pending)
+                    @if !e.offline.is_empty() { " (offline, updated when they return: " (e.offline.join(", ")) ")" }
+                    @if !e.timed_out.is_empty() { " (past their deadline: " (e.timed_out.join(", ")) ")" } }
+                @if !e.rejected.is_empty() {
+                    dt { "Rejected" } dd { @for (d, why) in &e.rejected { (d) ": " (why) br; } }
+                }
+                dt { "Runs of the new version" } dd #rollout-runs { (e.runs_completed) " completed, " (e.runs_failed) " failed, " (e.runs_active) " active" }
+                @if !e.failed_runs.is_empty() {
+                    dt { "Failed runs" } dd #rollout-failed-runs {
+                        @for (d, run) in &e.failed_runs { a href={"/devices/" (enc(d)) "/runs/" (enc(run))} { (d) "/" (run) } " " }
+                    }
+                }
+                @if !e.health.is_empty() {
+                    dt { "Health checks" } dd { @for (d, ok, run) in &e.health { (d) ": " @if *ok { "healthy" } @else { "unhealthy" } " (" (run) ") " } }
+                }
+                @if let Some(rb) = &r.rollback_deployment {
+                    dt { "Rolled back by" } dd { a href={"/deployments/" (enc(rb))} { (rb) } }
+                }
+            }
+            details #rollout-log {
+                summary { "History (" (r.log.len()) ")" }
+                ol { @for l in &r.log { li { time datetime=(l.at) { (l.at) } " " (l.text) } } }
+            }
+        }
+    }
 }
 
 /// The sign-in page.

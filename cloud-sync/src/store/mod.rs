@@ -28,6 +28,8 @@ const COMMANDS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("com
 /// Commands not yet answered, per device, in the order they were issued.
 const OUTBOX: TableDefinition<(&str, u64), &str> = TableDefinition::new("command_outbox");
 const DEPLOYMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("deployments");
+/// Deployment id → `rollout::Rollout`, for deployments sent wave by wave.
+const ROLLOUTS: TableDefinition<&str, &[u8]> = TableDefinition::new("rollouts");
 const DESIRED: TableDefinition<&str, &[u8]> = TableDefinition::new("desired");
 const REPORTED: TableDefinition<&str, &[u8]> = TableDefinition::new("reported");
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
@@ -569,6 +571,7 @@ impl Store {
         txn.open_table(COMMANDS)?;
         txn.open_table(OUTBOX)?;
         txn.open_table(DEPLOYMENTS)?;
+        txn.open_table(ROLLOUTS)?;
         txn.open_table(DESIRED)?;
         txn.open_table(REPORTED)?;
         txn.open_table(COUNTERS)?;
@@ -1059,6 +1062,12 @@ impl Store {
 
     /// Marks a pending command superseded (a newer deployment replaced it).
     pub fn supersede(&self, device: &str, id: &str, by: &str, now: u64) -> Result<(), StoreError> {
+        self.close_unanswered(device, id, "superseded", &format!("superseded by deployment {by}"), now)
+    }
+
+    /// Closes a command that is still unanswered (`state`: `superseded`, `withdrawn`, …) so it
+    /// is never sent; an answered command is left as it is.
+    pub fn close_unanswered(&self, device: &str, id: &str, state: &str, message: &str, now: u64) -> Result<(), StoreError> {
         let txn = self.db()?.begin_write()?;
         {
             let mut cmds = txn.open_table(COMMANDS)?;
@@ -1066,8 +1075,8 @@ impl Store {
             if let Some(bytes) = existing {
                 let mut c: CommandRecord = dec("command", &bytes)?;
                 if c.answered_ms.is_none() {
-                    c.state = "superseded".into();
-                    c.message = format!("superseded by deployment {by}");
+                    c.state = state.into();
+                    c.message = message.into();
                     c.answered_ms = Some(now);
                     cmds.insert((device, id), enc(&c).as_slice())?;
                     txn.open_table(OUTBOX)?.remove((device, c.order))?;
@@ -1262,6 +1271,28 @@ impl Store {
         }
         txn.commit()?;
         Ok(events)
+    }
+
+    /// Stores a rollout's state.
+    pub fn put_rollout(&self, id: &str, r: &crate::rollout::Rollout) -> Result<(), StoreError> {
+        self.put_row(ROLLOUTS, id, r)
+    }
+
+    /// A deployment's rollout, if it is sent wave by wave.
+    pub fn rollout(&self, id: &str) -> Result<Option<crate::rollout::Rollout>, StoreError> {
+        self.get_row(ROLLOUTS, id, "rollout")
+    }
+
+    /// Every rollout, by deployment id.
+    pub fn rollouts(&self) -> Result<Vec<(String, crate::rollout::Rollout)>, StoreError> {
+        let txn = self.db()?.begin_read()?;
+        let t = txn.open_table(ROLLOUTS)?;
+        let mut out = Vec::new();
+        for row in t.iter()? {
+            let (k, v) = row?;
+            out.push((k.value().to_string(), dec("rollout", v.value())?));
+        }
+        Ok(out)
     }
 
     /// Every deployment, newest first.

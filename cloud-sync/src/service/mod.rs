@@ -15,11 +15,13 @@ use outpost_shared::protocol::{
     self, Ack, Body, Channel, Command, CommandKind, Desired, ProtocolError, Resend, Topics,
 };
 use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, QoS};
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 use crate::store::{CommandRecord, Deployment, ReportedRow, Store, StoreError};
+
+mod rollouts;
 
 /// Wall-clock now in ms.
 pub fn now_ms() -> u64 {
@@ -102,6 +104,9 @@ pub struct Service {
     /// The embedded broker's gate, when there is one (its refusals are counters too).
     gate: std::sync::OnceLock<Arc<crate::acl::GateStats>>,
     allow_unknown_devices: bool,
+    /// Held while a rollout is read, decided on and stored, so the ticker and an operator's
+    /// order never both move one from the same state.
+    rollout_lock: tokio::sync::Mutex<()>,
 }
 
 /// How often batched counters reach the store.
@@ -249,9 +254,11 @@ impl Service {
             unsaved_counts: std::sync::Mutex::new(Default::default()),
             gate: std::sync::OnceLock::new(),
             allow_unknown_devices: link.allow_unknown_devices,
+            rollout_lock: tokio::sync::Mutex::new(()),
         });
         tokio::spawn(flush_counts(Arc::downgrade(&service)));
         tokio::spawn(resend_pending(Arc::downgrade(&service), command_resend()));
+        tokio::spawn(rollouts::tick(Arc::downgrade(&service)));
         // Unbounded, so the poll task never waits on ingest while ingest waits on the poll task
         // to take its publishes (a birth answered with hundreds of pending commands deadlocked
         // here). The broker bounds it: every message in it is still unacked, and a broker
@@ -630,13 +637,15 @@ impl Service {
         matches!(blocking(move || store.device(&d)).await, Ok(Some(dev)) if dev.online())
     }
 
-    /// Deploys a definition to devices (by id and/or by labels); older unanswered deployments of
-    /// the same workflow to those devices are superseded.
+    /// Deploys a definition to devices (by id and/or by labels), at once or wave by wave when
+    /// `plan` is given; older unanswered deployments of the same workflow to those devices are
+    /// superseded, and rollouts of the workflow still going are ended.
     pub async fn deploy(
         &self,
         document: String,
         devices: Vec<String>,
         labels: Vec<(String, String)>,
+        plan: Option<crate::rollout::PlanRequest>,
     ) -> Result<(String, Deployment), StoreError> {
         let doc = outpost_shared::definition::parse_document(&document)
             .map_err(|e| StoreError::Invalid(format!("definition: {e}")))?;
@@ -661,38 +670,79 @@ impl Service {
             ));
         }
         let id = format!("d{:x}{:04x}", now_ms(), fastrand::u16(..));
+        let staged = match plan {
+            None => None,
+            Some(p) => {
+                let labelled: Vec<(String, Vec<(String, String)>)> = targets
+                    .iter()
+                    .map(|t| {
+                        let labels = all.iter().find(|(d, _)| d == t).map(|(_, d)| d.labels.clone());
+                        (t.clone(), labels.unwrap_or_default())
+                    })
+                    .collect();
+                Some(p.resolve(&doc.name, &labelled).map_err(StoreError::Invalid)?)
+            }
+        };
         let dep = Deployment {
             workflow: doc.name.clone(),
             version: doc.version,
             devices: targets.clone(),
             created_ms: now_ms(),
         };
+        let _rollouts = self.rollout_lock.lock().await;
         let (store, i, d) = (self.store.clone(), id.clone(), dep.clone());
         blocking(move || store.put_deployment(&i, &d)).await?;
-        for device in targets {
-            // Supersede older unanswered deployments of this workflow on this device.
-            let store = self.store.clone();
-            let (dv, wf, by) = (device.clone(), doc.name.clone(), id.clone());
-            blocking(move || {
-                for (cid, c) in store.pending(&dv)? {
-                    if let CommandKind::Deploy { deployment, document } = &c.kind
-                        && deployment != &by
-                        && outpost_shared::definition::parse_document(document).is_ok_and(|d| d.name == wf)
-                    {
-                        store.supersede(&dv, &cid, &by, now_ms())?;
-                    }
+        self.end_rollouts_of(&doc.name, &id).await?;
+        match staged {
+            None => {
+                for device in targets {
+                    self.send_deploy(&id, &doc.name, &document, &device).await?;
                 }
-                Ok(())
-            })
-            .await?;
-            let kind = CommandKind::Deploy {
-                deployment: id.clone(),
-                document: document.clone(),
-            };
-            self.command(&device, Some(format!("{id}.{device}")), kind).await?;
+            }
+            Some((plan, waves)) => {
+                let (store, wf, version) = (self.store.clone(), doc.name.clone(), doc.version);
+                let previous = blocking(move || rollouts::previous_version(&store, &wf, version)).await?;
+                let r = crate::rollout::Rollout::new(
+                    doc.name.clone(),
+                    doc.version,
+                    document.clone(),
+                    plan,
+                    waves,
+                    previous,
+                    now_ms(),
+                );
+                // The canaries are sent now, so the answer already shows them.
+                self.advance(&id, r).await?;
+            }
         }
         info!(deployment = %id, workflow = %dep.workflow, version = dep.version, devices = dep.devices.len(), "deployment created");
         Ok((id, dep))
+    }
+
+    /// Queues deployment `id`'s command for one device, superseding older unanswered
+    /// deployments of the workflow there. Idempotent: the command's id is the deployment's and
+    /// the device's.
+    async fn send_deploy(&self, id: &str, workflow: &str, document: &str, device: &str) -> Result<(), StoreError> {
+        let store = self.store.clone();
+        let (dv, wf, by) = (device.to_string(), workflow.to_string(), id.to_string());
+        blocking(move || {
+            for (cid, c) in store.pending(&dv)? {
+                if let CommandKind::Deploy { deployment, document } = &c.kind
+                    && deployment != &by
+                    && outpost_shared::definition::parse_document(document).is_ok_and(|d| d.name == wf)
+                {
+                    store.supersede(&dv, &cid, &by, now_ms())?;
+                }
+            }
+            Ok(())
+        })
+        .await?;
+        let kind = CommandKind::Deploy {
+            deployment: id.to_string(),
+            document: document.to_string(),
+        };
+        self.command(device, Some(format!("{id}.{device}")), kind).await?;
+        Ok(())
     }
 
     /// Per-device state of a deployment.
@@ -770,28 +820,167 @@ impl Service {
     }
 }
 
-/// Refuses, before it is stored, a message that could never be sent to its device.
-/// A deployment as the API shows it: what it deploys, each targeted device's state, and how
-/// many devices are in each state.
-fn deployment_json(store: &Store, id: &str, dep: &Deployment) -> Result<Value, StoreError> {
-    let mut devices = Vec::new();
-    let mut counts = std::collections::BTreeMap::<String, u64>::new();
-    for d in &dep.devices {
-        let c = store.command(d, &format!("{id}.{d}"))?;
-        let state = c.as_ref().map(|c| c.state.clone()).unwrap_or_else(|| "unknown".into());
-        *counts.entry(state.clone()).or_default() += 1;
-        devices.push(json!({
-            "device": d,
-            "state": state,
-            "reason": c.as_ref().filter(|c| c.state != "applied").map(|c| c.message.clone()),
-        }));
-    }
-    Ok(json!({
-        "id": id, "workflow": dep.workflow, "version": dep.version,
-        "created_at": outpost_shared::journal::rfc3339(dep.created_ms), "devices": devices, "counts": counts,
-    }))
+/// A deployment as the API and the console show it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DeploymentView {
+    /// Its id.
+    pub id: String,
+    /// The workflow.
+    pub workflow: String,
+    /// The version deployed.
+    pub version: u32,
+    /// When it was made (RFC 3339).
+    pub created_at: String,
+    /// When it was made (ms).
+    #[serde(skip)]
+    pub created_ms: u64,
+    /// Each targeted device's state.
+    pub devices: Vec<DeploymentDevice>,
+    /// How many devices are in each state.
+    pub counts: std::collections::BTreeMap<String, u64>,
+    /// Per version of the workflow, how many runs are still active on the deployment's devices
+    /// (runs keep the version they started on).
+    pub active_runs: std::collections::BTreeMap<u32, u64>,
+    /// How it is rolled out, when wave by wave.
+    pub rollout: Option<RolloutView>,
 }
 
+/// One device of a deployment.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DeploymentDevice {
+    /// The device.
+    pub device: String,
+    /// `pending`, `applied`, `rejected`, `superseded`, `withdrawn`, or `waiting` for its wave.
+    pub state: String,
+    /// Why, unless applied.
+    pub reason: Option<String>,
+    /// Its wave, in a rollout.
+    pub wave: Option<String>,
+}
+
+/// A rollout as shown.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RolloutView {
+    /// `running`, `paused`, `halted`, `rolled_back`, `aborted` or `completed`.
+    pub state: &'static str,
+    /// Why, in words.
+    pub reason: String,
+    /// The plan in words.
+    pub plan: String,
+    /// Waves sent so far.
+    pub waves_sent: u32,
+    /// The waves.
+    pub waves: Vec<WaveView>,
+    /// What the gate saw last.
+    pub evidence: crate::rollout::Evidence,
+    /// The version a rollback goes back to, if any.
+    pub previous_version: Option<u32>,
+    /// The deployment that rolled it back.
+    pub rollback_deployment: Option<String>,
+    /// What happened, oldest first.
+    pub log: Vec<LogLine>,
+}
+
+/// One wave as shown.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct WaveView {
+    /// Its name.
+    pub name: String,
+    /// Its devices.
+    pub devices: Vec<String>,
+    /// Sent yet.
+    pub sent: bool,
+}
+
+/// A line of a rollout's history.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LogLine {
+    /// When (RFC 3339).
+    pub at: String,
+    /// What.
+    pub text: String,
+}
+
+/// A deployment as shown: each device's state (from its command, or its wave not sent yet),
+/// active runs per version, and the rollout's state and evidence.
+pub fn deployment_view(store: &Store, id: &str, dep: &Deployment) -> Result<DeploymentView, StoreError> {
+    let rollout = store.rollout(id)?;
+    let mut devices = Vec::new();
+    let mut counts = std::collections::BTreeMap::<String, u64>::new();
+    let mut active_runs = std::collections::BTreeMap::<u32, u64>::new();
+    for d in &dep.devices {
+        let c = store.command(d, &format!("{id}.{d}"))?;
+        let wave = rollout.as_ref().and_then(|r| r.wave_of(d).map(|w| (w, r)));
+        let (state, reason) = match (&c, wave) {
+            (Some(c), _) => (c.state.clone(), (c.state != "applied").then(|| c.message.clone())),
+            (None, Some((w, r))) if w >= r.sent as usize => (
+                "waiting".to_string(),
+                Some(if r.phase.is_final() {
+                    format!("not sent: the rollout is {}", r.phase.as_str().replace('_', " "))
+                } else {
+                    "its wave has not started".to_string()
+                }),
+            ),
+            (None, _) => ("unknown".to_string(), None),
+        };
+        *counts.entry(state.clone()).or_default() += 1;
+        for (_, m) in store.runs(d)? {
+            if m.workflow == dep.workflow && !m.status.is_terminal() {
+                *active_runs.entry(m.version).or_default() += 1;
+            }
+        }
+        devices.push(DeploymentDevice {
+            device: d.clone(),
+            state,
+            reason,
+            wave: wave.and_then(|(w, r)| r.waves.get(w).map(|w| w.name.clone())),
+        });
+    }
+    let rollout = rollout.map(|r| RolloutView {
+        state: r.phase.as_str(),
+        reason: r.reason.clone(),
+        plan: r.plan.summary.clone(),
+        waves_sent: r.sent,
+        waves: r
+            .waves
+            .iter()
+            .enumerate()
+            .map(|(i, w)| WaveView {
+                name: w.name.clone(),
+                devices: w.devices.clone(),
+                sent: i < r.sent as usize,
+            })
+            .collect(),
+        evidence: r.evidence.clone(),
+        previous_version: r.previous.as_ref().map(|p| p.version),
+        rollback_deployment: r.rollback_deployment.clone(),
+        log: r
+            .log
+            .iter()
+            .map(|l| LogLine {
+                at: outpost_shared::journal::rfc3339(l.at_ms),
+                text: l.text.clone(),
+            })
+            .collect(),
+    });
+    Ok(DeploymentView {
+        id: id.to_string(),
+        workflow: dep.workflow.clone(),
+        version: dep.version,
+        created_at: outpost_shared::journal::rfc3339(dep.created_ms),
+        created_ms: dep.created_ms,
+        devices,
+        counts,
+        active_runs,
+        rollout,
+    })
+}
+
+fn deployment_json(store: &Store, id: &str, dep: &Deployment) -> Result<Value, StoreError> {
+    serde_json::to_value(deployment_view(store, id, dep)?).map_err(|e| StoreError::Invalid(e.to_string()))
+}
+
+/// Refuses, before it is stored, a message that could never be sent to its device.
 fn fits(body: &Body) -> Result<(), StoreError> {
     let len = protocol::encode(body).len() + outpost_shared::signing::SIGNATURE_BYTES;
     if len > protocol::MAX_MESSAGE_BYTES {
