@@ -271,7 +271,9 @@ pub fn describe(method: &Method, path: &str) -> (String, String, String) {
         ["devices", d, "runs", r, action] => (owned(action), owned(d), owned(r)),
         ["v1", "devices", d, "commands"] => (owned("command"), owned(d), String::new()),
         ["deployments"] | ["v1", "deployments"] => (owned("deploy"), String::new(), String::new()),
-        ["deployments", id, order] | ["v1", "deployments", id, order] => (format!("rollout.{order}"), String::new(), owned(id)),
+        ["deployments", id, order] | ["v1", "deployments", id, order] => {
+            (format!("rollout.{order}"), String::new(), owned(id))
+        }
         ["v1", "devices", d] if method == Method::DELETE => (owned("remove_device"), owned(d), String::new()),
         _ => (
             format!("{} {path}", method.as_str().to_lowercase()),

@@ -596,7 +596,9 @@ async fn deploy(State(s): S, caller: Caller, body: String) -> Response {
     let mut target = String::new();
     let r = async {
         let b: DeployBody = serde_json::from_str(&body).map_err(bad)?;
-        let (id, _) = s.deploy(b.document, b.devices, b.labels.into_iter().collect(), b.rollout).await?;
+        let (id, _) = s
+            .deploy(b.document, b.devices, b.labels.into_iter().collect(), b.rollout)
+            .await?;
         target = id.clone();
         Ok((StatusCode::CREATED, Json(s.deployment_status(&id).await?)))
     }

@@ -203,7 +203,8 @@ fn deployments_view(store: &crate::store::Store) -> Result<DeploymentsView, Stor
     let mut list = Vec::new();
     for (id, d) in store.deployments()?.into_iter().take(50) {
         let states = deployment_states(store, &id, &d.devices)?;
-        list.push((id, d, states));
+        let rollout = store.rollout(&id)?.map(|r| (r.phase.as_str(), r.reason));
+        list.push((id, d, states, rollout));
     }
     Ok((list, store.devices()?))
 }
@@ -256,7 +257,9 @@ async fn deployment(
             if text.is_some() {
                 break;
             }
-            if let Some(CommandKind::Deploy { document, .. }) = store.command(dev, &format!("{id}.{dev}"))?.map(|c| c.kind) {
+            if let Some(CommandKind::Deploy { document, .. }) =
+                store.command(dev, &format!("{id}.{dev}"))?.map(|c| c.kind)
+            {
                 text = Some(document);
             }
         }
@@ -313,19 +316,27 @@ fn plan_from_form(f: &[(String, String)]) -> Result<Option<crate::rollout::PlanR
     let text = |name: &str| Some(field(f, name)).filter(|v| !v.is_empty()).map(str::to_string);
     let number = |name: &str| -> Result<Option<u32>, String> {
         text(name)
-            .map(|v| v.parse::<u32>().map_err(|_| format!("{}: '{v}' is not a whole number", name.replace('_', " "))))
+            .map(|v| {
+                v.parse::<u32>()
+                    .map_err(|_| format!("{}: '{v}' is not a whole number", name.replace('_', " ")))
+            })
             .transpose()
     };
-    let canary = match text("canary") {
-        None => None,
-        Some(v) => Some(match Amount::parse(&v) {
-            Ok(a) => Canary::Amount(a),
-            Err(_) => Canary::Devices(v.split(',').map(|d| d.trim().to_string()).filter(|d| !d.is_empty()).collect()),
-        }),
-    };
+    let canary = text("canary").map(|v| match Amount::parse(&v) {
+        Ok(a) => Canary::Amount(a),
+        Err(_) => Canary::Devices(
+            v.split(',')
+                .map(|d| d.trim().to_string())
+                .filter(|d| !d.is_empty())
+                .collect(),
+        ),
+    });
     Ok(Some(crate::rollout::PlanRequest {
         canary,
-        wave: text("wave").map(|v| Amount::parse(&v)).transpose().map_err(|e| format!("wave size: {e}"))?,
+        wave: text("wave")
+            .map(|v| Amount::parse(&v))
+            .transpose()
+            .map_err(|e| format!("wave size: {e}"))?,
         wave_by_label: text("wave_by_label"),
         pace: text("pace").map(DurationText),
         bake: text("bake").map(DurationText),
@@ -335,9 +346,17 @@ fn plan_from_form(f: &[(String, String)]) -> Result<Option<crate::rollout::PlanR
             min_runs: number("min_runs")?,
             workflow: text("gate_workflow"),
         },
-        on_failure: if field(f, "on_failure") == "rollback" { OnFailure::Rollback } else { OnFailure::Halt },
+        on_failure: if field(f, "on_failure") == "rollback" {
+            OnFailure::Rollback
+        } else {
+            OnFailure::Halt
+        },
         device_deadline: text("device_deadline").map(DurationText),
-        offline: if field(f, "offline") == "skip" { OfflinePolicy::Skip } else { OfflinePolicy::Wait },
+        offline: if field(f, "offline") == "skip" {
+            OfflinePolicy::Skip
+        } else {
+            OfflinePolicy::Wait
+        },
     }))
 }
 

@@ -917,8 +917,9 @@ pub fn run(v: &RunView, viewer: &Viewer, f: &Flash, now: u64) -> Markup {
 /// Per device of a deployment: (device, state, reason).
 pub type DeviceStates = Vec<(String, String, String)>;
 
-/// A deployment listed: (id, record, per-device states).
-pub type DeploymentRow = (String, Deployment, DeviceStates);
+/// A deployment listed: (id, record, per-device states, its rollout's state and reason when it
+/// is rolled out wave by wave).
+pub type DeploymentRow = (String, Deployment, DeviceStates, Option<(&'static str, String)>);
 
 /// The deployments page: a form and the newest deployments.
 pub fn deployments(
@@ -978,13 +979,14 @@ pub fn deployments(
                     div #deployment-list data-live {
                         @if list.is_empty() { p.empty { "No deployments yet." } } @else {
                             table {
-                                thead { tr { th { "Deployment" } th { "Workflow" } th { "Created" } th { "Devices" } } }
+                                thead { tr { th { "Deployment" } th { "Workflow" } th { "Created" } th { "Rollout" } th { "Devices" } } }
                                 tbody {
-                                    @for (id, d, states) in list {
+                                    @for (id, d, states, rollout) in list {
                                         tr data-deployment=(id) {
                                             td { a href={"/deployments/" (enc(id))} { (id) } }
                                             td { (d.workflow) " v" (d.version) }
                                             td { (ago(d.created_ms, now)) }
+                                            td { @if let Some((state, reason)) = rollout { span title=(reason) { (badge(state)) } } @else { "at once" } }
                                             td { @for (dev, st, _) in states { span class={"badge " (st)} title=(st) { (dev) } " " } }
                                         }
                                     }
@@ -1057,7 +1059,7 @@ fn rollout_section(id: &str, r: &RolloutView, viewer: &Viewer) -> Markup {
             p #rollout-reason { (r.reason) }
             p.meta { (r.plan) }
             @if viewer.deploy && (running || paused) {
-                div.actions #rollout-actions {
+                div.actions.row #rollout-actions {
                     @for (order, label, show) in [("pause", "Pause", running), ("resume", "Resume", paused), ("promote", "Promote (skip the bake)", running || paused), ("abort", "Abort", true)] {
                         @if show {
                             form method="post" action={"/deployments/" (enc(id)) "/" (order)} {

@@ -850,7 +850,8 @@ pub struct DeploymentView {
 pub struct DeploymentDevice {
     /// The device.
     pub device: String,
-    /// `pending`, `applied`, `rejected`, `superseded`, `withdrawn`, or `waiting` for its wave.
+    /// `pending`, `applied`, `rejected`, `superseded`, `withdrawn`, `waiting` for its wave, or
+    /// `not_sent` (its wave never started).
     pub state: String,
     /// Why, unless applied.
     pub reason: Option<String>,
@@ -913,14 +914,16 @@ pub fn deployment_view(store: &Store, id: &str, dep: &Deployment) -> Result<Depl
         let wave = rollout.as_ref().and_then(|r| r.wave_of(d).map(|w| (w, r)));
         let (state, reason) = match (&c, wave) {
             (Some(c), _) => (c.state.clone(), (c.state != "applied").then(|| c.message.clone())),
-            (None, Some((w, r))) if w >= r.sent as usize => (
-                "waiting".to_string(),
-                Some(if r.phase.is_final() {
-                    format!("not sent: the rollout is {}", r.phase.as_str().replace('_', " "))
+            (None, Some((w, r))) if w >= r.sent as usize => {
+                if r.phase.is_final() {
+                    (
+                        "not_sent".to_string(),
+                        Some(format!("the rollout is {}", r.phase.as_str().replace('_', " "))),
+                    )
                 } else {
-                    "its wave has not started".to_string()
-                }),
-            ),
+                    ("waiting".to_string(), Some("its wave has not started".to_string()))
+                }
+            }
             (None, _) => ("unknown".to_string(), None),
         };
         *counts.entry(state.clone()).or_default() += 1;

@@ -115,7 +115,10 @@ fn observe(store: &Store, id: &str, r: &Rollout) -> Result<Observation, StoreErr
             }
             match m.status {
                 RunStatus::Completed => obs.runs.completed += 1,
-                RunStatus::Failed | RunStatus::Compensated | RunStatus::CompensationFailed | RunStatus::Compensating => {
+                RunStatus::Failed
+                | RunStatus::Compensated
+                | RunStatus::CompensationFailed
+                | RunStatus::Compensating => {
                     obs.runs.failed += 1;
                     if obs.runs.failed_runs.len() < rollout::MAX_LISTED {
                         obs.runs.failed_runs.push((d.clone(), run.clone()));

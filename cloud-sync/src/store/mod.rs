@@ -1067,7 +1067,14 @@ impl Store {
 
     /// Closes a command that is still unanswered (`state`: `superseded`, `withdrawn`, …) so it
     /// is never sent; an answered command is left as it is.
-    pub fn close_unanswered(&self, device: &str, id: &str, state: &str, message: &str, now: u64) -> Result<(), StoreError> {
+    pub fn close_unanswered(
+        &self,
+        device: &str,
+        id: &str,
+        state: &str,
+        message: &str,
+        now: u64,
+    ) -> Result<(), StoreError> {
         let txn = self.db()?.begin_write()?;
         {
             let mut cmds = txn.open_table(COMMANDS)?;

@@ -20,6 +20,7 @@ mod packaging;
 mod patterns;
 mod readme;
 mod recovery;
+mod rollouts;
 mod run_model;
 mod saga;
 mod schedules;
