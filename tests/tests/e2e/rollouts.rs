@@ -302,3 +302,73 @@ fn a_rollout_is_made_paused_resumed_and_aborted_from_the_console() {
         "{v}"
     );
 }
+
+fn health(healthy: bool, version: u32) -> String {
+    format!(
+        "name: recipe-health\nversion: {version}\nschedules:\n  - {{id: t, every: 1s}}\nsteps:\n  - {{id: check, action: set, args: {{healthy: {healthy}}}}}\n"
+    )
+}
+
+fn deploy_at_once(cloud: &Cloud, document: &str) {
+    let (code, d) = cloud.send(
+        "POST",
+        "/v1/deployments",
+        &json!({"document": document, "labels": {"fleet": "plant"}}),
+    );
+    assert_eq!(code, 201, "{d}");
+    let id = d["id"].as_str().unwrap().to_string();
+    eventually(WAIT, "a deployment to every device", || {
+        let d = deployment(cloud, &id);
+        (d["counts"]["applied"] == 4).then_some(())
+    });
+}
+
+#[test]
+fn waves_go_site_by_site_and_a_health_workflow_gates_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = Cloud::embedded(&dir.path().join("cloud"));
+    let _agents = start_fleet(dir.path(), &cloud, 4);
+    deploy_at_once(&cloud, &health(true, 1));
+    let plan = json!({"wave_by_label": "site", "pace": "1s", "bake": "1s", "gate": {"workflow": "recipe-health"}});
+    let (code, d) = cloud.send(
+        "POST",
+        "/v1/deployments",
+        &json!({"document": GOOD, "labels": {"fleet": "plant"}, "rollout": plan}),
+    );
+    assert_eq!(code, 201, "{d}");
+    let id = d["id"].as_str().unwrap().to_string();
+    assert_eq!(wave(&d, 0), ["gw02", "gw04"], "{d}");
+    assert_eq!(d["rollout"]["waves"][0]["name"], "site=north");
+    assert_eq!(wave(&d, 1), ["gw01", "gw03"]);
+    let done = eventually(Duration::from_secs(60), "the rollout to complete", || {
+        let d = deployment(&cloud, &id);
+        (d["rollout"]["state"] == "completed").then_some(d)
+    });
+    let checks = done["rollout"]["evidence"]["health"].as_array().unwrap().clone();
+    assert_eq!(checks.len(), 4, "a health verdict from every updated device: {done}");
+    assert!(checks.iter().all(|c| c[1] == true), "{done}");
+
+    // The health workflow now says unhealthy: the next version halts after the first site.
+    deploy_at_once(&cloud, &health(false, 2));
+    let v2 = GOOD.replace("version: 1", "version: 2");
+    let (code, d) = cloud.send(
+        "POST",
+        "/v1/deployments",
+        &json!({"document": v2, "labels": {"fleet": "plant"}, "rollout": plan}),
+    );
+    assert_eq!(code, 201, "{d}");
+    let id = d["id"].as_str().unwrap().to_string();
+    let halted = eventually(Duration::from_secs(60), "the unhealthy gate to halt", || {
+        let d = deployment(&cloud, &id);
+        (d["rollout"]["state"] == "halted").then_some(d)
+    });
+    let reason = halted["rollout"]["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("halted at site=north: health check recipe-health on gw0"),
+        "{reason}"
+    );
+    assert!(reason.contains("says unhealthy"), "{reason}");
+    for dev in ["gw01", "gw03"] {
+        assert_eq!(device(&halted, dev)["state"], "not_sent", "{halted}");
+    }
+}
