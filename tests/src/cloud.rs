@@ -354,6 +354,16 @@ impl Cloud {
         crate::eventually(timeout, &what, || self.device(id).filter(|d| d["online"] == online))
     }
 
+    /// The audit trail as its export gives it (as the harness's admin), oldest first.
+    pub fn audit(&self) -> Vec<Value> {
+        let (code, v) = http("GET", self.api, "/v1/audit", None).expect("audit export");
+        assert_eq!(code, 200, "{v}");
+        let text = v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string());
+        text.lines()
+            .map(|l| serde_json::from_str(l).expect("a JSON line"))
+            .collect()
+    }
+
     /// POST/PUT a JSON body; returns status and body.
     pub fn send(&self, method: &str, path: &str, body: &Value) -> (u16, Value) {
         http(method, self.api, path, Some(&body.to_string())).unwrap_or_else(|e| panic!("{method} {path}: {e}"))

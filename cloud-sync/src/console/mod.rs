@@ -250,7 +250,7 @@ async fn deployment(
         let d = store
             .deployment(&id)?
             .ok_or_else(|| StoreError::NotFound(format!("deployment '{id}' does not exist")))?;
-        let view = crate::service::deployment_view(&store, &id, &d)?;
+        let view = crate::service::deployment_view(&store, &id, &d, crate::service::Detail::Full)?;
         // Every device gets the same document: the rollout holds it, or any device's command.
         let mut text = store.rollout(&id)?.map(|r| r.document);
         for dev in &d.devices {

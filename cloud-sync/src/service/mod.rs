@@ -753,7 +753,7 @@ impl Service {
             let dep = store
                 .deployment(&i)?
                 .ok_or_else(|| StoreError::NotFound(format!("deployment '{i}' does not exist")))?;
-            deployment_json(&store, &i, &dep)
+            deployment_json(&store, &i, &dep, Detail::Full)
         })
         .await
     }
@@ -764,7 +764,7 @@ impl Service {
         blocking(move || {
             let mut out = Vec::new();
             for (id, dep) in store.deployments()?.into_iter().take(limit) {
-                out.push(deployment_json(&store, &id, &dep)?);
+                out.push(deployment_json(&store, &id, &dep, Detail::List)?);
             }
             Ok(Value::Array(out))
         })
@@ -839,7 +839,7 @@ pub struct DeploymentView {
     /// How many devices are in each state.
     pub counts: std::collections::BTreeMap<String, u64>,
     /// Per version of the workflow, how many runs are still active on the deployment's devices
-    /// (runs keep the version they started on).
+    /// (runs keep the version they started on); not in lists.
     pub active_runs: std::collections::BTreeMap<u32, u64>,
     /// How it is rolled out, when wave by wave.
     pub rollout: Option<RolloutView>,
@@ -902,9 +902,23 @@ pub struct LogLine {
     pub text: String,
 }
 
+/// How much of a deployment to show.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Detail {
+    /// Everything, with the active runs per version (reads every device's runs).
+    Full,
+    /// For a list: no active runs.
+    List,
+}
+
 /// A deployment as shown: each device's state (from its command, or its wave not sent yet),
 /// active runs per version, and the rollout's state and evidence.
-pub fn deployment_view(store: &Store, id: &str, dep: &Deployment) -> Result<DeploymentView, StoreError> {
+pub fn deployment_view(
+    store: &Store,
+    id: &str,
+    dep: &Deployment,
+    detail: Detail,
+) -> Result<DeploymentView, StoreError> {
     let rollout = store.rollout(id)?;
     let mut devices = Vec::new();
     let mut counts = std::collections::BTreeMap::<String, u64>::new();
@@ -927,9 +941,11 @@ pub fn deployment_view(store: &Store, id: &str, dep: &Deployment) -> Result<Depl
             (None, _) => ("unknown".to_string(), None),
         };
         *counts.entry(state.clone()).or_default() += 1;
-        for (_, m) in store.runs(d)? {
-            if m.workflow == dep.workflow && !m.status.is_terminal() {
-                *active_runs.entry(m.version).or_default() += 1;
+        if detail == Detail::Full {
+            for (_, m) in store.runs(d)? {
+                if m.workflow == dep.workflow && !m.status.is_terminal() {
+                    *active_runs.entry(m.version).or_default() += 1;
+                }
             }
         }
         devices.push(DeploymentDevice {
@@ -979,8 +995,8 @@ pub fn deployment_view(store: &Store, id: &str, dep: &Deployment) -> Result<Depl
     })
 }
 
-fn deployment_json(store: &Store, id: &str, dep: &Deployment) -> Result<Value, StoreError> {
-    serde_json::to_value(deployment_view(store, id, dep)?).map_err(|e| StoreError::Invalid(e.to_string()))
+fn deployment_json(store: &Store, id: &str, dep: &Deployment, detail: Detail) -> Result<Value, StoreError> {
+    serde_json::to_value(deployment_view(store, id, dep, detail)?).map_err(|e| StoreError::Invalid(e.to_string()))
 }
 
 /// Refuses, before it is stored, a message that could never be sent to its device.

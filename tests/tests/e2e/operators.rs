@@ -71,16 +71,6 @@ fn sign_out(b: &Browser) {
     eventually(WAIT, "signed out", || b.url().contains("/login").then_some(()));
 }
 
-/// The audit trail as the export gives it (as the harness's admin).
-fn audit(cloud: &Cloud) -> Vec<Value> {
-    let (code, v) = cloud::http("GET", cloud.api, "/v1/audit", None).expect("audit export");
-    assert_eq!(code, 200, "{v}");
-    let text = v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string());
-    text.lines()
-        .map(|l| serde_json::from_str(l).expect("a JSON line"))
-        .collect()
-}
-
 /// A POST made by script from the page the browser shows, with that page's CSRF token (as a
 /// user who edits the page or uses curl with their cookie would): the status.
 fn post_from_page(b: &Browser, path: &str, fields: &Value) -> u64 {
@@ -174,7 +164,7 @@ fn sign_in_wrong_password_sign_out_session_expiry_and_lock_out() {
     let err = try_sign_in(&b, &cloud, "ada", &password).expect("locked out");
     assert!(err.contains("too many failed sign-ins"), "{err}");
 
-    let signs: Vec<Value> = audit(&cloud).into_iter().filter(|a| a["kind"] == "sign_in").collect();
+    let signs: Vec<Value> = cloud.audit().into_iter().filter(|a| a["kind"] == "sign_in").collect();
     let ok = signs.iter().filter(|a| a["result"] == "ok").count();
     let refused = signs.iter().filter(|a| a["result"] == "refused").count();
     assert_eq!((ok, refused), (3, 9), "{signs:?}");
@@ -222,7 +212,8 @@ fn a_viewer_sees_no_actions_and_is_refused_every_post_and_tokens_carry_their_rol
     }
     let (_, pending) = cloud::http("GET", cloud.api, "/v1/devices/line-5/commands", None).unwrap();
     assert_eq!(pending, json!([]), "nothing queued");
-    let refused: Vec<Value> = audit(&cloud)
+    let refused: Vec<Value> = cloud
+        .audit()
         .into_iter()
         .filter(|a| a["who"] == "vera" && a["result"] == "refused")
         .collect();
@@ -276,7 +267,8 @@ fn a_viewer_sees_no_actions_and_is_refused_every_post_and_tokens_carry_their_rol
     assert_eq!(code, 401, "no token, no answer");
     let (code, _) = cloud::http_raw("GET", cloud.api, "/v1/health", None, "", "application/json").unwrap();
     assert_eq!(code, 200, "health stays open");
-    let token_audit: Vec<Value> = audit(&cloud)
+    let token_audit: Vec<Value> = cloud
+        .audit()
         .into_iter()
         .filter(|a| a["who"].as_str().unwrap_or("").starts_with("token:"))
         .collect();
@@ -353,13 +345,14 @@ fn cross_origin_posts_are_refused_approvals_are_bound_to_people_and_the_audit_tr
         (b.js("return document.title") == "sent").then_some(())
     });
     eventually(WAIT, "three refusals in the audit trail", || {
-        let refused: Vec<Value> = audit(&cloud)
+        let refused: Vec<Value> = cloud
+            .audit()
             .into_iter()
             .filter(|a| a["result"] == "refused" && a["kind"] != "sign_in")
             .collect();
         (refused.len() >= 3).then_some(refused)
     });
-    let refused: Vec<Value> = audit(&cloud).into_iter().filter(|a| a["result"] == "refused").collect();
+    let refused: Vec<Value> = cloud.audit().into_iter().filter(|a| a["result"] == "refused").collect();
     for kind in ["deploy", "approve", "command"] {
         let a = refused
             .iter()
@@ -563,7 +556,8 @@ fn a_sign_on_proxys_header_is_believed_only_from_the_proxy_and_its_roles_file_de
     let (code, body) = as_user("127.0.0.2", "olga", "/v1/devices", None);
     assert_eq!(code, "401", "{body}");
     assert!(body.contains("only believed from the sign-on proxy"), "{body}");
-    let who: Vec<String> = audit(&cloud)
+    let who: Vec<String> = cloud
+        .audit()
         .iter()
         .map(|a| a["who"].as_str().unwrap_or("").to_string())
         .collect();

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use outpost_tests::browser::Browser;
-use outpost_tests::cloud::{self, Cloud};
+use outpost_tests::cloud::Cloud;
 use outpost_tests::{Agent, eventually, ts_ms};
 use serde_json::{Value, json};
 
@@ -66,6 +66,7 @@ fn versions(agent: &Agent) -> Vec<u64> {
 
 const GOOD: &str =
     "name: recipe\nversion: 1\nschedules:\n  - {id: t, every: 1s}\nsteps:\n  - {id: s, action: set, args: {v: 1}}\n";
+const SLOW: &str = "name: recipe\nversion: 1\nschedules:\n  - {id: t, every: 1s}\nsteps:\n  - {id: s, action: sleep, args: {duration: 1h}}\n";
 const BAD: &str = "name: recipe\nversion: 2\nschedules:\n  - {id: t, every: 1s}\nsteps:\n  - {id: s, action: fail, args: {message: broken recipe}}\n";
 
 #[test]
@@ -206,16 +207,6 @@ fn a_good_version_rolls_out_in_waves_through_a_kill_and_a_bad_one_halts_and_roll
     assert!(page["active_runs"].is_object(), "{page}");
 }
 
-/// The audit trail as the export gives it (as the harness's admin).
-fn audit(cloud: &Cloud) -> Vec<Value> {
-    let (code, v) = cloud::http("GET", cloud.api, "/v1/audit", None).expect("audit export");
-    assert_eq!(code, 200, "{v}");
-    let text = v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string());
-    text.lines()
-        .map(|l| serde_json::from_str(l).expect("a JSON line"))
-        .collect()
-}
-
 #[test]
 fn a_rollout_is_made_paused_resumed_and_aborted_from_the_console() {
     let dir = tempfile::tempdir().unwrap();
@@ -228,7 +219,8 @@ fn a_rollout_is_made_paused_resumed_and_aborted_from_the_console() {
 
     b.goto(&format!("{base}/deployments"));
     let area = b.wait_for(r#"textarea[name="document"]"#, WAIT);
-    b.type_into(&area, GOOD);
+    // Its runs take a while, so the page has active runs to count.
+    b.type_into(&area, SLOW);
     let labels = b.wait_for(r#"#deploy-form input[name="labels"]"#, WAIT);
     b.type_into(&labels, "fleet=plant");
     b.click(&b.wait_for(r#"#rollout-plan input[name="staged"]"#, WAIT));
@@ -249,6 +241,12 @@ fn a_rollout_is_made_paused_resumed_and_aborted_from_the_console() {
     b.wait_for(
         r#"#deployment-devices tr[data-device="gw02"][data-state="applied"]"#,
         WAIT,
+    );
+    b.wait_for(r#"#active-runs span[data-version="1"]"#, WAIT);
+    assert!(
+        b.text_of("#active-runs").contains("v1: 1"),
+        "{}",
+        b.text_of("#active-runs")
     );
     b.screenshot("rollout-running");
 
@@ -276,7 +274,8 @@ fn a_rollout_is_made_paused_resumed_and_aborted_from_the_console() {
     let d = deployment(&cloud, &id);
     assert_eq!(d["rollout"]["waves_sent"], 1, "nothing went out after the canary: {d}");
 
-    let kinds: Vec<(String, String)> = audit(&cloud)
+    let kinds: Vec<(String, String)> = cloud
+        .audit()
         .into_iter()
         .filter(|a| a["kind"].as_str().unwrap_or("").starts_with("rollout.") && a["target"] == id.as_str())
         .map(|a| {
