@@ -21,9 +21,9 @@ use crate::runtime::{Decision, Runtime, RuntimeError, StartRequest};
 pub mod types;
 
 use types::{
-    ActivitiesView, AppliedReply, ApproveReply, Blocked, DefinitionRow, DeviceView, EquipmentView, ErrorDetail,
-    ErrorReply, EventsPage, HistoryRow, JournalView, ReconnectReply, RetentionView, RunDetail, RunError, RunReply,
-    ShownStatus, SignalReply, StartReply, StatusView, StorageErrorView, TimersView, TriggersView,
+    ActivitiesView, AppliedReply, ApproveReply, Blocked, CheckpointReply, DefinitionRow, DeviceView, EquipmentView,
+    ErrorDetail, ErrorReply, EventsPage, HistoryRow, JournalView, ReconnectReply, RetentionView, RunDetail, RunError,
+    RunReply, ShownStatus, SignalReply, StartReply, StatusView, StorageErrorView, TimersView, TriggersView,
 };
 
 /// Largest request body, in bytes (definitions are capped at 1 MiB, inputs at 256 KiB).
@@ -38,6 +38,7 @@ pub fn router(rt: Runtime) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/status", get(status))
         .route("/v1/sync/reconnect", post(sync_reconnect))
+        .route("/v1/journal/checkpoint", post(checkpoint))
         .route("/v1/definitions", post(apply).get(list_definitions))
         .route("/v1/definitions/{name}", get(get_definition))
         .route("/v1/runs", post(start).get(list_runs))
@@ -203,6 +204,7 @@ async fn status(State(rt): AppState) -> ApiResult<StatusView> {
             commits: s.commits.load(ord),
             events: s.events.load(ord),
             ops: s.ops.load(ord),
+            unindexed_events: rt.journal().unindexed_events(),
             storage_error: rt
                 .storage_failure()
                 .map(|(error, since, blocked_runs)| StorageErrorView {
@@ -603,6 +605,13 @@ async fn summary_of(rt: &Runtime, id: &str, rec: RunRecord) -> ApiResult<RunRepl
 }
 
 /// Asks sync to reconnect (after `outpost enroll` installed a new certificate and key).
+/// Writes the journal's pending index rows now (before a backup of the file, or in a benchmark).
+async fn checkpoint(State(rt): AppState) -> ApiResult<CheckpointReply> {
+    Ok(Json(CheckpointReply {
+        indexed_through: rt.journal().checkpoint().await?,
+    }))
+}
+
 async fn sync_reconnect(State(rt): AppState) -> ApiResult<ReconnectReply> {
     Ok(Json(match rt.sync() {
         Some(s) => {

@@ -354,6 +354,13 @@ pub struct ReconnectReply {
     pub reason: Option<String>,
 }
 
+/// The reply to `POST /v1/journal/checkpoint`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CheckpointReply {
+    /// Every index row is written through this sequence.
+    pub indexed_through: u64,
+}
+
 /// `GET /v1/status`: the agent at a glance.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StatusView {
@@ -405,6 +412,9 @@ pub struct JournalView {
     pub events: u64,
     /// Writes since start.
     pub ops: u64,
+    /// Events whose index rows wait in memory for the next checkpoint (see docs/journal.md).
+    #[serde(default)]
+    pub unindexed_events: u64,
     /// Set while the journal cannot be written.
     pub storage_error: Option<StorageErrorView>,
 }

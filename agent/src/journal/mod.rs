@@ -1,9 +1,11 @@
 //! The journal: every run's append-only history in one redb file.
 //!
 //! In parts: this module is the handle (open, the writes as requests to the writer, the reads on
-//! redb snapshots); `tables` the layout on disk and its versioned rows; `writer` the thread
-//! and its group commit; `lifecycle` what starting, appending to and ending a run write;
-//! `prune` retention; `verify` the full read of `outpost journal-check`.
+//! redb snapshots merged with the index changes not yet checkpointed); `tables` the layout on
+//! disk and its versioned rows; `writer` the thread and its group commit; `lifecycle` what
+//! starting, appending to and ending a run write; `index` the derived indexes between
+//! checkpoints and their replay after a crash; `prune` retention; `verify` the full read of
+//! `outpost journal-check`.
 //!
 //! One writer thread owns all writes. Appends from every run queue on a channel; the writer
 //! takes everything queued, writes it in one transaction, commits once (one fsync), and only
@@ -23,7 +25,10 @@ use tokio::sync::{mpsc, oneshot};
 use crate::clock::Clock;
 use crate::engine::RunStatus;
 
+mod index;
 mod lifecycle;
+#[cfg(test)]
+mod power_cut;
 mod prune;
 mod tables;
 mod verify;
@@ -44,12 +49,15 @@ use writer::{MAX_BATCH, Op, Txn, Write, Writer};
 pub struct JournalConfig {
     /// Page cache in bytes (redb's default of 1 GiB is far too much for a gateway).
     pub cache_bytes: usize,
+    /// Events whose index changes wait in memory before a checkpoint writes them (see `index`).
+    pub checkpoint_events: usize,
 }
 
 impl Default for JournalConfig {
     fn default() -> Self {
         JournalConfig {
             cache_bytes: 4 * 1024 * 1024,
+            checkpoint_events: index::CHECKPOINT_EVENTS,
         }
     }
 }
@@ -68,7 +76,7 @@ pub enum JournalError {
     Locked(String),
     /// The file was written by an incompatible version.
     #[error(
-        "journal format {found} is not supported (this build reads formats 1 and {FORMAT}; a newer agent wrote this file)"
+        "journal format {found} is not supported (this build reads formats 1 to {FORMAT}; a newer agent wrote this file)"
     )]
     Format {
         /// Format found.
@@ -172,6 +180,8 @@ pub(super) type Slot = Arc<RwLock<Option<Arc<dyn ReadableDatabase + Send + Sync>
 #[derive(Clone)]
 pub struct Journal {
     db: Slot,
+    /// Index changes committed but not yet checkpointed (see `index`); reads merge them.
+    indexed: Arc<RwLock<index::Pending>>,
     tx: mpsc::Sender<Op>,
     stats: Arc<Stats>,
     /// The next sequence after each commit: the outbox's "new events" signal.
@@ -194,6 +204,7 @@ impl Journal {
                     })
             }),
             clock,
+            config.checkpoint_events,
         )
     }
 
@@ -212,12 +223,14 @@ impl Journal {
                 )?)
             }),
             clock,
+            config.checkpoint_events,
         )
     }
 
-    fn start(opener: Opener, clock: Arc<dyn Clock>) -> Result<Journal, JournalError> {
+    fn start(opener: Opener, clock: Arc<dyn Clock>, checkpoint_events: usize) -> Result<Journal, JournalError> {
         let db = Arc::new(opener()?);
         let (next_seq, active) = prepare(&db)?;
+        let indexed = Arc::new(RwLock::new(index::Pending::default()));
         let slot: Slot = Arc::new(RwLock::new(Some(db.clone() as Arc<dyn ReadableDatabase + Send + Sync>)));
         let stats = Arc::new(Stats::default());
         let (tx, rx) = mpsc::channel(MAX_BATCH);
@@ -230,6 +243,8 @@ impl Journal {
             runs: Runs::new(next_seq, active),
             clock,
             stats: stats.clone(),
+            indexed: indexed.clone(),
+            checkpoint_events: checkpoint_events.max(1),
         };
         std::thread::Builder::new()
             .name("journal-writer".into())
@@ -237,6 +252,7 @@ impl Journal {
             .map_err(|e| JournalError::Storage(redb::StorageError::Io(e).into()))?;
         Ok(Journal {
             db: slot,
+            indexed,
             tx,
             stats,
             committed,
@@ -268,7 +284,7 @@ impl Journal {
         if let Some(found) = format.filter(|f| !tables::format_supported(*f)) {
             return Err(JournalError::Format { found });
         }
-        Ok(Self::reader(Arc::new(db)))
+        Self::reader(Arc::new(db))
     }
 
     /// Reads a journal that needs repair without touching it: copies `path` to `copy`, repairs
@@ -276,18 +292,36 @@ impl Journal {
     pub fn open_repaired_copy(path: &Path, copy: &Path) -> Result<Journal, JournalError> {
         std::fs::copy(path, copy).map_err(|e| JournalError::Storage(redb::StorageError::Io(e).into()))?;
         let db = Database::builder().set_cache_size(4 * 1024 * 1024).create(copy)?;
-        Ok(Self::reader(Arc::new(db)))
+        Self::reader(Arc::new(db))
     }
 
-    fn reader(db: Arc<dyn ReadableDatabase + Send + Sync>) -> Journal {
+    /// A journal with no writer; the index changes a crash left out of the tables are derived
+    /// from the events (read only).
+    fn reader(db: Arc<dyn ReadableDatabase + Send + Sync>) -> Result<Journal, JournalError> {
+        let pending = {
+            let txn = db.begin_read()?;
+            let (runs, timers) = (txn.open_table(RUNS)?, txn.open_table(TIMERS)?);
+            let mut below = index::TableLookup {
+                runs: &runs,
+                timers: &timers,
+            };
+            index::replay(&txn.open_table(EVENTS)?, &txn.open_table(CURSORS)?, &mut below)?.0
+        };
         let (tx, _) = mpsc::channel(1);
         let (_, committed) = tokio::sync::watch::channel(0);
-        Journal {
+        Ok(Journal {
             db: Arc::new(RwLock::new(Some(db))),
+            indexed: Arc::new(RwLock::new(pending)),
             tx,
             stats: Arc::new(Stats::default()),
             committed,
-        }
+        })
+    }
+
+    /// The index changes not yet checkpointed. Read before the redb snapshot, so that what a
+    /// checkpoint moves from here into the tables is in one or the other.
+    fn pending(&self) -> std::sync::RwLockReadGuard<'_, index::Pending> {
+        self.indexed.read().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The current database, or an error while the writer is reopening it.
@@ -321,13 +355,14 @@ impl Journal {
     /// Journals a new run's `RunStarted`, unless a run with that id exists. Durable on return.
     pub async fn start_run(&self, run_id: &str, event: Event) -> Result<Started, JournalError> {
         let run_id = run_id.to_string();
-        self.write(move |w| w.runs.start(w.tables, &run_id, event, w.now)).await
+        self.write(move |w| w.runs.start(w.tables, w.indexed, &run_id, event, w.now))
+            .await
     }
 
     /// Appends events to a running run. Durable on return; gives the last sequence number.
     pub async fn append(&self, run_id: &str, events: Vec<Event>) -> Result<u64, JournalError> {
         let run_id = run_id.to_string();
-        self.write(move |w| w.runs.append(w.tables, &run_id, events, w.now))
+        self.write(move |w| w.runs.append(w.tables, w.indexed, &run_id, events, w.now))
             .await
     }
 
@@ -343,6 +378,22 @@ impl Journal {
         let key = key.to_string();
         self.write(move |w| Ok(w.tables.cursors.insert(key.as_str(), value).map(drop)?))
             .await
+    }
+
+    /// Writes every index change still waiting in memory into the index tables now (a
+    /// checkpoint, normally done every `checkpoint_events` events and at close). Gives the
+    /// sequence every index row is written through.
+    pub async fn checkpoint(&self) -> Result<u64, JournalError> {
+        self.write(|w| {
+            w.checkpoint()?;
+            Ok(w.runs.next_seq.saturating_sub(1))
+        })
+        .await
+    }
+
+    /// Events whose index rows wait in memory for the next checkpoint.
+    pub fn unindexed_events(&self) -> u64 {
+        self.pending().events as u64
     }
 
     /// Watches the next sequence number, updated after every commit.
@@ -391,6 +442,8 @@ impl Journal {
     /// Deletes finished runs (their rows and events) per `policy`.
     pub async fn prune(&self, policy: Retention) -> Result<Pruned, JournalError> {
         self.write(move |w| {
+            // Retention reads and deletes index rows: they must all be in the tables.
+            w.checkpoint()?;
             let stats = w.txn.stats()?;
             prune::prune(w.tables, policy, stats.allocated_pages() * stats.page_size() as u64)
         })
@@ -426,6 +479,9 @@ impl Journal {
 
     /// The summary row of a run.
     pub fn run(&self, run_id: &str) -> Result<Option<RunRecord>, JournalError> {
+        if let Some(r) = self.pending().run(run_id) {
+            return Ok(Some(r.clone()));
+        }
         let txn = self.db()?.begin_read()?;
         let runs = txn.open_table(RUNS)?;
         runs.get(run_id)?.map(|v| decode_run(v.value())).transpose()
@@ -433,16 +489,25 @@ impl Journal {
 
     /// Runs, newest first by creation, optionally only those with `status`.
     pub fn runs(&self, status: Option<RunStatus>, limit: usize) -> Result<Vec<(String, RunRecord)>, JournalError> {
+        let pending = self.pending().runs.clone();
         let txn = self.db()?.begin_read()?;
         let runs = txn.open_table(RUNS)?;
         let mut out = Vec::new();
         for row in runs.iter()? {
             let (k, v) = row?;
+            if pending.contains_key(k.value()) {
+                continue;
+            }
             let r = decode_run(v.value())?;
             if status.is_none_or(|s| s == r.status) {
                 out.push((k.value().to_string(), r));
             }
         }
+        out.extend(
+            pending
+                .into_iter()
+                .filter(|(_, r)| status.is_none_or(|s| s == r.status)),
+        );
         out.sort_by(|a, b| b.1.created_ms.cmp(&a.1.created_ms).then_with(|| a.0.cmp(&b.0)));
         out.truncate(limit);
         Ok(out)
@@ -450,23 +515,47 @@ impl Journal {
 
     /// Ids of runs that have not finished.
     pub fn active_runs(&self) -> Result<Vec<String>, JournalError> {
+        let pending = self.pending().active.clone();
         let txn = self.db()?.begin_read()?;
         let t = txn.open_table(ACTIVE)?;
-        let mut out = Vec::new();
+        let mut set = std::collections::BTreeSet::new();
         for row in t.iter()? {
-            out.push(row?.0.value().to_string());
+            set.insert(row?.0.value().to_string());
         }
-        Ok(out)
+        for (run, add) in pending {
+            if add {
+                set.insert(run);
+            } else {
+                set.remove(&run);
+            }
+        }
+        Ok(set.into_iter().collect())
+    }
+
+    /// Sequence numbers of a run's events: the index table's and those not yet checkpointed.
+    fn run_seqs(&self, run_id: &str, first_only: bool) -> Result<(Vec<u64>, redb::ReadTransaction), JournalError> {
+        let pending: Vec<u64> = self.pending().run_events.get(run_id).cloned().unwrap_or_default();
+        let txn = self.db()?.begin_read()?;
+        let mut seqs = std::collections::BTreeSet::new();
+        {
+            let idx = txn.open_table(RUN_EVENTS)?;
+            for row in idx.range((run_id, 0u64)..=(run_id, u64::MAX))? {
+                seqs.insert(row?.0.value().1);
+                if first_only {
+                    break;
+                }
+            }
+        }
+        seqs.extend(pending);
+        Ok((seqs.into_iter().collect(), txn))
     }
 
     /// A run's whole history with sequence numbers, in order.
     pub fn history(&self, run_id: &str) -> Result<Vec<(u64, Record)>, JournalError> {
-        let txn = self.db()?.begin_read()?;
-        let idx = txn.open_table(RUN_EVENTS)?;
+        let (seqs, txn) = self.run_seqs(run_id, false)?;
         let events = txn.open_table(EVENTS)?;
         let mut out = Vec::new();
-        for row in idx.range((run_id, 0u64)..=(run_id, u64::MAX))? {
-            let seq = row?.0.value().1;
+        for seq in seqs {
             if let Some(bytes) = events.get(seq)? {
                 out.push((seq, codec::decode(bytes.value())?));
             }
@@ -476,14 +565,12 @@ impl Journal {
 
     /// A run's first event (its `RunStarted`, unless retention took the run).
     pub fn first_event(&self, run_id: &str) -> Result<Option<Record>, JournalError> {
-        let txn = self.db()?.begin_read()?;
-        let idx = txn.open_table(RUN_EVENTS)?;
+        let (seqs, txn) = self.run_seqs(run_id, true)?;
         let events = txn.open_table(EVENTS)?;
-        let Some(row) = idx.range((run_id, 0u64)..=(run_id, u64::MAX))?.next() else {
+        let Some(seq) = seqs.first() else {
             return Ok(None);
         };
-        let seq = row?.0.value().1;
-        match events.get(seq)? {
+        match events.get(*seq)? {
             Some(bytes) => Ok(Some(codec::decode(bytes.value())?)),
             None => Ok(None),
         }
@@ -535,15 +622,23 @@ impl Journal {
 
     /// Pending timers, earliest first: (deadline ms, run id, step).
     pub fn timers(&self) -> Result<Vec<(u64, String, String)>, JournalError> {
+        let pending = self.pending().timers.clone();
         let txn = self.db()?.begin_read()?;
         let t = txn.open_table(TIMERS)?;
-        let mut out = Vec::new();
+        let mut set = std::collections::BTreeSet::new();
         for row in t.iter()? {
             let (k, _) = row?;
             let (at, run, step) = k.value();
-            out.push((at, run.to_string(), step.to_string()));
+            set.insert((at, run.to_string(), step.to_string()));
         }
-        Ok(out)
+        for (key, add) in pending {
+            if add {
+                set.insert(key);
+            } else {
+                set.remove(&key);
+            }
+        }
+        Ok(set.into_iter().collect())
     }
 
     /// The next sequence number to be assigned (one past the newest event).

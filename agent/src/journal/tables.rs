@@ -33,14 +33,20 @@ pub(super) const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
 pub(super) const PRUNED_THROUGH: &str = "journal/pruned_through";
 
 /// Version of the table layout above; bumped on any incompatible change.
-/// Format 2 no longer stores `meta.next_seq` in every commit: a build that reads only format 1
-/// would take the stale stored value and hand out sequence numbers again, so it must refuse a
-/// format-2 file rather than open it. A format-1 file is upgraded in place when opened.
-pub const FORMAT: u64 = 2;
+/// - Format 2 no longer stores `meta.next_seq` in every commit: a build that reads only format 1
+///   would take the stale stored value and hand out sequence numbers again.
+/// - Format 3 writes the index tables (`run_events`, `runs`, `active_runs`, `timers`) only at
+///   checkpoints, under the cursor `journal/indexed_through`; after a crash the events past it
+///   are in no index until the open replays them (`index`). An older build would not, and would
+///   lose runs from its lists and resume.
+///
+/// So each build refuses a newer format rather than misread it, and upgrades older ones in place
+/// when it opens them.
+pub const FORMAT: u64 = 3;
 
 /// Whether this build reads a file of table-layout version `format`.
 pub fn format_supported(format: u64) -> bool {
-    format == 1 || format == FORMAT
+    (1..=FORMAT).contains(&format)
 }
 /// Summary row of one run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -107,7 +113,8 @@ impl<'txn> Tables<'txn> {
     }
 }
 
-/// Checks the format, creates missing tables, and reads the writer's starting state.
+/// Checks the format, creates missing tables, rebuilds the index rows a crash left out (the
+/// events past `journal/indexed_through`), and reads the writer's starting state.
 pub(super) fn prepare(db: &Database) -> Result<(u64, HashSet<String>), JournalError> {
     let txn = db.begin_write()?;
     let next = {
@@ -121,15 +128,32 @@ pub(super) fn prepare(db: &Database) -> Result<(u64, HashSet<String>), JournalEr
             }
         }
         // Create every table so readers never see "table does not exist".
-        txn.open_table(EVENTS)?;
-        txn.open_table(RUN_EVENTS)?;
-        txn.open_table(RUNS)?;
-        txn.open_table(ACTIVE)?;
-        txn.open_table(DEFINITIONS)?;
-        txn.open_table(TIMERS)?;
-        txn.open_table(CURSORS)?;
-        txn.open_table(KV)?;
-        next_seq(&meta, &txn.open_table(EVENTS)?, &txn.open_table(CURSORS)?)?
+        let mut t = Tables::open(&txn)?;
+        let next = next_seq(&meta, &t.events, &t.cursors)?;
+        let (pending, replayed) = {
+            let mut below = super::index::TableLookup {
+                runs: &t.runs,
+                timers: &t.timers,
+            };
+            super::index::replay(&t.events, &t.cursors, &mut below)?
+        };
+        match replayed {
+            Some(through) => {
+                tracing::info!(
+                    events = pending.events,
+                    through,
+                    "rebuilt the journal's indexes for the events after its last checkpoint"
+                );
+                pending.apply(&mut t, through)?;
+            }
+            // A new file, or one from a build that indexed in every commit: complete as it is.
+            None if t.cursors.get(super::index::INDEXED_THROUGH)?.is_none() => {
+                t.cursors
+                    .insert(super::index::INDEXED_THROUGH, next.saturating_sub(1))?;
+            }
+            None => {}
+        }
+        next
     };
     let mut active = HashSet::new();
     for row in txn.open_table(ACTIVE)?.iter()? {

@@ -10,6 +10,7 @@ use std::sync::atomic::Ordering;
 use redb::{Database, Durability, ReadableDatabase, WriteTransaction};
 use tokio::sync::{mpsc, oneshot};
 
+use super::index::Pending;
 use super::lifecycle::Runs;
 use super::tables::{Tables, load_state};
 use super::{JournalError, Opener, Slot, Stats};
@@ -35,10 +36,30 @@ pub(super) struct Txn<'a, 'txn> {
     pub(super) tables: &'a mut Tables<'txn>,
     /// Sequence numbers and the run lifecycle.
     pub(super) runs: &'a mut Runs,
+    /// The index changes committed but not yet in the tables (empty once checkpointed).
+    pub(super) indexed: &'a Pending,
+    /// Set by `checkpoint`: the shared changes are in the tables, and the batch's from here on
+    /// replace them after the commit.
+    pub(super) checkpointed: bool,
+    /// Stands in for `indexed` after a checkpoint.
+    pub(super) empty: &'a Pending,
     /// The transaction itself (for its statistics).
     pub(super) txn: &'txn WriteTransaction,
     /// Wall-clock time of the batch.
     pub(super) now: u64,
+}
+
+impl Txn<'_, '_> {
+    /// Writes every index change so far (the shared ones, then the batch's) into the index
+    /// tables in this transaction, with the cursor: a checkpoint inside this commit.
+    pub(super) fn checkpoint(&mut self) -> Result<(), JournalError> {
+        let through = self.runs.next_seq.saturating_sub(1);
+        self.indexed.apply(self.tables, through)?;
+        std::mem::take(&mut self.runs.batch).apply(self.tables, through)?;
+        self.indexed = self.empty;
+        self.checkpointed = true;
+        Ok(())
+    }
 }
 
 /// One queued write: its work, and its waiter.
@@ -115,6 +136,10 @@ pub(super) struct Writer {
     pub(super) runs: Runs,
     pub(super) clock: Arc<dyn Clock>,
     pub(super) stats: Arc<Stats>,
+    /// Index changes committed but not yet checkpointed; readers merge them.
+    pub(super) indexed: Arc<std::sync::RwLock<Pending>>,
+    /// Pending events that make the next commit a checkpoint.
+    pub(super) checkpoint_events: usize,
 }
 
 impl Writer {
@@ -191,10 +216,33 @@ impl Writer {
     /// Drops the database once no reader holds it, so redb writes its clean-shutdown state and
     /// the next open needs no repair. Readers get `Reopening` from here on.
     fn close(&mut self) {
+        // The index tables complete, so the next open replays nothing.
+        if let Err(e) = self.checkpoint_now() {
+            tracing::warn!(error = %e, "cannot checkpoint the journal's indexes; the next start rebuilds them");
+        }
         match self.release() {
             Ok(()) => tracing::debug!("journal closed"),
             Err(_) => tracing::warn!("journal still in use after 5 s; closing without a clean shutdown"),
         }
+    }
+
+    /// A commit that is only a checkpoint of the shared index changes.
+    fn checkpoint_now(&mut self) -> Result<(), JournalError> {
+        let Some(db) = self.db.clone() else { return Ok(()) };
+        let indexed = self.indexed.clone();
+        let mut shared = indexed.write().unwrap_or_else(|p| p.into_inner());
+        if shared.is_empty() {
+            return Ok(());
+        }
+        let mut txn = db.begin_write()?;
+        txn.set_durability(Durability::Immediate)?;
+        {
+            let mut tables = Tables::open(&txn)?;
+            shared.apply(&mut tables, self.runs.next_seq.saturating_sub(1))?;
+        }
+        txn.commit()?;
+        *shared = Pending::default();
+        Ok(())
     }
 
     /// Closes and reopens the database: after an I/O error redb refuses further transactions
@@ -206,7 +254,12 @@ impl Writer {
             return Err(JournalError::Reopening);
         }
         let db = Arc::new((self.opener)()?);
-        let (next_seq, active) = load_state(&db)?;
+        let (next_seq, mut active) = load_state(&db)?;
+        // What is not yet checkpointed is still right: it is derived from committed events.
+        self.indexed
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .overlay_active(&mut active);
         self.runs = Runs::new(next_seq, active);
         *self.slot.write().unwrap_or_else(|p| p.into_inner()) =
             Some(db.clone() as Arc<dyn ReadableDatabase + Send + Sync>);
@@ -225,6 +278,10 @@ impl Writer {
             tracing::error!(error = %e, "journal is still unavailable");
         }
         let now = self.clock.now_ms();
+        let indexed = self.indexed.clone();
+        let shared = indexed.read().unwrap_or_else(|p| p.into_inner());
+        let empty = Pending::default();
+        let mut checkpointed = false;
         let result = (|| -> Result<u64, JournalError> {
             let db = self.db.clone().ok_or(JournalError::Reopening)?;
             let mut txn = db.begin_write()?;
@@ -234,26 +291,46 @@ impl Writer {
                 let mut w = Txn {
                     tables: &mut tables,
                     runs: &mut self.runs,
+                    indexed: &shared,
+                    checkpointed: false,
+                    empty: &empty,
                     txn: &txn,
                     now,
                 };
-                for job in batch.drain(..) {
-                    let answer = job.run(&mut w);
-                    // A storage error mid-operation poisons the transaction: abort it whole.
-                    if let Some(e) = answer.storage_error() {
-                        let e = storage_failure(&io_text(e));
-                        answers.push(answer);
-                        return Err(e);
-                    }
-                    answers.push(answer);
+                if shared.events >= self.checkpoint_events {
+                    w.checkpoint()?;
                 }
+                let run_all = (|| {
+                    for job in batch.drain(..) {
+                        let answer = job.run(&mut w);
+                        // A storage error mid-operation poisons the transaction: abort it whole.
+                        if let Some(e) = answer.storage_error() {
+                            let e = storage_failure(&io_text(e));
+                            answers.push(answer);
+                            return Err(e);
+                        }
+                        answers.push(answer);
+                    }
+                    Ok(())
+                })();
+                checkpointed = w.checkpointed;
+                run_all?;
             }
             txn.commit()?;
             Ok(self.runs.next_seq - start_seq)
         })();
+        drop(shared);
         match result {
             Ok(events) => {
-                self.runs.committed();
+                let changes = self.runs.committed();
+                {
+                    let mut shared = self.indexed.write().unwrap_or_else(|p| p.into_inner());
+                    if checkpointed {
+                        *shared = changes;
+                    } else {
+                        shared.merge(changes);
+                    }
+                }
                 self.stats.commits.fetch_add(1, Ordering::Relaxed);
                 self.committed.send_replace(self.runs.next_seq);
                 self.stats.ops.fetch_add(n, Ordering::Relaxed);

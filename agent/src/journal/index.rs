@@ -1,0 +1,261 @@
+//! The derived indexes between checkpoints.
+//!
+//! `run_events`, `runs`, `active_runs` and `timers` follow from the events alone. So the hot path
+//! commits only `events` (and the rare definition, cursor and kv rows), and what each event
+//! implies for the indexes collects here, in memory ([`Pending`]). A checkpoint writes it into
+//! redb inside an ordinary group commit, together with the cursor `journal/indexed_through`
+//! (every event up to it is in the index tables). That happens when [`CHECKPOINT_EVENTS`]
+//! events have collected, before retention, and at a clean close. After a crash, the open
+//! rebuilds the indexes from the events past the cursor ([`replay`]), with the same derivation
+//! ([`Pending::derive`]) the hot path uses, so both give the same rows. Readers merge the
+//! pending changes with what redb holds (`Journal::run`, `history`, …).
+//!
+//! Why: redb is copy-on-write, and the index tables are keyed by run id, so every commit that
+//! touched them rewrote a scatter of leaves; see docs/journal.md for the measurements.
+
+use std::collections::HashMap;
+
+use outpost_shared::journal::{self as codec, Event, Record};
+use redb::ReadableTable;
+
+use super::JournalError;
+use super::tables::{RunRecord, Tables, decode_run, encode_run};
+use crate::engine::RunStatus;
+
+/// Cursor: every event up to this sequence is in the index tables.
+pub(super) const INDEXED_THROUGH: &str = "journal/indexed_through";
+
+/// Pending events that make the next commit a checkpoint: bounds both memory (a few hundred
+/// KB) and the replay after a crash (well under a second), while one checkpoint's scattered
+/// index pages are shared by this many events.
+pub(super) const CHECKPOINT_EVENTS: usize = 16_384;
+
+/// Index changes not yet in redb; later changes replace earlier ones.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(super) struct Pending {
+    /// Each run's events not yet in `run_events`, in order.
+    pub(super) run_events: HashMap<String, Vec<u64>>,
+    /// Run rows to write.
+    pub(super) runs: HashMap<String, RunRecord>,
+    /// Changes to `active_runs`: `true` adds, `false` removes.
+    pub(super) active: HashMap<String, bool>,
+    /// Changes to `timers`: `true` adds, `false` removes.
+    pub(super) timers: HashMap<(u64, String, String), bool>,
+    /// Events whose changes are here.
+    pub(super) events: usize,
+}
+
+/// Where the derivation looks up what it does not hold itself: a run's row and its timers, as
+/// committed before (the shared pending changes over redb's tables).
+pub(super) trait Lookup {
+    /// A run's row.
+    fn run(&mut self, run_id: &str) -> Result<Option<RunRecord>, JournalError>;
+    /// A run's pending timers: (deadline, step).
+    fn timers_of(&mut self, run_id: &str) -> Result<Vec<(u64, String)>, JournalError>;
+}
+
+impl Pending {
+    /// Nothing pending.
+    pub(super) fn is_empty(&self) -> bool {
+        self.events == 0 && self.runs.is_empty() && self.active.is_empty() && self.timers.is_empty()
+    }
+
+    /// Takes `later`'s changes on top of these.
+    pub(super) fn merge(&mut self, later: Pending) {
+        for (run, seqs) in later.run_events {
+            self.run_events.entry(run).or_default().extend(seqs);
+        }
+        self.runs.extend(later.runs);
+        self.active.extend(later.active);
+        self.timers.extend(later.timers);
+        self.events += later.events;
+    }
+
+    /// Applies the changes to `active_runs` to a set read from the table.
+    pub(super) fn overlay_active(&self, set: &mut std::collections::HashSet<String>) {
+        for (run, add) in &self.active {
+            if *add {
+                set.insert(run.clone());
+            } else {
+                set.remove(run);
+            }
+        }
+    }
+
+    /// A run's row as these changes leave it, if they touch it.
+    pub(super) fn run(&self, run_id: &str) -> Option<&RunRecord> {
+        self.runs.get(run_id)
+    }
+
+    /// What one event, stored under `seq`, implies for the indexes. `before` answers for what
+    /// is not in `self`.
+    pub(super) fn derive(&mut self, seq: u64, r: &Record, before: &mut dyn Lookup) -> Result<(), JournalError> {
+        let run_id = r.run_id.as_str();
+        self.run_events.entry(run_id.to_string()).or_default().push(seq);
+        self.events += 1;
+        match &r.event {
+            Event::RunStarted { workflow, version, .. } => {
+                let rec = RunRecord {
+                    workflow: workflow.clone(),
+                    version: *version,
+                    status: RunStatus::Running,
+                    created_ms: r.at_ms,
+                    finished_ms: None,
+                };
+                self.runs.insert(run_id.to_string(), rec);
+                self.active.insert(run_id.to_string(), true);
+            }
+            Event::RunRetried { .. } => {
+                // Reopens a failed run.
+                if let Some(rec) = self.current(run_id, before)? {
+                    let rec = RunRecord {
+                        status: RunStatus::Running,
+                        finished_ms: None,
+                        ..rec
+                    };
+                    self.runs.insert(run_id.to_string(), rec);
+                    self.active.insert(run_id.to_string(), true);
+                }
+            }
+            Event::TimerSet { step, fire_at_ms, .. } => {
+                self.timers
+                    .insert((*fire_at_ms, run_id.to_string(), step.clone()), true);
+            }
+            Event::TimerFired { step, fire_at_ms, .. } => {
+                self.timers
+                    .insert((*fire_at_ms, run_id.to_string(), step.clone()), false);
+            }
+            e => {
+                if let Some(status) = RunStatus::of_terminal(e) {
+                    // A run that ends leaves no timer behind.
+                    for (at, step) in self.timers_of(run_id, before)? {
+                        self.timers.insert((at, run_id.to_string(), step), false);
+                    }
+                    if let Some(mut rec) = self.current(run_id, before)? {
+                        rec.status = status;
+                        rec.finished_ms = Some(r.at_ms);
+                        self.runs.insert(run_id.to_string(), rec);
+                    }
+                    self.active.insert(run_id.to_string(), false);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn current(&self, run_id: &str, before: &mut dyn Lookup) -> Result<Option<RunRecord>, JournalError> {
+        match self.runs.get(run_id) {
+            Some(r) => Ok(Some(r.clone())),
+            None => before.run(run_id),
+        }
+    }
+
+    /// A run's timers: those `before` knows, with these changes on top.
+    fn timers_of(&self, run_id: &str, before: &mut dyn Lookup) -> Result<Vec<(u64, String)>, JournalError> {
+        let mut set: HashMap<(u64, String), bool> = before.timers_of(run_id)?.into_iter().map(|k| (k, true)).collect();
+        for ((at, run, step), add) in &self.timers {
+            if run == run_id {
+                set.insert((*at, step.clone()), *add);
+            }
+        }
+        Ok(set.into_iter().filter(|(_, add)| *add).map(|(k, _)| k).collect())
+    }
+
+    /// Writes the changes into the index tables and moves the cursor to `through`.
+    pub(super) fn apply(&self, t: &mut Tables, through: u64) -> Result<(), JournalError> {
+        for (run, seqs) in &self.run_events {
+            for seq in seqs {
+                t.run_events.insert((run.as_str(), *seq), ())?;
+            }
+        }
+        for (run, rec) in &self.runs {
+            t.runs.insert(run.as_str(), encode_run(rec).as_slice())?;
+        }
+        for (run, add) in &self.active {
+            if *add {
+                t.active.insert(run.as_str(), ())?;
+            } else {
+                t.active.remove(run.as_str())?;
+            }
+        }
+        for ((at, run, step), add) in &self.timers {
+            if *add {
+                t.timers.insert((*at, run.as_str(), step.as_str()), ())?;
+            } else {
+                t.timers.remove((*at, run.as_str(), step.as_str()))?;
+            }
+        }
+        t.cursors.insert(INDEXED_THROUGH, through)?;
+        Ok(())
+    }
+}
+
+/// Looks runs and timers up in redb's tables (as of the transaction's snapshot).
+pub(super) struct TableLookup<'a, R, T> {
+    pub(super) runs: &'a R,
+    pub(super) timers: &'a T,
+}
+
+impl<R, T> Lookup for TableLookup<'_, R, T>
+where
+    R: ReadableTable<&'static str, &'static [u8]>,
+    T: ReadableTable<(u64, &'static str, &'static str), ()>,
+{
+    fn run(&mut self, run_id: &str) -> Result<Option<RunRecord>, JournalError> {
+        self.runs.get(run_id)?.map(|v| decode_run(v.value())).transpose()
+    }
+
+    fn timers_of(&mut self, run_id: &str) -> Result<Vec<(u64, String)>, JournalError> {
+        let mut out = Vec::new();
+        for row in self.timers.iter()? {
+            let (k, _) = row?;
+            let (at, run, step) = k.value();
+            if run == run_id {
+                out.push((at, step.to_string()));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Pending changes over the tables: what a batch looks up while the shared changes are not yet
+/// written.
+pub(super) struct Layered<'a, L> {
+    pub(super) pending: &'a Pending,
+    pub(super) below: L,
+}
+
+impl<L: Lookup> Lookup for Layered<'_, L> {
+    fn run(&mut self, run_id: &str) -> Result<Option<RunRecord>, JournalError> {
+        match self.pending.run(run_id) {
+            Some(r) => Ok(Some(r.clone())),
+            None => self.below.run(run_id),
+        }
+    }
+
+    fn timers_of(&mut self, run_id: &str) -> Result<Vec<(u64, String)>, JournalError> {
+        self.pending.timers_of(run_id, &mut self.below)
+    }
+}
+
+/// The index changes of every event after the `journal/indexed_through` cursor: what a crash
+/// left out of the index tables. Gives the changes and the newest sequence they cover.
+pub(super) fn replay(
+    events: &impl ReadableTable<u64, &'static [u8]>,
+    cursors: &impl ReadableTable<&'static str, u64>,
+    below: &mut dyn Lookup,
+) -> Result<(Pending, Option<u64>), JournalError> {
+    let Some(from) = cursors.get(INDEXED_THROUGH)?.map(|v| v.value()) else {
+        // Written by a build that indexed in every commit: nothing is missing.
+        return Ok((Pending::default(), None));
+    };
+    let mut pending = Pending::default();
+    let mut last = None;
+    for row in events.range(from.saturating_add(1)..)? {
+        let (k, v) = row?;
+        let record = codec::decode(v.value())?;
+        pending.derive(k.value(), &record, below)?;
+        last = Some(k.value());
+    }
+    Ok((pending, last))
+}
