@@ -402,3 +402,22 @@ fn list_and_show_read_the_journal_offline_and_piped_tables_are_not_cut() {
         text(&none)
     );
 }
+
+#[test]
+fn the_benchmark_runs_both_workloads_and_counts_every_byte_including_the_index_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = outpost_command()
+        .args(["bench", "--runs", "40", "--concurrency", "8", "--json", "--dir"])
+        .arg(dir.path().join("bench"))
+        .output()
+        .expect("outpost bench");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    for w in ["W1", "W2"] {
+        let bytes = v[format!("{w} bytes written per durable step")]
+            .as_str()
+            .unwrap_or_default();
+        assert!(bytes.ends_with("per commit)"), "{w}: {v}");
+        assert!(v[format!("{w} durable steps/s")].is_string(), "{v}");
+    }
+}
