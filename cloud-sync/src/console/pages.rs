@@ -1011,8 +1011,10 @@ pub fn deployment(v: &DeploymentView, document: Option<&Document>, viewer: &View
             h1 { "Deployment " (v.id) }
             (flash(f))
             p.meta { (v.workflow) " v" (v.version) " · created " (ago(v.created_ms, now)) " · " (outpost_shared::count(v.devices.len() as u64, "device")) }
+            // Outside the live region: a live refresh must not swap a button being clicked.
+            @if let Some(r) = &v.rollout { (rollout_controls(&v.id, r, viewer)) }
             div #deployment-states data-live {
-                @if let Some(r) = &v.rollout { (rollout_section(&v.id, r, viewer)) }
+                @if let Some(r) = &v.rollout { (rollout_section(r)) }
                 @if !v.active_runs.is_empty() {
                     p.meta #active-runs { "Runs still active on these devices: "
                         @for (i, (version, n)) in v.active_runs.iter().enumerate() {
@@ -1048,28 +1050,35 @@ pub fn deployment(v: &DeploymentView, document: Option<&Document>, viewer: &View
     )
 }
 
-/// A rollout's state, reason, waves, gate evidence, history and (for deployers) its controls.
-fn rollout_section(id: &str, r: &RolloutView, viewer: &Viewer) -> Markup {
-    let e = &r.evidence;
+/// A deployer's controls of a rollout still going (as the page was loaded; an order that no
+/// longer applies is refused with the reason).
+fn rollout_controls(id: &str, r: &RolloutView, viewer: &Viewer) -> Markup {
     let running = r.state == "running";
     let paused = r.state == "paused";
+    html! {
+        @if viewer.deploy && (running || paused) {
+            div.actions.row #rollout-actions {
+                @for (order, label, show) in [("pause", "Pause", running), ("resume", "Resume", paused), ("promote", "Promote (skip the bake)", running || paused), ("abort", "Abort", true)] {
+                    @if show {
+                        form method="post" action={"/deployments/" (enc(id)) "/" (order)} {
+                            (csrf(viewer))
+                            button type="submit" id={"rollout-" (order)} { (label) }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A rollout's state, reason, waves, gate evidence and history.
+fn rollout_section(r: &RolloutView) -> Markup {
+    let e = &r.evidence;
     html! {
         section #rollout data-rollout-state=(r.state) {
             h2 { "Rollout " (badge(r.state)) }
             p #rollout-reason { (r.reason) }
             p.meta { (r.plan) }
-            @if viewer.deploy && (running || paused) {
-                div.actions.row #rollout-actions {
-                    @for (order, label, show) in [("pause", "Pause", running), ("resume", "Resume", paused), ("promote", "Promote (skip the bake)", running || paused), ("abort", "Abort", true)] {
-                        @if show {
-                            form method="post" action={"/deployments/" (enc(id)) "/" (order)} {
-                                (csrf(viewer))
-                                button type="submit" id={"rollout-" (order)} { (label) }
-                            }
-                        }
-                    }
-                }
-            }
             table #rollout-waves {
                 thead { tr { th { "Wave" } th { "Devices" } th { "" } } }
                 tbody {

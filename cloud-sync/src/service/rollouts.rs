@@ -163,8 +163,8 @@ impl Service {
     async fn advance_rollouts(&self) -> Result<(), StoreError> {
         let _held = self.rollout_lock.lock().await;
         let store = self.store.clone();
-        let list = blocking(move || store.rollouts()).await?;
-        for (id, r) in list.into_iter().filter(|(_, r)| !r.phase.is_final()) {
+        let list = blocking(move || store.active_rollouts()).await?;
+        for (id, r) in list {
             if let Err(e) = self.advance(&id, r).await {
                 warn!(deployment = %id, error = %e, "rollout step failed; trying again at the next tick");
             }
@@ -248,9 +248,9 @@ impl Service {
     /// Ends the rollouts of `workflow` still going: deployment `by` takes over.
     pub(super) async fn end_rollouts_of(&self, workflow: &str, by: &str) -> Result<(), StoreError> {
         let store = self.store.clone();
-        let list = blocking(move || store.rollouts()).await?;
+        let list = blocking(move || store.active_rollouts()).await?;
         for (id, r) in list {
-            if r.workflow == workflow && !r.phase.is_final() && id != by {
+            if r.workflow == workflow && id != by {
                 let step = r.superseded(by, now_ms());
                 self.settle(&id, &r, step).await?;
             }

@@ -30,6 +30,8 @@ const OUTBOX: TableDefinition<(&str, u64), &str> = TableDefinition::new("command
 const DEPLOYMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("deployments");
 /// Deployment id → `rollout::Rollout`, for deployments sent wave by wave.
 const ROLLOUTS: TableDefinition<&str, &[u8]> = TableDefinition::new("rollouts");
+/// Deployment ids of the rollouts still going (running or paused): what the ticker reads.
+const ACTIVE_ROLLOUTS: TableDefinition<&str, ()> = TableDefinition::new("active_rollouts");
 const DESIRED: TableDefinition<&str, &[u8]> = TableDefinition::new("desired");
 const REPORTED: TableDefinition<&str, &[u8]> = TableDefinition::new("reported");
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
@@ -572,6 +574,7 @@ impl Store {
         txn.open_table(OUTBOX)?;
         txn.open_table(DEPLOYMENTS)?;
         txn.open_table(ROLLOUTS)?;
+        txn.open_table(ACTIVE_ROLLOUTS)?;
         txn.open_table(DESIRED)?;
         txn.open_table(REPORTED)?;
         txn.open_table(COUNTERS)?;
@@ -1280,26 +1283,39 @@ impl Store {
         Ok(events)
     }
 
-    /// Stores a rollout's state.
+    /// Stores a rollout's state (and whether it is still going, in the same transaction).
     pub fn put_rollout(&self, id: &str, r: &crate::rollout::Rollout) -> Result<(), StoreError> {
-        self.put_row(ROLLOUTS, id, r)
+        let txn = self.db()?.begin_write()?;
+        txn.open_table(ROLLOUTS)?.insert(id, enc(r).as_slice())?;
+        {
+            let mut active = txn.open_table(ACTIVE_ROLLOUTS)?;
+            if r.phase.is_final() {
+                active.remove(id)?;
+            } else {
+                active.insert(id, ())?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// The rollouts still going (running or paused), by deployment id.
+    pub fn active_rollouts(&self) -> Result<Vec<(String, crate::rollout::Rollout)>, StoreError> {
+        let txn = self.db()?.begin_read()?;
+        let (active, rows) = (txn.open_table(ACTIVE_ROLLOUTS)?, txn.open_table(ROLLOUTS)?);
+        let mut out = Vec::new();
+        for row in active.iter()? {
+            let (k, _) = row?;
+            if let Some(v) = rows.get(k.value())? {
+                out.push((k.value().to_string(), dec("rollout", v.value())?));
+            }
+        }
+        Ok(out)
     }
 
     /// A deployment's rollout, if it is sent wave by wave.
     pub fn rollout(&self, id: &str) -> Result<Option<crate::rollout::Rollout>, StoreError> {
         self.get_row(ROLLOUTS, id, "rollout")
-    }
-
-    /// Every rollout, by deployment id.
-    pub fn rollouts(&self) -> Result<Vec<(String, crate::rollout::Rollout)>, StoreError> {
-        let txn = self.db()?.begin_read()?;
-        let t = txn.open_table(ROLLOUTS)?;
-        let mut out = Vec::new();
-        for row in t.iter()? {
-            let (k, v) = row?;
-            out.push((k.value().to_string(), dec("rollout", v.value())?));
-        }
-        Ok(out)
     }
 
     /// Every deployment, newest first.
