@@ -259,3 +259,98 @@ pub(super) fn replay(
     }
     Ok((pending, last))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use outpost_shared::journal::Record;
+
+    /// What redb would answer: a run row and its timers.
+    struct Below(Option<RunRecord>, Vec<(u64, String)>);
+
+    impl Lookup for Below {
+        fn run(&mut self, _: &str) -> Result<Option<RunRecord>, JournalError> {
+            Ok(self.0.clone())
+        }
+        fn timers_of(&mut self, _: &str) -> Result<Vec<(u64, String)>, JournalError> {
+            Ok(self.1.clone())
+        }
+    }
+
+    fn rec(event: Event, at_ms: u64) -> Record {
+        Record {
+            run_id: "r".into(),
+            at_ms,
+            event,
+        }
+    }
+
+    #[test]
+    fn an_end_takes_its_row_from_below_and_drops_the_timers_below_and_pending() {
+        let row = RunRecord {
+            workflow: "w".into(),
+            version: 2,
+            status: RunStatus::Running,
+            created_ms: 5,
+            finished_ms: None,
+        };
+        let mut below = Below(Some(row), vec![(100, "a".into())]);
+        let mut p = Pending::default();
+        let set = Event::TimerSet {
+            step: "b".into(),
+            visit: 1,
+            fire_at_ms: 200,
+            duration_ms: 1,
+        };
+        p.derive(7, &rec(set, 10), &mut below).unwrap();
+        p.derive(8, &rec(Event::RunCompleted { output: "1".into() }, 20), &mut below)
+            .unwrap();
+        let r = p.run("r").unwrap();
+        assert_eq!(
+            (r.status, r.finished_ms, r.version, r.created_ms),
+            (RunStatus::Completed, Some(20), 2, 5)
+        );
+        assert_eq!(p.active.get("r"), Some(&false));
+        assert_eq!(
+            p.timers.get(&(100, "r".into(), "a".into())),
+            Some(&false),
+            "the timer below goes"
+        );
+        assert_eq!(
+            p.timers.get(&(200, "r".into(), "b".into())),
+            Some(&false),
+            "the pending one too"
+        );
+        assert_eq!(p.run_events.get("r"), Some(&vec![7, 8]));
+        assert_eq!(p.events, 2);
+    }
+
+    #[test]
+    fn later_changes_win_when_merged() {
+        let mut below = Below(None, Vec::new());
+        let start = Event::RunStarted {
+            workflow: "w".into(),
+            version: 1,
+            input: "{}".into(),
+        };
+        let mut first = Pending::default();
+        first.derive(1, &rec(start, 1), &mut below).unwrap();
+        let mut second = Pending::default();
+        let mut from_first = Layered {
+            pending: &first,
+            below: Below(None, Vec::new()),
+        };
+        let failed = Event::RunFailed {
+            error: outpost_shared::journal::ErrorInfo::new("k", "m"),
+        };
+        second.derive(2, &rec(failed, 2), &mut from_first).unwrap();
+        first.merge(second);
+        assert_eq!(first.run("r").map(|r| r.status), Some(RunStatus::Failed));
+        assert_eq!(first.active.get("r"), Some(&false));
+        assert_eq!(first.run_events.get("r"), Some(&vec![1, 2]));
+        assert_eq!(first.events, 2);
+        let mut set = std::collections::HashSet::from(["r".to_string(), "other".to_string()]);
+        first.overlay_active(&mut set);
+        assert_eq!(set, std::collections::HashSet::from(["other".to_string()]));
+    }
+}
