@@ -251,18 +251,10 @@ async fn deployment(
             .deployment(&id)?
             .ok_or_else(|| StoreError::NotFound(format!("deployment '{id}' does not exist")))?;
         let view = crate::service::deployment_view(&store, &id, &d, crate::service::Detail::Full)?;
-        // Every device gets the same document: the rollout holds it, or any device's command.
-        let mut text = store.rollout(&id)?.map(|r| r.document);
-        for dev in &d.devices {
-            if text.is_some() {
-                break;
-            }
-            if let Some(CommandKind::Deploy { document, .. }) =
-                store.command(dev, &format!("{id}.{dev}"))?.map(|c| c.kind)
-            {
-                text = Some(document);
-            }
-        }
+        let text = match store.rollout(&id)? {
+            Some(r) => Some(r.document),
+            None => store.deployment_document(&id, &d)?,
+        };
         let document = text.and_then(|t| outpost_shared::definition::parse_document(&t).ok());
         Ok((view, document))
     })

@@ -51,18 +51,7 @@ pub(super) fn previous_version(store: &Store, workflow: &str, version: u32) -> R
         let document = match store.rollout(id)? {
             Some(r) if matches!(r.phase, rollout::Phase::Halted | rollout::Phase::RolledBack) => continue,
             Some(r) => Some(r.document),
-            None => {
-                let mut found = None;
-                for dev in &d.devices {
-                    if let Some(c) = store.command(dev, &format!("{id}.{dev}"))?
-                        && let outpost_shared::protocol::CommandKind::Deploy { document, .. } = c.kind
-                    {
-                        found = Some(document);
-                        break;
-                    }
-                }
-                found
-            }
+            None => store.deployment_document(id, d)?,
         };
         if let Some(document) = document {
             return Ok(Some(Previous {

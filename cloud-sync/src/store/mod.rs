@@ -1102,6 +1102,19 @@ impl Store {
         self.put_row(DEPLOYMENTS, id, d)
     }
 
+    /// The document a deployment sent, from the first of its devices' commands that holds it
+    /// (every device gets the same one; a rollout keeps it in its row too).
+    pub fn deployment_document(&self, id: &str, d: &Deployment) -> Result<Option<String>, StoreError> {
+        for dev in &d.devices {
+            if let Some(CommandKind::Deploy { document, .. }) =
+                self.command(dev, &format!("{id}.{dev}"))?.map(|c| c.kind)
+            {
+                return Ok(Some(document));
+            }
+        }
+        Ok(None)
+    }
+
     /// A deployment.
     pub fn deployment(&self, id: &str) -> Result<Option<Deployment>, StoreError> {
         self.get_row(DEPLOYMENTS, id, "deployment")
