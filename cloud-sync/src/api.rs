@@ -88,7 +88,9 @@ pub(crate) fn status_of(e: &StoreError) -> StatusCode {
         StoreError::Invalid(_) => StatusCode::BAD_REQUEST,
         StoreError::DeviceLimit(_) => StatusCode::INSUFFICIENT_STORAGE,
         StoreError::Task(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        StoreError::Storage(_) | StoreError::Corrupt { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        StoreError::Storage(_) | StoreError::Corrupt { .. } | StoreError::Unavailable(_) | StoreError::Conflict(_) => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
     }
 }
 

@@ -4,7 +4,7 @@
 //! `docs/protocol.md`); operators and the console use its HTTP JSON API. It stores everything in
 //! redb: devices and their presence, a mirror of every run with its full history (idempotent by
 //! device and sequence), commands waiting for their device, deployments, desired and reported
-//! state. With no broker given it starts an embedded one (rumqttd) on loopback.
+//! state; or, for several replicas, in Postgres. With no broker given it starts an embedded one (rumqttd) on loopback.
 
 #![warn(missing_docs)]
 
@@ -22,6 +22,7 @@ pub mod pki;
 pub mod rollout;
 pub mod service;
 pub mod store;
+pub mod testing;
 
 pub use service::{Link, Security, Service};
 pub use store::Store;

@@ -370,7 +370,10 @@ impl Service {
     /// and keeps the message unacked; other errors are the message's own.
     fn store_failed(&self, device: &str, what: &str, e: &StoreError) {
         warn!(device, error = %e, "cannot store {what}");
-        if matches!(e, StoreError::Storage(_) | StoreError::Task(_)) {
+        if matches!(
+            e,
+            StoreError::Storage(_) | StoreError::Task(_) | StoreError::Unavailable(_) | StoreError::Conflict(_)
+        ) {
             self.store.storage_failed();
             self.retry.store(true, Ordering::SeqCst);
         }

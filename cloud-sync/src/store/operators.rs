@@ -1,17 +1,10 @@
 //! Operators' rows: console users, API tokens and the audit trail. The rules about them (roles,
 //! password hashing, who may do what) live in `crate::operators`; this is only their storage.
 
-use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
+use super::tables::{Dir, Owned, Part::Num, Part::Str, T};
 use super::{Store, StoreError, dec, enc};
-
-/// User name → `UserRow`.
-const USERS: TableDefinition<&str, &[u8]> = TableDefinition::new("users");
-/// Token id → `TokenRow`.
-const API_TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("api_tokens");
-/// Entry number → `AuditRow`, append-only: nothing here deletes or rewrites an entry.
-const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
 
 /// A console user.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -87,102 +80,77 @@ impl AuditFilter {
 }
 
 impl Store {
-    pub(super) fn prepare_operators(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
-        txn.open_table(USERS)?;
-        txn.open_table(API_TOKENS)?;
-        txn.open_table(AUDIT)?;
-        Ok(())
-    }
-
     /// A user, if there is one by that name.
     pub fn user(&self, name: &str) -> Result<Option<UserRow>, StoreError> {
-        self.get_row(USERS, name, "user")
-    }
-
-    /// Every row of a table keyed by a string, in key order.
-    fn all_rows<T: for<'de> Deserialize<'de>>(
-        &self,
-        table: TableDefinition<&str, &[u8]>,
-        what: &'static str,
-    ) -> Result<Vec<(String, T)>, StoreError> {
-        let txn = self.db()?.begin_read()?;
-        let t = txn.open_table(table)?;
-        let mut out = Vec::new();
-        for row in t.iter()? {
-            let (k, v) = row?;
-            out.push((k.value().to_string(), dec(what, v.value())?));
-        }
-        Ok(out)
+        self.get_one(T::Users, name, "user")
     }
 
     /// Every user, by name.
     pub fn users(&self) -> Result<Vec<(String, UserRow)>, StoreError> {
-        self.all_rows(USERS, "user")
+        self.all_rows(T::Users, "user")
     }
 
     /// Creates or replaces a user.
     pub fn put_user(&self, name: &str, row: &UserRow) -> Result<(), StoreError> {
-        self.put_row(USERS, name, row)
+        self.put_one(T::Users, name, row)
     }
 
     /// Creates a user unless one by that name exists (then `Invalid`), in one transaction.
     pub fn add_user(&self, name: &str, row: &UserRow) -> Result<(), StoreError> {
-        let txn = self.db()?.begin_write()?;
-        {
-            let mut t = txn.open_table(USERS)?;
-            if t.get(name)?.is_some() {
+        let bytes = enc(row);
+        self.write(|tx| {
+            if tx.get(T::Users, &[Str(name)])?.is_some() {
                 return Err(StoreError::Invalid(format!("user '{name}' exists already")));
             }
-            t.insert(name, enc(row).as_slice())?;
-        }
-        txn.commit()?;
-        Ok(())
+            tx.put(T::Users, &[Str(name)], &bytes)
+        })
     }
 
     /// A token by id.
     pub fn token(&self, id: &str) -> Result<Option<TokenRow>, StoreError> {
-        self.get_row(API_TOKENS, id, "token")
+        self.get_one(T::ApiTokens, id, "token")
     }
 
     /// Every token, by id.
     pub fn tokens(&self) -> Result<Vec<(String, TokenRow)>, StoreError> {
-        self.all_rows(API_TOKENS, "token")
+        self.all_rows(T::ApiTokens, "token")
     }
 
     /// Creates or replaces a token row.
     pub fn put_token(&self, id: &str, row: &TokenRow) -> Result<(), StoreError> {
-        self.put_row(API_TOKENS, id, row)
+        self.put_one(T::ApiTokens, id, row)
     }
 
     /// Appends an entry to the audit trail; returns its number.
     pub fn append_audit(&self, row: &AuditRow) -> Result<u64, StoreError> {
-        let txn = self.db()?.begin_write()?;
-        let n = {
-            let mut t = txn.open_table(AUDIT)?;
-            let n = t.last()?.map_or(1, |(k, _)| k.value() + 1);
-            t.insert(n, enc(row).as_slice())?;
-            n
-        };
-        txn.commit()?;
-        Ok(n)
+        let bytes = enc(row);
+        self.write(|tx| {
+            let mut last = 0;
+            tx.scan(T::Audit, &[], None, Dir::Down, &mut |k, _| {
+                last = k.first().map_or(0, Owned::num);
+                Ok(false)
+            })?;
+            tx.put(T::Audit, &[Num(last + 1)], &bytes)?;
+            Ok(last + 1)
+        })
     }
 
     /// The newest `limit` audit entries that match, newest first.
     pub fn audit(&self, filter: &AuditFilter, limit: usize) -> Result<Vec<(u64, AuditRow)>, StoreError> {
-        let txn = self.db()?.begin_read()?;
-        let t = txn.open_table(AUDIT)?;
-        let mut out = Vec::new();
-        for row in t.iter()?.rev() {
-            if out.len() >= limit {
-                break;
-            }
-            let (k, v) = row?;
-            let r: AuditRow = dec("audit entry", v.value())?;
-            if filter.matches(&r) {
-                out.push((k.value(), r));
-            }
-        }
-        Ok(out)
+        self.read(|tx| {
+            let mut out = Vec::new();
+            tx.scan(T::Audit, &[], None, Dir::Down, &mut |k, v| {
+                if out.len() >= limit {
+                    return Ok(false);
+                }
+                let r: AuditRow = dec("audit entry", v)?;
+                if filter.matches(&r) {
+                    out.push((k.first().map_or(0, Owned::num), r));
+                }
+                Ok(true)
+            })?;
+            Ok(out)
+        })
     }
 }
 
