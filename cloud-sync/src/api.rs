@@ -49,7 +49,9 @@ pub fn router(service: Arc<Service>, access: Arc<Access>) -> Router {
 type S = State<Arc<Service>>;
 
 /// 200 while the store works; 503 from a storage failure until it has been reopened, so a load
-/// balancer or systemd watchdog sees a cloud-sync that cannot store anything.
+/// balancer or systemd watchdog sees a cloud-sync that cannot store anything. It names this
+/// replica, its store and whether its broker connection is up (a replica without its broker
+/// still serves the API and the console, so that alone does not fail the check).
 async fn health(State(s): S) -> (axum::http::StatusCode, Json<Value>) {
     let ok = s.store.healthy();
     let code = if ok {
@@ -58,9 +60,17 @@ async fn health(State(s): S) -> (axum::http::StatusCode, Json<Value>) {
         axum::http::StatusCode::SERVICE_UNAVAILABLE
     };
     let store = if ok { "ok" } else { "failing: storage error, reopening" };
+    let broker = if s.broker_connected() { "connected" } else { "disconnected" };
     (
         code,
-        Json(json!({"ok": ok, "store": store, "version": env!("CARGO_PKG_VERSION")})),
+        Json(json!({
+            "ok": ok,
+            "store": store,
+            "store_backend": s.store.location(),
+            "broker": broker,
+            "replica": s.client_id,
+            "version": env!("CARGO_PKG_VERSION"),
+        })),
     )
 }
 

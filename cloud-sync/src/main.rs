@@ -33,6 +33,10 @@ struct Cli {
     /// Where the store (cloud.redb) lives.
     #[arg(long, global = true, env = "OUTPOST_CLOUD_DATA_DIR", default_value = "cloud-data")]
     data_dir: PathBuf,
+    /// The store: a `postgres://USER@HOST:PORT/DB` URL, shared by every replica of a scaled-out
+    /// fleet service (docs/scale-out.md) [default: the redb file DATA_DIR/cloud.redb].
+    #[arg(long, global = true, env = "OUTPOST_CLOUD_STORE", value_name = "URL")]
+    store: Option<String>,
     /// The fleet PKI directory [default: DATA_DIR/pki].
     #[arg(long, global = true, env = "OUTPOST_CLOUD_PKI", value_name = "DIR")]
     pki: Option<PathBuf>,
@@ -204,6 +208,12 @@ struct Args {
     /// fleet (pre-provisioning); without it such commands are refused with 404.
     #[arg(long)]
     allow_unknown_devices: bool,
+    /// Run as one of several replicas on one Postgres store (--store postgres://…) and an
+    /// external broker: subscribe to device traffic as MQTT shared subscriptions
+    /// ($share/GROUP/…), so each message goes to one replica. Give each replica its own
+    /// --client-id. See docs/scale-out.md.
+    #[arg(long, env = "OUTPOST_CLOUD_SHARED_GROUP", value_name = "GROUP")]
+    shared_group: Option<String>,
     /// Most devices the store takes; births and events of further new device ids are refused
     /// (counted as rejected.device_limit).
     #[arg(long, env = "OUTPOST_CLOUD_MAX_DEVICES", default_value_t = outpost_cloud_sync::store::DEFAULT_MAX_DEVICES)]
@@ -264,22 +274,28 @@ fn local_user() -> String {
 
 /// Runs an admin command: through the running service's admin socket, or on the store itself
 /// when no service runs.
-fn operator_command(data_dir: &std::path::Path, req: AdminRequest) -> anyhow::Result<()> {
+fn operator_command(data_dir: &std::path::Path, store: Option<&str>, req: AdminRequest) -> anyhow::Result<()> {
     let socket = outpost_cloud_sync::admin_socket::path(data_dir);
     let reply = match outpost_cloud_sync::admin_socket::request(&socket, &req) {
         Some(r) => r.map_err(anyhow::Error::msg)?,
         None => {
-            let path = data_dir.join("cloud.redb");
-            if !path.exists() {
-                std::fs::create_dir_all(data_dir).with_context(|| format!("data directory {}", data_dir.display()))?;
-            }
-            let store = Store::open(&path).map_err(|e| {
-                anyhow::anyhow!(
-                    "cannot open the store {}: {e}\n  (if outpost-cloud is running, its admin socket {} should answer: is it running as another user?)",
-                    path.display(),
-                    socket.display()
-                )
-            })?;
+            let store = match store {
+                Some(url) => Store::open_spec(url).map_err(|e| anyhow::anyhow!("cannot open the store {url}: {e}"))?,
+                None => {
+                    let path = data_dir.join("cloud.redb");
+                    if !path.exists() {
+                        std::fs::create_dir_all(data_dir)
+                            .with_context(|| format!("data directory {}", data_dir.display()))?;
+                    }
+                    Store::open(&path).map_err(|e| {
+                        anyhow::anyhow!(
+                            "cannot open the store {}: {e}\n  (if outpost-cloud is running, its admin socket {} should answer: is it running as another user?)",
+                            path.display(),
+                            socket.display()
+                        )
+                    })?
+                }
+            };
             let now = outpost_cloud_sync::service::now_ms();
             outpost_cloud_sync::operators::admin::execute(&store, &req, &local_user(), "local", now)?
         }
@@ -300,7 +316,7 @@ fn read_password_stdin() -> anyhow::Result<String> {
 }
 
 /// The `pki`, `devices`, `users` and `tokens` commands.
-fn admin(data_dir: &std::path::Path, pki: &Pki, command: CloudCmd) -> anyhow::Result<()> {
+fn admin(data_dir: &std::path::Path, store: Option<&str>, pki: &Pki, command: CloudCmd) -> anyhow::Result<()> {
     match command {
         CloudCmd::Users { command } => {
             let req = match command {
@@ -318,7 +334,7 @@ fn admin(data_dir: &std::path::Path, pki: &Pki, command: CloudCmd) -> anyhow::Re
                 UsersCmd::Enable { name } => AdminRequest::UsersEnable { name },
                 UsersCmd::ResetPassword { name } => AdminRequest::UsersResetPassword { name },
             };
-            return operator_command(data_dir, req);
+            return operator_command(data_dir, store, req);
         }
         CloudCmd::Tokens { command } => {
             let req = match command {
@@ -330,7 +346,7 @@ fn admin(data_dir: &std::path::Path, pki: &Pki, command: CloudCmd) -> anyhow::Re
                 TokensCmd::List => AdminRequest::TokensList,
                 TokensCmd::Revoke { token } => AdminRequest::TokensRevoke { token },
             };
-            return operator_command(data_dir, req);
+            return operator_command(data_dir, store, req);
         }
         CloudCmd::Pki {
             command: PkiCmd::Init { broker_names },
@@ -391,16 +407,43 @@ fn admin(data_dir: &std::path::Path, pki: &Pki, command: CloudCmd) -> anyhow::Re
     Ok(())
 }
 
-async fn run(data_dir: PathBuf, pki: Pki, args: Args) -> anyhow::Result<()> {
+async fn run(data_dir: PathBuf, store_url: Option<String>, pki: Pki, args: Args) -> anyhow::Result<()> {
     std::fs::create_dir_all(&data_dir).with_context(|| format!("data directory {}", data_dir.display()))?;
+    if let Some(group) = &args.shared_group {
+        if group.is_empty() || group.contains(['/', '+', '#']) {
+            anyhow::bail!("--shared-group '{group}': a group name is one topic level, without / + or #");
+        }
+        if args.broker.is_none() {
+            anyhow::bail!("--shared-group needs --broker: replicas share an external broker, not each one's embedded one");
+        }
+        if !store_url.as_deref().is_some_and(|u| u.starts_with("postgres")) {
+            anyhow::bail!(
+                "--shared-group needs --store postgres://…: each replica stores the messages it receives, so they \
+                 must share one store"
+            );
+        }
+    }
     let store_path = data_dir.join("cloud.redb");
-    let store = open_store(&store_path).map_err(|e| {
-        anyhow::anyhow!(
-            "cannot open the store {}: {e}\n  if the file is damaged, move it aside (keep it for forensics) and start \
-             with an empty store, or restore it from a backup",
-            store_path.display()
-        )
-    })?;
+    let store = match &store_url {
+        Some(url) => {
+            let url = url.clone();
+            // Connecting waits on the network: off the async workers.
+            tokio::task::spawn_blocking(move || Store::open_spec(&url))
+                .await?
+                .map_err(|e| anyhow::anyhow!("cannot open the store: {e}"))?
+        }
+        None => open_store(&store_path).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot open the store {}: {e}\n  if the file is damaged, move it aside (keep it for forensics) and start \
+                 with an empty store, or restore it from a backup",
+                store_path.display()
+            )
+        })?,
+    };
+    let store_shown = match store.kind() {
+        "redb" => store_path.display().to_string(),
+        _ => store.location(),
+    };
     store.set_max_devices(args.max_devices);
     if let Some(password) =
         outpost_cloud_sync::operators::admin::first_admin(&store, outpost_cloud_sync::service::now_ms())?
@@ -516,6 +559,7 @@ async fn run(data_dir: PathBuf, pki: Pki, args: Args) -> anyhow::Result<()> {
         tls,
         security,
         allow_unknown_devices: args.allow_unknown_devices,
+        shared_group: args.shared_group.clone(),
     };
     let service = Service::start(store, link);
     if let Some(stats) = gate {
@@ -555,8 +599,7 @@ async fn run(data_dir: PathBuf, pki: Pki, args: Args) -> anyhow::Result<()> {
     let mqtt_url = format!("{scheme}://{host}:{port}");
     println!(
         "outpost-cloud: API on {web}://{}/v1/devices, MQTT at {mqtt_url}, store {}",
-        args.listen,
-        store_path.display()
+        args.listen, store_shown
     );
     println!("console: {web}://{}/", args.listen);
     let mut demo = None;
@@ -830,7 +873,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let pki = Pki::new(cli.pki.clone().unwrap_or_else(|| cli.data_dir.join("pki")));
     if let Some(command) = cli.command {
-        return match admin(&cli.data_dir, &pki, command) {
+        return match admin(&cli.data_dir, cli.store.as_deref(), &pki, command) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: {e:#}");
@@ -849,7 +892,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(cli.data_dir, pki, cli.serve)) {
+    match rt.block_on(run(cli.data_dir, cli.store, pki, cli.serve)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -34,9 +34,25 @@ pub fn admin(dir: &Path, args: &[&str]) -> std::process::Output {
     admin_with_stdin(dir, args, "")
 }
 
+/// The store URL a cloud's data directory is bound to when the suite runs on Postgres
+/// (`OUTPOST_TEST_STORE=postgres`): its own database, named in `harness.store-url`.
+fn store_url(dir: &Path) -> Option<String> {
+    std::fs::read_to_string(dir.join("harness.store-url")).ok()
+}
+
+/// True when the suite runs its clouds on Postgres (`OUTPOST_TEST_STORE=postgres`; CI runs the
+/// sync, console and command tests that way too).
+pub fn on_postgres() -> bool {
+    std::env::var("OUTPOST_TEST_STORE").is_ok_and(|v| v == "postgres")
+}
+
 /// Runs an admin command with `input` on its standard input (`--password-stdin`).
 pub fn admin_with_stdin(dir: &Path, args: &[&str], input: &str) -> std::process::Output {
-    let mut child = Command::new(cloud_bin())
+    let mut cmd = Command::new(cloud_bin());
+    if let Some(url) = store_url(dir) {
+        cmd.env("OUTPOST_CLOUD_STORE", url);
+    }
+    let mut child = cmd
         .arg("--data-dir")
         .arg(dir)
         .args(args)
@@ -97,6 +113,8 @@ pub struct Cloud {
     child: Option<Child>,
     secure: bool,
     args: Vec<String>,
+    /// The Postgres server this cloud's store lives on, when the suite runs on Postgres.
+    postgres: Option<std::sync::Arc<outpost_cloud_sync::testing::TestPostgres>>,
 }
 
 impl Cloud {
@@ -138,6 +156,7 @@ impl Cloud {
             child: None,
             secure,
             args: Vec::new(),
+            postgres: None,
         };
         c.restart();
         c
@@ -156,6 +175,31 @@ impl Cloud {
             child: None,
             secure: false,
             args: args.iter().map(|a| a.to_string()).collect(),
+            postgres: None,
+        };
+        c.restart();
+        c
+    }
+
+    /// Starts replica `n` of a scaled-out cloud-sync: the store at `store_url` (Postgres), the
+    /// broker on `mqtt_port` (Mosquitto), device traffic through the shared subscription group
+    /// `outpost-cloud`, its own client id.
+    pub fn replica(dir: &Path, mqtt_port: u16, store_url: &str, n: usize) -> Cloud {
+        std::fs::create_dir_all(dir).expect("replica dir");
+        std::fs::write(dir.join("harness.store-url"), store_url).expect("harness.store-url");
+        let mut c = Cloud {
+            dir: dir.to_path_buf(),
+            api: free_port(),
+            mqtt: mqtt_port,
+            external: Some(format!("mqtt://127.0.0.1:{mqtt_port}")),
+            env: Vec::new(),
+            child: None,
+            secure: false,
+            args: ["--shared-group", "outpost-cloud", "--client-id", &format!("replica-{n}")]
+                .iter()
+                .map(|a| a.to_string())
+                .collect(),
+            postgres: None,
         };
         c.restart();
         c
@@ -252,6 +296,12 @@ impl Cloud {
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "cloud already running");
         std::fs::create_dir_all(&self.dir).expect("cloud dir");
+        if on_postgres() && self.postgres.is_none() && store_url(&self.dir).is_none() {
+            let pg = outpost_cloud_sync::testing::TestPostgres::start().expect("start a test Postgres");
+            let url = pg.create_database("cloud").expect("createdb");
+            std::fs::write(self.dir.join("harness.store-url"), url).expect("harness.store-url");
+            self.postgres = Some(std::sync::Arc::new(pg));
+        }
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -261,7 +311,8 @@ impl Cloud {
         let token = match std::fs::read_to_string(&token_file) {
             Ok(t) => t,
             Err(_) => {
-                let t = create_token(&self.dir, "harness", &["admin"]);
+                // Named by port: replicas share one store, and token names are unique in it.
+                let t = create_token(&self.dir, &format!("harness-{}", self.api), &["admin"]);
                 std::fs::write(&token_file, &t).expect("harness token");
                 t
             }
@@ -272,6 +323,9 @@ impl Cloud {
             tokens.push((self.api, token));
         }
         let mut cmd = Command::new(cloud_bin());
+        if let Some(url) = store_url(&self.dir) {
+            cmd.env("OUTPOST_CLOUD_STORE", url);
+        }
         cmd.arg("--data-dir")
             .arg(&self.dir)
             .args(["--listen", &format!("127.0.0.1:{}", self.api)]);
@@ -304,6 +358,13 @@ impl Cloud {
         while !up(self.api) {
             assert!(Instant::now() < deadline, "cloud did not come up:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(30));
+        }
+        if store_url(&self.dir).is_some() && !https {
+            let health = self.get("/v1/health");
+            assert!(
+                health["store_backend"].as_str().is_some_and(|b| b.starts_with("postgres ")),
+                "the suite runs on Postgres but cloud-sync says {health}"
+            );
         }
     }
 
@@ -394,6 +455,16 @@ pub fn http(method: &str, port: u16, path: &str, body: Option<&str>) -> std::io:
     )
 }
 
+/// One read, again when a signal interrupted it (the suite's children come and go).
+fn read_some(s: &mut TcpStream, buf: &mut [u8]) -> std::io::Result<usize> {
+    loop {
+        match s.read(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
 /// One request with the given extra header lines (each ending in CRLF) and content type.
 pub fn http_raw(
     method: &str,
@@ -419,7 +490,7 @@ pub fn http_raw(
         if let Some(i) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
             break i + 4;
         }
-        let n = s.read(&mut buf)?;
+        let n = read_some(&mut s, &mut buf)?;
         if n == 0 {
             break raw.len();
         }
@@ -434,7 +505,7 @@ pub fn http_raw(
     match length {
         Some(len) => {
             while raw.len() < head_end + len {
-                let n = s.read(&mut buf)?;
+                let n = read_some(&mut s, &mut buf)?;
                 if n == 0 {
                     break;
                 }

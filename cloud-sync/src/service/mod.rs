@@ -83,6 +83,9 @@ pub struct Link {
     /// Queue commands for devices never seen and never enrolled (pre-provisioning); without
     /// it such a command is refused, since it would wait forever for a typo.
     pub allow_unknown_devices: bool,
+    /// The MQTT shared-subscription group of the replicas (`$share/GROUP/…`): each device
+    /// message goes to one of them. `None`: this process alone takes every message.
+    pub shared_group: Option<String>,
 }
 
 /// The cloud-sync service.
@@ -107,6 +110,11 @@ pub struct Service {
     /// Held while a rollout is read, decided on and stored, so the ticker and an operator's
     /// order never both move one from the same state.
     rollout_lock: tokio::sync::Mutex<()>,
+    /// True while the MQTT connection is up (`/v1/health` reports it).
+    broker_up: std::sync::atomic::AtomicBool,
+    /// This replica's MQTT client id (`/v1/health` names it).
+    pub client_id: String,
+    shared_group: Option<String>,
 }
 
 /// How often batched counters reach the store.
@@ -168,6 +176,13 @@ async fn flush_counts(service: std::sync::Weak<Service>) {
         tokio::time::sleep(COUNT_FLUSH).await;
         let Some(s) = service.upgrade() else { return };
         s.save_counts().await;
+    }
+}
+
+impl Service {
+    /// True while the service's MQTT connection is up.
+    pub fn broker_connected(&self) -> bool {
+        self.broker_up.load(Ordering::SeqCst)
     }
 }
 
@@ -255,6 +270,9 @@ impl Service {
             gate: std::sync::OnceLock::new(),
             allow_unknown_devices: link.allow_unknown_devices,
             rollout_lock: tokio::sync::Mutex::new(()),
+            broker_up: std::sync::atomic::AtomicBool::new(false),
+            client_id: link.client_id.clone(),
+            shared_group: link.shared_group.clone(),
         });
         tokio::spawn(flush_counts(Arc::downgrade(&service)));
         tokio::spawn(resend_pending(Arc::downgrade(&service), command_resend()));
@@ -263,6 +281,14 @@ impl Service {
         // to take its publishes (a birth answered with hundreds of pending commands deadlocked
         // here). The broker bounds it: every message in it is still unacked, and a broker
         // sends no more than its in-flight window of unacked messages to one client.
+        // Replicas on one Postgres store: a change another replica ingested refreshes the
+        // consoles served here too.
+        let weak = Arc::downgrade(&service);
+        service.store.on_change(Box::new(move || {
+            if let Some(s) = weak.upgrade() {
+                s.changes.send_modify(|n| *n = n.wrapping_add(1));
+            }
+        }));
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(poll(eventloop, service.clone(), tx));
         tokio::spawn(ingest(service.clone(), rx));
@@ -276,6 +302,7 @@ impl Service {
 
     fn notify(&self) {
         self.changes.send_modify(|n| *n = n.wrapping_add(1));
+        self.store.announce_change();
     }
 
     async fn publish(&self, device: &str, channel: Channel, body: &Body, retain: bool) {
@@ -1019,6 +1046,7 @@ async fn poll(mut eventloop: rumqttc::EventLoop, service: Arc<Service>, tx: mpsc
         match eventloop.poll().await {
             Ok(MqttEvent::Incoming(Packet::ConnAck(ack))) => {
                 backoff = Duration::from_millis(250);
+                service.broker_up.store(true, Ordering::SeqCst);
                 info!(session_present = ack.session_present, "connected to the broker");
                 for ch in [
                     Channel::Birth,
@@ -1028,7 +1056,10 @@ async fn poll(mut eventloop: rumqttc::EventLoop, service: Arc<Service>, tx: mpsc
                     Channel::Reported,
                     Channel::Inventory,
                 ] {
-                    let filter = service.topics.all_devices(ch);
+                    let filter = match &service.shared_group {
+                        Some(group) => format!("$share/{group}/{}", service.topics.all_devices(ch)),
+                        None => service.topics.all_devices(ch),
+                    };
                     if let Err(e) = service.client.try_subscribe(filter, QoS::AtLeastOnce) {
                         warn!(error = %e, "cannot subscribe");
                     }
@@ -1041,6 +1072,7 @@ async fn poll(mut eventloop: rumqttc::EventLoop, service: Arc<Service>, tx: mpsc
             }
             Ok(_) => {}
             Err(e) => {
+                service.broker_up.store(false, Ordering::SeqCst);
                 let wait = backoff.mul_f64(0.5 + fastrand::f64());
                 warn!(error = %e, retry_in = ?wait, "broker connection lost");
                 tokio::time::sleep(wait).await;

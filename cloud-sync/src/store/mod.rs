@@ -535,6 +535,22 @@ impl Store {
         self.max_devices.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Calls `f` whenever any replica on this store announces a change (Postgres `LISTEN`);
+    /// a redb store has no other writer, so nothing to hear.
+    pub fn on_change(&self, f: Box<dyn Fn() + Send + Sync>) {
+        if let Backend::Postgres(p) = &self.backend {
+            p.on_change(f);
+        }
+    }
+
+    /// Tells the other replicas the store changed (Postgres `NOTIFY`), so their consoles
+    /// refresh; nothing on redb.
+    pub fn announce_change(&self) {
+        if let Backend::Postgres(p) = &self.backend {
+            p.notify();
+        }
+    }
+
     /// Runs `f` on a consistent snapshot.
     fn read<R>(&self, f: impl FnOnce(&mut dyn Txn) -> Result<R, StoreError>) -> Result<R, StoreError> {
         match &self.backend {
@@ -1696,18 +1712,12 @@ mod postgres_tests {
     use super::*;
     use crate::testing::TestPostgres;
 
-    fn server() -> &'static TestPostgres {
-        static PG: std::sync::OnceLock<TestPostgres> = std::sync::OnceLock::new();
-        PG.get_or_init(|| TestPostgres::start().expect("start a test Postgres"))
-    }
-
-    fn store() -> Store {
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let url = server()
-            .create_database(&format!("unit_{}_{n}", std::process::id()))
-            .expect("createdb");
-        Store::connect(&url).expect("connect")
+    /// A store on a server of its own (stopped when the test ends).
+    fn store() -> (TestPostgres, Store) {
+        let pg = TestPostgres::start().expect("start a test Postgres");
+        let url = pg.create_database("unit").expect("createdb");
+        let s = Store::connect(&url).expect("connect");
+        (pg, s)
     }
 
     fn started(run: &str) -> Vec<u8> {
@@ -1724,7 +1734,7 @@ mod postgres_tests {
 
     #[test]
     fn batches_store_once_in_order_and_stop_at_a_gap() {
-        let s = store();
+        let (_pg, s) = store();
         let ev = |seq, r: Vec<u8>| WireEvent { seq, record: r };
         let a = s
             .store_events("gw", &[ev(1, started("r1")), ev(2, started("r2"))], 0)
@@ -1748,13 +1758,8 @@ mod postgres_tests {
     fn concurrent_writers_of_one_device_store_each_sequence_once_and_contiguously() {
         // Two "replicas" (two stores on one database) race the same device's batches, as two
         // cloud-sync processes behind a shared subscription would after a redelivery.
-        let url = {
-            let s = store();
-            s.set_max_devices(10);
-            s.device("x").unwrap();
-            let target = s.location();
-            format!("postgres://outpost@{}", target.trim_start_matches("postgres "))
-        };
+        let pg = TestPostgres::start().unwrap();
+        let url = pg.create_database("race").unwrap();
         let a = std::sync::Arc::new(Store::connect(&url).unwrap());
         let b = std::sync::Arc::new(Store::connect(&url).unwrap());
         let mut threads = Vec::new();
@@ -1793,7 +1798,7 @@ mod postgres_tests {
 
     #[test]
     fn commands_audit_and_counters_work_as_on_redb() {
-        let s = store();
+        let (_pg, s) = store();
         let kind = CommandKind::Cancel {
             run_id: "r".into(),
             reason: "x".into(),

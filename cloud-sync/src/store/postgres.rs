@@ -40,11 +40,22 @@ struct Conn {
     prepared: HashMap<String, Statement>,
 }
 
-/// Asks the driver thread for a new connection.
-type ConnectRequest = (
-    tokio_postgres::Config,
-    std::sync::mpsc::Sender<Result<Client, tokio_postgres::Error>>,
-);
+/// The channel replicas announce store changes on (`LISTEN`/`NOTIFY`).
+const CHANGES_CHANNEL: &str = "outpost_changes";
+
+/// Called when another replica (or this one) announced a change.
+pub(crate) type OnChange = Box<dyn Fn() + Send + Sync>;
+
+/// What the driver thread is asked to do.
+enum Request {
+    /// A new connection for the pool.
+    Connect(tokio_postgres::Config, std::sync::mpsc::Sender<Result<Client, tokio_postgres::Error>>),
+    /// Listen for change announcements for as long as the store lives (reconnecting after a
+    /// server restart), calling back on each.
+    Listen(tokio_postgres::Config, OnChange),
+    /// Announce a change to every listening replica.
+    Notify(tokio_postgres::Config),
+}
 
 /// The Postgres backend.
 pub(crate) struct Postgres {
@@ -52,7 +63,7 @@ pub(crate) struct Postgres {
     target: String,
     config: tokio_postgres::Config,
     /// Where connection requests go; the driver thread ends when this is dropped.
-    driver: Mutex<std::sync::mpsc::Sender<ConnectRequest>>,
+    driver: Mutex<std::sync::mpsc::Sender<Request>>,
     idle: Mutex<Vec<Conn>>,
     failing: AtomicBool,
 }
@@ -92,7 +103,7 @@ fn describe(c: &tokio_postgres::Config) -> String {
 }
 
 /// The driver thread: connects on request and runs each connection until it closes.
-fn drive(requests: std::sync::mpsc::Receiver<ConnectRequest>) {
+fn drive(requests: std::sync::mpsc::Receiver<Request>) {
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -100,7 +111,7 @@ fn drive(requests: std::sync::mpsc::Receiver<ConnectRequest>) {
             return;
         }
     };
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<ConnectRequest>();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Request>();
     // Blocking receives happen on a helper thread so the runtime keeps driving connections.
     std::thread::spawn(move || {
         while let Ok(r) = requests.recv() {
@@ -110,22 +121,71 @@ fn drive(requests: std::sync::mpsc::Receiver<ConnectRequest>) {
         }
     });
     rt.block_on(async move {
-        while let Some((config, reply)) = rx.recv().await {
-            match config.connect(tokio_postgres::NoTls).await {
-                Ok((client, connection)) => {
-                    tokio::spawn(async move {
-                        if let Err(e) = connection.await {
-                            tracing::warn!(error = %e, "postgres connection closed");
-                        }
-                    });
-                    let _ = reply.send(Ok(client));
+        let mut notifier: Option<Client> = None;
+        while let Some(request) = rx.recv().await {
+            match request {
+                Request::Connect(config, reply) => {
+                    let _ = reply.send(connect(&config).await);
                 }
-                Err(e) => {
-                    let _ = reply.send(Err(e));
+                Request::Listen(config, on_change) => {
+                    tokio::spawn(listen(config, on_change));
+                }
+                Request::Notify(config) => {
+                    if notifier.as_ref().is_none_or(Client::is_closed) {
+                        notifier = connect(&config).await.ok();
+                    }
+                    if let Some(c) = &notifier
+                        && let Err(e) = c.batch_execute(&format!("NOTIFY {CHANGES_CHANNEL}")).await
+                    {
+                        tracing::debug!(error = %e, "cannot announce a change");
+                    }
                 }
             }
         }
     });
+}
+
+/// A connection whose driving runs on this (the driver) thread.
+async fn connect(config: &tokio_postgres::Config) -> Result<Client, tokio_postgres::Error> {
+    let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::warn!(error = %e, "postgres connection closed");
+        }
+    });
+    Ok(client)
+}
+
+/// Listens for change announcements, reconnecting a second after the connection is lost.
+async fn listen(config: tokio_postgres::Config, on_change: OnChange) {
+    loop {
+        if let Ok((client, mut connection)) = config.connect(tokio_postgres::NoTls).await {
+            let sql = format!("LISTEN {CHANGES_CHANNEL}");
+            let listening = client.batch_execute(&sql);
+            let mut listening = std::pin::pin!(listening);
+            let mut subscribed = false;
+            loop {
+                // Drive the connection (and its notifications) while the LISTEN is in flight.
+                let message = std::future::poll_fn(|cx| {
+                    if !subscribed && let std::task::Poll::Ready(r) = listening.as_mut().poll(cx) {
+                        subscribed = true;
+                        if r.is_ok() {
+                            // Whatever changed while we were away: look again.
+                            on_change();
+                        }
+                    }
+                    connection.poll_message(cx)
+                })
+                .await;
+                match message {
+                    Some(Ok(tokio_postgres::AsyncMessage::Notification(_))) => on_change(),
+                    Some(Ok(_)) => {}
+                    Some(Err(_)) | None => break,
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 impl Postgres {
@@ -160,7 +220,7 @@ impl Postgres {
         self.driver
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .send((self.config.clone(), reply))
+            .send(Request::Connect(self.config.clone(), reply))
             .map_err(|_| StoreError::Unavailable("postgres: the connection thread is gone".into()))?;
         let client = answer
             .recv_timeout(Duration::from_secs(30))
@@ -170,6 +230,25 @@ impl Postgres {
             client,
             prepared: HashMap::new(),
         })
+    }
+
+    /// Calls `on_change` whenever any replica announces a change (`notify`).
+    pub(crate) fn on_change(&self, on_change: OnChange) {
+        let _ = self
+            .driver
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(Request::Listen(self.config.clone(), on_change));
+    }
+
+    /// Announces a change to every replica, without waiting (best effort: a lost announcement
+    /// delays a console's live update until the next one).
+    pub(crate) fn notify(&self) {
+        let _ = self
+            .driver
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(Request::Notify(self.config.clone()));
     }
 
     /// An idle connection, or a new one.

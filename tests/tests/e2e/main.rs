@@ -23,6 +23,7 @@ mod recovery;
 mod rollouts;
 mod run_model;
 mod saga;
+mod scale_out;
 mod schedules;
 mod security;
 mod signals;

@@ -1,0 +1,163 @@
+//! Scale-out: three cloud-sync replicas on one Postgres, device traffic through Mosquitto's
+//! shared subscriptions. Twenty gateways drain their offline backlogs while a replica is
+//! SIGKILLed and Postgres restarts: every (device, seq) is stored once, in order; commands
+//! queued while the gateways were offline are applied once each; every replica answers.
+
+use std::time::Duration;
+
+use outpost_cloud_sync::testing::TestPostgres;
+use outpost_tests::cloud::{Cloud, Proxy, http_text};
+use outpost_tests::{Agent, Mosquitto, eventually, write};
+use serde_json::json;
+
+/// A state machine of 31 events per run.
+const TICKS: &str = r#"
+name: ticks
+version: 1
+kind: state_machine
+steps:
+  - id: tick
+    action: set
+    args: {n: "{{ steps.tick.visits }}"}
+    choices:
+      - when: steps.tick.visits >= 28
+        next: done
+    default: tick
+  - id: done
+    action: set
+    args: {ticks: "{{ steps.tick.visits }}"}
+    end: succeed
+"#;
+
+const GATEWAYS: usize = 20;
+const RUNS: usize = 8;
+
+fn stored(cloud: &Cloud, device: &str) -> u64 {
+    cloud
+        .device(device)
+        .map(|d| d["stored_seq"].as_u64().unwrap_or(0))
+        .unwrap_or(0)
+}
+
+#[test]
+fn three_replicas_store_every_event_once_through_a_replica_kill_and_a_postgres_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let pg = TestPostgres::start().expect("Postgres (apt-get install postgresql)");
+    let url = pg.create_database("fleet").unwrap();
+    let broker = Mosquitto::start();
+    let mut replicas: Vec<Cloud> = (0..3)
+        .map(|n| Cloud::replica(&dir.path().join(format!("cloud-{n}")), broker.port, &url, n))
+        .collect();
+    for r in &replicas {
+        let h = r.get("/v1/health");
+        assert!(h["store_backend"].as_str().unwrap().starts_with("postgres "), "{h}");
+        eventually(Duration::from_secs(20), "each replica's broker link", || {
+            (r.get("/v1/health")["broker"] == "connected").then_some(())
+        });
+    }
+
+    // Twenty gateways come online, then lose their link and pile up a backlog.
+    let proxy = Proxy::start(broker.port);
+    let ticks = write(dir.path(), "ticks.yaml", TICKS);
+    let mut agents = Vec::new();
+    for i in 0..GATEWAYS {
+        let id = format!("gw{i:02}");
+        let flags = ["--broker", &proxy.url(), "--device-id", &id, "--drain-rate", "2000"];
+        let agent = Agent::start(&dir.path().join(&id), &flags);
+        agent.json(&["apply", &ticks]);
+        agents.push((id, agent));
+    }
+    for (id, _) in &agents {
+        replicas[0].wait_presence(id, true, Duration::from_secs(30));
+    }
+    proxy.cut();
+    for (_, agent) in &agents {
+        for r in 0..RUNS {
+            agent.json(&["start", "ticks", "--id", &format!("t{r}")]);
+        }
+    }
+    let mut totals = Vec::new();
+    for (id, agent) in &agents {
+        let total = eventually(Duration::from_secs(120), "the runs to complete offline", || {
+            let done = agent.json(&["list", "--status", "completed", "--limit", "100"]);
+            (done.as_array().unwrap().len() == RUNS)
+                .then(|| agent.json(&["status"])["journal"]["next_seq"].as_u64().unwrap() - 1)
+        });
+        assert!(stored(&replicas[1], id) < total, "{id}: nothing crosses a cut link");
+        totals.push(total);
+    }
+    // Commands queued on different replicas while the gateways are offline.
+    for (i, (id, _)) in agents.iter().enumerate() {
+        let via = &replicas[i % 3];
+        let (code, c) = via.send(
+            "POST",
+            &format!("/v1/devices/{id}/commands"),
+            &json!({"type": "start", "workflow": "ticks", "id": "queued-1", "run_id": "queued"}),
+        );
+        assert_eq!(code, 202, "{c}");
+    }
+
+    // The link returns. Mid-drain a replica is SIGKILLed and Postgres restarts.
+    proxy.restore();
+    let all: u64 = totals.iter().sum();
+    let stored_all = |c: &Cloud| agents.iter().map(|(id, _)| stored(c, id)).sum::<u64>();
+    eventually(Duration::from_secs(120), "the drain to get going", || {
+        (stored_all(&replicas[1]) > all / 5).then_some(())
+    });
+    // Each replica takes a share of the traffic (the shared subscription at work).
+    let ingested = |c: &Cloud| -> u64 {
+        let text = http_text(c.api, "/metrics");
+        text.lines()
+            .find_map(|l| l.strip_prefix("outpost_cloud_events_ingested_total "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    eventually(Duration::from_secs(60), "every replica to ingest a share", || {
+        replicas.iter().all(|r| ingested(r) > 0).then_some(())
+    });
+    let before_kill = stored_all(&replicas[1]);
+    replicas[0].kill9();
+    eventually(Duration::from_secs(120), "the drain to go on without it", || {
+        (stored_all(&replicas[1]) > all / 2).then_some(())
+    });
+    assert!(before_kill < all, "the kill came mid-drain");
+    pg.stop().unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    pg.start_again().unwrap();
+    replicas[0].restart();
+    eventually(Duration::from_secs(180), "every event to arrive", || {
+        (stored_all(&replicas[2]) >= all + 31 * GATEWAYS as u64).then_some(())
+    });
+
+    // Exactly once, in order: each device's mirror has what its journal has, no more.
+    for ((id, agent), total) in agents.iter().zip(&totals) {
+        let end = agent.json(&["status"])["journal"]["next_seq"].as_u64().unwrap() - 1;
+        assert!(end > *total, "{id}: the queued command's run was journaled too");
+        assert_eq!(stored(&replicas[0], id), end, "{id}: stored up to the journal's end");
+        let runs = replicas[1].get(&format!("/v1/devices/{id}/runs"));
+        let runs = runs.as_array().unwrap();
+        let sum: u64 = runs.iter().map(|r| r["events"].as_u64().unwrap()).sum();
+        assert_eq!(sum, end, "{id}: each event stored once");
+        for r in runs {
+            let local = agent.json(&["show", r["run_id"].as_str().unwrap()]);
+            assert_eq!(r["events"], local["events"], "{id} run {}", r["run_id"]);
+        }
+        let h = replicas[2].get(&format!("/v1/devices/{id}/runs/t3"));
+        let h = h["history"].as_array().unwrap();
+        assert!(h.windows(2).all(|w| w[0]["seq"].as_u64() < w[1]["seq"].as_u64()));
+        // The queued command: applied once, one run.
+        let c = replicas[2].get(&format!("/v1/devices/{id}/commands/queued-1"));
+        assert_eq!(c["state"], "applied", "{id}: {c}");
+        let queued: Vec<_> = runs.iter().filter(|r| r["run_id"] == "queued").collect();
+        assert_eq!(queued.len(), 1, "{id}");
+    }
+
+    // Every replica answers the API and the console with the whole fleet.
+    for r in &replicas {
+        let devices = r.get("/v1/devices");
+        assert_eq!(devices.as_array().unwrap().len(), GATEWAYS, "{devices}");
+        let page = http_text(r.api, "/");
+        assert!(page.contains("gw00") && page.contains("gw19"), "the fleet page on every replica");
+        assert_eq!(r.get("/v1/health")["ok"], true);
+    }
+}
