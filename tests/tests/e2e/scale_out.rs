@@ -152,6 +152,25 @@ fn three_replicas_store_every_event_once_through_a_replica_kill_and_a_postgres_r
         assert_eq!(queued.len(), 1, "{id}");
     }
 
+    // A change made through one replica refreshes a console open on another (NOTIFY/LISTEN):
+    // gw19 is gone, so nothing of it reaches replica 2 over MQTT meanwhile.
+    let (last_id, last) = agents.last_mut().unwrap();
+    last.kill9();
+    let last_id = last_id.clone();
+    replicas[1].wait_presence(&last_id, false, Duration::from_secs(60));
+    std::thread::sleep(Duration::from_millis(1000));
+    let live = LiveStream::open(replicas[2].api);
+    let (code, c) = replicas[1].send(
+        "POST",
+        &format!("/v1/devices/{last_id}/commands"),
+        &json!({"type": "cancel", "run_id": "queued", "id": "late-1"}),
+    );
+    assert_eq!(code, 202, "{c}");
+    assert!(
+        live.saw_change(Duration::from_secs(10)),
+        "a console on replica 2 hears of a command queued on replica 1"
+    );
+
     // Every replica answers the API and the console with the whole fleet.
     for r in &replicas {
         let devices = r.get("/v1/devices");
@@ -159,5 +178,42 @@ fn three_replicas_store_every_event_once_through_a_replica_kill_and_a_postgres_r
         let page = http_text(r.api, "/");
         assert!(page.contains("gw00") && page.contains("gw19"), "the fleet page on every replica");
         assert_eq!(r.get("/v1/health")["ok"], true);
+    }
+}
+
+/// A console's live stream (`/console/live`, server-sent events) on one replica.
+struct LiveStream(std::net::TcpStream);
+
+impl LiveStream {
+    fn open(port: u16) -> LiveStream {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let token = outpost_tests::cloud::token_for(port).unwrap();
+        write!(
+            s,
+            "GET /console/live HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n\r\n"
+        )
+        .unwrap();
+        LiveStream(s)
+    }
+
+    /// True when an `event: change` arrives within `wait`.
+    fn saw_change(mut self, wait: Duration) -> bool {
+        use std::io::Read;
+        let deadline = std::time::Instant::now() + wait;
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        while std::time::Instant::now() < deadline {
+            self.0.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+            match self.0.read(&mut buf) {
+                Ok(0) => return false,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+                Err(_) => {}
+            }
+            if String::from_utf8_lossy(&seen).contains("event: change") {
+                return true;
+            }
+        }
+        false
     }
 }
