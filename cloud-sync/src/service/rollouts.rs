@@ -152,6 +152,8 @@ impl Service {
     async fn advance_rollouts(&self) -> Result<(), StoreError> {
         let _held = self.rollout_lock.lock().await;
         let store = self.store.clone();
+        let _across = blocking(move || store.lock_across_replicas("rollouts")).await?;
+        let store = self.store.clone();
         let list = blocking(move || store.active_rollouts()).await?;
         for (id, r) in list {
             if let Err(e) = self.advance(&id, r).await {
@@ -251,6 +253,8 @@ impl Service {
     /// order does not apply now.
     pub async fn rollout_order(&self, id: &str, order: Order, who: &str) -> Result<Rollout, StoreError> {
         let _held = self.rollout_lock.lock().await;
+        let store = self.store.clone();
+        let _across = blocking(move || store.lock_across_replicas("rollouts")).await?;
         let (store, i) = (self.store.clone(), id.to_string());
         let r = blocking(move || store.rollout(&i)).await?.ok_or_else(|| {
             StoreError::NotFound(format!("deployment '{id}' is not a staged rollout (or does not exist)"))

@@ -408,6 +408,9 @@ pub struct Store {
     max_devices: std::sync::atomic::AtomicU64,
 }
 
+/// A lock held across replicas (`Store::lock_across_replicas`), released when dropped.
+pub struct ReplicaLock(#[allow(dead_code)] Option<postgres::Held>);
+
 /// Answered commands kept per device (newest first; deployment commands are kept with their
 /// deployment). Older answers go when a new one arrives.
 pub const KEEP_ANSWERED_COMMANDS: usize = 1000;
@@ -548,6 +551,22 @@ impl Store {
     pub fn announce_change(&self) {
         if let Backend::Postgres(p) = &self.backend {
             p.notify();
+        }
+    }
+
+    /// Holds `name` exclusively across every replica on this store until the guard drops (a
+    /// Postgres advisory lock; a redb store has one process, so nothing to wait for). The
+    /// rollout steps take it: two replicas never move one rollout from the same state.
+    pub fn lock_across_replicas(&self, name: &str) -> Result<ReplicaLock, StoreError> {
+        match &self.backend {
+            Backend::Redb(_) => Ok(ReplicaLock(None)),
+            Backend::Postgres(p) => {
+                // FNV-1a: a stable key for the name.
+                let key = name
+                    .bytes()
+                    .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+                Ok(ReplicaLock(Some(p.lock(key as i64)?)))
+            }
         }
     }
 
@@ -1860,6 +1879,27 @@ mod postgres_tests {
         assert_eq!(s.workflows("gw").unwrap(), [("w".to_string(), 3)]);
         assert_eq!(s.definition("gw", "w", 2).unwrap().as_deref(), Some("{\"v\":2}"));
         assert_eq!(s.equipment("gw").unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_lock_across_replicas_is_held_by_one_at_a_time() {
+        let pg = TestPostgres::start().unwrap();
+        let url = pg.create_database("locks").unwrap();
+        let a = Store::connect(&url).unwrap();
+        let b = std::sync::Arc::new(Store::connect(&url).unwrap());
+        let held = a.lock_across_replicas("rollouts").unwrap();
+        let taken = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (b2, t2) = (b.clone(), taken.clone());
+        let waiter = std::thread::spawn(move || {
+            let _l = b2.lock_across_replicas("rollouts").unwrap();
+            t2.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        assert!(!taken.load(std::sync::atomic::Ordering::SeqCst), "the other replica waits");
+        let _other = a.lock_across_replicas("something else").unwrap();
+        drop(held);
+        waiter.join().unwrap();
+        assert!(taken.load(std::sync::atomic::Ordering::SeqCst));
     }
 
     #[test]

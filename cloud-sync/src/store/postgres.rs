@@ -251,6 +251,14 @@ impl Postgres {
             .send(Request::Notify(self.config.clone()));
     }
 
+    /// Waits for the session-level advisory lock `key`, held on a connection of its own until
+    /// the returned guard drops (closing that connection releases it, also if this process dies).
+    pub(crate) fn lock(&self, key: i64) -> Result<Held, StoreError> {
+        let c = self.new_conn()?;
+        block(c.client.execute("SELECT pg_advisory_lock($1)", &[&key]))?;
+        Ok(Held { _conn: c.client })
+    }
+
     /// An idle connection, or a new one.
     fn take(&self) -> Result<Conn, StoreError> {
         loop {
@@ -395,6 +403,11 @@ impl Postgres {
             }
         }
     }
+}
+
+/// An advisory lock held for as long as this lives.
+pub(crate) struct Held {
+    _conn: Client,
 }
 
 /// Waits for a client future on this thread (the connection is driven on its own thread).
