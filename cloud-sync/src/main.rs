@@ -156,6 +156,15 @@ enum PkiCmd {
         /// Topic prefix shared with the agents.
         #[arg(long, default_value = outpost_shared::protocol::DEFAULT_PREFIX)]
         sync_prefix: String,
+        /// Also give these cloud-sync replicas the service's access (repeatable; see `pki replica`).
+        #[arg(long = "replica", value_name = "NAME")]
+        replicas: Vec<String>,
+    },
+    /// Make the client certificate of one more cloud-sync replica (docs/scale-out.md): identity
+    /// NAME, which starts with `outpost-cloud-`; run that replica with `--client-id NAME`.
+    Replica {
+        /// The replica's name, e.g. outpost-cloud-2.
+        name: String,
     },
 }
 
@@ -375,10 +384,26 @@ fn admin(data_dir: &std::path::Path, store: Option<&str>, pki: &Pki, command: Cl
             );
         }
         CloudCmd::Pki {
-            command: PkiCmd::Mosquitto { out_dir, sync_prefix },
+            command: PkiCmd::Replica { name },
         } => {
-            let acl = outpost_cloud_sync::acl::Rules::new(&sync_prefix)
-                .mosquitto_acl(outpost_cloud_sync::pki::CLOUD_IDENTITY);
+            let (cert, key) = pki.replica(&name)?;
+            println!(
+                "replica {name}: certificate {} and key {}\n  run it with --client-id {name} (it finds them there), \
+                 and give the broker's ACL its access: outpost-cloud pki mosquitto --replica {name} …",
+                cert.display(),
+                key.display()
+            );
+        }
+        CloudCmd::Pki {
+            command: PkiCmd::Mosquitto {
+                out_dir,
+                sync_prefix,
+                replicas,
+            },
+        } => {
+            let mut services = vec![outpost_cloud_sync::pki::CLOUD_IDENTITY];
+            services.extend(replicas.iter().map(String::as_str));
+            let acl = outpost_cloud_sync::acl::Rules::new(&sync_prefix).mosquitto_acl(&services);
             let path = out_dir.join("outpost.acl");
             std::fs::write(&path, acl).with_context(|| format!("cannot write {}", path.display()))?;
             println!(
@@ -523,8 +548,8 @@ async fn run(data_dir: PathBuf, store_url: Option<String>, pki: Pki, args: Args)
             let tls = if url.tls {
                 let files = TlsFiles {
                     ca: args.ca.clone().unwrap_or_else(|| pki.file("ca.crt")),
-                    cert: Some(args.cert.clone().unwrap_or_else(|| pki.file("cloud.crt"))),
-                    key: Some(args.key.clone().unwrap_or_else(|| pki.file("cloud.key"))),
+                    cert: Some(args.cert.clone().unwrap_or_else(|| service_file(&pki, &args.client_id, "crt"))),
+                    key: Some(args.key.clone().unwrap_or_else(|| service_file(&pki, &args.client_id, "key"))),
                 };
                 Some(outpost_shared::tls::client_config(&files)?)
             } else {
@@ -693,6 +718,17 @@ fn host_name() -> String {
         "localhost".into()
     } else {
         host.to_string()
+    }
+}
+
+/// This service's client certificate or key: a replica's own (`pki replica`) when `client_id`
+/// names one, else the fleet service's.
+fn service_file(pki: &Pki, client_id: &str, ext: &str) -> PathBuf {
+    let own = pki.dir().join("replicas").join(format!("{client_id}.{ext}"));
+    if client_id != outpost_cloud_sync::pki::CLOUD_IDENTITY && own.exists() {
+        own
+    } else {
+        pki.file(&format!("cloud.{ext}"))
     }
 }
 

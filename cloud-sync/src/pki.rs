@@ -226,7 +226,7 @@ impl Pki {
                 outpost_shared::protocol::quote(&id)
             )));
         }
-        if id == CLOUD_IDENTITY || id == "outpost-broker" {
+        if id.starts_with(CLOUD_IDENTITY) || id == "outpost-broker" {
             return Err(PkiError::Cert(format!("'{id}' is reserved for the fleet service")));
         }
         if self.revoked()?.contains(&id) {
@@ -267,6 +267,28 @@ impl Pki {
         let pem: String = keys.iter().skip(keep).map(VerifyingKey::to_pem).collect();
         write(&devices.join(format!("{id}.pub")), pem.as_bytes(), 0o644)?;
         Ok((id, cert.pem()))
+    }
+
+    /// Makes the client certificate of one more cloud-sync replica: identity `name` (which starts
+    /// with `outpost-cloud-`), files `replicas/NAME.crt` and `replicas/NAME.key`. Each replica
+    /// needs its own: the broker takes the certificate's name as the client id, and two clients
+    /// with one id would keep taking each other's session.
+    pub fn replica(&self, name: &str) -> Result<(PathBuf, PathBuf), PkiError> {
+        let rest = name.strip_prefix(CLOUD_IDENTITY).and_then(|r| r.strip_prefix('-'));
+        if rest.is_none_or(str::is_empty) || !outpost_shared::protocol::valid_device_id(name) {
+            return Err(PkiError::Cert(format!(
+                "'{}' is not a replica name: outpost-cloud-SOMETHING (letters, digits, '-', '_', '.')",
+                outpost_shared::protocol::quote(name)
+            )));
+        }
+        let issuer = self.ca()?;
+        let (key, cert) = leaf(&issuer, name, &[], ExtendedKeyUsagePurpose::ClientAuth, 2 * 365)?;
+        let dir = self.dir.join("replicas");
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        let (k, c) = (dir.join(format!("{name}.key")), dir.join(format!("{name}.crt")));
+        write(&k, key.as_bytes(), 0o600)?;
+        write(&c, cert.as_bytes(), 0o644)?;
+        Ok((c, k))
     }
 
     /// Enrols the agent whose data directory is `agent_dir` (on this machine: the demo, the
@@ -583,6 +605,26 @@ mod tests {
         params.distinguished_name.push(DnType::CommonName, id);
         let csr = params.serialize_request(&pair).unwrap().pem().unwrap();
         (csr, SigningKey::from_pkcs8(&der, "t").unwrap())
+    }
+
+    #[test]
+    fn each_replica_gets_its_own_client_identity_and_gateways_cannot_take_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::new(dir.path().join("pki"));
+        pki.init(&[]).unwrap();
+        let (cert, key) = pki.replica("outpost-cloud-2").unwrap();
+        let pem = std::fs::read_to_string(&cert).unwrap();
+        let (_, der) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
+        let parsed = der.parse_x509().unwrap();
+        let cn = parsed.subject().iter_common_name().next().unwrap().as_str().unwrap().to_string();
+        assert_eq!(cn, "outpost-cloud-2");
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+        for bad in ["outpost-cloud", "outpost-cloud-", "gw-1", "outpost-cloud-a/b"] {
+            assert!(pki.replica(bad).is_err(), "{bad}");
+        }
+        let (csr, _) = request("outpost-cloud-3");
+        assert!(pki.sign(&csr, 30).unwrap_err().to_string().contains("reserved"));
     }
 
     #[test]
