@@ -421,6 +421,9 @@ mod tests {
         assert!(acl.contains("pattern write outpost/v1/%u/events\n"), "{acl}");
         assert!(acl.contains("pattern read outpost/v1/%u/cmd\n"), "{acl}");
         assert!(acl.contains("user outpost-cloud\ntopic readwrite outpost/#\n"), "{acl}");
-        assert!(acl.contains("user outpost-cloud-2\ntopic readwrite outpost/#\n"), "{acl}");
+        assert!(
+            acl.contains("user outpost-cloud-2\ntopic readwrite outpost/#\n"),
+            "{acl}"
+        );
     }
 }

@@ -60,7 +60,11 @@ async fn health(State(s): S) -> (axum::http::StatusCode, Json<Value>) {
         axum::http::StatusCode::SERVICE_UNAVAILABLE
     };
     let store = if ok { "ok" } else { "failing: storage error, reopening" };
-    let broker = if s.broker_connected() { "connected" } else { "disconnected" };
+    let broker = if s.broker_connected() {
+        "connected"
+    } else {
+        "disconnected"
+    };
     (
         code,
         Json(json!({

@@ -395,11 +395,12 @@ fn admin(data_dir: &std::path::Path, store: Option<&str>, pki: &Pki, command: Cl
             );
         }
         CloudCmd::Pki {
-            command: PkiCmd::Mosquitto {
-                out_dir,
-                sync_prefix,
-                replicas,
-            },
+            command:
+                PkiCmd::Mosquitto {
+                    out_dir,
+                    sync_prefix,
+                    replicas,
+                },
         } => {
             let mut services = vec![outpost_cloud_sync::pki::CLOUD_IDENTITY];
             services.extend(replicas.iter().map(String::as_str));
@@ -439,7 +440,9 @@ async fn run(data_dir: PathBuf, store_url: Option<String>, pki: Pki, args: Args)
             anyhow::bail!("--shared-group '{group}': a group name is one topic level, without / + or #");
         }
         if args.broker.is_none() {
-            anyhow::bail!("--shared-group needs --broker: replicas share an external broker, not each one's embedded one");
+            anyhow::bail!(
+                "--shared-group needs --broker: replicas share an external broker, not each one's embedded one"
+            );
         }
         if !store_url.as_deref().is_some_and(|u| u.starts_with("postgres")) {
             anyhow::bail!(
@@ -548,8 +551,16 @@ async fn run(data_dir: PathBuf, store_url: Option<String>, pki: Pki, args: Args)
             let tls = if url.tls {
                 let files = TlsFiles {
                     ca: args.ca.clone().unwrap_or_else(|| pki.file("ca.crt")),
-                    cert: Some(args.cert.clone().unwrap_or_else(|| service_file(&pki, &args.client_id, "crt"))),
-                    key: Some(args.key.clone().unwrap_or_else(|| service_file(&pki, &args.client_id, "key"))),
+                    cert: Some(
+                        args.cert
+                            .clone()
+                            .unwrap_or_else(|| service_file(&pki, &args.client_id, "crt")),
+                    ),
+                    key: Some(
+                        args.key
+                            .clone()
+                            .unwrap_or_else(|| service_file(&pki, &args.client_id, "key")),
+                    ),
                 };
                 Some(outpost_shared::tls::client_config(&files)?)
             } else {

@@ -616,7 +616,14 @@ mod tests {
         let pem = std::fs::read_to_string(&cert).unwrap();
         let (_, der) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
         let parsed = der.parse_x509().unwrap();
-        let cn = parsed.subject().iter_common_name().next().unwrap().as_str().unwrap().to_string();
+        let cn = parsed
+            .subject()
+            .iter_common_name()
+            .next()
+            .unwrap()
+            .as_str()
+            .unwrap()
+            .to_string();
         assert_eq!(cn, "outpost-cloud-2");
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);

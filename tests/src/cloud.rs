@@ -195,10 +195,15 @@ impl Cloud {
             env: Vec::new(),
             child: None,
             secure: false,
-            args: ["--shared-group", "outpost-cloud", "--client-id", &format!("replica-{n}")]
-                .iter()
-                .map(|a| a.to_string())
-                .collect(),
+            args: [
+                "--shared-group",
+                "outpost-cloud",
+                "--client-id",
+                &format!("replica-{n}"),
+            ]
+            .iter()
+            .map(|a| a.to_string())
+            .collect(),
             postgres: None,
         };
         c.restart();
@@ -362,7 +367,9 @@ impl Cloud {
         if store_url(&self.dir).is_some() && !https {
             let health = self.get("/v1/health");
             assert!(
-                health["store_backend"].as_str().is_some_and(|b| b.starts_with("postgres ")),
+                health["store_backend"]
+                    .as_str()
+                    .is_some_and(|b| b.starts_with("postgres ")),
                 "the suite runs on Postgres but cloud-sync says {health}"
             );
         }

@@ -562,9 +562,9 @@ impl Store {
             Backend::Redb(_) => Ok(ReplicaLock(None)),
             Backend::Postgres(p) => {
                 // FNV-1a: a stable key for the name.
-                let key = name
-                    .bytes()
-                    .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+                let key = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                    (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+                });
                 Ok(ReplicaLock(Some(p.lock(key as i64)?)))
             }
         }
@@ -1895,7 +1895,10 @@ mod postgres_tests {
             t2.store(true, std::sync::atomic::Ordering::SeqCst);
         });
         std::thread::sleep(std::time::Duration::from_millis(300));
-        assert!(!taken.load(std::sync::atomic::Ordering::SeqCst), "the other replica waits");
+        assert!(
+            !taken.load(std::sync::atomic::Ordering::SeqCst),
+            "the other replica waits"
+        );
         let _other = a.lock_across_replicas("something else").unwrap();
         drop(held);
         waiter.join().unwrap();

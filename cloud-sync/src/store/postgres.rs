@@ -49,7 +49,10 @@ pub(crate) type OnChange = Box<dyn Fn() + Send + Sync>;
 /// What the driver thread is asked to do.
 enum Request {
     /// A new connection for the pool.
-    Connect(tokio_postgres::Config, std::sync::mpsc::Sender<Result<Client, tokio_postgres::Error>>),
+    Connect(
+        tokio_postgres::Config,
+        std::sync::mpsc::Sender<Result<Client, tokio_postgres::Error>>,
+    ),
     /// Listen for change announcements for as long as the store lives (reconnecting after a
     /// server restart), calling back on each.
     Listen(tokio_postgres::Config, OnChange),

@@ -48,12 +48,17 @@ fn cloud_bin() -> PathBuf {
 #[test]
 fn the_systemd_units_verify_clean() {
     let dir = tempfile::tempdir().unwrap();
-    for (unit, bin) in [("outpost", outpost_bin()), ("outpost-cloud", cloud_bin())] {
-        let text = read(&format!("packaging/{unit}.service"));
+    for (file, unit, bin) in [
+        ("outpost", "outpost", outpost_bin()),
+        ("outpost-cloud", "outpost-cloud", cloud_bin()),
+        // The replica template, verified as its instance 1.
+        ("outpost-cloud@", "outpost-cloud", cloud_bin()),
+    ] {
+        let text = read(&format!("packaging/{file}.service"));
         let exec = format!("/usr/bin/{unit}");
         assert!(text.contains(&format!("ExecStart={exec}")), "{unit}: {text}");
         // The installed path does not exist here: point it at the built binary.
-        let path = dir.path().join(format!("{unit}.service"));
+        let path = dir.path().join(format!("{}.service", file.replace('@', "@1")));
         std::fs::write(&path, text.replace(&exec, &bin.display().to_string())).unwrap();
         let out = Command::new("systemd-analyze")
             .arg("verify")
@@ -84,6 +89,11 @@ fn every_shipped_setting_is_one_the_binary_reads() {
         ("packaging/outpost.default", &agent_help, &[][..]),
         (
             "packaging/outpost-cloud.default",
+            &cloud_help,
+            &["OUTPOST_CLOUD_ARGS"][..],
+        ),
+        (
+            "packaging/outpost-cloud-replicas.default",
             &cloud_help,
             &["OUTPOST_CLOUD_ARGS"][..],
         ),

@@ -176,7 +176,10 @@ fn three_replicas_store_every_event_once_through_a_replica_kill_and_a_postgres_r
         let devices = r.get("/v1/devices");
         assert_eq!(devices.as_array().unwrap().len(), GATEWAYS, "{devices}");
         let page = http_text(r.api, "/");
-        assert!(page.contains("gw00") && page.contains("gw19"), "the fleet page on every replica");
+        assert!(
+            page.contains("gw00") && page.contains("gw19"),
+            "the fleet page on every replica"
+        );
         assert_eq!(r.get("/v1/health")["ok"], true);
     }
 }
