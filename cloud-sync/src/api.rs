@@ -278,7 +278,7 @@ async fn device(State(s): S, Path(id): Path<String>) -> R {
             .device(&id)?
             .ok_or_else(|| StoreError::NotFound(format!("device '{id}' is not known")))?;
         let mut v = device_json(&id, &d);
-        v["runs"] = store.runs(&id)?.len().into();
+        v["runs"] = store.run_counts(&id)?.runs.into();
         v["pending_commands"] = store.pending(&id)?.len().into();
         let security = store.gateway_security(&id)?;
         v["security"] = json!({

@@ -5,6 +5,8 @@
 //! signed). Prints figures; asserts nothing.
 //!
 //!   cargo build --release && ./target/release/outpost-sync-bench [--operators: only those figures]
+//!   outpost-sync-bench --store postgres [--replicas 1,2,3] [--devices 10000] [--events-per-device 20]:
+//!   only the scale-out figures (replicas on Postgres behind Mosquitto's shared subscriptions)
 //!   outpost-sync-bench --connect [--client qemu-aarch64 -L /usr/aarch64-linux-gnu BIN]: only
 //!   connection set-up, also with the connecting side run by that command (BIN: this bench
 //!   built for the gateway's target), as a gateway on that CPU pays it
@@ -36,6 +38,9 @@ impl Mode {
     }
 }
 use serde_json::Value;
+
+#[path = "sync_bench/scale.rs"]
+mod scale;
 
 /// A typical mix: runs of three steps, a timed-out attempt now and then.
 fn sample_events(n: usize) -> Vec<Record> {
@@ -616,6 +621,13 @@ fn main() -> anyhow::Result<()> {
     }
     if args.iter().any(|a| a == "--operators") {
         return operators();
+    }
+    if let Some(i) = args.iter().position(|a| a == "--store") {
+        match args.get(i + 1).map(String::as_str) {
+            Some("postgres") => return scale::run(&scale::Plan::parse(&args)?),
+            Some("redb") | None => {}
+            Some(other) => bail!("--store {other}: redb (the default runs) or postgres"),
+        }
     }
     // `--connect [--client RUNNER… BIN]`: only the connection set-up figures.
     let client = args

@@ -95,18 +95,56 @@ async fn blocking<T: Send + 'static>(
     Ok(crate::service::blocking(f).await?)
 }
 
-async fn fleet(State(s): S, caller: Caller) -> Result<Markup, PageError> {
+/// The fleet page's query: a search and a page number.
+#[derive(Debug, Default, Deserialize)]
+struct FleetQuery {
+    /// Words that must all match: `key=value` a label, anything else part of the id or of a
+    /// label's value (case-insensitive).
+    #[serde(default)]
+    q: String,
+    /// From 1.
+    #[serde(default)]
+    page: Option<usize>,
+}
+
+async fn fleet(State(s): S, caller: Caller, Query(fq): Query<FleetQuery>) -> Result<Markup, PageError> {
     let store = s.store.clone();
     let svc = s.clone();
-    let rows = blocking(move || {
+    let q = fq.q.clone();
+    let (rows, summary, paging) = blocking(move || {
+        // The counts and the device rows for the whole fleet: two scans, no run is read. Only
+        // the page's devices have their state documents and certificates looked at.
+        let counts = store.all_run_counts()?;
+        let matching: Vec<_> = store
+            .devices()?
+            .into_iter()
+            .filter(|(id, d)| pages::fleet_matches(&q, id, d))
+            .collect();
+        let mut summary = pages::FleetSummary {
+            devices: matching.len(),
+            ..Default::default()
+        };
+        for (id, d) in &matching {
+            let c = counts.get(id).copied().unwrap_or_default();
+            summary.online += usize::from(d.online());
+            summary.active += c.active;
+            summary.failed += c.failed;
+            summary.backlog += pages::backlog(d);
+        }
+        let pages_n = matching.len().div_ceil(pages::FLEET_PAGE).max(1);
+        let page = fq.page.unwrap_or(1).clamp(1, pages_n);
         let mut rows = Vec::new();
-        for (id, d) in store.devices()? {
-            let runs = store.runs(&id)?;
+        for (id, d) in matching
+            .into_iter()
+            .skip((page - 1) * pages::FLEET_PAGE)
+            .take(pages::FLEET_PAGE)
+        {
+            let c = counts.get(&id).copied().unwrap_or_default();
             let drift = pages::drift(store.desired(&id)?.as_ref(), store.reported(&id)?.as_ref());
             rows.push(pages::FleetRow {
-                active: runs.iter().filter(|(_, m)| pages::is_active(m.status)).count(),
-                failed: runs.iter().filter(|(_, m)| pages::is_failed(m.status)).count(),
-                total: runs.len(),
+                active: c.active,
+                failed: c.failed,
+                total: c.runs,
                 drift,
                 warnings: store.gateway_security(&id)?.warnings,
                 cert_expires_ms: svc.certificate_expiry(&id),
@@ -114,10 +152,21 @@ async fn fleet(State(s): S, caller: Caller) -> Result<Markup, PageError> {
                 device: d,
             });
         }
-        Ok(rows)
+        let paging = pages::Paging {
+            q: q.clone(),
+            page,
+            pages: pages_n,
+        };
+        Ok((rows, summary, paging))
     })
     .await?;
-    Ok(pages::fleet(&rows, &pages::Viewer::of(&caller), now_ms()))
+    Ok(pages::fleet(
+        &rows,
+        &summary,
+        &paging,
+        &pages::Viewer::of(&caller),
+        now_ms(),
+    ))
 }
 
 async fn device(

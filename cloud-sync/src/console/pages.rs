@@ -45,14 +45,6 @@ pub fn is_active(status: RunStatus) -> bool {
     !status.is_terminal()
 }
 
-/// True for runs that ended badly.
-pub fn is_failed(status: RunStatus) -> bool {
-    matches!(
-        status,
-        RunStatus::Failed | RunStatus::CompensationFailed | RunStatus::Compensated
-    )
-}
-
 /// How far a device's reported state is from its desired state.
 pub enum Drift {
     /// No desired state set.
@@ -259,11 +251,11 @@ pub struct FleetRow {
     /// Stored device.
     pub device: Device,
     /// Runs still going.
-    pub active: usize,
+    pub active: u64,
     /// Runs that ended badly.
-    pub failed: usize,
+    pub failed: u64,
     /// All runs.
-    pub total: usize,
+    pub total: u64,
     /// Desired vs reported.
     pub drift: Drift,
     /// What is insecure about its link.
@@ -297,16 +289,68 @@ fn insecure_banner(warnings: &[String]) -> Markup {
     }
 }
 
-fn backlog(d: &Device) -> u64 {
+/// Events a device has journaled that the cloud has not stored yet (as of its last birth).
+pub fn backlog(d: &Device) -> u64 {
     d.reported_last_seq.saturating_sub(d.next_seq.saturating_sub(1))
 }
 
-/// The fleet overview.
-pub fn fleet(rows: &[FleetRow], viewer: &Viewer, now: u64) -> Markup {
-    let online = rows.iter().filter(|r| r.device.online()).count();
-    let active: usize = rows.iter().map(|r| r.active).sum();
-    let failed: usize = rows.iter().map(|r| r.failed).sum();
-    let pending_sync: u64 = rows.iter().map(|r| backlog(&r.device)).sum();
+/// Devices per page of the fleet page.
+pub const FLEET_PAGE: usize = 100;
+
+/// The fleet page's totals over every device the search matches.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FleetSummary {
+    /// Devices matched.
+    pub devices: usize,
+    /// Of them online.
+    pub online: usize,
+    /// Their runs still going.
+    pub active: u64,
+    /// Their runs that ended badly.
+    pub failed: u64,
+    /// Their events still to sync.
+    pub backlog: u64,
+}
+
+/// Where a paged list stands.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Paging {
+    /// The search.
+    pub q: String,
+    /// This page, from 1.
+    pub page: usize,
+    /// Pages in all.
+    pub pages: usize,
+}
+
+/// True when every word of `q` matches the device: `key=value` one of its labels, anything else
+/// part of its id or of a label's value (case-insensitive).
+pub fn fleet_matches(q: &str, id: &str, d: &Device) -> bool {
+    q.split_whitespace().all(|word| {
+        let word = word.to_lowercase();
+        match word.split_once('=') {
+            Some((k, v)) => d
+                .labels
+                .iter()
+                .any(|(lk, lv)| lk.to_lowercase() == k && lv.to_lowercase() == v),
+            None => id.to_lowercase().contains(&word) || d.labels.iter().any(|(_, v)| v.to_lowercase().contains(&word)),
+        }
+    })
+}
+
+/// A link to page `page` of the fleet with search `q`.
+fn fleet_href(q: &str, page: usize) -> String {
+    let mut href = format!("/?page={page}");
+    if !q.is_empty() {
+        href.push_str("&q=");
+        href.push_str(&enc(q));
+    }
+    href
+}
+
+/// The fleet overview: totals, a search, one page of devices.
+pub fn fleet(rows: &[FleetRow], summary: &FleetSummary, paging: &Paging, viewer: &Viewer, now: u64) -> Markup {
+    let s = summary;
     layout(
         "Fleet",
         "fleet",
@@ -314,13 +358,20 @@ pub fn fleet(rows: &[FleetRow], viewer: &Viewer, now: u64) -> Markup {
         html! {
             h1 { "Fleet" }
             div #summary .cards data-live {
-                div.card { span.big { (online) " / " (rows.len()) } span { "devices online" } }
-                div.card { span.big { (active) } span { "runs active" } }
-                div.card.warn[failed > 0] { span.big { (failed) } span { "runs failed" } }
-                div.card { span.big { (pending_sync) } span { "events still to sync" } }
+                div.card { span.big { (s.online) " / " (s.devices) } span { "devices online" } }
+                div.card { span.big { (s.active) } span { "runs active" } }
+                div.card.warn[s.failed > 0] { span.big { (s.failed) } span { "runs failed" } }
+                div.card { span.big { (s.backlog) } span { "events still to sync" } }
+            }
+            form.search method="get" action="/" {
+                input type="search" name="q" value=(paging.q) placeholder="device id, label value or key=value";
+                " " button type="submit" { "Search" }
+                @if !paging.q.is_empty() { " " a href="/" { "all devices" } }
             }
             div #fleet-table data-live {
-                @if rows.is_empty() {
+                @if rows.is_empty() && !paging.q.is_empty() {
+                    p.empty { "No device matches " code { (paging.q) } "." }
+                } @else if rows.is_empty() {
                     p.empty { "No device has connected yet. Start an agent with "
                         code { "outpost run --broker mqtts://HOST:8883 --device-id NAME" } " (enrol it first: README, Securing a fleet)." }
                 } @else {
@@ -346,6 +397,13 @@ pub fn fleet(rows: &[FleetRow], viewer: &Viewer, now: u64) -> Markup {
                                     td { (cert_cell(r.cert_expires_ms, now)) }
                                 }
                             }
+                        }
+                    }
+                    @if paging.pages > 1 {
+                        nav.pager {
+                            @if paging.page > 1 { a rel="prev" href=(fleet_href(&paging.q, paging.page - 1)) { "← previous" } " " }
+                            span { "page " (paging.page) " of " (paging.pages) " (" (s.devices) " devices)" }
+                            @if paging.page < paging.pages { " " a rel="next" href=(fleet_href(&paging.q, paging.page + 1)) { "next →" } }
                         }
                     }
                 }
@@ -1249,12 +1307,34 @@ mod tests {
             warnings: vec!["<b>plain</b>".into()],
             cert_expires_ms: Some(0),
         }];
-        let html = fleet(&rows, &Viewer::default(), 0).into_string();
+        let html = fleet(
+            &rows,
+            &FleetSummary::default(),
+            &Paging::default(),
+            &Viewer::default(),
+            0,
+        )
+        .into_string();
         assert!(!html.contains("<b>plain"), "{html}");
         assert!(html.contains("insecure") && html.contains("expired"), "{html}");
         assert!(!html.contains("<script>alert"), "{html}");
         assert!(!html.contains("<img src=x>"), "{html}");
         assert!(html.contains("&lt;script&gt;"));
+    }
+
+    #[test]
+    fn the_fleet_search_matches_ids_label_values_and_key_value_pairs() {
+        let d = Device {
+            labels: vec![("site".into(), "Lyon".into()), ("line".into(), "4".into())],
+            ..Device::default()
+        };
+        assert!(fleet_matches("", "gw-17", &d));
+        assert!(fleet_matches("GW-1", "gw-17", &d));
+        assert!(fleet_matches("lyon", "gw-17", &d));
+        assert!(fleet_matches("site=lyon line=4", "gw-17", &d));
+        assert!(!fleet_matches("site=paris", "gw-17", &d));
+        assert!(!fleet_matches("gw-17 paris", "gw-17", &d));
+        assert_eq!(fleet_href("site=lyon", 2), "/?page=2&q=site%3Dlyon");
     }
 
     #[test]

@@ -292,7 +292,7 @@ pub fn first_admin(store: &Store, now_ms: u64) -> Result<Option<String>, Operato
         return Ok(None);
     }
     let password = new_password()?;
-    store.add_user(
+    let added = store.add_user(
         "admin",
         &UserRow {
             roles: vec!["admin".into()],
@@ -301,7 +301,14 @@ pub fn first_admin(store: &Store, now_ms: u64) -> Result<Option<String>, Operato
             must_change: true,
             created_ms: now_ms,
         },
-    )?;
+    );
+    match added {
+        Ok(()) => {}
+        // Replicas starting together on a new store: another one made the first admin (and
+        // printed its password); this one has nothing to say.
+        Err(crate::store::StoreError::Invalid(_)) if !store.users()?.is_empty() => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
     store.append_audit(&AuditRow {
         at_ms: now_ms,
         who: "outpost-cloud".into(),

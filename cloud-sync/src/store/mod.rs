@@ -27,6 +27,49 @@ use tables::{Dir, Owned, Part, Part::Num, Part::Str, T, Txn, TxnExt};
 
 /// Most commands that wait for one device.
 pub const MAX_PENDING_COMMANDS: usize = 1000;
+/// A device's runs counted: what the fleet page shows without reading any run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunCounts {
+    /// Runs mirrored.
+    pub runs: u64,
+    /// Runs still going.
+    pub active: u64,
+    /// Runs that ended badly (`ended_badly`).
+    pub failed: u64,
+}
+
+impl RunCounts {
+    /// Counts `m` in (`add`) or out.
+    fn tally(&mut self, m: &RunMirror, add: bool) {
+        let step = |n: &mut u64| *n = if add { n.saturating_add(1) } else { n.saturating_sub(1) };
+        step(&mut self.runs);
+        if !m.status.is_terminal() {
+            step(&mut self.active);
+        }
+        if ended_badly(m.status) {
+            step(&mut self.failed);
+        }
+    }
+
+    /// Replaces `before` by `after` in the counts.
+    fn change(&mut self, before: Option<&RunMirror>, after: Option<&RunMirror>) {
+        if let Some(b) = before {
+            self.tally(b, false);
+        }
+        if let Some(a) = after {
+            self.tally(a, true);
+        }
+    }
+}
+
+/// True for runs that ended badly: failed, compensated, or failed while compensating.
+pub fn ended_badly(status: RunStatus) -> bool {
+    matches!(
+        status,
+        RunStatus::Failed | RunStatus::CompensationFailed | RunStatus::Compensated
+    )
+}
+
 /// What a gateway says about its link's security.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SecurityRow {
@@ -369,6 +412,10 @@ fn archive_tail(
                 fold(&mut m, &r);
             }
         }
+        let before: Option<RunMirror> = get_row(tx, T::Runs, &[Str(device), Str(run)], "run")?;
+        let mut counts: RunCounts = get_row(tx, T::DeviceCounts, &[Str(device)], "run counts")?.unwrap_or_default();
+        counts.change(before.as_ref(), m.as_ref());
+        put_row(tx, T::DeviceCounts, &[Str(device)], &counts)?;
         match m {
             Some(m) => put_row(tx, T::Runs, &[Str(device), Str(run)], &m)?,
             None => {
@@ -475,17 +522,13 @@ impl Store {
 
     /// Opens the store with `opener` (tests inject a failing storage backend through it).
     pub fn open_with(opener: Opener) -> Result<Store, StoreError> {
-        Ok(Self::with_backend(Backend::Redb(redb_backend::Redb::open_with(
-            opener,
-        )?)))
+        Self::with_backend(Backend::Redb(redb_backend::Redb::open_with(opener)?))
     }
 
     /// Connects to the Postgres database at `url` (`postgres://user@host:port/db`) and applies
     /// the schema migrations it lacks.
     pub fn connect(url: &str) -> Result<Store, StoreError> {
-        Ok(Self::with_backend(Backend::Postgres(Box::new(
-            postgres::Postgres::connect(url)?,
-        ))))
+        Self::with_backend(Backend::Postgres(Box::new(postgres::Postgres::connect(url)?)))
     }
 
     /// Opens the store `spec` names: a `postgres://` or `postgresql://` URL, else a redb file.
@@ -497,11 +540,13 @@ impl Store {
         }
     }
 
-    fn with_backend(backend: Backend) -> Store {
-        Store {
+    fn with_backend(backend: Backend) -> Result<Store, StoreError> {
+        let store = Store {
             backend,
             max_devices: std::sync::atomic::AtomicU64::new(DEFAULT_MAX_DEVICES),
-        }
+        };
+        store.count_runs_once()?;
+        Ok(store)
     }
 
     /// The redb database under a redb store (tests reach past the store's interface with it).
@@ -801,6 +846,8 @@ impl Store {
                 quarantined: Vec::new(),
                 diverged_from: None,
             };
+            // Read when a run's status changes, written once at the end.
+            let mut counts: Option<RunCounts> = None;
             for e in events {
                 if e.seq < d.next_seq {
                     if same_as_stored(tx, device, e)? {
@@ -809,6 +856,10 @@ impl Store {
                     }
                     let mut lin: Lineage = get_row(tx, T::Lineage, &[Str(device)], "lineage")?.unwrap_or_default();
                     let reason = "a resent event differs from the stored one (the device's journal was restored)";
+                    // The archive rewrites the counts row: write ours first, read it again after.
+                    if let Some(c) = counts.take() {
+                        put_row(tx, T::DeviceCounts, &[Str(device)], &c)?;
+                    }
                     archive_tail(tx, device, e.seq, &mut lin, reason, now)?;
                     put_row(tx, T::Lineage, &[Str(device)], &lin)?;
                     d.next_seq = e.seq;
@@ -831,12 +882,24 @@ impl Store {
                 tx.put(T::RunEvents, &[Str(device), Str(&rec.run_id), Num(e.seq)], &[])?;
                 let key = [Str(device), Str(&rec.run_id)];
                 let mut m: Option<RunMirror> = get_row(tx, T::Runs, &key, "run")?;
+                let before = m.clone();
                 fold(&mut m, &rec);
+                if before.as_ref().map(|b| (b.status, b.events > 0)) != m.as_ref().map(|a| (a.status, a.events > 0)) {
+                    let counts = match &mut counts {
+                        Some(c) => c,
+                        None => counts
+                            .insert(get_row(tx, T::DeviceCounts, &[Str(device)], "run counts")?.unwrap_or_default()),
+                    };
+                    counts.change(before.as_ref(), m.as_ref());
+                }
                 if let Some(m) = m {
                     put_row(tx, T::Runs, &key, &m)?;
                 }
                 d.next_seq += 1;
                 s.new += 1;
+            }
+            if let Some(c) = counts {
+                put_row(tx, T::DeviceCounts, &[Str(device)], &c)?;
             }
             d.last_seen_ms = now;
             s.next_seq = d.next_seq;
@@ -869,6 +932,38 @@ impl Store {
                 }
             }
             Ok(Some((m, history)))
+        })
+    }
+
+    /// A device's runs counted (all zero for a device without runs).
+    pub fn run_counts(&self, device: &str) -> Result<RunCounts, StoreError> {
+        Ok(self.get_one(T::DeviceCounts, device, "run counts")?.unwrap_or_default())
+    }
+
+    /// Every device's run counts, by device id.
+    pub fn all_run_counts(&self) -> Result<std::collections::HashMap<String, RunCounts>, StoreError> {
+        Ok(self.all_rows(T::DeviceCounts, "run counts")?.into_iter().collect())
+    }
+
+    /// Counts every device's runs once, for a store written before the counts were kept.
+    fn count_runs_once(&self) -> Result<(), StoreError> {
+        self.write(|tx| {
+            if tx.len(T::DeviceCounts)? > 0 || tx.len(T::Runs)? == 0 {
+                return Ok(());
+            }
+            let mut counts: std::collections::BTreeMap<String, RunCounts> = Default::default();
+            tx.scan(T::Runs, &[], None, Dir::Up, &mut |k, v| {
+                let m: RunMirror = dec("run", v)?;
+                counts
+                    .entry(k.first().map_or("", Owned::text).to_string())
+                    .or_default()
+                    .tally(&m, true);
+                Ok(true)
+            })?;
+            for (device, c) in &counts {
+                put_row(tx, T::DeviceCounts, &[Str(device)], c)?;
+            }
+            Ok(())
         })
     }
 
@@ -1190,6 +1285,7 @@ impl Store {
                 T::Lineage,
                 T::GatewaySecurity,
                 T::GatewayHealth,
+                T::DeviceCounts,
             ] {
                 tx.remove(t, &[Str(id)])?;
             }
@@ -1380,12 +1476,78 @@ mod tests {
             "refolded without its end"
         );
         assert_eq!(s.run("gw", "r2").unwrap().unwrap().0.status, RunStatus::Cancelled);
+        counts_match(&s, "gw");
         let lin = s.lineage("gw").unwrap();
         assert_eq!((lin.archives, lin.archived_events), (1, 2));
         assert_eq!(
             s.archived("gw").unwrap().iter().map(|a| a.1).collect::<Vec<_>>(),
             vec![3, 4]
         );
+    }
+
+    /// The kept counts are what counting the device's run mirrors gives.
+    pub(super) fn counts_match(s: &Store, device: &str) {
+        let mut want = RunCounts::default();
+        for (_, m) in s.runs(device).unwrap() {
+            want.tally(&m, true);
+        }
+        assert_eq!(s.run_counts(device).unwrap(), want, "{device}");
+    }
+
+    #[test]
+    fn run_counts_follow_every_run_and_are_made_once_for_an_older_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.redb");
+        let s = Store::open(&path).unwrap();
+        let ev = |seq, r: Vec<u8>| WireEvent { seq, record: r };
+        let failed = |r: &str| {
+            rec(
+                r,
+                Event::RunFailed {
+                    error: outpost_shared::journal::ErrorInfo::new("x", "y"),
+                },
+            )
+        };
+        s.store_events(
+            "gw",
+            &[ev(1, started("r1")), ev(2, started("r2")), ev(3, started("r3"))],
+            0,
+        )
+        .unwrap();
+        s.store_events(
+            "gw",
+            &[
+                ev(4, failed("r1")),
+                ev(5, rec("r2", Event::RunCompleted { output: "1".into() })),
+            ],
+            0,
+        )
+        .unwrap();
+        assert_eq!(
+            s.run_counts("gw").unwrap(),
+            RunCounts {
+                runs: 3,
+                active: 1,
+                failed: 1
+            }
+        );
+        counts_match(&s, "gw");
+        // A store from before the counts: they are made on open.
+        let txn = s.db().unwrap().begin_write().unwrap();
+        txn.delete_table(redb_backend::DEVICE_COUNTS).unwrap();
+        txn.commit().unwrap();
+        drop(s);
+        let s = Store::open(&path).unwrap();
+        assert_eq!(
+            s.run_counts("gw").unwrap(),
+            RunCounts {
+                runs: 3,
+                active: 1,
+                failed: 1
+            }
+        );
+        s.remove_device("gw").unwrap();
+        assert_eq!(s.run_counts("gw").unwrap(), RunCounts::default());
     }
 
     #[test]
@@ -1410,6 +1572,7 @@ mod tests {
         assert_eq!((d.diverged_from, d.new, d.duplicates, d.next_seq), (Some(2), 2, 1, 4));
         let runs: Vec<String> = s.runs("gw").unwrap().into_iter().map(|r| r.0).collect();
         assert_eq!(runs, ["r1", "r4", "r5"]);
+        counts_match(&s, "gw");
         assert_eq!(s.lineage("gw").unwrap().archived_events, 2);
     }
 
@@ -1813,6 +1976,7 @@ mod postgres_tests {
         assert_eq!(a.device("gw").unwrap().unwrap().next_seq, 201);
         let total: u64 = a.runs("gw").unwrap().iter().map(|r| r.1.events).sum();
         assert_eq!(total, 200, "every event folded into its run exactly once");
+        super::tests::counts_match(&a, "gw");
     }
 
     #[test]

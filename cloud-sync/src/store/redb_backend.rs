@@ -11,6 +11,7 @@ pub(crate) const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("d
 pub(crate) const EVENTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("events");
 pub(crate) const RUN_EVENTS: TableDefinition<(&str, &str, u64), ()> = TableDefinition::new("run_events");
 const RUNS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("runs");
+pub(crate) const DEVICE_COUNTS: TableDefinition<&str, &[u8]> = TableDefinition::new("device_counts");
 const COMMANDS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("commands");
 const OUTBOX: TableDefinition<(&str, u64), &str> = TableDefinition::new("command_outbox");
 const DEPLOYMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("deployments");
@@ -53,6 +54,11 @@ macro_rules! with_table {
             T::Runs => {
                 #[allow(unused_mut)]
                 let mut $tab = $txn.open_table(RUNS)?;
+                $body
+            }
+            T::DeviceCounts => {
+                #[allow(unused_mut)]
+                let mut $tab = $txn.open_table(DEVICE_COUNTS)?;
                 $body
             }
             T::Commands => {

@@ -69,6 +69,8 @@ pub(crate) enum T {
     RunEvents,
     /// (device, run) → `RunMirror`.
     Runs,
+    /// Device → `RunCounts`, kept with the run mirrors so the fleet page reads no runs.
+    DeviceCounts,
     /// (device, command id) → `CommandRecord`.
     Commands,
     /// Commands not yet answered, per device, in the order they were issued (value: the id).
@@ -114,11 +116,12 @@ use Kind::{Num as N, Str as S};
 
 impl T {
     /// Every table, in the order the schema creates them.
-    pub(crate) const ALL: [T; 22] = [
+    pub(crate) const ALL: [T; 23] = [
         T::Devices,
         T::Events,
         T::RunEvents,
         T::Runs,
+        T::DeviceCounts,
         T::Commands,
         T::Outbox,
         T::Deployments,
@@ -146,6 +149,7 @@ impl T {
             T::Events => "events",
             T::RunEvents => "run_events",
             T::Runs => "runs",
+            T::DeviceCounts => "device_counts",
             T::Commands => "commands",
             T::Outbox => "command_outbox",
             T::Deployments => "deployments",
@@ -176,7 +180,8 @@ impl T {
             | T::Equipment
             | T::Lineage
             | T::GatewaySecurity
-            | T::GatewayHealth => &[("device", S)],
+            | T::GatewayHealth
+            | T::DeviceCounts => &[("device", S)],
             T::Events | T::Quarantine => &[("device", S), ("seq", N)],
             T::RunEvents => &[("device", S), ("run", S), ("seq", N)],
             T::Runs => &[("device", S), ("run", S)],
