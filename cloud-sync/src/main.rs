@@ -223,6 +223,14 @@ struct Args {
     /// --client-id. See docs/scale-out.md.
     #[arg(long, env = "OUTPOST_CLOUD_SHARED_GROUP", value_name = "GROUP")]
     shared_group: Option<String>,
+    /// Most events of mirrored history kept per device; past it the device's oldest ended runs
+    /// are forgotten here (never a run still going; the gateway's journal is not affected).
+    #[arg(long, env = "OUTPOST_CLOUD_KEEP_EVENTS_PER_DEVICE", default_value_t = 100_000)]
+    keep_events_per_device: u64,
+    /// How long an ended run's mirrored history is kept after it ended (e.g. 90d, 12h); 0 keeps
+    /// it until --keep-events-per-device pushes it out.
+    #[arg(long, env = "OUTPOST_CLOUD_KEEP_ENDED_RUNS_FOR", default_value = "90d", value_parser = humantime::parse_duration)]
+    keep_ended_runs_for: std::time::Duration,
     /// Most devices the store takes; births and events of further new device ids are refused
     /// (counted as rejected.device_limit).
     #[arg(long, env = "OUTPOST_CLOUD_MAX_DEVICES", default_value_t = outpost_cloud_sync::store::DEFAULT_MAX_DEVICES)]
@@ -596,6 +604,10 @@ async fn run(data_dir: PathBuf, store_url: Option<String>, pki: Pki, args: Args)
         security,
         allow_unknown_devices: args.allow_unknown_devices,
         shared_group: args.shared_group.clone(),
+        retention: outpost_cloud_sync::service::RetentionPolicy {
+            events_per_device: args.keep_events_per_device,
+            ended_runs_for: (!args.keep_ended_runs_for.is_zero()).then_some(args.keep_ended_runs_for),
+        },
     };
     let service = Service::start(store, link);
     if let Some(stats) = gate {

@@ -166,12 +166,17 @@ impl Cloud {
     /// plain HTTP on loopback unless they hold `--https` (the harness's own marker: HTTPS, as
     /// shipped).
     pub fn embedded_with_args(dir: &Path, args: &[&str]) -> Cloud {
+        Self::embedded_with(dir, args, &[])
+    }
+
+    /// Starts cloud-sync with its embedded broker, extra arguments and environment variables.
+    pub fn embedded_with(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Cloud {
         let mut c = Cloud {
             dir: dir.to_path_buf(),
             api: free_port(),
             mqtt: free_port(),
             external: None,
-            env: Vec::new(),
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             child: None,
             secure: false,
             args: args.iter().map(|a| a.to_string()).collect(),

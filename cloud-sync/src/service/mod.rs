@@ -65,6 +65,67 @@ pub enum Security {
     Unsigned,
 }
 
+/// How much of each device's mirrored history cloud-sync keeps (docs/scale-out.md, *Retention*).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetentionPolicy {
+    /// Most events kept per device: the oldest ended runs go first.
+    pub events_per_device: u64,
+    /// Ended runs are kept this long after they ended; `None`: no age limit.
+    pub ended_runs_for: Option<Duration>,
+}
+
+impl Default for RetentionPolicy {
+    fn default() -> Self {
+        RetentionPolicy {
+            events_per_device: 100_000,
+            ended_runs_for: Some(Duration::from_secs(90 * 24 * 3600)),
+        }
+    }
+}
+
+/// How often retention looks at every device.
+const RETENTION_EVERY: Duration = Duration::from_secs(600);
+
+fn retention_every() -> Duration {
+    std::env::var("OUTPOST_CLOUD_RETENTION_EVERY_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(RETENTION_EVERY, Duration::from_millis)
+}
+
+/// Forgets what retention allows, device by device, until the service is gone. One replica at
+/// a time (a lock across replicas), so two never prune the same device at once.
+async fn retain(service: std::sync::Weak<Service>, every: Duration) {
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(s) = service.upgrade() else { return };
+        let (store, policy) = (s.store.clone(), s.retention);
+        drop(s);
+        let done = blocking(move || {
+            let _across = store.lock_across_replicas("retention")?;
+            let limits = crate::store::Retention {
+                events: policy.events_per_device,
+                ended_before_ms: policy.ended_runs_for.map_or(0, |d| {
+                    now_ms().saturating_sub(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+                }),
+            };
+            let mut total = crate::store::Pruned::default();
+            for (id, _) in store.devices()? {
+                let p = store.prune(&id, &limits)?;
+                total.runs += p.runs;
+                total.events += p.events;
+            }
+            Ok(total)
+        })
+        .await;
+        match done {
+            Ok(p) if p.runs > 0 => info!(runs = p.runs, events = p.events, "retention forgot ended runs"),
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "retention failed; trying again at the next round"),
+        }
+    }
+}
+
 /// How the service reaches its broker.
 #[derive(Debug, Clone)]
 pub struct Link {
@@ -83,6 +144,8 @@ pub struct Link {
     /// Queue commands for devices never seen and never enrolled (pre-provisioning); without
     /// it such a command is refused, since it would wait forever for a typo.
     pub allow_unknown_devices: bool,
+    /// How much mirrored history is kept per device.
+    pub retention: RetentionPolicy,
     /// The MQTT shared-subscription group of the replicas (`$share/GROUP/…`): each device
     /// message goes to one of them. `None`: this process alone takes every message.
     pub shared_group: Option<String>,
@@ -115,6 +178,7 @@ pub struct Service {
     /// This replica's MQTT client id (`/v1/health` names it).
     pub client_id: String,
     shared_group: Option<String>,
+    retention: RetentionPolicy,
 }
 
 /// How often batched counters reach the store.
@@ -273,10 +337,12 @@ impl Service {
             broker_up: std::sync::atomic::AtomicBool::new(false),
             client_id: link.client_id.clone(),
             shared_group: link.shared_group.clone(),
+            retention: link.retention,
         });
         tokio::spawn(flush_counts(Arc::downgrade(&service)));
         tokio::spawn(resend_pending(Arc::downgrade(&service), command_resend()));
         tokio::spawn(rollouts::tick(Arc::downgrade(&service)));
+        tokio::spawn(retain(Arc::downgrade(&service), retention_every()));
         // Unbounded, so the poll task never waits on ingest while ingest waits on the poll task
         // to take its publishes (a birth answered with hundreds of pending commands deadlocked
         // here). The broker bounds it: every message in it is still unacked, and a broker

@@ -36,6 +36,8 @@ pub struct RunCounts {
     pub active: u64,
     /// Runs that ended badly (`ended_badly`).
     pub failed: u64,
+    /// Events mirrored for these runs (what cloud-side retention bounds).
+    pub events: u64,
 }
 
 impl RunCounts {
@@ -43,6 +45,11 @@ impl RunCounts {
     fn tally(&mut self, m: &RunMirror, add: bool) {
         let step = |n: &mut u64| *n = if add { n.saturating_add(1) } else { n.saturating_sub(1) };
         step(&mut self.runs);
+        self.events = if add {
+            self.events.saturating_add(m.events)
+        } else {
+            self.events.saturating_sub(m.events)
+        };
         if !m.status.is_terminal() {
             step(&mut self.active);
         }
@@ -60,6 +67,25 @@ impl RunCounts {
             self.tally(a, true);
         }
     }
+}
+
+/// How much mirrored history the cloud keeps per device (`outpost-cloud --keep-events-per-device`,
+/// `--keep-ended-runs-for`); the gateway's own journal has its own retention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// Most events kept per device; older ended runs go first.
+    pub events: u64,
+    /// Ended runs that ended before this (ms since the epoch) go; 0 keeps them.
+    pub ended_before_ms: u64,
+}
+
+/// What a prune removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pruned {
+    /// Runs forgotten.
+    pub runs: u64,
+    /// Their events.
+    pub events: u64,
 }
 
 /// True for runs that ended badly: failed, compensated, or failed while compensating.
@@ -846,7 +872,7 @@ impl Store {
                 quarantined: Vec::new(),
                 diverged_from: None,
             };
-            // Read when a run's status changes, written once at the end.
+            // Read at the first event, written once at the end.
             let mut counts: Option<RunCounts> = None;
             for e in events {
                 if e.seq < d.next_seq {
@@ -884,14 +910,13 @@ impl Store {
                 let mut m: Option<RunMirror> = get_row(tx, T::Runs, &key, "run")?;
                 let before = m.clone();
                 fold(&mut m, &rec);
-                if before.as_ref().map(|b| (b.status, b.events > 0)) != m.as_ref().map(|a| (a.status, a.events > 0)) {
-                    let counts = match &mut counts {
-                        Some(c) => c,
-                        None => counts
-                            .insert(get_row(tx, T::DeviceCounts, &[Str(device)], "run counts")?.unwrap_or_default()),
-                    };
-                    counts.change(before.as_ref(), m.as_ref());
-                }
+                let counts = match &mut counts {
+                    Some(c) => c,
+                    None => {
+                        counts.insert(get_row(tx, T::DeviceCounts, &[Str(device)], "run counts")?.unwrap_or_default())
+                    }
+                };
+                counts.change(before.as_ref(), m.as_ref());
                 if let Some(m) = m {
                     put_row(tx, T::Runs, &key, &m)?;
                 }
@@ -964,6 +989,51 @@ impl Store {
                 put_row(tx, T::DeviceCounts, &[Str(device)], c)?;
             }
             Ok(())
+        })
+    }
+
+    /// Forgets a device's oldest ended runs (their mirrors, index rows and events) while it
+    /// keeps more than `limits.events` events, and those that ended before `limits.ended_before_ms`.
+    /// Runs still going are never touched; the device's sequence stays, so a late redelivery of
+    /// a forgotten event is still recognised as one.
+    pub fn prune(&self, device: &str, limits: &Retention) -> Result<Pruned, StoreError> {
+        self.write(|tx| {
+            let mut counts: RunCounts = get_row(tx, T::DeviceCounts, &[Str(device)], "run counts")?.unwrap_or_default();
+            if counts.events <= limits.events && limits.ended_before_ms == 0 {
+                return Ok(Pruned::default());
+            }
+            let mut ended: Vec<(u64, String, RunMirror)> = Vec::new();
+            tx.scan(T::Runs, &[Str(device)], None, Dir::Up, &mut |k, v| {
+                let m: RunMirror = dec("run", v)?;
+                if let Some(at) = m.finished_ms {
+                    ended.push((at, k.get(1).map_or("", Owned::text).to_string(), m));
+                }
+                Ok(true)
+            })?;
+            ended.sort_unstable_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+            let mut out = Pruned::default();
+            for (at, run, m) in ended {
+                if counts.events <= limits.events && at >= limits.ended_before_ms {
+                    break;
+                }
+                let seqs: Vec<u64> = tx
+                    .rows(T::RunEvents, &[Str(device), Str(&run)])?
+                    .iter()
+                    .map(|(k, _)| k.get(2).map_or(0, Owned::num))
+                    .collect();
+                for seq in &seqs {
+                    tx.remove(T::Events, &[Str(device), Num(*seq)])?;
+                    tx.remove(T::RunEvents, &[Str(device), Str(&run), Num(*seq)])?;
+                }
+                tx.remove(T::Runs, &[Str(device), Str(&run)])?;
+                counts.change(Some(&m), None);
+                out.runs += 1;
+                out.events += seqs.len() as u64;
+            }
+            if out.runs > 0 {
+                put_row(tx, T::DeviceCounts, &[Str(device)], &counts)?;
+            }
+            Ok(out)
         })
     }
 
@@ -1528,7 +1598,8 @@ mod tests {
             RunCounts {
                 runs: 3,
                 active: 1,
-                failed: 1
+                failed: 1,
+                events: 5
             }
         );
         counts_match(&s, "gw");
@@ -1543,11 +1614,92 @@ mod tests {
             RunCounts {
                 runs: 3,
                 active: 1,
-                failed: 1
+                failed: 1,
+                events: 5
             }
         );
         s.remove_device("gw").unwrap();
         assert_eq!(s.run_counts("gw").unwrap(), RunCounts::default());
+    }
+
+    #[test]
+    fn retention_forgets_the_oldest_ended_runs_never_a_running_one_and_redeliveries_stay_duplicates() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("c.redb")).unwrap();
+        let ev = |seq, r: Vec<u8>| WireEvent { seq, record: r };
+        let done = |r: &str, at: u64| {
+            journal::encode(&Record {
+                run_id: r.into(),
+                at_ms: at,
+                event: Event::RunCompleted { output: "1".into() },
+            })
+        };
+        // r1 ended at 10, r2 at 20, r3 still going; two events each.
+        s.store_events(
+            "gw",
+            &[
+                ev(1, started("r1")),
+                ev(2, started("r2")),
+                ev(3, started("r3")),
+                ev(4, done("r1", 10)),
+                ev(5, done("r2", 20)),
+            ],
+            0,
+        )
+        .unwrap();
+        let keep_all = Retention {
+            events: 100,
+            ended_before_ms: 0,
+        };
+        assert_eq!(s.prune("gw", &keep_all).unwrap(), Pruned::default());
+        let p = s
+            .prune(
+                "gw",
+                &Retention {
+                    events: 4,
+                    ended_before_ms: 0,
+                },
+            )
+            .unwrap();
+        assert_eq!(p, Pruned { runs: 1, events: 2 }, "the oldest ended run goes first");
+        assert!(s.run("gw", "r1").unwrap().is_none());
+        counts_match(&s, "gw");
+        let p = s
+            .prune(
+                "gw",
+                &Retention {
+                    events: 100,
+                    ended_before_ms: 21,
+                },
+            )
+            .unwrap();
+        assert_eq!(p.runs, 1, "by age: r2 (ended at 20); r3 is still going");
+        let left: Vec<String> = s.runs("gw").unwrap().into_iter().map(|r| r.0).collect();
+        assert_eq!(left, ["r3"]);
+        counts_match(&s, "gw");
+        // A late redelivery of a forgotten event is a duplicate, not a divergence.
+        let again = s.store_events("gw", &[ev(1, started("r1"))], 0).unwrap();
+        assert_eq!((again.duplicates, again.new, again.diverged_from), (1, 0, None));
+    }
+
+    #[test]
+    fn retention_never_forgets_a_running_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("c.redb")).unwrap();
+        let ev = |seq, r: Vec<u8>| WireEvent { seq, record: r };
+        s.store_events("gw", &[ev(1, started("r1")), ev(2, started("r2"))], 0)
+            .unwrap();
+        let p = s
+            .prune(
+                "gw",
+                &Retention {
+                    events: 0,
+                    ended_before_ms: u64::MAX,
+                },
+            )
+            .unwrap();
+        assert_eq!(p, Pruned::default());
+        assert_eq!(s.runs("gw").unwrap().len(), 2);
     }
 
     #[test]

@@ -184,6 +184,63 @@ fn three_replicas_store_every_event_once_through_a_replica_kill_and_a_postgres_r
     }
 }
 
+/// Two short steps: four events a run.
+const SHORT: &str = "name: short\nversion: 1\nsteps:\n  - {id: a, action: set, args: {x: 1}}\n";
+
+#[test]
+fn cloud_side_retention_forgets_the_oldest_ended_runs_and_never_a_running_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = Cloud::embedded_with(
+        &dir.path().join("cloud"),
+        &["--keep-events-per-device", "20"],
+        &[("OUTPOST_CLOUD_RETENTION_EVERY_MS", "300")],
+    );
+    let flags = ["--broker", &cloud.mqtt_url(), "--device-id", "gw1"];
+    let agent = Agent::start(&dir.path().join("agent"), &flags);
+    agent.json(&["apply", &write(dir.path(), "short.yaml", SHORT)]);
+    let wait = "name: waits\nversion: 1\nsteps:\n  - {id: w, action: wait_signal, args: {signal: go}}\n";
+    agent.json(&["apply", &write(dir.path(), "waits.yaml", wait)]);
+    agent.json(&["start", "waits", "--id", "waiting"]);
+    for i in 0..12 {
+        agent.json(&["start", "short", "--id", &format!("s{i:02}")]);
+    }
+    let end = eventually(Duration::from_secs(30), "the runs to end", || {
+        let done = agent.json(&["list", "--status", "completed", "--limit", "100"]);
+        (done.as_array().unwrap().len() == 12)
+            .then(|| agent.json(&["status"])["journal"]["next_seq"].as_u64().unwrap() - 1)
+    });
+    eventually(Duration::from_secs(30), "everything to sync", || {
+        (stored(&cloud, "gw1") >= end).then_some(())
+    });
+    let runs = eventually(Duration::from_secs(30), "retention to forget old runs", || {
+        let runs = cloud.get("/v1/devices/gw1/runs");
+        let events: u64 = runs
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["events"].as_u64().unwrap())
+            .sum();
+        (events <= 20).then_some(runs)
+    });
+    let ids: Vec<&str> = runs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["run_id"].as_str().unwrap())
+        .collect();
+    assert!(ids.contains(&"waiting"), "a running run stays: {ids:?}");
+    assert!(
+        !ids.contains(&"s00") && ids.contains(&"s11"),
+        "the oldest go first: {ids:?}"
+    );
+    assert_eq!(
+        cloud.device("gw1").unwrap()["runs"].as_u64().unwrap() as usize,
+        ids.len()
+    );
+    // The gateway keeps its own history.
+    assert_eq!(agent.json(&["show", "s00"])["status"], "completed");
+}
+
 /// A console's live stream (`/console/live`, server-sent events) on one replica.
 struct LiveStream(std::net::TcpStream);
 
