@@ -453,6 +453,37 @@ impl Drop for Cloud {
     }
 }
 
+/// Events stored for `device` so far (its `stored_seq`; 0 while the cloud does not know it).
+pub fn stored(cloud: &Cloud, device: &str) -> u64 {
+    cloud
+        .device(device)
+        .map(|d| d["stored_seq"].as_u64().unwrap_or(0))
+        .unwrap_or(0)
+}
+
+/// A state machine that sets a value `visits` times, then ends: `visits + 3` events a run.
+pub fn ticking_workflow(name: &str, visits: u32) -> String {
+    format!(
+        r#"
+name: {name}
+version: 1
+kind: state_machine
+steps:
+  - id: tick
+    action: set
+    args: {{n: "{{{{ steps.tick.visits }}}}"}}
+    choices:
+      - when: steps.tick.visits >= {visits}
+        next: done
+    default: tick
+  - id: done
+    action: set
+    args: {{ticks: "{{{{ steps.tick.visits }}}}"}}
+    end: succeed
+"#
+    )
+}
+
 /// One HTTP/1.1 request with `Connection: close`, as the harness's admin (the port's
 /// registered token); returns the status and the JSON body.
 pub fn http(method: &str, port: u16, path: &str, body: Option<&str>) -> std::io::Result<(u16, Value)> {

@@ -6,38 +6,12 @@
 use std::time::Duration;
 
 use outpost_cloud_sync::testing::TestPostgres;
-use outpost_tests::cloud::{Cloud, Proxy, http_text};
+use outpost_tests::cloud::{Cloud, Proxy, http_text, stored, ticking_workflow};
 use outpost_tests::{Agent, Mosquitto, eventually, write};
 use serde_json::json;
 
-/// A state machine of 31 events per run.
-const TICKS: &str = r#"
-name: ticks
-version: 1
-kind: state_machine
-steps:
-  - id: tick
-    action: set
-    args: {n: "{{ steps.tick.visits }}"}
-    choices:
-      - when: steps.tick.visits >= 28
-        next: done
-    default: tick
-  - id: done
-    action: set
-    args: {ticks: "{{ steps.tick.visits }}"}
-    end: succeed
-"#;
-
 const GATEWAYS: usize = 20;
 const RUNS: usize = 8;
-
-fn stored(cloud: &Cloud, device: &str) -> u64 {
-    cloud
-        .device(device)
-        .map(|d| d["stored_seq"].as_u64().unwrap_or(0))
-        .unwrap_or(0)
-}
 
 #[test]
 fn three_replicas_store_every_event_once_through_a_replica_kill_and_a_postgres_restart() {
@@ -58,7 +32,7 @@ fn three_replicas_store_every_event_once_through_a_replica_kill_and_a_postgres_r
 
     // Twenty gateways come online, then lose their link and pile up a backlog.
     let proxy = Proxy::start(broker.port);
-    let ticks = write(dir.path(), "ticks.yaml", TICKS);
+    let ticks = write(dir.path(), "ticks.yaml", &ticking_workflow("ticks", 28));
     let mut agents = Vec::new();
     for i in 0..GATEWAYS {
         let id = format!("gw{i:02}");

@@ -10,7 +10,7 @@ use std::time::Duration;
 use outpost_shared::protocol::{Body, Channel, Command, CommandKind, Seal, Topics};
 use outpost_shared::signing::SigningKey;
 use outpost_shared::tls::TlsFiles;
-use outpost_tests::cloud::Cloud;
+use outpost_tests::cloud::{Cloud, stored};
 use outpost_tests::{Agent, Mosquitto, eventually, mqtt_connects, mqtt_session, mqtt_session_publish, write};
 use serde_json::{Value, json};
 
@@ -33,12 +33,6 @@ fn identity(agent_dir: &Path) -> TlsFiles {
 
 fn counter(cloud: &Cloud, name: &str) -> u64 {
     cloud.get("/v1/stats")["counters"][name].as_u64().unwrap_or(0)
-}
-
-fn stored(cloud: &Cloud, device: &str) -> u64 {
-    cloud
-        .device(device)
-        .map_or(0, |d| d["stored_seq"].as_u64().unwrap_or(0))
 }
 
 /// A gateway enrolled in `cloud` and connected to `url`, with one completed run mirrored.

@@ -6,36 +6,11 @@
 use std::time::Duration;
 
 use outpost_shared::protocol::{self, Body, Command, CommandKind, CommandResult, Outcome};
-use outpost_tests::cloud::{Cloud, Proxy};
+use outpost_tests::cloud::{Cloud, Proxy, stored, ticking_workflow};
 use outpost_tests::{Agent, Mosquitto, eventually, mqtt_publish, write};
 use serde_json::{Value, json};
 
-/// 40 runs × 253 events = 10,120 events.
-const BURST: &str = r#"
-name: burst
-version: 1
-kind: state_machine
-steps:
-  - id: tick
-    action: set
-    args: {n: "{{ steps.tick.visits }}"}
-    choices:
-      - when: steps.tick.visits >= 250
-        next: done
-    default: tick
-  - id: done
-    action: set
-    args: {ticks: "{{ steps.tick.visits }}"}
-    end: succeed
-"#;
 const RUNS: usize = 40;
-
-fn stored(cloud: &Cloud, device: &str) -> u64 {
-    cloud
-        .device(device)
-        .map(|d| d["stored_seq"].as_u64().unwrap_or(0))
-        .unwrap_or(0)
-}
 
 fn online(cloud: &Cloud, device: &str) {
     cloud.wait_presence(device, true, Duration::from_secs(20));
@@ -73,7 +48,11 @@ fn partition_scenario(mut broker: Broker) {
 
     // The link goes down; the agent keeps working.
     proxy.cut();
-    agent.json(&["apply", &write(dir.path(), "burst.yaml", BURST)]);
+    // 40 runs × 253 events = 10,120 events.
+    agent.json(&[
+        "apply",
+        &write(dir.path(), "burst.yaml", &ticking_workflow("burst", 250)),
+    ]);
     for i in 0..RUNS {
         agent.json(&["start", "burst", "--id", &format!("b{i:02}")]);
     }
