@@ -215,6 +215,35 @@ impl Cloud {
         c
     }
 
+    /// Starts replica `n` as shipped for scale-out: TLS to the broker at `url` with its own
+    /// certificate (`pki replica outpost-cloud-N` in the PKI at `pki`, shared by the replicas),
+    /// every message signed, the store at `store_url`, the shared subscription group.
+    pub fn secure_replica(dir: &Path, url: &str, mqtt_port: u16, store_url: &str, n: usize, pki: &Path) -> Cloud {
+        std::fs::create_dir_all(dir).expect("replica dir");
+        std::fs::write(dir.join("harness.store-url"), store_url).expect("harness.store-url");
+        let mut c = Cloud {
+            dir: dir.to_path_buf(),
+            api: free_port(),
+            mqtt: mqtt_port,
+            external: Some(url.to_string()),
+            env: vec![("OUTPOST_CLOUD_PKI".into(), pki.display().to_string())],
+            child: None,
+            secure: true,
+            args: [
+                "--shared-group",
+                "outpost-cloud",
+                "--client-id",
+                &format!("outpost-cloud-{n}"),
+            ]
+            .iter()
+            .map(|a| a.to_string())
+            .collect(),
+            postgres: None,
+        };
+        c.restart();
+        c
+    }
+
     /// Starts cloud-sync as shipped: its fleet PKI, the embedded broker behind TLS with client
     /// certificates and topic rules, every message signed.
     pub fn secure(dir: &Path) -> Cloud {

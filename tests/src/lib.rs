@@ -416,10 +416,18 @@ impl Mosquitto {
     /// Starts a broker from the shipped `packaging/mosquitto/outpost-tls.conf`, with its paths
     /// pointed at `pki` (the fleet PKI directory) and `acl`, on a free port.
     pub fn start_tls(pki: &Path, acl: &Path) -> Mosquitto {
+        Self::start_shipped("outpost-tls.conf", pki, acl)
+    }
+
+    /// Starts a broker from the shipped `packaging/mosquitto/CONF` (`outpost-tls.conf`,
+    /// `outpost-replicas.conf`), with its paths pointed at `pki` and `acl`.
+    pub fn start_shipped(conf: &str, pki: &Path, acl: &Path) -> Mosquitto {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = cloud::free_port();
-        let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/mosquitto/outpost-tls.conf");
-        let text = std::fs::read_to_string(&shipped).expect("packaging/mosquitto/outpost-tls.conf");
+        let shipped = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../packaging/mosquitto")
+            .join(conf);
+        let text = std::fs::read_to_string(&shipped).expect("packaging/mosquitto/ configuration");
         let text = text
             .replace("/etc/outpost/pki/", &format!("{}/", pki.display()))
             .replace("/etc/mosquitto/conf.d/outpost.acl", &acl.display().to_string())

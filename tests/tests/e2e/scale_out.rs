@@ -158,6 +158,93 @@ fn three_replicas_store_every_event_once_through_a_replica_kill_and_a_postgres_r
     }
 }
 
+#[test]
+fn replicas_as_shipped_each_with_its_own_certificate_behind_mosquittos_tls_and_acl() {
+    let dir = tempfile::tempdir().unwrap();
+    let pg = TestPostgres::start().expect("Postgres (apt-get install postgresql)");
+    let url = pg.create_database("fleet").unwrap();
+    // The PKI (in replica 1's directory, shared), a certificate per replica, the broker's ACL.
+    let first = dir.path().join("cloud-1");
+    let pki = first.join("pki");
+    let acl_dir = dir.path().to_str().unwrap().to_string();
+    for args in [
+        &["pki", "init"][..],
+        &["pki", "replica", "outpost-cloud-1"][..],
+        &["pki", "replica", "outpost-cloud-2"][..],
+        &[
+            "pki",
+            "mosquitto",
+            "--out-dir",
+            &acl_dir,
+            "--replica",
+            "outpost-cloud-1",
+            "--replica",
+            "outpost-cloud-2",
+        ][..],
+    ] {
+        let out = outpost_tests::cloud::admin(&first, args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let broker = Mosquitto::start_shipped("outpost-replicas.conf", &pki, &dir.path().join("outpost.acl"));
+    let mqtts = format!("mqtts://127.0.0.1:{}", broker.port);
+    let replicas: Vec<Cloud> = (1..=2)
+        .map(|n| {
+            Cloud::secure_replica(
+                &dir.path().join(format!("cloud-{n}")),
+                &mqtts,
+                broker.port,
+                &url,
+                n,
+                &pki,
+            )
+        })
+        .collect();
+    for r in &replicas {
+        eventually(
+            Duration::from_secs(20),
+            "each replica on the broker with its own identity",
+            || {
+                let h = r.get("/v1/health");
+                (h["broker"] == "connected").then_some(())
+            },
+        );
+    }
+    // A gateway enrolled once is known to both; its runs are mirrored exactly.
+    let agent_dir = dir.path().join("gw1");
+    replicas[0].enroll(&agent_dir, "gw1");
+    let agent = Agent::start(&agent_dir, &["--broker", &mqtts, "--device-id", "gw1"]);
+    agent.json(&["apply", &write(dir.path(), "short.yaml", SHORT)]);
+    for i in 0..20 {
+        agent.json(&["start", "short", "--id", &format!("s{i:02}")]);
+    }
+    let end = eventually(Duration::from_secs(30), "the runs to end", || {
+        let done = agent.json(&["list", "--status", "completed", "--limit", "100"]);
+        (done.as_array().unwrap().len() == 20)
+            .then(|| agent.json(&["status"])["journal"]["next_seq"].as_u64().unwrap() - 1)
+    });
+    eventually(Duration::from_secs(30), "every event on both replicas", || {
+        replicas.iter().all(|r| stored(r, "gw1") == end).then_some(())
+    });
+    // A command through replica 2 reaches the gateway, signed with the fleet key.
+    let (code, c) = replicas[1].send(
+        "POST",
+        "/v1/devices/gw1/commands",
+        &json!({"type": "start", "workflow": "short", "id": "via-2", "run_id": "via-2"}),
+    );
+    assert_eq!(code, 202, "{c}");
+    eventually(Duration::from_secs(20), "the command to be applied", || {
+        (replicas[0].get("/v1/devices/gw1/commands/via-2")["state"] == "applied").then_some(())
+    });
+    assert!(
+        broker.log().contains("outpost-cloud-2"),
+        "replica 2 connected under its own name"
+    );
+}
+
 /// Two short steps: four events a run.
 const SHORT: &str = "name: short\nversion: 1\nsteps:\n  - {id: a, action: set, args: {x: 1}}\n";
 
