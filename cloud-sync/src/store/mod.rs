@@ -2240,5 +2240,13 @@ mod postgres_tests {
         assert!(s.recover() && s.healthy());
         let again = s.store_events("gw", &[ev(2)], 0).unwrap();
         assert_eq!((again.new, again.next_seq), (1, 3));
+        // A read that fails while the server is down marks the store unhealthy; the next one
+        // that gets through clears it, with no ingest error to drive a recover.
+        pg.stop().unwrap();
+        assert!(s.device("gw").is_err());
+        assert!(!s.healthy());
+        pg.start_again().unwrap();
+        assert!(s.device("gw").unwrap().is_some());
+        assert!(s.healthy());
     }
 }

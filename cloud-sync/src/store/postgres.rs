@@ -368,8 +368,11 @@ impl Postgres {
         }
     }
 
+    /// Returns the connection and records whether the server answered: a transaction that got
+    /// through clears a failure (a restarted server needs no `recover` to look healthy again).
     fn finish<R>(&self, c: Conn, out: &Result<R, StoreError>) {
-        self.note(matches!(out, Err(StoreError::Unavailable(_))) || c.client.is_closed());
+        let failed = matches!(out, Err(StoreError::Unavailable(_))) || c.client.is_closed();
+        self.failing.store(failed, Ordering::SeqCst);
         self.give_back(c);
     }
 
