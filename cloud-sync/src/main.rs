@@ -476,8 +476,9 @@ async fn run(data_dir: PathBuf, store_url: Option<String>, pki: Pki, args: Args)
             )
         })?,
     };
-    let store_shown = match store.kind() {
-        "redb" => store_path.display().to_string(),
+    let store_shown = match (store.kind(), &store_url) {
+        ("redb", Some(path)) => path.clone(),
+        ("redb", None) => store_path.display().to_string(),
         _ => store.location(),
     };
     store.set_max_devices(args.max_devices);
