@@ -4,7 +4,7 @@
 //! (no TLS, unsigned: the `--insecure-*` flags) and as shipped (mutual TLS, every message
 //! signed). Prints figures; asserts nothing.
 //!
-//!   cargo build --release && ./target/release/outpost-sync-bench [--operators: only those figures]
+//!   cargo build --release && ./target/release/outpost-sync-bench [--operators | --ingest: only those figures]
 //!   outpost-sync-bench --store postgres [--replicas 1,2,3] [--devices 10000] [--events-per-device 20]:
 //!   only the scale-out figures (replicas on Postgres behind Mosquitto's shared subscriptions)
 //!   outpost-sync-bench --connect [--client qemu-aarch64 -L /usr/aarch64-linux-gnu BIN]: only
@@ -621,6 +621,9 @@ fn main() -> anyhow::Result<()> {
     }
     if args.iter().any(|a| a == "--operators") {
         return operators();
+    }
+    if args.iter().any(|a| a == "--ingest") {
+        return ingest(Mode::Plain);
     }
     if let Some(i) = args.iter().position(|a| a == "--store") {
         match args.get(i + 1).map(String::as_str) {
