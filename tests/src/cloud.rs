@@ -190,35 +190,27 @@ impl Cloud {
     /// broker on `mqtt_port` (Mosquitto), device traffic through the shared subscription group
     /// `outpost-cloud`, its own client id.
     pub fn replica(dir: &Path, mqtt_port: u16, store_url: &str, n: usize) -> Cloud {
-        std::fs::create_dir_all(dir).expect("replica dir");
-        std::fs::write(dir.join("harness.store-url"), store_url).expect("harness.store-url");
-        let mut c = Cloud {
-            dir: dir.to_path_buf(),
-            api: free_port(),
-            mqtt: mqtt_port,
-            external: Some(format!("mqtt://127.0.0.1:{mqtt_port}")),
-            env: Vec::new(),
-            child: None,
-            secure: false,
-            args: [
-                "--shared-group",
-                "outpost-cloud",
-                "--client-id",
-                &format!("replica-{n}"),
-            ]
-            .iter()
-            .map(|a| a.to_string())
-            .collect(),
-            postgres: None,
-        };
-        c.restart();
-        c
+        let url = format!("mqtt://127.0.0.1:{mqtt_port}");
+        Self::launch_replica(dir, &url, mqtt_port, store_url, &format!("replica-{n}"), None)
     }
 
     /// Starts replica `n` as shipped for scale-out: TLS to the broker at `url` with its own
     /// certificate (`pki replica outpost-cloud-N` in the PKI at `pki`, shared by the replicas),
     /// every message signed, the store at `store_url`, the shared subscription group.
     pub fn secure_replica(dir: &Path, url: &str, mqtt_port: u16, store_url: &str, n: usize, pki: &Path) -> Cloud {
+        Self::launch_replica(dir, url, mqtt_port, store_url, &format!("outpost-cloud-{n}"), Some(pki))
+    }
+
+    /// A replica on `store_url` behind the broker at `url`: plain and unsigned without `pki`,
+    /// as shipped (TLS, signatures, the shared PKI) with it.
+    fn launch_replica(
+        dir: &Path,
+        url: &str,
+        mqtt_port: u16,
+        store_url: &str,
+        client_id: &str,
+        pki: Option<&Path>,
+    ) -> Cloud {
         std::fs::create_dir_all(dir).expect("replica dir");
         std::fs::write(dir.join("harness.store-url"), store_url).expect("harness.store-url");
         let mut c = Cloud {
@@ -226,18 +218,16 @@ impl Cloud {
             api: free_port(),
             mqtt: mqtt_port,
             external: Some(url.to_string()),
-            env: vec![("OUTPOST_CLOUD_PKI".into(), pki.display().to_string())],
+            env: pki
+                .map(|p| ("OUTPOST_CLOUD_PKI".to_string(), p.display().to_string()))
+                .into_iter()
+                .collect(),
             child: None,
-            secure: true,
-            args: [
-                "--shared-group",
-                "outpost-cloud",
-                "--client-id",
-                &format!("outpost-cloud-{n}"),
-            ]
-            .iter()
-            .map(|a| a.to_string())
-            .collect(),
+            secure: pki.is_some(),
+            args: ["--shared-group", "outpost-cloud", "--client-id", client_id]
+                .iter()
+                .map(|a| a.to_string())
+                .collect(),
             postgres: None,
         };
         c.restart();
