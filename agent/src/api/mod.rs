@@ -191,6 +191,7 @@ async fn status(State(rt): AppState) -> ApiResult<StatusView> {
         version: env!("CARGO_PKG_VERSION").to_string(),
         pid: std::process::id(),
         active_runs: rt.active_count(),
+        parked_runs: rt.parked_count(),
         activities: ActivitiesView {
             running: rt.activities_running(),
             limit: rt.max_activities(),

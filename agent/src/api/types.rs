@@ -370,6 +370,9 @@ pub struct StatusView {
     pub pid: u32,
     /// Runs with a live driver.
     pub active_runs: usize,
+    /// Of those, runs parked on a far timer, a signal or an approval: state only in the journal.
+    #[serde(default)]
+    pub parked_runs: usize,
     /// Activities running and the agent-wide limit.
     pub activities: ActivitiesView,
     /// Run and activity limits.

@@ -456,6 +456,17 @@ pub(super) struct RunArgs {
     /// socket's `/metrics`).
     #[arg(long, env = "OUTPOST_METRICS_LISTEN", value_name = "ADDR", help_heading = "Process")]
     pub(super) metrics_listen: Option<std::net::SocketAddr>,
+    /// Park a run whose next timer is at least this far off, or that waits only for a signal
+    /// or an approval: its state leaves memory until the timer or a request wakes it, then is
+    /// read back from the journal. `0` keeps every run in memory.
+    #[arg(
+        long,
+        default_value = "5s",
+        env = "OUTPOST_PARK_AFTER",
+        value_name = "DURATION",
+        help_heading = "Run limits"
+    )]
+    pub(super) park_after: humantime::Duration,
     /// Journal page cache in MiB.
     #[arg(
         long,

@@ -557,8 +557,9 @@ fn print_status(v: &StatusView) {
     println!("agent:       outpost {} (pid {})", v.version, v.pid);
     let runs = &v.limits.runs;
     println!(
-        "runs:        {} active (limit {}), {} queued (queue {}, when full: {})",
+        "runs:        {} active ({} parked) (limit {}), {} queued (queue {}, when full: {})",
         v.active_runs,
+        v.parked_runs,
         runs.limit.map(|n| n.to_string()).unwrap_or_else(|| "none".into()),
         runs.queued,
         runs.queue_limit,

@@ -188,6 +188,7 @@ pub(super) fn daemon_options(
             cooldown: args.breaker_cooldown.into(),
             ..crate::breaker::BreakerConfig::default()
         },
+        park_after: Some(Duration::from(args.park_after)).filter(|d| !d.is_zero()),
     };
     let equipment = args.equipment.as_deref().map(load_equipment).transpose()?;
     if let Some(eq) = &equipment {

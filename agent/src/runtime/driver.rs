@@ -22,9 +22,11 @@ use tokio::task::JoinSet;
 use tracing::{Instrument, error, info, info_span, warn};
 
 use super::activity::{self, append_durably};
+use super::park::{self, Awaiting, Park};
 use super::{Inner, MAX_INPUT_BYTES, MAX_PENDING_SIGNALS, MAX_SIGNALS_PER_RUN, Runtime, RuntimeError, max_runs};
 use crate::clock::remaining_ms;
 use crate::engine::{self, Command, FailedAttempt, RunState, RunStatus};
+use tokio::sync::OwnedSemaphorePermit;
 
 /// Identifies an activity or timer task: (step, visit, attempt, compensation); timers use attempt 0.
 pub(super) type Slot = (usize, u32, u32, bool);
@@ -53,6 +55,8 @@ pub(crate) enum Control {
         reason: String,
         /// Record `RunTerminated` instead of `RunCancelled`.
         terminate: bool,
+        /// Answered once the end is durable.
+        reply: oneshot::Sender<Result<bool, RuntimeError>>,
     },
     /// Deliver a signal; the reply says whether it was new (false: a repeated id).
     Signal {
@@ -86,6 +90,21 @@ pub(crate) enum Control {
     },
 }
 
+/// How a driver's turn ended.
+pub(super) enum Outcome {
+    /// The run ended with this event (journaled).
+    Ended(Event),
+    /// The run only waits: the driver stopped, handing back its state ([`park`]).
+    Parked(Park, Box<RunState>),
+}
+
+/// A run's admission slots (`None` until admitted; a child run needs none). Kept by the run's
+/// task across parks, so a parked run still counts against `--max-runs` as it did in memory.
+pub(super) type Admission = Option<Vec<OwnedSemaphorePermit>>;
+
+/// The timer tasks a driver awaits: when each fires (wall ms) and its full length.
+type Timers = HashMap<tokio::task::Id, (u64, u64)>;
+
 pub(super) struct Driver {
     inner: Arc<Inner>,
     def: Arc<Definition>,
@@ -94,6 +113,10 @@ pub(super) struct Driver {
     next: Option<Vec<Command>>,
     /// The run's final event, once journaled.
     end: Option<Event>,
+    /// Woken by its park's sleep: do not park on a timer again until one fires. A wall clock
+    /// that lags the monotonic one (or a test's clock that stands still) would otherwise park
+    /// the run for the timer's whole length again at every wake.
+    hold_timers: bool,
 }
 
 impl Driver {
@@ -105,25 +128,36 @@ impl Driver {
             st,
             next: None,
             end: None,
+            hold_timers: false,
         }
+    }
+
+    /// This driver's run was woken by its park's sleep: its timer is due.
+    pub(super) fn woken_for_timer(mut self) -> Driver {
+        self.hold_timers = true;
+        self
     }
 }
 
 impl Driver {
-    /// Drives the run to its end; returns the final event. A run that is not a child first
-    /// waits for its run slots (answering stop and signal requests meanwhile).
-    pub(super) async fn run(mut self, mut control: mpsc::Receiver<Control>, child: bool) -> Event {
+    /// Drives the run until it ends or parks. A run that is not a child first waits for its run
+    /// slots (answering stop and signal requests meanwhile), unless `admission` holds them from
+    /// before a park.
+    pub(super) async fn run(
+        mut self,
+        control: &mut mpsc::Receiver<Box<Control>>,
+        admission: &mut Admission,
+    ) -> Outcome {
         let mut tasks: JoinSet<TaskResult> = JoinSet::new();
         let inner = self.inner.clone();
-        let mut _slots = Vec::new();
-        if !child && !self.st.status.is_terminal() {
+        if admission.is_none() && !self.st.status.is_terminal() {
             let (run_id, def) = (self.st.run_id.clone(), self.def.clone());
             let admit = inner.limits.admit(&run_id, def.name(), max_runs(&def));
             tokio::pin!(admit);
             loop {
                 tokio::select! {
                     permits = &mut admit => {
-                        _slots = permits;
+                        *admission = Some(permits);
                         break;
                     }
                     msg = control.recv() => {
@@ -136,11 +170,12 @@ impl Driver {
             }
         }
         let mut slots: HashMap<tokio::task::Id, Slot> = HashMap::new();
+        let mut timers: Timers = HashMap::new();
         while !self.st.status.is_terminal() {
             let mut records = Vec::new();
             let decided = self.next.take().unwrap_or_else(|| engine::decide(&self.def, &self.st));
             for cmd in decided {
-                self.command(cmd, &mut records, &mut tasks, &mut slots);
+                self.command(cmd, &mut records, &mut tasks, &mut slots, &mut timers);
             }
             if !records.is_empty() {
                 self.journal(records, &mut tasks).await;
@@ -152,16 +187,26 @@ impl Driver {
                 self.journal(vec![Event::RunFailed { error: err }], &mut tasks).await;
                 break;
             }
+            if let Some(p) = self.park(&tasks, &timers)
+                && control.is_empty()
+            {
+                // Dropping the task set aborts the timer tasks; the fold sets them again.
+                return Outcome::Parked(p, Box::new(self.st));
+            }
             tokio::select! {
                 Some(joined) = tasks.join_next_with_id(), if !tasks.is_empty() => match joined {
                     Ok((id, res)) => {
                         slots.remove(&id);
+                        if timers.remove(&id).is_some() {
+                            self.hold_timers = false;
+                        }
                         self.absorb(res.journaled);
                         if !res.to_journal.is_empty() {
                             self.journal(res.to_journal, &mut tasks).await;
                         }
                     }
                     Err(e) => {
+                        timers.remove(&e.id());
                         let slot = slots.remove(&e.id());
                         if e.is_panic() {
                             error!(?slot, "activity task panicked");
@@ -197,9 +242,28 @@ impl Driver {
                 warn!(status = status.as_str(), %error, "run ended");
             }
         }
-        self.end.take().unwrap_or_else(|| Event::RunCancelled {
+        Outcome::Ended(self.end.take().unwrap_or_else(|| Event::RunCancelled {
             reason: "the driver stopped".into(),
-        })
+        }))
+    }
+
+    /// Whether the run may let go of its memory now, and until when ([`park::decide`]).
+    fn park(&self, tasks: &JoinSet<TaskResult>, timers: &Timers) -> Option<Park> {
+        let now = self.inner.clock.now_ms();
+        let timers_ms: Vec<u64> = timers
+            .values()
+            .map(|&(fire_at, duration)| remaining_ms(now, fire_at, duration))
+            .collect();
+        let awaiting = Awaiting {
+            tasks: tasks.len(),
+            timers_ms: &timers_ms,
+            waiting: self.st.is_waiting(),
+        };
+        match park::decide(self.inner.config.park_after, awaiting) {
+            Park::No => None,
+            Park::For(_) if self.hold_timers => None,
+            p => Some(p),
+        }
     }
 
     /// Turns one decision into records to journal or a task to run.
@@ -209,6 +273,7 @@ impl Driver {
         records: &mut Vec<Event>,
         tasks: &mut JoinSet<TaskResult>,
         slots: &mut HashMap<tokio::task::Id, Slot>,
+        timers: &mut Timers,
     ) {
         let cmd = match cmd.into_record(&self.def, self.inner.clock.now_ms()) {
             Ok(record) => return records.push(record),
@@ -243,6 +308,7 @@ impl Driver {
                     .in_current_span(),
                 );
                 slots.insert(h.id(), slot);
+                timers.insert(h.id(), (fire_at_ms, duration_ms));
             }
             Command::RunActivity {
                 step,
@@ -274,10 +340,14 @@ impl Driver {
     }
 
     /// Handles a request from outside the run.
-    async fn control(&mut self, msg: Option<Control>, tasks: &mut JoinSet<TaskResult>) {
-        match msg {
+    async fn control(&mut self, msg: Option<Box<Control>>, tasks: &mut JoinSet<TaskResult>) {
+        match msg.map(|m| *m) {
             None => {}
-            Some(Control::Stop { reason, terminate }) => {
+            Some(Control::Stop {
+                reason,
+                terminate,
+                reply,
+            }) => {
                 tasks.abort_all();
                 self.stop_children().await;
                 info!(%reason, terminate, "run stopped by request");
@@ -287,6 +357,7 @@ impl Driver {
                     Event::RunCancelled { reason }
                 };
                 self.journal(vec![end], tasks).await;
+                let _ = reply.send(Ok(true));
             }
             Some(Control::Signal {
                 name,

@@ -73,6 +73,10 @@ struct Harness {
 }
 
 fn open(dir: &Path, fails: u32) -> Harness {
+    open_with(dir, fails, RuntimeConfig::default())
+}
+
+fn open_with(dir: &Path, fails: u32, config: RuntimeConfig) -> Harness {
     let clock = Arc::new(ManualClock(AtomicU64::new(NOW_MS)));
     let calls = Calls::default();
     let mut registry = Registry::default();
@@ -83,7 +87,7 @@ fn open(dir: &Path, fails: u32) -> Harness {
             calls: calls.clone(),
         },
     );
-    let rt = Runtime::open_with(dir, RuntimeConfig::default(), registry, clock.clone()).expect("open runtime");
+    let rt = Runtime::open_with(dir, config, registry, clock.clone()).expect("open runtime");
     Harness { rt, clock, calls }
 }
 
@@ -258,4 +262,114 @@ async fn a_reopened_journal_resumes_the_attempt_in_flight_with_the_same_key() {
     assert_eq!(second.calls(), [(1, "r1/a/1".to_string())]);
     let history = second.history("r1");
     assert!(history.iter().any(|e| matches!(e, Event::RunResumed { .. })));
+}
+
+impl Harness {
+    /// Waits until `n` runs are parked.
+    async fn parked(&self, n: usize) {
+        for _ in 0..400 {
+            if self.rt.parked_count() == n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!("{} runs parked, not {n}", self.rt.parked_count());
+    }
+}
+
+#[tokio::test]
+async fn a_parked_run_wakes_for_each_request_with_its_state_read_back_from_the_journal() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let h = open(dir.path(), 0);
+    let def = "name: gate\nversion: 1\nkind: state_machine\nsteps:\n  - {id: first, action: wait_signal, args: {signal: go}, next: second}\n  - {id: second, action: approval, next: third}\n  - {id: third, action: wait_signal, args: {signal: never}, end: succeed}\n";
+    h.rt.apply(def).await.expect("apply");
+    h.start("gate", "g1").await;
+    h.parked(1).await;
+    assert_eq!(h.rt.active_count(), 1, "a parked run is still active");
+    assert!(
+        h.rt.signal("g1", "go", Some("s1".into()), json!({}))
+            .await
+            .expect("signal")
+    );
+    h.parked(1).await;
+    // The repeat reaches a run folded again from the journal: it still knows the id.
+    assert!(
+        !h.rt
+            .signal("g1", "go", Some("s1".into()), json!({}))
+            .await
+            .expect("repeat")
+    );
+    h.parked(1).await;
+    let decision = super::Decision {
+        step: "second".into(),
+        approved: true,
+        by: "ops".into(),
+        ..super::Decision::default()
+    };
+    assert!(h.rt.approve("g1", decision).await.expect("approve"));
+    h.parked(1).await;
+    let rec = h.rt.cancel("g1", "operator").await.expect("cancel");
+    assert_eq!(rec.status, RunStatus::Cancelled);
+    assert_eq!(h.rt.parked_count(), 0);
+    assert_eq!(h.rt.active_count(), 0);
+    let history = h.history("g1");
+    assert_eq!(
+        history
+            .iter()
+            .filter(|e| matches!(e, Event::SignalReceived { .. }))
+            .count(),
+        2,
+        "the signal and the approval, each once: {history:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_run_parked_on_a_timer_wakes_when_it_is_due_and_its_timer_fires_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = RuntimeConfig {
+        park_after: Some(Duration::from_millis(50)),
+        ..RuntimeConfig::default()
+    };
+    let h = open_with(dir.path(), 0, config);
+    let def = "name: nap\nversion: 1\nsteps:\n  - {id: z, action: sleep, args: {duration: 300ms}}\n  - {id: b, action: set, args: {done: true}, depends_on: [z]}\n";
+    h.rt.apply(def).await.expect("apply");
+    h.start("nap", "n1").await;
+    h.parked(1).await;
+    // The manual wall clock stands still: the woken run waits out its timer in memory rather
+    // than parking for the whole length again.
+    let (status, _) = h.ended("n1").await;
+    assert_eq!(status, RunStatus::Completed);
+    let history = h.history("n1");
+    let count = |f: fn(&Event) -> bool| history.iter().filter(|e| f(e)).count();
+    assert_eq!(count(|e| matches!(e, Event::TimerSet { .. })), 1, "{history:?}");
+    assert_eq!(count(|e| matches!(e, Event::TimerFired { .. })), 1, "{history:?}");
+    assert_eq!(h.rt.parked_count(), 0);
+}
+
+#[tokio::test]
+async fn with_parking_off_a_waiting_run_stays_in_memory() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = RuntimeConfig {
+        park_after: None,
+        ..RuntimeConfig::default()
+    };
+    let h = open_with(dir.path(), 0, config);
+    h.rt.apply("name: w\nversion: 1\nsteps:\n  - {id: s, action: wait_signal, args: {signal: go}}\n")
+        .await
+        .expect("apply");
+    h.start("w", "w1").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!((h.rt.active_count(), h.rt.parked_count()), (1, 0));
+    assert!(h.rt.signal("w1", "go", None, json!({})).await.expect("signal"));
+    assert_eq!(h.ended("w1").await.0, RunStatus::Completed);
+}
+
+#[tokio::test]
+async fn ids_made_in_one_millisecond_never_repeat() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let h = open(dir.path(), 0);
+    // The manual clock stands still: every id comes from the same millisecond.
+    let ids: std::collections::HashSet<String> = (0..100_000).map(|_| h.rt.new_run_id()).collect();
+    assert_eq!(ids.len(), 100_000);
+    assert!(ids.iter().all(|id| id.len() == 16));
 }
