@@ -6,7 +6,9 @@
 //!   each, throughput, latency, commit batching, bytes the daemon wrote to disk per durable step
 //!   (`/proc/PID/io` `write_bytes`), the daemon's CPU and memory.
 //! - `--footprint`: the gateway budget: binary size, idle RSS, RSS with many active runs, CPU
-//!   while idle with timers pending, and start-up time with a large journal.
+//!   while idle with timers pending, start-up time with a large journal, and idle RSS, CPU and
+//!   context switches while connected to a local cloud-sync (`outpost-cloud` next to this
+//!   binary, started with its embedded broker and TLS; skipped, and said so, when it is absent).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -228,6 +230,11 @@ pub async fn run(args: BenchArgs, json: bool) -> anyhow::Result<u8> {
 
 /// Starts `outpost run` on `dir` as a child process (this same binary).
 fn spawn_agent(dir: &Path) -> anyhow::Result<tokio::process::Child> {
+    spawn_agent_with(dir, &[])
+}
+
+/// `spawn_agent` with more `outpost run` arguments.
+fn spawn_agent_with(dir: &Path, extra: &[&str]) -> anyhow::Result<tokio::process::Child> {
     let exe = std::env::current_exe().context("locating the outpost binary")?;
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -236,6 +243,7 @@ fn spawn_agent(dir: &Path) -> anyhow::Result<tokio::process::Child> {
     tokio::process::Command::new(exe)
         .args(["run", "--data-dir"])
         .arg(dir)
+        .args(extra)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(log)
@@ -423,7 +431,140 @@ async fn footprint(
     );
     let pid = child.id().context("agent pid")?;
     r.fig("RSS after that start-up", mb(rss_kib(pid, "VmRSS:").unwrap_or(0)));
+    sync_footprint(args, dir, r).await
+}
+
+/// Footprint of an agent connected to cloud-sync and idle: RSS, CPU and wake-ups. cloud-sync is
+/// `outpost-cloud` next to this binary, started as the README's quickstart starts it (embedded
+/// broker, TLS, client certificates, signatures), and the gateway is enrolled as the README
+/// says (`outpost keygen`, `outpost-cloud pki sign`, `outpost enroll`).
+async fn sync_footprint(args: &BenchArgs, dir: &Path, r: &mut Report) -> anyhow::Result<()> {
+    let exe = std::env::current_exe()?;
+    let cloud = exe.with_file_name("outpost-cloud");
+    if !cloud.exists() {
+        r.say(format!(
+            "  (idle with sync: skipped, no {} next to this binary; cargo build --release -p outpost-cloud-sync)",
+            cloud.display()
+        ));
+        return Ok(());
+    }
+    let (cloud_dir, agent_dir) = (dir.join("cloud"), dir.join("sync-agent"));
+    std::fs::create_dir_all(&agent_dir)?;
+    let (api, mqtt) = (free_port()?, free_port()?);
+    let log = std::fs::File::create(dir.join("cloud.log"))?;
+    let mut cloud_child = tokio::process::Command::new(&cloud)
+        .arg("--data-dir")
+        .arg(&cloud_dir)
+        .args(["--listen", &format!("127.0.0.1:{api}")])
+        .args(["--mqtt-listen", &format!("127.0.0.1:{mqtt}")])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting outpost-cloud")?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while tokio::net::TcpStream::connect(("127.0.0.1", mqtt)).await.is_err() {
+        if Instant::now() > deadline || cloud_child.try_wait()?.is_some() {
+            bail!(
+                "outpost-cloud did not come up (see {})",
+                dir.join("cloud.log").display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let pki = cloud_dir.join("pki");
+    let csr = agent_dir.join("identity/device.csr");
+    let cert = agent_dir.join("identity/bench-gw.crt");
+    let (ca, fleet) = (pki.join("ca.crt"), pki.join("fleet.pub"));
+    let steps: [(&Path, Vec<&std::ffi::OsStr>); 3] = [
+        (
+            &exe,
+            vec!["keygen".as_ref(), "--device-id".as_ref(), "bench-gw".as_ref()],
+        ),
+        (
+            &cloud,
+            vec![
+                "pki".as_ref(),
+                "sign".as_ref(),
+                csr.as_os_str(),
+                "--out".as_ref(),
+                cert.as_os_str(),
+            ],
+        ),
+        (
+            &exe,
+            vec![
+                "enroll".as_ref(),
+                "--cert".as_ref(),
+                cert.as_os_str(),
+                "--ca".as_ref(),
+                ca.as_os_str(),
+                "--fleet-key".as_ref(),
+                fleet.as_os_str(),
+            ],
+        ),
+    ];
+    for (bin, step) in steps {
+        let data_dir = if bin == cloud.as_path() { &cloud_dir } else { &agent_dir };
+        let out = tokio::process::Command::new(bin)
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(&step)
+            .output()
+            .await?;
+        if !out.status.success() {
+            bail!(
+                "enrolling the bench gateway: {:?}: {}",
+                step,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    let broker = format!("mqtts://127.0.0.1:{mqtt}");
+    let mut agent = spawn_agent_with(&agent_dir, &["--broker", &broker, "--device-id", "bench-gw"])?;
+    let socket = agent_dir.join("outpost.sock");
+    wait_for_socket(&socket, &mut agent).await?;
+    let client = Client::new(&socket);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !status(&client).await?.sync.is_some_and(|s| s.connected) {
+        if Instant::now() > deadline {
+            bail!("the bench gateway did not connect to cloud-sync");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Let the first exchange (hello, inventory, desired state) settle before measuring idle.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let pid = agent.id().context("agent pid")?;
+    let (cpu0, switches0) = (cpu_secs(pid), context_switches(pid));
+    tokio::time::sleep(Duration::from_secs(args.idle_secs)).await;
+    let (cpu, switches) = (cpu_secs(pid) - cpu0, context_switches(pid).saturating_sub(switches0));
+    r.fig("idle RSS with sync connected", mb(rss_kib(pid, "VmRSS:").unwrap_or(0)));
+    r.fig(
+        &format!("CPU, {} s idle with sync", args.idle_secs),
+        format!(
+            "{:.3} s = {:.3} %, {switches} context switches",
+            cpu,
+            100.0 * cpu / args.idle_secs as f64
+        ),
+    );
+    let _ = agent.kill().await;
+    let _ = cloud_child.kill().await;
     Ok(())
+}
+
+/// A TCP port free on 127.0.0.1 just now.
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Voluntary and involuntary context switches of a process: how often it woke up.
+fn context_switches(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .filter(|l| l.starts_with("voluntary_ctxt_switches:") || l.starts_with("nonvoluntary_ctxt_switches:"))
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum()
 }
 
 async fn measure(
