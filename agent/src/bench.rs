@@ -58,7 +58,19 @@ pub struct BenchArgs {
     /// Footprint: journal size, in events, for the start-up measurement.
     #[arg(long, default_value_t = 100_000)]
     journal_events: u64,
+    /// Instead of W1 and W2: journal about this many events (W1 runs) while cloud sync is
+    /// configured and its broker unreachable, so everything stays in the outbox; prints the
+    /// agent's RSS as the journal grows and the journal's bytes per event.
+    #[arg(long, value_name = "EVENTS")]
+    offline: Option<u64>,
+    /// The agent binary to measure [default: this one]: an older build, for before and after
+    /// figures from one command on one machine.
+    #[arg(long, value_name = "PATH")]
+    agent_bin: Option<PathBuf>,
 }
+
+/// The agent binary the bench starts (`--agent-bin`, or this one).
+static AGENT_BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
 
 /// A benchmark workload: what each step of the runs does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -199,6 +211,10 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 /// Runs the benchmark and prints its figures.
 pub async fn run(args: BenchArgs, json: bool) -> anyhow::Result<u8> {
+    if let Some(bin) = &args.agent_bin {
+        let bin = std::fs::canonicalize(bin).with_context(|| format!("--agent-bin {}", bin.display()))?;
+        let _ = AGENT_BIN.set(bin);
+    }
     let mut report = Report {
         json,
         figures: serde_json::Map::new(),
@@ -212,8 +228,16 @@ pub async fn run(args: BenchArgs, json: bool) -> anyhow::Result<u8> {
         }
     };
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let mut child = spawn_agent(&dir)?;
-    let result = if args.footprint {
+    // Sync configured against a port nothing listens on: the agent stays offline.
+    let dead = format!("mqtt://127.0.0.1:{}", free_port()?);
+    let offline = ["--broker", &dead, "--device-id", "bench-offline", "--insecure-unsigned"];
+    let mut child = match args.offline {
+        Some(_) => spawn_agent_with(&dir, &offline)?,
+        None => spawn_agent(&dir)?,
+    };
+    let result = if let Some(events) = args.offline {
+        offline_growth(&args, events, &dir, &mut child, &mut report).await
+    } else if args.footprint {
         footprint(&args, &dir, &mut child, &mut report).await
     } else {
         measure(&args, &dir.join("outpost.sock"), &mut child, &mut report).await
@@ -228,6 +252,14 @@ pub async fn run(args: BenchArgs, json: bool) -> anyhow::Result<u8> {
     result.map(|_| 0)
 }
 
+/// The agent binary the bench starts.
+fn agent_bin() -> anyhow::Result<PathBuf> {
+    match AGENT_BIN.get() {
+        Some(p) => Ok(p.clone()),
+        None => std::env::current_exe().context("locating the outpost binary"),
+    }
+}
+
 /// Starts `outpost run` on `dir` as a child process (this same binary).
 fn spawn_agent(dir: &Path) -> anyhow::Result<tokio::process::Child> {
     spawn_agent_with(dir, &[])
@@ -235,7 +267,7 @@ fn spawn_agent(dir: &Path) -> anyhow::Result<tokio::process::Child> {
 
 /// `spawn_agent` with more `outpost run` arguments.
 fn spawn_agent_with(dir: &Path, extra: &[&str]) -> anyhow::Result<tokio::process::Child> {
-    let exe = std::env::current_exe().context("locating the outpost binary")?;
+    let exe = agent_bin()?;
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -355,7 +387,7 @@ async fn footprint(
     wait_for_socket(&socket, child).await?;
     let client = Client::new(&socket);
     let pid = child.id().context("agent pid")?;
-    let exe = std::env::current_exe()?;
+    let exe = agent_bin()?;
     r.say(format!("Footprint of {} ({})", exe.display(), std::env::consts::ARCH));
     r.fig(
         "binary size",
@@ -439,8 +471,8 @@ async fn footprint(
 /// broker, TLS, client certificates, signatures), and the gateway is enrolled as the README
 /// says (`outpost keygen`, `outpost-cloud pki sign`, `outpost enroll`).
 async fn sync_footprint(args: &BenchArgs, dir: &Path, r: &mut Report) -> anyhow::Result<()> {
-    let exe = std::env::current_exe()?;
-    let cloud = exe.with_file_name("outpost-cloud");
+    let exe = agent_bin()?;
+    let cloud = std::env::current_exe()?.with_file_name("outpost-cloud");
     if !cloud.exists() {
         r.say(format!(
             "  (idle with sync: skipped, no {} next to this binary; cargo build --release -p outpost-cloud-sync)",
@@ -549,6 +581,58 @@ async fn sync_footprint(args: &BenchArgs, dir: &Path, r: &mut Report) -> anyhow:
     );
     let _ = agent.kill().await;
     let _ = cloud_child.kill().await;
+    Ok(())
+}
+
+/// `--offline`: W1 runs until the journal holds `events` events, none of them acknowledged.
+async fn offline_growth(
+    args: &BenchArgs,
+    events: u64,
+    dir: &Path,
+    child: &mut tokio::process::Child,
+    r: &mut Report,
+) -> anyhow::Result<()> {
+    let socket = dir.join("outpost.sock");
+    wait_for_socket(&socket, child).await?;
+    let pid = child.id().context("agent pid")?;
+    let client = Client::new(&socket);
+    apply(&client, w1_definition(args.steps)).await?;
+    r.say(format!(
+        "Offline: W1 runs ({} set steps) with cloud sync configured and unreachable, {} in flight",
+        args.steps, args.concurrency
+    ));
+    r.fig("RSS at start", mb(rss_kib(pid, "VmRSS:").unwrap_or(0)));
+    // W1 runs journal steps + 2 events each; five stages, each a fifth of the events.
+    let per_run = args.steps as u64 + 2;
+    let t0 = Instant::now();
+    for stage in 1..=5u64 {
+        let runs = (events / 5).div_ceil(per_run) as usize;
+        drive(&socket, "bench-w1", runs, args.concurrency, true).await?;
+        let st = status(&client).await?;
+        let journaled = st.journal.next_seq.saturating_sub(1);
+        let backlog = st.sync.as_ref().map(|s| s.backlog_events).unwrap_or(0);
+        r.fig(
+            &format!("after {journaled} events"),
+            format!(
+                "RSS {} (peak {}), outbox {backlog} events, {:.0} s",
+                mb(rss_kib(pid, "VmRSS:").unwrap_or(0)),
+                mb(rss_kib(pid, "VmHWM:").unwrap_or(0)),
+                t0.elapsed().as_secs_f64()
+            ),
+        );
+        if stage == 5 {
+            checkpoint(&client).await?;
+            let size = std::fs::metadata(dir.join("journal.redb"))?.len();
+            r.fig(
+                "journal on disk",
+                format!(
+                    "{:.1} MB, {:.0} bytes per event",
+                    size as f64 / 1e6,
+                    size as f64 / journaled.max(1) as f64
+                ),
+            );
+        }
+    }
     Ok(())
 }
 
