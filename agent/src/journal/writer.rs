@@ -19,6 +19,11 @@ use crate::clock::Clock;
 /// Most operations folded into one transaction.
 pub(super) const MAX_BATCH: usize = 4096;
 
+/// Longest a batch waits for more writes while they keep arriving.
+const LINGER_MAX: std::time::Duration = std::time::Duration::from_micros(1000);
+/// A linger ends after a slot this long in which no write arrived.
+const LINGER_SLOT: std::time::Duration = std::time::Duration::from_micros(100);
+
 /// A waiter's reply channel.
 pub(super) type Reply<T> = oneshot::Sender<Result<T, JournalError>>;
 
@@ -148,13 +153,27 @@ impl Writer {
         let mut close = Vec::new();
         while let Some(first) = self.next_op(&mut rx) {
             let mut next = Some(first);
-            while let Some(op) = next.take() {
-                match op {
-                    Op::Write(job) => batch.push(job),
-                    Op::Close(reply) => close.push(reply),
+            let lingered = std::time::Instant::now();
+            loop {
+                while let Some(op) = next.take() {
+                    match op {
+                        Op::Write(job) => batch.push(job),
+                        Op::Close(reply) => close.push(reply),
+                    }
+                    if batch.len() < MAX_BATCH {
+                        next = rx.try_recv().ok();
+                    }
                 }
-                if batch.len() < MAX_BATCH {
-                    next = rx.try_recv().ok();
+                // Linger while writes keep coming: under load the callers answered by the last
+                // commit send their next writes within microseconds, and one commit for all of
+                // them writes redb's pages once instead of once per few writes.
+                if !close.is_empty() || batch.len() >= MAX_BATCH || lingered.elapsed() >= LINGER_MAX {
+                    break;
+                }
+                std::thread::sleep(LINGER_SLOT);
+                next = rx.try_recv().ok();
+                if next.is_none() {
+                    break;
                 }
             }
             if !batch.is_empty() {
