@@ -913,7 +913,7 @@ impl Runtime {
         lock(&self.inner.runs)
             .ids()
             .filter(|id| *id == base || id.starts_with(&prefix))
-            .cloned()
+            .map(str::to_string)
             .collect()
     }
 
