@@ -467,6 +467,17 @@ pub(super) struct RunArgs {
         help_heading = "Run limits"
     )]
     pub(super) park_after: humantime::Duration,
+    /// How long a group commit may wait for more writes while they keep coming: fewer, fuller
+    /// commits write less to flash (SD cards and eMMC wear out) at some latency; `0` commits at
+    /// once (docs/journal.md has the figures).
+    #[arg(
+        long,
+        default_value = "1ms",
+        env = "OUTPOST_COMMIT_LINGER",
+        value_name = "DURATION",
+        help_heading = "Journal and retention"
+    )]
+    pub(super) commit_linger: humantime::Duration,
     /// Journal page cache in MiB.
     #[arg(
         long,

@@ -174,6 +174,7 @@ pub(super) fn daemon_options(
         max_activities: args.max_activities,
         journal: JournalConfig {
             cache_bytes: args.cache_mb.max(1) * 1024 * 1024,
+            linger: args.commit_linger.into(),
             ..JournalConfig::default()
         },
         limits: LimitsConfig {

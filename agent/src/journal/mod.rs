@@ -51,6 +51,9 @@ pub struct JournalConfig {
     pub cache_bytes: usize,
     /// Events whose index changes wait in memory before a checkpoint writes them (see `index`).
     pub checkpoint_events: usize,
+    /// How long a group commit may wait for more writes while they keep arriving (zero: never):
+    /// fewer, fuller commits write less to flash, at some latency (docs/journal.md).
+    pub linger: std::time::Duration,
 }
 
 impl Default for JournalConfig {
@@ -58,6 +61,7 @@ impl Default for JournalConfig {
         JournalConfig {
             cache_bytes: 4 * 1024 * 1024,
             checkpoint_events: index::CHECKPOINT_EVENTS,
+            linger: writer::LINGER_MAX,
         }
     }
 }
@@ -204,7 +208,7 @@ impl Journal {
                     })
             }),
             clock,
-            config.checkpoint_events,
+            config,
         )
     }
 
@@ -223,11 +227,11 @@ impl Journal {
                 )?)
             }),
             clock,
-            config.checkpoint_events,
+            config,
         )
     }
 
-    fn start(opener: Opener, clock: Arc<dyn Clock>, checkpoint_events: usize) -> Result<Journal, JournalError> {
+    fn start(opener: Opener, clock: Arc<dyn Clock>, config: &JournalConfig) -> Result<Journal, JournalError> {
         let db = Arc::new(opener()?);
         let (next_seq, active) = prepare(&db)?;
         let indexed = Arc::new(RwLock::new(index::Pending::default()));
@@ -244,7 +248,8 @@ impl Journal {
             clock,
             stats: stats.clone(),
             indexed: indexed.clone(),
-            checkpoint_events: checkpoint_events.max(1),
+            checkpoint_events: config.checkpoint_events.max(1),
+            linger: config.linger,
         };
         std::thread::Builder::new()
             .name("journal-writer".into())

@@ -19,8 +19,9 @@ use crate::clock::Clock;
 /// Most operations folded into one transaction.
 pub(super) const MAX_BATCH: usize = 4096;
 
-/// Longest a batch waits for more writes while they keep arriving.
-const LINGER_MAX: std::time::Duration = std::time::Duration::from_micros(1000);
+/// The default of `JournalConfig::linger`: the longest a batch waits for more writes while
+/// they keep arriving.
+pub(super) const LINGER_MAX: std::time::Duration = std::time::Duration::from_micros(1000);
 /// A linger ends after a slot this long in which no write arrived.
 const LINGER_SLOT: std::time::Duration = std::time::Duration::from_micros(100);
 
@@ -145,6 +146,8 @@ pub(super) struct Writer {
     pub(super) indexed: Arc<std::sync::RwLock<Pending>>,
     /// Pending events that make the next commit a checkpoint.
     pub(super) checkpoint_events: usize,
+    /// How long a batch may wait for more writes (zero: never).
+    pub(super) linger: std::time::Duration,
 }
 
 impl Writer {
@@ -167,7 +170,7 @@ impl Writer {
                 // Linger while writes keep coming: under load the callers answered by the last
                 // commit send their next writes within microseconds, and one commit for all of
                 // them writes redb's pages once instead of once per few writes.
-                if !close.is_empty() || batch.len() >= MAX_BATCH || lingered.elapsed() >= LINGER_MAX {
+                if !close.is_empty() || batch.len() >= MAX_BATCH || lingered.elapsed() >= self.linger {
                     break;
                 }
                 std::thread::sleep(LINGER_SLOT);
