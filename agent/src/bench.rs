@@ -284,6 +284,15 @@ fn spawn_agent_with(dir: &Path, extra: &[&str]) -> anyhow::Result<tokio::process
         .context("starting the benchmark agent")
 }
 
+/// Waits for the agent started on `dir` to answer: its socket, a client on it, and its pid.
+async fn attach(dir: &Path, child: &mut tokio::process::Child) -> anyhow::Result<(PathBuf, Client, u32)> {
+    let socket = dir.join("outpost.sock");
+    wait_for_socket(&socket, child).await?;
+    let client = Client::new(&socket);
+    let pid = child.id().context("agent pid")?;
+    Ok((socket, client, pid))
+}
+
 /// The agent's `status`.
 async fn status(client: &Client) -> anyhow::Result<StatusView> {
     let (_, v) = client.request(Method::GET, "/v1/status", None).await?;
@@ -383,10 +392,7 @@ async fn footprint(
     child: &mut tokio::process::Child,
     r: &mut Report,
 ) -> anyhow::Result<()> {
-    let socket = dir.join("outpost.sock");
-    wait_for_socket(&socket, child).await?;
-    let client = Client::new(&socket);
-    let pid = child.id().context("agent pid")?;
+    let (socket, client, pid) = attach(dir, child).await?;
     let exe = agent_bin()?;
     r.say(format!("Footprint of {} ({})", exe.display(), std::env::consts::ARCH));
     r.fig(
@@ -592,10 +598,7 @@ async fn offline_growth(
     child: &mut tokio::process::Child,
     r: &mut Report,
 ) -> anyhow::Result<()> {
-    let socket = dir.join("outpost.sock");
-    wait_for_socket(&socket, child).await?;
-    let pid = child.id().context("agent pid")?;
-    let client = Client::new(&socket);
+    let (socket, client, pid) = attach(dir, child).await?;
     apply(&client, w1_definition(args.steps)).await?;
     r.say(format!(
         "Offline: W1 runs ({} set steps) with cloud sync configured and unreachable, {} in flight",
