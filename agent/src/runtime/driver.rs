@@ -17,7 +17,7 @@ use std::time::Duration;
 use outpost_shared::definition::{Definition, StepKind};
 use outpost_shared::{ErrorInfo, Event};
 use serde_json::Value;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 use tokio::task::JoinSet;
 use tracing::{Instrument, error, info, info_span, warn};
 
@@ -26,7 +26,6 @@ use super::park::{self, Awaiting, Park};
 use super::{Inner, MAX_INPUT_BYTES, MAX_PENDING_SIGNALS, MAX_SIGNALS_PER_RUN, Runtime, RuntimeError, max_runs};
 use crate::clock::remaining_ms;
 use crate::engine::{self, Command, FailedAttempt, RunState, RunStatus};
-use tokio::sync::OwnedSemaphorePermit;
 
 /// Identifies an activity or timer task: (step, visit, attempt, compensation); timers use attempt 0.
 pub(super) type Slot = (usize, u32, u32, bool);
