@@ -52,7 +52,7 @@ pub struct DaemonOptions {
 pub enum DaemonError {
     /// The journal cannot be opened.
     #[error(
-        "cannot open the journal {file}: {reason}\n  if the file is damaged: stop every outpost using it, move it aside (mv {file} {file}.damaged) and start again with an empty journal; runs and events not yet synced to the cloud are only in the damaged file"
+        "cannot open the journal {file}: {reason}\n  if the file is damaged: stop every outpost using it, move it aside with its log (mv {file} {file}.damaged; the same for journal.log beside it) and start again with an empty journal; runs and events not yet synced to the cloud are only in the damaged files"
     )]
     Journal {
         /// The journal file.

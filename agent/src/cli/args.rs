@@ -478,6 +478,18 @@ pub(super) struct RunArgs {
         help_heading = "Journal and retention"
     )]
     pub(super) commit_linger: humantime::Duration,
+    /// Size in KiB of the segment log beside the journal (`journal.log`, written once with zeros
+    /// and then reused): group commits append one block there, a page or two, instead of
+    /// rewriting redb's pages; a checkpoint moves them into the journal. `0` turns it off and
+    /// commits every group to the journal file directly (docs/journal.md has the figures).
+    #[arg(
+        long,
+        default_value_t = 4096,
+        env = "OUTPOST_JOURNAL_LOG_KB",
+        value_name = "KIB",
+        help_heading = "Journal and retention"
+    )]
+    pub(super) journal_log_kb: u64,
     /// Journal page cache in MiB.
     #[arg(
         long,

@@ -91,10 +91,11 @@ pub(super) async fn daemon(data_dir: &Path, socket: &Path, args: RunArgs) -> Res
         return Err(Failure::new(
             exit::FAILURE,
             format!(
-                "the journal {0} is damaged: {why}\n  stop every outpost using it, move it aside (mv {0} {0}.damaged; keep it \
-                 for forensics) and start again with an empty journal; runs and events not yet synced to the cloud are \
-                 only in the damaged file (`outpost journal-check --file FILE` checks a file)",
-                journal_file.display()
+                "the journal {0} is damaged: {why}\n  stop every outpost using it, move it aside with its log (mv {0} {0}.damaged; \
+                 mv {1} {1}.damaged; keep them for forensics) and start again with an empty journal; runs and events not \
+                 yet synced to the cloud are only in the damaged files (`outpost journal-check --file FILE` checks a file)",
+                journal_file.display(),
+                crate::journal::log_path(&journal_file).display()
             ),
         ));
     }
@@ -175,6 +176,7 @@ pub(super) fn daemon_options(
         journal: JournalConfig {
             cache_bytes: args.cache_mb.max(1) * 1024 * 1024,
             linger: args.commit_linger.into(),
+            log_bytes: args.journal_log_kb.saturating_mul(1024),
             ..JournalConfig::default()
         },
         limits: LimitsConfig {

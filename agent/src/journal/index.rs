@@ -44,6 +44,12 @@ pub(super) struct Pending {
     pub(super) timers: HashMap<(u64, String, String), bool>,
     /// Events whose changes are here.
     pub(super) events: usize,
+    /// Events in the segment log but not yet in `events`, in sequence order: (seq, record bytes).
+    pub(super) records: Vec<(u64, Box<[u8]>)>,
+    /// Cursors set in the segment log but not yet in `cursors`.
+    pub(super) cursors: HashMap<String, u64>,
+    /// kv rows set in the segment log but not yet in `kv`.
+    pub(super) kv: HashMap<String, Vec<u8>>,
 }
 
 /// Where the derivation looks up what it does not hold itself: a run's row and its timers, as
@@ -58,7 +64,45 @@ pub(super) trait Lookup {
 impl Pending {
     /// Nothing pending.
     pub(super) fn is_empty(&self) -> bool {
-        self.events == 0 && self.runs.is_empty() && self.active.is_empty() && self.timers.is_empty()
+        self.events == 0 && self.runs.is_empty() && self.active.is_empty() && self.timers.is_empty() && !self.logged()
+    }
+
+    /// Whether any of these changes are held only by the segment log (not yet in redb).
+    pub(super) fn logged(&self) -> bool {
+        !(self.records.is_empty() && self.cursors.is_empty() && self.kv.is_empty())
+    }
+
+    /// The stored bytes of event `seq`, if it is one held here.
+    pub(super) fn record(&self, seq: u64) -> Option<&[u8]> {
+        let i = self.records.binary_search_by_key(&seq, |(s, _)| *s).ok()?;
+        self.records.get(i).map(|(_, b)| &b[..])
+    }
+
+    /// Up to `limit` held events from `from` on.
+    pub(super) fn records_from(&self, from: u64, limit: usize) -> Vec<(u64, Box<[u8]>)> {
+        let i = self.records.partition_point(|(s, _)| *s < from);
+        self.records.iter().skip(i).take(limit).cloned().collect()
+    }
+
+    /// The log entries of these changes (one group commit's block).
+    pub(super) fn log_entries(&self) -> Vec<super::wal::EntryRef<'_>> {
+        let mut out = Vec::with_capacity(self.records.len() + self.cursors.len() + self.kv.len());
+        out.extend(
+            self.records
+                .iter()
+                .map(|(seq, record)| super::wal::EntryRef::Event { seq: *seq, record }),
+        );
+        out.extend(
+            self.cursors
+                .iter()
+                .map(|(key, value)| super::wal::EntryRef::Cursor { key, value: *value }),
+        );
+        out.extend(
+            self.kv
+                .iter()
+                .map(|(key, value)| super::wal::EntryRef::Kv { key, value }),
+        );
+        out
     }
 
     /// Takes `later`'s changes on top of these.
@@ -70,6 +114,9 @@ impl Pending {
         self.active.extend(later.active);
         self.timers.extend(later.timers);
         self.events += later.events;
+        self.records.extend(later.records);
+        self.cursors.extend(later.cursors);
+        self.kv.extend(later.kv);
     }
 
     /// Applies the changes to `active_runs` to a set read from the table.
@@ -162,8 +209,42 @@ impl Pending {
         Ok(set.into_iter().filter(|(_, add)| *add).map(|(k, _)| k).collect())
     }
 
-    /// Writes the changes into the index tables and moves the cursor to `through`.
+    /// Takes a log's entries, read back, as if their commits had just been made: the events'
+    /// index changes (looked up in `below` for what is not here), and the cursors and kv rows.
+    pub(super) fn take_log(
+        &mut self,
+        entries: Vec<super::wal::Entry>,
+        below: &mut dyn Lookup,
+    ) -> Result<(), JournalError> {
+        for entry in entries {
+            match entry {
+                super::wal::Entry::Event { seq, record } => {
+                    self.derive(seq, &codec::decode(&record)?, below)?;
+                    self.records.push((seq, record.into_boxed_slice()));
+                }
+                super::wal::Entry::Cursor { key, value } => {
+                    self.cursors.insert(key, value);
+                }
+                super::wal::Entry::Kv { key, value } => {
+                    self.kv.insert(key, value);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the changes into the tables (the log's events, cursors and kv rows, and the
+    /// index rows) and moves the cursor to `through`.
     pub(super) fn apply(&self, t: &mut Tables, through: u64) -> Result<(), JournalError> {
+        for (seq, record) in &self.records {
+            t.events.insert(*seq, &record[..])?;
+        }
+        for (key, value) in &self.cursors {
+            t.cursors.insert(key.as_str(), *value)?;
+        }
+        for (key, value) in &self.kv {
+            t.kv.insert(key.as_str(), value.as_slice())?;
+        }
         for (run, seqs) in &self.run_events {
             for seq in seqs {
                 t.run_events.insert((run.as_str(), *seq), ())?;

@@ -7,10 +7,10 @@
 use std::collections::HashSet;
 
 use outpost_shared::journal::{self as codec, Event, Record};
-use redb::ReadableTable;
 
-use super::index::{Layered, Pending, TableLookup};
-use super::tables::{RunRecord, Tables, decode_run};
+use super::index::{Layered, Lookup, Pending};
+use super::tables::RunRecord;
+use super::writer::Store;
 use super::{JournalError, Started};
 use crate::engine::RunStatus;
 
@@ -64,17 +64,17 @@ impl Runs {
     }
 
     /// A run's row: this batch's changes over the shared ones over the table.
-    fn lookup(&self, t: &Tables, shared: &Pending, run_id: &str) -> Result<Option<RunRecord>, JournalError> {
+    fn lookup(&self, t: &Store, shared: &Pending, run_id: &str) -> Result<Option<RunRecord>, JournalError> {
         if let Some(r) = self.batch.run(run_id).or_else(|| shared.run(run_id)) {
             return Ok(Some(r.clone()));
         }
-        t.runs.get(run_id)?.map(|v| decode_run(v.value())).transpose()
+        t.lookup().run(run_id)
     }
 
     /// Journals a new run's `RunStarted`, unless a run with that id exists.
     pub(super) fn start(
         &mut self,
-        t: &mut Tables,
+        t: &mut Store,
         shared: &Pending,
         run_id: &str,
         event: Event,
@@ -95,7 +95,7 @@ impl Runs {
     /// that ends the run ends it here and nothing after it is written. Gives the last sequence.
     pub(super) fn append(
         &mut self,
-        t: &mut Tables,
+        t: &mut Store,
         shared: &Pending,
         run_id: &str,
         events: Vec<Event>,
@@ -135,13 +135,7 @@ impl Runs {
 
     /// Only a failed run that has ended may be reopened, and only by `RunRetried`; anything else
     /// appended to a run that is not active is refused.
-    fn reopen_for_retry(
-        &mut self,
-        t: &Tables,
-        shared: &Pending,
-        run_id: &str,
-        retry: bool,
-    ) -> Result<(), JournalError> {
+    fn reopen_for_retry(&mut self, t: &Store, shared: &Pending, run_id: &str, retry: bool) -> Result<(), JournalError> {
         let rec = self
             .lookup(t, shared, run_id)?
             .ok_or_else(|| JournalError::NoSuchRun(run_id.to_string()))?;
@@ -157,7 +151,7 @@ impl Runs {
     /// the batch's changes (`Pending::derive`: a start's row, a timer, an end's status).
     fn write_event(
         &mut self,
-        t: &mut Tables,
+        t: &mut Store,
         shared: &Pending,
         run_id: &str,
         at_ms: u64,
@@ -169,13 +163,10 @@ impl Runs {
             at_ms,
             event,
         };
-        t.events.insert(seq, codec::encode(&record).as_slice())?;
+        t.put_event(seq, codec::encode(&record), &mut self.batch)?;
         let mut below = Layered {
             pending: shared,
-            below: TableLookup {
-                runs: &t.runs,
-                timers: &t.timers,
-            },
+            below: t.lookup(),
         };
         self.batch.derive(seq, &record, &mut below)?;
         self.next_seq += 1;

@@ -32,10 +32,12 @@ mod power_cut;
 mod prune;
 mod tables;
 mod verify;
+mod wal;
 mod writer;
 
 pub use tables::{COMMAND_INDEX, DefinitionRecord, FORMAT, RunRecord, command_index_key};
 pub use verify::{Verified, verify};
+pub use wal::{Entry as LogEntry, LogError, decode_block as decode_log_block};
 
 use lifecycle::Runs;
 use tables::{
@@ -54,6 +56,9 @@ pub struct JournalConfig {
     /// How long a group commit may wait for more writes while they keep arriving (zero: never):
     /// fewer, fuller commits write less to flash, at some latency (docs/journal.md).
     pub linger: std::time::Duration,
+    /// Size of the segment log beside the file (`journal.log`) that group commits go to between
+    /// checkpoints; 0 commits every group to redb directly (docs/journal.md).
+    pub log_bytes: u64,
 }
 
 impl Default for JournalConfig {
@@ -62,6 +67,7 @@ impl Default for JournalConfig {
             cache_bytes: 4 * 1024 * 1024,
             checkpoint_events: index::CHECKPOINT_EVENTS,
             linger: writer::LINGER_MAX,
+            log_bytes: wal::LOG_BYTES,
         }
     }
 }
@@ -89,6 +95,9 @@ pub enum JournalError {
     /// The writer thread has stopped.
     #[error("journal writer has stopped")]
     Closed,
+    /// The segment log beside the file does not read.
+    #[error(transparent)]
+    Log(#[from] LogError),
     /// The file reads, but what it holds does not decode.
     #[error("journal damaged: {0}")]
     Damaged(String),
@@ -180,6 +189,84 @@ pub(super) type Opener = Box<dyn Fn() -> Result<Database, JournalError> + Send>;
 /// (read-only for `open_read_only`).
 pub(super) type Slot = Arc<RwLock<Option<Arc<dyn ReadableDatabase + Send + Sync>>>>;
 
+/// The segment log of the journal file at `path`: `journal.log` beside `journal.redb`.
+pub fn log_path(path: &Path) -> std::path::PathBuf {
+    path.with_extension("log")
+}
+
+/// Opens the log file at `path` without a lock, for reading, if it exists.
+fn open_log_file(path: &Path) -> Result<Option<Box<dyn redb::StorageBackend>>, JournalError> {
+    match std::fs::File::open(path) {
+        Ok(f) => Ok(Some(Box::new(wal::ReadOnlyLog(f)))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_error(e)),
+    }
+}
+
+fn io_error(e: std::io::Error) -> JournalError {
+    JournalError::Storage(redb::StorageError::Io(e).into())
+}
+
+/// Opens (or creates) `path` with its cached pages dropped and read-ahead off. A kernel with large page-cache folios writes back a whole cached folio
+/// for a 4 KiB write into it (a 2 MiB folio for one 4 KiB write, measured here; docs/journal.md),
+/// and read-ahead and large writes make large folios: pages cached one at a time are written
+/// back one at a time. Gives the backend and a second handle on the same open file.
+fn uncached_file(path: &Path) -> Result<(redb::backends::FileBackend, std::fs::File), JournalError> {
+    use std::os::unix::io::AsRawFd;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(io_error)?;
+    let handle = file.try_clone().map_err(io_error)?;
+    let backend = redb::backends::FileBackend::new(file)?;
+    let fd = handle.as_raw_fd();
+    // SAFETY: `fd` is an open descriptor owned by `handle`; fadvise only changes caching advice.
+    unsafe {
+        libc::posix_fadvise(fd, 0, 0, libc::POSIX_FADV_DONTNEED);
+        libc::posix_fadvise(fd, 0, 0, libc::POSIX_FADV_RANDOM);
+    }
+    Ok((backend, handle))
+}
+
+/// Opens (or creates) the log file at `path` for the writer (see `uncached_file`), locked against
+/// other processes, `bytes` long and written once with zeros, a page per write: a write into a
+/// hole would cost the file system a metadata commit on every sync.
+fn create_log_file(path: &Path, bytes: u64) -> Result<Box<dyn redb::StorageBackend>, JournalError> {
+    use std::os::unix::fs::FileExt;
+    use std::os::unix::io::AsRawFd;
+    let (backend, file) = uncached_file(path)?;
+    // The lock is the open file's, shared with the backend's handle, and held while it is open.
+    file.try_lock().map_err(|e| match e {
+        std::fs::TryLockError::WouldBlock => JournalError::Locked(path.display().to_string()),
+        std::fs::TryLockError::Error(e) => io_error(e),
+    })?;
+    let bytes = bytes.max(wal::BLOCK) / wal::BLOCK * wal::BLOCK;
+    let len = file.metadata().map_err(io_error)?.len();
+    if len < bytes {
+        let zeros = vec![0u8; wal::BLOCK as usize];
+        let mut at = len / wal::BLOCK * wal::BLOCK;
+        while at < bytes {
+            file.write_all_at(&zeros, at).map_err(io_error)?;
+            at += wal::BLOCK;
+        }
+        file.sync_all().map_err(io_error)?;
+        // SAFETY: as in `uncached_file`.
+        unsafe {
+            libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
+        }
+    }
+    Ok(Box::new(backend))
+}
+
+/// Events only the segment log holds yet: (seq, record bytes), in order.
+type Logged = Vec<(u64, Box<[u8]>)>;
+
+/// A run's sequences, the bytes of those only the log holds, and the snapshot for the rest.
+type RunSeqs = (Vec<u64>, Logged, redb::ReadTransaction);
+
 /// Handle to the journal; cheap to clone.
 #[derive(Clone)]
 pub struct Journal {
@@ -193,29 +280,37 @@ pub struct Journal {
 }
 
 impl Journal {
-    /// Opens (or creates) the journal at `path` and starts its writer thread.
+    /// Opens (or creates) the journal at `path`, and its segment log beside it, and starts its
+    /// writer thread.
     pub fn open(path: &Path, config: &JournalConfig, clock: Arc<dyn Clock>) -> Result<Journal, JournalError> {
+        let log = match config.log_bytes {
+            0 => open_log_file(&log_path(path))?,
+            bytes => Some(create_log_file(&log_path(path), bytes)?),
+        };
         let path = path.to_path_buf();
         let cache = config.cache_bytes;
         Self::start(
             Box::new(move || {
+                let (backend, _) = uncached_file(&path)?;
                 Database::builder()
                     .set_cache_size(cache)
-                    .create(&path)
+                    .create_with_backend(backend)
                     .map_err(|e| match e {
                         redb::DatabaseError::DatabaseAlreadyOpen => JournalError::Locked(path.display().to_string()),
                         other => other.into(),
                     })
             }),
+            log,
             clock,
             config,
         )
     }
 
     /// Opens a journal on redb storage backends made by `backend` (called again to reopen after an
-    /// I/O error). Tests use this to inject faults.
+    /// I/O error), with `log` as its segment log. Tests use this to inject faults.
     pub fn open_backend<B: redb::StorageBackend>(
         backend: impl Fn() -> std::io::Result<B> + Send + 'static,
+        log: Option<Box<dyn redb::StorageBackend>>,
         config: &JournalConfig,
         clock: Arc<dyn Clock>,
     ) -> Result<Journal, JournalError> {
@@ -226,14 +321,27 @@ impl Journal {
                     backend().map_err(|e| JournalError::Storage(redb::StorageError::Io(e).into()))?,
                 )?)
             }),
+            log,
             clock,
             config,
         )
     }
 
-    fn start(opener: Opener, clock: Arc<dyn Clock>, config: &JournalConfig) -> Result<Journal, JournalError> {
+    fn start(
+        opener: Opener,
+        log: Option<Box<dyn redb::StorageBackend>>,
+        clock: Arc<dyn Clock>,
+        config: &JournalConfig,
+    ) -> Result<Journal, JournalError> {
         let db = Arc::new(opener()?);
-        let (next_seq, active) = prepare(&db)?;
+        let (next_seq, active, generation) = prepare(&db, log.as_deref())?;
+        let wal = match log {
+            Some(file) if config.log_bytes > 0 => Some(
+                wal::Wal::open(file, generation, config.log_bytes)
+                    .map_err(|e| JournalError::Storage(redb::StorageError::Io(e).into()))?,
+            ),
+            _ => None,
+        };
         let indexed = Arc::new(RwLock::new(index::Pending::default()));
         let slot: Slot = Arc::new(RwLock::new(Some(db.clone() as Arc<dyn ReadableDatabase + Send + Sync>)));
         let stats = Arc::new(Stats::default());
@@ -250,6 +358,7 @@ impl Journal {
             indexed: indexed.clone(),
             checkpoint_events: config.checkpoint_events.max(1),
             linger: config.linger,
+            wal,
         };
         std::thread::Builder::new()
             .name("journal-writer".into())
@@ -289,7 +398,7 @@ impl Journal {
         if let Some(found) = format.filter(|f| !tables::format_supported(*f)) {
             return Err(JournalError::Format { found });
         }
-        Self::reader(Arc::new(db))
+        Self::reader(Arc::new(db), &log_path(path))
     }
 
     /// Reads a journal that needs repair without touching it: copies `path` to `copy`, repairs
@@ -297,12 +406,12 @@ impl Journal {
     pub fn open_repaired_copy(path: &Path, copy: &Path) -> Result<Journal, JournalError> {
         std::fs::copy(path, copy).map_err(|e| JournalError::Storage(redb::StorageError::Io(e).into()))?;
         let db = Database::builder().set_cache_size(4 * 1024 * 1024).create(copy)?;
-        Self::reader(Arc::new(db))
+        Self::reader(Arc::new(db), &log_path(path))
     }
 
     /// A journal with no writer; the index changes a crash left out of the tables are derived
     /// from the events (read only).
-    fn reader(db: Arc<dyn ReadableDatabase + Send + Sync>) -> Result<Journal, JournalError> {
+    fn reader(db: Arc<dyn ReadableDatabase + Send + Sync>, log: &Path) -> Result<Journal, JournalError> {
         let pending = {
             let txn = db.begin_read()?;
             let (runs, timers) = (txn.open_table(RUNS)?, txn.open_table(TIMERS)?);
@@ -310,7 +419,15 @@ impl Journal {
                 runs: &runs,
                 timers: &timers,
             };
-            index::replay(&txn.open_table(EVENTS)?, &txn.open_table(CURSORS)?, &mut below)?.0
+            let (events, cursors) = (txn.open_table(EVENTS)?, txn.open_table(CURSORS)?);
+            let mut pending = index::replay(&events, &cursors, &mut below)?.0;
+            if let Some(file) = open_log_file(log)? {
+                let generation = cursors.get(wal::LOG_GENERATION)?.map_or(0, |v| v.value());
+                let entries = wal::scan(&*file, generation)?.entries;
+                wal::check_sequence(&entries, tables::next_seq(&txn.open_table(META)?, &events, &cursors)?)?;
+                pending.take_log(entries, &mut below)?;
+            }
+            pending
         };
         let (tx, _) = mpsc::channel(1);
         let (_, committed) = tokio::sync::watch::channel(0);
@@ -338,13 +455,31 @@ impl Journal {
             .ok_or(JournalError::Reopening)
     }
 
-    /// Queues a write for the writer's next batch and waits until its commit is durable.
+    /// Queues a write that needs redb's tables for the writer's next batch and waits until its
+    /// commit is durable.
     async fn write<T: Send + 'static>(
         &self,
         work: impl FnOnce(&mut Txn) -> Result<T, JournalError> + Send + 'static,
     ) -> Result<T, JournalError> {
+        self.queue(false, work).await
+    }
+
+    /// Queues a write the segment log can take (a start, an append, a cursor, a kv row) and
+    /// waits until its commit is durable.
+    async fn write_logged<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&mut Txn) -> Result<T, JournalError> + Send + 'static,
+    ) -> Result<T, JournalError> {
+        self.queue(true, work).await
+    }
+
+    async fn queue<T: Send + 'static>(
+        &self,
+        logged: bool,
+        work: impl FnOnce(&mut Txn) -> Result<T, JournalError> + Send + 'static,
+    ) -> Result<T, JournalError> {
         let (reply, rx) = oneshot::channel();
-        let op = Op::Write(Box::new(Write { work, reply }));
+        let op = Op::Write(Box::new(Write { logged, work, reply }));
         self.tx.send(op).await.map_err(|_| JournalError::Closed)?;
         rx.await.map_err(|_| JournalError::Closed)?
     }
@@ -360,29 +495,31 @@ impl Journal {
     /// Journals a new run's `RunStarted`, unless a run with that id exists. Durable on return.
     pub async fn start_run(&self, run_id: &str, event: Event) -> Result<Started, JournalError> {
         let run_id = run_id.to_string();
-        self.write(move |w| w.runs.start(w.tables, w.indexed, &run_id, event, w.now))
+        self.write_logged(move |w| w.runs.start(&mut w.store, w.indexed, &run_id, event, w.now))
             .await
     }
 
     /// Appends events to a running run. Durable on return; gives the last sequence number.
     pub async fn append(&self, run_id: &str, events: Vec<Event>) -> Result<u64, JournalError> {
         let run_id = run_id.to_string();
-        self.write(move |w| w.runs.append(w.tables, w.indexed, &run_id, events, w.now))
+        self.write_logged(move |w| w.runs.append(&mut w.store, w.indexed, &run_id, events, w.now))
             .await
     }
 
     /// Stores a definition version (canonical JSON).
     pub async fn put_definition(&self, name: &str, version: u32, json: String) -> Result<Applied, JournalError> {
         let name = name.to_string();
-        self.write(move |w| tables::put_definition(w.tables, &name, version, json, w.now))
-            .await
+        self.write(move |w| {
+            let now = w.now;
+            tables::put_definition(w.tables()?.0, &name, version, json, now)
+        })
+        .await
     }
 
     /// Durably sets a named cursor (a schedule's last slot, a sync position).
     pub async fn put_cursor(&self, key: &str, value: u64) -> Result<(), JournalError> {
         let key = key.to_string();
-        self.write(move |w| Ok(w.tables.cursors.insert(key.as_str(), value).map(drop)?))
-            .await
+        self.write_logged(move |w| w.put_cursor(&key, value)).await
     }
 
     /// Writes every index change still waiting in memory into the index tables now (a
@@ -414,32 +551,53 @@ impl Journal {
         limit: usize,
         max_bytes: usize,
     ) -> Result<Vec<(u64, Vec<u8>)>, JournalError> {
-        let txn = self.db()?.begin_read()?;
-        let events = txn.open_table(EVENTS)?;
         let mut out = Vec::new();
         let mut bytes = 0usize;
-        for row in events.range(from..)?.take(limit) {
-            let (k, v) = row?;
-            let v = v.value();
+        for (seq, v) in self.stored_events(from, limit)? {
             // Always one, so a large record still moves; the caller shrinks it for the wire.
             if !out.is_empty() && bytes + v.len() > max_bytes {
                 break;
             }
             bytes += v.len();
-            out.push((k.value(), v.to_vec()));
+            out.push((seq, v));
         }
+        Ok(out)
+    }
+
+    /// Up to `limit` stored events from `from` on: redb's `events`, then those only the segment
+    /// log holds yet.
+    fn stored_events(&self, from: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, JournalError> {
+        // Read before the snapshot: an event a checkpoint moves is in one or the other.
+        let logged = self.pending().records_from(from, limit);
+        let txn = self.db()?.begin_read()?;
+        let events = txn.open_table(EVENTS)?;
+        let mut out = Vec::new();
+        for row in events.range(from..)?.take(limit) {
+            let (k, v) = row?;
+            out.push((k.value(), v.value().to_vec()));
+        }
+        let last = out.last().map(|(s, _)| *s);
+        out.extend(
+            logged
+                .into_iter()
+                .filter(|(s, _)| last.is_none_or(|l| *s > l))
+                .map(|(s, v)| (s, v.into_vec())),
+        );
+        out.truncate(limit);
         Ok(out)
     }
 
     /// Durably stores a small named record.
     pub async fn put_kv(&self, key: &str, value: Vec<u8>) -> Result<(), JournalError> {
         let key = key.to_string();
-        self.write(move |w| Ok(w.tables.kv.insert(key.as_str(), value.as_slice()).map(drop)?))
-            .await
+        self.write_logged(move |w| w.put_kv(&key, value)).await
     }
 
     /// A small named record, if stored.
     pub fn kv(&self, key: &str) -> Result<Option<Vec<u8>>, JournalError> {
+        if let Some(v) = self.pending().kv.get(key) {
+            return Ok(Some(v.clone()));
+        }
         let txn = self.db()?.begin_read()?;
         Ok(txn.open_table(KV)?.get(key)?.map(|v| v.value().to_vec()))
     }
@@ -449,8 +607,9 @@ impl Journal {
         self.write(move |w| {
             // Retention reads and deletes index rows: they must all be in the tables.
             w.checkpoint()?;
-            let stats = w.txn.stats()?;
-            prune::prune(w.tables, policy, stats.allocated_pages() * stats.page_size() as u64)
+            let (tables, txn) = w.tables()?;
+            let stats = txn.stats()?;
+            prune::prune(tables, policy, stats.allocated_pages() * stats.page_size() as u64)
         })
         .await
     }
@@ -463,12 +622,18 @@ impl Journal {
 
     /// A named cursor, if set.
     pub fn cursor(&self, key: &str) -> Result<Option<u64>, JournalError> {
+        if let Some(v) = self.pending().cursors.get(key) {
+            return Ok(Some(*v));
+        }
         let txn = self.db()?.begin_read()?;
         Ok(txn.open_table(CURSORS)?.get(key)?.map(|v| v.value()))
     }
 
     /// Wall-clock time of the newest event: a floor for a clock that may have been reset.
     pub fn last_event_ms(&self) -> Result<Option<u64>, JournalError> {
+        if let Some((_, record)) = self.pending().records.last() {
+            return Ok(Some(codec::decode(record)?.at_ms));
+        }
         let txn = self.db()?.begin_read()?;
         let t = txn.open_table(EVENTS)?;
         match t.last()? {
@@ -537,9 +702,44 @@ impl Journal {
         Ok(set.into_iter().collect())
     }
 
-    /// Sequence numbers of a run's events: the index table's and those not yet checkpointed.
-    fn run_seqs(&self, run_id: &str, first_only: bool) -> Result<(Vec<u64>, redb::ReadTransaction), JournalError> {
-        let pending: Vec<u64> = self.pending().run_events.get(run_id).cloned().unwrap_or_default();
+    /// A run's events not yet checkpointed: their sequences, and the bytes of those only the
+    /// segment log holds yet. Read before the snapshot, as every read of the pending changes.
+    fn pending_of(&self, run_id: &str, first_only: bool) -> (Vec<u64>, Logged) {
+        let pending = self.pending();
+        let mut seqs = pending.run_events.get(run_id).cloned().unwrap_or_default();
+        if first_only {
+            seqs.truncate(1);
+        }
+        let logged = seqs
+            .iter()
+            .filter_map(|s| pending.record(*s).map(|b| (*s, b.into())))
+            .collect();
+        (seqs, logged)
+    }
+
+    /// The events `seqs` of `events`, or of `logged` for those only the log holds.
+    fn events_at(
+        events: &impl ReadableTable<u64, &'static [u8]>,
+        logged: &Logged,
+        seqs: impl IntoIterator<Item = u64>,
+    ) -> Result<Vec<(u64, Record)>, JournalError> {
+        let mut out = Vec::new();
+        for seq in seqs {
+            if let Ok(i) = logged.binary_search_by_key(&seq, |(s, _)| *s) {
+                if let Some((_, b)) = logged.get(i) {
+                    out.push((seq, codec::decode(b)?));
+                }
+            } else if let Some(bytes) = events.get(seq)? {
+                out.push((seq, codec::decode(bytes.value())?));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Sequence numbers of a run's events (the index table's and those not yet checkpointed),
+    /// the bytes of those only the log holds, and the snapshot to read the rest from.
+    fn run_seqs(&self, run_id: &str, first_only: bool) -> Result<RunSeqs, JournalError> {
+        let (pending, logged) = self.pending_of(run_id, first_only);
         let txn = self.db()?.begin_read()?;
         let mut seqs = std::collections::BTreeSet::new();
         {
@@ -552,45 +752,30 @@ impl Journal {
             }
         }
         seqs.extend(pending);
-        Ok((seqs.into_iter().collect(), txn))
+        Ok((seqs.into_iter().collect(), logged, txn))
     }
 
     /// A run's whole history with sequence numbers, in order.
     pub fn history(&self, run_id: &str) -> Result<Vec<(u64, Record)>, JournalError> {
-        let (seqs, txn) = self.run_seqs(run_id, false)?;
-        let events = txn.open_table(EVENTS)?;
-        let mut out = Vec::new();
-        for seq in seqs {
-            if let Some(bytes) = events.get(seq)? {
-                out.push((seq, codec::decode(bytes.value())?));
-            }
-        }
-        Ok(out)
+        let (seqs, logged, txn) = self.run_seqs(run_id, false)?;
+        Self::events_at(&txn.open_table(EVENTS)?, &logged, seqs)
     }
 
     /// A run's first event (its `RunStarted`, unless retention took the run).
     pub fn first_event(&self, run_id: &str) -> Result<Option<Record>, JournalError> {
-        let (seqs, txn) = self.run_seqs(run_id, true)?;
-        let events = txn.open_table(EVENTS)?;
-        let Some(seq) = seqs.first() else {
-            return Ok(None);
-        };
-        match events.get(*seq)? {
-            Some(bytes) => Ok(Some(codec::decode(bytes.value())?)),
-            None => Ok(None),
-        }
+        let (seqs, logged, txn) = self.run_seqs(run_id, true)?;
+        let first = seqs.first().copied();
+        Ok(Self::events_at(&txn.open_table(EVENTS)?, &logged, first)?
+            .pop()
+            .map(|(_, r)| r))
     }
 
     /// Events with sequence numbers from `from` on, at most `limit` (the outbox view).
     pub fn events_since(&self, from: u64, limit: usize) -> Result<Vec<(u64, Record)>, JournalError> {
-        let txn = self.db()?.begin_read()?;
-        let events = txn.open_table(EVENTS)?;
-        let mut out = Vec::new();
-        for row in events.range(from..)?.take(limit) {
-            let (k, v) = row?;
-            out.push((k.value(), codec::decode(v.value())?));
-        }
-        Ok(out)
+        self.stored_events(from, limit)?
+            .into_iter()
+            .map(|(seq, v)| Ok((seq, codec::decode(&v)?)))
+            .collect()
     }
 
     /// One definition version's record, or the latest version when `version` is `None`.
@@ -648,12 +833,14 @@ impl Journal {
 
     /// The next sequence number to be assigned (one past the newest event).
     pub fn next_seq(&self) -> Result<u64, JournalError> {
+        let logged = self.pending().records.last().map(|(s, _)| s + 1);
         let txn = self.db()?.begin_read()?;
-        tables::next_seq(
+        let stored = tables::next_seq(
             &txn.open_table(META)?,
             &txn.open_table(EVENTS)?,
             &txn.open_table(CURSORS)?,
-        )
+        )?;
+        Ok(logged.map_or(stored, |l| l.max(stored)))
     }
 }
 
@@ -866,7 +1053,24 @@ mod tests {
                 full: flag.clone(),
             })
         };
-        let j = Journal::open_backend(backend, &JournalConfig::default(), Arc::new(SystemClock)).unwrap();
+        let log_file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(dir.path().join("j.log"))
+            .unwrap();
+        let log = FullDisk {
+            inner: redb::backends::FileBackend::new(log_file).unwrap(),
+            full: full.clone(),
+        };
+        let j = Journal::open_backend(
+            backend,
+            Some(Box::new(log)),
+            &JournalConfig::default(),
+            Arc::new(SystemClock),
+        )
+        .unwrap();
         j.start_run("a", started("w")).await.unwrap();
         j.append(
             "a",

@@ -11,23 +11,27 @@ use outpost_shared::journal::{ErrorInfo, Event};
 
 use super::*;
 
-/// The disk: what a read sees, what survives a power cut, and when the power goes.
+/// The disk: what a read sees, what survives a power cut, and when the power goes. It holds
+/// two files, the redb file and the segment log, with one write counter and one power switch.
 #[derive(Default)]
 struct Disk {
-    /// What reads see (written, maybe not synced).
-    live: Vec<u8>,
-    /// What survives a cut: the bytes as of the last sync.
-    synced: Vec<u8>,
-    /// Writes so far.
+    /// What reads see (written, maybe not synced), per file.
+    live: [Vec<u8>; 2],
+    /// What survives a cut: each file's bytes as of its last sync.
+    synced: [Vec<u8>; 2],
+    /// Writes so far, to either file.
     writes: usize,
+    /// Of those, writes to the log.
+    log_writes: usize,
     /// The write at which the power goes (1-based).
     cut_at: Option<usize>,
     /// The power is gone: every call fails.
     dead: bool,
 }
 
+/// One file on the disk: 0 is the redb file, 1 the log.
 #[derive(Clone, Default)]
-struct PowerCut(Arc<Mutex<Disk>>);
+struct PowerCut(Arc<Mutex<Disk>>, usize);
 
 impl std::fmt::Debug for PowerCut {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -44,14 +48,22 @@ impl PowerCut {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A disk holding `bytes`, with the power on.
-    fn with(bytes: Vec<u8>, cut_at: Option<usize>) -> PowerCut {
-        PowerCut(Arc::new(Mutex::new(Disk {
-            live: bytes.clone(),
-            synced: bytes,
-            cut_at,
-            ..Disk::default()
-        })))
+    /// A disk holding `files`, with the power on.
+    fn with(files: [Vec<u8>; 2], cut_at: Option<usize>) -> PowerCut {
+        PowerCut(
+            Arc::new(Mutex::new(Disk {
+                live: files.clone(),
+                synced: files,
+                cut_at,
+                ..Disk::default()
+            })),
+            0,
+        )
+    }
+
+    /// The log file of the same disk.
+    fn log(&self) -> PowerCut {
+        PowerCut(self.0.clone(), 1)
     }
 }
 
@@ -61,7 +73,7 @@ impl redb::StorageBackend for PowerCut {
         if d.dead {
             return Err(dead());
         }
-        Ok(d.live.len() as u64)
+        Ok(d.live[self.1].len() as u64)
     }
 
     fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
@@ -71,13 +83,14 @@ impl redb::StorageBackend for PowerCut {
         }
         let start = offset as usize;
         let end = start + out.len();
-        if end > d.live.len() {
+        let live = &d.live[self.1];
+        if end > live.len() {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::UnexpectedEof,
                 "read past the end",
             ));
         }
-        out.copy_from_slice(&d.live[start..end]);
+        out.copy_from_slice(&live[start..end]);
         Ok(())
     }
 
@@ -86,7 +99,7 @@ impl redb::StorageBackend for PowerCut {
         if d.dead {
             return Err(dead());
         }
-        d.live.resize(len as usize, 0);
+        d.live[self.1].resize(len as usize, 0);
         Ok(())
     }
 
@@ -95,7 +108,7 @@ impl redb::StorageBackend for PowerCut {
         if d.dead {
             return Err(dead());
         }
-        d.synced = d.live.clone();
+        d.synced[self.1] = d.live[self.1].clone();
         Ok(())
     }
 
@@ -105,23 +118,26 @@ impl redb::StorageBackend for PowerCut {
             return Err(dead());
         }
         d.writes += 1;
+        d.log_writes += self.1;
         let start = offset as usize;
         if d.cut_at == Some(d.writes) {
             d.dead = true;
             // Every other cut tears this write: its first sector reaches the platter.
             if d.writes.is_multiple_of(2) {
                 let torn = data.len().min(512);
-                if d.synced.len() < start + torn {
-                    d.synced.resize(start + torn, 0);
+                let synced = &mut d.synced[self.1];
+                if synced.len() < start + torn {
+                    synced.resize(start + torn, 0);
                 }
-                d.synced[start..start + torn].copy_from_slice(&data[..torn]);
+                synced[start..start + torn].copy_from_slice(&data[..torn]);
             }
             return Err(dead());
         }
-        if d.live.len() < start + data.len() {
-            d.live.resize(start + data.len(), 0);
+        let live = &mut d.live[self.1];
+        if live.len() < start + data.len() {
+            live.resize(start + data.len(), 0);
         }
-        d.live[start..start + data.len()].copy_from_slice(data);
+        live[start..start + data.len()].copy_from_slice(data);
         Ok(())
     }
 }
@@ -130,13 +146,20 @@ fn config() -> JournalConfig {
     JournalConfig {
         // Checkpoints every few events, so cuts land before, in and after them.
         checkpoint_events: 5,
+        // A small log, so the workload also fills it and checkpoints for room.
+        log_bytes: 6 * super::wal::BLOCK,
         ..JournalConfig::default()
     }
 }
 
 fn open(disk: &PowerCut) -> Result<Journal, JournalError> {
     let d = disk.clone();
-    Journal::open_backend(move || Ok(d.clone()), &config(), Arc::new(Fixed))
+    Journal::open_backend(
+        move || Ok(d.clone()),
+        Some(Box::new(disk.log())),
+        &config(),
+        Arc::new(Fixed),
+    )
 }
 
 fn started() -> Event {
@@ -277,7 +300,7 @@ fn observed(j: &Journal, runs: &BTreeMap<String, (Vec<u64>, RunStatus)>) -> Expe
 
 /// Opens what survived and checks it; then once more after a clean close, when every index row
 /// must be in the tables themselves.
-async fn check_recovery(bytes: Vec<u8>, acked_events: &[(u64, Record)], cut: usize) {
+async fn check_recovery(bytes: [Vec<u8>; 2], acked_events: &[(u64, Record)], cut: usize) {
     let disk = PowerCut::with(bytes, None);
     for pass in ["after the cut", "after a clean close"] {
         let j = open(&disk).unwrap_or_else(|e| panic!("cut at write {cut}: does not open {pass}: {e}"));
@@ -323,7 +346,11 @@ async fn a_power_cut_at_any_write_loses_nothing_acknowledged_and_the_indexes_fol
     let disk = PowerCut::default();
     let j = open(&disk).unwrap();
     let ops = workload(&j).await;
-    let writes = disk.disk().writes;
+    let (writes, log_writes) = {
+        let d = disk.disk();
+        (d.writes, d.log_writes)
+    };
+    assert!(log_writes > 10, "the log took {log_writes} of {writes} writes");
     drop(j);
     let all = open(&disk).unwrap().events_since(1, usize::MAX).unwrap();
     assert!(
@@ -332,7 +359,7 @@ async fn a_power_cut_at_any_write_loses_nothing_acknowledged_and_the_indexes_fol
     );
 
     for cut in 1..=writes {
-        let disk = PowerCut::with(Vec::new(), Some(cut));
+        let disk = PowerCut::with(Default::default(), Some(cut));
         let Ok(j) = open(&disk) else {
             // The power went while the file was being made: nothing was acknowledged.
             let synced = disk.disk().synced.clone();

@@ -8,6 +8,7 @@ use outpost_shared::row;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
+use super::wal::{Entry, LOG_GENERATION};
 use super::{Applied, JournalError};
 use crate::engine::RunStatus;
 
@@ -42,7 +43,10 @@ pub(super) const PRUNED_THROUGH: &str = "journal/pruned_through";
 ///
 /// So each build refuses a newer format rather than misread it, and upgrades older ones in place
 /// when it opens them.
-pub const FORMAT: u64 = 3;
+/// - Format 4 commits starts, appends, cursors and kv rows to the segment log beside the file
+///   (`journal.log`, see `wal`), under the cursor `journal/log_generation`; the log's current
+///   blocks are not yet in the file at all. An older build would not read them.
+pub const FORMAT: u64 = 4;
 
 /// Whether this build reads a file of table-layout version `format`.
 pub fn format_supported(format: u64) -> bool {
@@ -115,9 +119,12 @@ impl<'txn> Tables<'txn> {
 
 /// Checks the format, creates missing tables, rebuilds the index rows a crash left out (the
 /// events past `journal/indexed_through`), and reads the writer's starting state.
-pub(super) fn prepare(db: &Database) -> Result<(u64, HashSet<String>), JournalError> {
+pub(super) fn prepare(
+    db: &Database,
+    log: Option<&dyn redb::StorageBackend>,
+) -> Result<(u64, HashSet<String>, u64), JournalError> {
     let txn = db.begin_write()?;
-    let next = {
+    let (next, generation) = {
         let mut meta = txn.open_table(META)?;
         let format = meta.get("format")?.map(|v| v.value());
         match format {
@@ -129,6 +136,35 @@ pub(super) fn prepare(db: &Database) -> Result<(u64, HashSet<String>), JournalEr
         }
         // Create every table so readers never see "table does not exist".
         let mut t = Tables::open(&txn)?;
+        // The segment log's blocks of the current generation: committed, not yet in redb.
+        let generation = t.cursors.get(LOG_GENERATION)?.map_or(0, |v| v.value());
+        if let Some(log) = log {
+            let scanned = super::wal::scan(log, generation)?;
+            let from = next_seq(&meta, &t.events, &t.cursors)?;
+            super::wal::check_sequence(&scanned.entries, from)?;
+            if !scanned.entries.is_empty() {
+                tracing::info!(
+                    blocks = scanned.blocks,
+                    entries = scanned.entries.len(),
+                    "moving the journal log's group commits into the journal"
+                );
+            }
+            for entry in scanned.entries {
+                match entry {
+                    Entry::Event { seq, record } => {
+                        t.events.insert(seq, record.as_slice())?;
+                    }
+                    Entry::Cursor { key, value } => {
+                        t.cursors.insert(key.as_str(), value)?;
+                    }
+                    Entry::Kv { key, value } => {
+                        t.kv.insert(key.as_str(), value.as_slice())?;
+                    }
+                }
+            }
+        }
+        // What the log held is in this transaction: its blocks are stale once it commits.
+        t.cursors.insert(LOG_GENERATION, generation + 1)?;
         let next = next_seq(&meta, &t.events, &t.cursors)?;
         let (pending, replayed) = {
             let mut below = super::index::TableLookup {
@@ -153,14 +189,14 @@ pub(super) fn prepare(db: &Database) -> Result<(u64, HashSet<String>), JournalEr
             }
             None => {}
         }
-        next
+        (next, generation + 1)
     };
     let mut active = HashSet::new();
     for row in txn.open_table(ACTIVE)?.iter()? {
         active.insert(row?.0.value().to_string());
     }
     txn.commit()?;
-    Ok((next, active))
+    Ok((next, active, generation))
 }
 
 /// The next sequence number to assign: one past the newest event ever committed. Commits do

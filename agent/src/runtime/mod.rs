@@ -278,8 +278,12 @@ fn open_journal(path: &Path, config: &JournalConfig, clock: Arc<dyn Clock>) -> R
     if let Some(marker) = std::env::var_os("OUTPOST_JOURNAL_FULL_DISK_MARKER") {
         warn!(marker = ?marker, "fault injection: the journal fails like a full disk while the marker file exists");
         let (path, marker) = (path.to_path_buf(), PathBuf::from(marker));
+        let log = outpost_shared::fault::FullDiskWhenMarked::open(&crate::journal::log_path(&path), &marker)
+            .map_err(|e| JournalError::Storage(redb::StorageError::Io(e).into()))?;
+        let log: Option<Box<dyn redb::StorageBackend>> = (config.log_bytes > 0).then(|| Box::new(log) as _);
         return Journal::open_backend(
             move || outpost_shared::fault::FullDiskWhenMarked::open(&path, &marker),
+            log,
             config,
             clock,
         );

@@ -134,13 +134,22 @@ fn a_run_blocked_by_a_full_disk_says_so_everywhere_even_the_console_and_goes_on_
     let def = write(
         dir.path(),
         "slow.yaml",
-        // The step's ~900 KB output makes the journal grow, which is what a full disk refuses.
         "name: slow\nversion: 1\nsteps:\n  - {id: work, action: exec, args: {command: sh, args: ['-c', 'sleep 1; yes x | head -c 900000']}}\n  - {id: after, action: set, depends_on: [work], args: {ok: true}}\n",
     );
     let cloud = outpost_tests::cloud::Cloud::embedded(&dir.path().join("cloud"));
     let agent = Agent::start_with_env(
         &dir.path().join("data"),
-        &["--broker", &cloud.mqtt_url(), "--device-id", "gw-full"],
+        // Without the segment log: its pages are preallocated, so a disk that is only full
+        // takes the log's group commits until a checkpoint needs the journal file to grow
+        // (`journal::tests::full_disk…` covers a log that cannot be written).
+        &[
+            "--broker",
+            &cloud.mqtt_url(),
+            "--device-id",
+            "gw-full",
+            "--journal-log-kb",
+            "0",
+        ],
         &[("OUTPOST_JOURNAL_FULL_DISK_MARKER", &marker_s)],
     );
     cloud.wait_presence("gw-full", true, std::time::Duration::from_secs(20));

@@ -657,10 +657,15 @@ fn a_command_the_gateway_could_not_record_is_sent_again_without_a_reconnect() {
         &json!({"type": "start", "workflow": "hello", "id": "start-full", "run_id": "hello-full"}),
     );
     assert_eq!(code, 202, "{c}");
+    // Twice: the birth that announces the storage error brings the command again, and the disk
+    // must still be full for that delivery too (the journal is writable again the moment the
+    // marker goes), or the resend below would never be needed.
     eventually(Duration::from_secs(10), "the gateway to put it off", || {
-        agent
+        (agent
             .log()
-            .contains("the journal cannot be written; it stays pending")
+            .matches("the journal cannot be written; it stays pending")
+            .count()
+            >= 2)
             .then_some(())
     });
     assert_eq!(cloud.get("/v1/devices/gw3/commands/start-full")["state"], "pending");
