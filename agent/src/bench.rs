@@ -388,6 +388,17 @@ impl Report {
     }
 }
 
+/// RSS, and how much of it is the process's own memory and how much mapped files (the binary's
+/// code, which this kernel maps in large folios: nearly all of it once touched).
+fn rss_parts(pid: u32) -> String {
+    format!(
+        "{} ({} heap and stacks, {} code and files)",
+        mb(rss_kib(pid, "VmRSS:").unwrap_or(0)),
+        mb(rss_kib(pid, "RssAnon:").unwrap_or(0)),
+        mb(rss_kib(pid, "RssFile:").unwrap_or(0)),
+    )
+}
+
 fn mb(kib: u64) -> String {
     format!("{:.1} MB", kib as f64 / 1024.0)
 }
@@ -406,7 +417,7 @@ async fn footprint(
         format!("{:.2} MB", std::fs::metadata(&exe)?.len() as f64 / 1e6),
     );
     tokio::time::sleep(Duration::from_secs(1)).await;
-    r.fig("idle RSS after start", mb(rss_kib(pid, "VmRSS:").unwrap_or(0)));
+    r.fig("idle RSS after start", rss_parts(pid));
 
     apply(
         &client,
@@ -431,11 +442,7 @@ async fn footprint(
     tokio::time::sleep(Duration::from_secs(1)).await;
     r.fig(
         &format!("RSS with {} active runs", args.active_runs),
-        format!(
-            "{} (peak {})",
-            mb(rss_kib(pid, "VmRSS:").unwrap_or(0)),
-            mb(rss_kib(pid, "VmHWM:").unwrap_or(0))
-        ),
+        format!("{}, peak {}", rss_parts(pid), mb(rss_kib(pid, "VmHWM:").unwrap_or(0))),
     );
 
     let cpu0 = cpu_secs(pid);
@@ -582,7 +589,7 @@ async fn sync_footprint(args: &BenchArgs, dir: &Path, r: &mut Report) -> anyhow:
     let (cpu0, switches0) = (cpu_secs(pid), context_switches(pid));
     tokio::time::sleep(Duration::from_secs(args.idle_secs)).await;
     let (cpu, switches) = (cpu_secs(pid) - cpu0, context_switches(pid).saturating_sub(switches0));
-    r.fig("idle RSS with sync connected", mb(rss_kib(pid, "VmRSS:").unwrap_or(0)));
+    r.fig("idle RSS with sync connected", rss_parts(pid));
     r.fig(
         &format!("CPU, {} s idle with sync", args.idle_secs),
         format!(

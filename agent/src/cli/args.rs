@@ -493,7 +493,7 @@ pub(super) struct RunArgs {
     /// Journal page cache in MiB.
     #[arg(
         long,
-        default_value_t = 4,
+        default_value_t = 2,
         env = "OUTPOST_CACHE_MB",
         help_heading = "Journal and retention"
     )]
