@@ -117,8 +117,10 @@ impl<'txn> Tables<'txn> {
     }
 }
 
-/// Checks the format, creates missing tables, rebuilds the index rows a crash left out (the
-/// events past `journal/indexed_through`), and reads the writer's starting state.
+/// Checks the format, creates missing tables, moves the segment log's current blocks into the
+/// tables and the log to its next generation, rebuilds the index rows a crash left out (the
+/// events past `journal/indexed_through`), and reads the writer's starting state: the next
+/// sequence, the unfinished runs and the log's new generation.
 pub(super) fn prepare(
     db: &Database,
     log: Option<&dyn redb::StorageBackend>,
