@@ -21,6 +21,7 @@ pub mod histogram;
 pub mod identity;
 pub mod journal;
 pub mod limits;
+pub mod memory;
 pub mod metrics;
 pub mod offline;
 pub mod outbox;

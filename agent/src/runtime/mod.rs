@@ -216,6 +216,8 @@ struct Inner {
     step_latency: crate::histogram::Histogram,
     /// Runs whose driver waits for the journal to take a write, and the storage's latest failure.
     storage: StorageHealth,
+    /// Hands the memory of parked and ended runs back to the system after a burst of them.
+    trimmer: Arc<crate::memory::Trimmer>,
 }
 
 /// What `show`, `list` and `status` say while the journal's storage fails (a full disk): which
@@ -352,6 +354,7 @@ impl Runtime {
                 sync: std::sync::OnceLock::new(),
                 step_latency: crate::histogram::Histogram::default(),
                 storage: StorageHealth::default(),
+                trimmer: Arc::default(),
             }),
         })
     }

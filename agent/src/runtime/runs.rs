@@ -254,6 +254,7 @@ impl RunTask {
             },
         );
         drop(table);
+        inner.trimmer.freed();
         if wake.is_some() {
             start_waker(&inner);
             inner.wakeups.notify_one();
@@ -268,6 +269,7 @@ impl RunTask {
         if let Some(done) = live.and_then(|l| l.done) {
             done.set(end);
         }
+        self.inner.trimmer.freed();
     }
 }
 
