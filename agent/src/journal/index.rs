@@ -13,7 +13,7 @@
 //! Why: redb is copy-on-write, and the index tables are keyed by run id, so every commit that
 //! touched them rewrote a scatter of leaves; see docs/journal.md for the measurements.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use outpost_shared::journal::{self as codec, Event, Record};
 use redb::ReadableTable;
@@ -40,8 +40,14 @@ pub(super) struct Pending {
     pub(super) runs: HashMap<String, RunRecord>,
     /// Changes to `active_runs`: `true` adds, `false` removes.
     pub(super) active: HashMap<String, bool>,
-    /// Changes to `timers`: `true` adds, `false` removes.
+    /// Changes to `timers`: `true` adds, `false` removes. A run that ended here keeps only the
+    /// changes made after its end.
     pub(super) timers: HashMap<(u64, String, String), bool>,
+    /// Runs that ended here: every row of theirs in `timers` goes. An end drops the run's timers
+    /// without looking them up, since the table is ordered by deadline and a lookup by run
+    /// would read all of it (with 20,000 runs parked on timers, each run's end cost a scan of
+    /// 20,000 rows on the writer thread).
+    pub(super) ended: HashSet<String>,
     /// Events whose changes are here.
     pub(super) events: usize,
     /// Events in the segment log but not yet in `events`, in sequence order: (seq, record bytes).
@@ -52,19 +58,22 @@ pub(super) struct Pending {
     pub(super) kv: HashMap<String, Vec<u8>>,
 }
 
-/// Where the derivation looks up what it does not hold itself: a run's row and its timers, as
-/// committed before (the shared pending changes over redb's tables).
+/// Where the derivation looks up what it does not hold itself: a run's row, as committed before
+/// (the shared pending changes over redb's tables).
 pub(super) trait Lookup {
     /// A run's row.
     fn run(&mut self, run_id: &str) -> Result<Option<RunRecord>, JournalError>;
-    /// A run's pending timers: (deadline, step).
-    fn timers_of(&mut self, run_id: &str) -> Result<Vec<(u64, String)>, JournalError>;
 }
 
 impl Pending {
     /// Nothing pending.
     pub(super) fn is_empty(&self) -> bool {
-        self.events == 0 && self.runs.is_empty() && self.active.is_empty() && self.timers.is_empty() && !self.logged()
+        self.events == 0
+            && self.runs.is_empty()
+            && self.active.is_empty()
+            && self.timers.is_empty()
+            && self.ended.is_empty()
+            && !self.logged()
     }
 
     /// Whether any of these changes are held only by the segment log (not yet in redb).
@@ -112,7 +121,12 @@ impl Pending {
         }
         self.runs.extend(later.runs);
         self.active.extend(later.active);
+        // Later ends drop the timers set before them; `later.timers` holds only what follows.
+        if !later.ended.is_empty() {
+            self.timers.retain(|(_, run, _), _| !later.ended.contains(run));
+        }
         self.timers.extend(later.timers);
+        self.ended.extend(later.ended);
         self.events += later.events;
         self.records.extend(later.records);
         self.cursors.extend(later.cursors);
@@ -176,9 +190,8 @@ impl Pending {
             e => {
                 if let Some(status) = RunStatus::of_terminal(e) {
                     // A run that ends leaves no timer behind.
-                    for (at, step) in self.timers_of(run_id, before)? {
-                        self.timers.insert((at, run_id.to_string(), step), false);
-                    }
+                    self.timers.retain(|(_, run, _), _| run != run_id);
+                    self.ended.insert(run_id.to_string());
                     if let Some(mut rec) = self.current(run_id, before)? {
                         rec.status = status;
                         rec.finished_ms = Some(r.at_ms);
@@ -196,17 +209,6 @@ impl Pending {
             Some(r) => Ok(Some(r.clone())),
             None => before.run(run_id),
         }
-    }
-
-    /// A run's timers: those `before` knows, with these changes on top.
-    fn timers_of(&self, run_id: &str, before: &mut dyn Lookup) -> Result<Vec<(u64, String)>, JournalError> {
-        let mut set: HashMap<(u64, String), bool> = before.timers_of(run_id)?.into_iter().map(|k| (k, true)).collect();
-        for ((at, run, step), add) in &self.timers {
-            if run == run_id {
-                set.insert((*at, step.clone()), *add);
-            }
-        }
-        Ok(set.into_iter().filter(|(_, add)| *add).map(|(k, _)| k).collect())
     }
 
     /// Takes a log's entries, read back, as if their commits had just been made: the events'
@@ -260,6 +262,19 @@ impl Pending {
                 t.active.remove(run.as_str())?;
             }
         }
+        if !self.ended.is_empty() {
+            let mut gone = Vec::new();
+            for row in t.timers.iter()? {
+                let (k, _) = row?;
+                let (at, run, step) = k.value();
+                if self.ended.contains(run) {
+                    gone.push((at, run.to_string(), step.to_string()));
+                }
+            }
+            for (at, run, step) in gone {
+                t.timers.remove((at, run.as_str(), step.as_str()))?;
+            }
+        }
         for ((at, run, step), add) in &self.timers {
             if *add {
                 t.timers.insert((*at, run.as_str(), step.as_str()), ())?;
@@ -272,31 +287,17 @@ impl Pending {
     }
 }
 
-/// Looks runs and timers up in redb's tables (as of the transaction's snapshot).
-pub(super) struct TableLookup<'a, R, T> {
+/// Looks runs up in redb's `runs` table (as of the transaction's snapshot).
+pub(super) struct TableLookup<'a, R> {
     pub(super) runs: &'a R,
-    pub(super) timers: &'a T,
 }
 
-impl<R, T> Lookup for TableLookup<'_, R, T>
+impl<R> Lookup for TableLookup<'_, R>
 where
     R: ReadableTable<&'static str, &'static [u8]>,
-    T: ReadableTable<(u64, &'static str, &'static str), ()>,
 {
     fn run(&mut self, run_id: &str) -> Result<Option<RunRecord>, JournalError> {
         self.runs.get(run_id)?.map(|v| decode_run(v.value())).transpose()
-    }
-
-    fn timers_of(&mut self, run_id: &str) -> Result<Vec<(u64, String)>, JournalError> {
-        let mut out = Vec::new();
-        for row in self.timers.iter()? {
-            let (k, _) = row?;
-            let (at, run, step) = k.value();
-            if run == run_id {
-                out.push((at, step.to_string()));
-            }
-        }
-        Ok(out)
     }
 }
 
@@ -313,10 +314,6 @@ impl<L: Lookup> Lookup for Layered<'_, L> {
             Some(r) => Ok(Some(r.clone())),
             None => self.below.run(run_id),
         }
-    }
-
-    fn timers_of(&mut self, run_id: &str) -> Result<Vec<(u64, String)>, JournalError> {
-        self.pending.timers_of(run_id, &mut self.below)
     }
 }
 
@@ -347,15 +344,12 @@ mod tests {
     use super::*;
     use outpost_shared::journal::Record;
 
-    /// What redb would answer: a run row and its timers.
-    struct Below(Option<RunRecord>, Vec<(u64, String)>);
+    /// What redb would answer: a run row.
+    struct Below(Option<RunRecord>);
 
     impl Lookup for Below {
         fn run(&mut self, _: &str) -> Result<Option<RunRecord>, JournalError> {
             Ok(self.0.clone())
-        }
-        fn timers_of(&mut self, _: &str) -> Result<Vec<(u64, String)>, JournalError> {
-            Ok(self.1.clone())
         }
     }
 
@@ -368,7 +362,7 @@ mod tests {
     }
 
     #[test]
-    fn an_end_takes_its_row_from_below_and_drops_the_timers_below_and_pending() {
+    fn an_end_takes_its_row_from_below_and_drops_the_runs_timers_below_and_pending() {
         let row = RunRecord {
             workflow: "w".into(),
             version: 2,
@@ -376,7 +370,7 @@ mod tests {
             created_ms: 5,
             finished_ms: None,
         };
-        let mut below = Below(Some(row), vec![(100, "a".into())]);
+        let mut below = Below(Some(row));
         let mut p = Pending::default();
         let set = Event::TimerSet {
             step: "b".into(),
@@ -393,23 +387,15 @@ mod tests {
             (RunStatus::Completed, Some(20), 2, 5)
         );
         assert_eq!(p.active.get("r"), Some(&false));
-        assert_eq!(
-            p.timers.get(&(100, "r".into(), "a".into())),
-            Some(&false),
-            "the timer below goes"
-        );
-        assert_eq!(
-            p.timers.get(&(200, "r".into(), "b".into())),
-            Some(&false),
-            "the pending one too"
-        );
+        assert!(p.ended.contains("r"), "the timers below go at the checkpoint");
+        assert!(p.timers.is_empty(), "the pending one goes now");
         assert_eq!(p.run_events.get("r"), Some(&vec![7, 8]));
         assert_eq!(p.events, 2);
     }
 
     #[test]
     fn later_changes_win_when_merged() {
-        let mut below = Below(None, Vec::new());
+        let mut below = Below(None);
         let start = Event::RunStarted {
             workflow: "w".into(),
             version: 1,
@@ -420,7 +406,7 @@ mod tests {
         let mut second = Pending::default();
         let mut from_first = Layered {
             pending: &first,
-            below: Below(None, Vec::new()),
+            below: Below(None),
         };
         let failed = Event::RunFailed {
             error: outpost_shared::journal::ErrorInfo::new("k", "m"),

@@ -415,11 +415,8 @@ impl Journal {
     fn reader(db: Arc<dyn ReadableDatabase + Send + Sync>, log: &Path) -> Result<Journal, JournalError> {
         let pending = {
             let txn = db.begin_read()?;
-            let (runs, timers) = (txn.open_table(RUNS)?, txn.open_table(TIMERS)?);
-            let mut below = index::TableLookup {
-                runs: &runs,
-                timers: &timers,
-            };
+            let runs = txn.open_table(RUNS)?;
+            let mut below = index::TableLookup { runs: &runs };
             let (events, cursors) = (txn.open_table(EVENTS)?, txn.open_table(CURSORS)?);
             let mut pending = index::replay(&events, &cursors, &mut below)?.0;
             if let Some(file) = open_log_file(log)? {
@@ -813,14 +810,20 @@ impl Journal {
 
     /// Pending timers, earliest first: (deadline ms, run id, step).
     pub fn timers(&self) -> Result<Vec<(u64, String, String)>, JournalError> {
-        let pending = self.pending().timers.clone();
+        let (pending, ended) = {
+            let p = self.pending();
+            (p.timers.clone(), p.ended.clone())
+        };
         let txn = self.db()?.begin_read()?;
         let t = txn.open_table(TIMERS)?;
         let mut set = std::collections::BTreeSet::new();
         for row in t.iter()? {
             let (k, _) = row?;
             let (at, run, step) = k.value();
-            set.insert((at, run.to_string(), step.to_string()));
+            // The pending changes hold what an ended run set after its end.
+            if !ended.contains(run) {
+                set.insert((at, run.to_string(), step.to_string()));
+            }
         }
         for (key, add) in pending {
             if add {
@@ -1179,6 +1182,72 @@ mod tests {
             .unwrap()
             .map(|v| v.value());
         assert_eq!(format, Some(FORMAT), "upgraded, so a format-1-only build refuses it");
+    }
+
+    fn timer(step: &str, at: u64) -> Event {
+        Event::TimerSet {
+            step: step.into(),
+            visit: 1,
+            fire_at_ms: at,
+            duration_ms: 1,
+        }
+    }
+
+    fn failed() -> Event {
+        Event::RunFailed {
+            error: outpost_shared::journal::ErrorInfo::new("k", "m"),
+        }
+    }
+
+    /// An end drops the run's timers wherever they are (checkpointed, pending, or both), and only
+    /// those set before it: a retried run's new timer stays, through checkpoints and a reopen.
+    #[tokio::test]
+    async fn an_end_drops_the_runs_timers_in_the_tables_and_pending_and_not_the_next_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j.redb");
+        let keys = |j: &Journal| {
+            j.timers()
+                .unwrap()
+                .into_iter()
+                .map(|(at, run, step)| format!("{run}/{step}@{at}"))
+                .collect::<Vec<_>>()
+        };
+        {
+            let j = Journal::open(&path, &JournalConfig::default(), Arc::new(SystemClock)).unwrap();
+            for run in ["a", "b"] {
+                j.start_run(run, started("w")).await.unwrap();
+                j.append(run, vec![timer("t1", 100)]).await.unwrap();
+            }
+            j.checkpoint().await.unwrap();
+            j.append("a", vec![timer("t2", 200)]).await.unwrap();
+            assert_eq!(keys(&j), ["a/t1@100", "b/t1@100", "a/t2@200"]);
+            // One checkpointed timer and one pending go with the end; b's stay.
+            j.append("a", vec![failed()]).await.unwrap();
+            assert_eq!(keys(&j), ["b/t1@100"]);
+            j.append("a", vec![Event::RunRetried { by: "op".into() }, timer("t3", 300)])
+                .await
+                .unwrap();
+            assert_eq!(keys(&j), ["b/t1@100", "a/t3@300"]);
+            j.checkpoint().await.unwrap();
+            assert_eq!(keys(&j), ["b/t1@100", "a/t3@300"]);
+            // An end in the same window as the retry's timer, after a checkpoint of it.
+            j.append("b", vec![failed()]).await.unwrap();
+            assert_eq!(keys(&j), ["a/t3@300"]);
+        }
+        let mut reopened = None;
+        for _ in 0..100 {
+            match Journal::open(&path, &JournalConfig::default(), Arc::new(SystemClock)) {
+                Ok(j) => {
+                    reopened = Some(j);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+            }
+        }
+        let j = reopened.expect("journal reopens");
+        assert_eq!(keys(&j), ["a/t3@300"]);
+        j.checkpoint().await.unwrap();
+        assert_eq!(keys(&j), ["a/t3@300"]);
     }
 
     #[tokio::test]

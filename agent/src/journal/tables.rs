@@ -169,10 +169,7 @@ pub(super) fn prepare(
         t.cursors.insert(LOG_GENERATION, generation + 1)?;
         let next = next_seq(&meta, &t.events, &t.cursors)?;
         let (pending, replayed) = {
-            let mut below = super::index::TableLookup {
-                runs: &t.runs,
-                timers: &t.timers,
-            };
+            let mut below = super::index::TableLookup { runs: &t.runs };
             super::index::replay(&t.events, &t.cursors, &mut below)?
         };
         match replayed {

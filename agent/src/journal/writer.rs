@@ -51,10 +51,9 @@ pub(super) enum Store<'a, 'txn> {
     Log(&'a Snapshot),
 }
 
-/// The tables a log batch looks runs and timers up in.
+/// The table a log batch looks runs up in.
 pub(super) struct Snapshot {
     runs: redb::ReadOnlyTable<&'static str, &'static [u8]>,
-    timers: redb::ReadOnlyTable<(u64, &'static str, &'static str), ()>,
 }
 
 impl Snapshot {
@@ -62,19 +61,15 @@ impl Snapshot {
         let txn = db.begin_read()?;
         Ok(Snapshot {
             runs: txn.open_table(super::tables::RUNS)?,
-            timers: txn.open_table(super::tables::TIMERS)?,
         })
     }
 }
 
-/// A store's lookups of runs and timers.
+/// A store's lookups of runs.
 pub(super) enum StoreLookup<'a, 'txn> {
-    Tables(TableLookup<'a, redb::Table<'txn, &'static str, &'static [u8]>, TimersTable<'txn>>),
-    Log(TableLookup<'a, redb::ReadOnlyTable<&'static str, &'static [u8]>, redb::ReadOnlyTable<TimerKey, ()>>),
+    Tables(TableLookup<'a, redb::Table<'txn, &'static str, &'static [u8]>>),
+    Log(TableLookup<'a, redb::ReadOnlyTable<&'static str, &'static [u8]>>),
 }
-
-type TimerKey = (u64, &'static str, &'static str);
-type TimersTable<'txn> = redb::Table<'txn, TimerKey, ()>;
 
 impl Lookup for StoreLookup<'_, '_> {
     fn run(&mut self, run_id: &str) -> Result<Option<super::RunRecord>, JournalError> {
@@ -83,27 +78,14 @@ impl Lookup for StoreLookup<'_, '_> {
             StoreLookup::Log(l) => l.run(run_id),
         }
     }
-
-    fn timers_of(&mut self, run_id: &str) -> Result<Vec<(u64, String)>, JournalError> {
-        match self {
-            StoreLookup::Tables(l) => l.timers_of(run_id),
-            StoreLookup::Log(l) => l.timers_of(run_id),
-        }
-    }
 }
 
 impl<'txn> Store<'_, 'txn> {
-    /// Looks runs and timers up in what is committed.
+    /// Looks runs up in what is committed.
     pub(super) fn lookup(&self) -> StoreLookup<'_, 'txn> {
         match self {
-            Store::Tables { tables, .. } => StoreLookup::Tables(TableLookup {
-                runs: &tables.runs,
-                timers: &tables.timers,
-            }),
-            Store::Log(s) => StoreLookup::Log(TableLookup {
-                runs: &s.runs,
-                timers: &s.timers,
-            }),
+            Store::Tables { tables, .. } => StoreLookup::Tables(TableLookup { runs: &tables.runs }),
+            Store::Log(s) => StoreLookup::Log(TableLookup { runs: &s.runs }),
         }
     }
 
