@@ -1,9 +1,11 @@
 //! Handing freed heap memory back to the system after a burst of frees.
 //!
 //! glibc's allocator keeps what a process frees for its own reuse; only the top of each arena
-//! goes back on its own. When runs park (issue 15) or end, each frees its folded state and its
-//! driver's future, kilobytes scattered through the heap: 20,000 parked runs left about 3.6 MB
-//! resident that nothing would reuse until the next burst of work. `malloc_trim` returns the free
+//! goes back on its own. When runs park (issue 15), each frees its folded state and its driver's
+//! future, kilobytes scattered through the heap: 20,000 parked runs left about 3.6 MB resident
+//! that nothing would reuse until the next burst of work. Runs that end do not trim: under load
+//! their memory is reused at once, and a trim every second would only hand pages back to fault
+//! them in again. `malloc_trim` returns the free
 //! pages inside the arenas too. A [`Trimmer`] runs it once, a second after the first free it is
 //! told of, so a burst costs one trim and an idle agent none.
 

@@ -216,7 +216,7 @@ struct Inner {
     step_latency: crate::histogram::Histogram,
     /// Runs whose driver waits for the journal to take a write, and the storage's latest failure.
     storage: StorageHealth,
-    /// Hands the memory of parked and ended runs back to the system after a burst of them.
+    /// Hands the memory of parked runs back to the system after a burst of parks.
     trimmer: Arc<crate::memory::Trimmer>,
 }
 

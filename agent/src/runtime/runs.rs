@@ -269,7 +269,6 @@ impl RunTask {
         if let Some(done) = live.and_then(|l| l.done) {
             done.set(end);
         }
-        self.inner.trimmer.freed();
     }
 }
 
