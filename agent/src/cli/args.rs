@@ -480,9 +480,8 @@ pub(super) struct RunArgs {
     pub(super) commit_linger: humantime::Duration,
     /// Size in KiB of the segment log beside the journal (`journal.log`, written once with zeros
     /// and then reused): group commits append one block there, a page or two, instead of
-    /// rewriting redb's pages; a checkpoint moves them into the journal, on its own thread,
-    /// while commits go on into the log's other half. `0` turns it off and commits every group
-    /// to the journal file directly (docs/journal.md has the figures).
+    /// rewriting redb's pages; a checkpoint moves them into the journal. `0` turns it off and
+    /// commits every group to the journal file directly (docs/journal.md has the figures).
     #[arg(
         long,
         default_value_t = 4096,
