@@ -70,20 +70,6 @@ pub fn render(rt: &Runtime) -> String {
     );
     metric(
         &mut out,
-        "outpost_journal_checkpoints_total",
-        "counter",
-        "Journal checkpoints committed (index rows and the log's changes written into the journal file).",
-        &[(String::new(), s.checkpoints.load(o) as f64)],
-    );
-    metric(
-        &mut out,
-        "outpost_journal_background_checkpoints_total",
-        "counter",
-        "Of those, checkpoints written on their own thread while commits went on into the log.",
-        &[(String::new(), s.background_checkpoints.load(o) as f64)],
-    );
-    metric(
-        &mut out,
         "outpost_journal_events_total",
         "counter",
         "Events journaled.",

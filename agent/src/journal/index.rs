@@ -13,7 +13,7 @@
 //! Why: redb is copy-on-write, and the index tables are keyed by run id, so every commit that
 //! touched them rewrote a scatter of leaves; see docs/journal.md for the measurements.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use outpost_shared::journal::{self as codec, Event, Record};
 use redb::ReadableTable;
@@ -43,11 +43,11 @@ pub(super) struct Pending {
     /// Changes to `timers`: `true` adds, `false` removes. A run that ended here keeps only the
     /// changes made after its end.
     pub(super) timers: HashMap<(u64, String, String), bool>,
-    /// Runs that ended here, with their latest end's sequence: every row of theirs in `timers`
-    /// goes. An end drops the run's timers without looking them up, since the table is ordered
-    /// by deadline and a lookup by run would read all of it (with 20,000 runs parked on timers,
-    /// each run's end cost a scan of 20,000 rows on the writer thread).
-    pub(super) ended: HashMap<String, u64>,
+    /// Runs that ended here: every row of theirs in `timers` goes. An end drops the run's timers
+    /// without looking them up, since the table is ordered by deadline and a lookup by run
+    /// would read all of it (with 20,000 runs parked on timers, each run's end cost a scan of
+    /// 20,000 rows on the writer thread).
+    pub(super) ended: HashSet<String>,
     /// Events whose changes are here.
     pub(super) events: usize,
     /// Events in the segment log but not yet in `events`, in sequence order: (seq, record bytes).
@@ -123,7 +123,7 @@ impl Pending {
         self.active.extend(later.active);
         // Later ends drop the timers set before them; `later.timers` holds only what follows.
         if !later.ended.is_empty() {
-            self.timers.retain(|(_, run, _), _| !later.ended.contains_key(run));
+            self.timers.retain(|(_, run, _), _| !later.ended.contains(run));
         }
         self.timers.extend(later.timers);
         self.ended.extend(later.ended);
@@ -131,42 +131,6 @@ impl Pending {
         self.records.extend(later.records);
         self.cursors.extend(later.cursors);
         self.kv.extend(later.kv);
-    }
-
-    /// Drops what `done` holds, now that a checkpoint has written it: `done` is what these
-    /// changes were when that checkpoint began, and these are `done` with later changes merged
-    /// on top. A change made again since (a different value) stays, to be written again.
-    pub(super) fn subtract(&mut self, done: &Pending) {
-        for (run, seqs) in &done.run_events {
-            if let Some(mine) = self.run_events.get_mut(run) {
-                // A run's later events follow the checkpointed ones.
-                mine.drain(..seqs.len().min(mine.len()));
-                if mine.is_empty() {
-                    self.run_events.remove(run);
-                }
-            }
-        }
-        self.runs.retain(|k, v| done.runs.get(k) != Some(v));
-        self.active.retain(|k, v| done.active.get(k) != Some(v));
-        // A run that ended again since keeps all its timer changes: the next checkpoint drops
-        // its rows again, then writes what followed that end, even a change equal to one the
-        // checkpoint wrote.
-        let ended_again =
-            |run: &str| matches!((self.ended.get(run), done.ended.get(run)), (Some(now), Some(then)) if now != then);
-        let timers = std::mem::take(&mut self.timers);
-        self.timers = timers
-            .into_iter()
-            .filter(|(k, v)| ended_again(&k.1) || done.timers.get(k) != Some(v))
-            .collect();
-        self.ended.retain(|k, v| done.ended.get(k) != Some(v));
-        let last = done.records.last().map(|(s, _)| *s);
-        if let Some(last) = last {
-            let n = self.records.partition_point(|(s, _)| *s <= last);
-            self.records.drain(..n);
-        }
-        self.cursors.retain(|k, v| done.cursors.get(k) != Some(v));
-        self.kv.retain(|k, v| done.kv.get(k) != Some(v));
-        self.events = self.events.saturating_sub(done.events);
     }
 
     /// Applies the changes to `active_runs` to a set read from the table.
@@ -227,7 +191,7 @@ impl Pending {
                 if let Some(status) = RunStatus::of_terminal(e) {
                     // A run that ends leaves no timer behind.
                     self.timers.retain(|(_, run, _), _| run != run_id);
-                    self.ended.insert(run_id.to_string(), seq);
+                    self.ended.insert(run_id.to_string());
                     if let Some(mut rec) = self.current(run_id, before)? {
                         rec.status = status;
                         rec.finished_ms = Some(r.at_ms);
@@ -303,7 +267,7 @@ impl Pending {
             for row in t.timers.iter()? {
                 let (k, _) = row?;
                 let (at, run, step) = k.value();
-                if self.ended.contains_key(run) {
+                if self.ended.contains(run) {
                     gone.push((at, run.to_string(), step.to_string()));
                 }
             }
@@ -423,62 +387,10 @@ mod tests {
             (RunStatus::Completed, Some(20), 2, 5)
         );
         assert_eq!(p.active.get("r"), Some(&false));
-        assert_eq!(p.ended.get("r"), Some(&8), "the timers below go at the checkpoint");
+        assert!(p.ended.contains("r"), "the timers below go at the checkpoint");
         assert!(p.timers.is_empty(), "the pending one goes now");
         assert_eq!(p.run_events.get("r"), Some(&vec![7, 8]));
         assert_eq!(p.events, 2);
-    }
-
-    #[test]
-    fn a_finished_checkpoint_leaves_only_what_changed_since_it_began() {
-        let row = RunRecord {
-            workflow: "w".into(),
-            version: 1,
-            status: RunStatus::Running,
-            created_ms: 1,
-            finished_ms: None,
-        };
-        let failed = || Event::RunFailed {
-            error: outpost_shared::journal::ErrorInfo::new("k", "m"),
-        };
-        let set = || Event::TimerSet {
-            step: "t".into(),
-            visit: 1,
-            fire_at_ms: 100,
-            duration_ms: 1,
-        };
-        let retried = || Event::RunRetried { by: "op".into() };
-        let mut p = Pending::default();
-        let mut below = Below(Some(row));
-        for (seq, e) in [(1, failed()), (2, retried()), (3, set())] {
-            p.derive(seq, &rec(e, seq), &mut below).unwrap();
-        }
-        p.records = vec![
-            (1, Box::from(&b"1"[..])),
-            (2, Box::from(&b"2"[..])),
-            (3, Box::from(&b"3"[..])),
-        ];
-        p.cursors.insert("c".into(), 1);
-        let done = p.clone();
-        // After the checkpoint began: the run ends again, is retried and sets the very timer
-        // the checkpoint wrote after the first end.
-        for (seq, e) in [(4, failed()), (5, retried()), (6, set())] {
-            p.derive(seq, &rec(e, seq), &mut below).unwrap();
-        }
-        p.records.push((4, Box::from(&b"4"[..])));
-        p.subtract(&done);
-        assert_eq!(p.run_events.get("r"), Some(&vec![4, 5, 6]));
-        assert_eq!(p.events, 3);
-        assert_eq!(p.records.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![4]);
-        assert!(p.cursors.is_empty(), "the cursor did not change since");
-        // The next checkpoint drops the run's rows again (the one just written too), so the
-        // timer set after the second end must still be here, equal or not.
-        assert_eq!(p.ended.get("r"), Some(&4));
-        assert_eq!(p.timers.get(&(100, "r".into(), "t".into())), Some(&true));
-        // Nothing changed since: nothing is left.
-        let mut q = done.clone();
-        q.subtract(&done);
-        assert!(q.is_empty() && q.run_events.is_empty(), "{q:?}");
     }
 
     #[test]

@@ -181,10 +181,6 @@ pub struct Stats {
     pub events: AtomicU64,
     /// Operations (appends, starts, definitions) folded into commits.
     pub ops: AtomicU64,
-    /// Checkpoints committed: the index rows and the log's changes written into redb.
-    pub checkpoints: AtomicU64,
-    /// Of those, checkpoints written on their own thread while group commits went on.
-    pub background_checkpoints: AtomicU64,
 }
 
 /// Opens the database again; redb must be reopened after an I/O error.
@@ -364,8 +360,6 @@ impl Journal {
             checkpoint_events: config.checkpoint_events.max(1),
             linger: config.linger,
             wal,
-            background: None,
-            wake: tx.downgrade(),
         };
         std::thread::Builder::new()
             .name("journal-writer".into())
@@ -427,10 +421,8 @@ impl Journal {
             let mut pending = index::replay(&events, &cursors, &mut below)?.0;
             if let Some(file) = open_log_file(log)? {
                 let generation = cursors.get(wal::LOG_GENERATION)?.map_or(0, |v| v.value());
-                let meta = txn.open_table(META)?;
-                let format = meta.get("format")?.map(|v| v.value());
-                let entries = wal::scan(&*file, generation, wal::Layout::of(format))?.entries;
-                wal::check_sequence(&entries, tables::next_seq(&meta, &events, &cursors)?)?;
+                let entries = wal::scan(&*file, generation)?.entries;
+                wal::check_sequence(&entries, tables::next_seq(&txn.open_table(META)?, &events, &cursors)?)?;
                 pending.take_log(entries, &mut below)?;
             }
             pending
@@ -829,7 +821,7 @@ impl Journal {
             let (k, _) = row?;
             let (at, run, step) = k.value();
             // The pending changes hold what an ended run set after its end.
-            if !ended.contains_key(run) {
+            if !ended.contains(run) {
                 set.insert((at, run.to_string(), step.to_string()));
             }
         }
@@ -1190,71 +1182,6 @@ mod tests {
             .unwrap()
             .map(|v| v.value());
         assert_eq!(format, Some(FORMAT), "upgraded, so a format-1-only build refuses it");
-    }
-
-    /// A format-4 log runs from the start of the file, past its middle: the upgrade reads it
-    /// whole, once; from then on the log is in halves.
-    #[tokio::test]
-    async fn a_format_4_log_is_read_whole_at_the_upgrade() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("j.redb");
-        let config = JournalConfig {
-            log_bytes: 8 * wal::BLOCK,
-            ..JournalConfig::default()
-        };
-        Journal::open(&path, &config, Arc::new(SystemClock))
-            .unwrap()
-            .close()
-            .await
-            .unwrap();
-        let generation = {
-            let db = Database::create(&path).unwrap();
-            let txn = db.begin_write().unwrap();
-            let g = {
-                txn.open_table(META).unwrap().insert("format", 4).unwrap();
-                let cursors = txn.open_table(CURSORS).unwrap();
-                cursors.get(wal::LOG_GENERATION).unwrap().map_or(0, |v| v.value())
-            };
-            txn.commit().unwrap();
-            g
-        };
-        // Six blocks from offset 0, as a format-4 writer lays them: more than half the file.
-        let record = |at_ms, event| {
-            codec::encode(&Record {
-                run_id: "a".into(),
-                at_ms,
-                event,
-            })
-        };
-        let step = |s: &str| Event::StepCompleted {
-            step: s.into(),
-            visit: 1,
-            output: "1".into(),
-        };
-        let mut log = vec![0u8; 8 * wal::BLOCK as usize];
-        let mut at = 0;
-        for seq in 1..=6u64 {
-            let event = if seq == 1 {
-                started("w")
-            } else {
-                step(&format!("s{seq}"))
-            };
-            let entries = [wal::Entry::Event {
-                seq,
-                record: record(seq, event),
-            }];
-            let block = wal::encode_block(generation, (seq - 1) as u32, &entries);
-            log[at..at + block.len()].copy_from_slice(&block);
-            at += block.len();
-        }
-        std::fs::write(log_path(&path), &log).unwrap();
-        let j = Journal::open(&path, &config, Arc::new(SystemClock)).unwrap();
-        let seqs: Vec<u64> = j.history("a").unwrap().into_iter().map(|(s, _)| s).collect();
-        assert_eq!(seqs, vec![1, 2, 3, 4, 5, 6]);
-        j.append("a", vec![step("more")]).await.unwrap();
-        j.close().await.unwrap();
-        let j = Journal::open(&path, &config, Arc::new(SystemClock)).unwrap();
-        assert_eq!(j.history("a").unwrap().len(), 7);
     }
 
     fn timer(step: &str, at: u64) -> Event {

@@ -146,10 +146,8 @@ fn config() -> JournalConfig {
     JournalConfig {
         // Checkpoints every few events, so cuts land before, in and after them.
         checkpoint_events: 5,
-        // A small log (two halves of five blocks), so checkpoints run in the background while
-        // commits go on into the other half, and a half also fills before its checkpoint is
-        // done, which checkpoints in the writer's own commit.
-        log_bytes: 10 * super::wal::BLOCK,
+        // A small log, so the workload also fills it and checkpoints for room.
+        log_bytes: 6 * super::wal::BLOCK,
         ..JournalConfig::default()
     }
 }
@@ -348,12 +346,6 @@ async fn a_power_cut_at_any_write_loses_nothing_acknowledged_and_the_indexes_fol
     let disk = PowerCut::default();
     let j = open(&disk).unwrap();
     let ops = workload(&j).await;
-    let background = j
-        .stats()
-        .background_checkpoints
-        .load(std::sync::atomic::Ordering::Relaxed);
-    // Most checkpoints run beside the log's commits; some are forced by a full half.
-    assert!(background >= 2, "{background} background checkpoints");
     let (writes, log_writes) = {
         let d = disk.disk();
         (d.writes, d.log_writes)

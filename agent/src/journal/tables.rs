@@ -46,10 +46,7 @@ pub(super) const PRUNED_THROUGH: &str = "journal/pruned_through";
 /// - Format 4 commits starts, appends, cursors and kv rows to the segment log beside the file
 ///   (`journal.log`, see `wal`), under the cursor `journal/log_generation`; the log's current
 ///   blocks are not yet in the file at all. An older build would not read them.
-/// - Format 5 lays the log out in two halves, so a checkpoint writes one half into redb on its
-///   own thread while group commits go on into the other (`wal::Layout`). A format-4 build would
-///   read only the first half.
-pub const FORMAT: u64 = 5;
+pub const FORMAT: u64 = 4;
 
 /// Whether this build reads a file of table-layout version `format`.
 pub fn format_supported(format: u64) -> bool {
@@ -141,11 +138,10 @@ pub(super) fn prepare(
         }
         // Create every table so readers never see "table does not exist".
         let mut t = Tables::open(&txn)?;
-        // The segment log's live blocks (the cursor's generation and the one after it, when a
-        // checkpoint was in flight): committed, not yet in redb.
+        // The segment log's blocks of the current generation: committed, not yet in redb.
         let generation = t.cursors.get(LOG_GENERATION)?.map_or(0, |v| v.value());
         if let Some(log) = log {
-            let scanned = super::wal::scan(log, generation, super::wal::Layout::of(format))?;
+            let scanned = super::wal::scan(log, generation)?;
             let from = next_seq(&meta, &t.events, &t.cursors)?;
             super::wal::check_sequence(&scanned.entries, from)?;
             if !scanned.entries.is_empty() {
@@ -169,9 +165,8 @@ pub(super) fn prepare(
                 }
             }
         }
-        // What the log held is in this transaction: its blocks (of both live generations) are
-        // stale once it commits.
-        t.cursors.insert(LOG_GENERATION, generation + 2)?;
+        // What the log held is in this transaction: its blocks are stale once it commits.
+        t.cursors.insert(LOG_GENERATION, generation + 1)?;
         let next = next_seq(&meta, &t.events, &t.cursors)?;
         let (pending, replayed) = {
             let mut below = super::index::TableLookup { runs: &t.runs };
@@ -193,7 +188,7 @@ pub(super) fn prepare(
             }
             None => {}
         }
-        (next, generation + 2)
+        (next, generation + 1)
     };
     let mut active = HashSet::new();
     for row in txn.open_table(ACTIVE)?.iter()? {

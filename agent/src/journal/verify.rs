@@ -11,7 +11,7 @@ use super::JournalError;
 use super::tables::{
     ACTIVE, CURSORS, DEFINITIONS, EVENTS, KV, META, RUN_EVENTS, RUNS, TIMERS, decode_definition, decode_run, next_seq,
 };
-use super::wal::{Entry, LOG_GENERATION, Layout, ReadOnlyLog, check_sequence, scan};
+use super::wal::{Entry, LOG_GENERATION, ReadOnlyLog, check_sequence, scan};
 
 /// What `verify` read.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -120,17 +120,14 @@ pub fn verify(path: &Path) -> Result<Verified, JournalError> {
             Err(redb::TableError::TableDoesNotExist(_)) => 0,
             Err(e) => return Err(e.into()),
         };
-        let (next, format) = match (txn.open_table(META), txn.open_table(EVENTS), txn.open_table(CURSORS)) {
-            (Ok(meta), Ok(events), Ok(cursors)) => (
-                Some(next_seq(&meta, &events, &cursors)?),
-                meta.get("format")?.map(|v| v.value()),
-            ),
-            _ => (None, None),
+        let next = match (txn.open_table(META), txn.open_table(EVENTS), txn.open_table(CURSORS)) {
+            (Ok(meta), Ok(events), Ok(cursors)) => Some(next_seq(&meta, &events, &cursors)?),
+            _ => None,
         };
         let log = super::log_path(path);
         match std::fs::File::open(&log) {
             Ok(file) => {
-                let entries = scan(&ReadOnlyLog(file), generation, Layout::of(format))?.entries;
+                let entries = scan(&ReadOnlyLog(file), generation)?.entries;
                 if let Some(next) = next {
                     check_sequence(&entries, next)?;
                 }

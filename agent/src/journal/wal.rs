@@ -4,14 +4,8 @@
 //! preallocated file and made durable with one `fdatasync`: a page or two written, where a redb
 //! commit rewrites about nine (docs/journal.md). A checkpoint moves what the log holds into redb,
 //! which stays the store of record, and moves the log generation on (the cursor
-//! `journal/log_generation`, in the checkpoint's own transaction).
-//!
-//! The file is two halves ([`regions`]). Group commits append to one half under one generation;
-//! when a checkpoint begins, the log moves to the start of the other half under the next
-//! generation, and the checkpoint's transaction (on its own thread) writes the first half's
-//! changes into redb while new commits go on into the second. So at most two generations are
-//! live: the cursor's, and the one after it while the cursor's checkpoint is in flight. A half
-//! is written again only after the checkpoint of what it held has committed.
+//! `journal/log_generation`, in the checkpoint's own transaction); the log then starts again at
+//! offset 0.
 //!
 //! A block starts at a multiple of [`BLOCK`]:
 //!
@@ -204,74 +198,21 @@ fn check(bytes: &[u8], generation: u64, number: u32) -> Result<usize, &'static s
 pub(super) struct Scanned {
     pub(super) entries: Vec<Entry>,
     pub(super) blocks: u32,
-    /// Offset in the file just past the last valid block (0 when there is none).
     pub(super) end: u64,
 }
 
-/// The log's two halves, `[start, end)` each, for a file `len` bytes long. A checkpoint moves
-/// the log to the other half, so the half it is writing into redb stays intact until its
-/// transaction has committed, while new group commits go on into the other.
-pub(super) fn regions(len: u64) -> [(u64, u64); 2] {
-    let half = len / 2 / BLOCK * BLOCK;
-    [(0, half), (half, 2 * half)]
-}
-
-/// How a log file is laid out, by the format of the journal it belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Layout {
-    /// Format 4: the cursor's generation only, from the start of the file.
-    Whole,
-    /// Format 5 on: two halves, and up to two live generations.
-    Halves,
-}
-
-impl Layout {
-    /// The layout of a journal of `format` (`None`: a new file, written by this build).
-    pub(super) fn of(format: Option<u64>) -> Layout {
-        match format {
-            Some(f) if f < 5 => Layout::Whole,
-            _ => Layout::Halves,
-        }
-    }
-}
-
-/// Reads the live blocks: those of `generation` (the cursor) and then those of the one after
-/// it (a checkpoint of `generation` was still being written when the log moved on), each from
-/// the start of whichever half holds it, up to the first block that does not verify.
-pub(super) fn scan(file: &dyn StorageBackend, generation: u64, layout: Layout) -> Result<Scanned, LogError> {
+/// Reads `generation`'s blocks from the start of `file` up to the first that does not verify.
+pub(super) fn scan(file: &dyn StorageBackend, generation: u64) -> Result<Scanned, LogError> {
     let len = file.len()?;
-    if layout == Layout::Whole {
-        return scan_region(file, 0, len, generation);
-    }
     let mut out = Scanned::default();
-    for g in [generation, generation + 1] {
-        for (start, end) in regions(len) {
-            let found = scan_region(file, start, end.min(len), g)?;
-            if found.blocks > 0 {
-                out.entries.extend(found.entries);
-                out.blocks += found.blocks;
-                out.end = found.end;
-                break;
-            }
-        }
-    }
-    Ok(out)
-}
-
-/// Reads `generation`'s blocks from `start` up to the first that does not verify, within `end`.
-fn scan_region(file: &dyn StorageBackend, start: u64, end: u64, generation: u64) -> Result<Scanned, LogError> {
-    let mut out = Scanned {
-        end: start,
-        ..Scanned::default()
-    };
     let mut head = [0u8; HEADER];
-    while out.end + HEADER as u64 <= end {
+    while out.end + HEADER as u64 <= len {
         file.read(out.end, &mut head)?;
         let Ok((_, payload)) = header(&head, generation) else {
             break;
         };
         let size = padded(HEADER + payload) as u64;
-        if out.end + size > end {
+        if out.end + size > len {
             break;
         }
         let mut block = vec![0u8; size as usize];
@@ -294,7 +235,7 @@ fn scan_region(file: &dyn StorageBackend, start: u64, end: u64, generation: u64)
     // Past the tail: a block of this generation further on means the one at the tail was
     // damaged, not torn (only the last block written can be torn).
     let mut at = out.end + BLOCK;
-    while at + HEADER as u64 <= end {
+    while at + HEADER as u64 <= len {
         file.read(at, &mut head)?;
         if let Ok((n, _)) = header(&head, generation)
             && n > out.blocks
@@ -312,9 +253,6 @@ fn scan_region(file: &dyn StorageBackend, start: u64, end: u64, generation: u64)
             });
         }
         at += BLOCK;
-    }
-    if out.blocks == 0 {
-        out.end = 0;
     }
     Ok(out)
 }
@@ -342,11 +280,9 @@ pub(super) struct Wal {
     /// Blocks of this generation are live.
     pub(super) generation: u64,
     next_block: u32,
-    /// Offset of the next block within the current half.
+    /// Offset of the next block.
     pub(super) tail: u64,
-    /// The current half: where it starts, and its length.
-    base: u64,
-    half: u64,
+    capacity: u64,
     /// A write or sync failed: the log is not used again until a checkpoint has moved it on
     /// to a new generation.
     pub(super) failed: bool,
@@ -362,17 +298,13 @@ impl std::fmt::Debug for Wal {
 }
 
 impl Wal {
-    /// Takes `file` for `generation`, empty, and makes it exactly `capacity` bytes long (so
-    /// [`regions`] finds the halves the writer uses), written with zeros once so later writes
-    /// allocate nothing (a write into a hole would cost the file system a metadata commit on
-    /// every sync). Everything in the file must already be in redb.
+    /// Takes `file` for `generation`, empty, and makes it `capacity` bytes long, written with
+    /// zeros once so later writes allocate nothing (a write into a hole would cost the file
+    /// system a metadata commit on every sync).
     pub(super) fn open(file: Box<dyn StorageBackend>, generation: u64, capacity: u64) -> std::io::Result<Wal> {
-        let capacity = capacity.max(2 * BLOCK) / (2 * BLOCK) * (2 * BLOCK);
+        let capacity = capacity.max(BLOCK) / BLOCK * BLOCK;
         let len = file.len()?;
-        if len > capacity {
-            file.set_len(capacity)?;
-            file.sync_data()?;
-        } else if len < capacity {
+        if len < capacity {
             let zeros = vec![0u8; 64 * 1024];
             let mut at = len / BLOCK * BLOCK;
             while at < capacity {
@@ -382,14 +314,12 @@ impl Wal {
             }
             file.sync_data()?;
         }
-        let [(base, half), _] = regions(capacity);
         Ok(Wal {
             file,
             generation,
             next_block: 0,
             tail: 0,
-            base,
-            half,
+            capacity,
             failed: false,
         })
     }
@@ -406,15 +336,12 @@ impl Wal {
 
     /// Whether a block of `len` bytes fits (and is small enough for the log at all).
     pub(super) fn fits(&self, len: usize) -> bool {
-        len <= BLOCK_MAX && self.tail + len as u64 <= self.half
+        len <= BLOCK_MAX && self.tail + len as u64 <= self.capacity
     }
 
     /// Writes `block` (from `encode_block` with [`Wal::next`]) at the tail and syncs it.
     pub(super) fn append(&mut self, block: &[u8]) -> std::io::Result<()> {
-        let written = self
-            .file
-            .write(self.base + self.tail, block)
-            .and_then(|()| self.file.sync_data());
+        let written = self.file.write(self.tail, block).and_then(|()| self.file.sync_data());
         if written.is_err() {
             self.failed = true;
         }
@@ -429,10 +356,8 @@ impl Wal {
         (self.generation, self.next_block)
     }
 
-    /// Goes on with `generation` in the other half. Everything the other half held must be in
-    /// redb; what this half holds may still be on its way there (a checkpoint in progress).
+    /// Everything in the log is now in redb, under `generation`: start again at offset 0.
     pub(super) fn restart(&mut self, generation: u64) {
-        self.base = if self.base == 0 { self.half } else { 0 };
         self.generation = generation;
         self.next_block = 0;
         self.tail = 0;
@@ -511,11 +436,8 @@ mod tests {
         }
     }
 
-    /// The test logs' size: two 64 KiB halves.
-    const CAP: u64 = 128 * 1024;
-
     fn filled(blocks: &[Vec<Entry>], generation: u64) -> Vec<u8> {
-        let mut wal = Wal::open(Box::new(Mem::default()), generation, CAP).unwrap();
+        let mut wal = Wal::open(Box::new(Mem::default()), generation, 64 * 1024).unwrap();
         for entries in blocks {
             let (g, n) = wal.next();
             wal.append(&encode_block(g, n, entries)).unwrap();
@@ -541,40 +463,16 @@ mod tests {
             vec![event(3, 1)],
         ];
         let file = mem(filled(&blocks, 7));
-        let s = scan(&file, 7, Layout::Halves).unwrap();
+        let s = scan(&file, 7).unwrap();
         assert_eq!(s.entries, blocks.concat());
         assert_eq!((s.blocks, s.end), (3, 4 * BLOCK), "the 5 KB event takes two pages");
-        let s = scan(&file, 8, Layout::Halves).unwrap();
+        let s = scan(&file, 8).unwrap();
         assert!(s.entries.is_empty() && s.end == 0);
         // Generation 8 written over the start: generation 7's later blocks do not count.
-        let mut wal = Wal::open(Box::new(file), 8, CAP).unwrap();
+        let mut wal = Wal::open(Box::new(file), 8, 64 * 1024).unwrap();
         wal.append(&encode_block(8, 0, &[event(4, 1)])).unwrap();
         let Wal { file, .. } = wal;
-        assert_eq!(scan(&*file, 8, Layout::Halves).unwrap().entries, vec![event(4, 1)]);
-    }
-
-    #[test]
-    fn a_checkpoint_in_flight_leaves_two_generations_in_the_two_halves() {
-        let mut wal = Wal::open(Box::new(Mem::default()), 7, CAP).unwrap();
-        wal.append(&encode_block(7, 0, &[event(1, 10)])).unwrap();
-        wal.append(&encode_block(7, 1, &[event(2, 10)])).unwrap();
-        // A checkpoint of generation 7 begins: the log goes on in the other half.
-        wal.restart(8);
-        assert_eq!(wal.next(), (8, 0));
-        wal.append(&encode_block(8, 0, &[event(3, 10)])).unwrap();
-        let read = |wal: &Wal, g| scan(&*wal.file, g, Layout::Halves).unwrap().entries;
-        // The checkpoint did not commit: both are live, in order.
-        assert_eq!(read(&wal, 7), vec![event(1, 10), event(2, 10), event(3, 10)]);
-        // It committed (the cursor says 8): generation 7's half is stale.
-        assert_eq!(read(&wal, 8), vec![event(3, 10)]);
-        // The next checkpoint begins: generation 9 overwrites the first half from its start.
-        wal.restart(9);
-        wal.append(&encode_block(9, 0, &[event(4, 10)])).unwrap();
-        assert_eq!(read(&wal, 8), vec![event(3, 10), event(4, 10)]);
-        assert_eq!(read(&wal, 9), vec![event(4, 10)]);
-        // A half fills on its own: the block that does not fit goes elsewhere (redb).
-        assert!(wal.fits((CAP / 2 - BLOCK) as usize));
-        assert!(!wal.fits((CAP / 2) as usize));
+        assert_eq!(scan(&*file, 8).unwrap().entries, vec![event(4, 1)]);
     }
 
     #[test]
@@ -584,12 +482,12 @@ mod tests {
         // Torn: the last block's first sector only.
         let mut torn = good.clone();
         torn[2 * BLOCK as usize + 100] ^= 0xff;
-        let s = scan(&mem(torn), 1, Layout::Halves).unwrap();
+        let s = scan(&mem(torn), 1).unwrap();
         assert_eq!(s.entries, blocks[..2].concat());
         // Damage in the middle: block 1 bad, block 2 good.
         let mut bad = good;
         bad[BLOCK as usize + 30] ^= 0x01;
-        let e = scan(&mem(bad), 1, Layout::Halves).unwrap_err().to_string();
+        let e = scan(&mem(bad), 1).unwrap_err().to_string();
         assert!(e.contains("block 1") && e.contains("checksum"), "{e}");
     }
 
@@ -642,7 +540,7 @@ mod tests {
             if flip < b.len() {
                 b[flip] ^= 1 << bit;
             }
-            match scan(&mem(b), 3, Layout::Halves) {
+            match scan(&mem(b), 3) {
                 Ok(s) => {
                     let n = s.blocks as usize;
                     prop_assert_eq!(s.entries, blocks[..n].concat());

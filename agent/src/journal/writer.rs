@@ -35,17 +35,6 @@ pub(super) enum Op {
     Write(Box<dyn Job>),
     /// Close the database cleanly and stop (taken out of a batch before it commits).
     Close(Reply<()>),
-    /// A background checkpoint has finished (sent by its thread): take its result.
-    Checkpointed,
-}
-
-/// A checkpoint being written on its own thread, while group commits go on into the log's other
-/// half: its transaction writes what the changes were when it began, and the log generation
-/// after theirs.
-pub(super) struct Background {
-    thread: std::thread::JoinHandle<Result<(), JournalError>>,
-    /// What it writes.
-    changes: Arc<Pending>,
 }
 
 /// Where a batch's writes go.
@@ -280,10 +269,6 @@ pub(super) struct Writer {
     pub(super) linger: std::time::Duration,
     /// The segment log; `None` when it is off (every batch then goes to redb).
     pub(super) wal: Option<Wal>,
-    /// The checkpoint running on its own thread, if one is.
-    pub(super) background: Option<Background>,
-    /// Tells the writer a background checkpoint has finished, without keeping its channel open.
-    pub(super) wake: mpsc::WeakSender<Op>,
 }
 
 impl Writer {
@@ -298,7 +283,6 @@ impl Writer {
                     match op {
                         Op::Write(job) => batch.push(job),
                         Op::Close(reply) => close.push(reply),
-                        Op::Checkpointed => {}
                     }
                     if batch.len() < MAX_BATCH {
                         next = rx.try_recv().ok();
@@ -316,7 +300,6 @@ impl Writer {
                     break;
                 }
             }
-            self.collect_background(false);
             if !batch.is_empty() {
                 self.commit_batch(&mut batch);
             }
@@ -356,8 +339,6 @@ impl Writer {
     /// Takes the database out of the readers' slot and waits (up to 5 s) until no reader holds
     /// it, so dropping it closes the file. Gives it back when a reader still holds it.
     fn release(&mut self) -> Result<(), Arc<Database>> {
-        // A background checkpoint holds the database too.
-        self.collect_background(true);
         *self.slot.write().unwrap_or_else(|p| p.into_inner()) = None;
         let Some(mut db) = self.db.take() else { return Ok(()) };
         for _ in 0..1000 {
@@ -392,7 +373,6 @@ impl Writer {
 
     /// A commit that is only a checkpoint of the shared changes.
     fn checkpoint_now(&mut self) -> Result<(), JournalError> {
-        self.collect_background(true);
         let Some(db) = self.db.clone() else { return Ok(()) };
         let indexed = self.indexed.clone();
         let mut shared = indexed.write().unwrap_or_else(|p| p.into_inner());
@@ -411,7 +391,6 @@ impl Writer {
             }
         }
         txn.commit()?;
-        self.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
         *shared = Pending::default();
         if let (Some(wal), Some(g)) = (self.wal.as_mut(), generation) {
             wal.restart(g);
@@ -456,17 +435,11 @@ impl Writer {
         }
         let start_seq = self.runs.next_seq;
         let now = self.clock.now_ms();
-        let logged = self.wal.as_ref().is_some_and(Wal::usable) && batch.iter().all(|j| j.logged());
-        if !logged {
-            // A redb batch checkpoints everything first: the background one must be done.
-            self.collect_background(true);
-        }
         let indexed = self.indexed.clone();
         let shared = indexed.read().unwrap_or_else(|p| p.into_inner());
-        let logged = logged && self.wal.as_ref().is_some_and(Wal::usable);
-        if logged && self.background.is_none() && shared.events >= self.checkpoint_events {
-            self.begin_background(&shared);
-        }
+        let logged = self.wal.as_ref().is_some_and(Wal::usable)
+            && shared.events < self.checkpoint_events
+            && batch.iter().all(|j| j.logged());
         let result = if logged {
             self.write_logged(batch, &mut answers, &shared, now)
         } else {
@@ -484,11 +457,8 @@ impl Writer {
                         shared.merge(changes);
                     }
                 }
-                if checkpointed {
-                    self.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
-                    if let Some(wal) = self.wal.as_mut() {
-                        wal.restart(wal.generation + 1);
-                    }
+                if checkpointed && let Some(wal) = self.wal.as_mut() {
+                    wal.restart(wal.generation + 1);
                 }
                 self.stats.commits.fetch_add(1, Ordering::Relaxed);
                 self.committed.send_replace(self.runs.next_seq);
@@ -521,93 +491,6 @@ impl Writer {
                 for job in batch.drain(..) {
                     job.fail(storage_failure(&msg));
                 }
-            }
-        }
-    }
-
-    /// Starts a checkpoint of `shared` on its own thread and moves the log to its other half,
-    /// so group commits go on while it writes (docs/journal.md, "Background checkpoints").
-    fn begin_background(&mut self, shared: &Pending) {
-        let (Some(db), Some(wal)) = (self.db.clone(), self.wal.as_mut()) else {
-            return;
-        };
-        let changes = Arc::new(shared.clone());
-        let through = self.runs.next_seq.saturating_sub(1);
-        let generation = wal.generation + 1;
-        // The other half holds nothing redb lacks: the checkpoint before this one is done.
-        wal.restart(generation);
-        let wake = self.wake.clone();
-        let stats = self.stats.clone();
-        let theirs = changes.clone();
-        let spawned = std::thread::Builder::new()
-            .name("journal-checkpoint".into())
-            .spawn(move || {
-                let written = (|| {
-                    let mut txn = db.begin_write()?;
-                    txn.set_durability(Durability::Immediate)?;
-                    {
-                        let mut tables = Tables::open(&txn)?;
-                        theirs.apply(&mut tables, through)?;
-                        tables.cursors.insert(LOG_GENERATION, generation)?;
-                    }
-                    txn.commit()?;
-                    stats.checkpoints.fetch_add(1, Ordering::Relaxed);
-                    stats.background_checkpoints.fetch_add(1, Ordering::Relaxed);
-                    Ok(())
-                })();
-                drop(db);
-                if let Some(tx) = wake.upgrade() {
-                    let _ = tx.try_send(Op::Checkpointed);
-                }
-                written
-            });
-        match spawned {
-            Ok(thread) => self.background = Some(Background { thread, changes }),
-            Err(e) => {
-                // No thread: the log's previous half still holds these changes; the next batch
-                // goes to redb and checkpoints them there.
-                tracing::warn!(error = %e, "cannot start a background checkpoint; checkpointing in the next commit");
-                if let Some(wal) = self.wal.as_mut() {
-                    wal.failed = true;
-                }
-            }
-        }
-    }
-
-    /// Takes a finished background checkpoint's result (with `wait`, waits for a running one):
-    /// what it wrote leaves the shared changes. Never called while the shared changes are
-    /// locked.
-    fn collect_background(&mut self, wait: bool) {
-        let Some(bg) = self.background.take() else { return };
-        if !wait && !bg.thread.is_finished() {
-            self.background = Some(bg);
-            return;
-        }
-        let changes = bg.changes.clone();
-        if Self::join(bg, self.wal.as_mut()) {
-            self.indexed
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .subtract(&changes);
-        }
-    }
-
-    /// Waits for a background checkpoint; gives whether it committed. When it did not, the log
-    /// half it was writing still holds its changes, so the log is not used again until a
-    /// checkpoint in the writer's own commit has moved it to a new generation.
-    fn join(bg: Background, wal: Option<&mut Wal>) -> bool {
-        let result = bg
-            .thread
-            .join()
-            .unwrap_or_else(|_| Err(JournalError::Damaged("the checkpoint thread panicked".into())));
-        match result {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::error!(error = %e, "a background checkpoint failed; the next commit checkpoints instead");
-                if let Some(wal) = wal {
-                    wal.failed = true;
-                }
-                false
             }
         }
     }
@@ -719,15 +602,6 @@ impl Writer {
             };
         }
         drop(block);
-        // This checkpoint writes all the shared changes, the background one's too: wait for it
-        // to let go of redb, and of the half this one moves the log to.
-        if let Some(bg) = self.background.take() {
-            let _ = Self::join(bg, self.wal.as_mut());
-        }
-        let Some(wal) = self.wal.as_ref() else {
-            return Err(JournalError::Reopening);
-        };
-        let generation = wal.generation;
         let mut txn = db.begin_write()?;
         txn.set_durability(Durability::Immediate)?;
         {
