@@ -1184,6 +1184,18 @@ mod tests {
         assert_eq!(format, Some(FORMAT), "upgraded, so a format-1-only build refuses it");
     }
 
+    /// Opens the journal at `path` again once the last writer has let go of its file lock (the
+    /// writer thread holds the last handle until its channel closes).
+    async fn reopen(path: &Path) -> Journal {
+        for _ in 0..100 {
+            match Journal::open(path, &JournalConfig::default(), Arc::new(SystemClock)) {
+                Ok(j) => return j,
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+            }
+        }
+        panic!("journal at {} does not reopen", path.display())
+    }
+
     fn timer(step: &str, at: u64) -> Event {
         Event::TimerSet {
             step: step.into(),
@@ -1234,17 +1246,7 @@ mod tests {
             j.append("b", vec![failed()]).await.unwrap();
             assert_eq!(keys(&j), ["a/t3@300"]);
         }
-        let mut reopened = None;
-        for _ in 0..100 {
-            match Journal::open(&path, &JournalConfig::default(), Arc::new(SystemClock)) {
-                Ok(j) => {
-                    reopened = Some(j);
-                    break;
-                }
-                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
-            }
-        }
-        let j = reopened.expect("journal reopens");
+        let j = reopen(&path).await;
         assert_eq!(keys(&j), ["a/t3@300"]);
         j.checkpoint().await.unwrap();
         assert_eq!(keys(&j), ["a/t3@300"]);
@@ -1283,18 +1285,7 @@ mod tests {
             j.put_definition("w", 3, "{}".into()).await.unwrap();
             assert_eq!(j.definition("w", None).unwrap().unwrap().0, 3);
         }
-        // The writer thread holds the last Arc until its channel closes; wait for the file lock.
-        let mut reopened = None;
-        for _ in 0..100 {
-            match Journal::open(&path, &JournalConfig::default(), Arc::new(SystemClock)) {
-                Ok(j) => {
-                    reopened = Some(j);
-                    break;
-                }
-                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
-            }
-        }
-        let j = reopened.expect("journal reopens");
+        let j = reopen(&path).await;
         assert_eq!(j.next_seq().unwrap(), 3);
         assert_eq!(j.run("a").unwrap().unwrap().status, RunStatus::Cancelled);
     }
