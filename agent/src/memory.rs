@@ -3,11 +3,11 @@
 //! glibc's allocator keeps what a process frees for its own reuse; only the top of each arena
 //! goes back on its own. When runs park (issue 15), each frees its folded state and its driver's
 //! future, kilobytes scattered through the heap: 20,000 parked runs left about 3.6 MB resident
-//! that nothing would reuse until the next burst of work. Runs that end do not trim: under load
+//! that nothing would reuse until the next burst of work. `malloc_trim` returns the free pages
+//! inside the arenas too. A [`Trimmer`] runs it once, a second after the first free it is told
+//! of, so a burst costs one trim and an idle agent none. Runs that end do not trim: under load
 //! their memory is reused at once, and a trim every second would only hand pages back to fault
-//! them in again. `malloc_trim` returns the free
-//! pages inside the arenas too. A [`Trimmer`] runs it once, a second after the first free it is
-//! told of, so a burst costs one trim and an idle agent none.
+//! them in again.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -41,7 +41,7 @@ impl Trimmer {
 
 /// Gives the allocator's free pages back to the system (glibc only; other allocators and
 /// platforms return freed memory on their own terms, and this does nothing there).
-pub fn release_freed() {
+fn release_freed() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim takes no pointers; it only walks the allocator's own state under its
     // locks, which every thread's malloc and free also take.
