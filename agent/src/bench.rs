@@ -518,7 +518,12 @@ async fn sync_footprint(args: &BenchArgs, dir: &Path, r: &mut Report) -> anyhow:
         .spawn()
         .context("starting outpost-cloud")?;
     let deadline = Instant::now() + Duration::from_secs(60);
-    while tokio::net::TcpStream::connect(("127.0.0.1", mqtt)).await.is_err() {
+    // A probe that connected to itself (TCP simultaneous open) found nobody listening.
+    let listening = || async {
+        let s = tokio::net::TcpStream::connect(("127.0.0.1", mqtt)).await.ok()?;
+        (s.local_addr().ok()? != s.peer_addr().ok()?).then_some(())
+    };
+    while listening().await.is_none() {
         if Instant::now() > deadline || cloud_child.try_wait()?.is_some() {
             bail!(
                 "outpost-cloud did not come up (see {})",

@@ -12,11 +12,23 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 /// A free loopback port.
+///
+/// Never the same port twice in this process: the kernel may hand a port it just freed out
+/// again, and a cloud whose API and broker got one port let the harness's probe reach the
+/// broker while the API failed to listen.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 fn cloud_bin() -> PathBuf {
@@ -381,11 +393,14 @@ impl Cloud {
         let https = self.args.iter().any(|a| a == "--https");
         let up = |api: u16| match https {
             // A plain request cannot talk to the TLS port: wait for it to accept.
-            true => TcpStream::connect(("127.0.0.1", api)).is_ok(),
+            true => crate::connect_local(api).is_ok(),
             false => http("GET", api, "/v1/health", None).is_ok(),
         };
         while !up(self.api) {
             assert!(Instant::now() < deadline, "cloud did not come up:\n{}", self.log());
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("cloud exited ({status}) before it listened:\n{}", self.log());
+            }
             std::thread::sleep(Duration::from_millis(30));
         }
         if store_url(&self.dir).is_some() && !https {
@@ -536,7 +551,7 @@ pub fn http_raw(
     headers: &str,
     content_type: &str,
 ) -> std::io::Result<(u16, Value)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    let mut s = crate::connect_local(port)?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
     let body = body.unwrap_or("");
     write!(

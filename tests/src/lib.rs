@@ -316,6 +316,22 @@ pub fn write(dir: &Path, name: &str, text: &str) -> String {
     p.to_string_lossy().into_owned()
 }
 
+/// Connects to a local port, refusing the connection a socket makes to itself.
+///
+/// Polling a port nobody listens on yet can succeed: when the kernel picks that very port as
+/// the probe's own source port, TCP's simultaneous open connects the socket to itself. A harness
+/// that took that for "listening" raced the service it waited for.
+pub fn connect_local(port: u16) -> std::io::Result<std::net::TcpStream> {
+    let s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    if s.local_addr()? == s.peer_addr()? {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            format!("port {port}: connected to itself, nobody listens"),
+        ));
+    }
+    Ok(s)
+}
+
 /// Polls `f` until it returns `Some`, or panics after `timeout`.
 pub fn eventually<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
@@ -474,7 +490,7 @@ impl Mosquitto {
         self.child = Some(child);
         let port = self.port;
         eventually(Duration::from_secs(10), "mosquitto to listen", || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+            connect_local(port).ok()
         });
     }
 

@@ -87,7 +87,10 @@ impl Broker {
             .stderr(Stdio::null())
             .spawn()?;
         wait_for("mosquitto", Duration::from_secs(10), || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            // A probe that connected to itself (TCP simultaneous open) found nobody listening.
+            std::net::TcpStream::connect(("127.0.0.1", port))
+                .and_then(|s| Ok(s.local_addr()? != s.peer_addr()?))
+                .unwrap_or(false)
         })?;
         Ok(Broker { port, child, _dir: dir })
     }
