@@ -418,6 +418,7 @@ async fn footprint(
     );
     tokio::time::sleep(Duration::from_secs(1)).await;
     r.fig("idle RSS after start", rss_parts(pid));
+    r.fig("  after a status request", rss_after_request(&client, pid).await?);
 
     apply(
         &client,
@@ -444,6 +445,7 @@ async fn footprint(
         &format!("RSS with {} active runs", args.active_runs),
         format!("{}, peak {}", rss_parts(pid), mb(rss_kib(pid, "VmHWM:").unwrap_or(0))),
     );
+    r.fig("  after a status request", rss_after_request(&client, pid).await?);
 
     let cpu0 = cpu_secs(pid);
     tokio::time::sleep(Duration::from_secs(args.idle_secs)).await;
@@ -487,6 +489,13 @@ async fn footprint(
     let pid = child.id().context("agent pid")?;
     r.fig("RSS after that start-up", mb(rss_kib(pid, "VmRSS:").unwrap_or(0)));
     sync_footprint(args, dir, r).await
+}
+
+/// RSS once a `status` request has run: an idle agent maps only the code it ran since its last
+/// trim (`memory`), and a request maps what it needs back in.
+async fn rss_after_request(client: &Client, pid: u32) -> anyhow::Result<String> {
+    status(client).await?;
+    Ok(rss_parts(pid))
 }
 
 /// Footprint of an agent connected to cloud-sync and idle: RSS, CPU and wake-ups. cloud-sync is
@@ -607,6 +616,7 @@ async fn sync_footprint(args: &BenchArgs, dir: &Path, r: &mut Report) -> anyhow:
             100.0 * cpu / args.idle_secs as f64
         ),
     );
+    r.fig("  after a status request", rss_after_request(&client, pid).await?);
     let _ = agent.kill().await;
     let _ = cloud_child.kill().await;
     Ok(())

@@ -161,6 +161,7 @@ impl Daemon {
         }
         let listener = bind_socket(&opts.socket)?;
         info!(socket = %opts.socket.display(), data_dir = %opts.data_dir.display(), resumed, "outpost agent ready");
+        runtime.trim_soon();
         let (stop, stop_rx) = watch::channel(None);
         Ok(Daemon {
             runtime,

@@ -484,6 +484,7 @@ async fn poll(
                 backoff = Duration::from_millis(250);
                 state.connected.store(true, Ordering::Relaxed);
                 info!(session_present = ack.session_present, "sync connected");
+                rt.trim_soon();
                 // Subscriptions and unacked publishes may be gone: resubscribe, resend from the ack.
                 for ch in [Channel::Ack, Channel::Command, Channel::Desired] {
                     if let Err(e) = client.try_subscribe(topics.topic(&config.device, ch), QoS::AtLeastOnce) {

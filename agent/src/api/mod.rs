@@ -161,7 +161,7 @@ async fn health() -> Json<Value> {
 
 async fn status(State(rt): AppState) -> ApiResult<StatusView> {
     let rt2 = rt.clone();
-    let (next_seq, timers) = blocking(move || Ok((rt2.journal().next_seq()?, rt2.journal().timers()?))).await?;
+    let (next_seq, timers) = blocking(move || Ok((rt2.journal().next_seq()?, rt2.journal().timer_summary()?))).await?;
     let s = rt.journal().stats();
     let ord = std::sync::atomic::Ordering::Relaxed;
     let mut triggers = TriggersView {
@@ -215,8 +215,8 @@ async fn status(State(rt): AppState) -> ApiResult<StatusView> {
                 }),
         },
         timers: TimersView {
-            pending: timers.len(),
-            next_at: timers.first().map(|t| rfc3339(t.0)),
+            pending: timers.pending,
+            next_at: timers.next_at.map(rfc3339),
         },
         triggers,
         equipment: EquipmentView { devices },

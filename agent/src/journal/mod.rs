@@ -172,6 +172,15 @@ pub struct Pruned {
     pub bytes_before: u64,
 }
 
+/// The timers waiting to fire, counted ([`Journal::timer_summary`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TimerSummary {
+    /// Timers set and neither fired nor dropped by their run's end.
+    pub pending: usize,
+    /// The earliest deadline among them, in ms since the epoch.
+    pub next_at: Option<u64>,
+}
+
 /// Writer statistics, for `outpost status` and the benchmark.
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -835,6 +844,42 @@ impl Journal {
         Ok(set.into_iter().collect())
     }
 
+    /// How many timers [`Journal::timers`] would list, and the earliest deadline, without
+    /// building the list: `status` asks for this, and with 20,000 runs parked on timers the list
+    /// cost about 40 ms and 3 MB of heap per request.
+    pub fn timer_summary(&self) -> Result<TimerSummary, JournalError> {
+        let (pending, ended) = {
+            let p = self.pending();
+            (p.timers.clone(), p.ended.clone())
+        };
+        let removed: std::collections::HashSet<(u64, &str, &str)> = pending
+            .iter()
+            .filter(|(_, add)| !**add)
+            .map(|((at, run, step), _)| (*at, run.as_str(), step.as_str()))
+            .collect();
+        let txn = self.db()?.begin_read()?;
+        let t = txn.open_table(TIMERS)?;
+        let mut summary = TimerSummary::default();
+        // Rows come in deadline order: the first one counted is the earliest.
+        for row in t.iter()? {
+            let (k, _) = row?;
+            let (at, run, step) = k.value();
+            if !ended.contains(run) && !removed.contains(&(at, run, step)) {
+                summary.pending += 1;
+                summary.next_at.get_or_insert(at);
+            }
+        }
+        for ((at, run, step), add) in &pending {
+            // An added key is listed once: it was counted above if its row is there and counts.
+            let counted = !ended.contains(run) && t.get((*at, run.as_str(), step.as_str()))?.is_some();
+            if *add && !counted {
+                summary.pending += 1;
+                summary.next_at = Some(summary.next_at.map_or(*at, |n| n.min(*at)));
+            }
+        }
+        Ok(summary)
+    }
+
     /// The next sequence number to be assigned (one past the newest event).
     pub fn next_seq(&self) -> Result<u64, JournalError> {
         let logged = self.pending().records.last().map(|(s, _)| s + 1);
@@ -1218,8 +1263,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("j.redb");
         let keys = |j: &Journal| {
-            j.timers()
-                .unwrap()
+            let timers = j.timers().unwrap();
+            // The summary `status` shows counts exactly what the list holds.
+            let summary = j.timer_summary().unwrap();
+            assert_eq!(summary.pending, timers.len());
+            assert_eq!(summary.next_at, timers.iter().map(|t| t.0).min());
+            timers
                 .into_iter()
                 .map(|(at, run, step)| format!("{run}/{step}@{at}"))
                 .collect::<Vec<_>>()

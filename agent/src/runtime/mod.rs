@@ -862,6 +862,12 @@ impl Runtime {
             .collect()
     }
 
+    /// A burst of one-off work just ended (start-up, a new sync session): hand its freed heap and
+    /// the code it alone ran back to the system soon (see `memory`).
+    pub fn trim_soon(&self) {
+        self.inner.trimmer.freed();
+    }
+
     /// Notified whenever a new definition version is stored.
     pub fn definitions_changed(&self) -> watch::Receiver<u64> {
         self.inner.changed.subscribe()
