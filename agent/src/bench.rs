@@ -83,8 +83,26 @@ pub enum Workload {
 
 /// The journal's size on disk: the redb file and its segment log (if any).
 fn journal_bytes(dir: &Path) -> std::io::Result<u64> {
-    let log = std::fs::metadata(dir.join("journal.log")).map_or(0, |m| m.len());
-    Ok(std::fs::metadata(dir.join("journal.redb"))?.len() + log)
+    Ok(journal_sizes(dir)?.0)
+}
+
+/// The journal's and its log's length, and the bytes the file system holds for them: redb grows
+/// its file ahead of use (doubling while it is small) and the ahead part is a hole, so the
+/// second is what the data takes on the card.
+fn journal_sizes(dir: &Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let (mut len, mut held) = (0, 0);
+    for (name, required) in [("journal.redb", true), ("journal.log", false)] {
+        match std::fs::metadata(dir.join(name)) {
+            Ok(m) => {
+                len += m.len();
+                held += m.blocks() * 512;
+            }
+            Err(e) if required => return Err(e),
+            Err(_) => {}
+        }
+    }
+    Ok((len, held))
 }
 
 /// Bytes the process caused to be written to storage (`/proc/PID/io` `write_bytes`).
@@ -657,13 +675,16 @@ async fn offline_growth(
         );
         if stage == 5 {
             checkpoint(&client).await?;
-            let size = journal_bytes(dir)?;
+            let (len, held) = journal_sizes(dir)?;
+            let per_event = |b: u64| b as f64 / journaled.max(1) as f64;
             r.fig(
                 "journal on disk",
                 format!(
-                    "{:.1} MB with its log, {:.0} bytes per event",
-                    size as f64 / 1e6,
-                    size as f64 / journaled.max(1) as f64
+                    "{:.1} MB with its log, {:.0} bytes per event; {:.1} MB allocated, {:.0} bytes per event",
+                    len as f64 / 1e6,
+                    per_event(len),
+                    held as f64 / 1e6,
+                    per_event(held)
                 ),
             );
         }

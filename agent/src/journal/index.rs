@@ -1,6 +1,6 @@
 //! The derived indexes between checkpoints.
 //!
-//! `run_events`, `runs`, `active_runs` and `timers` follow from the events alone. So the hot path
+//! `run_history`, `runs`, `active_runs` and `timers` follow from the events alone. So the hot path
 //! commits only `events` (and the rare definition, cursor and kv rows), and what each event
 //! implies for the indexes collects here, in memory ([`Pending`]). A checkpoint writes it into
 //! redb inside an ordinary group commit, together with the cursor `journal/indexed_through`
@@ -19,7 +19,7 @@ use outpost_shared::journal::{self as codec, Event, Record};
 use redb::ReadableTable;
 
 use super::JournalError;
-use super::tables::{RunRecord, Tables, decode_run, encode_run};
+use super::tables::{RunRecord, Tables, decode_run, encode_run, extend_history};
 use crate::engine::RunStatus;
 
 /// Cursor: every event up to this sequence is in the index tables.
@@ -34,7 +34,7 @@ pub(super) const CHECKPOINT_EVENTS: usize = 4_096;
 /// Index changes not yet in redb; later changes replace earlier ones.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub(super) struct Pending {
-    /// Each run's events not yet in `run_events`, in order.
+    /// Each run's events not yet in `run_history`, in order.
     pub(super) run_events: HashMap<String, Vec<u64>>,
     /// Run rows to write.
     pub(super) runs: HashMap<String, RunRecord>,
@@ -135,7 +135,7 @@ impl Pending {
 
     /// Applies the changes to `active_runs` to a set read from the table.
     pub(super) fn overlay_active(&self, set: &mut std::collections::HashSet<String>) {
-        for (run, add) in &self.active {
+        for (run, add) in sorted(&self.active) {
             if *add {
                 set.insert(run.clone());
             } else {
@@ -247,15 +247,15 @@ impl Pending {
         for (key, value) in &self.kv {
             t.kv.insert(key.as_str(), value.as_slice())?;
         }
-        for (run, seqs) in &self.run_events {
-            for seq in seqs {
-                t.run_events.insert((run.as_str(), *seq), ())?;
-            }
+        // In key order: redb packs leaves written in order (the append-only `events` table's are
+        // nearly full) and splits the ones written at random, leaving them about half empty.
+        for (run, seqs) in sorted(&self.run_events) {
+            extend_history(&mut t.run_history, run, seqs)?;
         }
-        for (run, rec) in &self.runs {
+        for (run, rec) in sorted(&self.runs) {
             t.runs.insert(run.as_str(), encode_run(rec).as_slice())?;
         }
-        for (run, add) in &self.active {
+        for (run, add) in sorted(&self.active) {
             if *add {
                 t.active.insert(run.as_str(), ())?;
             } else {
@@ -275,7 +275,7 @@ impl Pending {
                 t.timers.remove((at, run.as_str(), step.as_str()))?;
             }
         }
-        for ((at, run, step), add) in &self.timers {
+        for ((at, run, step), add) in sorted(&self.timers) {
             if *add {
                 t.timers.insert((*at, run.as_str(), step.as_str()), ())?;
             } else {
@@ -285,6 +285,13 @@ impl Pending {
         t.cursors.insert(INDEXED_THROUGH, through)?;
         Ok(())
     }
+}
+
+/// A map's entries in key order.
+fn sorted<K: Ord, V>(map: &HashMap<K, V>) -> Vec<(&K, &V)> {
+    let mut entries: Vec<_> = map.iter().collect();
+    entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    entries
 }
 
 /// Looks runs up in redb's `runs` table (as of the transaction's snapshot).

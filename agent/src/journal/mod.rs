@@ -41,7 +41,7 @@ pub use wal::{Entry as LogEntry, LogError, decode_block as decode_log_block};
 
 use lifecycle::Runs;
 use tables::{
-    ACTIVE, CURSORS, DEFINITIONS, EVENTS, KV, META, PRUNED_THROUGH, RUN_EVENTS, RUNS, TIMERS, decode_definition,
+    ACTIVE, CURSORS, DEFINITIONS, EVENTS, KV, META, PRUNED_THROUGH, RUN_HISTORY, RUNS, TIMERS, decode_definition,
     decode_run, prepare,
 };
 use writer::{MAX_BATCH, Op, Txn, Write, Writer};
@@ -749,15 +749,7 @@ impl Journal {
         let (pending, logged) = self.pending_of(run_id, first_only);
         let txn = self.db()?.begin_read()?;
         let mut seqs = std::collections::BTreeSet::new();
-        {
-            let idx = txn.open_table(RUN_EVENTS)?;
-            for row in idx.range((run_id, 0u64)..=(run_id, u64::MAX))? {
-                seqs.insert(row?.0.value().1);
-                if first_only {
-                    break;
-                }
-            }
-        }
+        seqs.extend(tables::read_history(&txn.open_table(RUN_HISTORY)?, run_id, first_only)?);
         seqs.extend(pending);
         Ok((seqs.into_iter().collect(), logged, txn))
     }
@@ -1196,6 +1188,73 @@ mod tests {
         j.start_run("b", started("w")).await.unwrap();
         assert_eq!(j.history("b").unwrap()[0].0, 3);
         j.close().await.unwrap();
+    }
+
+    /// A format-4 file's `run_events` rows become one `run_history` row per run, the old table
+    /// goes, and the histories read, grow and survive a reopen as before.
+    #[tokio::test]
+    async fn a_format_4_files_run_events_move_into_run_history() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j.redb");
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                txn.open_table(META).unwrap().insert("format", 4).unwrap();
+                let mut events = txn.open_table(EVENTS).unwrap();
+                let mut index = txn.open_table(tables::RUN_EVENTS).unwrap();
+                let mut runs = txn.open_table(RUNS).unwrap();
+                for (seq, run, event) in [(1, "a", started("w")), (2, "b", started("w")), (3, "a", failed())] {
+                    let record = Record {
+                        run_id: run.into(),
+                        at_ms: 1_000 + seq,
+                        event,
+                    };
+                    events.insert(seq, codec::encode(&record).as_slice()).unwrap();
+                    index.insert((run, seq), ()).unwrap();
+                }
+                for run in ["a", "b"] {
+                    let row = RunRecord {
+                        workflow: "w".into(),
+                        version: 1,
+                        status: RunStatus::Running,
+                        created_ms: 1_000,
+                        finished_ms: None,
+                    };
+                    runs.insert(run, tables::encode_run(&row).as_slice()).unwrap();
+                }
+                txn.open_table(ACTIVE).unwrap().insert("b", ()).unwrap();
+                txn.open_table(CURSORS)
+                    .unwrap()
+                    .insert(index::INDEXED_THROUGH, 3)
+                    .unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let seqs = |j: &Journal, run: &str| j.history(run).unwrap().iter().map(|e| e.0).collect::<Vec<_>>();
+        {
+            let j = Journal::open(&path, &JournalConfig::default(), Arc::new(SystemClock)).unwrap();
+            assert_eq!(seqs(&j, "a"), [1, 3]);
+            assert_eq!(seqs(&j, "b"), [2]);
+            assert!(matches!(
+                j.first_event("b").unwrap().map(|r| r.event),
+                Some(Event::RunStarted { .. })
+            ));
+            j.append("b", vec![timer("t", 10)]).await.unwrap();
+            j.checkpoint().await.unwrap();
+            assert_eq!(seqs(&j, "b"), [2, 4]);
+        }
+        let j = reopen(&path).await;
+        assert_eq!(seqs(&j, "a"), [1, 3]);
+        assert_eq!(seqs(&j, "b"), [2, 4]);
+        j.close().await.unwrap();
+        let db = Database::create(&path).unwrap();
+        let txn = db.begin_read().unwrap();
+        assert_eq!(
+            txn.open_table(META).unwrap().get("format").unwrap().map(|v| v.value()),
+            Some(FORMAT)
+        );
+        assert!(txn.open_table(tables::RUN_EVENTS).is_err(), "run_events is gone");
     }
 
     #[tokio::test]

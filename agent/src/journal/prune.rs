@@ -6,7 +6,9 @@ use std::collections::{HashMap, HashSet};
 
 use redb::ReadableTable;
 
-use super::tables::{COMMAND_INDEX, PRUNED_THROUGH, Tables, command_index_key, decode_run};
+use super::tables::{
+    COMMAND_INDEX, PRUNED_THROUGH, Tables, command_index_key, decode_run, read_history, remove_history,
+};
 use super::{JournalError, Pruned, Retention};
 
 /// Deletes finished runs: all that finished before the cut-off, then the oldest while the
@@ -34,11 +36,7 @@ pub(super) fn prune(t: &mut Tables, policy: Retention, in_use: u64) -> Result<Pr
         if at >= policy.finished_before_ms && estimate <= policy.max_bytes {
             break;
         }
-        let seqs: Vec<u64> = t
-            .run_events
-            .range((id.as_str(), 0u64)..=(id.as_str(), u64::MAX))?
-            .map(|r| r.map(|(k, _)| k.value().1))
-            .collect::<Result<_, _>>()?;
+        let seqs = read_history(&t.run_history, &id, false)?;
         if seqs.iter().any(|s| *s >= policy.keep_from_seq) {
             // Not yet acknowledged: newer runs are not either.
             break;
@@ -47,8 +45,8 @@ pub(super) fn prune(t: &mut Tables, policy: Retention, in_use: u64) -> Result<Pr
             if let Some(v) = t.events.remove(*seq)? {
                 estimate = estimate.saturating_sub(v.value().len() as u64 + 48);
             }
-            t.run_events.remove((id.as_str(), *seq))?;
         }
+        remove_history(&mut t.run_history, &id)?;
         t.runs.remove(id.as_str())?;
         done.runs += 1;
         done.events += seqs.len() as u64;

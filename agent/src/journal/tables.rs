@@ -14,8 +14,16 @@ use crate::engine::RunStatus;
 
 /// seq → encoded [`Record`]. The journal proper and the sync outbox.
 pub(super) const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
-/// (run id, seq) → (): a run's history in order.
+/// Format 4 and older: (run id, seq) → (), a run's history in order; moved into
+/// [`RUN_HISTORY`] when such a file is opened.
 pub(super) const RUN_EVENTS: TableDefinition<(&str, u64), ()> = TableDefinition::new("run_events");
+/// Format 5: (run id, its chunk's first seq) → up to [`HISTORY_CHUNK`] of the run's event
+/// sequence numbers, packed ([`encode_seqs`]).
+pub(super) const RUN_HISTORY: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("run_history");
+/// Sequence numbers per `run_history` row. A checkpoint rewrites a run's last row to extend it,
+/// so this bounds what a run that goes on for months costs each checkpoint (a few hundred bytes),
+/// while a run of a few hundred events still takes one row.
+pub(super) const HISTORY_CHUNK: usize = 256;
 /// run id → encoded [`RunRecord`]: one summary row per run.
 pub(super) const RUNS: TableDefinition<&str, &[u8]> = TableDefinition::new("runs");
 /// run id → (): runs that are not finished, resumed at start-up.
@@ -46,7 +54,9 @@ pub(super) const PRUNED_THROUGH: &str = "journal/pruned_through";
 /// - Format 4 commits starts, appends, cursors and kv rows to the segment log beside the file
 ///   (`journal.log`, see `wal`), under the cursor `journal/log_generation`; the log's current
 ///   blocks are not yet in the file at all. An older build would not read them.
-pub const FORMAT: u64 = 4;
+/// - Format 5 keeps a run's sequence numbers in `run_history` rows of up to [`HISTORY_CHUNK`]
+///   instead of one `run_events` row per event; an older build would find no history at all.
+pub const FORMAT: u64 = 5;
 
 /// Whether this build reads a file of table-layout version `format`.
 pub fn format_supported(format: u64) -> bool {
@@ -92,7 +102,7 @@ pub(super) fn decode_definition(b: &[u8]) -> Result<DefinitionRecord, JournalErr
 /// Every table, opened in one write transaction.
 pub(super) struct Tables<'txn> {
     pub(super) events: redb::Table<'txn, u64, &'static [u8]>,
-    pub(super) run_events: redb::Table<'txn, (&'static str, u64), ()>,
+    pub(super) run_history: redb::Table<'txn, (&'static str, u64), &'static [u8]>,
     pub(super) runs: redb::Table<'txn, &'static str, &'static [u8]>,
     pub(super) active: redb::Table<'txn, &'static str, ()>,
     pub(super) definitions: redb::Table<'txn, (&'static str, u32), &'static [u8]>,
@@ -106,7 +116,7 @@ impl<'txn> Tables<'txn> {
     pub(super) fn open(txn: &'txn WriteTransaction) -> Result<Tables<'txn>, JournalError> {
         Ok(Tables {
             events: txn.open_table(EVENTS)?,
-            run_events: txn.open_table(RUN_EVENTS)?,
+            run_history: txn.open_table(RUN_HISTORY)?,
             runs: txn.open_table(RUNS)?,
             active: txn.open_table(ACTIVE)?,
             definitions: txn.open_table(DEFINITIONS)?,
@@ -135,6 +145,9 @@ pub(super) fn prepare(
             _ => {
                 meta.insert("format", FORMAT)?;
             }
+        }
+        if format.is_some_and(|f| f < 5) {
+            move_run_events(&txn)?;
         }
         // Create every table so readers never see "table does not exist".
         let mut t = Tables::open(&txn)?;
@@ -196,6 +209,143 @@ pub(super) fn prepare(
     }
     txn.commit()?;
     Ok((next, active, generation))
+}
+
+/// Upgrades a format-4-or-older file: each run's `run_events` rows become its `run_history`
+/// rows, and the old table goes. One run's sequence numbers are in memory at a time.
+fn move_run_events(txn: &WriteTransaction) -> Result<(), JournalError> {
+    {
+        let old = txn.open_table(RUN_EVENTS)?;
+        let mut new = txn.open_table(RUN_HISTORY)?;
+        let mut current: Option<(String, Vec<u64>)> = None;
+        let mut runs = 0u64;
+        for row in old.iter()? {
+            let (k, _) = row?;
+            let (run, seq) = k.value();
+            match current.as_mut() {
+                Some((r, seqs)) if r == run => seqs.push(seq),
+                _ => {
+                    if let Some((r, seqs)) = current.replace((run.to_string(), vec![seq])) {
+                        extend_history(&mut new, &r, &seqs)?;
+                        runs += 1;
+                    }
+                }
+            }
+        }
+        if let Some((r, seqs)) = current {
+            extend_history(&mut new, &r, &seqs)?;
+            runs += 1;
+        }
+        if runs > 0 {
+            tracing::info!(runs, "journal format 5: moved each run's event index into history rows");
+        }
+    }
+    txn.delete_table(RUN_EVENTS)?;
+    Ok(())
+}
+
+/// A run's event sequence numbers in `run_history`, ascending; only the first with `first_only`.
+pub(super) fn read_history(
+    table: &impl ReadableTable<(&'static str, u64), &'static [u8]>,
+    run: &str,
+    first_only: bool,
+) -> Result<Vec<u64>, JournalError> {
+    let mut seqs = Vec::new();
+    for row in table.range((run, 0u64)..=(run, u64::MAX))? {
+        let (_, chunk) = row?;
+        seqs.extend(decode_seqs(run, chunk.value())?);
+        if first_only {
+            seqs.truncate(1);
+            break;
+        }
+    }
+    Ok(seqs)
+}
+
+/// Adds `seqs` (ascending, all after the run's stored ones) to a run's `run_history`: fills its
+/// last row up to [`HISTORY_CHUNK`], then starts new rows.
+pub(super) fn extend_history(
+    table: &mut redb::Table<(&'static str, u64), &'static [u8]>,
+    run: &str,
+    seqs: &[u64],
+) -> Result<(), JournalError> {
+    let last = match table.range((run, 0u64)..=(run, u64::MAX))?.next_back() {
+        Some(row) => {
+            let (k, v) = row?;
+            Some((k.value().1, decode_seqs(run, v.value())?))
+        }
+        None => None,
+    };
+    let newest = last.as_ref().and_then(|(_, c)| c.last().copied()).unwrap_or(0);
+    let mut fresh = seqs.iter().copied().filter(|s| *s > newest).peekable();
+    let Some(&first) = fresh.peek() else {
+        return Ok(());
+    };
+    let (mut key, mut chunk) = match last {
+        Some((key, chunk)) if chunk.len() < HISTORY_CHUNK => (key, chunk),
+        _ => (first, Vec::new()),
+    };
+    for seq in fresh {
+        if chunk.len() == HISTORY_CHUNK {
+            table.insert((run, key), encode_seqs(&chunk).as_slice())?;
+            (key, chunk) = (seq, Vec::new());
+        }
+        chunk.push(seq);
+    }
+    table.insert((run, key), encode_seqs(&chunk).as_slice())?;
+    Ok(())
+}
+
+/// Deletes a run's `run_history` rows.
+pub(super) fn remove_history(
+    table: &mut redb::Table<(&'static str, u64), &'static [u8]>,
+    run: &str,
+) -> Result<(), JournalError> {
+    let keys: Vec<u64> = table
+        .range((run, 0u64)..=(run, u64::MAX))?
+        .map(|row| row.map(|(k, _)| k.value().1))
+        .collect::<Result<_, _>>()?;
+    for key in keys {
+        table.remove((run, key))?;
+    }
+    Ok(())
+}
+
+/// Packs a run's sequence numbers (ascending, as a run's events are): postcard's `Vec<u64>` of
+/// the first and then each gap, varints, so an event costs a byte or two rather than an index
+/// row keyed by the run id (about 43 bytes on disk each, measured).
+pub(super) fn encode_seqs(seqs: &[u64]) -> Vec<u8> {
+    let mut prev = 0u64;
+    let gaps: Vec<u64> = seqs
+        .iter()
+        .map(|s| {
+            let gap = s.saturating_sub(prev);
+            prev = *s;
+            gap
+        })
+        .collect();
+    // Serialising integers into a Vec cannot fail.
+    postcard::to_allocvec(&gaps).unwrap_or_default()
+}
+
+/// Unpacks [`encode_seqs`]; a row that does not decode, or whose numbers do not ascend, is damage.
+pub(super) fn decode_seqs(run: &str, bytes: &[u8]) -> Result<Vec<u64>, JournalError> {
+    unpack_seqs(bytes).map_err(|why| JournalError::Damaged(format!("the run_history row of run {run} {why}")))
+}
+
+/// [`decode_seqs`] without the run's name, for the integrity check that names the row itself.
+pub(super) fn unpack_seqs(bytes: &[u8]) -> Result<Vec<u64>, String> {
+    let gaps: Vec<u64> = postcard::from_bytes(bytes).map_err(|e| format!("does not decode: {e}"))?;
+    let mut seq = 0u64;
+    let mut out = Vec::with_capacity(gaps.len());
+    for (i, gap) in gaps.into_iter().enumerate() {
+        if gap == 0 && i > 0 {
+            return Err("repeats a sequence number".into());
+        }
+        seq = seq.checked_add(gap).ok_or("overflows")?;
+        out.push(seq);
+    }
+    Ok(out)
 }
 
 /// The next sequence number to assign: one past the newest event ever committed. Commits do
@@ -260,4 +410,69 @@ pub const COMMAND_INDEX: &str = "cmdat/";
 /// The index key of command `id` applied at `ms`.
 pub fn command_index_key(ms: u64, id: &str) -> String {
     format!("{COMMAND_INDEX}{ms:020}/{id}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn sequence_lists_pack_to_a_byte_or_two_an_event() {
+        let seqs = [100_000, 100_001, 100_033, 100_160, 100_161];
+        let packed = encode_seqs(&seqs);
+        assert!(packed.len() <= 10, "{} bytes", packed.len());
+        assert_eq!(decode_seqs("r", &packed).unwrap(), seqs);
+        assert!(decode_seqs("r", &encode_seqs(&[])).unwrap().is_empty());
+        // A repeated number or a truncated row is damage, named with the run.
+        let err = decode_seqs("r", &encode_seqs(&[5, 5])).unwrap_err().to_string();
+        assert!(err.contains("run r") && err.contains("repeats"), "{err}");
+        let err = decode_seqs("r", &packed[..packed.len() - 1]).unwrap_err().to_string();
+        assert!(err.contains("does not decode"), "{err}");
+    }
+
+    #[test]
+    fn a_long_history_goes_in_chunks_and_reads_back_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::create(dir.path().join("h.redb")).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut t = txn.open_table(RUN_HISTORY).unwrap();
+            let all: Vec<u64> = (1..=600).map(|i| i * 3).collect();
+            // In three checkpoints, the middle one repeating numbers a replay could derive again.
+            extend_history(&mut t, "r", &all[..100]).unwrap();
+            extend_history(&mut t, "r", &all[90..400]).unwrap();
+            extend_history(&mut t, "r", &all[400..]).unwrap();
+            extend_history(&mut t, "s", &[2, 4]).unwrap();
+            assert_eq!(read_history(&t, "r", false).unwrap(), all);
+            assert_eq!(read_history(&t, "r", true).unwrap(), [3]);
+            let chunks: Vec<(u64, usize)> = t
+                .range(("r", 0u64)..=("r", u64::MAX))
+                .unwrap()
+                .map(|row| {
+                    let (k, v) = row.unwrap();
+                    (k.value().1, decode_seqs("r", v.value()).unwrap().len())
+                })
+                .collect();
+            assert_eq!(chunks, [(3, HISTORY_CHUNK), (3 * 257, HISTORY_CHUNK), (3 * 513, 88)]);
+            remove_history(&mut t, "r").unwrap();
+            assert!(read_history(&t, "r", false).unwrap().is_empty());
+            assert_eq!(read_history(&t, "s", false).unwrap(), [2, 4]);
+        }
+        txn.commit().unwrap();
+    }
+
+    proptest! {
+        #[test]
+        fn ascending_sequence_lists_round_trip(mut seqs in proptest::collection::vec(1u64.., 0..64)) {
+            seqs.sort_unstable();
+            seqs.dedup();
+            prop_assert_eq!(decode_seqs("r", &encode_seqs(&seqs)).unwrap(), seqs);
+        }
+
+        #[test]
+        fn any_bytes_decode_or_fail_without_panicking(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let _ = unpack_seqs(&bytes);
+        }
+    }
 }

@@ -9,7 +9,8 @@ use redb::{Database, ReadableDatabase, ReadableTable};
 
 use super::JournalError;
 use super::tables::{
-    ACTIVE, CURSORS, DEFINITIONS, EVENTS, KV, META, RUN_EVENTS, RUNS, TIMERS, decode_definition, decode_run, next_seq,
+    ACTIVE, CURSORS, DEFINITIONS, EVENTS, KV, META, RUN_EVENTS, RUN_HISTORY, RUNS, TIMERS, decode_definition,
+    decode_run, next_seq, unpack_seqs,
 };
 use super::wal::{Entry, LOG_GENERATION, ReadOnlyLog, check_sequence, scan};
 
@@ -114,6 +115,7 @@ pub fn verify(path: &Path) -> Result<Verified, JournalError> {
         decode_all!(DEFINITIONS, "definition", |b: &[u8]| decode_definition(b)
             .map(drop)
             .map_err(|e| e.to_string()));
+        decode_all!(RUN_HISTORY, "run history", |b: &[u8]| unpack_seqs(b).map(drop));
         // The segment log's current blocks: committed, not yet in the file.
         let generation = match txn.open_table(CURSORS) {
             Ok(t) => t.get(LOG_GENERATION)?.map_or(0, |v| v.value()),
