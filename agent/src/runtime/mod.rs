@@ -21,7 +21,7 @@ use outpost_shared::definition::{self, Definition, DefinitionError};
 use outpost_shared::{ErrorInfo, Event};
 use serde_json::Value;
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 mod activity;
 pub mod children;
@@ -479,7 +479,9 @@ impl Runtime {
         let def = self.definition(workflow, Some(*version))?;
         let st = RunState::replay(&def, run_id, history.iter().map(|(_, r)| &r.event))
             .map_err(|e| RuntimeError::Invalid(e.to_string()))?;
-        info!(run_id, workflow = %workflow, version, events = history.len(), "resuming run");
+        // Debug: a start-up resumes every active run (20,000 lines for 20,000 runs) and the
+        // daemon's "ready" line counts them; a parked run's wake-up comes here too.
+        debug!(run_id, workflow = %workflow, version, events = history.len(), "resuming run");
         let child = children::parent_of(run_id, |p| self.inner.journal.run(p).ok().flatten().is_some()).is_some();
         Ok((def, st, child, history.len() as u64))
     }
