@@ -35,6 +35,7 @@ mod verify;
 mod wal;
 mod writer;
 
+pub use tables::unpack_seqs as decode_history_row;
 pub use tables::{COMMAND_INDEX, DefinitionRecord, FORMAT, RunRecord, command_index_key};
 pub use verify::{Verified, verify};
 pub use wal::{Entry as LogEntry, LogError, decode_block as decode_log_block};

@@ -333,8 +333,9 @@ pub(super) fn decode_seqs(run: &str, bytes: &[u8]) -> Result<Vec<u64>, JournalEr
     unpack_seqs(bytes).map_err(|why| JournalError::Damaged(format!("the run_history row of run {run} {why}")))
 }
 
-/// [`decode_seqs`] without the run's name, for the integrity check that names the row itself.
-pub(super) fn unpack_seqs(bytes: &[u8]) -> Result<Vec<u64>, String> {
+/// [`decode_seqs`] without the run's name, for the integrity check that names the row itself
+/// (and the fuzz target `journal_history_row`): ascending numbers, or why not.
+pub fn unpack_seqs(bytes: &[u8]) -> Result<Vec<u64>, String> {
     let gaps: Vec<u64> = postcard::from_bytes(bytes).map_err(|e| format!("does not decode: {e}"))?;
     let mut seq = 0u64;
     let mut out = Vec::with_capacity(gaps.len());
