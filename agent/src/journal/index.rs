@@ -135,7 +135,7 @@ impl Pending {
 
     /// Applies the changes to `active_runs` to a set read from the table.
     pub(super) fn overlay_active(&self, set: &mut std::collections::HashSet<String>) {
-        for (run, add) in sorted(&self.active) {
+        for (run, add) in &self.active {
             if *add {
                 set.insert(run.clone());
             } else {
