@@ -36,7 +36,10 @@ fn three_replicas_store_every_event_once_through_a_replica_kill_and_a_postgres_r
     let mut agents = Vec::new();
     for i in 0..GATEWAYS {
         let id = format!("gw{i:02}");
-        let flags = ["--broker", &proxy.url(), "--device-id", &id, "--drain-rate", "2000"];
+        // Paced so that the fleet's 4,960-event backlog takes about ten seconds to drain: the
+        // kill below must land mid-drain however fast the replicas ingest (a 2,000/s pace let a
+        // quick run finish before it).
+        let flags = ["--broker", &proxy.url(), "--device-id", &id, "--drain-rate", "25"];
         let agent = Agent::start(&dir.path().join(&id), &flags);
         agent.json(&["apply", &ticks]);
         agents.push((id, agent));
