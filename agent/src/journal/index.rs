@@ -238,9 +238,7 @@ impl Pending {
     /// Writes the changes into the tables (the log's events, cursors and kv rows, and the
     /// index rows) and moves the cursor to `through`.
     pub(super) fn apply(&self, t: &mut Tables, through: u64) -> Result<(), JournalError> {
-        for (seq, record) in &self.records {
-            t.events.insert(*seq, &record[..])?;
-        }
+        super::blocks::append(&mut t.events, self.records.iter().map(|(s, r)| (*s, &r[..])))?;
         for (key, value) in &self.cursors {
             t.cursors.insert(key.as_str(), *value)?;
         }
@@ -327,7 +325,7 @@ impl<L: Lookup> Lookup for Layered<'_, L> {
 /// The index changes of every event after the `journal/indexed_through` cursor: what a crash
 /// left out of the index tables. Gives the changes and the newest sequence they cover.
 pub(super) fn replay(
-    events: &impl ReadableTable<u64, &'static [u8]>,
+    events: &impl super::blocks::Events,
     cursors: &impl ReadableTable<&'static str, u64>,
     below: &mut dyn Lookup,
 ) -> Result<(Pending, Option<u64>), JournalError> {
@@ -337,12 +335,12 @@ pub(super) fn replay(
     };
     let mut pending = Pending::default();
     let mut last = None;
-    for row in events.range(from.saturating_add(1)..)? {
-        let (k, v) = row?;
-        let record = codec::decode(v.value())?;
-        pending.derive(k.value(), &record, below)?;
-        last = Some(k.value());
-    }
+    super::blocks::visit_from(events, from.saturating_add(1), |seq, bytes| {
+        let record = codec::decode(&bytes)?;
+        pending.derive(seq, &record, below)?;
+        last = Some(seq);
+        Ok(true)
+    })?;
     Ok((pending, last))
 }
 

@@ -25,6 +25,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::clock::Clock;
 use crate::engine::RunStatus;
 
+mod blocks;
 mod index;
 mod lifecycle;
 #[cfg(test)]
@@ -35,6 +36,7 @@ mod verify;
 mod wal;
 mod writer;
 
+pub use blocks::unpack as decode_event_row;
 pub use tables::unpack_seqs as decode_history_row;
 pub use tables::{COMMAND_INDEX, DefinitionRecord, FORMAT, RunRecord, command_index_key};
 pub use verify::{Verified, verify};
@@ -578,12 +580,7 @@ impl Journal {
         // Read before the snapshot: an event a checkpoint moves is in one or the other.
         let logged = self.pending().records_from(from, limit);
         let txn = self.db()?.begin_read()?;
-        let events = txn.open_table(EVENTS)?;
-        let mut out = Vec::new();
-        for row in events.range(from..)?.take(limit) {
-            let (k, v) = row?;
-            out.push((k.value(), v.value().to_vec()));
-        }
+        let mut out = blocks::read_from(&txn.open_table(EVENTS)?, from, limit)?;
         let last = out.last().map(|(s, _)| *s);
         out.extend(
             logged
@@ -643,9 +640,8 @@ impl Journal {
             return Ok(Some(codec::decode(record)?.at_ms));
         }
         let txn = self.db()?.begin_read()?;
-        let t = txn.open_table(EVENTS)?;
-        match t.last()? {
-            Some((_, v)) => Ok(Some(codec::decode(v.value())?.at_ms)),
+        match blocks::last(&txn.open_table(EVENTS)?)? {
+            Some((_, record)) => Ok(Some(codec::decode(&record)?.at_ms)),
             None => Ok(None),
         }
     }
@@ -727,7 +723,7 @@ impl Journal {
 
     /// The events `seqs` of `events`, or of `logged` for those only the log holds.
     fn events_at(
-        events: &impl ReadableTable<u64, &'static [u8]>,
+        events: &impl blocks::Events,
         logged: &Logged,
         seqs: impl IntoIterator<Item = u64>,
     ) -> Result<Vec<(u64, Record)>, JournalError> {
@@ -737,8 +733,8 @@ impl Journal {
                 if let Some((_, b)) = logged.get(i) {
                     out.push((seq, codec::decode(b)?));
                 }
-            } else if let Some(bytes) = events.get(seq)? {
-                out.push((seq, codec::decode(bytes.value())?));
+            } else if let Some(bytes) = blocks::get(events, seq)? {
+                out.push((seq, codec::decode(&bytes)?));
             }
         }
         Ok(out)

@@ -56,7 +56,9 @@ pub(super) const PRUNED_THROUGH: &str = "journal/pruned_through";
 ///   blocks are not yet in the file at all. An older build would not read them.
 /// - Format 5 keeps a run's sequence numbers in `run_history` rows of up to [`HISTORY_CHUNK`]
 ///   instead of one `run_events` row per event; an older build would find no history at all.
-pub const FORMAT: u64 = 5;
+/// - Format 6 keeps several events in each `events` row (`blocks`) instead of one record per
+///   row keyed by its sequence number; an older build would misread every row.
+pub const FORMAT: u64 = 6;
 
 /// Whether this build reads a file of table-layout version `format`.
 pub fn format_supported(format: u64) -> bool {
@@ -149,6 +151,10 @@ pub(super) fn prepare(
         if format.is_some_and(|f| f < 5) {
             move_run_events(&txn)?;
         }
+        if format.is_some_and(|f| f < 6) {
+            let moved = super::blocks::pack_single_rows(&mut txn.open_table(EVENTS)?)?;
+            tracing::info!(events = moved, "packed the journal's events into rows of several");
+        }
         // Create every table so readers never see "table does not exist".
         let mut t = Tables::open(&txn)?;
         // The segment log's blocks of the current generation: committed, not yet in redb.
@@ -164,11 +170,10 @@ pub(super) fn prepare(
                     "moving the journal log's group commits into the journal"
                 );
             }
+            let mut events = Vec::new();
             for entry in scanned.entries {
                 match entry {
-                    Entry::Event { seq, record } => {
-                        t.events.insert(seq, record.as_slice())?;
-                    }
+                    Entry::Event { seq, record } => events.push((seq, record)),
                     Entry::Cursor { key, value } => {
                         t.cursors.insert(key.as_str(), value)?;
                     }
@@ -177,6 +182,7 @@ pub(super) fn prepare(
                     }
                 }
             }
+            super::blocks::append(&mut t.events, events.iter().map(|(s, r)| (*s, r.as_slice())))?;
         }
         // What the log held is in this transaction: its blocks are stale once it commits.
         t.cursors.insert(LOG_GENERATION, generation + 1)?;
@@ -351,16 +357,16 @@ pub fn unpack_seqs(bytes: &[u8]) -> Result<Vec<u64>, String> {
 
 /// The next sequence number to assign: one past the newest event ever committed. Commits do
 /// not store it (that would rewrite the `meta` table's pages in every commit, on flash): the
-/// newest event is the last row of `events`, or, when retention deleted it, the
+/// newest event is the last one in `events`, or, when retention deleted it, the
 /// `journal/pruned_through` cursor written in the same transaction as the deletion. A
 /// `meta.next_seq` left by older builds counts too, so sequences never go back.
 pub(super) fn next_seq(
     meta: &impl ReadableTable<&'static str, u64>,
-    events: &impl ReadableTable<u64, &'static [u8]>,
+    events: &impl super::blocks::Events,
     cursors: &impl ReadableTable<&'static str, u64>,
 ) -> Result<u64, JournalError> {
     let stored = meta.get("next_seq")?.map_or(1, |v| v.value());
-    let newest = events.last()?.map_or(0, |(k, _)| k.value());
+    let newest = super::blocks::last(events)?.map_or(0, |(seq, _)| seq);
     let pruned = cursors.get(PRUNED_THROUGH)?.map_or(0, |v| v.value());
     Ok(stored.max(newest.max(pruned).saturating_add(1)))
 }

@@ -106,9 +106,24 @@ pub fn verify(path: &Path) -> Result<Verified, JournalError> {
                 }
             };
         }
-        decode_all!(EVENTS, "event", |b: &[u8]| outpost_shared::journal::decode(b)
-            .map(drop)
-            .map_err(|e| e.to_string()));
+        match txn.open_table(EVENTS) {
+            Ok(t) => {
+                for row in t.iter()? {
+                    let (k, val) = row?;
+                    let bytes = val.value();
+                    let events = super::blocks::unpack(k.value(), bytes)
+                        .map_err(|e| JournalError::Damaged(format!("the events row at {} {e}", k.value())))?;
+                    for (seq, record) in events {
+                        if let Err(e) = outpost_shared::journal::decode(&record) {
+                            return Err(JournalError::Damaged(format!("event {seq} does not decode: {e}")));
+                        }
+                    }
+                    count(bytes.len());
+                }
+            }
+            Err(redb::TableError::TableDoesNotExist(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
         decode_all!(RUNS, "run", |b: &[u8]| decode_run(b)
             .map(drop)
             .map_err(|e| e.to_string()));

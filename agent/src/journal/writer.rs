@@ -93,7 +93,7 @@ impl<'txn> Store<'_, 'txn> {
     pub(super) fn put_event(&mut self, seq: u64, record: Vec<u8>, batch: &mut Pending) -> Result<(), JournalError> {
         match self {
             Store::Tables { tables, .. } => {
-                tables.events.insert(seq, record.as_slice())?;
+                super::blocks::append(&mut tables.events, [(seq, record.as_slice())])?;
             }
             Store::Log(_) => batch.records.push((seq, record.into_boxed_slice())),
         }
