@@ -22,9 +22,10 @@ pub struct Offline {
 
 impl Offline {
     /// Opens `path` read-only; refused while an agent has it open. A file the agent did not
-    /// close (it was killed, the power went) is repaired in a temporary copy and that is read:
-    /// the journal itself is never written. `repaired` is told when that happens.
-    pub fn open(path: &Path, repaired: impl FnOnce()) -> Result<Offline, JournalError> {
+    /// close (it was killed, the power went), or one in an older format, is repaired and
+    /// upgraded in a temporary copy and that is read: the journal itself is never written.
+    /// `copied` is told why when that happens.
+    pub fn open(path: &Path, copied: impl FnOnce(&JournalError)) -> Result<Offline, JournalError> {
         let registry = Registry::builtin();
         match Journal::open_read_only(path) {
             Ok(journal) => Ok(Offline {
@@ -32,8 +33,8 @@ impl Offline {
                 registry,
                 _copy: None,
             }),
-            Err(JournalError::NeedsRepair(_)) => {
-                repaired();
+            Err(why @ (JournalError::NeedsRepair(_) | JournalError::OlderFormat { .. })) => {
+                copied(&why);
                 let dir = tempfile::tempdir().map_err(|e| JournalError::Storage(redb::StorageError::Io(e).into()))?;
                 let journal = Journal::open_repaired_copy(path, &dir.path().join("journal.redb"))?;
                 Ok(Offline {

@@ -163,11 +163,15 @@ pub(super) fn print_result(v: &RunReply) {
 /// The journal of `data_dir`, opened read-only for `--offline`.
 pub(super) fn open_offline(data_dir: &Path) -> Result<crate::offline::Offline, Failure> {
     let path = data_dir.join("journal.redb");
-    let note = || {
-        eprintln!(
+    let note = |why: &crate::journal::JournalError| match why {
+        crate::journal::JournalError::OlderFormat { found, .. } => eprintln!(
+            "note: {} is in journal format {found}, which the agent upgrades when it next starts; reading an upgraded copy, the file itself is untouched",
+            path.display()
+        ),
+        _ => eprintln!(
             "note: {} was not closed cleanly (the agent was killed or lost power); reading a repaired copy, the file itself is untouched",
             path.display()
-        )
+        ),
     };
     crate::offline::Offline::open(&path, note).map_err(|e| match e {
         crate::journal::JournalError::Locked(_) => Failure::new(

@@ -181,6 +181,13 @@ fn unpack_row(key: u64, bytes: &[u8]) -> Result<Vec<(u64, Vec<u8>)>, JournalErro
     unpack(key, bytes).map_err(|why| JournalError::Damaged(format!("the events row at {key} {why}")))
 }
 
+/// Whether a file of table-layout `format` keeps several events a row (format 6 on; a new file
+/// has none yet). Older files keep one record a row, keyed by its sequence number, until the
+/// open packs them; `journal-check` reads them before that.
+pub(super) fn rows_are_packed(format: Option<u64>) -> bool {
+    format.is_none_or(|f| f >= 6)
+}
+
 /// A row's events: sequence number and record bytes, ascending.
 type RowEvents = Vec<(u64, Vec<u8>)>;
 

@@ -105,6 +105,14 @@ pub enum JournalError {
     /// The file reads, but what it holds does not decode.
     #[error("journal damaged: {0}")]
     Damaged(String),
+    /// The file is in an older table layout, which only a writer upgrades.
+    #[error("journal {path} is in format {found}, which the agent upgrades to {FORMAT} when it opens it")]
+    OlderFormat {
+        /// The file.
+        path: String,
+        /// Its format.
+        found: u64,
+    },
     /// The file was not closed cleanly and needs the repair only a writer does.
     #[error("journal {0} was not closed cleanly and needs the repair the agent does when it opens it")]
     NeedsRepair(String),
@@ -411,14 +419,25 @@ impl Journal {
         if let Some(found) = format.filter(|f| !tables::format_supported(*f)) {
             return Err(JournalError::Format { found });
         }
+        // The readers read the current layout only: an older file is read through an upgraded
+        // copy (`open_repaired_copy`).
+        if let Some(found) = format.filter(|f| *f < FORMAT) {
+            return Err(JournalError::OlderFormat {
+                path: path.display().to_string(),
+                found,
+            });
+        }
         Self::reader(Arc::new(db), &log_path(path))
     }
 
-    /// Reads a journal that needs repair without touching it: copies `path` to `copy`, repairs
-    /// the copy and opens that with no writer (every write fails with `Closed`).
+    /// Reads a journal that needs repair or an upgrade without touching it: copies `path` to
+    /// `copy`, repairs and upgrades the copy (moving the log's current blocks into it, as an open
+    /// does) and opens that with no writer (every write fails with `Closed`).
     pub fn open_repaired_copy(path: &Path, copy: &Path) -> Result<Journal, JournalError> {
         std::fs::copy(path, copy).map_err(|e| JournalError::Storage(redb::StorageError::Io(e).into()))?;
         let db = Database::builder().set_cache_size(4 * 1024 * 1024).create(copy)?;
+        let log = open_log_file(&log_path(path))?;
+        tables::prepare(&db, log.as_deref())?;
         Self::reader(Arc::new(db), &log_path(path))
     }
 
@@ -1229,6 +1248,20 @@ mod tests {
             txn.commit().unwrap();
         }
         let seqs = |j: &Journal, run: &str| j.history(run).unwrap().iter().map(|e| e.0).collect::<Vec<_>>();
+        // Before any open upgrades it: `journal-check` (which `outpost run` runs first) reads
+        // the old rows, and `list --offline` is sent to an upgraded copy.
+        let checked = verify(&path).unwrap();
+        assert!(!checked.repaired && checked.rows > 0, "{checked:?}");
+        assert!(matches!(
+            Journal::open_read_only(&path),
+            Err(JournalError::OlderFormat { found: 4, .. })
+        ));
+        {
+            let copy = dir.path().join("copy.redb");
+            let j = Journal::open_repaired_copy(&path, &copy).unwrap();
+            assert_eq!((seqs(&j, "a"), seqs(&j, "b")), (vec![1, 3], vec![2]));
+            assert_eq!(j.next_seq().unwrap(), 4);
+        }
         {
             let j = Journal::open(&path, &JournalConfig::default(), Arc::new(SystemClock)).unwrap();
             assert_eq!(seqs(&j, "a"), [1, 3]);

@@ -366,7 +366,13 @@ pub(super) fn next_seq(
     cursors: &impl ReadableTable<&'static str, u64>,
 ) -> Result<u64, JournalError> {
     let stored = meta.get("next_seq")?.map_or(1, |v| v.value());
-    let newest = super::blocks::last(events)?.map_or(0, |(seq, _)| seq);
+    let packed = super::blocks::rows_are_packed(meta.get("format")?.map(|v| v.value()));
+    let newest = if packed {
+        super::blocks::last(events)?.map_or(0, |(seq, _)| seq)
+    } else {
+        // An older file `journal-check` reads before the open upgrades it: a record a row.
+        events.last()?.map_or(0, |(k, _)| k.value())
+    };
     let pruned = cursors.get(PRUNED_THROUGH)?.map_or(0, |v| v.value());
     Ok(stored.max(newest.max(pruned).saturating_add(1)))
 }

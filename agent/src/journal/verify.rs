@@ -106,13 +106,23 @@ pub fn verify(path: &Path) -> Result<Verified, JournalError> {
                 }
             };
         }
+        let format = match txn.open_table(META) {
+            Ok(t) => t.get("format")?.map(|v| v.value()),
+            Err(redb::TableError::TableDoesNotExist(_)) => None,
+            Err(e) => return Err(e.into()),
+        };
+        let packed = super::blocks::rows_are_packed(format);
         match txn.open_table(EVENTS) {
             Ok(t) => {
                 for row in t.iter()? {
                     let (k, val) = row?;
                     let bytes = val.value();
-                    let events = super::blocks::unpack(k.value(), bytes)
-                        .map_err(|e| JournalError::Damaged(format!("the events row at {} {e}", k.value())))?;
+                    let events = if packed {
+                        super::blocks::unpack(k.value(), bytes)
+                            .map_err(|e| JournalError::Damaged(format!("the events row at {} {e}", k.value())))?
+                    } else {
+                        vec![(k.value(), bytes.to_vec())]
+                    };
                     for (seq, record) in events {
                         if let Err(e) = outpost_shared::journal::decode(&record) {
                             return Err(JournalError::Damaged(format!("event {seq} does not decode: {e}")));
