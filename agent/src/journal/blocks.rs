@@ -91,7 +91,14 @@ fn hex_id(id: &str) -> Option<[u8; 8]> {
 
 /// A generated run id from its 8 bytes.
 fn hex_text(bytes: &[u8; 8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(16);
+    for b in bytes {
+        for digit in [b >> 4, b & 0xf] {
+            out.push(char::from(DIGITS.get(usize::from(digit)).copied().unwrap_or(b'0')));
+        }
+    }
+    out
 }
 
 /// Packs events (ascending sequence numbers, the first at or above `key`) into a row's value.
@@ -134,46 +141,74 @@ pub(super) fn pack<R: AsRef<[u8]>>(key: u64, events: &[(u64, R)]) -> Result<Vec<
 /// Unpacks a row keyed `key`: its events' sequence numbers (ascending, none below `key`) and
 /// record bytes, or why the bytes are not a row (the fuzz target `journal_event_row`).
 pub fn unpack(key: u64, bytes: &[u8]) -> Result<Vec<(u64, Vec<u8>)>, String> {
-    let packed: Vec<Packed> = postcard::from_bytes(bytes).map_err(|e| format!("does not decode: {e}"))?;
-    if packed.is_empty() {
+    Ok(unpack_some(key, bytes, |_| true, u64::MAX)?.0)
+}
+
+/// [`unpack`], giving only the events `wanted` picks by sequence number, and reading the row
+/// only up to the first event past `stop_after`; also gives the last sequence number it read.
+/// Only the wanted records are rebuilt: a run's history reads one or two events of each row it
+/// touches, and start-up reads 20,000 runs' histories. What is read is checked as a whole row
+/// is; `verify` reads every row to its end.
+fn unpack_some(
+    key: u64,
+    bytes: &[u8],
+    mut wanted: impl FnMut(u64) -> bool,
+    stop_after: u64,
+) -> Result<(Vec<(u64, Vec<u8>)>, u64), String> {
+    let decode = |e: postcard::Error| format!("does not decode: {e}");
+    // A postcard `Vec<Packed>`: the count, then the entries, read one at a time.
+    let (count, mut rest) = postcard::take_from_bytes::<usize>(bytes).map_err(decode)?;
+    if count == 0 {
         return Err("holds no event".into());
     }
-    let mut runs: Vec<std::borrow::Cow<str>> = Vec::new();
+    let mut runs: Vec<RunRef> = Vec::new();
     let (mut seq, mut at) = (key, 0u64);
-    let mut out = Vec::with_capacity(packed.len());
-    for (n, entry) in packed.into_iter().enumerate() {
-        let (gap, record) = match entry {
-            Packed::Whole { gap, record } => (gap, record.to_vec()),
-            Packed::Split {
-                gap,
-                run,
-                at_delta,
-                event,
-            } => {
-                let run_id = match run {
-                    RunRef::Text(id) => {
-                        runs.push(id.into());
-                        runs.len() - 1
-                    }
-                    RunRef::Hex(bytes) => {
-                        runs.push(hex_text(&bytes).into());
-                        runs.len() - 1
-                    }
-                    RunRef::Seen(i) => usize::try_from(i).map_err(|_| "names a run out of range")?,
-                };
-                let run_id = runs.get(run_id).ok_or("names a run it has not named before")?;
-                at = at.wrapping_add(at_delta as u64);
-                let record = join(run_id, at, event).map_err(|e| format!("does not join: {e}"))?;
-                (gap, record)
-            }
+    let mut out = Vec::new();
+    for n in 0..count {
+        if n > 0 && seq > stop_after {
+            break;
+        }
+        let (entry, tail) = postcard::take_from_bytes::<Packed>(rest).map_err(decode)?;
+        rest = tail;
+        let gap = match &entry {
+            Packed::Whole { gap, .. } | Packed::Split { gap, .. } => *gap,
         };
         if gap == 0 && n > 0 {
             return Err("repeats a sequence number".into());
         }
         seq = seq.checked_add(gap).ok_or("overflows its sequence numbers")?;
-        out.push((seq, record));
+        let record = match entry {
+            Packed::Whole { record, .. } => wanted(seq).then(|| Ok(record.to_vec())),
+            Packed::Split {
+                run, at_delta, event, ..
+            } => {
+                let run = match run {
+                    RunRef::Seen(i) => usize::try_from(i)
+                        .ok()
+                        .and_then(|i| runs.get(i))
+                        .ok_or("names a run it has not named before")?,
+                    named => {
+                        runs.push(named);
+                        runs.last().ok_or("names no run")?
+                    }
+                };
+                at = at.wrapping_add(at_delta as u64);
+                wanted(seq).then(|| {
+                    let joined = match run {
+                        RunRef::Hex(bytes) => join(&hex_text(bytes), at, event),
+                        RunRef::Text(id) => join(id, at, event),
+                        // `runs` holds only runs named in full.
+                        RunRef::Seen(_) => return Err("names a run by another run's place".to_string()),
+                    };
+                    joined.map_err(|e| format!("does not join: {e}"))
+                })
+            }
+        };
+        if let Some(record) = record {
+            out.push((seq, record?));
+        }
     }
-    Ok(out)
+    Ok((out, seq))
 }
 
 /// [`unpack`] with the row named in the error.
@@ -207,10 +242,36 @@ fn row_of(t: &impl Events, seq: u64) -> Result<Option<(u64, RowEvents)>, Journal
 
 /// Event `seq`'s record bytes, if stored.
 pub(super) fn get(t: &impl Events, seq: u64) -> Result<Option<Vec<u8>>, JournalError> {
-    let Some((_, events)) = row_of(t, seq)? else {
+    let Some(row) = t.range(..=seq)?.next_back() else {
         return Ok(None);
     };
-    Ok(events.into_iter().find(|(s, _)| *s == seq).map(|(_, r)| r))
+    let (k, v) = row?;
+    let key = k.value();
+    let (found, _) = unpack_some(key, v.value(), |s| s == seq, seq)
+        .map_err(|why| JournalError::Damaged(format!("the events row at {key} {why}")))?;
+    Ok(found.into_iter().next().map(|(_, r)| r))
+}
+
+/// The stored events among `seqs` (ascending), each row read once for all it holds of them.
+pub(super) fn get_many(t: &impl Events, seqs: &[u64]) -> Result<Vec<(u64, Vec<u8>)>, JournalError> {
+    let mut out = Vec::with_capacity(seqs.len());
+    let mut rest = seqs;
+    while let Some(&first) = rest.first() {
+        let Some(row) = t.range(..=first)?.next_back() else {
+            rest = rest.get(1..).unwrap_or_default();
+            continue;
+        };
+        let (k, v) = row?;
+        let key = k.value();
+        let last_asked = rest.last().copied().unwrap_or(first);
+        let (found, through) = unpack_some(key, v.value(), |s| rest.binary_search(&s).is_ok(), last_asked)
+            .map_err(|why| JournalError::Damaged(format!("the events row at {key} {why}")))?;
+        out.extend(found);
+        // Rows never overlap: what this row read through, no later row holds.
+        let n = rest.iter().take_while(|s| **s <= through).count().max(1);
+        rest = rest.get(n..).unwrap_or_default();
+    }
+    Ok(out)
 }
 
 /// Visits the stored events from `from` on, in order, while `visit` answers true.
@@ -225,8 +286,11 @@ pub(super) fn visit_from(
     };
     for row in t.range(start..)? {
         let (k, v) = row?;
-        for (seq, record) in unpack_row(k.value(), v.value())? {
-            if seq >= from && !visit(seq, record)? {
+        let key = k.value();
+        let (events, _) = unpack_some(key, v.value(), |s| s >= from, u64::MAX)
+            .map_err(|why| JournalError::Damaged(format!("the events row at {key} {why}")))?;
+        for (seq, record) in events {
+            if !visit(seq, record)? {
                 return Ok(());
             }
         }
@@ -486,6 +550,10 @@ mod tests {
             for (seq, rec) in &all {
                 assert_eq!(get(&t, *seq).unwrap().as_ref(), Some(rec));
             }
+            // Every third number, stored or not: the stored ones come back, in order.
+            let asked: Vec<u64> = (0..seq + 5).step_by(3).collect();
+            let want: Vec<_> = all.iter().filter(|(s, _)| s % 3 == 0).cloned().collect();
+            assert_eq!(get_many(&t, &asked).unwrap(), want);
             assert_eq!(remove(&mut t, &[0, 1]).unwrap(), 0);
         }
         txn.commit().unwrap();

@@ -746,17 +746,18 @@ impl Journal {
         logged: &Logged,
         seqs: impl IntoIterator<Item = u64>,
     ) -> Result<Vec<(u64, Record)>, JournalError> {
-        let mut out = Vec::new();
+        let (mut from_log, mut stored) = (Vec::new(), Vec::new());
         for seq in seqs {
-            if let Ok(i) = logged.binary_search_by_key(&seq, |(s, _)| *s) {
-                if let Some((_, b)) = logged.get(i) {
-                    out.push((seq, codec::decode(b)?));
-                }
-            } else if let Some(bytes) = blocks::get(events, seq)? {
-                out.push((seq, codec::decode(&bytes)?));
+            match logged.binary_search_by_key(&seq, |(s, _)| *s) {
+                Ok(i) => from_log.extend(logged.get(i).map(|(s, b)| (*s, b.to_vec()))),
+                Err(_) => stored.push(seq),
             }
         }
-        Ok(out)
+        stored.sort_unstable();
+        let mut all = blocks::get_many(events, &stored)?;
+        // The log holds only events newer than every stored one.
+        all.extend(from_log);
+        all.into_iter().map(|(seq, b)| Ok((seq, codec::decode(&b)?))).collect()
     }
 
     /// Sequence numbers of a run's events (the index table's and those not yet checkpointed),
