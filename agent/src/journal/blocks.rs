@@ -154,7 +154,7 @@ fn unpack_some(
     bytes: &[u8],
     mut wanted: impl FnMut(u64) -> bool,
     stop_after: u64,
-) -> Result<(Vec<(u64, Vec<u8>)>, u64), String> {
+) -> Result<(RowEvents, u64), String> {
     let decode = |e: postcard::Error| format!("does not decode: {e}");
     // A postcard `Vec<Packed>`: the count, then the entries, read one at a time.
     let (count, mut rest) = postcard::take_from_bytes::<usize>(bytes).map_err(decode)?;
@@ -238,18 +238,6 @@ fn row_of(t: &impl Events, seq: u64) -> Result<Option<(u64, RowEvents)>, Journal
     let (k, v) = row?;
     let key = k.value();
     Ok(Some((key, unpack_row(key, v.value())?)))
-}
-
-/// Event `seq`'s record bytes, if stored.
-pub(super) fn get(t: &impl Events, seq: u64) -> Result<Option<Vec<u8>>, JournalError> {
-    let Some(row) = t.range(..=seq)?.next_back() else {
-        return Ok(None);
-    };
-    let (k, v) = row?;
-    let key = k.value();
-    let (found, _) = unpack_some(key, v.value(), |s| s == seq, seq)
-        .map_err(|why| JournalError::Damaged(format!("the events row at {key} {why}")))?;
-    Ok(found.into_iter().next().map(|(_, r)| r))
 }
 
 /// The stored events among `seqs` (ascending), each row read once for all it holds of them.
@@ -446,6 +434,11 @@ mod tests {
 
     const T: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 
+    /// One event's record, if stored.
+    fn get(t: &impl Events, seq: u64) -> Option<Vec<u8>> {
+        get_many(t, &[seq]).unwrap().pop().map(|(_, r)| r)
+    }
+
     fn record(run: &str, at_ms: u64, step: &str) -> Vec<u8> {
         codec::encode(&Record {
             run_id: run.into(),
@@ -527,11 +520,8 @@ mod tests {
             assert!(t.len().unwrap() < (all.len() / 20) as u64, "{} rows", t.len().unwrap());
             assert_eq!(read_from(&t, 0, usize::MAX).unwrap(), all);
             for (seq, rec) in &all {
-                assert_eq!(get(&t, *seq).unwrap().as_ref(), Some(rec));
-                assert_eq!(
-                    get(&t, seq + 1).unwrap().is_some(),
-                    all.iter().any(|(s, _)| *s == seq + 1)
-                );
+                assert_eq!(get(&t, *seq).as_ref(), Some(rec));
+                assert_eq!(get(&t, seq + 1).is_some(), all.iter().any(|(s, _)| *s == seq + 1));
             }
             let (mid, _) = all[200];
             assert_eq!(read_from(&t, mid, 3).unwrap(), all[200..203]);
@@ -548,7 +538,7 @@ mod tests {
             all.drain(..80);
             assert_eq!(read_from(&t, 0, usize::MAX).unwrap(), all);
             for (seq, rec) in &all {
-                assert_eq!(get(&t, *seq).unwrap().as_ref(), Some(rec));
+                assert_eq!(get(&t, *seq).as_ref(), Some(rec));
             }
             // Every third number, stored or not: the stored ones come back, in order.
             let asked: Vec<u64> = (0..seq + 5).step_by(3).collect();
