@@ -216,11 +216,12 @@ fn unpack_row(key: u64, bytes: &[u8]) -> Result<Vec<(u64, Vec<u8>)>, JournalErro
     unpack(key, bytes).map_err(|why| JournalError::Damaged(format!("the events row at {key} {why}")))
 }
 
-/// Whether a file of table-layout `format` keeps several events a row (format 6 on; a new file
-/// has none yet). Older files keep one record a row, keyed by its sequence number, until the
-/// open packs them; `journal-check` reads them before that.
-pub(super) fn rows_are_packed(format: Option<u64>) -> bool {
-    format.is_none_or(|f| f >= 6)
+/// Whether the `events` row keyed `key` holds several events: in a file of table-layout
+/// `format` 6 on (a new file has none yet), below `packed_below` while an upgrade is part way.
+/// Older files keep one record a row, keyed by its sequence number, until the open packs them;
+/// `journal-check` reads them before that, and a crash can leave an upgrade part way.
+pub(super) fn packed_row(format: Option<u64>, packed_below: Option<u64>, key: u64) -> bool {
+    format.is_none_or(|f| f >= 6) && packed_below.is_none_or(|below| key < below)
 }
 
 /// A row's events: sequence number and record bytes, ascending.
@@ -382,19 +383,28 @@ pub(super) fn remove(t: &mut redb::Table<u64, &'static [u8]>, seqs: &[u64]) -> R
     Ok(removed)
 }
 
-/// Rewrites a format-5-or-older `events` table, one record per row, into rows of several, a
-/// few thousand events at a time (the open's upgrade).
-pub(super) fn pack_single_rows(t: &mut redb::Table<u64, &'static [u8]>) -> Result<u64, JournalError> {
-    const CHUNK: usize = 4_096;
-    let mut from = 0u64;
+/// Rewrites up to `max` of a format-5-or-older `events` table's one-record rows, from `from`
+/// on, into rows of several, a few thousand events at a time (a step of the open's upgrade).
+/// Gives how many it packed, and where the next step starts if any one-record row is left.
+pub(super) fn pack_single_rows(
+    t: &mut redb::Table<u64, &'static [u8]>,
+    mut from: u64,
+    max: u64,
+) -> Result<(u64, Option<u64>), JournalError> {
+    const CHUNK: u64 = 4_096;
+    // At least one a step, so a step always moves the upgrade on.
+    let max = max.max(1);
     let mut moved = 0u64;
     loop {
+        let take = usize::try_from(CHUNK.min(max - moved)).unwrap_or(1);
         let chunk: Vec<(u64, Vec<u8>)> = t
             .range(from..)?
-            .take(CHUNK)
+            .take(take)
             .map(|row| row.map(|(k, v)| (k.value(), v.value().to_vec())))
             .collect::<Result<_, _>>()?;
-        let Some(&(last, _)) = chunk.last() else { break };
+        let Some(&(last, _)) = chunk.last() else {
+            return Ok((moved, None));
+        };
         for (seq, _) in &chunk {
             t.remove(*seq)?;
         }
@@ -405,8 +415,11 @@ pub(super) fn pack_single_rows(t: &mut redb::Table<u64, &'static [u8]>) -> Resul
         }
         moved += chunk.len() as u64;
         from = last.saturating_add(1);
+        if moved >= max {
+            let more = t.range(from..)?.next().is_some();
+            return Ok((moved, more.then_some(from)));
+        }
     }
-    Ok(moved)
 }
 
 /// Splits ascending events into rows as [`append`] fills them.
@@ -563,7 +576,17 @@ mod tests {
             for (s, r) in &all {
                 t.insert(*s, r.as_slice()).unwrap();
             }
-            assert_eq!(pack_single_rows(&mut t).unwrap(), all.len() as u64);
+            // In steps, as the open does, with a step that ends inside a chunk.
+            let (mut from, mut moved) = (0, 0);
+            loop {
+                let (n, next) = pack_single_rows(&mut t, from, 5_000).unwrap();
+                moved += n;
+                match next {
+                    Some(next) => from = next,
+                    None => break,
+                }
+            }
+            assert_eq!(moved, all.len() as u64);
             assert!(t.len().unwrap() < 300, "{}", t.len().unwrap());
             assert_eq!(read_from(&t, 0, usize::MAX).unwrap(), all);
         }

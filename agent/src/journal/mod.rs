@@ -411,17 +411,31 @@ impl Journal {
                 }
                 other => other.into(),
             })?;
-        let format = db
-            .begin_read()?
-            .open_table(META)
-            .ok()
-            .and_then(|t| t.get("format").ok().flatten().map(|v| v.value()));
+        let (format, part_way) = {
+            let txn = db.begin_read()?;
+            let format = txn
+                .open_table(META)
+                .ok()
+                .and_then(|t| t.get("format").ok().flatten().map(|v| v.value()));
+            let part_way = txn
+                .open_table(CURSORS)
+                .ok()
+                .and_then(|t| t.get(tables::PACKED_BELOW).ok().flatten())
+                .is_some();
+            (format, part_way)
+        };
         if let Some(found) = format.filter(|f| !tables::format_supported(*f)) {
             return Err(JournalError::Format { found });
         }
-        // The readers read the current layout only: an older file is read through an upgraded
-        // copy (`open_repaired_copy`).
-        if let Some(found) = format.filter(|f| *f < FORMAT) {
+        // The readers read the current layout only: an older file, or one whose upgrade a crash
+        // cut short (its rows not yet packed are format 5's), is read through an upgraded copy
+        // (`open_repaired_copy`).
+        let older = if part_way {
+            Some(5)
+        } else {
+            format.filter(|f| *f < FORMAT)
+        };
+        if let Some(found) = older {
             return Err(JournalError::OlderFormat {
                 path: path.display().to_string(),
                 found,
@@ -1286,6 +1300,72 @@ mod tests {
             Some(FORMAT)
         );
         assert!(txn.open_table(tables::RUN_EVENTS).is_err(), "run_events is gone");
+    }
+
+    /// An upgrade packs `events` in steps of its own commits. One cut short by a crash leaves a
+    /// file that `journal-check` reads, that `--offline` reads through an upgraded copy, and that
+    /// the next open finishes.
+    #[tokio::test]
+    async fn an_upgrade_cut_short_is_checked_read_through_a_copy_and_finished_by_the_next_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j.redb");
+        let histories = |j: &Journal| -> Vec<Vec<u64>> {
+            ["a", "b", "c"]
+                .iter()
+                .map(|r| j.history(r).unwrap().iter().map(|e| e.0).collect())
+                .collect()
+        };
+        let want = {
+            let j = Journal::open(&path, &JournalConfig::default(), Arc::new(SystemClock)).unwrap();
+            for run in ["a", "b", "c"] {
+                j.start_run(run, started("w")).await.unwrap();
+            }
+            for n in 0..60 {
+                for run in ["a", "b", "c"] {
+                    j.append(run, vec![timer("t", n)]).await.unwrap();
+                }
+            }
+            let want = histories(&j);
+            j.close().await.unwrap();
+            want
+        };
+        // Back to format 5: one record a row.
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut events = txn.open_table(EVENTS).unwrap();
+                let all = blocks::read_from(&events, 0, usize::MAX).unwrap();
+                assert_eq!(all.len(), 183);
+                let keys: Vec<u64> = events.iter().unwrap().map(|r| r.unwrap().0.value()).collect();
+                for k in keys {
+                    events.remove(k).unwrap();
+                }
+                for (seq, record) in &all {
+                    events.insert(*seq, record.as_slice()).unwrap();
+                }
+                txn.open_table(META).unwrap().insert("format", 5).unwrap();
+            }
+            txn.commit().unwrap();
+            // One step of the upgrade, then the crash.
+            assert_eq!(tables::upgrade_step(&db, 50).unwrap(), (50, true));
+        }
+        verify(&path).unwrap();
+        assert!(matches!(
+            Journal::open_read_only(&path),
+            Err(JournalError::OlderFormat { found: 5, .. })
+        ));
+        {
+            let j = Journal::open_repaired_copy(&path, &dir.path().join("copy.redb")).unwrap();
+            assert_eq!(histories(&j), want);
+        }
+        let j = reopen(&path).await;
+        assert_eq!(histories(&j), want);
+        assert_eq!(j.next_seq().unwrap(), 184);
+        assert_eq!(j.cursor(tables::PACKED_BELOW).unwrap(), None);
+        j.close().await.unwrap();
+        verify(&path).unwrap();
+        assert!(Journal::open_read_only(&path).is_ok());
     }
 
     #[tokio::test]

@@ -38,6 +38,12 @@ pub(super) const META: TableDefinition<&str, u64> = TableDefinition::new("meta")
 pub(super) const CURSORS: TableDefinition<&str, u64> = TableDefinition::new("cursors");
 /// Small named records kept by agent services (applied cloud commands, desired state).
 pub(super) const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
+/// Cursor, while an upgrade to format 6 is part way: `events` rows keyed below it are packed,
+/// the rest still hold one record each.
+pub(super) const PACKED_BELOW: &str = "journal/packed_below";
+/// Events an upgrade step packs in one commit: the pages the step frees serve the next, so the
+/// upgrade needs room for a step, not for a second copy of the journal.
+pub(super) const UPGRADE_STEP_EVENTS: u64 = 65_536;
 /// Cursor: the newest sequence retention has deleted.
 pub(super) const PRUNED_THROUGH: &str = "journal/pruned_through";
 
@@ -137,6 +143,7 @@ pub(super) fn prepare(
     db: &Database,
     log: Option<&dyn redb::StorageBackend>,
 ) -> Result<(u64, HashSet<String>, u64), JournalError> {
+    upgrade(db, UPGRADE_STEP_EVENTS)?;
     let txn = db.begin_write()?;
     let (next, generation) = {
         let mut meta = txn.open_table(META)?;
@@ -147,13 +154,6 @@ pub(super) fn prepare(
             _ => {
                 meta.insert("format", FORMAT)?;
             }
-        }
-        if format.is_some_and(|f| f < 5) {
-            move_run_events(&txn)?;
-        }
-        if format.is_some_and(|f| f < 6) {
-            let moved = super::blocks::pack_single_rows(&mut txn.open_table(EVENTS)?)?;
-            tracing::info!(events = moved, "packed the journal's events into rows of several");
         }
         // Create every table so readers never see "table does not exist".
         let mut t = Tables::open(&txn)?;
@@ -215,6 +215,61 @@ pub(super) fn prepare(
     }
     txn.commit()?;
     Ok((next, active, generation))
+}
+
+/// Upgrades a format-5-or-older file, in commits of `step` events ([`upgrade_step`]) until it
+/// is done. Gives the events packed.
+pub(super) fn upgrade(db: &Database, step: u64) -> Result<u64, JournalError> {
+    let mut packed = 0u64;
+    loop {
+        let (n, more) = upgrade_step(db, step)?;
+        packed += n;
+        if n > 0 {
+            tracing::info!(
+                events = packed,
+                done = !more,
+                "packing the journal's events into rows of several"
+            );
+        }
+        if !more {
+            return Ok(packed);
+        }
+    }
+}
+
+/// One commit of an upgrade. The first sets the format (an older build refuses the file from
+/// then on), moves a format-4-or-older file's `run_events` over, and packs the first `step`
+/// events under the cursor [`PACKED_BELOW`]; each later one packs the next `step`; the last
+/// removes the cursor. A crash in between leaves the cursor, and the next open goes on from
+/// it. Gives the events packed and whether any are left.
+pub(super) fn upgrade_step(db: &Database, step: u64) -> Result<(u64, bool), JournalError> {
+    let txn = db.begin_write()?;
+    let (packed, more) = {
+        let mut meta = txn.open_table(META)?;
+        let mut cursors = txn.open_table(CURSORS)?;
+        let format = meta.get("format")?.map(|v| v.value());
+        let from = match (format, cursors.get(PACKED_BELOW)?.map(|v| v.value())) {
+            (Some(f), _) if !format_supported(f) => return Err(JournalError::Format { found: f }),
+            (Some(f), _) if f < 6 => {
+                meta.insert("format", FORMAT)?;
+                if f < 5 {
+                    move_run_events(&txn)?;
+                }
+                0
+            }
+            (_, Some(from)) => from,
+            // A new file, or one in the current format: nothing to do.
+            _ => return Ok((0, false)),
+        };
+        let (packed, next) = super::blocks::pack_single_rows(&mut txn.open_table(EVENTS)?, from, step)?;
+        match next {
+            Some(next) => cursors.insert(PACKED_BELOW, next)?,
+            None => cursors.remove(PACKED_BELOW)?,
+        };
+        (packed, next.is_some())
+    };
+    txn.commit()?;
+    Ok((packed, more))
 }
 
 /// Upgrades a format-4-or-older file: each run's `run_events` rows become its `run_history`
@@ -366,12 +421,15 @@ pub(super) fn next_seq(
     cursors: &impl ReadableTable<&'static str, u64>,
 ) -> Result<u64, JournalError> {
     let stored = meta.get("next_seq")?.map_or(1, |v| v.value());
-    let packed = super::blocks::rows_are_packed(meta.get("format")?.map(|v| v.value()));
-    let newest = if packed {
-        super::blocks::last(events)?.map_or(0, |(seq, _)| seq)
-    } else {
+    let format = meta.get("format")?.map(|v| v.value());
+    let below = cursors.get(PACKED_BELOW)?.map(|v| v.value());
+    let newest = match events.last()? {
+        Some((k, _)) if super::blocks::packed_row(format, below, k.value()) => {
+            super::blocks::last(events)?.map_or(0, |(seq, _)| seq)
+        }
         // An older file `journal-check` reads before the open upgrades it: a record a row.
-        events.last()?.map_or(0, |(k, _)| k.value())
+        Some((k, _)) => k.value(),
+        None => 0,
     };
     let pruned = cursors.get(PRUNED_THROUGH)?.map_or(0, |v| v.value());
     Ok(stored.max(newest.max(pruned).saturating_add(1)))

@@ -9,8 +9,8 @@ use redb::{Database, ReadableDatabase, ReadableTable};
 
 use super::JournalError;
 use super::tables::{
-    ACTIVE, CURSORS, DEFINITIONS, EVENTS, KV, META, RUN_EVENTS, RUN_HISTORY, RUNS, TIMERS, decode_definition,
-    decode_run, next_seq, unpack_seqs,
+    ACTIVE, CURSORS, DEFINITIONS, EVENTS, KV, META, PACKED_BELOW, RUN_EVENTS, RUN_HISTORY, RUNS, TIMERS,
+    decode_definition, decode_run, next_seq, unpack_seqs,
 };
 use super::wal::{Entry, LOG_GENERATION, ReadOnlyLog, check_sequence, scan};
 
@@ -111,13 +111,17 @@ pub fn verify(path: &Path) -> Result<Verified, JournalError> {
             Err(redb::TableError::TableDoesNotExist(_)) => None,
             Err(e) => return Err(e.into()),
         };
-        let packed = super::blocks::rows_are_packed(format);
+        let below = match txn.open_table(CURSORS) {
+            Ok(t) => t.get(PACKED_BELOW)?.map(|v| v.value()),
+            Err(redb::TableError::TableDoesNotExist(_)) => None,
+            Err(e) => return Err(e.into()),
+        };
         match txn.open_table(EVENTS) {
             Ok(t) => {
                 for row in t.iter()? {
                     let (k, val) = row?;
                     let bytes = val.value();
-                    let events = if packed {
+                    let events = if super::blocks::packed_row(format, below, k.value()) {
                         super::blocks::unpack(k.value(), bytes)
                             .map_err(|e| JournalError::Damaged(format!("the events row at {} {e}", k.value())))?
                     } else {
