@@ -221,6 +221,9 @@ pub(super) fn prepare(
 /// is done. Gives the events packed.
 pub(super) fn upgrade(db: &Database, step: u64) -> Result<u64, JournalError> {
     let mut packed = 0u64;
+    if !upgrade_due(db)? {
+        return Ok(packed);
+    }
     loop {
         let (n, more) = upgrade_step(db, step)?;
         packed += n;
@@ -235,6 +238,23 @@ pub(super) fn upgrade(db: &Database, step: u64) -> Result<u64, JournalError> {
             return Ok(packed);
         }
     }
+}
+
+/// Whether the file is older than format 6 or part way through the upgrade to it, read
+/// without a write transaction (a new file has no tables yet).
+fn upgrade_due(db: &Database) -> Result<bool, JournalError> {
+    let txn = db.begin_read()?;
+    let format = match txn.open_table(META) {
+        Ok(t) => t.get("format")?.map(|v| v.value()),
+        Err(redb::TableError::TableDoesNotExist(_)) => None,
+        Err(e) => return Err(e.into()),
+    };
+    let part_way = match txn.open_table(CURSORS) {
+        Ok(t) => t.get(PACKED_BELOW)?.is_some(),
+        Err(redb::TableError::TableDoesNotExist(_)) => false,
+        Err(e) => return Err(e.into()),
+    };
+    Ok(format.is_some_and(|f| f < 6) || part_way)
 }
 
 /// One commit of an upgrade. The first sets the format (an older build refuses the file from
