@@ -211,9 +211,14 @@ fn unpack_some(
     Ok((out, seq))
 }
 
+/// Damage to the `events` row keyed `key`, named.
+fn row_damaged(key: u64, why: String) -> JournalError {
+    JournalError::Damaged(format!("the events row at {key} {why}"))
+}
+
 /// [`unpack`] with the row named in the error.
-fn unpack_row(key: u64, bytes: &[u8]) -> Result<Vec<(u64, Vec<u8>)>, JournalError> {
-    unpack(key, bytes).map_err(|why| JournalError::Damaged(format!("the events row at {key} {why}")))
+pub(super) fn unpack_row(key: u64, bytes: &[u8]) -> Result<Vec<(u64, Vec<u8>)>, JournalError> {
+    unpack(key, bytes).map_err(|why| row_damaged(key, why))
 }
 
 /// Whether the `events` row keyed `key` holds several events: in a file of table-layout
@@ -254,7 +259,7 @@ pub(super) fn get_many(t: &impl Events, seqs: &[u64]) -> Result<Vec<(u64, Vec<u8
         let key = k.value();
         let last_asked = rest.last().copied().unwrap_or(first);
         let (found, through) = unpack_some(key, v.value(), |s| rest.binary_search(&s).is_ok(), last_asked)
-            .map_err(|why| JournalError::Damaged(format!("the events row at {key} {why}")))?;
+            .map_err(|why| row_damaged(key, why))?;
         out.extend(found);
         // Rows never overlap: what this row read through, no later row holds.
         let n = rest.iter().take_while(|s| **s <= through).count().max(1);
@@ -276,8 +281,7 @@ pub(super) fn visit_from(
     for row in t.range(start..)? {
         let (k, v) = row?;
         let key = k.value();
-        let (events, _) = unpack_some(key, v.value(), |s| s >= from, u64::MAX)
-            .map_err(|why| JournalError::Damaged(format!("the events row at {key} {why}")))?;
+        let (events, _) = unpack_some(key, v.value(), |s| s >= from, u64::MAX).map_err(|why| row_damaged(key, why))?;
         for (seq, record) in events {
             if !visit(seq, record)? {
                 return Ok(());

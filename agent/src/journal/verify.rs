@@ -122,8 +122,7 @@ pub fn verify(path: &Path) -> Result<Verified, JournalError> {
                     let (k, val) = row?;
                     let bytes = val.value();
                     let events = if super::blocks::packed_row(format, below, k.value()) {
-                        super::blocks::unpack(k.value(), bytes)
-                            .map_err(|e| JournalError::Damaged(format!("the events row at {} {e}", k.value())))?
+                        super::blocks::unpack_row(k.value(), bytes)?
                     } else {
                         vec![(k.value(), bytes.to_vec())]
                     };
