@@ -162,12 +162,12 @@ pub fn idempotency_key(run_id: &str, step: &str, visit: u32) -> String {
 struct Ctx<'a> {
     def: &'a Definition,
     st: &'a RunState,
-    value: Option<Value>,
+    value: Option<expr::Scope>,
 }
 
 impl Ctx<'_> {
-    fn get(&mut self) -> &Value {
-        self.value.get_or_insert_with(|| self.st.context(self.def))
+    fn get(&mut self) -> &expr::Scope {
+        self.value.get_or_insert_with(|| self.st.scope(self.def))
     }
 }
 
@@ -216,7 +216,7 @@ fn decide_compensation(def: &Definition, st: &RunState, ctx: &mut Ctx) -> Vec<Co
         Phase::Backoff { attempt, retry_at_ms } => (attempt + 1, Some(retry_at_ms)),
         _ => (1, None),
     };
-    let args = match expr::render(&Value::Object(comp.args.clone()), ctx.get()) {
+    let args = match expr::render_in(&Value::Object(comp.args.clone()), ctx.get()) {
         Ok(a) => a,
         Err(e) => {
             return vec![Command::Record(Event::CompensationFailed {
@@ -279,7 +279,7 @@ fn decide_dag(def: &Definition, st: &RunState, ctx: &mut Ctx) -> Vec<Command> {
                     continue;
                 }
                 if let Some(cond) = &step.when {
-                    match expr::eval_condition(cond, ctx.get()) {
+                    match expr::eval_condition_in(cond, ctx.get()) {
                         Ok(true) => {}
                         Ok(false) => {
                             out.push(Command::Record(Event::StepSkipped {
@@ -326,7 +326,7 @@ fn decide_state_machine(def: &Definition, st: &RunState, ctx: &mut Ctx) -> Vec<C
             } else {
                 let mut chosen = None;
                 for (k, ch) in step.choices.iter().enumerate() {
-                    match expr::eval_condition(&ch.when, ctx.get()) {
+                    match expr::eval_condition_in(&ch.when, ctx.get()) {
                         Ok(true) => {
                             chosen = Some(&ch.next);
                             break;
@@ -389,7 +389,7 @@ fn expression_failure(step: String, visit: u32, field: &str, e: &expr::ExprError
 /// The first move of a visit: pure actions resolve here, others become commands.
 fn start_visit(def: &Definition, st: &RunState, i: usize, visit: u32, ctx: &mut Ctx) -> Command {
     let step = &def.doc.steps[i];
-    let args = match expr::render(&Value::Object(step.args.clone()), ctx.get()) {
+    let args = match expr::render_in(&Value::Object(step.args.clone()), ctx.get()) {
         Ok(a) => a,
         Err(e) => return expression_failure(step.id.clone(), visit, "args", &e),
     };
@@ -546,7 +546,7 @@ fn deliver(def: &Definition, st: &RunState, i: usize, visit: u32, signal: &str, 
 /// What a wait whose timeout fired records: a completion marked `timed_out`, or a failure.
 fn wait_timed_out(def: &Definition, i: usize, visit: u32, ctx: &mut Ctx) -> Command {
     let step = &def.doc.steps[i];
-    let args = expr::render(&Value::Object(step.args.clone()), ctx.get()).unwrap_or(Value::Null);
+    let args = expr::render_in(&Value::Object(step.args.clone()), ctx.get()).unwrap_or(Value::Null);
     let kind = def.plans[i].kind;
     let signal = wait_signal_name(step, kind, &args);
     if args.get("on_timeout").and_then(Value::as_str) == Some("continue") {
@@ -586,19 +586,19 @@ fn continue_visit(def: &Definition, st: &RunState, i: usize, ctx: &mut Ctx) -> V
     let step = &def.doc.steps[i];
     let s = &st.steps[i];
     let visit = s.visits.max(1);
-    let rerun = |attempt, not_before_ms, ctx: &mut Ctx| match expr::render(&Value::Object(step.args.clone()), ctx.get())
-    {
-        Ok(args) => Command::RunActivity {
-            step: i,
-            visit,
-            attempt,
-            args,
-            key: idempotency_key(&st.run_id, &step.id, visit),
-            not_before_ms,
-            compensation: false,
-        },
-        Err(e) => expression_failure(step.id.clone(), visit, "args", &e),
-    };
+    let rerun =
+        |attempt, not_before_ms, ctx: &mut Ctx| match expr::render_in(&Value::Object(step.args.clone()), ctx.get()) {
+            Ok(args) => Command::RunActivity {
+                step: i,
+                visit,
+                attempt,
+                args,
+                key: idempotency_key(&st.run_id, &step.id, visit),
+                not_before_ms,
+                compensation: false,
+            },
+            Err(e) => expression_failure(step.id.clone(), visit, "args", &e),
+        };
     match s.phase {
         Phase::Running { attempt } => vec![rerun(attempt, None, ctx)],
         Phase::Backoff { attempt, retry_at_ms } => vec![rerun(attempt + 1, Some(retry_at_ms), ctx)],
@@ -619,7 +619,7 @@ fn continue_visit(def: &Definition, st: &RunState, i: usize, ctx: &mut Ctx) -> V
             fire_at_ms,
             duration_ms,
         } => {
-            let args = expr::render(&Value::Object(step.args.clone()), ctx.get()).unwrap_or(Value::Null);
+            let args = expr::render_in(&Value::Object(step.args.clone()), ctx.get()).unwrap_or(Value::Null);
             if let Some(cmd) = deliver(def, st, i, visit, &signal.wire(), &args) {
                 return vec![cmd];
             }
@@ -641,7 +641,7 @@ fn continue_visit(def: &Definition, st: &RunState, i: usize, ctx: &mut Ctx) -> V
 
 fn complete_run(def: &Definition, st: &RunState, ctx: &mut Ctx, last: Option<usize>) -> Vec<Command> {
     let output = if let Some(tmpl) = &def.doc.output {
-        match expr::render(tmpl, ctx.get()) {
+        match expr::render_in(tmpl, ctx.get()) {
             Ok(v) => v,
             Err(e) => return fail_run("expression", format!("output: {e}")),
         }

@@ -181,6 +181,17 @@ impl Limits {
         }
     }
 
+    /// The run's slots (workflow, then agent-wide) when each is free now; `None` (taking none)
+    /// when the run would have to queue.
+    pub fn try_admit(&self, workflow: &str, max_runs: Option<u32>) -> Option<Vec<OwnedSemaphorePermit>> {
+        let wf = self.workflow(workflow, max_runs);
+        let mut permits = Vec::new();
+        for limit in [wf.as_ref(), self.runs.as_ref()].into_iter().flatten() {
+            permits.push(limit.sem.clone().try_acquire_owned().ok()?);
+        }
+        Some(permits)
+    }
+
     /// Waits for the run's slots (workflow first, then agent-wide), noting why it waits.
     pub async fn admit(&self, run_id: &str, workflow: &str, max_runs: Option<u32>) -> Vec<OwnedSemaphorePermit> {
         let mut permits = Vec::new();

@@ -6,8 +6,8 @@
 //! JSON type (`"{{ input.count }}"` stays a number), anything else renders to a string.
 //! Evaluation is bounded by fuel, so a definition cannot hang the engine.
 
-use std::collections::BTreeSet;
-use std::sync::LazyLock;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, LazyLock, Mutex};
 
 use minijinja::{Environment, UndefinedBehavior, Value as MjValue};
 use serde_json::Value;
@@ -71,21 +71,116 @@ pub fn check_template(src: &str) -> Result<BTreeSet<String>, ExprError> {
     Ok(tmpl.undeclared_variables(true).into_iter().collect())
 }
 
+/// Compiled expressions kept for reuse: a definition's few expressions are evaluated at every
+/// step, and compiling one cost more than evaluating it.
+type Compiled = Arc<minijinja::Expression<'static, 'static>>;
+
+/// Most compiled expressions kept; the cache starts over when full (definitions hold a few
+/// dozen each, so only a flood of distinct expressions ever clears it).
+const CACHE_MAX: usize = 1024;
+
+static CACHE: LazyLock<Mutex<HashMap<Box<str>, Compiled>>> = LazyLock::new(Default::default);
+
+/// A JSON value as MiniJinja sees it.
+fn mj_of(v: &Value) -> MjValue {
+    MjValue::from(minijinja::value::Serde(v))
+}
+
+/// `src` compiled, from the cache when it was compiled before.
+fn compiled(src: &str) -> Result<Compiled, ExprError> {
+    let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(e) = cache.get(src) {
+        return Ok(e.clone());
+    }
+    let expr = Arc::new(ENV.compile_expression_owned(src.to_string()).map_err(mj_err)?);
+    if cache.len() >= CACHE_MAX {
+        cache.clear();
+    }
+    cache.insert(Box::from(src), expr.clone());
+    Ok(expr)
+}
+
+/// The variables conditions and templates see, converted once for every expression of a
+/// decision ([`scope`] builds it without a JSON tree in between).
+#[derive(Debug, Clone)]
+pub struct Scope(MjValue);
+
+impl Scope {
+    /// A scope holding the JSON object `ctx`.
+    pub fn from_json(ctx: &Value) -> Scope {
+        Scope(mj_of(ctx))
+    }
+}
+
+/// What a step shows to expressions under `steps.<id>`.
+#[derive(Debug)]
+pub struct StepScope<'a> {
+    /// The step's id.
+    pub id: &'a str,
+    /// Its phase, as users see it (`completed`, `running`…).
+    pub status: &'a str,
+    /// Its output, once it has one.
+    pub output: Option<&'a Value>,
+    /// Its error's kind and message, once it failed.
+    pub error: Option<(&'a str, &'a str)>,
+    /// How many times it was entered.
+    pub visits: u32,
+}
+
+/// The scope of a run: `input`, `steps.<id>.{status, output, error, visits}` and
+/// `run.{id, workflow, version}`, the same as [`Scope::from_json`] of that JSON object.
+pub fn scope<'a>(input: &Value, steps: impl Iterator<Item = StepScope<'a>>, run: (&str, &str, u32)) -> Scope {
+    let steps = map(steps.map(|s| {
+        let mut m = vec![("status", MjValue::from(s.status))];
+        if let Some(o) = s.output {
+            m.push(("output", mj_of(o)));
+        }
+        if let Some((kind, message)) = s.error {
+            m.push((
+                "error",
+                map([("kind", MjValue::from(kind)), ("message", MjValue::from(message))]),
+            ));
+        }
+        m.push(("visits", MjValue::from(s.visits)));
+        (s.id, map(m))
+    }));
+    let (id, workflow, version) = run;
+    let run = map([
+        ("id", MjValue::from(id)),
+        ("workflow", MjValue::from(workflow)),
+        ("version", MjValue::from(version)),
+    ]);
+    Scope(map([("input", mj_of(input)), ("steps", steps), ("run", run)]))
+}
+
+/// A map value, made as the conversion from JSON makes one (so the two compare equal).
+fn map<'k>(entries: impl IntoIterator<Item = (&'k str, MjValue)>) -> MjValue {
+    MjValue::from_object(
+        entries
+            .into_iter()
+            .map(|(k, v)| (MjValue::from(k), v))
+            .collect::<std::collections::BTreeMap<MjValue, MjValue>>(),
+    )
+}
+
 /// Evaluates a condition against `ctx` to a boolean (Jinja truthiness).
 pub fn eval_condition(src: &str, ctx: &Value) -> Result<bool, ExprError> {
-    let expr = ENV.compile_expression(src).map_err(mj_err)?;
-    let v = expr.eval(MjValue::from(minijinja::value::Serde(ctx))).map_err(mj_err)?;
+    eval_condition_in(src, &Scope::from_json(ctx))
+}
+
+/// Evaluates a condition in `scope` to a boolean (Jinja truthiness).
+pub fn eval_condition_in(src: &str, scope: &Scope) -> Result<bool, ExprError> {
+    let v = compiled(src)?.eval(scope.0.clone()).map_err(mj_err)?;
     Ok(v.is_true())
 }
 
 /// Evaluates an expression against `ctx` to a JSON value.
 pub fn eval_value(src: &str, ctx: &Value) -> Result<Value, ExprError> {
-    eval_mj(src, &MjValue::from(minijinja::value::Serde(ctx)))
+    eval_mj(src, &Scope::from_json(ctx).0)
 }
 
 fn eval_mj(src: &str, ctx: &MjValue) -> Result<Value, ExprError> {
-    let expr = ENV.compile_expression(src).map_err(mj_err)?;
-    let v = expr.eval(ctx.clone()).map_err(mj_err)?;
+    let v = compiled(src)?.eval(ctx.clone()).map_err(mj_err)?;
     if v.is_undefined() {
         return Ok(Value::Null);
     }
@@ -94,7 +189,12 @@ fn eval_mj(src: &str, ctx: &MjValue) -> Result<Value, ExprError> {
 
 /// Renders every template string inside `value` (recursively through arrays and objects).
 pub fn render(value: &Value, ctx: &Value) -> Result<Value, ExprError> {
-    render_mj(value, &MjValue::from(minijinja::value::Serde(ctx)))
+    render_in(value, &Scope::from_json(ctx))
+}
+
+/// Renders every template string inside `value` in `scope`.
+pub fn render_in(value: &Value, scope: &Scope) -> Result<Value, ExprError> {
+    render_mj(value, &scope.0)
 }
 
 fn render_mj(value: &Value, ctx: &MjValue) -> Result<Value, ExprError> {
@@ -168,6 +268,64 @@ mod tests {
         assert!(vars.iter().any(|v| v.starts_with("steps.read")), "{vars:?}");
         assert!(vars.iter().any(|v| v.starts_with("input")), "{vars:?}");
         assert!(check_template("{{ oops").is_err());
+    }
+
+    #[test]
+    fn a_built_scope_is_the_json_scope() {
+        let input = json!({"n": 3, "tags": ["a", "b"]});
+        let out = json!({"celsius": 85.5, "ok": true, "none": null});
+        let steps = || {
+            [
+                StepScope {
+                    id: "read",
+                    status: "completed",
+                    output: Some(&out),
+                    error: None,
+                    visits: 1,
+                },
+                StepScope {
+                    id: "act",
+                    status: "failed",
+                    output: None,
+                    error: Some(("http.status", "500")),
+                    visits: 2,
+                },
+            ]
+            .into_iter()
+        };
+        let built = scope(&input, steps(), ("r1", "w", 4));
+        let json = Scope::from_json(&json!({
+            "input": input,
+            "steps": {
+                "read": {"status": "completed", "output": out, "visits": 1},
+                "act": {"status": "failed", "error": {"kind": "http.status", "message": "500"}, "visits": 2},
+            },
+            "run": {"id": "r1", "workflow": "w", "version": 4},
+        }));
+        assert_eq!(built.0, json.0);
+        for src in [
+            "steps",
+            "steps.read.output.celsius * 2",
+            "input.tags | join(',')",
+            "run",
+            "steps.act.error",
+        ] {
+            assert_eq!(eval_mj(src, &built.0), eval_mj(src, &json.0), "{src}");
+        }
+        assert_eq!(
+            render_in(&json!("{{ run.id }}-{{ steps.act.visits }}"), &built).unwrap(),
+            json!("r1-2")
+        );
+    }
+
+    #[test]
+    fn compiled_expressions_are_reused_and_errors_are_not_kept() {
+        let ctx = json!({"input": {"n": 2}});
+        for _ in 0..3 {
+            assert_eq!(eval_value("input.n * 21", &ctx).unwrap(), json!(42));
+        }
+        assert!(compiled("input.n +").is_err());
+        assert!(compiled("input.n +").is_err());
     }
 
     #[test]

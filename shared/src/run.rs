@@ -556,26 +556,21 @@ impl RunState {
         Ok(())
     }
 
-    /// The variables conditions and templates see.
-    pub fn context(&self, def: &Definition) -> Value {
-        let mut steps = Map::new();
-        for (i, s) in self.steps.iter().enumerate() {
-            let mut m = Map::new();
-            m.insert("status".into(), Value::from(phase_name(&s.phase)));
-            if let Some(o) = &s.output {
-                m.insert("output".into(), o.clone());
-            }
-            if let Some(e) = &s.error {
-                m.insert("error".into(), json!({"kind": e.kind, "message": e.message}));
-            }
-            m.insert("visits".into(), Value::from(s.visits));
-            steps.insert(def.doc.steps[i].id.clone(), Value::Object(m));
-        }
-        json!({
-            "input": self.input,
-            "steps": steps,
-            "run": {"id": self.run_id, "workflow": def.name(), "version": def.version()},
-        })
+    /// The variables conditions and templates see: `input`, `steps.<id>.{status, output,
+    /// error, visits}` and `run.{id, workflow, version}`.
+    pub fn scope(&self, def: &Definition) -> crate::expr::Scope {
+        let steps = self
+            .steps
+            .iter()
+            .zip(&def.doc.steps)
+            .map(|(s, d)| crate::expr::StepScope {
+                id: &d.id,
+                status: phase_name(&s.phase),
+                output: s.output.as_ref(),
+                error: s.error.as_ref().map(|e| (e.kind.as_str(), e.message.as_str())),
+                visits: s.visits,
+            });
+        crate::expr::scope(&self.input, steps, (&self.run_id, def.name(), def.version()))
     }
 }
 

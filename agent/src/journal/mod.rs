@@ -537,9 +537,21 @@ impl Journal {
 
     /// Journals a new run's `RunStarted`, unless a run with that id exists. Durable on return.
     pub async fn start_run(&self, run_id: &str, event: Event) -> Result<Started, JournalError> {
+        self.start_run_with(run_id, event, Vec::new()).await
+    }
+
+    /// `start_run`, and when the run is new, its first events after `RunStarted` in the same
+    /// commit (a run whose first steps are pure decisions); dropped when the run exists.
+    pub async fn start_run_with(&self, run_id: &str, event: Event, first: Vec<Event>) -> Result<Started, JournalError> {
         let run_id = run_id.to_string();
-        self.write_logged(move |w| w.runs.start(&mut w.store, w.indexed, &run_id, event, w.now))
-            .await
+        self.write_logged(move |w| {
+            let started = w.runs.start(&mut w.store, w.indexed, &run_id, event, w.now)?;
+            if matches!(started, Started::Created) && !first.is_empty() {
+                w.runs.append(&mut w.store, w.indexed, &run_id, first, w.now)?;
+            }
+            Ok(started)
+        })
+        .await
     }
 
     /// Appends events to a running run. Durable on return; gives the last sequence number.

@@ -517,27 +517,7 @@ impl Driver {
     async fn journal(&mut self, mut events: Vec<Event>, tasks: &mut JoinSet<TaskResult>) {
         let was_compensating = self.st.status == RunStatus::Compensating;
         self.absorb(events.clone());
-        // Decisions that are only records (a `set`, a skip, a choice, the run's end) follow
-        // purely from these events and have no effect, so they join this commit; a loop of pure
-        // steps then costs one fsync per batch instead of one per step.
-        while !self.st.status.is_terminal() {
-            let next = engine::decide(&self.def, &self.st);
-            let pure = !next.is_empty() && next.iter().all(|c| matches!(c, Command::Record(_)));
-            if !pure || events.len() >= MAX_PURE_BATCH {
-                // The state will not change before the driver decides again: keep the decision.
-                self.next = Some(next);
-                break;
-            }
-            let records: Vec<Event> = next
-                .into_iter()
-                .filter_map(|c| match c {
-                    Command::Record(e) => Some(e),
-                    _ => None,
-                })
-                .collect();
-            self.absorb(records.clone());
-            events.extend(records);
-        }
+        self.chain_pure(&mut events);
         let starts_compensating = !was_compensating && self.st.status == RunStatus::Compensating;
         if self.st.status.is_terminal() || starts_compensating {
             // The run ends (or turns to undoing) with this commit: what still runs must stop first.
@@ -570,6 +550,43 @@ impl Driver {
                 info!(next_run = %next_run, "continued as new");
             }
         }
+    }
+
+    /// Chains onto `events` (already folded) the decisions that are only records (a `set`, a
+    /// skip, a choice, the run's end): they follow purely from what is folded and have no
+    /// effect, so they join the same commit, and a loop of pure steps costs one fsync per batch
+    /// instead of one per step. The first decision that is not pure is kept for the next turn.
+    fn chain_pure(&mut self, events: &mut Vec<Event>) {
+        while !self.st.status.is_terminal() {
+            let next = engine::decide(&self.def, &self.st);
+            let pure = !next.is_empty() && next.iter().all(|c| matches!(c, Command::Record(_)));
+            if !pure || events.len() >= MAX_PURE_BATCH {
+                // The state will not change before the driver decides again: keep the decision.
+                self.next = Some(next);
+                break;
+            }
+            let records: Vec<Event> = next
+                .into_iter()
+                .filter_map(|c| match c {
+                    Command::Record(e) => Some(e),
+                    _ => None,
+                })
+                .collect();
+            self.absorb(records.clone());
+            events.extend(records);
+        }
+    }
+
+    /// The records a new run begins with, folded: its first decisions when they are pure, to be
+    /// journaled in the commit that starts the run (`Journal::start_run_with`). Empty when the
+    /// first decision has an effect, and for a workflow that may continue as new (that needs
+    /// the outbox check and the next run's driver that only `journal` does).
+    pub(super) fn first_records(&mut self) -> Vec<Event> {
+        let mut events = Vec::new();
+        if !self.def.plans.iter().any(|p| p.kind == StepKind::ContinueAsNew) {
+            self.chain_pure(&mut events);
+        }
+        events
     }
 }
 

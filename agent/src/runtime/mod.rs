@@ -31,7 +31,7 @@ mod runs;
 #[cfg(test)]
 mod tests;
 
-use driver::Control;
+use driver::{Control, Driver};
 use runs::{Begin, RunTable, RunTask};
 
 use crate::actions::Registry;
@@ -523,11 +523,17 @@ impl Runtime {
                 version,
             });
         };
-        if let Some(d) = lock(&self.inner.definitions).get(&(name.to_string(), v)) {
-            return Ok(d.clone());
-        }
-        let def = Arc::new(definition::parse(&rec.json, &self.inner.registry)?);
-        lock(&self.inner.definitions).insert((name.to_string(), v), def.clone());
+        let cached = lock(&self.inner.definitions).get(&(name.to_string(), v)).cloned();
+        let def = match cached {
+            Some(d) => d,
+            None => {
+                let def = Arc::new(definition::parse(&rec.json, &self.inner.registry)?);
+                lock(&self.inner.definitions).insert((name.to_string(), v), def.clone());
+                def
+            }
+        };
+        // Remembered also when the version was parsed before (by `apply`): otherwise every
+        // start of a workflow applied in this process read the journal for its latest version.
         if version.is_none() {
             lock(&self.inner.latest).insert(name.to_string(), v);
         }
@@ -605,7 +611,20 @@ impl Runtime {
             version: def.version(),
             input: input_text,
         };
-        let started = self.inner.journal.start_run(&run_id, event).await;
+        // A run admitted at once journals its first pure decisions (a `set`, a choice, even
+        // its end) in the commit that starts it: one fsync fewer per run. One that has to
+        // queue for its slots decides nothing before it has them.
+        let admission = if child {
+            Some(Vec::new())
+        } else {
+            self.inner.limits.try_admit(def.name(), max_runs(&def))
+        };
+        let mut driver = Driver::new(self.inner.clone(), def.clone(), RunState::new(&def, &run_id, input));
+        let first = match admission {
+            Some(_) => driver.first_records(),
+            None => Vec::new(),
+        };
+        let started = self.inner.journal.start_run_with(&run_id, event, first).await;
         match &started {
             Err(e @ JournalError::Storage(_)) => self.inner.storage.failed(None, e, self.inner.clock.now_ms()),
             Err(_) => {}
@@ -620,14 +639,22 @@ impl Runtime {
             }),
             Started::Created => {
                 info!(run_id = %run_id, workflow = def.name(), version = def.version(), "run started");
-                let st = RunState::new(&def, &run_id, input);
                 let resp = StartResponse {
                     run_id,
                     created: true,
                     workflow: def.name().to_string(),
                     version: def.version(),
                 };
-                self.spawn_driver(def, st, child);
+                let mut task = RunTask::new(self.inner.clone(), resp.run_id.clone(), def, child);
+                if let Some(permits) = admission {
+                    task = task.admitted(permits);
+                }
+                runs::launch(
+                    &mut lock(&self.inner.runs),
+                    task,
+                    Begin::Started(Box::new(driver)),
+                    None,
+                );
                 Ok(resp)
             }
         }

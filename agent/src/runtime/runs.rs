@@ -124,8 +124,10 @@ impl RunTable {
 
 /// How a run's task begins.
 pub(super) enum Begin {
-    /// With this state, folded by the caller (a start, a resume at start-up).
+    /// With this state, folded by the caller (a resume at start-up).
     With(Box<RunState>),
+    /// With this driver, whose first records were journaled with the run's start.
+    Started(Box<Driver>),
     /// By folding its history again (waking a parked run); `timer_due` when its timer woke it.
     Rehydrate { timer_due: bool },
 }
@@ -195,11 +197,21 @@ impl RunTask {
         }
     }
 
+    /// Takes the run's admission slots already held (a start that found them free).
+    pub(super) fn admitted(mut self, permits: Vec<OwnedSemaphorePermit>) -> RunTask {
+        self.admission = Some(permits);
+        self
+    }
+
     async fn run(mut self, begin: Begin, mut control: mpsc::Receiver<Box<Control>>) {
-        let (mut st, mut timer_due) = match begin {
-            Begin::With(st) => (*st, false),
+        let mut driver = match begin {
+            Begin::With(st) => Driver::new(self.inner.clone(), self.def.clone(), *st),
+            Begin::Started(driver) => *driver,
             Begin::Rehydrate { timer_due } => match Box::pin(rehydrate(&self.inner, &self.def, &self.run_id)).await {
-                Ok(st) => (st, timer_due),
+                Ok(st) => {
+                    let driver = Driver::new(self.inner.clone(), self.def.clone(), st);
+                    if timer_due { driver.woken_for_timer() } else { driver }
+                }
                 Err(end) => {
                     Box::pin(activity::append_durably(&self.inner, &self.run_id, vec![end.clone()])).await;
                     return self.end(end);
@@ -207,10 +219,6 @@ impl RunTask {
             },
         };
         loop {
-            let mut driver = Driver::new(self.inner.clone(), self.def.clone(), st);
-            if std::mem::take(&mut timer_due) {
-                driver = driver.woken_for_timer();
-            }
             // Boxed: the driver's future is large and is freed when the run parks.
             match Box::pin(driver.run(&mut control, &mut self.admission)).await {
                 Outcome::Ended(end) => return self.end(end),
@@ -219,7 +227,7 @@ impl RunTask {
                     // A request came in meanwhile: keep driving with the state at hand.
                     Err(task) => {
                         self = task;
-                        st = *state;
+                        driver = Driver::new(self.inner.clone(), self.def.clone(), *state);
                     }
                 },
             }

@@ -373,3 +373,58 @@ async fn ids_made_in_one_millisecond_never_repeat() {
     assert_eq!(ids.len(), 100_000);
     assert!(ids.iter().all(|id| id.len() == 16));
 }
+
+/// Two `set` steps, the second reading the first: a run of pure decisions.
+const PURE_STEPS: &str = "name: w\nversion: 1\nsteps:\n  - {id: a, action: set, args: {n: 1}}\n  - {id: b, action: set, args: {n: '{{ steps.a.output.n + 1 }}'}, depends_on: [a]}\n";
+
+#[tokio::test]
+async fn a_run_of_pure_steps_starts_and_ends_in_one_commit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let h = open(dir.path(), 0);
+    h.rt.apply(PURE_STEPS).await.expect("apply");
+    let commits = || h.rt.journal().stats().commits.load(Ordering::Relaxed);
+    let before = commits();
+    h.start("w", "p1").await;
+    let (status, end) = h.ended("p1").await;
+    assert_eq!(status, RunStatus::Completed);
+    assert_eq!(output(end), json!({"n": 2}));
+    assert_eq!(
+        commits() - before,
+        1,
+        "RunStarted, both steps and the end share one commit"
+    );
+    assert!(matches!(
+        h.history("p1").as_slice(),
+        [Event::RunStarted { .. }, .., Event::RunCompleted { .. }]
+    ));
+    // A repeated start of the same id journals nothing, the first records included.
+    let before = commits();
+    h.start("w", "p1").await;
+    assert_eq!(h.history("p1").len(), 4);
+    assert!(commits() - before <= 1);
+}
+
+#[tokio::test]
+async fn a_run_that_queues_for_its_slot_journals_no_decision_before_it_has_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = RuntimeConfig::default();
+    config.limits.max_runs = 1;
+    let h = open_with(dir.path(), 0, config);
+    h.rt.apply("name: gate\nversion: 1\nsteps:\n  - {id: s, action: wait_signal, args: {signal: go}}\n")
+        .await
+        .expect("apply gate");
+    h.rt.apply(PURE_STEPS).await.expect("apply w");
+    h.start("gate", "g1").await;
+    h.start("w", "q1").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        matches!(h.history("q1").as_slice(), [Event::RunStarted { .. }]),
+        "a queued run decides nothing: {:?}",
+        h.history("q1")
+    );
+    assert!(h.rt.signal("g1", "go", None, json!({})).await.expect("signal"));
+    assert_eq!(h.ended("g1").await.0, RunStatus::Completed);
+    let (status, end) = h.ended("q1").await;
+    assert_eq!(status, RunStatus::Completed);
+    assert_eq!(output(end), json!({"n": 2}));
+}
