@@ -118,6 +118,12 @@ impl Breakers {
         })
     }
 
+    /// Whether attempts against `target` pass without asking (its breaker is closed); unlike
+    /// [`Self::gate`] this never hands out a probe.
+    pub fn is_closed(&self, target: &str) -> bool {
+        self.with(target, |b, _| b.state == State::Closed)
+    }
+
     /// Records a successful attempt: the target is healthy.
     pub fn success(&self, target: &str) {
         self.with(target, |b, _| {

@@ -262,6 +262,23 @@ impl Limits {
         permits
     }
 
+    /// The activity slots of an action kind and a resource when both are free now; `None`
+    /// (taking none) when the attempt would have to wait for one.
+    pub fn try_activity(&self, action: &str, resource: Option<&str>) -> Option<Vec<OwnedSemaphorePermit>> {
+        let resource = resource.map(|r| {
+            lock(&self.resources)
+                .entry(r.to_string())
+                .or_insert_with(|| Limit::new(1))
+                .clone()
+        });
+        let kind = self.actions.get(action).cloned();
+        let mut permits = Vec::new();
+        for limit in kind.into_iter().chain(resource) {
+            permits.push(limit.sem.clone().try_acquire_owned().ok()?);
+        }
+        Some(permits)
+    }
+
     fn note(&self, run_id: &str, step: &str, why: Option<String>) {
         let key = (run_id.to_string(), step.to_string());
         match why {

@@ -18,12 +18,40 @@ const FUEL: u64 = 100_000;
 /// Names a condition or template may start from.
 pub const ROOTS: &[&str] = &["input", "steps", "run"];
 
-static ENV: LazyLock<Environment<'static>> = LazyLock::new(|| {
+static ENV: LazyLock<Environment<'static>> = LazyLock::new(new_env);
+
+fn new_env() -> Environment<'static> {
     let mut env = Environment::new();
     env.set_undefined_behavior(UndefinedBehavior::Strict);
     env.set_fuel(Some(FUEL));
+    // Templates render JSON arguments and URLs, never HTML, whatever their text ends with.
+    env.set_auto_escape_callback(|_| minijinja::AutoEscape::None);
     env
-});
+}
+
+thread_local! {
+    /// Each thread's compiled templates, named by their own text (a template borrows the
+    /// environment that holds it, so they are kept per thread rather than behind a lock).
+    static TEMPLATES: std::cell::RefCell<(Environment<'static>, usize)> = std::cell::RefCell::new((new_env(), 0));
+}
+
+/// Renders template `src` in `ctx`, compiling it on this thread only the first time.
+fn render_template(src: &str, ctx: &MjValue) -> Result<String, ExprError> {
+    TEMPLATES.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        let (env, count) = &mut *cell;
+        if env.get_template(src).is_err() {
+            if *count >= CACHE_MAX {
+                *env = new_env();
+                *count = 0;
+            }
+            env.add_template_owned(src.to_string(), src.to_string())
+                .map_err(mj_err)?;
+            *count += 1;
+        }
+        env.get_template(src).map_err(mj_err)?.render(ctx).map_err(mj_err)
+    })
+}
 
 /// An expression or template that failed to compile or evaluate.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -201,7 +229,7 @@ fn render_mj(value: &Value, ctx: &MjValue) -> Result<Value, ExprError> {
     Ok(match value {
         Value::String(s) if is_template(s) => match single_expression(s) {
             Some(inner) => eval_mj(inner, ctx)?,
-            None => Value::String(ENV.render_str(s, ctx.clone()).map_err(mj_err)?),
+            None => Value::String(render_template(s, ctx)?),
         },
         Value::Array(items) => Value::Array(items.iter().map(|v| render_mj(v, ctx)).collect::<Result<_, _>>()?),
         Value::Object(map) => {
@@ -316,6 +344,20 @@ mod tests {
             render_in(&json!("{{ run.id }}-{{ steps.act.visits }}"), &built).unwrap(),
             json!("r1-2")
         );
+    }
+
+    #[test]
+    fn templates_render_the_same_compiled_again_and_never_escape() {
+        let ctx = json!({"run": {"id": "r1"}, "input": {"tag": "<a&b>"}});
+        for _ in 0..3 {
+            assert_eq!(
+                render(&json!("http://h/x?run={{ run.id }}&t={{ input.tag }}.html"), &ctx).unwrap(),
+                json!("http://h/x?run=r1&t=<a&b>.html")
+            );
+        }
+        let err = render(&json!("id={{ run.nope.x }}"), &ctx).unwrap_err();
+        assert!(err.0.contains("undefined"), "{err}");
+        assert!(render(&json!("{% if %}"), &ctx).is_err());
     }
 
     #[test]

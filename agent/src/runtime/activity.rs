@@ -12,6 +12,7 @@ use outpost_shared::definition::{Definition, RetryPolicy, Step, StepKind, StepPl
 use outpost_shared::journal::rfc3339;
 use outpost_shared::{ErrorInfo, Event};
 use serde_json::Value;
+use tokio::sync::OwnedSemaphorePermit;
 use tracing::{error, info, warn};
 
 use super::children::ChildRuns;
@@ -25,7 +26,7 @@ use crate::journal::JournalError;
 
 /// One attempt, resolved: which action with which policy, for which step visit.
 struct Attempt<'a> {
-    run_id: String,
+    run_id: &'a str,
     slot: Slot,
     step: &'a Step,
     plan: &'a StepPlan,
@@ -47,7 +48,7 @@ pub(super) async fn run(
     key: String,
     not_before_ms: Option<u64>,
 ) -> TaskResult {
-    let a = Attempt::resolve(&def, run_id, slot);
+    let a = Attempt::resolve(&def, &run_id, slot);
     let mut journaled = Vec::new();
     a.back_off(&inner, not_before_ms).await;
     let target = breaker::target_of(a.action, &args, a.step.resource.as_deref());
@@ -59,25 +60,75 @@ pub(super) async fn run(
     let _permit = inner.activities.clone().acquire_owned().await;
     let _limits = inner
         .limits
-        .activity(&a.run_id, &a.step.id, a.action, a.step.resource.as_deref())
+        .activity(a.run_id, &a.step.id, a.action, a.step.resource.as_deref())
         .await;
     let Some(started) = a.write_ahead(&inner, key.clone()).await else {
         return TaskResult::ended(journaled);
     };
     journaled.push(started);
-    info!(key = %key, "attempt started");
-    let result = a.execute(&inner, key, args).await;
-    if let Some(t) = &target {
-        record_outcome(&inner, t, &result);
-    }
     TaskResult {
         journaled,
-        to_journal: a.report(&inner, result),
+        to_journal: a.effect(&inner, target.as_deref(), key, args).await,
+    }
+}
+
+/// The slots an attempt holds while its effect runs: the agent's activity slot and its
+/// action's and resource's.
+pub(super) struct Held {
+    _activity: OwnedSemaphorePermit,
+    _limits: Vec<OwnedSemaphorePermit>,
+}
+
+/// Every gate of an attempt at once, when each is open now (no back-off left, its breaker
+/// closed, its slots free): the slots it then holds. `None` sends it through [`run`], which
+/// waits at the gate that is shut. Waits for nothing and journals nothing.
+pub(super) fn gates_open(
+    inner: &Inner,
+    def: &Definition,
+    slot: Slot,
+    args: &Value,
+    not_before_ms: Option<u64>,
+) -> Option<Held> {
+    if not_before_ms.is_some_and(|at| at > inner.clock.now_ms()) {
+        return None;
+    }
+    let a = Attempt::resolve(def, "", slot);
+    if let Some(t) = breaker::target_of(a.action, args, a.step.resource.as_deref())
+        && !inner.breakers.is_closed(&t)
+    {
+        return None;
+    }
+    let activity = inner.activities.clone().try_acquire_owned().ok()?;
+    let limits = inner.limits.try_activity(a.action, a.step.resource.as_deref())?;
+    Some(Held {
+        _activity: activity,
+        _limits: limits,
+    })
+}
+
+/// An attempt whose gates were open ([`gates_open`]) and whose start the driver journaled in
+/// its own commit: only the effect and its report are left.
+pub(super) async fn run_started(
+    inner: Arc<Inner>,
+    def: Arc<Definition>,
+    run_id: String,
+    slot: Slot,
+    args: Value,
+    key: String,
+    held: Held,
+) -> TaskResult {
+    let a = Attempt::resolve(&def, &run_id, slot);
+    let target = breaker::target_of(a.action, &args, a.step.resource.as_deref());
+    let to_journal = a.effect(&inner, target.as_deref(), key, args).await;
+    drop(held);
+    TaskResult {
+        journaled: Vec::new(),
+        to_journal,
     }
 }
 
 impl<'a> Attempt<'a> {
-    fn resolve(def: &'a Definition, run_id: String, slot: Slot) -> Attempt<'a> {
+    fn resolve(def: &'a Definition, run_id: &'a str, slot: Slot) -> Attempt<'a> {
         let (step, _, _, compensation) = slot;
         let plan = &def.plans[step];
         let step_def = &def.doc.steps[step];
@@ -133,7 +184,7 @@ impl<'a> Attempt<'a> {
                     target: target.to_string(),
                     until_ms: until,
                 };
-                if !append_durably(inner, &self.run_id, vec![deferred.clone()]).await {
+                if !append_durably(inner, self.run_id, vec![deferred.clone()]).await {
                     return false;
                 }
                 info!(target = %target, until = %rfc3339(until), "attempt held by an open circuit breaker");
@@ -152,15 +203,26 @@ impl<'a> Attempt<'a> {
     /// ended meanwhile.
     async fn write_ahead(&self, inner: &Inner, key: String) -> Option<Event> {
         let started = engine::attempt_started(&self.step.id, self.visit(), self.attempt(), key, self.compensation);
-        append_durably(inner, &self.run_id, vec![started.clone()])
+        append_durably(inner, self.run_id, vec![started.clone()])
             .await
             .then_some(started)
+    }
+
+    /// The effect, once the start is durable: runs the action, feeds its breaker, and gives
+    /// the events its outcome journals.
+    async fn effect(&self, inner: &Arc<Inner>, target: Option<&str>, key: String, args: Value) -> Vec<Event> {
+        info!(key = %key, "attempt started");
+        let result = self.execute(inner, key, args).await;
+        if let Some(t) = target {
+            record_outcome(inner, t, &result);
+        }
+        self.report(inner, result)
     }
 
     /// Runs the action under the attempt's timeout.
     async fn execute(&self, inner: &Arc<Inner>, key: String, args: Value) -> Result<Value, ActionError> {
         let call = Call {
-            run_id: self.run_id.clone(),
+            run_id: self.run_id.to_string(),
             step: self.step.id.clone(),
             visit: self.visit(),
             attempt: self.attempt(),

@@ -116,6 +116,21 @@ pub(super) struct Driver {
     /// that lags the monotonic one (or a test's clock that stands still) would otherwise park
     /// the run for the timer's whole length again at every wake.
     hold_timers: bool,
+    /// Attempts whose start went into the last commit ([`Driver::start_attempts`]), to spawn.
+    prepared: Vec<Prepared>,
+    /// The run holds its admission slots: only then may an attempt start.
+    admitted: bool,
+    /// The slot of each activity and timer task running: a decision for one of them again
+    /// (the fold learns of an attempt only when it ends) starts nothing new.
+    in_flight: HashMap<tokio::task::Id, Slot>,
+}
+
+/// An attempt whose gates were open and whose start the driver journaled itself.
+struct Prepared {
+    slot: Slot,
+    args: Value,
+    key: String,
+    held: activity::Held,
 }
 
 impl Driver {
@@ -128,6 +143,9 @@ impl Driver {
             next: None,
             end: None,
             hold_timers: false,
+            prepared: Vec::new(),
+            admitted: false,
+            in_flight: HashMap::new(),
         }
     }
 
@@ -168,13 +186,14 @@ impl Driver {
                 }
             }
         }
-        let mut slots: HashMap<tokio::task::Id, Slot> = HashMap::new();
         let mut timers: Timers = HashMap::new();
+        self.admitted = admission.is_some();
         while !self.st.status.is_terminal() {
+            self.spawn_prepared(&mut tasks);
             let mut records = Vec::new();
             let decided = self.next.take().unwrap_or_else(|| engine::decide(&self.def, &self.st));
             for cmd in decided {
-                self.command(cmd, &mut records, &mut tasks, &mut slots, &mut timers);
+                self.command(cmd, &mut records, &mut tasks, &mut timers);
             }
             if !records.is_empty() {
                 self.journal(records, &mut tasks).await;
@@ -195,7 +214,7 @@ impl Driver {
             tokio::select! {
                 Some(joined) = tasks.join_next_with_id(), if !tasks.is_empty() => match joined {
                     Ok((id, res)) => {
-                        slots.remove(&id);
+                        self.in_flight.remove(&id);
                         if timers.remove(&id).is_some() {
                             self.hold_timers = false;
                         }
@@ -206,7 +225,7 @@ impl Driver {
                     }
                     Err(e) => {
                         timers.remove(&e.id());
-                        let slot = slots.remove(&e.id());
+                        let slot = self.in_flight.remove(&e.id());
                         if e.is_panic() {
                             error!(?slot, "activity task panicked");
                             if let Some((step, visit, attempt, compensation)) = slot {
@@ -265,13 +284,31 @@ impl Driver {
         }
     }
 
+    /// Spawns the attempts whose start the last commit journaled.
+    fn spawn_prepared(&mut self, tasks: &mut JoinSet<TaskResult>) {
+        for p in std::mem::take(&mut self.prepared) {
+            let (step, _, attempt, compensation) = p.slot;
+            let fut = activity::run_started(
+                self.inner.clone(),
+                self.def.clone(),
+                self.st.run_id.clone(),
+                p.slot,
+                p.args,
+                p.key,
+                p.held,
+            );
+            let span = info_span!("step", step = %self.def.doc.steps[step].id, attempt, compensation);
+            let h = tasks.spawn(fut.instrument(span));
+            self.in_flight.insert(h.id(), p.slot);
+        }
+    }
+
     /// Turns one decision into records to journal or a task to run.
     fn command(
-        &self,
+        &mut self,
         cmd: Command,
         records: &mut Vec<Event>,
         tasks: &mut JoinSet<TaskResult>,
-        slots: &mut HashMap<tokio::task::Id, Slot>,
         timers: &mut Timers,
     ) {
         let cmd = match cmd.into_record(&self.def, self.inner.clock.now_ms()) {
@@ -290,7 +327,7 @@ impl Driver {
                 completes,
             } => {
                 let slot = (step, visit, 0, false);
-                if slots.values().any(|s| *s == slot) {
+                if self.in_flight.values().any(|s| *s == slot) {
                     return;
                 }
                 let clock = self.inner.clock.clone();
@@ -306,7 +343,7 @@ impl Driver {
                     }
                     .in_current_span(),
                 );
-                slots.insert(h.id(), slot);
+                self.in_flight.insert(h.id(), slot);
                 timers.insert(h.id(), (fire_at_ms, duration_ms));
             }
             Command::RunActivity {
@@ -319,7 +356,7 @@ impl Driver {
                 compensation,
             } => {
                 let slot = (step, visit, attempt, compensation);
-                if slots.values().any(|s| *s == slot) {
+                if self.in_flight.values().any(|s| *s == slot) {
                     return;
                 }
                 let fut = activity::run(
@@ -333,7 +370,7 @@ impl Driver {
                 );
                 let span = info_span!("step", step = %self.def.doc.steps[step].id, attempt, compensation);
                 let h = tasks.spawn(fut.instrument(span));
-                slots.insert(h.id(), slot);
+                self.in_flight.insert(h.id(), slot);
             }
         }
     }
@@ -518,6 +555,7 @@ impl Driver {
         let was_compensating = self.st.status == RunStatus::Compensating;
         self.absorb(events.clone());
         self.chain_pure(&mut events);
+        self.start_attempts(&mut events);
         let starts_compensating = !was_compensating && self.st.status == RunStatus::Compensating;
         if self.st.status.is_terminal() || starts_compensating {
             // The run ends (or turns to undoing) with this commit: what still runs must stop first.
@@ -537,6 +575,7 @@ impl Driver {
             // Finished elsewhere (cannot happen with one driver per run); stop deciding.
             self.st.status = RunStatus::Cancelled;
             self.next = None;
+            self.prepared.clear();
             return;
         }
         if let Some(Event::RunContinued { next_run, .. }) = &self.end {
@@ -577,14 +616,79 @@ impl Driver {
         }
     }
 
-    /// The records a new run begins with, folded: its first decisions when they are pure, to be
-    /// journaled in the commit that starts the run (`Journal::start_run_with`). Empty when the
-    /// first decision has an effect, and for a workflow that may continue as new (that needs
-    /// the outbox check and the next run's driver that only `journal` does).
+    /// Journals with `events` the start of each attempt the kept decision runs whose gates are
+    /// all open now ([`activity::gates_open`]): the start is durable in the same commit as what
+    /// led to it, instead of in a commit of its own, and the attempt is spawned after it
+    /// (`spawn_prepared`). Attempts that would wait at a gate go the usual way.
+    fn start_attempts(&mut self, events: &mut Vec<Event>) {
+        if !self.admitted {
+            return;
+        }
+        let Some(next) = self.next.take() else { return };
+        let mut rest = Vec::with_capacity(next.len());
+        let mut started = Vec::new();
+        for cmd in next {
+            let Command::RunActivity {
+                step,
+                visit,
+                attempt,
+                args,
+                key,
+                not_before_ms,
+                compensation,
+            } = cmd
+            else {
+                rest.push(cmd);
+                continue;
+            };
+            let slot = (step, visit, attempt, compensation);
+            let running = self.in_flight.values().any(|s| *s == slot);
+            match (!running)
+                .then(|| activity::gates_open(&self.inner, &self.def, slot, &args, not_before_ms))
+                .flatten()
+            {
+                Some(held) => {
+                    started.push(engine::attempt_started(
+                        &self.def.doc.steps[step].id,
+                        visit,
+                        attempt,
+                        key.clone(),
+                        compensation,
+                    ));
+                    self.prepared.push(Prepared { slot, args, key, held });
+                }
+                None => rest.push(Command::RunActivity {
+                    step,
+                    visit,
+                    attempt,
+                    args,
+                    key,
+                    not_before_ms,
+                    compensation,
+                }),
+            }
+        }
+        // The kept decision stays right for the other steps: these starts change only their own.
+        self.next = Some(rest);
+        if !started.is_empty() {
+            let next = self.next.take();
+            self.absorb(started.clone());
+            self.next = next;
+            events.extend(started);
+        }
+    }
+
+    /// The records a new run begins with, folded: its first decisions when they are pure and
+    /// the starts of the attempts that follow when their gates are open, to be journaled in the
+    /// commit that starts the run (`Journal::start_run_with`). Empty for a workflow that may
+    /// continue as new (that needs the outbox check and the next run's driver that only
+    /// `journal` does). Only for a run that holds its admission slots.
     pub(super) fn first_records(&mut self) -> Vec<Event> {
+        self.admitted = true;
         let mut events = Vec::new();
         if !self.def.plans.iter().any(|p| p.kind == StepKind::ContinueAsNew) {
             self.chain_pure(&mut events);
+            self.start_attempts(&mut events);
         }
         events
     }

@@ -428,3 +428,67 @@ async fn a_run_that_queues_for_its_slot_journals_no_decision_before_it_has_it() 
     assert_eq!(status, RunStatus::Completed);
     assert_eq!(output(end), json!({"n": 2}));
 }
+
+#[tokio::test]
+async fn an_attempt_whose_gates_are_open_starts_in_the_commit_that_decided_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let h = open(dir.path(), 0);
+    h.rt.apply("name: w\nversion: 1\nsteps:\n  - {id: a, action: set, args: {n: 1}}\n  - {id: b, action: fake, depends_on: [a]}\n")
+        .await
+        .expect("apply");
+    let commits = || h.rt.journal().stats().commits.load(Ordering::Relaxed);
+    let before = commits();
+    h.start("w", "f1").await;
+    assert_eq!(h.ended("f1").await.0, RunStatus::Completed);
+    // RunStarted, a's completion and b's start in one commit; b's end and the run's in another.
+    assert_eq!(commits() - before, 2);
+    let kinds: Vec<&str> = h
+        .history("f1")
+        .iter()
+        .map(|e| match e {
+            Event::RunStarted { .. } => "run_started",
+            Event::StepCompleted { .. } => "step_completed",
+            Event::AttemptStarted { .. } => "attempt_started",
+            Event::RunCompleted { .. } => "run_completed",
+            _ => "other",
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "run_started",
+            "step_completed",
+            "attempt_started",
+            "step_completed",
+            "run_completed"
+        ]
+    );
+    assert_eq!(h.calls().len(), 1, "the attempt ran once");
+}
+
+#[tokio::test]
+async fn an_attempt_that_must_wait_for_its_action_slot_still_starts_durably_and_runs_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = RuntimeConfig::default();
+    config.limits.actions.insert("fake".into(), 1);
+    let h = open_with(dir.path(), 0, config);
+    h.rt.apply("name: w\nversion: 1\nsteps:\n  - {id: a, action: fake}\n  - {id: b, action: fake}\n  - {id: c, action: fake}\n")
+        .await
+        .expect("apply");
+    h.start("w", "s1").await;
+    assert_eq!(h.ended("s1").await.0, RunStatus::Completed);
+    let history = h.history("s1");
+    for step in ["a", "b", "c"] {
+        let started = history
+            .iter()
+            .position(|e| matches!(e, Event::AttemptStarted { step: s, .. } if s == step));
+        let done = history
+            .iter()
+            .position(|e| matches!(e, Event::StepCompleted { step: s, .. } if s == step));
+        assert!(
+            matches!((started, done), (Some(s), Some(d)) if s < d),
+            "{step}: {history:?}"
+        );
+    }
+    assert_eq!(h.calls().len(), 3, "each attempt ran once");
+}
