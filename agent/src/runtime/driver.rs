@@ -287,20 +287,28 @@ impl Driver {
     /// Spawns the attempts whose start the last commit journaled.
     fn spawn_prepared(&mut self, tasks: &mut JoinSet<TaskResult>) {
         for p in std::mem::take(&mut self.prepared) {
-            let (step, _, attempt, compensation) = p.slot;
-            let fut = activity::run_started(
-                self.inner.clone(),
-                self.def.clone(),
-                self.st.run_id.clone(),
-                p.slot,
-                p.args,
-                p.key,
-                p.held,
-            );
-            let span = info_span!("step", step = %self.def.doc.steps[step].id, attempt, compensation);
-            let h = tasks.spawn(fut.instrument(span));
-            self.in_flight.insert(h.id(), p.slot);
+            let (inner, def, run_id) = (self.inner.clone(), self.def.clone(), self.st.run_id.clone());
+            let fut = activity::run_started(inner, def, run_id, p.slot, p.args, p.key, p.held);
+            self.spawn_attempt(tasks, p.slot, fut);
         }
+    }
+
+    /// Whether a task for this slot is running.
+    fn running(&self, slot: Slot) -> bool {
+        self.in_flight.values().any(|s| *s == slot)
+    }
+
+    /// Spawns an attempt's task in its `step` span and notes its slot as running.
+    fn spawn_attempt(
+        &mut self,
+        tasks: &mut JoinSet<TaskResult>,
+        slot: Slot,
+        fut: impl std::future::Future<Output = TaskResult> + Send + 'static,
+    ) {
+        let (step, _, attempt, compensation) = slot;
+        let span = info_span!("step", step = %self.def.doc.steps[step].id, attempt, compensation);
+        let h = tasks.spawn(fut.instrument(span));
+        self.in_flight.insert(h.id(), slot);
     }
 
     /// Turns one decision into records to journal or a task to run.
@@ -327,7 +335,7 @@ impl Driver {
                 completes,
             } => {
                 let slot = (step, visit, 0, false);
-                if self.in_flight.values().any(|s| *s == slot) {
+                if self.running(slot) {
                     return;
                 }
                 let clock = self.inner.clock.clone();
@@ -356,21 +364,12 @@ impl Driver {
                 compensation,
             } => {
                 let slot = (step, visit, attempt, compensation);
-                if self.in_flight.values().any(|s| *s == slot) {
+                if self.running(slot) {
                     return;
                 }
-                let fut = activity::run(
-                    self.inner.clone(),
-                    self.def.clone(),
-                    self.st.run_id.clone(),
-                    slot,
-                    args,
-                    key,
-                    not_before_ms,
-                );
-                let span = info_span!("step", step = %self.def.doc.steps[step].id, attempt, compensation);
-                let h = tasks.spawn(fut.instrument(span));
-                self.in_flight.insert(h.id(), slot);
+                let (inner, def, run_id) = (self.inner.clone(), self.def.clone(), self.st.run_id.clone());
+                let fut = activity::run(inner, def, run_id, slot, args, key, not_before_ms);
+                self.spawn_attempt(tasks, slot, fut);
             }
         }
     }
@@ -628,44 +627,42 @@ impl Driver {
         let mut rest = Vec::with_capacity(next.len());
         let mut started = Vec::new();
         for cmd in next {
-            let Command::RunActivity {
-                step,
-                visit,
-                attempt,
-                args,
-                key,
-                not_before_ms,
-                compensation,
-            } = cmd
-            else {
-                rest.push(cmd);
-                continue;
-            };
-            let slot = (step, visit, attempt, compensation);
-            let running = self.in_flight.values().any(|s| *s == slot);
-            match (!running)
-                .then(|| activity::gates_open(&self.inner, &self.def, slot, &args, not_before_ms))
-                .flatten()
-            {
-                Some(held) => {
-                    started.push(engine::attempt_started(
-                        &self.def.doc.steps[step].id,
-                        visit,
-                        attempt,
-                        key.clone(),
-                        compensation,
-                    ));
-                    self.prepared.push(Prepared { slot, args, key, held });
-                }
-                None => rest.push(Command::RunActivity {
+            let held = match &cmd {
+                Command::RunActivity {
                     step,
                     visit,
                     attempt,
                     args,
-                    key,
                     not_before_ms,
                     compensation,
-                }),
+                    ..
+                } => {
+                    let slot = (*step, *visit, *attempt, *compensation);
+                    (!self.running(slot))
+                        .then(|| activity::gates_open(&self.inner, &self.def, slot, args, *not_before_ms))
+                        .flatten()
+                }
+                _ => None,
+            };
+            match (cmd, held) {
+                (
+                    Command::RunActivity {
+                        step,
+                        visit,
+                        attempt,
+                        args,
+                        key,
+                        compensation,
+                        ..
+                    },
+                    Some(held),
+                ) => {
+                    let id = &self.def.doc.steps[step].id;
+                    started.push(engine::attempt_started(id, visit, attempt, key.clone(), compensation));
+                    let slot = (step, visit, attempt, compensation);
+                    self.prepared.push(Prepared { slot, args, key, held });
+                }
+                (cmd, _) => rest.push(cmd),
             }
         }
         // The kept decision stays right for the other steps: these starts change only their own.
